@@ -1,0 +1,5 @@
+import sys
+
+from galvatron.launch.cli import main
+
+sys.exit(main())
