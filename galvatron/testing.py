@@ -1,0 +1,123 @@
+"""Cheap multi-rank runs on CPU for tests: forked gloo ranks from a parent that already paid the imports.
+
+``run_ranks(fn, 4, *args)`` forks four processes, joins them into a gloo process group bound to
+127.0.0.1, runs ``fn(*args)`` on each and returns the four results. A failure on any rank kills
+the others at once and raises with that rank's traceback; nothing hangs past ``timeout``.
+Not imported by ``import galvatron``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+# Modules whose first import costs seconds per rank: import them once, before forking.
+_PREIMPORT = (
+    "torch.distributed.tensor",
+    "torch.distributed.tensor.parallel",
+    "torch.distributed.fsdp",
+    "torch.distributed.pipelining",
+    "torch.distributed.checkpoint",
+    "torch.distributed.algorithms._checkpoint.checkpoint_wrapper",
+    "torch.nn.parallel",
+    "torch.utils.checkpoint",
+)
+
+
+class RankFailure(RuntimeError):
+    """A rank raised, died or timed out; the message holds its traceback."""
+
+
+def preimport() -> None:
+    """Import the distributed modules ranks will need, so forked ranks start instantly."""
+    import importlib
+
+    for name in _PREIMPORT:
+        importlib.import_module(name)
+
+
+def _child(fn: Callable[..., Any], rank: int, world_size: int, store_path: str, conn: Any,
+           args: tuple, kwargs: dict, timeout: float) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo",
+    )
+    torch.set_num_threads(1)  # forked after the parent used OpenMP: stay out of parallel regions
+    try:
+        store = dist.FileStore(store_path, world_size)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout))
+        result = fn(*args, **kwargs)
+        payload = pickle.dumps(("ok", result))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        payload = pickle.dumps(("error", traceback.format_exc()))
+    conn.send_bytes(payload)
+    conn.close()
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - the result is already sent
+            pass
+    os._exit(0)
+
+
+def run_ranks(fn: Callable[..., T], world_size: int, *args: Any, timeout: float = 120.0, **kwargs: Any) -> list[T]:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` forked gloo ranks; return the results by rank.
+
+    Raises :class:`RankFailure` with the first failing rank's traceback; the other ranks are
+    killed, so a bug on one rank never leaves the rest waiting in a collective.
+    """
+    preimport()
+    ctx = mp.get_context("fork")
+    with tempfile.TemporaryDirectory(prefix="galvatron-ranks-") as tmp:
+        pipes, procs = [], []
+        for rank in range(world_size):
+            parent_end, child_end = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_child, args=(fn, rank, world_size, os.path.join(tmp, "store"), child_end,
+                                                    args, kwargs, timeout), daemon=True)
+            proc.start()
+            child_end.close()
+            pipes.append(parent_end)
+            procs.append(proc)
+        try:
+            return _collect(pipes, procs, timeout)
+        finally:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.kill()
+                proc.join(5)
+
+
+def _collect(pipes: list[Any], procs: list[Any], timeout: float) -> list[Any]:
+    results: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    while len(results) < len(pipes):
+        if time.monotonic() > deadline:
+            missing = sorted(set(range(len(pipes))) - set(results))
+            raise RankFailure(f"ranks {missing} did not finish within {timeout:.0f} s")
+        for rank, conn in enumerate(pipes):
+            if rank in results:
+                continue
+            if conn.poll(0.01):
+                try:
+                    status, value = pickle.loads(conn.recv_bytes())
+                except EOFError:
+                    raise RankFailure(f"rank {rank} died (exit code {procs[rank].exitcode})") from None
+                if status == "error":
+                    raise RankFailure(f"rank {rank} failed:\n{value}")
+                results[rank] = value
+            elif not procs[rank].is_alive() and not conn.poll(0):
+                raise RankFailure(f"rank {rank} died (exit code {procs[rank].exitcode}) without a result")
+    return [results[r] for r in range(len(pipes))]
