@@ -19,9 +19,24 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
-    "CPKind", "ConfigError", "DType", "GalvatronError", "LayerGroup", "LayerKind", "LayerSpec",
-    "LayerStrategy", "ModelSpec", "ModelSpecError", "Pipeline", "Plan", "PlanError", "Recompute",
-    "Schedule", "Stage", "wrap", "__version__",
+    "CPKind",
+    "ConfigError",
+    "DType",
+    "GalvatronError",
+    "LayerGroup",
+    "LayerKind",
+    "LayerSpec",
+    "LayerStrategy",
+    "ModelSpec",
+    "ModelSpecError",
+    "Pipeline",
+    "Plan",
+    "PlanError",
+    "Recompute",
+    "Schedule",
+    "Stage",
+    "__version__",
+    "wrap",
 ]
 
 

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 
 
-class CPKind(str, enum.Enum):
+class CPKind(enum.StrEnum):
     """How attention is computed when the sequence is split over ``cp`` ranks."""
 
     ULYSSES = "ulysses"  # all-to-all sequence <-> heads (DeepSpeed-Ulysses, Jacobs et al. 2023)
@@ -40,7 +40,7 @@ class CPKind(str, enum.Enum):
     HYBRID = "hybrid"  # Ulysses inside x ring across (USP, Fang & Zhao 2024)
 
 
-class Recompute(str, enum.Enum):
+class Recompute(enum.StrEnum):
     """Activation recomputation of a layer: none, attention core only, or the whole layer."""
 
     NONE = "none"
@@ -48,7 +48,7 @@ class Recompute(str, enum.Enum):
     FULL = "full"
 
 
-class Schedule(str, enum.Enum):
+class Schedule(enum.StrEnum):
     """Pipeline schedule (``torch.distributed.pipelining`` names in brackets)."""
 
     GPIPE = "gpipe"  # ScheduleGPipe
@@ -57,7 +57,7 @@ class Schedule(str, enum.Enum):
     ZERO_BUBBLE = "zero-bubble"  # ScheduleInterleavedZeroBubble
 
 
-class DType(str, enum.Enum):
+class DType(enum.StrEnum):
     """Compute dtype of the plan (parameters kept in fp32 master copies unless fp32)."""
 
     FP32 = "fp32"
@@ -315,7 +315,8 @@ class Plan:
             raise PlanError("stages", f"layer split {counts} does not give {chunks} stages of {num_layers} layers")
         stages, start = [], 0
         for n in counts:
-            stages.append(Stage(devices=strat.devices, groups=(LayerGroup(start=start, end=start + n, strategy=strat),)))
+            group = LayerGroup(start=start, end=start + n, strategy=strat)
+            stages.append(Stage(devices=strat.devices, groups=(group,)))
             start += n
         return cls(
             stages=tuple(stages),
@@ -395,7 +396,8 @@ class Plan:
         ]
         for i, stage in enumerate(self.stages):
             for g in stage.groups:
-                lines.append(f"  stage {i} layers [{g.start}:{g.end}) on {stage.devices}: {format_strategy(g.strategy)}")
+                where = f"  stage {i} layers [{g.start}:{g.end}) on {stage.devices}"
+                lines.append(f"{where}: {format_strategy(g.strategy)}")
         return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from galvatron.errors import ModelSpecError
 
 
-class LayerKind(str, enum.Enum):
+class LayerKind(enum.StrEnum):
     """What a layer is. ``attention``, ``mlp`` and ``moe`` are blocks a plan assigns strategies to."""
 
     EMBEDDING = "embedding"

@@ -55,7 +55,8 @@ def spec_from_config(config: Mapping[str, Any] | str | Path) -> ModelSpec:
             raise ModelSpecError(f"unknown moe key {unknown[0]!r} (known: {', '.join(sorted(_MOE_KEYS))})")
     layers = [arch.embedding()]
     for i in range(cfg["layers"]):
-        if moe is not None and i >= moe.get("first_dense", 0) and (i - moe.get("first_dense", 0)) % moe.get("every", 1) == 0:
+        first = moe.get("first_dense", 0) if moe else 0
+        if moe is not None and i >= first and (i - first) % moe.get("every", 1) == 0:
             layers.append(arch.moe_block(i, moe))
         else:
             layers.append(arch.dense_block(i))
@@ -83,28 +84,31 @@ class _Arch:
         self.vocab = cfg["vocab"]
         self.swiglu = _choice(cfg, "activation", ("gelu", "swiglu"), "gelu") == "swiglu"
         self.ffn = cfg.get("ffn_hidden", 4 * self.h)
-        self.layernorm = _choice(cfg, "norm", ("layernorm", "rmsnorm"), "rmsnorm" if self.swiglu else "layernorm") == "layernorm"
+        default_norm = "rmsnorm" if self.swiglu else "layernorm"
+        self.layernorm = _choice(cfg, "norm", ("layernorm", "rmsnorm"), default_norm) == "layernorm"
         self.bias = bool(cfg.get("bias", not self.swiglu))
-        self.learned_pos = _choice(cfg, "position", ("rope", "learned"), "rope" if self.swiglu else "learned") == "learned"
+        default_position = "rope" if self.swiglu else "learned"
+        self.learned_pos = _choice(cfg, "position", ("rope", "learned"), default_position) == "learned"
         self.tied = bool(cfg.get("tied_embeddings", False))
         if self.heads % self.kv:
             raise ModelSpecError(f"kv_heads {self.kv} does not divide heads {self.heads}")
 
     @property
     def norm_params(self) -> int:
-        return 2 * self.h if self.layernorm else self.h
+        return 2 * self.h if self.layernorm and self.bias else self.h
 
-    def linear(self, n_in: int, n_out: int) -> int:
-        return n_in * n_out + (n_out if self.bias else 0)
+    def linear(self, n_in: int, n_out: int, bias: bool) -> int:
+        return n_in * n_out + (n_out if bias else 0)
 
-    def attention_params(self) -> int:
-        q, kv = self.heads * self.hd, self.kv * self.hd
-        return self.linear(self.h, q) + 2 * self.linear(self.h, kv) + self.linear(q, self.h)
+    def attention_params(self, bias: bool = True) -> int:
+        """Q, K, V, O projections; ``bias=False`` gives the weights alone (2 FLOPs per weight)."""
+        q, kv, b = self.heads * self.hd, self.kv * self.hd, bias and self.bias
+        return self.linear(self.h, q, b) + 2 * self.linear(self.h, kv, b) + self.linear(q, self.h, b)
 
-    def mlp_params(self, ffn: int) -> int:
-        if self.swiglu:
-            return 2 * self.linear(self.h, ffn) + self.linear(ffn, self.h)
-        return self.linear(self.h, ffn) + self.linear(ffn, self.h)
+    def mlp_params(self, ffn: int, bias: bool = True) -> int:
+        b = bias and self.bias
+        up = (2 if self.swiglu else 1) * self.linear(self.h, ffn, b)
+        return up + self.linear(ffn, self.h, b)
 
     def attention_activation(self) -> float:
         """Korthikanti Table 2 attention terms, GQA-sized K/V, no dropout mask, flash attention:
@@ -132,7 +136,8 @@ class _Arch:
         attn, mlp = self.attention_params(), self.mlp_params(self.ffn)
         return LayerSpec(
             kind=LayerKind.ATTENTION, name=f"layers.{i}", params=attn + mlp + 2 * self.norm_params,
-            flops_per_token=2.0 * (attn + mlp), attention_flops_per_token=self.attention_flops(),
+            flops_per_token=2.0 * (self.attention_params(False) + self.mlp_params(self.ffn, False)),
+            attention_flops_per_token=self.attention_flops(),
             activation_bytes_per_token=self.attention_activation() + self.mlp_activation(self.ffn),
             ffn_hidden=self.ffn, **self._shape(),
         )
@@ -146,9 +151,10 @@ class _Arch:
         attn, expert = self.attention_params(), self.mlp_params(ffn)
         router = self.h * experts
         routed = experts * expert
-        active = attn + router + (top_k + shared) * expert
+        active = self.attention_params(False) + router + (top_k + shared) * self.mlp_params(ffn, False)
+        params = attn + router + routed + shared * expert + 2 * self.norm_params
         return LayerSpec(
-            kind=LayerKind.MOE, name=f"layers.{i}", params=attn + router + routed + shared * expert + 2 * self.norm_params,
+            kind=LayerKind.MOE, name=f"layers.{i}", params=params,
             flops_per_token=2.0 * active, attention_flops_per_token=self.attention_flops(),
             activation_bytes_per_token=self.attention_activation() + 2 * self.h + 4 * experts
             + (top_k + shared) * (self.mlp_activation(ffn) - 2 * self.h),

@@ -1,0 +1,370 @@
+"""``ModelSpec.from_module``: describe a live ``nn.Module`` without touching its weights.
+
+The module is copied onto the meta device (parameters replaced by meta tensors through the
+deepcopy memo, so no memory is allocated), its forward runs once on a meta copy of the example
+batch under ``FlopCounterMode``, and a saved-tensor hook counts the bytes kept for backward per
+block. Blocks are the children of the largest ``nn.ModuleList`` of same-class modules.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from galvatron.errors import ModelSpecError
+from galvatron.spec import LayerKind, LayerSpec, ModelSpec
+
+_HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
+_KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+_EXPERT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
+_TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "num_experts_per_token")
+
+
+def spec_from_module(module: nn.Module, example_batch: Any, *, name: str | None = None) -> ModelSpec:
+    meta = meta_copy(module)
+    block_path, blocks = find_blocks(meta)
+    owner = _param_owners(meta, block_path, len(blocks))
+    flops, attn_flops, saved, tokens, seq_len = _measure(meta, blocks, example_batch)
+    config = getattr(module, "config", None)
+    notes: list[str] = []
+    layers = [_edge_layer(LayerKind.EMBEDDING, "embedding", owner, flops, saved, tokens)]
+    for i, block in enumerate(blocks):
+        layers.append(_block_layer(block, f"{block_path}.{i}", owner.get(i, 0), flops.get(i, 0.0),
+                                   attn_flops.get(i, 0.0), saved.get(i, 0.0), tokens, config, notes))
+    layers.append(_edge_layer(LayerKind.NORM, "norm", owner, flops, saved, tokens))
+    layers.append(_edge_layer(LayerKind.HEAD, "head", owner, flops, saved, tokens))
+    counted = sum(layer.params for layer in layers)
+    total = sum(p.numel() for p in meta.parameters())
+    if counted != total:
+        raise ModelSpecError(f"internal: attributed {counted} of {total} parameters")
+    vocab = _vocab(meta)
+    if vocab is None:
+        notes.append("no nn.Embedding found: vocabulary size unknown (0)")
+    return ModelSpec(
+        name=name or type(module).__name__,
+        layers=tuple(layers),
+        seq_len=seq_len,
+        vocab=vocab or 0,
+        hidden=_first(layers[1:-2], "hidden"),
+        tied_embeddings=_tied(meta),
+        block_path=block_path,
+        notes=tuple(dict.fromkeys(notes)),
+    )
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose parameters and buffers are meta tensors (no memory)."""
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(module, memo)
+
+
+def find_blocks(module: nn.Module) -> tuple[str, list[nn.Module]]:
+    """The dotted path and children of the largest ``ModuleList``/``Sequential`` of same-class modules."""
+    best: tuple[int, str, list[nn.Module]] | None = None
+    for path, child in module.named_modules():
+        if not isinstance(child, (nn.ModuleList, nn.Sequential)) or len(child) < 2:
+            continue
+        members = list(child)
+        if len({type(m) for m in members}) != 1:
+            continue
+        size = sum(p.numel() for p in child.parameters())
+        if size and (best is None or size > best[0]):
+            best = (size, path, members)
+    if best is None:
+        raise ModelSpecError(
+            f"{type(module).__name__} has no nn.ModuleList of repeated blocks; galvatron plans per block, "
+            "so keep the model's layers in an nn.ModuleList"
+        )
+    return best[1], best[2]
+
+
+def _block_index(path: str, block_path: str) -> int | None:
+    prefix = f"{block_path}." if block_path else ""
+    if not path.startswith(prefix):
+        return None
+    head = path[len(prefix):].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _param_owners(meta: nn.Module, block_path: str, n_blocks: int) -> dict[Any, int]:
+    """Parameters per owner: block index, or 'embedding' / 'norm' / 'head' for the rest.
+    Shared parameters count once, with their first owner."""
+    owners: dict[Any, int] = {}
+    seen: set[int] = set()
+    for mod_path, mod in meta.named_modules():
+        for p in mod.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            owner = _block_index(mod_path, block_path)
+            if owner is None:
+                owner = _edge_kind(mod)
+            owners[owner] = owners.get(owner, 0) + p.numel()
+    return owners
+
+
+def _edge_kind(mod: nn.Module) -> str:
+    if isinstance(mod, nn.Embedding):
+        return "embedding"
+    if "norm" in type(mod).__name__.lower():
+        return "norm"
+    return "head"
+
+
+class _Tracker:
+    """Attributes FLOPs and saved bytes to the part of the model running: 'embedding' before the
+    blocks, block ``i``, 'tail' after them. FLOPs are charged at each transition from the
+    counter's running totals."""
+
+    def __init__(self, counter: Any) -> None:
+        self.counter = counter
+        self.where: Any = "embedding"
+        self.flops: dict[Any, float] = {}
+        self.attn: dict[Any, float] = {}
+        self.saved: dict[Any, float] = {}
+        self._last = (0.0, 0.0)
+        self.attn_running = 0.0
+        self.discount = 0.0
+        self.saved_scale = 1.0
+
+    def _totals(self) -> tuple[float, float]:
+        return float(self.counter.get_total_flops()) - self.discount, self.attn_running
+
+    @contextmanager
+    def scaled(self, factor: float) -> Iterator[None]:
+        """FLOPs and saved bytes inside this block count ``factor`` times."""
+        before, self.saved_scale = self.counter.get_total_flops(), factor
+        yield
+        self.saved_scale = 1.0
+        self.discount += (1.0 - factor) * float(self.counter.get_total_flops() - before)
+
+    @contextmanager
+    def attention(self) -> Iterator[None]:
+        """FLOPs counted inside this block are the attention core's."""
+        before = self.counter.get_total_flops()
+        yield
+        self.attn_running += float(self.counter.get_total_flops() - before)
+
+    def move(self, where: Any) -> None:
+        total, attn = self._totals()
+        self.flops[self.where] = self.flops.get(self.where, 0.0) + (total - attn) - (self._last[0] - self._last[1])
+        self.attn[self.where] = self.attn.get(self.where, 0.0) + attn - self._last[1]
+        self._last = (total, attn)
+        self.where = where
+
+    def add_saved(self, nbytes: float) -> None:
+        self.saved[self.where] = self.saved.get(self.where, 0.0) + nbytes * self.saved_scale
+
+
+def _measure(meta: nn.Module, blocks: list[nn.Module], batch: Any) -> tuple[
+        dict[Any, float], dict[Any, float], dict[Any, float], int, int]:
+    """Forward FLOPs, attention FLOPs and saved bytes (16-bit floats) per block/edge, tokens, seq len."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    meta_batch = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, batch)
+    tokens, seq_len = _token_shape(meta_batch)
+    params = {id(p) for p in meta.parameters()}
+    seen: set[int] = set()
+    counter = FlopCounterMode(display=False)
+    tracker = _Tracker(counter)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        base = t._base if t._base is not None else t
+        if id(base) not in params and id(base) not in seen:
+            seen.add(id(base))
+            tracker.add_saved(base.numel() * (2 if base.is_floating_point() else base.element_size()))
+        return t
+
+    handles = _expert_hooks(meta, tracker)
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(lambda m, a, i=i: tracker.move(i)))
+        handles.append(block.register_forward_hook(lambda m, a, o: tracker.move("tail")))
+    sdpa = F.scaled_dot_product_attention
+
+    def counted_sdpa(*args: Any, **kwargs: Any) -> torch.Tensor:
+        with tracker.attention():
+            return sdpa(*args, **kwargs)
+
+    F.scaled_dot_product_attention = counted_sdpa
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter, _nonzero_all():
+            _call(meta, meta_batch)
+            tracker.move("tail")
+    except Exception as err:
+        raise ModelSpecError(
+            f"running {type(meta).__name__} on the meta device failed ({type(err).__name__}: {err}); "
+            "pass an example batch the model's forward accepts"
+        ) from err
+    finally:
+        F.scaled_dot_product_attention = sdpa
+        for h in handles:
+            h.remove()
+    return tracker.flops, tracker.attn, tracker.saved, tokens, seq_len
+
+
+@contextmanager
+def _nonzero_all() -> Iterator[None]:
+    """Let data-dependent ``nonzero`` run on meta tensors (every element counted as non-zero):
+    MoE dispatch then routes every token to every expert, which ``_expert_hooks`` scales back."""
+    import torch.fx.experimental._config as fx_config
+
+    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+        yield
+
+
+def _expert_hooks(meta: nn.Module, tracker: _Tracker) -> list[Any]:
+    """On meta every expert sees every routed token: scale what runs inside a ModuleList of
+    experts by 1/experts (balanced routing). Fused experts (3-D weight tensors, transformers 5)
+    run through their batched implementation and count 0 here: ``_block_layer`` adds them
+    analytically."""
+    handles = []
+    for path, m in meta.named_modules():
+        if path.rsplit(".", 1)[-1] != "experts":
+            continue
+        if isinstance(m, nn.ModuleList):
+            targets, factor = list(m), 1.0 / max(len(m), 1)
+        else:
+            targets, factor = [m], 0.0
+            if hasattr(getattr(m, "config", None), "_experts_implementation"):
+                m.config._experts_implementation = "batched_mm"  # the meta copy's own config
+        state: dict[str, Any] = {}
+
+        def enter(mod: nn.Module, args: Any, factor: float = factor, state: dict = state) -> None:
+            state["ctx"] = tracker.scaled(factor)
+            state["ctx"].__enter__()
+
+        def leave(mod: nn.Module, args: Any, out: Any, state: dict = state) -> None:
+            state.pop("ctx").__exit__(None, None, None)
+
+        for target in targets:
+            handles += [target.register_forward_pre_hook(enter), target.register_forward_hook(leave)]
+    return handles
+
+
+def _call(module: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return module(**batch)
+    if isinstance(batch, (tuple, list)):
+        return module(*batch)
+    return module(batch)
+
+
+def _token_shape(batch: Any) -> tuple[int, int]:
+    """(tokens, sequence length) of the first tensor of at least two dims in the batch."""
+    found: list[torch.Tensor] = []
+    tree_map(lambda t: found.append(t) if isinstance(t, torch.Tensor) and t.dim() >= 2 else None, batch)
+    if not found:
+        raise ModelSpecError("the example batch holds no (batch, sequence, ...) tensor")
+    b, s = found[0].shape[:2]
+    return b * s, s
+
+
+def _edge_layer(kind: LayerKind, key: str, owner: dict[Any, int], flops: dict[Any, float],
+                saved: dict[Any, float], tokens: int) -> LayerSpec:
+    """Embedding, norm and head: FLOPs before the blocks go to the embedding, after them to the head."""
+    where = {"embedding": "embedding", "norm": None, "head": "tail"}[key]
+    return LayerSpec(
+        kind=kind, name=key, params=owner.get(key, 0),
+        flops_per_token=flops.get(where, 0.0) / tokens if where else 0.0,
+        activation_bytes_per_token=saved.get(where, 0.0) / tokens if where else 0.0,
+    )
+
+
+def _block_layer(block: nn.Module, name: str, params: int, flops: float, attn_flops: float, saved: float,
+                 tokens: int, config: Any, notes: list[str]) -> LayerSpec:
+    heads = _attr(block, config, _HEAD_ATTRS)
+    kv_heads = _attr(block, config, _KV_HEAD_ATTRS) or heads
+    experts_list = _experts(block)
+    experts = len(experts_list) if experts_list is not None else _attr(block, config, _EXPERT_ATTRS)
+    has_attention = heads > 0 or any("attention" in type(m).__name__.lower() for m in block.modules())
+    if has_attention and not heads:
+        notes.append(f"{name}: attention found but its head count is unknown (0)")
+    kind = LayerKind.MOE if experts else LayerKind.ATTENTION if has_attention else LayerKind.MLP
+    hidden = _hidden(block)
+    expert_params = sum(p.numel() for p in experts_list.parameters()) if experts_list is not None else 0
+    top_k = _attr(block, config, _TOP_K_ATTRS) if experts else 0
+    flops, saved = flops / tokens, saved / tokens
+    if experts and experts_list is None:
+        expert_params = _fused_expert_params(block)
+        flops, saved = _add_fused_experts(flops, saved, expert_params // experts, top_k, hidden)
+        notes.append(f"{name}: fused experts costed analytically (2 FLOPs per weight, SwiGLU activations)")
+    return LayerSpec(
+        kind=kind, name=name, params=params, flops_per_token=flops,
+        attention_flops_per_token=attn_flops / tokens, activation_bytes_per_token=saved,
+        hidden=hidden, heads=heads, kv_heads=kv_heads if heads else 0,
+        head_dim=hidden // heads if heads and hidden else 0,
+        experts=experts, top_k=top_k,
+        expert_params=expert_params,
+    )
+
+
+def _add_fused_experts(flops: float, saved: float, per_expert: int, top_k: int, hidden: int) -> tuple[float, float]:
+    """Per-token FLOPs and saved bytes of ``top_k`` gated experts of ``per_expert`` weights:
+    2 FLOPs per weight; input 2h, gate/up output 4f and activation output 2f bytes (16-bit)."""
+    ffn = per_expert // (3 * hidden) if hidden else 0
+    return flops + 2.0 * per_expert * top_k, saved + top_k * (2.0 * hidden + 6.0 * ffn)
+
+
+def _attr(block: nn.Module, config: Any, names: tuple[str, ...]) -> int:
+    """First integer attribute of that name on the block's modules, else on the model config."""
+    for m in block.modules():
+        for n in names:
+            value = getattr(m, n, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    for n in names:
+        value = getattr(config, n, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 0
+
+
+def _experts(block: nn.Module) -> nn.ModuleList | None:
+    """A ModuleList named like experts inside the block (reference MoE, older HF MoE layouts)."""
+    for path, m in block.named_modules():
+        if isinstance(m, nn.ModuleList) and path.rsplit(".", 1)[-1] == "experts" and len(m) > 1:
+            return m
+    return None
+
+
+def _fused_expert_params(block: nn.Module) -> int:
+    """Parameters of an ``experts`` module that stores all experts in 3-D tensors."""
+    for path, m in block.named_modules():
+        if path.rsplit(".", 1)[-1] == "experts":
+            return sum(p.numel() for p in m.parameters())
+    return 0
+
+
+def _hidden(block: nn.Module) -> int:
+    for m in block.modules():
+        if isinstance(m, nn.Linear):
+            return m.in_features
+        weight = getattr(m, "weight", None)
+        if type(m).__name__ == "Conv1D" and weight is not None:  # GPT-2 stores Linear transposed
+            return int(weight.shape[0])
+    return 0
+
+
+def _vocab(meta: nn.Module) -> int | None:
+    embeddings = [m for m in meta.modules() if isinstance(m, nn.Embedding)]
+    return max(e.num_embeddings for e in embeddings) if embeddings else None
+
+
+def _tied(meta: nn.Module) -> bool:
+    embeddings = {id(m.weight) for m in meta.modules() if isinstance(m, nn.Embedding)}
+    return any(id(m.weight) in embeddings for m in meta.modules() if isinstance(m, nn.Linear))
+
+
+def _first(layers: list[LayerSpec], field: str) -> int:
+    return next((getattr(layer, field) for layer in layers if getattr(layer, field)), 0)

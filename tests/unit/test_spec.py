@@ -1,0 +1,111 @@
+"""ModelSpec from configs (presets) and from live modules (reference models, tiny HF models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from galvatron import LayerKind, ModelSpec, ModelSpecError
+from galvatron.models import GPT, GPTConfig
+from galvatron.paths import presets
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class TestFromConfig:
+    @pytest.mark.parametrize("name, expected, tolerance", [
+        ("llama2-7b", 6.74e9, 0.005), ("mixtral-8x7b", 46.7e9, 0.01), ("llama3-8b", 8.03e9, 0.005),
+        ("llama3-70b", 70.6e9, 0.005), ("gpt3-175b", 175e9, 0.01), ("deepseek-moe-16b", 16.4e9, 0.01),
+    ])
+    def test_published_parameter_counts(self, name: str, expected: float, tolerance: float) -> None:
+        spec = ModelSpec.from_config(name)
+        assert abs(spec.params - expected) / expected < tolerance
+
+    def test_every_preset_loads(self) -> None:
+        for name in presets("models"):
+            spec = ModelSpec.from_config(name)
+            assert spec.num_blocks > 0 and spec.params > 0
+
+    def test_moe_shapes(self) -> None:
+        spec = ModelSpec.from_config("deepseek-moe-16b")
+        kinds = [b.kind for b in spec.blocks]
+        assert kinds[0] is LayerKind.ATTENTION and set(kinds[1:]) == {LayerKind.MOE}
+        moe = spec.blocks[1]
+        assert (moe.experts, moe.top_k, moe.shared_experts) == (64, 6, 2)
+        assert 2.7e9 < spec.active_params < 2.9e9  # DeepSeek-MoE paper: 2.8B activated
+
+    def test_bad_config(self) -> None:
+        with pytest.raises(ModelSpecError, match="unknown model config key 'hiden'"):
+            ModelSpec.from_config({"layers": 2, "hiden": 8, "heads": 2, "vocab": 8, "seq_len": 4})
+        with pytest.raises(ModelSpecError, match="positive integer 'hidden'"):
+            ModelSpec.from_config({"layers": 2, "heads": 2, "vocab": 8, "seq_len": 4})
+        with pytest.raises(Exception, match="unknown model preset 'nope'"):
+            ModelSpec.from_config("nope")
+
+
+REFERENCE = {
+    "gelu": GPTConfig(),
+    "swiglu-gqa-tied": GPTConfig(activation="swiglu", norm="rmsnorm", kv_heads=2, tied_embeddings=True),
+    "moe-shared-learned": GPTConfig(experts=4, shared_experts=1, position="learned", bias=True),
+}
+
+
+class TestFromModule:
+    @pytest.mark.parametrize("name", list(REFERENCE))
+    def test_reference_models_match_config(self, name: str) -> None:
+        cfg = REFERENCE[name]
+        model = GPT(cfg)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        spec = ModelSpec.from_module(model, torch.randint(0, cfg.vocab, (2, cfg.seq_len)))
+        assert spec.num_blocks == cfg.layers and spec.block_path == "blocks"
+        assert spec.params == _count(model)
+        assert spec.tied_embeddings == cfg.tied_embeddings
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "weights were touched"
+        analytic = ModelSpec.from_config(cfg.to_model_config())
+        assert spec.params == analytic.params
+        for measured, formula in zip(spec.blocks, analytic.blocks):
+            assert measured.kind is formula.kind
+            assert measured.flops_per_token == pytest.approx(formula.flops_per_token)
+            assert measured.attention_flops_per_token == pytest.approx(formula.attention_flops_per_token)
+            assert (measured.heads, measured.kv_heads, measured.experts) == (
+                formula.heads, formula.kv_heads, formula.experts)
+            assert measured.activation_bytes_per_token > 0
+
+    def test_hugging_face_models(self) -> None:
+        transformers = pytest.importorskip("transformers")
+        models = {
+            "gpt2": (transformers.GPT2LMHeadModel(transformers.GPT2Config(
+                n_layer=3, n_embd=64, n_head=4, vocab_size=96, n_positions=32, bos_token_id=0, eos_token_id=0)),
+                3, "transformer.h", LayerKind.ATTENTION),
+            "llama": (transformers.LlamaForCausalLM(transformers.LlamaConfig(
+                num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, vocab_size=96)), 3, "model.layers", LayerKind.ATTENTION),
+            "mixtral": (transformers.MixtralForCausalLM(transformers.MixtralConfig(
+                num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, vocab_size=96, num_local_experts=4, num_experts_per_tok=2)),
+                2, "model.layers", LayerKind.MOE),
+        }
+        for name, (model, blocks, path, kind) in models.items():
+            spec = ModelSpec.from_module(model, torch.randint(0, 96, (2, 16)))
+            assert (spec.num_blocks, spec.block_path, spec.params) == (blocks, path, _count(model)), name
+            assert {b.kind for b in spec.blocks} == {kind}, name
+            block = spec.blocks[0]
+            assert block.heads == 4 and block.hidden == 64 and block.flops_per_token > 0, name
+        mixtral = ModelSpec.from_module(models["mixtral"][0], torch.randint(0, 96, (2, 16))).blocks[0]
+        assert (mixtral.experts, mixtral.top_k, mixtral.kv_heads) == (4, 2, 2)
+        per_expert = 3 * 64 * 128
+        attention = 2 * (64 * 64 * 2 + 64 * 32 * 2)
+        assert mixtral.flops_per_token == attention + 2 * 64 * 4 + 2 * 2 * per_expert
+
+    def test_says_what_it_cannot_recognise(self) -> None:
+        with pytest.raises(ModelSpecError, match="no nn.ModuleList of repeated blocks"):
+            ModelSpec.from_module(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), torch.randn(2, 3, 4))
+        with pytest.raises(ModelSpecError, match="on the meta device failed"):
+            ModelSpec.from_module(GPT(GPTConfig()), torch.randn(2, 3, 5, 7))
+        mlp = nn.Sequential(nn.Embedding(10, 8), nn.ModuleList([nn.Linear(8, 8) for _ in range(3)]))
+        mlp.forward = lambda x: mlp[1][2](mlp[1][1](mlp[1][0](mlp[0](x))))
+        spec = ModelSpec.from_module(mlp, torch.randint(0, 10, (2, 4)))
+        assert [b.kind for b in spec.blocks] == [LayerKind.MLP] * 3 and spec.params == _count(mlp)
