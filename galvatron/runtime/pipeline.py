@@ -76,7 +76,9 @@ class _Absent(nn.Module):
         return self.path
 
 
-class _StopForward(Exception):  # noqa: N818 - control flow, not an error
+class _StopForward(Exception):
+    """Control flow, not an error: carries the hidden state out of the model's forward."""
+
     def __init__(self, hidden: torch.Tensor) -> None:
         super().__init__()
         self.hidden = hidden
@@ -266,7 +268,9 @@ class StageChunk(nn.Module):
                     raise RuntimeError(f"the model's forward never reached block {self.layer_range.stop}: "
                                        f"does it call the blocks of {self.block_path!r} in order?")
         if inject is not None and not inject.used:
-            raise RuntimeError(f"the model's forward never called block {self.layer_range.start} of {self.block_path!r}")
+            raise RuntimeError(
+                f"the model's forward never called block {self.layer_range.start} of {self.block_path!r}"
+            )
         return _logits(out) if self.is_last else out
 
     @contextmanager
