@@ -94,18 +94,21 @@ def block_backward(
         return _strict_backward(dout, q, k, v, out, lse, scale, kernel)
     heads_kv = k.shape[1]
     k, v = _expand_heads(k, q.shape[1]), _expand_heads(v, q.shape[1])
-    dout, out = dout.contiguous(), out.contiguous()
     causal = mask is BlockMask.CAUSAL
-    seed = torch.empty(2, dtype=torch.uint64, device=q.device)
-    offset = torch.empty((), dtype=torch.uint64, device=q.device)
     if kernel == "flash":
+        seed = torch.empty(2, dtype=torch.uint64, device=q.device)  # no dropout: the RNG state is not read
+        offset = torch.empty((), dtype=torch.uint64, device=q.device)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse.float().contiguous(), None, None, q.shape[2], k.shape[2], 0.0, causal, seed,
-            offset, scale=scale)
+            dout.contiguous(), q, k, v, out.contiguous(), lse.float().contiguous(), None, None, q.shape[2],
+            k.shape[2], 0.0, causal, seed, offset, scale=scale)
     else:
         rows = -(-q.shape[2] // _ALIGN_LSE) * _ALIGN_LSE
         padded = lse.new_zeros(*lse.shape[:-1], rows, dtype=torch.float32)
         padded[..., : q.shape[2]] = lse
+        seed = offset = torch.zeros((), dtype=torch.int64, device=q.device)
+        # out/dout in the (B, S, H, D) memory layout the forward returns: with (B, H, S, D)-contiguous
+        # ones the fp16/bf16 kernel gives wrong dq/dk without an error (H100, torch 2.11)
+        out, dout = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (out, dout))
         dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
             dout, q, k, v, None, out, padded, seed, offset, 0.0, [True, True, True, False], causal, scale=scale)
     return dq, _sum_heads(dk, heads_kv), _sum_heads(dv, heads_kv)
