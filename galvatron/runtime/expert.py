@@ -222,24 +222,23 @@ def capacity_keep_mask(index: torch.Tensor, weights: torch.Tensor, num_experts: 
     else:
         priority = torch.arange(n, device=index.device)
     by_expert = priority[torch.argsort(flat_expert[priority], stable=True)]
-    counts = torch.bincount(flat_expert, minlength=num_experts)
+    counts = _bincount(flat_expert, num_experts)
     starts = torch.cumsum(counts, 0) - counts
-    rank_in_expert = torch.arange(n, device=index.device) - starts.repeat_interleave(counts)
+    rank_in_expert = torch.arange(n, device=index.device) - starts.repeat_interleave(counts, output_size=n)
     keep = torch.empty(n, dtype=torch.bool, device=index.device)
     keep[by_expert] = rank_in_expert < capacity
     return keep.view_as(index)
 
 
-def group_by_local_expert(recv_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order the rows that arrived from a dispatch by local expert.
+def group_by_local_expert(recv_counts: torch.Tensor, total: int) -> torch.Tensor:
+    """The permutation that orders the ``total`` rows that arrived from a dispatch by local expert.
 
     ``recv_counts[s, j]``: rows from source rank ``s`` for local expert ``j``; they arrive grouped by
-    source, then expert. Returns the permutation that groups them by expert (then source) and the rows
-    per local expert.
+    source, then expert, and leave grouped by expert, then source.
     """
     local = torch.arange(recv_counts.shape[1], device=recv_counts.device).repeat(recv_counts.shape[0])
-    expert_of_row = local.repeat_interleave(recv_counts.reshape(-1))
-    return torch.argsort(expert_of_row, stable=True), recv_counts.sum(0)
+    expert_of_row = local.repeat_interleave(recv_counts.reshape(-1), output_size=total)
+    return torch.argsort(expert_of_row, stable=True)
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
@@ -288,16 +287,25 @@ def routed_experts(tokens: torch.Tensor, index: torch.Tensor, weights: torch.Ten
         flat_expert, flat_weight, flat_token = flat_expert[keep], flat_weight[keep], flat_token[keep]
     order = torch.argsort(flat_expert, stable=True)
     rows = flat_token[order]
-    send_counts = torch.bincount(flat_expert, minlength=num_experts)
+    send_counts = _bincount(flat_expert, num_experts)
     recv_counts = _exchange_counts(send_counts, ep, ep_group)
-    send_splits = send_counts.view(ep, -1).sum(1).tolist()
-    recv_splits = recv_counts.sum(1).tolist()
+    counts = torch.cat([send_counts, recv_counts.reshape(-1)]).tolist()  # the one device-to-host sync
+    local = num_experts // ep
+    send_splits = [sum(counts[i * local : (i + 1) * local]) for i in range(ep)]
+    received_counts = counts[num_experts:]
+    recv_splits = [sum(received_counts[i * local : (i + 1) * local]) for i in range(ep)]
+    per_expert = [sum(received_counts[j::local]) for j in range(local)]
     received = all_to_all(tokens[rows], recv_splits, send_splits, ep_group)
-    perm, per_expert = group_by_local_expert(recv_counts)
-    outputs = run(received[perm], per_expert.tolist())[inverse_permutation(perm)]
+    perm = group_by_local_expert(recv_counts, sum(recv_splits))
+    outputs = run(received[perm], per_expert)[inverse_permutation(perm)]
     returned = all_to_all(outputs, send_splits, recv_splits, ep_group)
     weighted = (returned * flat_weight[order, None]).to(tokens.dtype)
     return torch.zeros_like(tokens).index_add(0, rows, weighted)
+
+
+def _bincount(values: torch.Tensor, bins: int) -> torch.Tensor:
+    """``torch.bincount`` without its device-to-host sync (it reads the maximum)."""
+    return torch.zeros(bins, dtype=torch.long, device=values.device).index_add_(0, values, torch.ones_like(values))
 
 
 def _exchange_counts(send_counts: torch.Tensor, ep: int, group: Group) -> torch.Tensor:

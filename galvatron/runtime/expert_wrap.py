@@ -239,7 +239,8 @@ def _run_module_list(experts: nn.ModuleDict, rows: torch.Tensor, counts: list[in
 
 def _run_fused(experts: nn.Module, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """The user's fused experts, each row routed to its local expert with weight one."""
-    local = torch.arange(len(counts), device=rows.device).repeat_interleave(torch.tensor(counts, device=rows.device))
+    repeats = torch.tensor(counts, device=rows.device)
+    local = torch.arange(len(counts), device=rows.device).repeat_interleave(repeats, output_size=rows.shape[0])
     return experts(rows, local.unsqueeze(1), torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device))
 
 
