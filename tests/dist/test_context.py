@@ -91,30 +91,38 @@ def _tensor_parallel_cases() -> dict[str, float]:
     return errors
 
 
-def _ulysses_head_error() -> str:
+def _refusals() -> list[str]:
+    """Errors for too few heads for Ulysses and for layers whose token layouts differ."""
+    world = ContextGroups(dist.group.WORLD)
     q = torch.zeros(1, 3, 4, 8)
-    try:
-        ContextAttention("ulysses", ContextGroups(dist.group.WORLD))(q, q, q)
-    except ValueError as err:
-        return str(err)
-    return "no error"
+    mixed = [ContextAttention("ring", world), ContextAttention("striped", world)]
+    calls = [lambda: ContextAttention("ulysses", world)(q, q, q), lambda: apply_context_parallel(_gpt(), mixed)]
+    messages = []
+    for call in calls:
+        try:
+            call()
+            messages.append("no error")
+        except ValueError as err:
+            messages.append(str(err))
+    return messages
 
 
-def _attention_world(hybrid_ulysses: int, with_tp: bool) -> tuple[dict[str, float], str]:
+def _attention_world(hybrid_ulysses: int, with_tp: bool) -> tuple[dict[str, float], list[str]]:
     errors = _attention_cases(hybrid_ulysses)
     if with_tp:
         errors.update(_tensor_parallel_cases())
-    return errors, _ulysses_head_error()
+    return errors, _refusals()
 
 
 @pytest.mark.parametrize(("world", "hybrid_ulysses"), [(2, 2), (4, 2)])
 def test_attention_matches_single_process(world: int, hybrid_ulysses: int) -> None:
     results = run_ranks(_attention_world, world, hybrid_ulysses, world == 4)
-    for rank, (errors, head_error) in enumerate(results):
+    for rank, (errors, refusals) in enumerate(results):
         assert len(errors) == 24 + (12 if world == 4 else 0)
         bad = {case: err for case, err in errors.items() if err > ATOL}
         assert not bad, f"rank {rank}: {bad}"
-        assert "does not divide the 3 local query heads" in head_error
+        assert "does not divide the 3 local query heads" in refusals[0]
+        assert "different token layouts" in refusals[1]
 
 
 # ----------------------------------------------------------------------------- models
