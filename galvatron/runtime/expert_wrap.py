@@ -127,6 +127,9 @@ def apply_expert_parallel(model: nn.Module, ep_group: Group, *, aux_group: Group
         module = model.get_submodule(path)
         if hasattr(module, _STATE):
             raise GalvatronError(f"MoE layer {path or type(model).__name__!r} is already expert-parallel")
+        if _has_dtensor(module.experts):
+            raise GalvatronError(f"the experts of {path!r} are already tensor-parallel (DTensor): leave "
+                                 "'*.experts.*' out of the TP plan and pass tp_group (expert TP) instead")
         num_experts = _num_experts(module, kind)
         ep, rank = group_size(ep_group), group_rank(ep_group)
         if num_experts % ep:
@@ -157,6 +160,12 @@ def expert_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def expert_parameter_names(model: nn.Module) -> set[str]:
     """Names (as in ``model.named_parameters()``) of the expert parameters of every patched layer."""
     return {f"{path}.{name}" for path, experts in expert_modules(model) for name, _ in experts.named_parameters()}
+
+
+def _has_dtensor(module: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def _num_experts(module: nn.Module, kind: MoEKind) -> int:

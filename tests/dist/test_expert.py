@@ -8,8 +8,9 @@ ranks. All cases of one world size share one launch.
 
 The reference MoE's aux loss is global (equal to a full-batch single-process run); Hugging Face models
 compute theirs per rank, so their reference is the mean of per-shard losses (plain data parallelism).
-Attention tensor parallelism is not in the runtime yet: the ``tp`` cases split only the experts and
-replicate everything else over the tp ranks, which then see the same tokens.
+The ``tp`` cases split the experts (expert TP) and replicate everything else over the tp ranks, which see
+the same tokens; ``attention_tp`` cases split attention, dense MLPs and shared experts with the runtime's
+DTensor tensor parallelism as well (the experts are left out of its plan).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from galvatron.models.gpt import GPT, GPTConfig, MoE
 from galvatron.runtime.expert import DropPolicy, ExpertGroups, new_expert_groups
@@ -43,17 +45,20 @@ class Case:
     tp: int = 1
     capacity: float | None = None
     policy: DropPolicy = DropPolicy.PROBS
+    attention_tp: bool = False
+    """Split attention, dense and shared-expert layers with the runtime's DTensor TP as well."""
 
     @property
     def name(self) -> str:
         drop = f"-cap{self.capacity}-{self.policy.value}" if self.capacity else ""
-        return f"{self.model}-ep{self.ep}-tp{self.tp}{drop}"
+        return f"{self.model}-ep{self.ep}-tp{self.tp}{drop}{'-attn_tp' if self.attention_tp else ''}"
 
 
 CASES = {
     2: [Case("gpt", 2), Case("gpt", 2, capacity=0.5), Case("gpt", 2, capacity=1.0, policy=DropPolicy.POSITION),
         Case("gpt", 1, tp=2), Case("mixtral", 2), Case("qwen2", 2), Case("qwen3", 2), Case("mixtral", 1, tp=2)],
-    4: [Case("gpt", 4), Case("gpt", 2), Case("gpt", 2, tp=2), Case("gpt", 2, capacity=0.75), Case("mixtral", 2),
+    4: [Case("gpt", 4), Case("gpt", 2), Case("gpt", 2, tp=2), Case("gpt", 2, tp=2, attention_tp=True),
+        Case("gpt", 2, capacity=0.75), Case("mixtral", 2),
         Case("mixtral", 2, tp=2), Case("qwen2", 4), Case("qwen2", 2, tp=2), Case("qwen3", 2)],
 }
 
@@ -150,14 +155,34 @@ def reference(case: Case, model: nn.Module, batch: torch.Tensor, shards: int) ->
 
 
 # ------------------------------------------------------------------------------------------ ranks
-def _tp_group(world: int, tp: int) -> dist.ProcessGroup | None:
-    mine, _ = dist.new_subgroups_by_enumeration([list(range(i, i + tp)) for i in range(0, world, tp)])
-    return mine if tp > 1 else None
+def _tp_group(model: nn.Module, case: Case, world: int) -> dist.ProcessGroup | None:
+    """The tp group of consecutive ranks; with ``attention_tp``, the runtime's TP applied to every block
+    except its routed experts."""
+    if not case.attention_tp:
+        mine, _ = dist.new_subgroups_by_enumeration([list(range(i, i + case.tp)) for i in range(0, world, case.tp)])
+        return mine if case.tp > 1 else None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from galvatron.runtime import tensor
+
+    mesh = init_device_mesh("cpu", (world // case.tp, case.tp), mesh_dim_names=("dp", "tp"))
+    for block in model.blocks:
+        plan = {n: style for n, style in tensor.derive_block_plan(block).items() if ".experts." not in n}
+        tensor.apply_tensor_parallel(block, plan, mesh["tp"], sp=False)
+    return mesh["tp"].get_group()
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    return p.detach().full_tensor() if isinstance(p, DTensor) else p.detach()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     if group is not None:
-        dist.all_reduce(tensor, group=group)
+        dist.all_reduce(_local(tensor), group=group)
     return tensor
 
 
@@ -190,8 +215,8 @@ def _run_case(case: Case, model: nn.Module, batch: torch.Tensor) -> dict[str, An
     batch_ranks = world // case.tp
     ref = reference(case, model, batch, batch_ranks)
     groups = new_expert_groups([list(range(t, world, case.tp)) for t in range(case.tp)], case.ep)
-    tp_group = _tp_group(world, case.tp)
     model = copy.deepcopy(model)
+    tp_group = _tp_group(model, case, world)
     apply_expert_parallel(model, groups.ep, aux_group=groups.tokens, tp_group=tp_group,
                           capacity_factor=case.capacity, drop_policy=case.policy)
     expert_names = expert_parameter_names(model)
@@ -207,11 +232,12 @@ def _run_case(case: Case, model: nn.Module, batch: torch.Tensor) -> dict[str, An
         losses.append(_all_reduce(loss.detach().clone(), groups.tokens).item() / batch_ranks)
     ep_rank = groups.ep.rank() if groups.ep is not None else 0
     tp_rank = tp_group.rank() if tp_group is not None else 0
-    errors = {name: (p.detach() - expected_shard(name, ref["params"][name], expert_names, case, ep_rank, tp_rank))
+    errors = {name: (_full(p) - expected_shard(name, ref["params"][name], expert_names, case, ep_rank, tp_rank))
               .abs().max().item() for name, p in model.named_parameters()}
     total_experts = sum(p.numel() for n, p in ref["params"].items() if ".experts." in n)
     return {"losses": losses, "ref_losses": ref["losses"], "dropped": ref["dropped"],
             "param_error": max(errors.values()), "worst": max(errors, key=errors.get),
+            "dtensors": sum(isinstance(p, DTensor) for p in model.parameters()),
             "expert_fraction": sum(p.numel() for n, p in model.named_parameters() if n in expert_names) / total_experts}
 
 
@@ -247,6 +273,7 @@ def test_expert_parallel_matches_single_process(world: int, case: Case, models: 
         torch.testing.assert_close(res["losses"], res["ref_losses"], rtol=1e-5, atol=1e-6, msg=f"rank {rank} losses")
         assert res["param_error"] < 1e-5, f"rank {rank}: {res['worst']} off by {res['param_error']:.2e}"
         assert res["expert_fraction"] == 1 / (case.ep * case.tp)
+        assert (res["dtensors"] > 0) == case.attention_tp
 
 
 # ----------------------------------------------------------------------------- single process
