@@ -23,3 +23,7 @@ class ModelSpecError(GalvatronError, ValueError):
 
 class ConfigError(GalvatronError, ValueError):
     """A YAML or preset (model, cluster, hardware) that cannot be read."""
+
+
+class MemoryBudgetError(GalvatronError, ValueError):
+    """A plan, or every plan of a search, needs more device memory than the GPUs have."""

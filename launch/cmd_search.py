@@ -1,15 +1,30 @@
-"""Search the fastest plan that fits in memory and write it as YAML."""
+"""Search the fastest plan that fits in memory and write it as YAML.
+
+``galvatron search --model llama2-7b --cluster 8xA100-80GB --out plan.yaml`` prints the best plan's
+cost (as ``simulate`` does) and saves the plan for ``galvatron launch``.
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
+
+from galvatron.launch import cmd_simulate
+
+from galvatron.spec import ModelSpec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    cmd_simulate.add_arguments(parser)
+    parser.add_argument("--out", metavar="FILE", help="write the best plan here as YAML")
 
 
 def run(args: argparse.Namespace) -> int:
-    print("galvatron search: not available yet in this version (see the Simulation issue)", file=sys.stderr)
-    return 2
+    spec = ModelSpec.from_config(args.model)
+    cluster = cmd_simulate.load_cluster_arg(args.cluster)
+    result = cmd_simulate.run_search(args, spec, cluster)
+    cmd_simulate.emit(args, list(result.top), result.search_time_s, result.plans_costed, spec, cluster)
+    if args.out:
+        result.best.plan.save(args.out)
+        if not args.json:
+            print(f"\nwrote {args.out}")
+    return 0

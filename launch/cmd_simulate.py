@@ -1,15 +1,186 @@
-"""Cost a plan, or search the best one, for a model on a cluster, without GPUs."""
+"""Cost a plan, or search the best one, for a model on a cluster, without GPUs.
+
+``galvatron simulate --model llama2-7b --cluster 8xA100-80GB --tp 2 --zero 1`` costs that uniform
+plan; ``--plan FILE`` costs a plan file; with neither it searches and reports the best (``--top K``
+for the K best). ``--json`` prints one JSON object.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+from typing import Any
+
+from galvatron.errors import ConfigError, MemoryBudgetError
+from galvatron.plan import CPKind, Plan, Recompute, Schedule
+from galvatron.spec import ModelSpec
+
+_PLAN_FLAGS = ("tp", "pp", "dp", "cp", "sp", "ep", "zero", "recompute", "micro_batch", "vpp", "schedule")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.add_argument("--model", required=True, help="preset name (configs/models) or model YAML")
+    parser.add_argument("--cluster", required=True, help="preset name (configs/clusters) or cluster YAML")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--top", type=int, default=1, metavar="K", help="search: report the K best plans")
+    plan = parser.add_argument_group("plan (uniform; leave all out to search)")
+    plan.add_argument("--plan", metavar="FILE", help="cost this plan file")
+    for flag in ("tp", "pp", "dp", "cp", "ep", "vpp"):
+        plan.add_argument(f"--{flag}", type=int)
+    plan.add_argument("--sp", choices=["none", "megatron", "ulysses", "ring", "striped", "hybrid"],
+                      help="sequence parallelism: Megatron SP inside TP, or the context-parallel kind for --cp")
+    plan.add_argument("--cp-ulysses", type=int, help="Ulysses degree inside --sp hybrid")
+    plan.add_argument("--zero", type=int, choices=[0, 1, 2, 3])
+    plan.add_argument("--recompute", choices=[r.value for r in Recompute])
+    plan.add_argument("--offload", action="store_true", help="offload optimizer states to CPU (ZeRO >= 1)")
+    plan.add_argument("--micro-batch", type=int, help="samples per micro-batch per data-parallel replica")
+    plan.add_argument("--global-batch", type=int, help="samples per step (search: fixed to this)")
+    plan.add_argument("--schedule", choices=[s.value for s in Schedule])
+    plan.add_argument("--dtype", choices=["bf16", "fp16", "fp8"], default="bf16")
+    space = parser.add_argument_group("search space")
+    space.add_argument("--max-tp", type=int)
+    space.add_argument("--max-pp", type=int)
+    space.add_argument("--no-pp", action="store_true", help="search without pipeline parallelism")
+    space.add_argument("--uniform", action="store_true", help="one strategy for all layers, even split")
+    space.add_argument("--cp-kinds", help="comma-separated context-parallel kinds to try (default: all)")
 
 
 def run(args: argparse.Namespace) -> int:
-    print("galvatron simulate: not available yet in this version (see the Simulation issue)", file=sys.stderr)
-    return 2
+    spec = ModelSpec.from_config(args.model)
+    cluster = load_cluster_arg(args.cluster)
+    if args.plan or any(getattr(args, f) not in (None, False) for f in _PLAN_FLAGS):
+        return _simulate_one(args, spec, cluster)
+    result = run_search(args, spec, cluster)
+    emit(args, [c for c in result.top], result.search_time_s, result.plans_costed, spec, cluster)
+    return 0
+
+
+def load_cluster_arg(name: str) -> Any:
+    """The ``--cluster`` argument as a Cluster (preset name or YAML)."""
+    from galvatron.strategies.hardware import load_cluster
+
+    return load_cluster(name)
+
+
+def _simulate_one(args: argparse.Namespace, spec: ModelSpec, cluster: Any) -> int:
+    from galvatron.strategies.cost import cost_plan
+
+    plan = Plan.load(args.plan) if args.plan else plan_from_flags(args, spec, cluster.world_size)
+    cost = cost_plan(plan, spec, cluster)
+    emit(args, [cost], None, 1, spec, cluster)
+    if not cost.fits:
+        raise MemoryBudgetError(over_memory_message(cost))
+    return 0
+
+
+def plan_from_flags(args: argparse.Namespace, spec: ModelSpec, world: int) -> Plan:
+    """A uniform plan from the command-line flags; ``dp`` fills the world unless given."""
+    tp, pp, cp, ep = args.tp or 1, args.pp or 1, args.cp or 1, args.ep or 1
+    if world % (tp * pp * cp) and args.dp is None:
+        raise ConfigError(f"tp {tp} x pp {pp} x cp {cp} does not divide the cluster's {world} GPUs")
+    dp = args.dp or world // (tp * pp * cp)
+    kind = args.sp if args.sp not in (None, "none", "megatron") else "ulysses"
+    u = args.cp_ulysses or (_hybrid_ulysses(spec, tp, cp) if kind == "hybrid" else 0)
+    micro = args.micro_batch or 1
+    global_batch = args.global_batch or micro * dp * (4 * pp if pp > 1 else 1)
+    schedule = args.schedule or ("interleaved-1f1b" if (args.vpp or 1) > 1 else "1f1b")
+    return Plan.uniform(
+        spec.num_blocks, global_batch_size=global_batch, num_micro_batches=max(global_batch // (micro * dp), 1),
+        pp=pp, virtual_stages=args.vpp or 1, schedule=schedule, dtype=args.dtype, dp=dp, tp=tp, cp=cp,
+        cp_kind=CPKind(kind), cp_ulysses=u, sp=args.sp == "megatron", ep=ep, zero=args.zero or 0,
+        recompute=args.recompute or "none", offload=args.offload,
+    )
+
+
+def _hybrid_ulysses(spec: ModelSpec, tp: int, cp: int) -> int:
+    heads = spec.blocks[0].heads // tp
+    options = [u for u in range(cp - 1, 1, -1) if cp % u == 0 and heads % u == 0]
+    if not options:
+        raise ConfigError(f"--sp hybrid needs a Ulysses degree in 2..{cp - 1} dividing cp {cp} and {heads} heads")
+    return options[0]
+
+
+def run_search(args: argparse.Namespace, spec: ModelSpec, cluster: Any) -> Any:
+    """Search with the space flags; progress goes to stderr once the search has run a second."""
+    from galvatron.strategies.search import SearchOptions, search
+
+    from galvatron.plan import DType
+
+    start = time.perf_counter()
+
+    def progress(text: str) -> None:
+        if time.perf_counter() - start > 1.0 and not args.json:
+            print(f"  ... {text}", file=sys.stderr, flush=True)
+
+    kinds = tuple(CPKind(k.strip()) for k in args.cp_kinds.split(",")) if args.cp_kinds else tuple(CPKind)
+    options = SearchOptions(global_batch=args.global_batch, max_tp=args.max_tp, max_pp=1 if args.no_pp else args.max_pp,
+                            uniform=args.uniform, cp_kinds=kinds, dtype=DType(args.dtype), top_k=max(args.top, 1),
+                            fixed=pinned(args), progress=progress)
+    return search(spec, cluster, options)
+
+
+def pinned(args: argparse.Namespace) -> dict[str, Any]:
+    """Plan flags given to ``search`` pin those values instead of searching them."""
+    out = {k: getattr(args, k) for k in ("tp", "dp", "cp", "ep", "zero", "recompute", "pp", "schedule")
+           if getattr(args, k, None) is not None and k != "schedule"}
+    if getattr(args, "vpp", None):
+        out["vpp"] = args.vpp
+    if getattr(args, "sp", None) == "megatron":
+        out["sp"] = True
+    elif getattr(args, "sp", None) not in (None, "none"):
+        out["cp_kind"] = args.sp
+    return out
+
+
+def over_memory_message(cost: Any) -> str:
+    """Which stage is over the device memory, by how much, and what fills it."""
+    stage = max(cost.stages, key=lambda s: s.memory_gib["total"])
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in stage.memory_gib.items() if k != "total")
+    over = cost.peak_memory_gib - cost.memory_limit_gib
+    return (f"the plan needs {cost.peak_memory_gib:.1f} GiB per GPU on stage {stage.index} ({parts} GiB) but "
+            f"{cost.memory_limit_gib:.1f} GiB are usable: over by {over:.1f} GiB; try ZeRO, recomputation, "
+            "more tensor/pipeline parallelism or a smaller micro-batch")
+
+
+def emit(args: argparse.Namespace, costs: list[Any], search_time: float | None, costed: int, spec: ModelSpec,
+         cluster: Any) -> None:
+    """Print the result as JSON or as a table."""
+    if args.json:
+        out = _json(costs[0], search_time, costed)
+        if len(costs) > 1:
+            out["top"] = [_json(c, None, costed) for c in costs]
+        print(json.dumps(out, indent=2))
+        return
+    print(f"{spec.summary()}\n{cluster.describe()}")
+    if search_time is not None:
+        print(f"searched in {search_time:.2f} s, {costed} candidates costed")
+    for rank, cost in enumerate(costs, 1):
+        print(f"\n#{rank}: {cost.step_time_s:.3f} s/step  {cost.tokens_per_s:,.0f} tokens/s  "
+              f"{cost.tflops_per_gpu:.0f} TFLOP/s/GPU  MFU {cost.mfu:.1%}  peak {cost.peak_memory_gib:.1f} "
+              f"of {cost.memory_limit_gib:.1f} GiB")
+        print(cost.plan.describe())
+        print(_table(cost))
+
+
+def _json(cost: Any, search_time: float | None, costed: int) -> dict[str, Any]:
+    out = cost.to_dict()
+    out["plans_costed"] = costed
+    if search_time is not None:
+        out["search_time_s"] = search_time
+    return out
+
+
+def _table(cost: Any) -> str:
+    head = (f"{'stage':>5} {'layers':>12} {'compute s':>10} {'tp':>7} {'cp':>7} {'ep':>7} {'zero':>7} {'pp':>7} "
+            f"{'dp':>7} {'bubble':>8} {'mem GiB':>8} {'params':>7} {'grads':>7} {'optim':>7} {'act':>7} {'buf':>6}")
+    rows = [head]
+    for s in cost.stages:
+        c, m = s.comm_s, s.memory_gib
+        layers = ",".join(f"{a}-{b}" for a, b in s.layers)
+        rows.append(f"{s.index:>5} {layers:>12} {s.compute_s:>10.3f} " + " ".join(
+            f"{c[k]:>7.3f}" for k in ("tp", "cp", "ep", "zero", "pp", "dp")) + f" {s.bubble_s:>8.3f} "
+            f"{m['total']:>8.1f} {m['params']:>7.1f} {m['grads']:>7.1f} {m['optimizer']:>7.1f} "
+            f"{m['activations']:>7.1f} {m['buffers']:>6.1f}")
+    return "\n".join(rows)

@@ -1,0 +1,410 @@
+"""Cost of one layer under one strategy for one micro-batch on one rank: time, communication, memory.
+
+Per block (per token, h hidden, q = heads*head_dim, kv = kv_heads*head_dim, f = FFN width):
+- GEMMs: ``LayerSpec.flops_per_token`` (Narayanan et al. SC'21 Eq. 3 counting), split over ``tp``;
+  backward twice the forward (input and weight gradients).
+- attention core: ``attention_flops_per_token`` at the model's sequence length, halved for causal
+  kernels; ring context parallelism runs ``ring - 1`` steps whose slowest rank sees full blocks with
+  contiguous chunks (Liu et al. 2023) and half blocks when striped (Brandon et al. 2023).
+- memory-bound kernels: bytes moved by norms, residuals, activations (see :func:`_elementwise_bytes`).
+- communication volumes: Megatron TP (Shoeybi et al. 2019 f/g: two all-reduces per layer per pass;
+  with SP reduce-scatter + all-gather, Korthikanti et al. 2022 §4.2.2), Ulysses (Jacobs et al. 2023
+  §3: four all-to-alls of q/k/v/o per pass), ring p2p of K/V blocks, MoE dispatch/combine all-to-alls
+  (Lepikhin et al. 2020), ZeRO (Rajbhandari et al. 2020 §7: stage 0-2 move 2x parameters per step,
+  stage 3 3x).
+- memory: ZeRO paper §3.1 (2 + 2 + 12 bytes per parameter, divided per stage), activations per
+  Korthikanti et al. 2022 Table 2 (replicated ``10sbh`` part divided by SP, the rest by TP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from galvatron.strategies.cost.options import CostOptions
+from galvatron.strategies.cost.perf import Collective, Group, Perf
+
+from galvatron.plan import CPKind, DType, LayerStrategy, Recompute
+from galvatron.spec import LayerKind, LayerSpec
+
+# Bytes one token moves through memory-bound kernels in the forward pass, per hidden unit, outside
+# the attention core and the FFN: two norms (read + write 2h each), two residual adds (read 4h, write
+# 2h each), the rotary/bias and the casts around GEMMs (~6h). Backward moves about twice as much.
+_ELEMENTWISE_PER_H = 22.0
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """What is fixed for every layer of a stage: the machine, the run and the stage's size."""
+
+    perf: Perf
+    options: CostOptions
+    dtype: DType
+    seq_len: int
+    causal: bool
+    micro_batch: int
+    """Samples in one micro-batch over all data-parallel replicas (``Plan.micro_batch_size``)."""
+    stage_devices: int
+
+
+@dataclass
+class LayerCost:
+    """Per micro-batch times (s) and per-rank bytes of one layer; ``comm`` holds exposed seconds by kind."""
+
+    fwd: float = 0.0
+    bwd: float = 0.0
+    wgrad: float = 0.0
+    """Weight-gradient share of ``bwd`` (what zero-bubble schedules move into bubbles)."""
+    bwd_compute: float = 0.0
+    """Backward compute time a gradient reduction can hide behind."""
+    sync: float = 0.0
+    """Per-step gradient reduction (data parallel / ZeRO 0-1)."""
+    post: float = 0.0
+    """Per-step parameter all-gather after the optimizer (ZeRO 1-2)."""
+    optim: float = 0.0
+    params: float = 0.0
+    """Bytes of parameters on the rank (the compute copy)."""
+    grads: float = 0.0
+    optim_states: float = 0.0
+    """Bytes of optimizer states on the device (fp32 master copy and Adam moments)."""
+    act: float = 0.0
+    """Activations kept for backward per micro-batch in flight."""
+    work: float = 0.0
+    """Transient memory while the layer runs (recomputed activations, gathered ZeRO-3 parameters)."""
+    flops: float = 0.0
+    """Hardware FLOPs per micro-batch on the rank, recomputation included."""
+    comm: dict[str, float] = field(default_factory=dict)
+
+    def vector(self) -> tuple[float, ...]:
+        """The additive fields, in a fixed order, for fast summing in the search."""
+        return (self.fwd + self.bwd, self.wgrad, self.bwd_compute, self.sync, self.post, self.optim,
+                self.static, self.act)
+
+    @property
+    def static(self) -> float:
+        """Bytes of parameters, gradients and optimizer states."""
+        return self.params + self.grads + self.optim_states
+
+
+def layer_cost(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
+    """Cost of ``layer`` under strategy ``s``; embedding, norm and head layers included."""
+    if layer.kind is LayerKind.EMBEDDING:
+        return _embedding(ctx, layer, s)
+    if layer.kind is LayerKind.NORM:
+        return _norm(ctx, layer, s)
+    if layer.kind is LayerKind.HEAD:
+        return _head(ctx, layer, s)
+    return _block(ctx, layer, s)
+
+
+# ------------------------------------------------------------------ shapes and placement
+def tokens_per_rank(ctx: LayerContext, s: LayerStrategy) -> float:
+    """Tokens of one micro-batch on one rank: ``micro_batch / dp`` samples, ``seq / cp`` each."""
+    return ctx.micro_batch / s.dp * ctx.seq_len / s.cp
+
+
+def _group(ctx: LayerContext, stride: int, size: int) -> Group:
+    """A group of ``size`` ranks ``stride`` apart (axis order tp, cp, dp from innermost), placed on
+    the stage's devices, which fill nodes in order."""
+    gpn = ctx.perf.gpus_per_node
+    per_node = max(1, min(size, gpn // stride)) if stride < gpn else 1
+    return Group(size=size, per_node=per_node)
+
+
+def _act_bytes(ctx: LayerContext) -> int:
+    return 4 if ctx.dtype is DType.FP32 else 2
+
+
+def _param_bytes(ctx: LayerContext) -> int:
+    return 4 if ctx.dtype is DType.FP32 else 2
+
+
+def _dense_expert_params(layer: LayerSpec, s: LayerStrategy) -> tuple[float, float]:
+    """Parameters per rank outside and inside the routed experts (TP splits both, EP the experts)."""
+    return (layer.params - layer.expert_params) / s.tp, layer.expert_params / (s.tp * s.ep)
+
+
+# ------------------------------------------------------------------ blocks
+def _block(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
+    c = LayerCost()
+    tok = tokens_per_rank(ctx, s)
+    perf, dt = ctx.perf, ctx.dtype.value
+    mm = layer.flops_per_token * tok / s.tp
+    t_mm = perf.matmul_time(mm, dt, kernels=4)
+    attn_fwd, attn_bwd, attn_exposed = _attention(ctx, layer, s, tok)
+    ew = perf.memory_time(_elementwise_bytes(ctx, layer, s) * tok)
+    comm_fwd = _block_comm(ctx, layer, s, tok)
+    fwd_comm_total = sum(comm_fwd.values())
+    c.fwd = t_mm + attn_fwd + ew + fwd_comm_total
+    wgrad = perf.matmul_time(mm, dt, kernels=4)
+    c.wgrad = wgrad
+    bwd_tp = _tp_backward_exposed(ctx, layer, s, comm_fwd.get("tp", 0.0), wgrad)
+    c.bwd_compute = 2 * t_mm + attn_bwd + 2 * ew
+    bwd_comm = {**comm_fwd, "tp": bwd_tp}
+    c.bwd = c.bwd_compute + sum(bwd_comm.values()) + _recompute_time(ctx, s, c.fwd, attn_fwd)
+    c.flops = 3 * mm + _attention_flops(ctx, layer, s, tok) * 3.5 + _recompute_flops(ctx, layer, s, tok, mm)
+    c.comm = {k: comm_fwd[k] + bwd_comm[k] + (comm_fwd[k] if s.recompute is Recompute.FULL else 0.0)
+              for k in comm_fwd}
+    if attn_exposed:
+        c.comm["cp"] = c.comm.get("cp", 0.0) + attn_exposed
+    _add_zero(ctx, layer, s, c)
+    c.act = _activation(ctx, layer, s, s.recompute) * tok
+    c.work = max(c.work, _activation(ctx, layer, s, Recompute.NONE) * tok if s.recompute is Recompute.FULL else 0.0)
+    return c
+
+
+def _attention_flops(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float) -> float:
+    """Forward attention-core FLOPs per rank actually executed (causal kernels skip half)."""
+    full = layer.attention_flops_per_token * tok / s.tp
+    return full * (0.5 if ctx.causal and ctx.options.flash_attention else 1.0)
+
+
+def _attention(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float) -> tuple[float, float, float]:
+    """Forward and backward time of the attention core and the ring p2p time it could not hide."""
+    if not layer.heads:
+        return 0.0, 0.0, 0.0
+    perf = ctx.perf
+    full = layer.attention_flops_per_token * tok / s.tp
+    if not ctx.options.flash_attention:
+        score_bytes = (9 + (3 if ctx.options.dropout else 0)) * layer.heads / s.tp * ctx.seq_len * tok
+        fwd = perf.matmul_time(full, ctx.dtype.value, kernels=2) + perf.memory_time(score_bytes)
+        bwd = perf.matmul_time(2 * full, ctx.dtype.value, kernels=4) + perf.memory_time(2 * score_bytes)
+        return fwd, bwd, 0.0
+    ring = s.ring_degree
+    if ring <= 1:
+        frac = 0.5 if ctx.causal else 1.0
+        return perf.attention_time(full * frac, False), perf.attention_time(2.5 * full * frac, True), 0.0
+    return _ring_attention(ctx, layer, s, tok, full)
+
+
+def _ring_attention(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float,
+                    full: float) -> tuple[float, float, float]:
+    """Ring attention: ``r - 1`` steps, each the max of one K/V block transfer and one block of
+    compute; contiguous chunks under a causal mask leave the last rank a full block every step
+    (Liu et al. 2023), striped and USP-balanced layouts give every rank half a block (Brandon et al.
+    2023; Fang & Zhao 2024 §4.3)."""
+    perf, r = ctx.perf, s.ring_degree
+    block = full / r
+    step = block if (not ctx.causal or s.cp_kind is CPKind.RING) else block / 2
+    diag = block / 2 if ctx.causal else block
+    kv_bytes = tok * 2 * layer.kv_heads * layer.head_dim / s.tp * _act_bytes(ctx)
+    inter = _group(ctx, s.tp * s.ulysses_degree, r).nodes > 1
+    send = perf.p2p_time(kv_bytes, inter)
+    fwd_step, bwd_step = perf.attention_time(step, False), perf.attention_time(2.5 * step, True)
+    send_bwd = perf.p2p_time(2 * kv_bytes, inter)
+    fwd = perf.attention_time(diag, False) + (r - 1) * max(fwd_step, send)
+    bwd = perf.attention_time(2.5 * diag, True) + (r - 1) * max(bwd_step, send_bwd)
+    exposed = (r - 1) * (max(0.0, send - fwd_step) + max(0.0, send_bwd - bwd_step))
+    return fwd, bwd, exposed
+
+
+def _elementwise_bytes(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> float:
+    """Forward bytes per token through memory-bound kernels on one rank: ``22h`` of norms/residuals
+    (replicated over TP unless SP), ``6f`` of the activation function and ``4(q + 2kv)`` of rotary
+    and reshapes (split over TP); MoE adds ``8h`` per routed token for permutation."""
+    h = layer.hidden
+    q, kv = layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim
+    routed = layer.top_k + layer.shared_experts if layer.experts else 1
+    replicated = _ELEMENTWISE_PER_H * h + (7 * h if ctx.options.dropout else 0)
+    sharded = 6 * layer.ffn_hidden * routed + 4 * (q + 2 * kv)
+    moe = 8 * h * layer.top_k if layer.experts else 0
+    scale = _act_bytes(ctx) / 2
+    return scale * (replicated / (s.tp if s.sp else 1) + sharded / s.tp + moe)
+
+
+def _block_comm(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float) -> dict[str, float]:
+    """Forward communication per micro-batch by kind (tp, cp, ep); backward moves the same volumes."""
+    perf, ab = ctx.perf, _act_bytes(ctx)
+    out: dict[str, float] = {"tp": 0.0, "cp": 0.0, "ep": 0.0}
+    if s.tp > 1:
+        tensor = tok * layer.hidden * ab
+        group = _group(ctx, 1, s.tp)
+        n = 2 if layer.heads else 1
+        if s.sp:
+            one = perf.collective_time(Collective.ALL_GATHER, tensor, group) + perf.collective_time(
+                Collective.REDUCE_SCATTER, tensor, group)
+        else:
+            one = perf.collective_time(Collective.ALL_REDUCE, tensor, group)
+        out["tp"] = n * one
+    if s.ulysses_degree > 1 and layer.heads:
+        q, kv = layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim
+        group = _group(ctx, s.tp, s.ulysses_degree)
+        out["cp"] = sum(perf.collective_time(Collective.ALL_TO_ALL, tok * width / s.tp * ab, group)
+                        for width in (q, kv, kv, q))
+    if s.ep > 1 and layer.experts:
+        routed = tok * layer.top_k * layer.hidden * ab
+        out["ep"] = 2 * perf.collective_time(Collective.ALL_TO_ALL, routed, _group(ctx, s.tp, s.ep))
+    return out
+
+
+def _tp_backward_exposed(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tp_fwd: float,
+                         wgrad: float) -> float:
+    """Backward TP collectives. Without SP: the forward's all-reduces again, the column-parallel half
+    hidden behind weight-gradient GEMMs when overlapped (Megatron async grad all-reduce). With SP each
+    column-parallel GEMM also re-gathers its sharded input for the weight gradient (Korthikanti et al.
+    2022 §4.2.2 stores only the shard), so backward moves 1.5x the forward volume; the column part
+    (gather + reduce-scatter) hides behind the weight-gradient GEMMs only, as without SP."""
+    column = tp_fwd / 2 * (2 if s.sp else 1)
+    row = tp_fwd / 2 if not s.sp else tp_fwd / 4
+    if not ctx.options.overlap_tp_backward:
+        return column + row
+    return row + max(0.0, column - wgrad * _column_share(layer))
+
+
+def _column_share(layer: LayerSpec) -> float:
+    """Fraction of a block's GEMM FLOPs in column-parallel GEMMs (QKV and FFN up/gate)."""
+    if not layer.flops_per_token:
+        return 0.0
+    q, kv, h = layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim, layer.hidden
+    qkv, out = h * (q + 2 * kv), q * h
+    mlp = layer.flops_per_token / 2 - qkv - out
+    routed = layer.top_k + layer.shared_experts if layer.experts else 1
+    down = layer.ffn_hidden * h * routed
+    return max(0.0, qkv + mlp - down) / (layer.flops_per_token / 2)
+
+
+def _recompute_time(ctx: LayerContext, s: LayerStrategy, fwd: float, attn_fwd: float) -> float:
+    """Extra backward time: the whole forward again (full) or the attention core (selective,
+    Korthikanti et al. 2022 §5)."""
+    if s.recompute is Recompute.FULL:
+        return fwd
+    if s.recompute is Recompute.SELECTIVE:
+        return attn_fwd
+    return 0.0
+
+
+def _recompute_flops(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float, mm: float) -> float:
+    if s.recompute is Recompute.FULL:
+        return mm + _attention_flops(ctx, layer, s, tok)
+    if s.recompute is Recompute.SELECTIVE:
+        return _attention_flops(ctx, layer, s, tok)
+    return 0.0
+
+
+def _activation(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, mode: Recompute) -> float:
+    """Bytes per token kept for backward on one rank (Korthikanti et al. 2022 Table 2): the norm and
+    GEMM inputs ``8h`` (``4h`` without attention) are replicated over TP unless SP; the rest is split
+    over TP; unfused attention adds ``5as`` (scores, softmax, dropout mask) unless selectively
+    recomputed; full recomputation keeps the layer input ``2h``."""
+    scale = _act_bytes(ctx) / 2
+    sp_div = s.tp if s.sp else 1
+    if mode is Recompute.FULL:
+        return scale * 2 * layer.hidden / sp_div
+    replicated = (8 if layer.heads else 4) * layer.hidden + (2 * layer.hidden if ctx.options.dropout else 0)
+    sharded = layer.activation_bytes_per_token - 8 * layer.hidden if layer.heads else (
+        layer.activation_bytes_per_token - 4 * layer.hidden)
+    scores = 0.0
+    if layer.heads and not ctx.options.flash_attention and mode is Recompute.NONE:
+        scores = (5 if ctx.options.dropout else 4) * layer.heads * ctx.seq_len
+    return scale * (replicated / sp_div + (max(sharded, 0.0) + scores) / s.tp)
+
+
+# ------------------------------------------------------------------ ZeRO and optimizer
+def _add_zero(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, c: LayerCost) -> None:
+    """Parameter/gradient/optimizer memory, per-step sync, per-micro-batch ZeRO-2/3 traffic and the
+    optimizer step for the layer's parameters (ZeRO paper §3.1 and §7)."""
+    dense, expert = _dense_expert_params(layer, s)
+    pb, gb = _param_bytes(ctx), ctx.options.grad_bytes
+    ob = 8 if ctx.dtype is DType.FP32 else 12
+    for params, size in ((dense, s.dp * s.cp), (expert, s.dp * s.cp // s.ep)):
+        if params:
+            _zero_part(ctx, s, c, params, max(size, 1), (pb, gb, ob))
+
+
+def _zero_part(ctx: LayerContext, s: LayerStrategy, c: LayerCost, params: float, d: int,
+               sizes: tuple[int, int, int]) -> None:
+    perf, opts = ctx.perf, ctx.options
+    pb, gb, ob = sizes
+    group = _group(ctx, s.tp, d)
+    z = s.zero if d > 1 else 0
+    shard = params / d if z >= 1 else params
+    c.params += pb * (params / d if z >= 3 else params)
+    c.grads += gb * (params / d if z >= 2 else params)
+    c.optim_states += 0.0 if s.offload else ob * shard
+    grads, gathered = params * gb, params * pb
+    if z == 0:
+        c.sync += perf.collective_time(Collective.ALL_REDUCE, grads, group)
+    elif z == 1:
+        c.sync += perf.collective_time(Collective.REDUCE_SCATTER, grads, group)
+    if z in (1, 2):
+        gather = perf.collective_time(Collective.ALL_GATHER, gathered, group)
+        c.post += 0.0 if opts.overlap_param_gather else gather
+    if z >= 2:
+        _per_micro_batch_zero(ctx, c, group, grads, gathered, z)
+    c.optim += _optimizer_time(ctx, s, shard, pb, gb)
+
+
+def _per_micro_batch_zero(ctx: LayerContext, c: LayerCost, group: Group, grads: float, gathered: float,
+                          z: int) -> None:
+    """ZeRO-2 reduce-scatters gradients every micro-batch; ZeRO-3 also gathers parameters before
+    forward and backward. Prefetching hides them behind the pass's compute."""
+    perf = ctx.perf
+    rs = perf.collective_time(Collective.REDUCE_SCATTER, grads, group)
+    ag = perf.collective_time(Collective.ALL_GATHER, gathered, group) if z == 3 else 0.0
+    hide = ctx.options.overlap_zero_prefetch
+    fwd_exposed = max(0.0, ag - c.fwd) if hide else ag
+    bwd_exposed = max(0.0, ag + rs - c.bwd_compute) if hide else ag + rs
+    c.fwd += fwd_exposed
+    c.bwd += bwd_exposed
+    c.comm["zero"] = c.comm.get("zero", 0.0) + fwd_exposed + bwd_exposed
+    if z == 3:
+        c.work = max(c.work, 2 * gathered)
+
+
+def _optimizer_time(ctx: LayerContext, s: LayerStrategy, shard: float, pb: int, gb: int) -> float:
+    """Adam is memory-bound: read param, grad, two moments, write them back and the 16-bit copy
+    (~30 bytes per parameter). Offloaded: CPU Adam plus gradient and parameter copies over PCIe."""
+    if s.offload:
+        return shard / ctx.options.cpu_adam_params_per_s + ctx.perf.host_time(shard * (gb + pb))
+    return ctx.perf.memory_time(shard * (16 + 2 * gb + 2 * pb))
+
+
+# ------------------------------------------------------------------ embedding, norm, head
+def _embedding(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
+    """Vocabulary-parallel lookup: one all-reduce (reduce-scatter with SP) of the output over TP."""
+    c = LayerCost()
+    tok = tokens_per_rank(ctx, s)
+    tensor = tok * layer.hidden * _act_bytes(ctx)
+    c.fwd = ctx.perf.memory_time(3 * tensor)
+    c.bwd = c.bwd_compute = ctx.perf.memory_time(3 * tensor)
+    if s.tp > 1:
+        op = Collective.REDUCE_SCATTER if s.sp else Collective.ALL_REDUCE
+        tp = ctx.perf.collective_time(op, tensor, _group(ctx, 1, s.tp))
+        c.fwd += tp
+        c.comm["tp"] = tp
+    _add_zero(ctx, layer, s, c)
+    return c
+
+
+def _norm(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
+    c = LayerCost()
+    tok = tokens_per_rank(ctx, s) / (s.tp if s.sp else 1)
+    c.fwd = ctx.perf.memory_time(4 * layer.hidden * tok)
+    c.bwd = c.bwd_compute = 2 * c.fwd
+    c.work = layer.activation_bytes_per_token * tok
+    _add_zero(ctx, layer, s, c)
+    return c
+
+
+def _head(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
+    """Output GEMM split over the vocabulary and the fp32 cross-entropy over logits (read/write 12
+    bytes per logit forward, as much backward); with SP the input is all-gathered first."""
+    c = LayerCost()
+    tok = tokens_per_rank(ctx, s)
+    mm = layer.flops_per_token * tok / s.tp
+    t_mm = ctx.perf.matmul_time(mm, ctx.dtype.value, kernels=1)
+    loss = ctx.perf.memory_time(12 * (layer.flops_per_token / (2 * layer.hidden)) * tok / s.tp)
+    tp = 0.0
+    if s.tp > 1:
+        op = Collective.ALL_GATHER if s.sp else Collective.ALL_REDUCE
+        tp = ctx.perf.collective_time(op, tok * layer.hidden * _act_bytes(ctx), _group(ctx, 1, s.tp))
+    c.fwd = t_mm + loss + (tp if s.sp else 0.0)
+    c.wgrad = t_mm
+    c.bwd_compute = 2 * t_mm + loss
+    c.bwd = c.bwd_compute + tp
+    c.flops = 3 * mm
+    c.comm["tp"] = tp * (2 if s.sp else 1)
+    vocab = layer.flops_per_token / (2 * layer.hidden)
+    # logits live from the loss to the head's backward only, which follow each other: transient
+    c.work = (2 * layer.hidden / (s.tp if s.sp else 1) + 4 * vocab / s.tp) * tok
+    _add_zero(ctx, layer, s, c)
+    return c

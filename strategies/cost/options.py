@@ -1,0 +1,33 @@
+"""Software-stack facts the cost model cannot read from a plan, a model or a datasheet."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class CostOptions:
+    """What the training stack does besides the plan. Defaults describe a current Megatron-Core /
+    torchtitan stack; the fidelity benchmark sets them to what each published run used."""
+
+    flash_attention: bool = True
+    """Fused attention (no s x s scores in memory). False: unfused QK^T, softmax, dropout, AV kernels
+    as in Megatron-LM 2021-22 (Korthikanti et al. 2022 Eq. 1 keeps 5as bytes per token)."""
+    dropout: bool = False
+    """Dropout after attention and MLP (GPT-3 style): masks kept for backward (Korthikanti Table 2)."""
+    overlap_grad_reduce: bool = True
+    """Data-parallel gradient reduction overlapped with the last micro-batch's backward."""
+    overlap_param_gather: bool = True
+    """ZeRO-1/2 parameter all-gather after the optimizer overlapped with the next forward."""
+    overlap_tp_backward: bool = True
+    """Tensor-parallel input-gradient collectives overlapped with weight-gradient GEMMs (Megatron's
+    asynchronous grad all-reduce, Korthikanti et al. 2022 §6.2)."""
+    overlap_zero_prefetch: bool = True
+    """ZeRO-3 parameter all-gathers and gradient reduce-scatters prefetched behind compute."""
+    grad_bytes: int = 4
+    """Bytes per gradient element kept and reduced (fp32 main grads in Megatron, FSDP2 reduce_dtype)."""
+    cpu_adam_params_per_s: float = 1e9
+    """CPU Adam throughput per GPU's share of host cores when optimizer states are offloaded
+    (ZeRO-Offload, Ren et al. 2021, reports ~1 s per billion parameters per node for CPU-Adam)."""
+    memory_headroom: float = 0.0
+    """Fraction of device memory kept free for allocator fragmentation by the search."""

@@ -1,0 +1,141 @@
+"""The cost model's view of the machine: how long a GEMM, an attention kernel, a memory-bound kernel,
+a collective or a point-to-point send takes.
+
+:class:`Perf` is the small interface the rest of the cost model calls; :class:`DatasheetPerf`
+answers it from the hardware database. A measured profile (per-layer times, measured collective
+bandwidths) answers the same questions and replaces it without touching any formula.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+from galvatron.strategies.hardware import Cluster
+
+
+class Collective:
+    """Names of the collectives the cost model asks about."""
+
+    ALL_REDUCE = "all_reduce"
+    REDUCE_SCATTER = "reduce_scatter"
+    ALL_GATHER = "all_gather"
+    ALL_TO_ALL = "all_to_all"
+
+
+@dataclass(frozen=True)
+class Group:
+    """A communication group: ``size`` ranks, ``per_node`` of them inside one node."""
+
+    size: int
+    per_node: int
+
+    @property
+    def nodes(self) -> int:
+        return math.ceil(self.size / self.per_node)
+
+
+class Perf(Protocol):
+    """Times (seconds) of the primitive operations one training step is made of."""
+
+    gpus_per_node: int
+    memory_bytes: float
+    """Device memory a plan may use (capacity minus the runtime's reserve)."""
+
+    def peak_flops(self, dtype: str) -> float: ...
+    def matmul_time(self, flops: float, dtype: str, kernels: int) -> float: ...
+    def attention_time(self, flops: float, backward: bool) -> float: ...
+    def memory_time(self, nbytes: float) -> float: ...
+    def collective_time(self, op: str, nbytes: float, group: Group) -> float: ...
+    def p2p_time(self, nbytes: float, inter_node: bool) -> float: ...
+    def host_time(self, nbytes: float) -> float: ...
+
+
+@dataclass(frozen=True)
+class DatasheetPerf:
+    """:class:`Perf` from datasheet peaks times measured achievable efficiencies (the YAML database)."""
+
+    cluster: Cluster
+    host_gbps: float = 25.0
+    """Host-device copy rate for offload (PCIe Gen4 x16 achieves ~25 GB/s of 32)."""
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.cluster.gpus_per_node
+
+    @property
+    def memory_bytes(self) -> float:
+        gpu = self.cluster.gpu
+        return (gpu.memory_gib - gpu.reserved_gib) * 2**30
+
+    def peak_flops(self, dtype: str) -> float:
+        return self.cluster.gpu.peak_flops(dtype)
+
+    def matmul_time(self, flops: float, dtype: str, kernels: int = 1) -> float:
+        """Roofline-free GEMM time: FLOPs at the measured achievable rate (MAMF) plus a fixed cost per
+        kernel, which makes efficiency fall with size as in cuBLAS size sweeps."""
+        if flops <= 0:
+            return 0.0
+        gpu = self.cluster.gpu
+        eff = gpu.matmul_efficiency_fp8 if dtype == "fp8" else gpu.matmul_efficiency
+        return flops / (self.peak_flops(dtype) * eff) + kernels * gpu.kernel_overhead_us * 1e-6
+
+    def attention_time(self, flops: float, backward: bool) -> float:
+        """Fused (flash) attention at the kernel's published fraction of the 16-bit peak."""
+        if flops <= 0:
+            return 0.0
+        gpu = self.cluster.gpu
+        eff = gpu.attention_efficiency["backward" if backward else "forward"]
+        return flops / (self.peak_flops("bf16") * eff) + gpu.kernel_overhead_us * 1e-6
+
+    def memory_time(self, nbytes: float) -> float:
+        """Memory-bound kernels (norms, activations, residuals, optimizer): bytes over achieved HBM rate."""
+        gpu = self.cluster.gpu
+        return nbytes / (gpu.hbm_gbps * 1e9 * gpu.memory_efficiency)
+
+    def collective_time(self, op: str, nbytes: float, group: Group) -> float:
+        """Ring/tree collectives in the alpha-beta model with NCCL's bus-bandwidth factors
+        (nccl-tests doc/PERFORMANCE.md: all-reduce moves 2(n-1)/n of the data, reduce-scatter and
+        all-gather (n-1)/n). A group spanning nodes is limited by the NICs of its ``per_node`` ranks."""
+        n = group.size
+        if n <= 1 or nbytes <= 0:
+            return 0.0
+        if op == Collective.ALL_TO_ALL:
+            return self._all_to_all(nbytes, group)
+        factor = 2.0 if op == Collective.ALL_REDUCE else 1.0
+        latency = factor * self._latency(group)
+        return latency + factor * (n - 1) / n * nbytes / self._busbw(group)
+
+    def p2p_time(self, nbytes: float, inter_node: bool) -> float:
+        """One send between neighbours: the link's achievable rate plus one step of latency."""
+        if nbytes <= 0:
+            return 0.0
+        link = self.cluster.inter_link_per_gpu if inter_node else self.cluster.intra
+        return link.latency_us * 1e-6 + nbytes / link.busbw
+
+    def host_time(self, nbytes: float) -> float:
+        """Copies between host and device memory (offload)."""
+        return nbytes / (self.host_gbps * 1e9)
+
+    def _busbw(self, group: Group) -> float:
+        intra = self.cluster.intra.busbw
+        if group.nodes == 1:
+            return intra
+        return min(intra, self.cluster.inter_link_per_gpu.busbw * group.per_node)
+
+    def _latency(self, group: Group) -> float:
+        intra, inter = self.cluster.intra, self.cluster.inter
+        steps_intra = group.per_node - 1
+        steps_inter = math.ceil(math.log2(group.nodes)) if group.nodes > 1 else 0
+        return (steps_intra * intra.latency_us + 2 * steps_inter * inter.latency_us) * 1e-6
+
+    def _all_to_all(self, nbytes: float, group: Group) -> float:
+        """Each rank sends (n-1)/n of its buffer: peers in its node over the intra link, the rest
+        over its share of the NICs; both run at once."""
+        n, k = group.size, min(group.per_node, group.size)
+        intra_bytes = nbytes * (k - 1) / n
+        inter_bytes = nbytes * (n - k) / n
+        t_intra = intra_bytes / self.cluster.intra.busbw
+        t_inter = inter_bytes / self.cluster.inter_link_per_gpu.busbw if inter_bytes else 0.0
+        return max(t_intra, t_inter) + self._latency(group)

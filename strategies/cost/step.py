@@ -1,0 +1,67 @@
+"""From per-layer costs to one training step: device-group totals, pipeline bubble, memory peak.
+
+These few functions are shared by :func:`strategies.cost.cost_plan` and the search, so the search
+optimises exactly what the cost model reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from galvatron.strategies.cost.options import CostOptions
+
+from galvatron.plan import Schedule
+
+# indices into LayerCost.vector()
+FB, WGRAD, BWD_COMPUTE, SYNC, POST, OPTIM, STATIC, ACT = range(8)
+VECTOR_LEN = 8
+
+
+@dataclass(frozen=True)
+class GroupTotals:
+    """One device group's share of a step: per-micro-batch time ``t``, its bubble weight ``b``,
+    the once-per-step tail ``e`` (exposed gradient sync and optimizer) and peak memory."""
+
+    t: float
+    b: float
+    e: float
+    memory: float
+    activations: float
+    exposed_sync: float
+
+
+def in_flight(schedule: Schedule, pp: int, v: int, m: int, group: int) -> float:
+    """Micro-batches of activations a device group holds at its peak, in units of one micro-batch
+    through all its ``v`` chunks. GPipe keeps all ``m`` (Huang et al. 2019); 1F1B and ZB-H1 keep
+    ``pp - group`` (Narayanan et al. SC'21 §2.2.1; Qi et al. 2023 §3); interleaved 1F1B warms up
+    ``2(pp - group - 1) + (v - 1) pp + 1`` chunk micro-batches (Megatron-LM schedules.py), which is
+    ``pp + (pp-1)/v`` micro-batches on the first group (Korthikanti et al. 2022 §4.2.3)."""
+    if schedule is Schedule.GPIPE:
+        return float(m)
+    if v == 1:
+        return float(min(pp - group, m))
+    chunks = min(m * v, 2 * (pp - group - 1) + (v - 1) * pp + 1)
+    return chunks / v
+
+
+def combine(sums: Sequence[float], work: float, p2p: float, inflight: float, zero_bubble: bool,
+            options: CostOptions) -> GroupTotals:
+    """Totals of one device group from the sums of its layers' cost vectors."""
+    t = sums[FB] + p2p
+    b = max(t - 2 * sums[WGRAD], 0.0) if zero_bubble else t
+    overlap = sums[BWD_COMPUTE] if options.overlap_grad_reduce else 0.0
+    exposed = max(0.0, sums[SYNC] - overlap)
+    e = exposed + sums[POST] + sums[OPTIM]
+    act = inflight * sums[ACT]
+    return GroupTotals(t=t, b=b, e=e, memory=sums[STATIC] + act + work, activations=act, exposed_sync=exposed)
+
+
+def step_time(groups: Sequence[GroupTotals], m: int, v: int) -> float:
+    """Step time ``m * max t + (sum b - max b) / v + max e``: the bottleneck group runs all ``m``
+    micro-batches, the others' fill and drain is the bubble (Narayanan et al. SC'21 Eq. 1 for equal
+    groups: ``(pp - 1) / v`` micro-batch times; Qi et al. 2023: zero-bubble ZB-H1 shrinks each group's
+    bubble share to ``F + B - W``), and the slowest tail of gradient sync and optimizer comes last."""
+    tmax = max(g.t for g in groups)
+    bsum, bmax = sum(g.b for g in groups), max(g.b for g in groups)
+    return m * tmax + (bsum - bmax) / v + max(g.e for g in groups)

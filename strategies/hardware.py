@@ -1,0 +1,173 @@
+"""The hardware database: GPUs, links and clusters read from ``configs/hardware`` and ``configs/clusters``.
+
+Every number lives in the YAML next to the public source it comes from; this module only reads and
+checks it. A :class:`Cluster` is what the cost model needs to know about the machines: the GPU, how
+many per node, how many nodes and the two link levels (inside a node, between nodes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache, lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from galvatron.errors import ConfigError
+from galvatron.paths import config_root, find_config
+
+
+@dataclass(frozen=True, kw_only=True)
+class Link:
+    """One level of interconnect, per GPU: line rate, the fraction collectives reach, per-step latency."""
+
+    name: str
+    gbps: float
+    """Line rate per GPU per direction, GB/s."""
+    efficiency: float
+    """Achieved bus bandwidth on large messages as a fraction of ``gbps`` (nccl-tests busbw)."""
+    latency_us: float
+    """Latency of one algorithm step, microseconds."""
+
+    @property
+    def busbw(self) -> float:
+        """Achievable bus bandwidth in bytes/s."""
+        return self.gbps * self.efficiency * 1e9
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPU:
+    """One accelerator model: peaks, memory and achievable efficiencies."""
+
+    name: str
+    peak_tflops: Mapping[str, float]
+    memory_gib: float
+    hbm_gbps: float
+    matmul_efficiency: float
+    matmul_efficiency_fp8: float
+    attention_efficiency: Mapping[str, float]
+    memory_efficiency: float
+    kernel_overhead_us: float
+    intra_node: str
+    reserved_gib: float
+
+    def peak_flops(self, dtype: str) -> float:
+        """Dense peak FLOP/s for a compute dtype; raises ConfigError where the GPU has no such unit."""
+        key = "fp32" if dtype == "fp32" else dtype
+        if key not in self.peak_tflops:
+            raise ConfigError(f"{self.name} has no {dtype} tensor cores (has: {', '.join(self.peak_tflops)})")
+        return self.peak_tflops[key] * 1e12
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cluster:
+    """GPUs, nodes and links. ``inter_gbps_per_gpu`` is the inter-node line rate one GPU can use."""
+
+    name: str
+    gpu: GPU
+    gpus_per_node: int
+    nodes: int
+    intra: Link
+    inter: Link
+    nics_per_node: int
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+    @property
+    def inter_link_per_gpu(self) -> Link:
+        """The inter-node link as one GPU sees it: NIC rate times NICs per GPU."""
+        share = self.nics_per_node / self.gpus_per_node
+        return dataclasses.replace(self.inter, gbps=self.inter.gbps * share)
+
+    def describe(self) -> str:
+        return (f"{self.name}: {self.world_size} x {self.gpu.name} ({self.nodes} node(s) of {self.gpus_per_node}, "
+                f"{self.intra.name} inside, {self.inter.name} x{self.nics_per_node} between)")
+
+
+_GPU_KEYS = {f.name for f in dataclasses.fields(GPU)} | {"kind"}
+_CLUSTER_KEYS = {"name", "gpu", "gpus_per_node", "nodes", "intra_node", "inter_node", "nics_per_node",
+                 "inter_node_gbps", "intra_node_gbps", "memory_gib"}
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: must hold a mapping")
+    return dict(data)
+
+
+@lru_cache(maxsize=1)
+def _links() -> dict[str, Link]:
+    data = _read_yaml(config_root() / "hardware" / "interconnects.yaml")
+    data.pop("kind", None)
+    return {name: Link(name=name, **values) for name, values in data.items()}
+
+
+def link(name: str) -> Link:
+    """An interconnect from ``configs/hardware/interconnects.yaml`` by name (``nvlink4``, ``ib-ndr``...)."""
+    links = _links()
+    if name not in links:
+        raise ConfigError(f"unknown interconnect {name!r}; known: {', '.join(sorted(links))}")
+    return links[name]
+
+
+def gpu_names() -> list[str]:
+    """Names of the GPUs in the database."""
+    return sorted(p.stem for p in (config_root() / "hardware").glob("*.yaml") if p.stem != "interconnects")
+
+
+@cache
+def load_gpu(name_or_path: str) -> GPU:
+    """A GPU by database name (``H100-SXM``) or from a YAML file with the same keys."""
+    data = _read_yaml(find_config("hardware", name_or_path))
+    unknown = sorted(set(data) - _GPU_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown GPU key {unknown[0]!r} in {name_or_path}")
+    data.pop("kind", None)
+    data.setdefault("matmul_efficiency_fp8", data.get("matmul_efficiency"))
+    missing = sorted(_GPU_KEYS - {"kind"} - set(data))
+    if missing:
+        raise ConfigError(f"GPU {name_or_path}: missing key(s) {', '.join(missing)}")
+    return GPU(**data)
+
+
+def load_cluster(config: str | Path | Mapping[str, Any], **overrides: Any) -> Cluster:
+    """A cluster from a preset name (``8xH100``), a YAML path or a dict; ``overrides`` replace keys
+    (e.g. ``nodes=35``). Keys: gpu, gpus_per_node, nodes, optional intra_node, inter_node,
+    nics_per_node, inter_node_gbps (per NIC), intra_node_gbps, memory_gib."""
+    if isinstance(config, Mapping):
+        data, name = dict(config), str(config.get("name", "cluster"))
+    else:
+        path = find_config("clusters", str(config))
+        data, name = _read_yaml(path), path.stem
+    data.update(overrides)
+    unknown = sorted(set(data) - _CLUSTER_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown cluster key {unknown[0]!r} (known: {', '.join(sorted(_CLUSTER_KEYS))})")
+    for key in ("gpu", "gpus_per_node", "nodes"):
+        if key not in data:
+            raise ConfigError(f"cluster {name}: needs {key!r}")
+    gpu = load_gpu(str(data["gpu"]))
+    if "memory_gib" in data:
+        gpu = dataclasses.replace(gpu, memory_gib=float(data["memory_gib"]))
+    for key in ("gpus_per_node", "nodes"):
+        if not isinstance(data[key], int) or data[key] < 1:
+            raise ConfigError(f"cluster {name}: {key} must be a positive integer, got {data[key]!r}")
+    intra = _with_rate(link(data.get("intra_node", gpu.intra_node)), data.get("intra_node_gbps"))
+    inter = _with_rate(link(data.get("inter_node", "ib-ndr")), data.get("inter_node_gbps"))
+    name = str(data.get("name", name))
+    return Cluster(name=name, gpu=gpu, gpus_per_node=data["gpus_per_node"], nodes=data["nodes"], intra=intra,
+                   inter=inter, nics_per_node=int(data.get("nics_per_node", data["gpus_per_node"])))
+
+
+def _with_rate(base: Link, gbps: Any) -> Link:
+    if gbps is None:
+        return base
+    if not isinstance(gbps, (int, float)) or gbps <= 0:
+        raise ConfigError(f"link rate override for {base.name} must be a positive number of GB/s, got {gbps!r}")
+    return dataclasses.replace(base, gbps=float(gbps))

@@ -1,0 +1,184 @@
+"""The space the search covers, and the options that restrict it.
+
+Claimed space (the search is exact over it with respect to :func:`strategies.cost.cost_plan`):
+- pipeline degree ``pp`` (a divisor of the world size), every device group of ``world / pp`` devices;
+- schedules 1F1B and zero-bubble (ZB-H1) with any contiguous split of the blocks over the ``pp``
+  stages, each stage with its own strategy; interleaved 1F1B with ``v`` chunks per group, an even
+  split and one strategy for the whole model;
+- a stage strategy: tp, Megatron SP, cp degree and kind (Ulysses, ring, striped, hybrid with any
+  Ulysses degree), ep (MoE blocks), ZeRO stage, optimizer offload; recomputation per block: the
+  stage's first ``k`` blocks fully recomputed and the rest at one lower level (none or selective),
+  any ``k`` (Megatron's ``--recompute-num-layers``);
+- the number of micro-batches (any divisor of the global batch) at a fixed global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from galvatron.errors import ConfigError
+from galvatron.plan import CPKind, DType, LayerStrategy, Recompute, Schedule
+from galvatron.spec import ModelSpec
+
+ALL_CAPABILITIES = frozenset({
+    "pp", "tp", "sp", "cp:ulysses", "cp:ring", "cp:striped", "cp:hybrid", "ep", "zero1", "zero2", "zero3",
+    "offload", "recompute:selective", "recompute:full", "schedule:1f1b", "schedule:interleaved-1f1b",
+    "schedule:zero-bubble",
+})
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchOptions:
+    """Restrictions of the search space; the defaults search everything the backend supports."""
+
+    global_batch: int | None = None
+    """Samples per step; None: about 4M tokens (Llama 2/3 pre-training), at least one per device."""
+    micro_batch_counts: tuple[int, ...] | None = None
+    """Allowed numbers of micro-batches; None: every divisor of the global batch."""
+    max_tp: int | None = None
+    """Largest TP degree; None: GPUs per node."""
+    max_pp: int | None = None
+    max_cp: int = 16
+    max_ep: int | None = None
+    max_vpp: int = 4
+    uniform: bool = False
+    """One strategy for every layer and an even split (what Megatron/torchtitan configs express)."""
+    cp_kinds: tuple[CPKind, ...] = tuple(CPKind)
+    zero_stages: tuple[int, ...] = (0, 1, 2, 3)
+    recompute: tuple[Recompute, ...] = tuple(Recompute)
+    schedules: tuple[Schedule, ...] = (Schedule.ONE_F_ONE_B, Schedule.INTERLEAVED_1F1B, Schedule.ZERO_BUBBLE)
+    dtype: DType = DType.BF16
+    capabilities: frozenset[str] = ALL_CAPABILITIES
+    """What the runtime backend can run (e.g. no ``cp:hybrid`` or ``zero-bubble`` on an old stack)."""
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    """Pinned values: strategy fields (``tp``, ``sp``, ``cp``, ``cp_kind``, ``dp``, ``zero``, ...) and
+    ``pp``, ``vpp``, ``num_micro_batches``."""
+    top_k: int = 1
+    progress: Callable[[str], None] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.fixed) - _FIXABLE)
+        if unknown:
+            raise ConfigError(f"cannot pin {unknown[0]!r} (pinnable: {', '.join(sorted(_FIXABLE))})")
+        if self.top_k < 1:
+            raise ConfigError(f"top_k must be at least 1, got {self.top_k}")
+
+    def can(self, feature: str) -> bool:
+        return feature in self.capabilities
+
+
+_FIXABLE = {f.name for f in dataclasses.fields(LayerStrategy)} | {"pp", "vpp", "num_micro_batches"}
+
+
+def default_global_batch(spec: ModelSpec, world: int) -> int:
+    """About 4M tokens per step, a power of two samples, at least one sample per device."""
+    samples = max(1, (4 * 2**20) // spec.seq_len)
+    power = 1 << (samples.bit_length() - 1)
+    return max(power, 1 << (world - 1).bit_length())
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def pp_candidates(spec: ModelSpec, world: int, options: SearchOptions) -> list[int]:
+    """Pipeline degrees: divisors of the world size up to the block count (and ``max_pp``)."""
+    if "pp" in options.fixed:
+        return [int(options.fixed["pp"])]
+    limit = min(spec.num_blocks, options.max_pp or world)
+    return [p for p in divisors(world) if p <= limit and (p == 1 or options.can("pp"))]
+
+
+def micro_batch_counts(global_batch: int, pp: int, options: SearchOptions) -> list[int]:
+    """Micro-batch counts to try: divisors of the global batch (pinned or listed ones only)."""
+    if "num_micro_batches" in options.fixed:
+        return [int(options.fixed["num_micro_batches"])]
+    allowed = divisors(global_batch)
+    if options.micro_batch_counts is not None:
+        allowed = [m for m in allowed if m in options.micro_batch_counts]
+    return allowed
+
+
+def strategies(spec: ModelSpec, devices: int, gpus_per_node: int, options: SearchOptions) -> list[LayerStrategy]:
+    """Every stage strategy on ``devices`` devices the model and options allow (recompute left NONE:
+    the search chooses it per block)."""
+    return [s for s in _all_strategies(spec, devices, gpus_per_node, options) if _pinned_ok(s, options.fixed)]
+
+
+def _pinned_ok(s: LayerStrategy, fixed: Mapping[str, Any]) -> bool:
+    for name, value in fixed.items():
+        if name in ("pp", "vpp", "num_micro_batches", "recompute"):
+            continue
+        if _plain(getattr(s, name)) != _plain(value):
+            return False
+    return True
+
+
+def _plain(value: Any) -> Any:
+    return value.value if hasattr(value, "value") else value
+
+
+def _all_strategies(spec: ModelSpec, devices: int, gpn: int, options: SearchOptions) -> Iterator[LayerStrategy]:
+    heads = [b.heads for b in spec.blocks if b.heads] or [0]
+    kv = [b.kv_heads for b in spec.blocks if b.heads] or [0]
+    experts = [b.experts for b in spec.blocks if b.experts]
+    max_tp = options.max_tp or gpn
+    for tp in divisors(devices):
+        if tp > max_tp or (tp > 1 and not options.can("tp")) or any(h % tp for h in heads + kv if h):
+            continue
+        for cp, kind, u in _cp_choices(spec, devices // tp, tp, heads, options):
+            dp = devices // (tp * cp)
+            for ep in _ep_choices(dp * cp, experts, options):
+                yield from _zero_variants(LayerStrategy(dp=dp, tp=tp, cp=cp, cp_kind=kind, cp_ulysses=u, ep=ep),
+                                          spec, options)
+
+
+def _cp_choices(spec: ModelSpec, rest: int, tp: int, heads: list[int], options: SearchOptions
+                ) -> Iterator[tuple[int, CPKind, int]]:
+    yield 1, CPKind.ULYSSES, 0
+    for cp in divisors(rest)[1:]:
+        if cp > options.max_cp or spec.seq_len % cp:
+            continue
+        local_heads = [h // tp for h in heads if h]
+        for kind in options.cp_kinds:
+            if not options.can(f"cp:{kind.value}"):
+                continue
+            if kind is CPKind.ULYSSES and any(h % cp for h in local_heads):
+                continue
+            if kind is CPKind.HYBRID:
+                for u in divisors(cp)[1:-1]:
+                    if not any(h % u for h in local_heads):
+                        yield cp, kind, u
+                continue
+            yield cp, kind, 0
+
+
+def _ep_choices(ranks: int, experts: list[int], options: SearchOptions) -> list[int]:
+    if not experts or not options.can("ep"):
+        return [1]
+    limit = options.max_ep or ranks
+    return [e for e in divisors(ranks) if e <= limit and not any(x % e for x in experts)]
+
+
+def _zero_variants(base: LayerStrategy, spec: ModelSpec, options: SearchOptions) -> Iterator[LayerStrategy]:
+    sps = [False, True] if base.tp > 1 and options.can("sp") and spec.seq_len % (base.tp * base.cp) == 0 else [False]
+    replicas = base.dp * base.cp
+    stages = [z for z in options.zero_stages if z == 0 or (replicas > 1 and options.can(f"zero{z}"))]
+    for sp in sps:
+        for z in stages:
+            yield dataclasses.replace(base, sp=sp, zero=z)
+            if z >= 1 and options.can("offload"):
+                yield dataclasses.replace(base, sp=sp, zero=z, offload=True)
+
+
+def recompute_modes(options: SearchOptions) -> tuple[list[Recompute], bool]:
+    """The lower recompute levels a stage may use for its non-fully-recomputed blocks, and whether
+    full recomputation of a stage's first blocks is allowed."""
+    fixed = options.fixed.get("recompute")
+    allowed = [Recompute(fixed)] if fixed is not None else list(options.recompute)
+    allowed = [r for r in allowed if r is Recompute.NONE or options.can(f"recompute:{r.value}")]
+    lower = [r for r in allowed if r is not Recompute.FULL]
+    return lower, Recompute.FULL in allowed

@@ -1,0 +1,43 @@
+"""``galvatron simulate`` and ``galvatron search`` from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from galvatron.launch.cli import main
+
+from galvatron.plan import Plan
+
+REQUIRED = {"step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu", "peak_memory_gib", "plans_costed", "plan",
+            "stages"}
+
+
+def test_simulate_plan_flags_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--model", "llama2-7b", "--cluster", "8xA100-80GB", "--tp", "2", "--zero", "1",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert REQUIRED <= set(out)
+    assert Plan.from_dict(out["plan"]).world_size == 8
+    assert {"compute_s", "comm_s", "bubble_s", "memory_gib"} <= set(out["stages"][0])
+
+
+def test_simulate_over_memory_says_where_and_by_how_much(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--model", "llama2-7b", "--cluster", "8xA100-80GB", "--micro-batch", "16"]) == 1
+    err = capsys.readouterr().err
+    assert "over by" in err and "stage 0" in err and "Traceback" not in err
+
+
+def test_simulate_bad_degrees_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--model", "llama2-7b", "--cluster", "8xA100-80GB", "--tp", "3"]) == 1
+    assert "does not divide" in capsys.readouterr().err
+
+
+def test_search_writes_a_loadable_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "plan.yaml"
+    assert main(["search", "--model", "gpt-tiny", "--cluster", "8xA100-80GB", "--global-batch", "16",
+                 "--uniform", "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "search_time_s" in result and result["plans_costed"] > 1
+    assert Plan.load(out).validate(8).to_dict() == result["plan"]

@@ -1,0 +1,51 @@
+"""The hardware database loads, and bad cluster files fail with ConfigError."""
+
+from __future__ import annotations
+
+import pytest
+from galvatron.strategies.hardware import gpu_names, load_cluster, load_gpu
+
+from galvatron.errors import ConfigError
+from galvatron.paths import presets
+
+
+@pytest.mark.parametrize("name", gpu_names())
+def test_every_gpu_loads_with_sane_numbers(name: str) -> None:
+    gpu = load_gpu(name)
+    assert gpu.peak_flops("bf16") >= 100e12
+    assert 0 < gpu.matmul_efficiency <= 1 and 0 < gpu.memory_efficiency <= 1
+    assert gpu.memory_gib > gpu.reserved_gib
+
+
+@pytest.mark.parametrize("name", presets("clusters"))
+def test_every_cluster_preset_loads(name: str) -> None:
+    cluster = load_cluster(name)
+    assert cluster.world_size == cluster.gpus_per_node * cluster.nodes
+    assert cluster.intra.busbw > cluster.inter_link_per_gpu.busbw
+
+
+def test_required_gpus_are_in_the_database() -> None:
+    required = {"A100-40GB", "A100-80GB", "H100-SXM", "H100-PCIe", "H200", "B200", "L40S", "MI300X"}
+    assert required <= set(gpu_names())
+
+
+def test_overrides_replace_keys() -> None:
+    cluster = load_cluster("8xH100", nodes=4, inter_node_gbps=25)
+    assert cluster.world_size == 32
+    assert cluster.inter.gbps == 25
+
+
+def test_fp8_on_a100_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="fp8"):
+        load_gpu("A100-80GB").peak_flops("fp8")
+
+
+@pytest.mark.parametrize("bad", [
+    {"gpu": "A100-80GB", "gpus_per_node": 8},
+    {"gpu": "Z9", "gpus_per_node": 8, "nodes": 1},
+    {"gpu": "H100-SXM", "gpus_per_node": 8, "nodes": 0},
+    {"gpu": "H100-SXM", "gpus_per_node": 8, "nodes": 1, "colour": "red"},
+])
+def test_bad_clusters_raise_config_error(bad: dict) -> None:
+    with pytest.raises(ConfigError):
+        load_cluster(bad)

@@ -1,0 +1,75 @@
+"""The search's best plan equals brute force's best on instances small enough to enumerate."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+from galvatron.strategies.cost import DatasheetPerf
+from galvatron.strategies.hardware import load_cluster
+from galvatron.strategies.search import SearchOptions, search
+from galvatron.strategies.search.brute import all_plans, brute_force, with_memory
+
+from galvatron.errors import MemoryBudgetError
+from galvatron.plan import CPKind, Recompute, Schedule
+from galvatron.spec import ModelSpec
+
+TINY = {"name": "tiny3", "layers": 3, "hidden": 64, "heads": 4, "ffn_hidden": 256, "vocab": 128, "seq_len": 32,
+        "activation": "swiglu"}
+
+
+def _perf(world: int) -> DatasheetPerf:
+    return DatasheetPerf(load_cluster({"name": "t", "gpu": "A100-80GB", "gpus_per_node": 2, "nodes": world // 2,
+                                       "inter_node": "ib-hdr", "nics_per_node": 1}))
+
+
+def _options(**kw: object) -> SearchOptions:
+    base = dict(global_batch=4, cp_kinds=(CPKind.RING, CPKind.STRIPED), zero_stages=(0, 3), max_vpp=2,
+                recompute=(Recompute.NONE, Recompute.SELECTIVE, Recompute.FULL),
+                capabilities=frozenset({"pp", "tp", "sp", "cp:ring", "cp:striped", "zero3", "recompute:full",
+                                        "recompute:selective", "schedule:1f1b", "schedule:zero-bubble",
+                                        "schedule:interleaved-1f1b"}))
+    base.update(kw)
+    return SearchOptions(**base)  # type: ignore[arg-type]
+
+
+def _binding(spec: ModelSpec, options: SearchOptions) -> tuple[DatasheetPerf, list]:
+    """A memory limit that rules out about half the plans (so memory shapes the answer), and the
+    brute-force plans that fit it, fastest first."""
+    every = brute_force(spec, with_memory(_perf(4), 1e9), options, world=4)
+    budget = statistics.median(c.peak_memory_gib for c in every)
+    return with_memory(_perf(4), budget), [c for c in every if c.peak_memory_gib <= budget]
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_search_matches_brute_force(uniform: bool) -> None:
+    spec = ModelSpec.from_config(TINY)
+    options = _options(uniform=uniform)
+    perf, truth = _binding(spec, options)
+    found = search(spec, perf, options, world_size=4)
+    assert truth, "the budget must leave some plans"
+    assert found.best.step_time_s == pytest.approx(truth[0].step_time_s, rel=1e-9)
+    assert found.best.fits
+
+
+def test_top_k_matches_brute_force_order() -> None:
+    spec = ModelSpec.from_config(TINY)
+    options = _options(top_k=3, schedules=(Schedule.ONE_F_ONE_B,))
+    perf, truth = _binding(spec, options)
+    found = search(spec, perf, options, world_size=4)
+    assert found.top[0].step_time_s == pytest.approx(truth[0].step_time_s, rel=1e-9)
+    assert all(a.step_time_s <= b.step_time_s for a, b in zip(found.top, found.top[1:]))
+
+
+def test_restrictions_are_respected() -> None:
+    spec = ModelSpec.from_config(TINY)
+    options = _options(fixed={"tp": 2}, schedules=(Schedule.ONE_F_ONE_B,))
+    found = search(spec, _perf(4), options, world_size=4)
+    assert all(g.strategy.tp == 2 for g in found.best.plan.groups())
+    assert all(p.pipeline.schedule is Schedule.ONE_F_ONE_B for p in all_plans(spec, 4, 2, options))
+
+
+def test_nothing_fits_says_how_much_memory() -> None:
+    spec = ModelSpec.from_config(TINY)
+    with pytest.raises(MemoryBudgetError, match="GiB per GPU"):
+        search(spec, with_memory(_perf(4), 1e-6), _options(), world_size=4)
