@@ -243,7 +243,10 @@ def _routed(module: nn.Module, tokens: torch.Tensor, index: torch.Tensor, weight
 
 
 def _run_module_list(experts: nn.ModuleDict, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    return torch.cat([expert(chunk) for expert, chunk in zip(experts.values(), rows.split(counts))])
+    """Each local expert on its rows; one with no rows is not called, so it gets no gradient (as in the
+    reference MoE), and an expert that no rank used keeps ``grad = None`` after data-parallel reduction."""
+    chunks = rows.split(counts)
+    return torch.cat([expert(chunk) if len(chunk) else chunk for expert, chunk in zip(experts.values(), chunks)])
 
 
 def _run_fused(experts: nn.Module, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:

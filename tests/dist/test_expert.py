@@ -187,11 +187,17 @@ def _all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.
 
 
 def reduce_gradients(model: nn.Module, expert_names: set[str], groups: ExpertGroups, batch_ranks: int) -> None:
-    """Plain data-parallel reduction: expert gradients over the expert data-parallel group, the rest over
-    the batch's ranks, both divided by the number of the batch's ranks."""
+    """Plain data-parallel reduction: expert gradients summed over the expert data-parallel group, the rest
+    over the batch's ranks, both divided by the number of the batch's ranks. A missing gradient counts as
+    zero; one missing on every rank stays missing (an expert no token reached, as in one process)."""
     for name, param in model.named_parameters():
         group = groups.expert_dp if name in expert_names else groups.tokens
+        present = torch.tensor([float(param.grad is not None)])
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
         _all_reduce(param.grad, group).div_(batch_ranks)
+        if _all_reduce(present, group).item() == 0:
+            param.grad = None
 
 
 def expected_shard(name: str, full: torch.Tensor, expert_names: set[str], case: Case, ep_rank: int,

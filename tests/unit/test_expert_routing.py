@@ -3,6 +3,7 @@ on one rank, the load-balancing loss, and recognition of MoE layers."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -130,3 +131,21 @@ def test_apply_rejects_dense_models_twice_wrapped_layers_and_bad_ep() -> None:
         apply_expert_parallel(model, None)
     with pytest.raises(PlanError, match=r"^capacity_factor: "):
         apply_expert_parallel(GPT(GPTConfig(layers=1, experts=4)), None, capacity_factor=0.0)
+
+
+def test_unused_experts_get_no_gradient_as_in_the_reference() -> None:
+    """Zero tokens give equal router logits, so every token picks the same two experts; the other two
+    keep ``grad = None`` in both the reference and the patched layer."""
+    torch.manual_seed(0)
+    plain = MoE(GPTConfig(hidden=16, experts=4, top_k=2, shared_experts=1))
+    wrapped = copy.deepcopy(plain)
+    apply_expert_parallel(wrapped, None)
+    x = torch.zeros(2, 3, 16)
+    used = {f"experts.{e}." for e in plain.route(x.view(-1, 16))[0].unique().tolist()}
+    assert len(used) == 2
+    for moe in (plain, wrapped):
+        moe(x).pow(2).sum().backward()
+    for name, p in plain.named_parameters():
+        q = wrapped.get_parameter(name)
+        unused = name.startswith("experts.") and not name.startswith(tuple(used))
+        assert (p.grad is None) == (q.grad is None) == unused, name
