@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "profile": ("cmd_profile", "measure a model (per-layer time, memory) or the cluster (collectives)"),
     "launch": ("cmd_launch", "run a training script under torchrun or Ray with a plan"),
     "plan": ("cmd_plan", "validate or show a plan file"),
+    "demo": ("cmd_demo", "train the reference GPT on 4 local CPU workers through Ray with a searched plan"),
 }
 
 

@@ -18,7 +18,7 @@ def test_help_lists_every_subcommand() -> None:
                          check=True).stdout
     for name in ("simulate", "search", "profile", "launch", "plan"):
         assert name in out
-    assert set(SUBCOMMANDS) == {"simulate", "search", "profile", "launch", "plan"}
+    assert set(SUBCOMMANDS) == {"simulate", "search", "profile", "launch", "plan", "demo"}
 
 
 def test_every_subcommand_has_help(capsys: pytest.CaptureFixture[str]) -> None:

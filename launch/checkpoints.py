@@ -1,0 +1,109 @@
+"""Checkpoints that load under another plan and another world size.
+
+Model and optimizer state are saved with ``torch.distributed.checkpoint`` (DCP) under the
+parameters' plain names (``blocks.3.attn.q_proj.weight``, no ``module.`` prefixes or flat
+buffers): every rank writes its own shards, and loading reshards them to whatever the new plan
+holds on each rank (DDP replicas, FSDP2 shards, tensor-parallel DTensors, a single process).
+A checkpoint is one folder ``step-00000120`` under the run's checkpoint folder; DCP writes its
+``.metadata`` file last, so a folder without one (a save cut short) is never resumed from. On
+several nodes the checkpoint folder must be shared storage.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+_PREFIX = "step-"
+
+
+def checkpoint_path(directory: str | Path, step: int) -> Path:
+    """The folder of the checkpoint taken after ``step`` optimizer steps."""
+    return Path(directory) / f"{_PREFIX}{step:08d}"
+
+
+def completed(directory: str | Path) -> list[tuple[int, Path]]:
+    """Finished checkpoints under ``directory`` as (step, folder), oldest first."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    found = [(int(p.name[len(_PREFIX):]), p) for p in root.glob(f"{_PREFIX}*") if (p / ".metadata").is_file()]
+    return sorted(found)
+
+
+def latest(directory: str | Path) -> tuple[int, Path] | None:
+    """The newest finished checkpoint under ``directory`` as (step, folder), or None."""
+    done = completed(directory)
+    return done[-1] if done else None
+
+
+def save(directory: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+         *, extra: dict[str, Any] | None = None) -> Path:
+    """Save ``model`` (and ``optimizer``) after ``step`` steps; every rank of the group calls it."""
+    path = checkpoint_path(directory, step)
+    state: dict[str, Any] = {"step": step, "extra": dict(extra or {})}
+    state["model"], state["optimizer"] = _state_dicts(model, optimizer)
+    dcp.save(state, checkpoint_id=path)
+    return path
+
+
+def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Load a checkpoint into ``model`` (and ``optimizer``), resharding it to their current plan;
+    returns ``{"step": ..., "extra": {...}}``. Every rank of the group calls it."""
+    state: dict[str, Any] = {"step": 0, "extra": {}}
+    state["model"], state["optimizer"] = _state_dicts(model, optimizer)
+    dcp.load(state, checkpoint_id=Path(path))
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    return {"step": int(state["step"]), "extra": state["extra"]}
+
+
+def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict]:
+    """Model and optimizer state keyed by parameter name, the form that reshards on load."""
+    optim_state = get_optimizer_state_dict(model, optimizer) if optimizer is not None else {}
+    return get_model_state_dict(model), optim_state
+
+
+class Checkpointer:
+    """Periodic checkpoints of one run and resumption from the newest.
+
+    ``interval`` steps between saves (0: never); ``keep`` newest checkpoints kept (None: all).
+    """
+
+    def __init__(self, directory: str | Path, interval: int, keep: int | None = 2) -> None:
+        self.directory, self.interval, self.keep = Path(directory), interval, keep
+
+    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+        """Load the newest checkpoint, if any; returns the number of steps it had done (0 if none)."""
+        found = latest(self.directory)
+        if found is None:
+            return 0
+        return load(found[1], model, optimizer)["step"]
+
+    def maybe_save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                   *, force: bool = False) -> Path | None:
+        """Save when ``step`` (steps done) is a multiple of the interval, or when ``force``."""
+        if not force and (self.interval <= 0 or step % self.interval):
+            return None
+        path = save(self.directory, step, model, optimizer)
+        self._prune()
+        return path
+
+    def _prune(self) -> None:
+        if self.keep is None or (dist.is_initialized() and dist.get_rank() != 0):
+            return
+        for _, old in completed(self.directory)[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)

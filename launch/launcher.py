@@ -1,0 +1,245 @@
+"""What the torchrun and Ray launchers share: where a run's plan comes from, how workers learn it,
+and how a worker joins its process group and puts its model under the plan.
+
+The launcher hands the plan to every worker as a file named by the ``GALVATRON_PLAN`` environment
+variable; ``galvatron.wrap(model)`` (``plan=None`` or ``"auto"``) reads it there before searching
+one itself. The other ``GALVATRON_*`` variables below tell a training script where to checkpoint,
+how often, and which restart it is.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from galvatron.errors import GalvatronError, PlanError
+from galvatron.plan import DType, Plan
+from galvatron.spec import ModelSpec
+
+ENV_PLAN = "GALVATRON_PLAN"
+"""Path of the plan YAML every worker runs (what ``wrap(model)`` reads)."""
+ENV_PREDICTED_STEP = "GALVATRON_PREDICTED_STEP_S"
+"""The cost model's step time for that plan, in seconds (printed next to the measured one)."""
+ENV_PEAK_FLOPS = "GALVATRON_PEAK_FLOPS"
+"""One worker's peak FLOP/s, for MFU (on CPUs: the GEMM rate the launcher measured, shared out)."""
+ENV_CHECKPOINT_DIR = "GALVATRON_CHECKPOINT_DIR"
+"""Folder for torch.distributed.checkpoint checkpoints; a restarted worker resumes from the latest."""
+ENV_CHECKPOINT_INTERVAL = "GALVATRON_CHECKPOINT_INTERVAL"
+"""Steps between checkpoints."""
+ENV_RESTART = "GALVATRON_RESTART"
+"""How many times the workers have been restarted after a failure (0 on the first start)."""
+
+
+class LaunchError(GalvatronError, RuntimeError):
+    """Workers could not be started, or failed more often than the run allows."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanChoice:
+    """The plan a run uses and where it came from."""
+
+    plan: Plan
+    source: str
+    """``file``, ``search`` or ``fixed`` (the fallback while no search is installed)."""
+    predicted_step_s: float | None = None
+    """Step time the cost model predicts, when the plan was costed."""
+
+    def describe(self) -> str:
+        predicted = f", predicted step {self.predicted_step_s:.3f} s" if self.predicted_step_s else ""
+        return f"plan ({self.source}{predicted}):\n{self.plan.describe()}"
+
+
+def runtime_available() -> bool:
+    """True when ``galvatron.wrap`` (the plan runtime) is installed, so any plan can run."""
+    try:
+        import galvatron.runtime.apply  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def plan_from_file(path: str | Path, world_size: int, spec: ModelSpec | None = None) -> PlanChoice:
+    """Load a plan YAML and check it against the world size (and the model, when given)."""
+    return PlanChoice(plan=Plan.load(path).validate(world_size, spec), source="file")
+
+
+def fixed_plan(spec: ModelSpec, world_size: int, global_batch: int, dtype: DType = DType.FP32) -> Plan:
+    """Data parallelism over every worker, no sharding: the plan used while no search is installed."""
+    return Plan.uniform(spec.num_blocks, global_batch_size=global_batch, dp=world_size, dtype=dtype)
+
+
+def search_plan(spec: ModelSpec, world_size: int, *, cluster: object, global_batch: int | None = None,
+                dtype: DType = DType.FP32, fixed: Mapping[str, Any] | None = None) -> PlanChoice:
+    """The search's fastest plan for ``spec`` on ``world_size`` devices of ``cluster`` (a
+    ``galvatron.strategies.hardware.Cluster`` or a measured ``Perf``), with ``fixed`` values pinned
+    (see ``SearchOptions.fixed``). While the search is not installed: :func:`fixed_plan`, with a message.
+
+    Without the plan runtime only data parallelism and ZeRO can run, so the search is told so."""
+    try:
+        from galvatron.strategies.search import SearchOptions, search
+    except ImportError as err:
+        say(f"galvatron: the plan search is not installed ({err}); using a fixed data-parallel plan")
+        batch = global_batch or world_size
+        return PlanChoice(plan=fixed_plan(spec, world_size, batch, dtype), source="fixed")
+    pinned = dict(fixed or {})
+    if not runtime_available():
+        pinned.update(tp=1, cp=1, ep=1, pp=1)
+    options = SearchOptions(global_batch=global_batch, dtype=dtype, fixed=pinned)
+    result = search(spec, cluster, options, world_size=world_size)
+    return PlanChoice(plan=result.best.plan, source="search", predicted_step_s=result.best.step_time_s)
+
+
+CPU_FIXED = {"offload": False}
+"""Pinned search values on CPU workers: offloading to host memory means nothing there."""
+
+
+def local_cpu_cluster(workers: int, *, gloo_gbps: float = 2.0, gloo_latency_us: float = 50.0) -> object:
+    """A ``strategies.hardware.Cluster`` describing ``workers`` CPU processes on this machine, for the
+    cost model: fp32 GEMM rate measured here and shared among the workers, RAM split evenly, and
+    loopback gloo at an assumed ``gloo_gbps`` GB/s and ``gloo_latency_us`` per step."""
+    from galvatron.strategies.hardware import GPU, Cluster, Link
+
+    tflops = cpu_peak_flops(workers) / 1e12
+    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    cpu = GPU(name="cpu", peak_tflops={"fp32": tflops, "bf16": tflops, "fp16": tflops}, memory_gib=ram_gib / workers,
+              hbm_gbps=10.0, matmul_efficiency=1.0, matmul_efficiency_fp8=1.0,
+              attention_efficiency={"forward": 0.5, "backward": 0.5}, memory_efficiency=1.0, kernel_overhead_us=20.0,
+              intra_node="loopback", reserved_gib=0.5)
+    loopback = Link(name="loopback-gloo", gbps=gloo_gbps, efficiency=1.0, latency_us=gloo_latency_us)
+    return Cluster(name=f"{workers}xCPU", gpu=cpu, gpus_per_node=workers, nodes=1, intra=loopback, inter=loopback,
+                   nics_per_node=1)
+
+
+def cpu_peak_flops(workers: int) -> float:
+    """One of ``workers`` CPU workers' share of this machine's fp32 GEMM rate, in FLOP/s: one
+    thread's measured rate, times the cores per worker when there are fewer cores than workers."""
+    cores = len(os.sched_getaffinity(0))
+    return measure_matmul_tflops() * 1e12 * min(1.0, cores / workers)
+
+
+def measure_matmul_tflops(size: int = 256, seconds: float = 0.2) -> float:
+    """Achieved fp32 GEMM rate of one thread here, in TFLOP/s."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    with torch.no_grad():
+        torch.mm(a, b)
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            torch.mm(a, b)
+            count += 1
+    return 2 * size**3 * count / (time.perf_counter() - start) / 1e12
+
+
+def init_distributed(timeout_s: float = 300.0) -> int:
+    """Join the process group described by the torchrun-style environment (``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``, ``MASTER_PORT``): NCCL on GPUs, gloo on CPUs. Idempotent; returns the rank."""
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank()
+
+
+def plan_from_env() -> Plan | None:
+    """The plan the launcher exported in ``GALVATRON_PLAN``, or None when there is none."""
+    path = os.environ.get(ENV_PLAN)
+    return Plan.load(path) if path else None
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+    """Put ``model`` under ``plan`` on the current process group: ``galvatron.wrap`` when the runtime
+    is installed; otherwise data parallelism only (DDP for ZeRO 0, FSDP2 per block for ZeRO 2/3)."""
+    if runtime_available():
+        from galvatron.runtime.apply import wrap
+
+        return wrap(model, plan=plan)
+    return _data_parallel(model, plan)
+
+
+def make_optimizer(model: nn.Module, optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+                   **kwargs: Any) -> torch.optim.Optimizer:
+    """The optimizer for a model under a plan (``model.optimizer(...)`` of a wrapped model, which shards
+    ZeRO-1 states; a plain ``optimizer_cls(model.parameters())`` otherwise)."""
+    if hasattr(model, "train_step"):
+        return model.optimizer(optimizer_cls, **kwargs)
+    return optimizer_cls(model.parameters(), **kwargs)
+
+
+def train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], micro_batches: int = 1) -> torch.Tensor:
+    """Forward and backward of one step on this rank's share of the global batch ``(inputs, targets)``
+    (the same on every rank); returns the mean loss over all ranks. ``optimizer.step()`` follows."""
+    if hasattr(model, "train_step"):
+        return model.train_step(model.shard_batch((inputs, targets)), loss_fn)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if inputs.shape[0] % (world * micro_batches):
+        raise PlanError("global_batch_size", f"{inputs.shape[0]} does not split into {world} ranks x "
+                        f"{micro_batches} micro-batches")
+    total = torch.zeros(())
+    for x, y in zip(inputs.chunk(world)[rank].chunk(micro_batches), targets.chunk(world)[rank].chunk(micro_batches)):
+        loss = loss_fn(model(x), y) / micro_batches
+        loss.backward()
+        total += loss.detach()
+    dist.all_reduce(total)
+    return total / world
+
+
+def _data_parallel(model: nn.Module, plan: Plan) -> nn.Module:
+    world = dist.get_world_size()
+    strategy = plan.stages[0].groups[0].strategy
+    if plan.pp > 1 or not plan.is_uniform or strategy.devices != strategy.dp or strategy.zero == 1:
+        raise PlanError("stages", "only data parallelism with ZeRO 0, 2 or 3 runs without galvatron's runtime "
+                        "(galvatron.runtime.apply is not installed)")
+    plan.validate(world)
+    if strategy.zero == 0:
+        return nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+
+    for block in _blocks(model):
+        fully_shard(block, reshard_after_forward=strategy.zero == 3)
+    return fully_shard(model, reshard_after_forward=strategy.zero == 3)
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks: the children of the largest ``ModuleList`` in the model."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def worker_env(choice: PlanChoice | None, *, peak_flops: float | None = None, checkpoint_dir: str | Path | None = None,
+               checkpoint_interval: int | None = None) -> dict[str, str]:
+    """The ``GALVATRON_*`` variables a launcher exports to its workers, but for ``GALVATRON_PLAN``: the
+    plan's file is written where the workers run (``choice`` None: they search their own)."""
+    env = {}
+    if choice is not None and choice.predicted_step_s is not None:
+        env[ENV_PREDICTED_STEP] = repr(choice.predicted_step_s)
+    if peak_flops is not None:
+        env[ENV_PEAK_FLOPS] = repr(peak_flops)
+    if checkpoint_dir is not None:
+        env[ENV_CHECKPOINT_DIR] = str(Path(checkpoint_dir).resolve())
+    if checkpoint_interval is not None:
+        env[ENV_CHECKPOINT_INTERVAL] = str(checkpoint_interval)
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on at ``host`` right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def say(text: str) -> None:
+    """Print launcher messages on stderr, so a script's stdout stays its own."""
+    print(text, file=sys.stderr, flush=True)
