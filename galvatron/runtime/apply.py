@@ -1,0 +1,485 @@
+"""``galvatron.wrap``: read a plan once and apply it to an unmodified model.
+
+Order of application (torchtitan's): tensor parallelism, recomputation, re-layout hooks, then
+data parallelism / ZeRO, per layer group over that group's own device mesh; the embedding and
+the head get their own strategies; an FSDP2 root over everything when any range is ZeRO-2/3.
+With ``pp > 1`` the model is cut into this rank's chunks first (:mod:`galvatron.runtime.pipeline`)
+and the same per-group appliers run on the blocks inside them.
+
+Everything that can reject a plan (validation against the world size and the model, runtime
+support, tensor-parallel plans of every block) runs on every rank before the first collective,
+so a bad plan fails everywhere with the same :class:`~galvatron.errors.PlanError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Callable, Iterator, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from galvatron.errors import GalvatronError, ModelSpecError, PlanError
+from galvatron.plan import DType, LayerStrategy, Plan
+from galvatron.runtime import data, optim, tensor
+from galvatron.runtime.mesh import Layout, ParallelDims, pipeline_groups
+from galvatron.runtime.recompute import apply_recompute
+from galvatron.runtime.relayout import (
+    ForwardContext,
+    batch_relayout,
+    first_batch_size,
+    install_group_relayouts,
+    map_tensors,
+)
+from galvatron.spec import ModelSpec
+
+DEFAULT_TIMEOUT = timedelta(minutes=10)
+"""Timeout of every process group galvatron creates (a hung collective raises after it)."""
+
+_AUTOCAST = {DType.BF16: torch.bfloat16, DType.FP16: torch.float16}
+
+
+# ====================================================================== public entry point
+def wrap(model: nn.Module, plan: Plan | str | Path = "auto", *, example_batch: Any = None,
+         tp_plan: Mapping[str, str] | None = None, search_options: Any = None,
+         timeout: timedelta = DEFAULT_TIMEOUT) -> nn.Module:
+    """Parallelise ``model`` in place by ``plan`` and return it.
+
+    ``plan``: a :class:`~galvatron.plan.Plan`, a plan YAML path, or ``"auto"`` (search the
+    fastest plan for the live world size). ``example_batch``: one input batch (as passed to
+    ``model(...)``), used to describe the model; without it a token batch of the model's
+    configured sequence length is assumed. ``tp_plan``: ``{"attn.q_proj": "colwise", ...}``
+    relative to a block, overriding the derived tensor-parallel plan.
+
+    Starts the default process group if needed (``torchrun`` variables; NCCL with CUDA,
+    gloo without; one local process otherwise). The result is the same module, now also a
+    :class:`GalvatronModule`: ``.plan``, ``.train_step(batch, loss_fn)``, ``.optimizer(...)``,
+    ``.shard_batch(batch)``; without a pipeline it trains with ``loss.backward(); opt.step()``.
+    """
+    if isinstance(model, GalvatronModule):
+        raise GalvatronError("this model is already wrapped by galvatron.wrap; wrap the original model once")
+    device = init_distributed(timeout)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    spec = describe(model, example_batch)
+    plan = resolve_plan(plan, spec, world, search_options)
+    plan.validate(world, spec)
+    block_plans = check_supported(model, plan, spec, tp_plan)
+    dims = ParallelDims.build(plan, rank, device.type, timeout)
+    runtime = Runtime(plan, dims, spec, device)
+    if plan.pp == 1:
+        model.to(device)
+        _apply_stage(model, runtime, model.get_submodule(spec.block_path), block_plans, first=True, last=True,
+                     root=model)
+    else:
+        _apply_pipeline(model, runtime, block_plans)
+    model.__class__ = type(f"Galvatron{type(model).__name__}", (GalvatronModule, type(model)), {})
+    model._galvatron = runtime
+    return model
+
+
+def init_distributed(timeout: timedelta = DEFAULT_TIMEOUT) -> torch.device:
+    """Start the default process group unless one exists; return this rank's device."""
+    if not dist.is_initialized():
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    if torch.cuda.is_available() and dist.get_backend() != "gloo":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def describe(model: nn.Module, example_batch: Any = None) -> ModelSpec:
+    """``ModelSpec.from_module`` of ``model``; without an example batch, on a token batch of
+    the configured sequence length (and with ``seq_len = 0``: unknown, so plans are not
+    checked against it)."""
+    if example_batch is not None:
+        return ModelSpec.from_module(model, example_batch)
+    config = getattr(model, "config", None)
+    seq = next((getattr(config, n) for n in ("seq_len", "max_position_embeddings", "n_positions")
+                if isinstance(getattr(config, n, None), int)), 128)
+    try:
+        spec = ModelSpec.from_module(model, torch.zeros(1, min(seq, 4096), dtype=torch.long))
+    except Exception as err:  # any failure means the guess does not fit this model
+        raise ModelSpecError(f"cannot describe {type(model).__name__} from a guessed token batch ({err}); "
+                             "pass wrap(..., example_batch=...)") from err
+    return dataclasses.replace(spec, seq_len=0)
+
+
+def resolve_plan(plan: Plan | str | Path, spec: ModelSpec, world: int, search_options: Any = None) -> Plan:
+    """A Plan from a Plan, a YAML path, or ``"auto"`` (the search, imported only then)."""
+    if isinstance(plan, Plan):
+        return plan
+    if str(plan) != "auto":
+        return Plan.load(plan)
+    try:
+        from galvatron.strategies.search import search
+    except ImportError as err:
+        raise GalvatronError("plan='auto' needs the strategy search (galvatron.strategies.search), which is not "
+                             "available here; pass a Plan or a plan YAML") from err
+    return search_plan(search, spec, world, search_options)
+
+
+def search_plan(search: Callable[..., Any], spec: ModelSpec, world: int, options: Any) -> Plan:
+    """Run the search for this model on ``world`` devices of the local kind."""
+    raise GalvatronError("plan='auto' is not connected to the search yet; pass a Plan or a plan YAML")
+
+
+# ====================================================================== checks before collectives
+_NATIVE_TODO = "not supported by the native runtime yet"
+
+
+def check_supported(model: nn.Module, plan: Plan, spec: ModelSpec,
+                    tp_plan: Mapping[str, str] | None) -> dict[int, dict[str, str]]:
+    """Raise :class:`PlanError` for anything this runtime cannot run; return the resolved
+    tensor-parallel plan of every block whose strategy has ``tp > 1``."""
+    if plan.dtype is DType.FP8:
+        raise PlanError("dtype", f"fp8 is {_NATIVE_TODO}")
+    strategies = [(f"stages[{i}].layers[{g.start}:{g.end}]", g.strategy) for i, s in enumerate(plan.stages)
+                  for g in s.groups] + [("embedding", plan.embedding_strategy), ("head", plan.head_strategy)]
+    for path, s in strategies:
+        if s.cp > 1:
+            raise PlanError(f"{path}.cp", f"context parallelism (cp {s.cp}) is {_NATIVE_TODO}")
+        if s.ep > 1:
+            raise PlanError(f"{path}.ep", f"expert parallelism (ep {s.ep}) is {_NATIVE_TODO}")
+    if plan.pp > 1:
+        pipeline_groups(plan)
+    _check_edges(model, plan, spec)
+    blocks = model.get_submodule(spec.block_path)
+    hf_plan = tensor.hf_block_plan(model, spec.block_path)
+    plans = {}
+    for i, stage in enumerate(plan.stages):
+        for g in stage.groups:
+            path = f"stages[{i}].layers[{g.start}:{g.end}]"
+            for index in range(g.start, g.end) if g.strategy.tp > 1 else ():
+                block = blocks[index]
+                derived = tensor.derive_block_plan(block)
+                plans[index] = tensor.resolve_block_plan(block, [tp_plan, hf_plan, derived], path)
+                tensor.check_divisible(block, plans[index], g.strategy.tp, path)
+    return plans
+
+
+def _check_edges(model: nn.Module, plan: Plan, spec: ModelSpec) -> None:
+    before, after = _edge_modules(model, spec.block_path)
+    emb, head = plan.embedding_strategy, plan.head_strategy
+    embedding, _ = tensor.find_vocab_modules(before, spec.vocab)
+    _, lm_head = tensor.find_vocab_modules(after, spec.vocab or None)
+    for name, s, module in (("embedding", emb, embedding), ("head", head, lm_head)):
+        if s.tp == 1:
+            continue
+        if module is None:
+            kind = "nn.Embedding" if name == "embedding" else "nn.Linear"
+            raise PlanError(f"{name}.tp", f"no vocabulary-sized {kind} found outside the blocks to make vocabulary "
+                            f"parallel; use tp 1 for the {name}")
+        vocab = module.num_embeddings if name == "embedding" else module.out_features
+        if vocab % s.tp:
+            raise PlanError(f"{name}.tp", f"{s.tp} does not divide the vocabulary of {vocab}")
+    if _tied_groups(before + after):
+        fields = ("dp", "tp", "zero", "offload")
+        if any(getattr(emb, f) != getattr(head, f) for f in fields):
+            raise PlanError("head", "the model ties its input and output embeddings: the head needs the embedding's "
+                            "dp, tp, zero and offload")
+        if plan.pp > 1 and (emb.tp > 1 or emb.zero > 1):
+            raise PlanError("embedding", "tied embeddings across pipeline stages need tp 1 and zero <= 1 at the ends")
+
+
+def _edge_modules(model: nn.Module, block_path: str) -> tuple[list[nn.Module], list[nn.Module]]:
+    """Parameter-holding modules outside the blocks registered before / after the block list."""
+    from galvatron.runtime.pipeline import _outer_modules
+
+    try:
+        before, after = _outer_modules(model, block_path)
+    except ValueError as err:
+        raise ModelSpecError(str(err)) from None
+    return [model.get_submodule(p) for p in before], [model.get_submodule(p) for p in after]
+
+
+def _tied_groups(modules: list[nn.Module]) -> list[list[tuple[nn.Module, str]]]:
+    """Parameters registered under several (module, name) pairs among ``modules``."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for top in modules:
+        for module in top.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if (module, name) not in owners.setdefault(id(p), []):
+                    owners[id(p)].append((module, name))
+    return [pairs for pairs in owners.values() if len(pairs) > 1]
+
+
+def _retie(groups: list[list[tuple[nn.Module, str]]]) -> None:
+    """Point every owner of a tied parameter at the first owner's (possibly new) parameter."""
+    for (first, name), *rest in groups:
+        for module, other in rest:
+            setattr(module, other, getattr(first, name))
+
+
+# ====================================================================== the runtime state
+class Runtime:
+    """What a wrapped model carries: the plan, its rank view, gradient sync, forward context."""
+
+    def __init__(self, plan: Plan, dims: ParallelDims, spec: ModelSpec, device: torch.device) -> None:
+        self.plan, self.dims, self.spec, self.device = plan, dims, spec, device
+        self.sync = data.GradientSync()
+        self.ctx = ForwardContext()
+        self.data_layout = dims.data_layout
+        self.embedding_layout = dims.layout(plan.embedding_strategy)
+        self.entry_layout = self.embedding_layout if dims.is_first else self.data_layout
+        self.runner: Any = None
+        self.in_pipeline = False
+        self.vocab_sharded_output = False
+        """Whether a vocabulary-parallel head returns its sharded logits (inside ``train_step``,
+        whose loss runs under ``loss_parallel``) or gathers them (plain calls)."""
+        self.loss_fn: Callable[..., torch.Tensor] | None = None
+        self._to_outer: dict[Layout, Callable[[torch.Tensor], torch.Tensor]] = {}
+
+    def enter(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Move the model's inputs from the data layout to the layout of its outer code."""
+        outer, batch = self.entry_layout, first_batch_size(args, kwargs)
+        if outer.dp != self.data_layout.dp:
+            if outer not in self._to_outer:
+                self._to_outer[outer] = batch_relayout(self.dims, self.data_layout, outer)
+            move = self._to_outer[outer]
+            args, kwargs = map_tensors(args, move, batch), map_tensors(kwargs, move, batch)
+            batch = batch * self.data_layout.dp // outer.dp
+        self.ctx.reset(outer, batch)
+        return args, kwargs
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        low = _AUTOCAST.get(self.plan.dtype)
+        return torch.autocast(self.device.type, dtype=low) if low else contextlib.nullcontext()
+
+    def mean_over_data(self, value: torch.Tensor) -> torch.Tensor:
+        """Average a per-rank scalar over the ranks holding different data."""
+        value = value.detach().float().clone()
+        group = self.dims.data_group(self.data_layout)
+        dist.all_reduce(value, group=group)
+        return value / dist.get_world_size(group)
+
+
+# ====================================================================== appliers
+def _apply_stage(model: nn.Module, rt: Runtime, blocks: nn.ModuleList, block_plans: dict[int, dict[str, str]], *,
+                 first: bool, last: bool, root: nn.Module, stage_index: int = 0) -> None:
+    """Apply one (virtual) stage: the embedding if ``first``, its layer groups, the head if
+    ``last``, and an FSDP root over ``root``."""
+    plan, dims = rt.plan, rt.dims
+    before, after = _edge_modules(model, rt.spec.block_path)
+    before, after = (before if first else []), (after if last else [])
+    ties = _tied_groups(before + after)
+    if first:
+        apply_embedding(before, plan.embedding_strategy, rt)
+    groups = plan.stages[stage_index].groups
+    for k, g in enumerate(groups):
+        nxt = dims.layout(groups[k + 1].strategy) if k + 1 < len(groups) else rt.data_layout
+        apply_layer_group([blocks[i] for i in range(g.start, g.end)], g.strategy, nxt, rt,
+                          {i - g.start: block_plans[i] for i in range(g.start, g.end) if i in block_plans})
+    if last:
+        apply_head(after, plan.head_strategy, rt)
+    _retie(ties)
+    shared = ties and plan.embedding_strategy.zero >= 2
+    for modules, s in ((before, plan.embedding_strategy), (after, plan.head_strategy)):
+        if modules and not shared:
+            apply_data(modules, s, rt)
+    if shared:
+        apply_data(before + after, plan.embedding_strategy, rt)
+    data.apply_fsdp_root(root, dims.mesh(plan.head_strategy if last else plan.embedding_strategy)["dp"])
+
+
+def apply_embedding(modules: list[nn.Module], s: LayerStrategy, rt: Runtime) -> None:
+    """Vocabulary-parallel token embedding when the embedding strategy has ``tp > 1``."""
+    if s.tp > 1:
+        embedding, _ = tensor.find_vocab_modules(modules, rt.spec.vocab)
+        tensor.apply_vocab_parallel_embedding(embedding, rt.dims.mesh(s)["tp"])
+
+
+def apply_head(modules: list[nn.Module], s: LayerStrategy, rt: Runtime) -> None:
+    """Vocabulary-parallel LM head when the head strategy has ``tp > 1`` (the final norm runs on
+    the gathered sequence)."""
+    if s.tp > 1:
+        _, head = tensor.find_vocab_modules(modules, rt.spec.vocab or None)
+        tensor.apply_vocab_parallel_head(head, rt.dims.mesh(s)["tp"])
+        head.register_forward_hook(lambda m, a, out: out if rt.vocab_sharded_output else out.full_tensor())
+
+
+def apply_layer_group(blocks: list[nn.Module], s: LayerStrategy, next_layout: Layout, rt: Runtime,
+                      block_plans: dict[int, dict[str, str]]) -> None:
+    """One layer group: TP (+SP), context and expert parallelism, recomputation, the
+    re-layout into ``s``'s layout and out to ``next_layout``, then DP / ZeRO."""
+    mesh = rt.dims.mesh(s)
+    for i, block in enumerate(blocks):
+        if s.tp > 1:
+            tensor.apply_tensor_parallel(block, block_plans[i], mesh["tp"], s.sp)
+        apply_context(block, s, mesh)
+        apply_expert(block, s, mesh)
+        apply_recompute(block, s.recompute)
+    sp_group = mesh["tp"].get_group() if s.sp else None
+    install_group_relayouts(blocks, rt.dims.layout(s), next_layout, sp_group=sp_group, dims=rt.dims, ctx=rt.ctx)
+    apply_data(blocks, s, rt)
+
+
+def apply_context(block: nn.Module, s: LayerStrategy, mesh: Any) -> None:
+    """Context parallelism of one block over ``mesh["cp"]`` (galvatron.runtime.context plugs in
+    here; ``check_supported`` rejects ``cp > 1`` until then)."""
+    if s.cp > 1:
+        raise PlanError("cp", f"context parallelism is {_NATIVE_TODO}")
+
+
+def apply_expert(block: nn.Module, s: LayerStrategy, mesh: Any) -> None:
+    """Expert parallelism of one MoE block folded over ``dp x cp`` (galvatron.runtime.expert
+    plugs in here; ``check_supported`` rejects ``ep > 1`` until then)."""
+    if s.ep > 1:
+        raise PlanError("ep", f"expert parallelism is {_NATIVE_TODO}")
+
+
+def apply_data(modules: list[nn.Module], s: LayerStrategy, rt: Runtime) -> None:
+    """DP / ZeRO of ``modules`` over ``s``'s data-parallel ranks."""
+    data.apply_data_parallel(modules, zero=s.zero, offload=s.offload, dp_mesh=rt.dims.mesh(s)["dp"],
+                             group=rt.dims.data_group(s), sync=rt.sync, dtype=rt.plan.dtype)
+
+
+def _apply_pipeline(model: nn.Module, rt: Runtime, block_plans: dict[int, dict[str, str]]) -> None:
+    """Cut ``model`` into this rank's chunks, parallelise each, and build the runner."""
+    from galvatron.runtime.pipeline import PipelineRunner, split_stages
+
+    chunks = split_stages(model, rt.spec.block_path, rt.plan, rt.dims.device_group)
+    model.to(rt.device)
+    blocks = model.get_submodule(rt.spec.block_path)
+    for chunk in chunks:
+        _apply_stage(model, rt, blocks, block_plans, first=chunk.is_first, last=chunk.is_last, root=chunk,
+                     stage_index=chunk.stage_index)
+        outer = rt.embedding_layout if chunk.is_first else rt.data_layout
+        chunk.register_forward_pre_hook(lambda m, a, o=outer: setattr(rt, "entry_layout", o))
+    rt.runner = PipelineRunner(chunks, rt.plan, rt.dims.pipeline_group(), _CurrentLoss(rt), rt.device)
+
+
+class _CurrentLoss:
+    """The loss function of the ``train_step`` in progress (the runner is built once)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with _loss_context(self.rt):
+            return self.rt.loss_fn(output, target)
+
+
+def _loss_context(rt: Runtime) -> contextlib.AbstractContextManager:
+    if rt.plan.head_strategy.tp > 1:
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()
+    return contextlib.nullcontext()
+
+
+# ====================================================================== the wrapped model
+class GalvatronModule(nn.Module):
+    """Added to a wrapped model's class by :func:`wrap` (the model keeps its own class,
+    parameter names and ``state_dict`` keys)."""
+
+    _galvatron: Runtime
+
+    @property
+    def plan(self) -> Plan:
+        """The plan this model runs."""
+        return self._galvatron.plan
+
+    @property
+    def dp_size(self) -> int:
+        """Number of data shards a step's batch is split into (the head's data parallelism)."""
+        return self._galvatron.data_layout.dp
+
+    @property
+    def dp_rank(self) -> int:
+        """Which data shard this rank consumes (see :meth:`shard_batch`)."""
+        rt = self._galvatron
+        return rt.data_layout.batch_index(rt.dims.rank)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        rt = self._galvatron
+        if rt.runner is not None and not rt.in_pipeline:
+            raise GalvatronError("a pipeline-parallel model runs through model.train_step(batch, loss_fn)")
+        args, kwargs = rt.enter(args, kwargs)
+        with rt.autocast():
+            return super().forward(*args, **kwargs)
+
+    def shard_batch(self, batch: Any) -> Any:
+        """This rank's data shard of a global batch (tensors split along dim 0)."""
+        n = first_batch_size((batch,), {})
+        if n % self.dp_size:
+            raise ValueError(f"a batch of {n} does not split into {self.dp_size} data shards")
+        return map_tensors(batch, lambda t: t.chunk(self.dp_size)[self.dp_rank], n)
+
+    def optimizer(self, optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+                  **kwargs: Any) -> torch.optim.Optimizer:
+        """An ``optimizer_cls(self.parameters(), **kwargs)`` that shards ZeRO-1 optimizer states."""
+        return optim.build_optimizer(self, optimizer_cls, self._galvatron.sync, **kwargs)
+
+    def train_step(self, batch: tuple[Any, torch.Tensor], loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+                   ) -> torch.Tensor:
+        """Forward and backward of one optimizer step on this rank's data shard.
+
+        ``batch = (inputs, targets)``: ``inputs`` a tensor, a tuple of positional inputs or a
+        dict of keyword inputs; ``loss_fn(output, targets)`` averages over the samples it gets.
+        Splits into ``plan.num_micro_batches`` micro-batches (the pipeline schedule when
+        ``pp > 1``), leaves averaged gradients in ``.grad`` and returns the step's mean loss
+        over all data shards (the same on every rank). Call ``optimizer.step()`` after it.
+        """
+        inputs, targets = batch
+        rt = self._galvatron
+        rt.sync.hooks_enabled, rt.vocab_sharded_output = False, True
+        try:
+            if rt.runner is not None:
+                loss = self._pipeline_step(inputs, targets, loss_fn)
+            else:
+                loss = self._local_step(inputs, targets, loss_fn)
+            rt.sync.reduce()
+        finally:
+            rt.sync.hooks_enabled, rt.vocab_sharded_output = True, False
+        return rt.mean_over_data(loss)
+
+    def _pipeline_step(self, inputs: Any, targets: torch.Tensor, loss_fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+        rt = self._galvatron
+        rt.loss_fn, rt.in_pipeline = loss_fn, True
+        try:
+            return rt.runner.step(inputs, targets)
+        finally:
+            rt.in_pipeline = False
+
+    def _local_step(self, inputs: Any, targets: torch.Tensor, loss_fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+        rt = self._galvatron
+        n = rt.plan.num_micro_batches
+        total = torch.zeros((), device=rt.device)
+        for x, y in zip(_micro_batches(inputs, n), _micro_batches(targets, n), strict=True):
+            args, kwargs = _call_args(x)
+            with _loss_context(rt):
+                loss = loss_fn(self(*args, **kwargs), y) / n
+                loss.backward()
+            total += _local_value(loss.detach())
+        return total
+
+
+def _call_args(inputs: Any) -> tuple[tuple, dict]:
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def _micro_batches(value: Any, n: int) -> Iterator[Any]:
+    batch = first_batch_size((value,), {})
+    if batch % n:
+        raise ValueError(f"a local batch of {batch} does not split into {n} micro-batches")
+    for i in range(n):
+        yield map_tensors(value, lambda t, i=i: t.chunk(n)[i], batch)
+
+
+def _local_value(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t

@@ -1,0 +1,226 @@
+"""Data parallelism and ZeRO per layer range, each range over its own data-parallel group.
+
+- ZeRO-0 and ZeRO-1: :class:`GradientSync` averages gradients over the range's group, one
+  bucket per module, as DDP does (buckets launched in a fixed order, asynchronously, during
+  backward; finished when backward ends). ZeRO-1 additionally shards the optimizer states:
+  see :mod:`galvatron.runtime.optim`.
+- ZeRO-2 and ZeRO-3: FSDP2 ``fully_shard`` per module with ``reshard_after_forward`` False / True.
+
+A plain ``torch.nn.parallel.DistributedDataParallel`` cannot serve here: it owns one process
+group for the whole model, while each layer range of a plan reduces over a different group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from galvatron.plan import DType
+
+_LOW_PRECISION = {DType.BF16: torch.bfloat16, DType.FP16: torch.float16}
+
+
+def local_view(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (the tensor itself otherwise), sharing storage."""
+    with torch.no_grad():
+        return t.to_local() if hasattr(t, "to_local") else t
+
+
+def local_grad(p: torch.Tensor) -> torch.Tensor | None:
+    """``p.grad``'s local shard, laid out like ``p``'s (DTensor ops may leave a gradient in
+    another placement, e.g. a replicated gradient of a vocabulary-sharded embedding)."""
+    grad = p.grad
+    if grad is not None and hasattr(grad, "placements") and grad.placements != p.placements:
+        with torch.no_grad():
+            p.grad = grad = grad.redistribute(p.device_mesh, p.placements)
+    return None if grad is None else local_view(grad)
+
+
+@dataclass
+class Bucket:
+    """Parameters whose gradients are averaged together over one data-parallel group."""
+
+    params: list[nn.Parameter]
+    group: dist.ProcessGroup
+    zero1: bool = False
+    """Optimizer states sharded over ``group`` (see :mod:`galvatron.runtime.optim`)."""
+    offload: bool = False
+    """Sharded optimizer states kept in CPU memory."""
+    ready: int = 0
+    work: Any = None
+    buffer: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def size(self) -> int:
+        return dist.get_world_size(self.group)
+
+
+class GradientSync:
+    """DDP-equivalent gradient averaging for parameters of many data-parallel groups.
+
+    Buckets launch in reverse registration order (the order backward produces gradients) as
+    soon as each is complete; the rest launch and every one is waited for when backward ends.
+    A parameter without a gradient on some ranks gets the average of the others; one without
+    a gradient anywhere keeps ``grad = None`` (as in single-process training).
+    """
+
+    def __init__(self) -> None:
+        self.buckets: list[Bucket] = []
+        self.hooks_enabled = True
+        self._seen: set[int] = set()
+        self._next = 0
+        self._queued = False
+
+    def add(self, params: list[nn.Parameter], group: dist.ProcessGroup, *, zero1: bool = False,
+            offload: bool = False) -> None:
+        """Average the gradients of ``params`` over ``group`` after every backward."""
+        params = [p for p in params if p.requires_grad and id(p) not in self._seen]
+        if not params:
+            return
+        self._seen.update(id(p) for p in params)
+        bucket = Bucket(params, group, zero1=zero1, offload=offload)
+        self.buckets.append(bucket)
+        if bucket.size == 1:
+            return
+        for p in params:
+            p.register_post_accumulate_grad_hook(lambda p, b=bucket: self._on_grad(b))
+
+    # -------------------------------------------------------------- during backward
+    def _on_grad(self, bucket: Bucket) -> None:
+        if not self.hooks_enabled:
+            return
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+        bucket.ready += 1
+        order = self._order()
+        while self._next < len(order) and order[self._next].ready >= len(order[self._next].params):
+            self._launch(order[self._next])
+            self._next += 1
+
+    def _finish(self) -> None:
+        self.reduce()
+        self._queued = False
+
+    def _order(self) -> list[Bucket]:
+        return [b for b in reversed(self.buckets) if b.size > 1]
+
+    # ------------------------------------------------------------------ collectives
+    def reduce(self) -> None:
+        """Average every bucket's gradients now (launching those not launched yet) and wait."""
+        order = self._order()
+        for bucket in order[self._next:]:
+            self._launch(bucket)
+        for bucket in order:
+            self._unpack(bucket)
+        self._next = 0
+
+    def _launch(self, bucket: Bucket) -> None:
+        parts, flags = [], []
+        for p in bucket.params:
+            grad = local_grad(p)
+            if grad is None:
+                parts.append(torch.zeros(local_view(p).numel(), dtype=p.dtype, device=local_view(p).device))
+                flags.append(0.0)
+            else:
+                parts.append(grad.reshape(-1))
+                flags.append(1.0)
+        flag = torch.tensor(flags, dtype=parts[0].dtype, device=parts[0].device)
+        bucket.buffer = torch.cat([*parts, flag])
+        bucket.work = dist.all_reduce(bucket.buffer, group=bucket.group, async_op=True)
+
+    def _unpack(self, bucket: Bucket) -> None:
+        bucket.work.wait()
+        buffer, n = bucket.buffer, len(bucket.params)
+        counts, offset = buffer[-n:], 0
+        for p, count in zip(bucket.params, counts.tolist(), strict=True):
+            local = local_view(p)
+            grad = buffer[offset: offset + local.numel()].view_as(local) / bucket.size
+            offset += local.numel()
+            if count == 0:
+                continue
+            if p.grad is None:
+                p.grad = _like_param(p, grad.to(p.dtype, copy=True))
+            else:
+                local_view(p.grad).copy_(grad)
+        bucket.ready, bucket.work, bucket.buffer = 0, None, None
+
+
+def _like_param(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """A gradient for ``p`` from its local values (a DTensor with ``p``'s layout if ``p`` is one)."""
+    if hasattr(p, "device_mesh"):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                  stride=p.stride())
+    return local
+
+
+def apply_data_parallel(modules: list[nn.Module], *, zero: int, offload: bool, dp_mesh: Any,
+                        group: dist.ProcessGroup, sync: GradientSync, dtype: DType) -> None:
+    """Make ``modules`` data parallel over ``dp_mesh`` / ``group`` with ZeRO stage ``zero``.
+
+    ZeRO 0/1 register the modules' parameters with ``sync`` (one bucket per module); ZeRO 2/3
+    shard each module with FSDP2 (a list of modules that share parameters is one FSDP unit).
+    """
+    if zero >= 2:
+        apply_fsdp(modules, dp_mesh, reshard_after_forward=zero == 3, offload=offload, dtype=dtype)
+        return
+    for module in modules:
+        sync.add(list(module.parameters()), group, zero1=zero == 1, offload=offload)
+
+
+def apply_fsdp(modules: list[nn.Module], mesh: Any, *, reshard_after_forward: bool, offload: bool,
+               dtype: DType) -> None:
+    """FSDP2 ``fully_shard`` each module, or all of them as one unit when they share parameters."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    low = _LOW_PRECISION.get(dtype)
+    kwargs: dict[str, Any] = {
+        "mesh": mesh,
+        "reshard_after_forward": reshard_after_forward,
+        "mp_policy": MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low else
+        MixedPrecisionPolicy(),
+        "offload_policy": CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy(),
+    }
+    modules = [m for m in modules if any(True for _ in m.parameters())]
+    if not modules:
+        return
+    if _share_parameters(modules):
+        fully_shard(modules, **kwargs)
+    else:
+        for module in modules:
+            fully_shard(module, **kwargs)
+
+
+def _share_parameters(modules: list[nn.Module]) -> bool:
+    seen: set[int] = set()
+    for module in modules:
+        ids = {id(p) for p in module.parameters()}
+        if ids & seen:
+            return True
+        seen |= ids
+    return False
+
+
+def apply_fsdp_root(root: nn.Module, mesh: Any) -> None:
+    """Make ``root`` the FSDP2 root over the units inside it, managing none of its own
+    parameters: one lazy init, one end-of-backward callback, and ZeRO-3 units keep resharding."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    managed = {id(p) for m in root.modules() if isinstance(m, FSDPModule) for p in m.parameters()}
+    if not managed:
+        return
+    ignored = {p for p in root.parameters() if id(p) not in managed}
+    fully_shard(root, mesh=mesh, reshard_after_forward=False, ignored_params=ignored)
+
+
+def fsdp_modules(root: nn.Module) -> list[Any]:
+    """FSDP2 units inside ``root``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in root.modules() if isinstance(m, FSDPModule)]

@@ -1,0 +1,302 @@
+"""Which rank does what: the rank grid of a plan, as pure functions and one live object.
+
+A plan runs its ``pp`` device groups on consecutive rank ranges: device group ``i`` owns ranks
+``[sum of the devices of groups < i, ...)``, and pipeline stage ``s`` runs on device group
+``s % pp``. Inside a device group, each layer group lays its ``dp x cp x tp`` ranks out
+row-major with ``tp`` innermost (the fastest links), so rank ``start + (d * cp + c) * tp + t``
+has coordinate ``(d, c, t)``. Different layer groups of one stage may use different layouts
+over the same ranks; the batch shard a rank holds is then always its ``dp`` coordinate
+(``rank_in_group // (cp * tp)``), which is what makes activation re-layout a gather or a
+split of the batch among a few ranks (:func:`batch_groups`).
+
+The pure functions below are tested without processes; :class:`ParallelDims` turns them into
+process groups and ``DeviceMesh`` objects for the live rank (torchtitan's ``ParallelDims``,
+Megatron's ``HyperCommGrid``).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from galvatron.errors import PlanError
+from galvatron.plan import LayerStrategy, Plan
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+
+class Axis(enum.StrEnum):
+    """Names of the axes of a layer group's device mesh (outermost first)."""
+
+    DP = "dp"
+    CP = "cp"
+    TP = "tp"
+
+
+AXES = (Axis.DP, Axis.CP, Axis.TP)
+RankGroup = tuple[int, ...]
+
+
+# ------------------------------------------------------------------ pure rank maths
+def device_group_ranks(plan: Plan) -> tuple[range, ...]:
+    """Global ranks of each of the plan's ``pp`` device groups, in pipeline order."""
+    out, start = [], 0
+    for stage in plan.stages[: plan.pp]:
+        out.append(range(start, start + stage.devices))
+        start += stage.devices
+    return tuple(out)
+
+
+def device_group_of(plan: Plan, rank: int) -> int:
+    """Index of the device group that holds ``rank``."""
+    for i, ranks in enumerate(device_group_ranks(plan)):
+        if rank in ranks:
+            return i
+    raise PlanError("stages", f"rank {rank} is outside the plan's {plan.world_size} devices")
+
+
+def stages_of(plan: Plan, device_group: int) -> tuple[int, ...]:
+    """Indices into ``plan.stages`` of the (virtual) stages a device group runs, in model order."""
+    return tuple(range(device_group, len(plan.stages), plan.pp))
+
+
+def pipeline_groups(plan: Plan) -> tuple[RankGroup, ...]:
+    """Rank ``j`` of every device group forms pipeline group ``j``; needs equal device counts."""
+    groups = device_group_ranks(plan)
+    sizes = {len(r) for r in groups}
+    if len(sizes) > 1:
+        raise PlanError(
+            "stages",
+            f"pipeline stages on {', '.join(str(len(r)) for r in groups)} devices: the native runtime pairs "
+            "rank j of each stage, so every stage needs the same device count",
+        )
+    return tuple(tuple(r[j] for r in groups) for j in range(len(groups[0])))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A ``dp x cp x tp`` grid over the consecutive ranks of one device group."""
+
+    ranks: range
+    dp: int
+    cp: int = 1
+    tp: int = 1
+
+    def __post_init__(self) -> None:
+        if self.dp * self.cp * self.tp != len(self.ranks):
+            raise PlanError("dp", f"dp {self.dp} x cp {self.cp} x tp {self.tp} != {len(self.ranks)} devices")
+
+    @classmethod
+    def of(cls, strategy: LayerStrategy, ranks: range) -> Layout:
+        return cls(ranks, strategy.dp, strategy.cp, strategy.tp)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.dp, self.cp, self.tp)
+
+    def coordinate(self, rank: int) -> tuple[int, int, int]:
+        """``(dp, cp, tp)`` coordinate of a global rank of this device group."""
+        i = self.ranks.index(rank)
+        return (i // (self.cp * self.tp), (i // self.tp) % self.cp, i % self.tp)
+
+    def rank_at(self, d: int, c: int, t: int) -> int:
+        return self.ranks[(d * self.cp + c) * self.tp + t]
+
+    def axis_groups(self, axis: Axis | str) -> tuple[RankGroup, ...]:
+        """Every group of ranks that differ only along ``axis``."""
+        axis = Axis(axis)
+        k = AXES.index(axis)
+        others = [range(n) for j, n in enumerate(self.shape) if j != k]
+        groups = []
+        for a in others[0]:
+            for b in others[1]:
+                fixed = (a, b)
+                coords = [(*fixed[:k], i, *fixed[k:]) for i in range(self.shape[k])]
+                groups.append(tuple(self.rank_at(*c) for c in coords))
+        return tuple(groups)
+
+    def group_of(self, rank: int, axis: Axis | str) -> RankGroup:
+        """The group along ``axis`` that contains ``rank``."""
+        return next(g for g in self.axis_groups(axis) if rank in g)
+
+    def data_groups(self) -> tuple[RankGroup, ...]:
+        """Groups of ranks that hold different data of the same model shard (``dp x cp``):
+        the gradient reduction groups."""
+        groups = []
+        for t in range(self.tp):
+            groups.append(tuple(self.rank_at(d, c, t) for d in range(self.dp) for c in range(self.cp)))
+        return tuple(groups)
+
+    def batch_index(self, rank: int) -> int:
+        """Which of the ``dp`` batch shards ``rank`` holds."""
+        return self.coordinate(rank)[0]
+
+
+def batch_groups(ranks: range, fine: int, coarse: int) -> tuple[RankGroup, ...]:
+    """Groups that turn a batch split ``fine`` ways into one split ``coarse`` ways.
+
+    Each group has ``fine // coarse`` ranks holding consecutive fine shards of one coarse
+    shard, in shard order: an all-gather in a group goes fine -> coarse, a split goes back.
+    """
+    if fine % coarse or len(ranks) % fine:
+        raise ValueError(f"cannot regroup a batch split {fine} ways into {coarse} over {len(ranks)} ranks")
+    n = len(ranks)
+    block, stride = n // coarse, n // fine
+    groups = []
+    for c in range(coarse):
+        for offset in range(stride):
+            base = c * block + offset
+            groups.append(tuple(ranks[base + j * stride] for j in range(fine // coarse)))
+    return tuple(groups)
+
+
+def relayout_steps(dp_from: int, dp_to: int) -> tuple[tuple[str, int, int], ...]:
+    """Collective steps that move a batch split ``dp_from`` ways to ``dp_to`` ways.
+
+    Each step is ``("gather", fine, coarse)`` or ``("split", coarse, fine)``; through the
+    greatest common divisor when neither degree divides the other; none when they are equal.
+    """
+    if dp_from == dp_to:
+        return ()
+    if dp_from % dp_to == 0:
+        return (("gather", dp_from, dp_to),)
+    if dp_to % dp_from == 0:
+        return (("split", dp_from, dp_to),)
+    g = math.gcd(dp_from, dp_to)
+    return relayout_steps(dp_from, g) + relayout_steps(g, dp_to)
+
+
+def data_layout(plan: Plan, device_group: int) -> Layout:
+    """The layout of a stage's inputs, targets and outputs: the head's batch split, replicated
+    over the rest (what ``shard_batch`` and pipeline sends use)."""
+    ranks = device_group_ranks(plan)[device_group]
+    return Layout(ranks, plan.head_strategy.dp, 1, len(ranks) // plan.head_strategy.dp)
+
+
+def plan_layouts(plan: Plan, device_group: int) -> tuple[Layout, ...]:
+    """Distinct layouts used on a device group: its layer groups', the edges', the data layout."""
+    ranks = device_group_ranks(plan)[device_group]
+    strategies = [g.strategy for s in stages_of(plan, device_group) for g in plan.stages[s].groups]
+    if device_group == 0:
+        strategies.append(plan.embedding_strategy)
+    if device_group == (len(plan.stages) - 1) % plan.pp:
+        strategies.append(plan.head_strategy)
+    layouts = {Layout.of(s, ranks) for s in strategies} | {data_layout(plan, device_group)}
+    return tuple(sorted(layouts, key=lambda lay: lay.shape))
+
+
+def required_groups(plan: Plan) -> tuple[RankGroup, ...]:
+    """Every process group the plan needs, over all device groups, in one deterministic order
+    (every rank must create the same groups in the same order)."""
+    groups: set[RankGroup] = set(pipeline_groups(plan)) if plan.pp > 1 else set()
+    for dg, ranks in enumerate(device_group_ranks(plan)):
+        layouts = plan_layouts(plan, dg)
+        for lay in layouts:
+            for axis in AXES:
+                groups.update(lay.axis_groups(axis))
+            groups.update(lay.data_groups())
+        degrees = {lay.dp for lay in layouts}
+        for a in sorted(degrees):
+            for b in sorted(degrees):
+                for kind, x, y in relayout_steps(a, b):
+                    fine, coarse = (x, y) if kind == "gather" else (y, x)
+                    groups.update(batch_groups(ranks, fine, coarse))
+    return tuple(sorted(groups, key=lambda g: (len(g), g)))
+
+
+# ----------------------------------------------------------------- live process groups
+_GROUPS: dict[RankGroup, dist.ProcessGroup | None] = {}
+_WORLD: list[object] = [None]
+
+
+def _create_groups(groups: tuple[RankGroup, ...], timeout: timedelta) -> None:
+    """Create (once per process) the process groups named; collective over the whole world."""
+    import torch.distributed as dist
+
+    if _WORLD[0] is not dist.group.WORLD:  # a new default group: old groups are gone
+        _GROUPS.clear()
+        _WORLD[0] = dist.group.WORLD
+    me = dist.get_rank()
+    for ranks in groups:
+        if ranks not in _GROUPS:
+            group = dist.new_group(list(ranks), timeout=timeout)
+            _GROUPS[ranks] = group if me in ranks else None
+
+
+class ParallelDims:
+    """The live rank's view of a plan: its device group, its stages, and for each layer
+    strategy a ``DeviceMesh`` with axes ``dp``, ``cp``, ``tp`` over the device group's ranks.
+
+    Build with :meth:`build` on every rank (it creates every process group the plan needs,
+    collectively); then hand out meshes and groups with :meth:`mesh` and :meth:`group`.
+    """
+
+    def __init__(self, plan: Plan, rank: int, device_type: str) -> None:
+        self.plan = plan
+        self.rank = rank
+        self.device_type = device_type
+        self.device_group = device_group_of(plan, rank)
+        self.ranks = device_group_ranks(plan)[self.device_group]
+        self.stages = stages_of(plan, self.device_group)
+        self._meshes: dict[Layout, DeviceMesh] = {}
+
+    @classmethod
+    def build(cls, plan: Plan, rank: int, device_type: str, timeout: timedelta) -> ParallelDims:
+        """Create every process group of ``plan`` (a collective over all ranks) and return the
+        view of ``rank``."""
+        dims = cls(plan, rank, device_type)
+        _create_groups(required_groups(plan), timeout)
+        return dims
+
+    @property
+    def is_first(self) -> bool:
+        """Whether this rank runs the embedding (the first pipeline stage)."""
+        return 0 in self.stages
+
+    @property
+    def is_last(self) -> bool:
+        """Whether this rank runs the head (the last pipeline stage)."""
+        return len(self.plan.stages) - 1 in self.stages
+
+    def layout(self, strategy: LayerStrategy) -> Layout:
+        return Layout.of(strategy, self.ranks)
+
+    @property
+    def data_layout(self) -> Layout:
+        return data_layout(self.plan, self.device_group)
+
+    def group(self, ranks: RankGroup) -> dist.ProcessGroup:
+        """The process group over ``ranks`` (which must include this rank)."""
+        group = _GROUPS.get(tuple(ranks))
+        if group is None:
+            raise KeyError(f"no process group over ranks {ranks} for rank {self.rank}")
+        return group
+
+    def mesh(self, strategy: LayerStrategy | Layout) -> DeviceMesh:
+        """The ``(dp, cp, tp)`` device mesh of a layer strategy on this rank's device group."""
+        from torch.distributed.device_mesh import DeviceMesh
+
+        lay = strategy if isinstance(strategy, Layout) else self.layout(strategy)
+        if lay not in self._meshes:
+            import torch
+
+            grid = torch.tensor(list(lay.ranks), dtype=torch.int).view(*lay.shape)
+            groups = [self.group(lay.group_of(self.rank, axis)) for axis in AXES]
+            self._meshes[lay] = DeviceMesh.from_group(
+                groups, self.device_type, mesh=grid, mesh_dim_names=tuple(a.value for a in AXES)
+            )
+        return self._meshes[lay]
+
+    def data_group(self, strategy: LayerStrategy | Layout) -> dist.ProcessGroup:
+        """Gradient-reduction group (``dp x cp`` ranks holding the same parameter shard)."""
+        lay = strategy if isinstance(strategy, Layout) else self.layout(strategy)
+        return self.group(next(g for g in lay.data_groups() if self.rank in g))
+
+    def pipeline_group(self) -> dist.ProcessGroup:
+        """The group of ranks at this rank's position in every pipeline stage."""
+        return self.group(next(g for g in pipeline_groups(self.plan) if self.rank in g))
