@@ -15,9 +15,10 @@ their gradient reduction over all ``dp * cp`` ranks; expert gradients are summed
 data-parallel group and divided by ``dp * cp`` (not by its size: each expert already saw the tokens
 of ``ep`` ranks).
 
-Experts may also be split over a tensor-parallel group (expert TP): each expert is a Megatron
-column/row-parallel MLP on the tokens it received, with :func:`copy_to_tp` / :func:`reduce_from_tp`
-(Megatron's f and g, Shoeybi et al. 2019) around it.
+Experts may also be split over a tensor-parallel group (expert TP) whose ranks hold the same tokens:
+each expert is a Megatron column/row-parallel MLP, with :func:`copy_to_tp` / :func:`reduce_from_tp`
+(Megatron's f and g, Shoeybi et al. 2019) applied once per layer on the tokens and the router weights
+before the dispatch and on the combined output after it.
 
 Two modes: dropless (every assignment reaches its expert) and capacity, where each expert takes at
 most ``ceil(capacity_factor * tokens * top_k / experts)`` assignments from a rank (Switch Transformer,
@@ -266,41 +267,69 @@ LocalExperts = Callable[[torch.Tensor, list[int]], torch.Tensor]
 one output row per input row."""
 
 
-def routed_experts(tokens: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, run: LocalExperts, *,
-                   num_experts: int, ep_group: Group, capacity_factor: float | None = None,
-                   drop_policy: DropPolicy = DropPolicy.PROBS) -> torch.Tensor:
-    """Routed-expert output ``sum_k weights[t, k] * expert_{index[t, k]}(tokens[t])`` for (tokens, hidden).
+@dataclass(frozen=True)
+class Routes:
+    """Where this rank's kept (token, expert) assignments go, sorted by expert."""
 
-    The assignments are sorted by expert, dispatched to the ranks of ``ep_group`` that hold their
-    experts, run there by ``run``, combined back and summed per token. With ``capacity_factor``, each
-    expert keeps at most :func:`expert_capacity` of this rank's assignments.
-    """
+    rows: torch.Tensor
+    """Token of each assignment."""
+    weights: torch.Tensor
+    """Router weight of each assignment (differentiable)."""
+    send_splits: list[int]
+    """Assignments sent to each rank of the EP group."""
+    recv_splits: list[int]
+    """Assignments received from each rank of the EP group."""
+    per_expert: list[int]
+    """Received assignments per local expert."""
+    perm: torch.Tensor
+    """Orders the received assignments by local expert (see :func:`group_by_local_expert`)."""
+
+
+def plan_routes(index: torch.Tensor, weights: torch.Tensor, num_experts: int, ep_group: Group,
+                capacity_factor: float | None = None, drop_policy: DropPolicy = DropPolicy.PROBS) -> Routes:
+    """Sort the assignments by expert, drop those past capacity, and exchange the per-expert counts over
+    ``ep_group`` (one small all-to-all and the layer's one device-to-host sync)."""
     ep = group_size(ep_group)
     if num_experts % ep:
         raise PlanError("ep", f"{ep} does not divide the layer's {num_experts} experts")
     n, top_k = index.shape
     flat_expert, flat_weight = index.reshape(-1), weights.reshape(-1)
-    flat_token = torch.arange(n, device=tokens.device).repeat_interleave(top_k)
+    flat_token = torch.arange(n, device=index.device).repeat_interleave(top_k)
     if capacity_factor is not None:
         capacity = expert_capacity(n, top_k, num_experts, capacity_factor)
         keep = capacity_keep_mask(index, weights, num_experts, capacity, drop_policy).reshape(-1)
         flat_expert, flat_weight, flat_token = flat_expert[keep], flat_weight[keep], flat_token[keep]
     order = torch.argsort(flat_expert, stable=True)
-    rows = flat_token[order]
     send_counts = _bincount(flat_expert, num_experts)
     recv_counts = _exchange_counts(send_counts, ep, ep_group)
-    counts = torch.cat([send_counts, recv_counts.reshape(-1)]).tolist()  # the one device-to-host sync
+    counts = torch.cat([send_counts, recv_counts.reshape(-1)]).tolist()
     local = num_experts // ep
-    send_splits = [sum(counts[i * local : (i + 1) * local]) for i in range(ep)]
-    received_counts = counts[num_experts:]
-    recv_splits = [sum(received_counts[i * local : (i + 1) * local]) for i in range(ep)]
-    per_expert = [sum(received_counts[j::local]) for j in range(local)]
-    received = all_to_all(tokens[rows], recv_splits, send_splits, ep_group)
-    perm = group_by_local_expert(recv_counts, sum(recv_splits))
-    outputs = run(received[perm], per_expert)[inverse_permutation(perm)]
-    returned = all_to_all(outputs, send_splits, recv_splits, ep_group)
-    weighted = (returned * flat_weight[order, None]).to(tokens.dtype)
-    return torch.zeros_like(tokens).index_add(0, rows, weighted)
+    sent, received = counts[:num_experts], counts[num_experts:]
+    recv_splits = [sum(received[i * local : (i + 1) * local]) for i in range(ep)]
+    return Routes(rows=flat_token[order], weights=flat_weight[order],
+                  send_splits=[sum(sent[i * local : (i + 1) * local]) for i in range(ep)], recv_splits=recv_splits,
+                  per_expert=[sum(received[j::local]) for j in range(local)],
+                  perm=group_by_local_expert(recv_counts, sum(recv_splits)))
+
+
+def routed_experts(tokens: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, run: LocalExperts, *,
+                   num_experts: int, ep_group: Group, tp_group: Group = None, capacity_factor: float | None = None,
+                   drop_policy: DropPolicy = DropPolicy.PROBS) -> torch.Tensor:
+    """Routed-expert output ``sum_k weights[t, k] * expert_{index[t, k]}(tokens[t])`` for (tokens, hidden).
+
+    The assignments are dispatched to the ranks of ``ep_group`` that hold their experts, run there by
+    ``run``, combined back and summed per token. With ``tp_group`` (expert TP), ``run`` returns partial
+    sums of row-parallel outputs and the reduction over ``tp_group`` happens once on the combined tokens,
+    so it moves ``tokens x hidden`` rather than ``top_k`` times that. With ``capacity_factor``, each
+    expert keeps at most :func:`expert_capacity` of this rank's assignments.
+    """
+    routes = plan_routes(index, weights, num_experts, ep_group, capacity_factor, drop_policy)
+    sent = copy_to_tp(tokens, tp_group)[routes.rows]
+    received = all_to_all(sent, routes.recv_splits, routes.send_splits, ep_group)
+    outputs = run(received[routes.perm], routes.per_expert)[inverse_permutation(routes.perm)]
+    returned = all_to_all(outputs, routes.send_splits, routes.recv_splits, ep_group)
+    weighted = (returned * copy_to_tp(routes.weights, tp_group)[:, None]).to(tokens.dtype)
+    return reduce_from_tp(torch.zeros_like(tokens).index_add(0, routes.rows, weighted), tp_group)
 
 
 def _bincount(values: torch.Tensor, bins: int) -> torch.Tensor:

@@ -37,11 +37,9 @@ from galvatron.errors import GalvatronError, PlanError
 from galvatron.runtime.expert import (
     DropPolicy,
     Group,
-    copy_to_tp,
     group_rank,
     group_size,
     load_balancing_loss,
-    reduce_from_tp,
     routed_experts,
 )
 
@@ -71,6 +69,7 @@ class ExpertParallelState:
 
 
 _STATE = "_galvatron_ep"
+_LOAD = "_galvatron_ep_load"
 
 
 # ------------------------------------------------------------------------------------ recognition
@@ -162,6 +161,12 @@ def expert_parameter_names(model: nn.Module) -> set[str]:
     return {f"{path}.{name}" for path, experts in expert_modules(model) for name, _ in experts.named_parameters()}
 
 
+def expert_load(model: nn.Module) -> list[list[int]]:
+    """Per patched layer (in module order), the assignments each local expert of this rank received in
+    the last forward: the routing imbalance a cost model needs is max over ranks / mean of their sums."""
+    return [list(getattr(m, _LOAD, [])) for m in model.modules() if hasattr(m, _STATE)]
+
+
 def _has_dtensor(module: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
@@ -235,11 +240,13 @@ def _routed(module: nn.Module, tokens: torch.Tensor, index: torch.Tensor, weight
             run: Callable[[torch.Tensor, list[int]], torch.Tensor]) -> torch.Tensor:
     state: ExpertParallelState = getattr(module, _STATE)
 
-    def run_tp(rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        return reduce_from_tp(run(copy_to_tp(rows, state.tp_group), counts), state.tp_group)
+    def run_and_count(rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        object.__setattr__(module, _LOAD, counts)
+        return run(rows, counts)
 
-    return routed_experts(tokens, index, weights, run_tp, num_experts=state.num_experts, ep_group=state.ep_group,
-                          capacity_factor=state.capacity_factor, drop_policy=state.drop_policy)
+    return routed_experts(tokens, index, weights, run_and_count, num_experts=state.num_experts,
+                          ep_group=state.ep_group, tp_group=state.tp_group, capacity_factor=state.capacity_factor,
+                          drop_policy=state.drop_policy)
 
 
 def _run_module_list(experts: nn.ModuleDict, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:

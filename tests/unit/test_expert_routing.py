@@ -23,7 +23,7 @@ from galvatron.runtime.expert import (
     load_balancing_loss,
     routed_experts,
 )
-from galvatron.runtime.expert_wrap import MoEKind, apply_expert_parallel, find_moe_layers
+from galvatron.runtime.expert_wrap import MoEKind, apply_expert_parallel, expert_load, find_moe_layers
 
 
 def test_rank_grid_folds_ep_over_consecutive_ranks() -> None:
@@ -135,7 +135,7 @@ def test_apply_rejects_dense_models_twice_wrapped_layers_and_bad_ep() -> None:
 
 def test_unused_experts_get_no_gradient_as_in_the_reference() -> None:
     """Zero tokens give equal router logits, so every token picks the same two experts; the other two
-    keep ``grad = None`` in both the reference and the patched layer."""
+    keep ``grad = None`` in both the reference and the patched layer, whose recorded load says so."""
     torch.manual_seed(0)
     plain = MoE(GPTConfig(hidden=16, experts=4, top_k=2, shared_experts=1))
     wrapped = copy.deepcopy(plain)
@@ -145,6 +145,8 @@ def test_unused_experts_get_no_gradient_as_in_the_reference() -> None:
     assert len(used) == 2
     for moe in (plain, wrapped):
         moe(x).pow(2).sum().backward()
+    routed = plain.route(x.view(-1, 16))[0]
+    assert expert_load(wrapped) == [torch.bincount(routed.reshape(-1), minlength=4).tolist()]
     for name, p in plain.named_parameters():
         q = wrapped.get_parameter(name)
         unused = name.startswith("experts.") and not name.startswith(tuple(used))
