@@ -194,18 +194,31 @@ def _outer_modules(model: nn.Module, block_path: str) -> tuple[list[str], list[s
     return prefix, suffix
 
 
-def _tied_names(model: nn.Module, prefix: list[str], suffix: list[str]) -> tuple[list[str], list[str]]:
-    """Names (prefix side, suffix side) of parameters that prefix and suffix share, in one order."""
-    first = {
-        id(p): f"{path}.{name}" for path in prefix
-        for name, p in model.get_submodule(path).named_parameters(remove_duplicate=False)
-    }
-    pairs = {}
-    for path in suffix:
-        for name, p in model.get_submodule(path).named_parameters(remove_duplicate=False):
-            if id(p) in first:
-                pairs.setdefault(first[id(p)], f"{path}.{name}")
-    return list(pairs), list(pairs.values())
+def _tied_names(
+    model: nn.Module, block_path: str, plan: Plan, prefix: list[str], suffix: list[str],
+) -> tuple[list[str], list[str]]:
+    """Names (prefix side, suffix side) of the parameters prefix and suffix share, in one order.
+
+    Raises for any other parameter that two stages would hold (weights shared between blocks of
+    different stages, or between a block and an embedding): nothing would keep those copies equal.
+    """
+    last = len(plan.stages) - 1
+    places = [(path, 0) for path in prefix]
+    places += [(f"{block_path}.{i}", plan.stage_of(i)) for i in range(plan.num_layers)]
+    places += [(path, last) for path in suffix]
+    seen: dict[int, tuple[str, int]] = {}
+    tied: dict[str, str] = {}
+    for path, stage in places:
+        for name, param in model.get_submodule(path).named_parameters(remove_duplicate=False):
+            full = f"{path}.{name}"
+            first, first_stage = seen.setdefault(id(param), (full, stage))
+            if first_stage == stage:
+                continue
+            if not (first.startswith(tuple(f"{p}." for p in prefix)) and path in suffix):
+                raise ValueError(f"{first} (stage {first_stage}) and {full} (stage {stage}) are one parameter; "
+                                 "only input and output embeddings may be tied across pipeline stages")
+            tied.setdefault(first, full)
+    return list(tied), list(tied.values())
 
 
 # ------------------------------------------------------------------ the chunk
@@ -341,7 +354,7 @@ def split_stages(model: nn.Module, block_path: str, plan: Plan, stage_index: int
     for i, stage in enumerate(plan.stages):
         if stage.start >= stage.end:
             raise PlanError(f"stages[{i}]", "a pipeline stage needs at least one layer")
-    tied_first, tied_last = _tied_names(model, prefix, suffix)
+    tied_first, tied_last = _tied_names(model, block_path, plan, prefix, suffix)
     num_stages = len(plan.stages)
     chunks = [
         StageChunk(

@@ -4,7 +4,8 @@ Every case trains a tiny model (reference GPT with tied embeddings, Hugging Face
 Llama, Mixtral) for three AdamW steps under one schedule and one stage split; the loss of every
 step and every parameter afterwards must match the single-process run on the whole batch. Cases
 with ``dp = 2`` put two ranks on each stage (rank r of stage k feeds rank r of stage k+1), each on
-half the batch, with a plain gradient all-reduce over the stage's ranks. All cases of one world
+half the batch, with a plain gradient all-reduce over the stage's ranks; on 2 ranks that leaves a
+pipeline of one device group (with two virtual stages: tied embeddings on one rank). All cases of one world
 size share one launch; the references are computed once per model in the parent.
 """
 
@@ -35,6 +36,8 @@ SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zero-bubble",
 SPLITS = {  # (world, dp, virtual stages) -> {name: layer counts per stage}
     (2, 1, 1): {"even": (4, 4), "uneven": (5, 3)},
     (2, 1, 2): {"even": (2, 2, 2, 2), "uneven": (3, 1, 1, 3)},
+    (2, 2, 1): {"whole": (8,)},
+    (2, 2, 2): {"uneven": (3, 5)},
     (4, 1, 1): {"even": (3, 3, 3, 3), "uneven": (5, 1, 2, 4)},
     (4, 1, 2): {"even": (2, 2, 2, 2, 1, 1, 1, 1), "uneven": (1, 3, 1, 1, 2, 1, 2, 1)},
     (4, 2, 1): {"uneven": (8, 4)},
@@ -72,7 +75,8 @@ def _matrix(world: int) -> list[Case]:
 
 
 CASES = {
-    2: [*_matrix(2), Case("mixtral", "1f1b", 1, "uneven"), Case("mixtral", "zero-bubble", 2, "uneven")],
+    2: [*_matrix(2), Case("mixtral", "1f1b", 1, "uneven"), Case("mixtral", "zero-bubble", 2, "uneven"),
+        Case("gpt2", "gpipe", 1, "whole", dp=2), Case("gpt", "zero-bubble", 2, "uneven", dp=2)],  # pp = 1
     4: [*_matrix(4), *(Case(m, s, v, "uneven", dp=2) for m in ("gpt", "gpt2", "llama")
                        for s, v in (("1f1b", 1), ("interleaved-1f1b", 2), ("zero-bubble", 2)))],
 }
@@ -147,7 +151,8 @@ def _train(case: Case, world: int, layout: _Layout) -> tuple[list[float], dict[s
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    return losses, {n: p.detach().clone() for chunk in chunks for n, p in chunk.named_parameters()}
+    named = (item for chunk in chunks for item in chunk.named_parameters(remove_duplicate=False))
+    return losses, {n: p.detach().clone() for n, p in named}
 
 
 def _misuse(world: int) -> list[str]:

@@ -217,6 +217,13 @@ def test_split_errors_name_the_problem() -> None:
     model.scale = nn.Parameter(torch.ones(()))
     with pytest.raises(ValueError, match=r"holds parameters \['scale'\] directly"):
         split_stages(model, "blocks", plan, 0)
+    model = spec.build(6)
+    model.blocks[1].mlp.up_proj.weight = model.blocks[0].mlp.up_proj.weight  # one stage: fine
+    split_stages(model, "blocks", plan, 0)
+    model = spec.build(6)
+    model.blocks[4].mlp.up_proj.weight = model.blocks[0].mlp.up_proj.weight
+    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.up_proj\.weight \(stage 0\) and blocks\.4\.mlp\.up_proj"):
+        split_stages(model, "blocks", plan, 0)
 
 
 def test_a_forward_that_skips_the_blocks_is_reported() -> None:
