@@ -32,7 +32,7 @@ setup(
     packages=names,
     package_dir=dirs,
     package_data={"galvatron.configs": ["*/*.yaml"]},
-    install_requires=["torch>=2.11", "pyyaml>=6", "nvidia-ml-py>=12"],
+    install_requires=["torch>=2.11", "pyyaml>=6", "nvidia-ml-py>=12", "numpy>=1.24"],
     extras_require={
         "ray": ["ray[default]>=2.40"],
         "deepspeed": ["deepspeed>=0.16"],

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 from galvatron.strategies.cost.layer import LayerContext
 from galvatron.strategies.cost.model import PlanCost, as_perf, cost_plan
 from galvatron.strategies.cost.options import CostOptions
@@ -68,12 +69,19 @@ class _Search:
         self.heap: list[tuple[float, int, tuple]] = []
         self.costed = 0
         self.seen = 0
+        self.offered: set[tuple] = set()
+        self._floors: dict[tuple, float] = {}
 
     # ---------------------------------------------------------------- bookkeeping
     def bound(self) -> float:
         return -self.heap[0][0] if len(self.heap) >= self.options.top_k else float("inf")
 
     def offer(self, t: float, config: _Config, stages: tuple) -> None:
+        key = (config.pp, config.m, config.schedule, config.v,
+               tuple(_groups(self.spec, a, b, c) for a, b, c in stages))
+        if key in self.offered:
+            return
+        self.offered.add(key)
         self.seen += 1
         item = (-t, self.seen, (config, stages))
         if len(self.heap) < self.options.top_k:
@@ -90,25 +98,29 @@ class _Search:
 
     # ---------------------------------------------------------------- driver
     def run(self) -> None:
-        for pp in pp_candidates(self.spec, self.world, self.options):
-            devices = self.world // pp
-            cands = strategies(self.spec, devices, self.perf.gpus_per_node, self.options)
-            for m in micro_batch_counts(self.global_batch, pp, self.options):
-                mb = self.global_batch // m
-                usable = [s for s in cands if mb % s.dp == 0]
-                if usable:
-                    self._configs(pp, m, mb, devices, usable)
-            self._progress(f"pp={pp}: {self.costed} candidates costed, best {self._best_text()}")
+        """Uniform plans first (cheap, and they give the bound that prunes), then the pipeline DP."""
+        for dp_pass in (False, True):
+            if dp_pass and self.options.uniform:
+                break
+            for pp in pp_candidates(self.spec, self.world, self.options):
+                devices = self.world // pp
+                cands = strategies(self.spec, devices, self.perf.gpus_per_node, self.options)
+                for m in micro_batch_counts(self.global_batch, pp, self.options):
+                    mb = self.global_batch // m
+                    usable = [s for s in cands if mb % s.dp == 0]
+                    if usable:
+                        self._configs(pp, m, mb, devices, usable, dp_pass)
+                self._progress(f"pp={pp}: {self.costed} candidates costed, best {self._best_text()}")
 
-    def _configs(self, pp: int, m: int, mb: int, devices: int, usable: list[LayerStrategy]) -> None:
+    def _configs(self, pp: int, m: int, mb: int, devices: int, usable: list[LayerStrategy], dp_pass: bool) -> None:
         table = self.table(mb)
         table.ctx = dataclasses.replace(table.ctx, stage_devices=devices)
         for schedule, v in self._schedules(pp, m):
             ev = StageEvaluator(table, schedule is Schedule.ZERO_BUBBLE, self.budget)
             config = _Config(pp, m, schedule, v)
-            if v == 1 and not self.options.uniform:
+            if dp_pass and v == 1 and pp > 1:
                 self._pipeline_dp(config, ev, usable)
-            else:
+            elif not dp_pass:
                 self._uniform(config, ev, usable)
             self.costed += ev.combined
 
@@ -132,8 +144,11 @@ class _Search:
         modes = list(self.lower) + ([Recompute.FULL] if self.allow_full else [])
         counts = even_split(self.spec.num_blocks, config.pp * config.v)
         bounds = [sum(counts[:i]) for i in range(len(counts) + 1)]
+        per_group = -(-self.spec.num_blocks // config.pp)
         for s in usable:
             for r in modes:
+                if config.m * per_group * self._fb_per_block(ev, s, r) >= self.bound():
+                    continue
                 choice = StageChoice(s, r if r is not Recompute.FULL else Recompute.NONE,
                                      0 if r is not Recompute.FULL else -1)
                 groups = self._uniform_groups(config, ev, choice, bounds)
@@ -150,10 +165,10 @@ class _Search:
         pp, v = config.pp, config.v
         out = []
         for g in range(pp):
-            sums, work, p2p = [0.0] * VECTOR_LEN, 0.0, 0.0
+            sums, work, p2p = np.zeros(VECTOR_LEN), 0.0, 0.0
             for j in range(g, pp * v, pp):
                 part, w, p = ev.sums(_resolve(choice, bounds[j], bounds[j + 1]), bounds[j], bounds[j + 1])
-                sums = [x + y for x, y in zip(sums, part)]
+                sums = sums + part
                 work, p2p = max(work, w), p2p + p
             ev.combined += 1
             tot = combine(sums, work, p2p, in_flight(config.schedule, pp, v, config.m, g), ev.zero_bubble, self.cost)
@@ -173,7 +188,9 @@ class _Search:
             for a, entries in frontier.items():
                 ends = [L] if i == pp - 1 else range(a + 1, L - (pp - i - 1) + 1)
                 for b in ends:
-                    opts = self._stage_options(ev, usable, a, b, inflight, cache)
+                    if not self._range_possible(ev, usable, a, b, i, config):
+                        continue
+                    opts = self._stage_options(ev, usable, a, b, inflight, cache, m)
                     self._extend(entries, opts, a, b, m, nxt)
             frontier = {b: _pareto(e) for b, e in nxt.items()}
         for sb, mt, mb_, me, path in frontier.get(L, []):
@@ -189,9 +206,37 @@ class _Search:
                     continue
                 out.setdefault(b, []).append((*cand, (*path, (a, b, choice))))
 
+    def _block_floor(self, ev: StageEvaluator, usable: list[LayerStrategy]) -> float:
+        """The least per-micro-batch time of one block over all candidate strategies (a lower bound)."""
+        key = (id(ev.table), len(usable), usable[0])
+        if key not in self._floors:
+            self._floors[key] = min(self._fb_per_block(ev, s, r) for s in usable for r in self._modes())
+        return self._floors[key]
+
+    def _modes(self) -> list[Recompute]:
+        return list(self.lower) or [Recompute.FULL]
+
+    def _fb_per_block(self, ev: StageEvaluator, s: LayerStrategy, lower: Recompute) -> float:
+        """Per-micro-batch time of the cheapest block of the model under ``s`` at recompute ``lower``."""
+        sums, _ = ev.table.prefix(ev.table.variant(s, lower))
+        return float(np.diff(sums[:, 0]).min())
+
+    def _range_possible(self, ev: StageEvaluator, usable: list[LayerStrategy], a: int, b: int, i: int,
+                        config: _Config) -> bool:
+        """False when any plan with a stage ``[a, b)`` (or the blocks left after it) is provably slower
+        than the K-th best plan found: some stage then runs at least that many blocks per micro-batch."""
+        bound = self.bound()
+        if bound == float("inf"):
+            return True
+        floor = config.m * self._block_floor(ev, usable)
+        rest, stages_left = self.spec.num_blocks - b, config.pp - i - 1
+        busiest = max(b - a, -(-rest // stages_left) if stages_left else 0)
+        return busiest * floor < bound
+
     def _stage_options(self, ev: StageEvaluator, usable: list[LayerStrategy], a: int, b: int, inflight: float,
-                       cache: dict) -> list[tuple[GroupTotals, StageChoice]]:
-        """Pareto-best (t, b, e) stage candidates for blocks ``[a, b)``."""
+                       cache: dict, m: int) -> list[tuple[GroupTotals, StageChoice]]:
+        """Pareto-best (t, b, e) stage candidates for blocks ``[a, b)``; strategies whose blocks alone
+        already take longer than the K-th best plan allows are skipped."""
         L = self.spec.num_blocks
         key = ((b - a, a == 0, b == L) if ev.table.homogeneous else (a, b), inflight)
         if key not in cache:
@@ -199,8 +244,11 @@ class _Search:
             lowers: list[Recompute | None] = list(self.lower) if self.allow_full or self.lower else []
             if not self.lower and self.allow_full:
                 lowers = [None]
+            limit = self.bound() / m
             for s in usable:
                 for lower in lowers:
+                    if (b - a) * self._fb_per_block(ev, s, lower or Recompute.FULL) >= limit:
+                        continue
                     hit = ev.best_split(s, lower, a, b, inflight) if (self.allow_full or lower is None) else (
                         _no_full(ev, s, lower, a, b, inflight))
                     if hit is not None:

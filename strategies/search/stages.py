@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from galvatron.strategies.cost.layer import LayerContext, LayerCost, layer_cost
 from galvatron.strategies.cost.model import p2p_time
 from galvatron.strategies.cost.step import VECTOR_LEN, GroupTotals, combine
@@ -35,10 +36,14 @@ class LayerTable:
 
     def __init__(self, spec: ModelSpec, ctx: LayerContext) -> None:
         self.spec, self.ctx = spec, ctx
-        self.sigs = [signature(b) for b in spec.blocks]
+        self.blocks = spec.blocks
+        self.num_blocks = len(self.blocks)
+        self.sigs = [signature(b) for b in self.blocks]
+        self._edges: dict[tuple, tuple[tuple[float, ...], float]] = {}
+        self._variants: dict[tuple, LayerStrategy] = {}
         self.homogeneous = len(set(self.sigs)) == 1
         self._cache: dict[tuple, LayerCost] = {}
-        self._prefix: dict[LayerStrategy, tuple[list[tuple[float, ...]], list[float]]] = {}
+        self._prefix: dict[LayerStrategy, tuple[np.ndarray, list[float]]] = {}
         self.evaluations = 0
 
     def cost(self, layer: LayerSpec, sig: tuple, s: LayerStrategy) -> LayerCost:
@@ -49,25 +54,37 @@ class LayerTable:
             self.evaluations += 1
         return found
 
-    def prefix(self, s: LayerStrategy) -> tuple[list[tuple[float, ...]], list[float]]:
-        """Prefix sums of block cost vectors and the blocks' transient memory, for strategy ``s``."""
+    def prefix(self, s: LayerStrategy) -> tuple[np.ndarray, list[float]]:
+        """Prefix sums (rows ``0..L``) of block cost vectors and the blocks' transient memory, for ``s``."""
         found = self._prefix.get(s)
         if found is None:
-            sums, work = [(0.0,) * VECTOR_LEN], []
-            for layer, sig in zip(self.spec.blocks, self.sigs):
-                c = self.cost(layer, sig, s)
-                sums.append(tuple(x + y for x, y in zip(sums[-1], c.vector())))
-                work.append(c.work)
-            found = self._prefix[s] = (sums, work)
+            costs = {sig: self.cost(layer, sig, s) for layer, sig in zip(self.blocks, self.sigs)}
+            rows = np.array([costs[sig].vector() for sig in self.sigs])
+            sums = np.vstack([np.zeros(VECTOR_LEN), np.cumsum(rows, axis=0)])
+            found = self._prefix[s] = (sums, [costs[sig].work for sig in self.sigs])
         return found
 
-    def edge(self, kinds: Sequence[LayerKind], s: LayerStrategy) -> tuple[tuple[float, ...], float]:
+    def variant(self, s: LayerStrategy, mode: Recompute) -> LayerStrategy:
+        """``s`` with recompute ``mode`` (memoised: building a strategy re-validates it)."""
+        key = (s, mode)
+        found = self._variants.get(key)
+        if found is None:
+            found = self._variants[key] = dataclasses.replace(s, recompute=mode)
+        return found
+
+    def edge(self, kinds: tuple[LayerKind, ...], s: LayerStrategy) -> tuple[np.ndarray, float]:
         """Summed vector and transient memory of the embedding or the tail (norm, head)."""
-        vec, work = [0.0] * VECTOR_LEN, 0.0
+        key = (kinds, s)
+        if key not in self._edges:
+            self._edges[key] = self._edge(kinds, s)
+        return self._edges[key]
+
+    def _edge(self, kinds: Sequence[LayerKind], s: LayerStrategy) -> tuple[np.ndarray, float]:
+        vec, work = np.zeros(VECTOR_LEN), 0.0
         for kind in kinds:
             for layer in self.spec.layers_of(kind):
                 c = self.cost(layer, signature(layer), s)
-                vec = [x + y for x, y in zip(vec, c.vector())]
+                vec = vec + np.array(c.vector())
                 work = max(work, c.work)
         return tuple(vec), work
 
@@ -94,23 +111,23 @@ class StageEvaluator:
         self.combined += 1
         return combine(sums, work, p2p, inflight, self.zero_bubble, self.table.ctx.options)
 
-    def sums(self, choice: StageChoice, a: int, b: int) -> tuple[list[float], float, float]:
+    def sums(self, choice: StageChoice, a: int, b: int) -> tuple[np.ndarray, float, float]:
         """Summed cost vector, transient memory and p2p time of blocks ``[a, b)`` (with the
         embedding at the start of the model and the norm and head at its end)."""
         s = choice.strategy
-        full_s = dataclasses.replace(s, recompute=Recompute.FULL)
-        low_s = dataclasses.replace(s, recompute=choice.lower)
+        full_s = self.table.variant(s, Recompute.FULL)
+        low_s = self.table.variant(s, choice.lower)
         split = a + choice.full
         pf, wf = self.table.prefix(full_s)
         pl, wl = self.table.prefix(low_s)
-        sums = [pf[split][i] - pf[a][i] + pl[b][i] - pl[split][i] for i in range(VECTOR_LEN)]
+        sums = pf[split] - pf[a] + pl[b] - pl[split]
         work = max(wf[a:split] + wl[split:b] + [0.0])
-        last = b == self.table.spec.num_blocks
+        last = b == self.table.num_blocks
         for present, kinds, strategy in ((a == 0, (LayerKind.EMBEDDING,), full_s if choice.full else low_s),
                                          (last, (LayerKind.NORM, LayerKind.HEAD), low_s if split < b else full_s)):
             if present:
                 vec, w = self.table.edge(kinds, strategy)
-                sums = [x + y for x, y in zip(sums, vec)]
+                sums = sums + vec
                 work = max(work, w)
         return sums, work, 0.0 if last else self.table.p2p(s)
 
