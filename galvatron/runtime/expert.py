@@ -281,8 +281,9 @@ class Routes:
     """Assignments received from each rank of the EP group."""
     per_expert: list[int]
     """Received assignments per local expert."""
-    perm: torch.Tensor
-    """Orders the received assignments by local expert (see :func:`group_by_local_expert`)."""
+    perm: torch.Tensor | None
+    """Orders the received assignments by local expert (see :func:`group_by_local_expert`); None when
+    they arrive in that order (one rank)."""
 
 
 def plan_routes(index: torch.Tensor, weights: torch.Tensor, num_experts: int, ep_group: Group,
@@ -309,7 +310,7 @@ def plan_routes(index: torch.Tensor, weights: torch.Tensor, num_experts: int, ep
     return Routes(rows=flat_token[order], weights=flat_weight[order],
                   send_splits=[sum(sent[i * local : (i + 1) * local]) for i in range(ep)], recv_splits=recv_splits,
                   per_expert=[sum(received[j::local]) for j in range(local)],
-                  perm=group_by_local_expert(recv_counts, sum(recv_splits)))
+                  perm=group_by_local_expert(recv_counts, sum(recv_splits)) if ep > 1 else None)
 
 
 def routed_experts(tokens: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, run: LocalExperts, *,
@@ -326,7 +327,10 @@ def routed_experts(tokens: torch.Tensor, index: torch.Tensor, weights: torch.Ten
     routes = plan_routes(index, weights, num_experts, ep_group, capacity_factor, drop_policy)
     sent = copy_to_tp(tokens, tp_group)[routes.rows]
     received = all_to_all(sent, routes.recv_splits, routes.send_splits, ep_group)
-    outputs = run(received[routes.perm], routes.per_expert)[inverse_permutation(routes.perm)]
+    if routes.perm is None:
+        outputs = run(received, routes.per_expert)
+    else:
+        outputs = run(received[routes.perm], routes.per_expert)[inverse_permutation(routes.perm)]
     returned = all_to_all(outputs, routes.send_splits, routes.recv_splits, ep_group)
     weighted = (returned * copy_to_tp(routes.weights, tp_group)[:, None]).to(tokens.dtype)
     return reduce_from_tp(torch.zeros_like(tokens).index_add(0, routes.rows, weighted), tp_group)
