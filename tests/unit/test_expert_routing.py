@@ -23,7 +23,13 @@ from galvatron.runtime.expert import (
     load_balancing_loss,
     routed_experts,
 )
-from galvatron.runtime.expert_wrap import MoEKind, apply_expert_parallel, expert_load, find_moe_layers
+from galvatron.runtime.expert_wrap import (
+    MoEKind,
+    apply_expert_parallel,
+    expert_load,
+    expert_parallel_state,
+    find_moe_layers,
+)
 
 
 def test_rank_grid_folds_ep_over_consecutive_ranks() -> None:
@@ -126,7 +132,9 @@ def test_apply_rejects_dense_models_twice_wrapped_layers_and_bad_ep() -> None:
     with pytest.raises(GalvatronError, match="no MoE layer"):
         apply_expert_parallel(GPT(GPTConfig(layers=1)), None)
     model = GPT(GPTConfig(layers=1, experts=4))
-    apply_expert_parallel(model, None)
+    assert apply_expert_parallel(model, None) == [("blocks.0.mlp", MoEKind.MODULE_LIST)]
+    state = expert_parallel_state(model.blocks[0].mlp)
+    assert state is not None and state.local_experts == range(4) and expert_parallel_state(model) is None
     with pytest.raises(GalvatronError, match="already expert-parallel"):
         apply_expert_parallel(model, None)
     with pytest.raises(PlanError, match=r"^capacity_factor: "):
