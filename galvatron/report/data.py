@@ -84,6 +84,12 @@ class CostSummary:
     memory_limit_gib: float | None = None
     """Usable device memory; None when the result does not say."""
     stages: tuple[StageCost, ...] = ()
+    """One per device group, in order; empty when the result has no per-stage breakdown."""
+
+    def __post_init__(self) -> None:
+        indices = [s.index for s in self.stages]
+        if indices and indices != list(range(self.plan.pp)):
+            raise ReportError(f"stages: device groups {indices}, but the plan has groups 0..{self.plan.pp - 1}")
 
     @property
     def fits(self) -> bool | None:

@@ -144,13 +144,18 @@ def draw_on_axes(ax: Any, canvas: Canvas, dy: float = 0.0) -> None:
                     linestyle="--" if item.dashed else "-")
 
 
+def nice_step(span: float, count: int = 8) -> float:
+    """A round step (1, 2 or 5 times a power of ten) that cuts ``span`` into about ``count`` parts."""
+    raw = span / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    return next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+
+
 def nice_ticks(limit: float, count: int = 8) -> list[float]:
     """Round tick values ``0, step, 2 step, ...`` up to ``limit`` with about ``count`` of them."""
     if limit <= 0:
         return [0.0]
-    raw = limit / count
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    step = nice_step(limit, count)
     return [i * step for i in range(int(limit / step + 1e-9) + 1)]
 
 

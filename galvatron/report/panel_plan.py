@@ -66,7 +66,7 @@ def draw_plan(plan: Plan) -> Canvas:
     for name, value in TRACKS:
         y += TRACK_H
         canvas.text(LABEL_W - 8, y + TRACK_H / 2, name, anchor="end", size=12)
-        _runs(canvas, [value(c.strategy) for c in columns], xs, y, columns, [c.stage for c in columns])
+        _runs(canvas, [value(c.strategy) for c in columns], xs, y, columns)
     _axis(canvas, plan, columns, xs, y + TRACK_H + 10)
     _group_list(canvas, rows, y + TRACK_H + 34)
     canvas.text(0, 10, f"{plan.num_layers} blocks, {len(plan.stages)} stage(s) on {plan.world_size} GPUs; "
@@ -89,15 +89,15 @@ def _stage_track(canvas: Canvas, plan: Plan, columns: list[Cell], xs: list[tuple
         group = cell.stage % plan.pp
         label = f"S{cell.stage}" + (f" (group {group})" if plan.pipeline.virtual_stages > 1 else "")
         values.append((f"{label} · {plan.stages[cell.stage].devices} GPUs", group_colour(group)))
-    _runs(canvas, values, xs, y, columns, [c.stage for c in columns])
+    _runs(canvas, values, xs, y, columns)
 
 
 def _runs(canvas: Canvas, values: list[tuple[str, str]], xs: list[tuple[float, float]], y: float,
-          columns: list[Cell], stages: list[int]) -> None:
+          columns: list[Cell]) -> None:
     """Merge neighbouring cells of one stage with the same value into one labelled box."""
     start = 0
     for i in range(1, len(values) + 1):
-        if i < len(values) and stages[i] == stages[start] and values[i] == values[start]:
+        if i < len(values) and columns[i].stage == columns[start].stage and values[i] == values[start]:
             continue
         x0, x1 = xs[start][0], xs[i - 1][0] + xs[i - 1][1]
         label, fill = values[start]

@@ -22,11 +22,11 @@ from galvatron.report.style import (
 
 ROW_H = 26
 TOP = 30
-BAR_W = 190
-STRIP = (812.0, 150.0)
+BAR_W = 150
+STRIP = (818.0, 150.0)
 """x and width of the per-block strip."""
-COLUMNS = (("#", 0), ("throughput", 28), ("step", 330), ("per GPU", 412), ("MFU", 512), ("peak memory", 568),
-           ("layout", 670), ("blocks", STRIP[0]), ("strategy (most blocks)", STRIP[0] + STRIP[1] + 10))
+COLUMNS = (("#", 0), ("throughput", 28), ("step", 276), ("per GPU", 350), ("MFU", 446), ("peak memory", 498),
+           ("layout", 600), ("blocks", STRIP[0]), ("strategy (most blocks)", STRIP[0] + STRIP[1] + 12))
 
 
 def layout_text(plan: Plan) -> str:

@@ -145,17 +145,19 @@ def test_bad_measurements(kwargs: dict[str, Any], message: str) -> None:
 
 
 def test_bad_cost_results() -> None:
-    plan = Plan.load(PLANS[0])
+    plan = Plan.load(next(p for p in PLANS if p.stem == "llama2-7b-8gpu-tp4-pp2"))
     data = fake_cost(plan)
     with pytest.raises(ReportError, match="'step_time_s' is missing"):
         CostSummary.from_result({k: v for k, v in data.items() if k != "step_time_s"})
     with pytest.raises(ReportError, match="mfu: 'high' is not a finite number"):
         CostSummary.from_result({**data, "mfu": "high"})
+    with pytest.raises(ReportError, match=r"stages: device groups \[0\], but the plan has groups 0..1"):
+        CostSummary.from_result({**data, "stages": data["stages"][:1]})
     with pytest.raises(ReportError, match="'plan' is missing"):
         CostSummary.from_result({**data, "plan": None})
     with pytest.raises(ReportError, match="expected a mapping or an object with to_dict"):
         CostSummary.from_result(42)
-    other = Plan.load(PLANS[1])
+    other = Plan.load(next(p for p in PLANS if p.stem == "llama2-7b-8gpu-fsdp"))
     with pytest.raises(ReportError, match="different plan"):
         Report(plan=other, cost=CostSummary.from_result(data))
 
@@ -198,3 +200,15 @@ def test_import_galvatron_does_not_load_the_report() -> None:
     code = "import sys, galvatron; print(any(m.startswith('galvatron.report') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_many_micro_batches_break_the_time_axis() -> None:
+    """Only warm-up and drain are drawn; the steady state between them is left out and said so."""
+    plan = Plan.uniform(32, global_batch_size=256, num_micro_batches=128, pp=2, dp=4, zero=1)
+    html = render_html(Report.from_result(fake_cost(plan)))
+    timeline = section(html, "timeline")
+    assert "not drawn" in timeline
+    for i in (0, 1, 126, 127):
+        assert f"<title>forward micro-batch {i}, stage S0:" in timeline
+    assert "<title>forward micro-batch 64, stage S0:" not in timeline
+    assert "predicted step" in timeline
