@@ -1,0 +1,316 @@
+"""Profiles in place of datasheet numbers: a cost-model :class:`~galvatron.strategies.cost.Perf` that
+answers from measurements.
+
+The cost model builds every layer from a few primitives (GEMM time, attention-kernel time,
+memory-bound time, collectives). :func:`fit_rates` finds the seconds per unit of each primitive
+for which the cost model's *own* per-layer formulas best reproduce the measured layers (least
+squares on relative error, over every measured micro-batch size, sequence length and recompute
+mode): the achievable rates of this GPU for this model's shapes, replacing datasheet peak times
+efficiency. The memory-bound rate comes from the optimizer step, the purest streaming kernel
+measured. :class:`ProfiledPerf` answers the cost model with those rates and with the measured
+collective curves of a :class:`ClusterProfile`, and falls back to a base ``Perf`` (the datasheet)
+for anything not measured (other link levels, host copies, device memory).
+
+``ProfiledPerf.layer_times`` also gives the measured time of a whole layer, for a cost model that
+asks for it. ``calibrated_spec`` puts the measured activation bytes into a ``ModelSpec``.
+
+This module reads the cost model's interface, so it imports ``galvatron.strategies`` (lazily).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from galvatron.profiler.fitting import relative_nnls
+from galvatron.profiler.schema import (
+    BUS_FACTORS,
+    ClusterProfile,
+    LayerProfile,
+    Measurement,
+    ModelProfile,
+    PhaseTimes,
+    Placement,
+    ProfileError,
+)
+
+from galvatron.plan import DType, LayerStrategy, Recompute
+from galvatron.spec import LayerKind, LayerSpec, ModelSpec
+
+if TYPE_CHECKING:
+    from galvatron.strategies.cost import CostOptions, Group, Perf
+    from galvatron.strategies.hardware import Cluster
+
+TERMS = ("matmul", "kernel", "attention_fwd", "attention_bwd", "memory")
+"""The primitives' unknowns: seconds per GEMM FLOP, per kernel launch, per attention FLOP forward
+and backward, per byte of memory-bound traffic."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rates:
+    """Seconds per unit of each primitive (see :data:`TERMS`) at ``dtype``, fitted to a profile."""
+
+    dtype: DType
+    matmul: float
+    kernel: float
+    attention_fwd: float
+    attention_bwd: float
+    memory: float
+    max_rel_error: float
+    """Largest relative error of the cost model's per-layer forward/backward times over the points."""
+    points: int
+
+    def describe(self, peak_flops: float | None = None) -> str:
+        """One line: achieved TFLOP/s, GB/s, launch cost (and efficiencies when a peak is given)."""
+
+        def rate(seconds: float) -> str:
+            if not seconds:
+                return "n/a"
+            tflops = 1 / seconds / 1e12
+            return f"{tflops:.1f} TFLOP/s" + (f" ({tflops * 1e12 / peak_flops:.0%})" if peak_flops else "")
+
+        memory = f"{1 / self.memory / 1e9:.0f} GB/s" if self.memory else "n/a"
+        return (f"matmul {rate(self.matmul)}, attention fwd {rate(self.attention_fwd)} / bwd "
+                f"{rate(self.attention_bwd)}, memory {memory}, {self.kernel * 1e6:.1f} us per kernel; "
+                f"max error {self.max_rel_error:.1%} over {self.points} layer times")
+
+
+def fit_rates(profile: ModelProfile, options: CostOptions | None = None) -> Rates:
+    """The primitive rates for which the cost model's layer formulas best match ``profile``."""
+    from galvatron.strategies.cost import CostOptions
+
+    options = options or CostOptions()
+    memory = _memory_rate(profile, options)
+    rows, targets = [], []
+    for layer in profile.layers:
+        for m in layer.measurements:
+            features = _features(profile, layer, m, options)
+            for phase, measured in ((0, m.forward_s), (1, m.backward_s)):
+                known = memory * features["memory"][phase] if memory is not None else 0.0
+                rows.append([features[t][phase] for t in TERMS if memory is None or t != "memory"])
+                targets.append(measured - known)
+    if not rows:
+        raise ProfileError(f"the profile of {profile.model} has no measurement to calibrate from")
+    x, error = relative_nnls(rows, targets)
+    values = dict(zip([t for t in TERMS if memory is None or t != "memory"], x))
+    if memory is not None:
+        values["memory"] = memory
+    return Rates(dtype=profile.dtype, max_rel_error=error, points=len(rows), **values)
+
+
+def _features(profile: ModelProfile, layer: LayerProfile, m: Measurement,
+              options: CostOptions) -> dict[str, tuple[float, float]]:
+    """(forward, backward) coefficient of each unknown in the cost model's time of this measurement."""
+    from galvatron.strategies.cost import LayerContext, layer_cost
+
+    attention = layer.attention_flops_per_token_per_seq * m.seq_len
+    spec = dataclasses.replace(layer.spec, attention_flops_per_token=attention)
+    strategy = LayerStrategy(recompute=m.recompute)
+    out = {}
+    for term in TERMS:
+        ctx = LayerContext(perf=_Probe(term), options=options, dtype=profile.dtype, seq_len=m.seq_len,
+                           causal=profile.causal, micro_batch=m.micro_batch, stage_devices=1)
+        cost = layer_cost(ctx, spec, strategy)
+        out[term] = (cost.fwd, cost.bwd)
+    return out
+
+
+def _memory_rate(profile: ModelProfile, options: CostOptions) -> float | None:
+    """Seconds per byte from the optimizer step: the cost model's optimizer bytes for the measured
+    parameter counts against the measured times (least squares through the origin)."""
+    from galvatron.strategies.cost import LayerContext, layer_cost
+
+    if profile.optimizer is None:
+        return None
+    pairs = []
+    for params, seconds in profile.optimizer.points:
+        ctx = LayerContext(perf=_Probe("memory"), options=options, dtype=profile.dtype, seq_len=1, causal=True,
+                           micro_batch=1, stage_devices=1)
+        stub = LayerSpec(kind=LayerKind.EMBEDDING, name="optimizer", params=params, flops_per_token=0.0)
+        pairs.append((layer_cost(ctx, stub, LayerStrategy()).optim, seconds))
+    num = sum(b * t for b, t in pairs)
+    den = sum(b * b for b, _ in pairs)
+    return num / den if den else None
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """A Perf whose every answer is the coefficient of one unknown: the cost model is linear in the
+    primitives' times, so running it on probes gives each unknown's share of a layer's time."""
+
+    term: str
+    gpus_per_node: int = 1
+    memory_bytes: float = float("inf")
+
+    def peak_flops(self, dtype: str) -> float:
+        return 1.0
+
+    def matmul_time(self, flops: float, dtype: str, kernels: int = 1) -> float:
+        if flops <= 0:
+            return 0.0
+        return {"matmul": flops, "kernel": float(kernels)}.get(self.term, 0.0)
+
+    def attention_time(self, flops: float, backward: bool) -> float:
+        if flops <= 0:
+            return 0.0
+        return {"attention_bwd" if backward else "attention_fwd": flops, "kernel": 1.0}.get(self.term, 0.0)
+
+    def memory_time(self, nbytes: float) -> float:
+        return nbytes if self.term == "memory" else 0.0
+
+    def collective_time(self, op: str, nbytes: float, group: Any) -> float:
+        return 0.0
+
+    def p2p_time(self, nbytes: float, inter_node: bool) -> float:
+        return 0.0
+
+    def host_time(self, nbytes: float) -> float:
+        return 0.0
+
+
+# ------------------------------------------------------------------------------ the Perf
+@dataclass(frozen=True)
+class ProfiledPerf:
+    """A cost-model ``Perf`` from measurements: compute from fitted :class:`Rates`, collectives and p2p
+    from a :class:`ClusterProfile` (interpolated in message size; another group size of the same
+    placement moves the same bus volume), everything else from ``base``."""
+
+    base: Perf
+    rates: Rates | None = None
+    model: ModelProfile | None = None
+    cluster: ClusterProfile | None = None
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.base.gpus_per_node
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.base.memory_bytes
+
+    def peak_flops(self, dtype: str) -> float:
+        return self.base.peak_flops(dtype)
+
+    def _scale(self, dtype: str) -> float:
+        """Other dtypes than the profiled one run at the datasheet ratio of peaks."""
+        if self.rates is None or dtype == self.rates.dtype.value:
+            return 1.0
+        return self.base.peak_flops(self.rates.dtype.value) / self.base.peak_flops(dtype)
+
+    def matmul_time(self, flops: float, dtype: str, kernels: int = 1) -> float:
+        if self.rates is None:
+            return self.base.matmul_time(flops, dtype, kernels)
+        if flops <= 0:
+            return 0.0
+        return flops * self.rates.matmul * self._scale(dtype) + kernels * self.rates.kernel
+
+    def attention_time(self, flops: float, backward: bool) -> float:
+        if self.rates is None:
+            return self.base.attention_time(flops, backward)
+        if flops <= 0:
+            return 0.0
+        per_flop = self.rates.attention_bwd if backward else self.rates.attention_fwd
+        return flops * per_flop + self.rates.kernel
+
+    def memory_time(self, nbytes: float) -> float:
+        if self.rates is None:
+            return self.base.memory_time(nbytes)
+        return nbytes * self.rates.memory
+
+    def collective_time(self, op: str, nbytes: float, group: Group) -> float:
+        if group.size <= 1 or nbytes <= 0:
+            return 0.0
+        placement = Placement.INTRA if group.nodes == 1 else Placement.INTER
+        found = self.cluster.find(op, group.size, placement) if self.cluster else None
+        if found is None:
+            return self.base.collective_time(op, nbytes, group)
+        # the same bus volume on the measured group size (bus bandwidth barely depends on it)
+        volume = nbytes * BUS_FACTORS[op](group.size) / BUS_FACTORS[op](found.group_size)
+        return found.time(volume)
+
+    def p2p_time(self, nbytes: float, inter_node: bool) -> float:
+        if nbytes <= 0:
+            return 0.0
+        placement = Placement.INTER if inter_node else Placement.INTRA
+        found = self.cluster.find("p2p", 2, placement) if self.cluster else None
+        return found.time(nbytes) if found is not None else self.base.p2p_time(nbytes, inter_node)
+
+    def host_time(self, nbytes: float) -> float:
+        return self.base.host_time(nbytes)
+
+    def layer_times(self, layer: LayerSpec, micro_batch: float, seq_len: int, recompute: Recompute | str,
+                    tp: int = 1, cp: int = 1) -> PhaseTimes | None:
+        """Measured forward/backward seconds of ``layer`` for ``micro_batch`` samples (per data-parallel
+        replica) of ``seq_len`` tokens, split ``tp`` x ``cp`` ways; None when the profile has no such
+        layer. Split layers keep the fixed cost and divide the token terms of the fit (tensor
+        parallelism splits the GEMMs and heads, context parallelism the queries)."""
+        if self.model is None:
+            return None
+        try:
+            found = self.model.layer_for(layer)
+        except ProfileError:
+            return None
+        if found is None or found.params != layer.params:
+            return None
+        mode = Recompute(recompute)
+        if tp * cp == 1 and float(micro_batch).is_integer():
+            return found.times(int(micro_batch), seq_len, mode)
+        fits = found.fits.get(mode)
+        if fits is None:
+            return None
+        return PhaseTimes(forward=_split(fits["forward_s"].coefficients, micro_batch, seq_len, tp * cp),
+                          backward=_split(fits["backward_s"].coefficients, micro_batch, seq_len, tp * cp))
+
+
+def _split(coef: tuple[float, float, float], micro_batch: float, seq_len: int, ways: int) -> float:
+    tokens = micro_batch * seq_len
+    return coef[0] + (coef[1] * tokens + coef[2] * tokens * seq_len) / ways
+
+
+def profiled_perf(cluster: Cluster | Perf, *, model_profile: ModelProfile | None = None,
+                  cluster_profile: ClusterProfile | None = None, options: CostOptions | None = None) -> ProfiledPerf:
+    """The ``Perf`` to hand ``cost_plan``/``search`` instead of a cluster: measured where a profile
+    is given, the datasheet (``cluster``) elsewhere."""
+    from galvatron.strategies.cost import as_perf
+
+    rates = fit_rates(model_profile, options) if model_profile is not None else None
+    return ProfiledPerf(base=as_perf(cluster), rates=rates, model=model_profile, cluster=cluster_profile)
+
+
+def calibrated_spec(spec: ModelSpec, profile: ModelProfile) -> ModelSpec:
+    """``spec`` with each block's ``activation_bytes_per_token`` replaced by the measured bytes kept
+    without recomputation (at the spec's sequence length where measured, else the fit; per token of
+    the largest measured micro-batch; rescaled to 16-bit activations as the spec counts them)."""
+    scale = 2 / profile.dtype.bytes
+    layers = []
+    for layer in spec.layers:
+        found = profile.layer_for(layer) if layer.is_block else None
+        if found is None or Recompute.NONE not in found.fits:
+            layers.append(layer)
+            continue
+        mb = max(m.micro_batch for m in found.measurements)
+        kept = found.activation_bytes(mb, spec.seq_len, Recompute.NONE) / (mb * spec.seq_len)
+        layers.append(dataclasses.replace(layer, activation_bytes_per_token=kept * scale))
+    return dataclasses.replace(spec, layers=tuple(layers))
+
+
+def profile_step_time(profile: ModelProfile, spec: ModelSpec, micro_batch: int, seq_len: int,
+                      recompute: Recompute | str, micro_batches: int = 1) -> float:
+    """Single-device step straight from the profile: every layer's measured (or fitted) forward and
+    backward per micro-batch, plus one optimizer step over all parameters."""
+    total = 0.0
+    for layer, found in _profiled_layers(profile, spec):
+        mode = recompute if layer.is_block else Recompute.NONE
+        total += found.times(micro_batch, seq_len, mode).total * micro_batches
+    if profile.optimizer is not None:
+        total += profile.optimizer.step_time(spec.params)
+    return total
+
+
+def _profiled_layers(profile: ModelProfile, spec: ModelSpec) -> Iterator[tuple[LayerSpec, LayerProfile]]:
+    for layer in spec.layers:
+        found = profile.layer_for(layer)
+        if found is not None:
+            yield layer, found

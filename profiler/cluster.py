@@ -1,0 +1,446 @@
+"""The cluster profiler: collective bandwidth and latency, compute/communication interference, and
+the GPUs and links NVML reports.
+
+``profile_cluster()`` runs on every rank of an initialised process group (NCCL on GPUs, gloo on
+CPUs: torchrun, Ray, or :func:`spawn_local`), in one launch: for every collective, group size and
+placement (ranks inside one node, or spread over nodes), the time of messages from ``min_bytes``
+to ``max_bytes``, as nccl-tests measures them (back-to-back iterations after a warm-up, the slowest
+rank's time, message size = the full buffer). Without a process group it still reports the GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from galvatron.profiler.progress import Progress, human_bytes, human_seconds, table
+from galvatron.profiler.schema import (
+    COLLECTIVES,
+    ClusterProfile,
+    CollectiveProfile,
+    CommPoint,
+    GPUInfo,
+    Overlap,
+    Placement,
+    ProfileError,
+)
+
+# nvidia-smi topo -m names of nvmlDeviceGetTopologyCommonAncestor levels
+_PCIE_LEVELS = {0: "X", 10: "PIX", 20: "PXB", 30: "PHB", 40: "NODE", 50: "SYS"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterOptions:
+    """What to measure. Sizes run ``min_bytes, min_bytes * factor, ...`` up to ``max_bytes``."""
+
+    ops: tuple[str, ...] = COLLECTIVES
+    min_bytes: int = 1 << 10
+    max_bytes: int = 0
+    """0: 1 GiB with NCCL, 1 MiB with gloo."""
+    factor: int = 4
+    group_sizes: tuple[int, ...] = ()
+    """Sizes of the groups inside one node; empty: 2, 4, 8, ... up to the ranks per node."""
+    warmup: int = 2
+    iters: int = 5
+    overlap: bool = True
+    """Measure matmul/all-reduce interference (GPU only)."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.ops) - set(COLLECTIVES))
+        if unknown:
+            raise ProfileError(f"unknown collective {unknown[0]!r} (known: {', '.join(COLLECTIVES)})")
+        if self.min_bytes < 4 or self.factor < 2 or self.iters < 1 or self.warmup < 0:
+            raise ProfileError("need min_bytes >= 4, factor >= 2, iters >= 1 and warmup >= 0")
+
+    def sizes(self, cuda: bool) -> list[int]:
+        top = self.max_bytes or (1 << 30 if cuda else 1 << 20)
+        out, size = [], self.min_bytes
+        while size <= top:
+            out.append(size)
+            size *= self.factor
+        return out
+
+
+def profile_cluster(options: ClusterOptions | None = None, *, progress: bool = True) -> ClusterProfile:
+    """Profile the default process group; every rank must call it and gets the whole profile back."""
+    options = options or ClusterOptions()
+    started = time.perf_counter()
+    gpus, topology, notes = discover_gpus()
+    if not dist.is_available() or not dist.is_initialized():
+        notes.append("no process group: collectives not measured (run under torchrun, or `galvatron profile "
+                     "cluster --nproc N`)")
+        return ClusterProfile(backend="none", world_size=1, nodes=1, ranks_per_node=1, gpus=gpus,
+                              topology=topology, seconds=time.perf_counter() - started, notes=tuple(notes))
+    runner = _Runner(options, progress)
+    collectives = runner.collectives()
+    overlap = runner.overlap() if options.overlap and runner.cuda else None
+    if options.overlap and not runner.cuda:
+        notes.append("compute/communication overlap is measured on GPUs only")
+    return ClusterProfile(
+        backend=str(dist.get_backend()), world_size=runner.world, nodes=runner.nodes,
+        ranks_per_node=runner.per_node, collectives=tuple(collectives), overlap=overlap, gpus=gpus,
+        topology=topology, seconds=time.perf_counter() - started, notes=tuple(notes),
+    )
+
+
+def summary(profile: ClusterProfile) -> str:
+    """Bus bandwidth and latency per collective, the overlap slowdowns and the GPUs."""
+    lines = [f"{profile.world_size} rank(s) on {profile.nodes} node(s), backend {profile.backend}, "
+             f"profiled in {profile.seconds:.1f} s"]
+    if profile.collectives:
+        rows = [[c.op, c.group_size, c.placement, human_seconds(c.latency_s), c.busbw_gbps,
+                 human_bytes(c.points[-1].bytes)] for c in profile.collectives]
+        lines.append(table(["collective", "ranks", "placement", "latency", "busbw GB/s", "largest"], rows))
+    if profile.overlap:
+        o = profile.overlap
+        lines.append(f"beside an all-reduce a matmul runs {o.compute_slowdown:.2f}x slower; "
+                     f"the all-reduce {o.comm_slowdown:.2f}x")
+    for gpu in profile.gpus:
+        lines.append(f"GPU {gpu.index}: {gpu.name}, {human_bytes(gpu.memory_bytes)}, {gpu.nvlinks} NVLink(s), "
+                     f"PCIe gen {gpu.pcie_gen} x{gpu.pcie_width}")
+    if profile.topology:
+        n = len(profile.topology)
+        lines.append(table(["", *(f"GPU{j}" for j in range(n))],
+                           [[f"GPU{i}", *row] for i, row in enumerate(profile.topology)]))
+    lines += [f"note: {n}" for n in profile.notes]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- collectives
+class _Runner:
+    """The measurements of one rank; every rank runs them in the same order."""
+
+    def __init__(self, options: ClusterOptions, progress: bool) -> None:
+        self.options = options
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.cuda = "nccl" in str(dist.get_backend()).lower()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+        hosts: list[Any] = [None] * self.world
+        dist.all_gather_object(hosts, socket.gethostname())
+        order = list(dict.fromkeys(hosts))
+        self.node_of = [order.index(h) for h in hosts]
+        self.nodes = len(order)
+        self.per_node = self.node_of.count(self.node_of[0])
+        self.groups = self._groups()
+        self.sizes = options.sizes(self.cuda)
+        units = len(self.groups) * len(self.sizes) * len([o for o in options.ops if o != "p2p"])
+        units += len(self._pairs()) * len(self.sizes) if "p2p" in options.ops else 0
+        self.bar = Progress(units, "profile cluster", enabled=progress and self.rank == 0)
+
+    def _groups(self) -> list[tuple[list[int], str, Any]]:
+        """(ranks, placement, process group) for every group measured; created on every rank."""
+        local = [r for r in range(self.world) if self.node_of[r] == 0]
+        sizes = self.options.group_sizes or tuple(2**i for i in range(1, int(math.log2(len(local))) + 1))
+        specs = [(local[:k], Placement.INTRA) for k in sorted(set(sizes)) if 2 <= k <= len(local)]
+        if self.nodes > 1:
+            leaders = [next(r for r in range(self.world) if self.node_of[r] == n) for n in range(self.nodes)]
+            specs += [(leaders, Placement.INTER), (list(range(self.world)), Placement.INTER)]
+        out = []
+        for ranks, placement in specs:
+            group = None if len(ranks) == self.world else dist.new_group(ranks)
+            out.append((ranks, placement, group))
+        return out
+
+    def _pairs(self) -> list[tuple[int, int, str]]:
+        pairs = []
+        if self.per_node >= 2:
+            pairs.append((0, next(r for r in range(1, self.world) if self.node_of[r] == 0), Placement.INTRA))
+        if self.nodes > 1:
+            pairs.append((0, next(r for r in range(self.world) if self.node_of[r] == 1), Placement.INTER))
+        return pairs
+
+    def collectives(self) -> list[CollectiveProfile]:
+        out = []
+        for ranks, placement, group in self.groups:
+            for op in self.options.ops:
+                if op == "p2p":
+                    continue
+                points = []
+                for nbytes in self.sizes:
+                    if self.rank in ranks:
+                        points.append(CommPoint(bytes=nbytes, time_s=self._time(op, nbytes, ranks, group)))
+                    self.bar.step(f"{op} x{len(ranks)} {human_bytes(nbytes)}")
+                if points:
+                    out.append(CollectiveProfile(op=op, group_size=len(ranks), placement=placement,
+                                                 points=tuple(points)))
+        if "p2p" in self.options.ops:
+            out += self._p2p()
+        return self._share(out)
+
+    def _time(self, op: str, nbytes: int, ranks: list[int], group: Any) -> float:
+        """Seconds of one ``op`` of ``nbytes`` on the group: the slowest member's average."""
+        run = _collective(op, nbytes, len(ranks), group, self.device)
+        return self._timed(run, group)
+
+    def _timed(self, run: Callable[[], None], group: Any) -> float:
+        for _ in range(self.options.warmup):
+            run()
+        self._sync()
+        dist.barrier(group=group)
+        start = time.perf_counter()
+        for _ in range(self.options.iters):
+            run()
+        self._sync()
+        elapsed = torch.tensor([(time.perf_counter() - start) / self.options.iters], device=self.device)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
+        return float(elapsed.item())
+
+    def _p2p(self) -> list[CollectiveProfile]:
+        """Ping-pong between two ranks: one-way time is half the round trip."""
+        out = []
+        for a, b, placement in self._pairs():
+            points = []
+            for nbytes in self.sizes:
+                if self.rank in (a, b):
+                    buf = torch.empty(max(nbytes // 4, 1), dtype=torch.float32, device=self.device)
+                    peer = b if self.rank == a else a
+
+                    def ping(buf: torch.Tensor = buf, peer: int = peer, first: bool = self.rank == a) -> None:
+                        for send in (first, not first):
+                            (dist.send if send else dist.recv)(buf, peer)
+
+                    points.append(CommPoint(bytes=nbytes, time_s=self._pair_time(ping, a, b) / 2))
+                self.bar.step(f"p2p {placement} {human_bytes(nbytes)}")
+            if points:
+                out.append(CollectiveProfile(op="p2p", group_size=2, placement=placement, points=tuple(points)))
+        return out
+
+    def _pair_time(self, ping: Callable[[], None], a: int, b: int) -> float:
+        for _ in range(self.options.warmup):
+            ping()
+        self._sync()
+        start = time.perf_counter()
+        for _ in range(self.options.iters):
+            ping()
+        self._sync()
+        return (time.perf_counter() - start) / self.options.iters
+
+    def _share(self, mine: list[CollectiveProfile]) -> list[CollectiveProfile]:
+        """Every rank's measurements, gathered so each rank returns the whole profile."""
+        everyone: list[Any] = [None] * self.world
+        dist.all_gather_object(everyone, [c.to_dict() for c in mine])
+        seen: dict[tuple, CollectiveProfile] = {}
+        for rank_list in everyone:
+            for data in rank_list:
+                c = CollectiveProfile.from_dict(data)
+                key = (c.op, c.group_size, c.placement)
+                # p2p: the initiating rank (0) is in every pair and its timing is kept
+                seen.setdefault(key, c)
+        return list(seen.values())
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    # ------------------------------------------------------------------------------ overlap
+    def overlap(self) -> Overlap | None:
+        """A bf16 matmul stream beside an all-reduce stream on the largest intra-node group, each
+        timed alone and together."""
+        ranks, _, group = max((g for g in self.groups if g[1] == Placement.INTRA), key=lambda g: len(g[0]),
+                              default=(list(range(self.world)), Placement.INTRA, None))
+        if len(ranks) < 2 or self.rank not in ranks:
+            dist.barrier()
+            return None
+        n, message = 8192, 256 << 20
+        a = torch.randn(n, n, device=self.device, dtype=torch.bfloat16)
+        c = torch.empty_like(a)
+        buf = torch.zeros(message // 2, device=self.device, dtype=torch.bfloat16)
+        compute, comm = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
+
+        def matmuls(k: int) -> None:
+            for _ in range(k):
+                torch.mm(a, a, out=c)
+
+        def reduces(j: int) -> None:
+            for _ in range(j):
+                dist.all_reduce(buf, group=group)
+
+        one_mm = statistics.median(_stream_time(compute, lambda: matmuls(1)) for _ in range(3))
+        one_ar = statistics.median(_stream_time(comm, lambda: reduces(1)) for _ in range(3))
+        k = 10
+        j = torch.tensor([max(1, round(k * one_mm / max(one_ar, 1e-6)))], device=self.device)
+        dist.all_reduce(j, op=dist.ReduceOp.MAX, group=group)
+        jobs = int(j.item())
+        alone_mm = _stream_time(compute, lambda: matmuls(k))
+        alone_ar = _stream_time(comm, lambda: reduces(jobs))
+        dist.barrier(group=group)
+        both_mm, both_ar = _together(compute, lambda: matmuls(k), comm, lambda: reduces(jobs))
+        result = torch.tensor([both_mm / alone_mm, both_ar / alone_ar], device=self.device)
+        dist.all_reduce(result, op=dist.ReduceOp.MAX, group=group)
+        dist.barrier()
+        return Overlap(compute_slowdown=float(result[0]), comm_slowdown=float(result[1]), matmul_size=n,
+                       message_bytes=message, group_size=len(ranks))
+
+
+def _collective(op: str, nbytes: int, n: int, group: Any, device: torch.device) -> Callable[[], None]:
+    """A closure running ``op`` once on buffers of ``nbytes`` (the full buffer, nccl-tests' size)."""
+    numel = max(nbytes // 4 // n, 1) * n
+    full = torch.ones(numel, dtype=torch.float32, device=device)
+    part = torch.ones(numel // n, dtype=torch.float32, device=device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    if op == "all_reduce":
+        return lambda: dist.all_reduce(full, group=group)
+    if op == "all_gather":
+        return lambda: gather(full, part, group=group)
+    if op == "reduce_scatter":
+        return lambda: scatter(part, full, group=group)
+    if op == "all_to_all":
+        out = torch.empty_like(full)
+        return lambda: dist.all_to_all_single(out, full, group=group)
+    raise ProfileError(f"no collective {op!r}")
+
+
+def _stream_time(stream: torch.cuda.Stream, work: Callable[[], None]) -> float:
+    """Seconds ``work`` takes on ``stream``."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(stream):
+        start.record()
+        work()
+        end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def _together(s1: torch.cuda.Stream, w1: Callable[[], None], s2: torch.cuda.Stream,
+              w2: Callable[[], None]) -> tuple[float, float]:
+    """Seconds of ``w1`` on ``s1`` and ``w2`` on ``s2`` started at once."""
+    torch.cuda.synchronize()
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+    with torch.cuda.stream(s1):
+        events[0].record()
+    with torch.cuda.stream(s2):
+        events[2].record()
+    with torch.cuda.stream(s1):
+        w1()
+        events[1].record()
+    with torch.cuda.stream(s2):
+        w2()
+        events[3].record()
+    torch.cuda.synchronize()
+    return events[0].elapsed_time(events[1]) / 1e3, events[2].elapsed_time(events[3]) / 1e3
+
+
+# ------------------------------------------------------------------------------------- NVML
+def discover_gpus(nvml: Any = None) -> tuple[tuple[GPUInfo, ...], tuple[tuple[str, ...], ...], list[str]]:
+    """The node's GPUs, their ``nvidia-smi topo -m`` matrix and notes. Without NVML (no driver, no
+    GPU: ``NVMLError``/LibraryNotFound, or no ``pynvml``) there are no GPUs and a note says why."""
+    if nvml is None:
+        try:
+            import pynvml as nvml
+        except ImportError:
+            return (), (), ["pynvml (nvidia-ml-py) is not installed: no GPU discovery"]
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError as err:  # LibraryNotFound without a driver
+        return (), (), [f"NVML unavailable ({type(err).__name__}): zero GPUs"]
+    try:
+        handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+        links = [_nvlink_peers(nvml, h) for h in handles]
+        buses = [_text(nvml.nvmlDeviceGetPciInfo(h).busId).lower() for h in handles]
+        gpus = tuple(_gpu_info(nvml, i, h, sum(links[i].values())) for i, h in enumerate(handles))
+        topo = tuple(tuple(_link_name(nvml, handles, links, buses, i, j) for j in range(len(handles)))
+                     for i in range(len(handles)))
+        return gpus, topo, []
+    except nvml.NVMLError as err:
+        return (), (), [f"NVML query failed ({err}): zero GPUs"]
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except nvml.NVMLError:
+            pass
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _optional(fn: Callable[..., Any], *args: Any, nvml: Any, default: Any = 0) -> Any:
+    """An NVML query that some GPUs do not support."""
+    try:
+        return fn(*args)
+    except nvml.NVMLError:
+        return default
+
+
+def _gpu_info(nvml: Any, index: int, handle: Any, nvlinks: int) -> GPUInfo:
+    return GPUInfo(
+        index=index, name=_text(nvml.nvmlDeviceGetName(handle)),
+        memory_bytes=int(nvml.nvmlDeviceGetMemoryInfo(handle).total), nvlinks=nvlinks,
+        pcie_gen=int(_optional(nvml.nvmlDeviceGetMaxPcieLinkGeneration, handle, nvml=nvml)),
+        pcie_width=int(_optional(nvml.nvmlDeviceGetMaxPcieLinkWidth, handle, nvml=nvml)),
+    )
+
+
+def _nvlink_peers(nvml: Any, handle: Any) -> dict[str, int]:
+    """Active NVLinks by the PCI bus id at their far end (a GPU, or an NVSwitch)."""
+    peers: dict[str, int] = {}
+    for link in range(int(getattr(nvml, "NVML_NVLINK_MAX_LINKS", 18))):
+        state = _optional(nvml.nvmlDeviceGetNvLinkState, handle, link, nvml=nvml, default=None)
+        if state != getattr(nvml, "NVML_FEATURE_ENABLED", 1):
+            continue
+        remote = _optional(nvml.nvmlDeviceGetNvLinkRemotePciInfo, handle, link, nvml=nvml, default=None)
+        bus = _text(remote.busId).lower() if remote is not None else "?"
+        peers[bus] = peers.get(bus, 0) + 1
+    return peers
+
+
+def _link_name(nvml: Any, handles: Sequence[Any], links: Sequence[dict[str, int]], buses: Sequence[str],
+               i: int, j: int) -> str:
+    """``X``, ``NV<n>`` (direct links, or links to NVSwitches that both GPUs reach), else the PCIe level."""
+    if i == j:
+        return "X"
+    direct = links[i].get(buses[j], 0)
+    if direct:
+        return f"NV{direct}"
+    switch_i = sum(n for bus, n in links[i].items() if bus not in buses)
+    switch_j = sum(n for bus, n in links[j].items() if bus not in buses)
+    if switch_i and switch_j:
+        return f"NV{min(switch_i, switch_j)}"
+    level = _optional(nvml.nvmlDeviceGetTopologyCommonAncestor, handles[i], handles[j], nvml=nvml, default=None)
+    return _PCIE_LEVELS.get(int(level), "SYS") if level is not None else "SYS"
+
+
+# ------------------------------------------------------------------------------ local launch
+def spawn_local(nproc: int, options: ClusterOptions, out: str, *, progress: bool = True,
+                timeout: float = 600.0) -> ClusterProfile:
+    """Start ``nproc`` processes on this machine (one per GPU with NCCL, else gloo on CPU), profile them
+    together and return the profile (also written to ``out``)."""
+    import torch.multiprocessing as mp
+
+    if nproc < 2:
+        raise ProfileError("spawn_local needs at least 2 processes")
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise ProfileError(f"{nproc} processes but only {torch.cuda.device_count()} GPU(s) visible")
+    with tempfile.TemporaryDirectory(prefix="galvatron-cluster-") as tmp:
+        mp.start_processes(_spawned, args=(nproc, os.path.join(tmp, "store"), options, out, progress, timeout),
+                           nprocs=nproc, start_method="spawn", join=True)
+    return ClusterProfile.load(out)
+
+
+def _spawned(rank: int, nproc: int, store_path: str, options: ClusterOptions, out: str, progress: bool,
+             timeout: float) -> None:
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(rank)
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc))
+    store = dist.FileStore(store_path, nproc)
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=nproc,
+                            timeout=timedelta(seconds=timeout))
+    try:
+        profile = profile_cluster(options, progress=progress)
+        if rank == 0:
+            profile.save(out)
+    finally:
+        dist.destroy_process_group()
