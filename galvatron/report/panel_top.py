@@ -22,11 +22,11 @@ from galvatron.report.style import (
 
 ROW_H = 26
 TOP = 30
-BAR_W = 150
-STRIP = (818.0, 150.0)
+BAR_W = 140
+STRIP = (846.0, 150.0)
 """x and width of the per-block strip."""
-COLUMNS = (("#", 0), ("throughput", 28), ("step", 276), ("per GPU", 350), ("MFU", 446), ("peak memory", 498),
-           ("layout", 600), ("blocks", STRIP[0]), ("strategy (most blocks)", STRIP[0] + STRIP[1] + 12))
+COLUMNS = (("#", 0), ("throughput (vs #1)", 28), ("step", 306), ("per GPU", 380), ("MFU", 476), ("peak memory", 528),
+           ("layout", 630), ("blocks", STRIP[0]), ("strategy (most blocks)", STRIP[0] + STRIP[1] + 12))
 
 
 def layout_text(plan: Plan) -> str:
@@ -50,17 +50,18 @@ def draw_top(top: Sequence[CostSummary], current: Plan) -> Canvas:
     for title, x in COLUMNS:
         canvas.text(x, TOP, title, size=12, bold=True)
     for rank, cost in enumerate(top, start=1):
-        _row(canvas, rank, cost, TOP + rank * ROW_H, best, cost.plan == current)
+        _row(canvas, rank, cost, TOP + rank * ROW_H, best, top[0].tokens_per_s, cost.plan == current)
     return canvas
 
 
-def _row(canvas: Canvas, rank: int, cost: CostSummary, y: float, best: float, current: bool) -> None:
+def _row(canvas: Canvas, rank: int, cost: CostSummary, y: float, best: float, first: float, current: bool) -> None:
     if current:
         canvas.rect(0, y - ROW_H / 2, WIDTH, ROW_H, "#fff6d5", title="the plan this report shows")
     canvas.text(0, y, str(rank), size=12, bold=current)
     w = BAR_W * cost.tokens_per_s / best
     canvas.rect(28, y - 8, w, 16, PREDICTED, title=f"{fmt_pct(cost.tokens_per_s / best)} of the best")
-    canvas.text(28 + w + 6, y, fmt_tokens(cost.tokens_per_s), size=11)
+    versus = "" if rank == 1 else f" ({(cost.tokens_per_s / first - 1) * 100:+.1f}%)"
+    canvas.text(28 + w + 6, y, fmt_tokens(cost.tokens_per_s) + versus, size=11)
     fits = cost.fits is not False
     values = (fmt_seconds(cost.step_time_s), fmt_tflops(cost.tflops_per_gpu), fmt_pct(cost.mfu),
               fmt_gib(cost.peak_memory_gib) + ("" if fits else " ✗"), layout_text(cost.plan))

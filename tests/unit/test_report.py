@@ -108,7 +108,8 @@ def test_timeline_busy_time_is_the_cost_models() -> None:
 def test_top_plans_ranked_with_the_current_one_highlighted() -> None:
     plan = Plan.load(next(p for p in PLANS if p.stem == "llama2-7b-8gpu-tp4-pp2"))
     other = Plan.uniform(32, global_batch_size=16, num_micro_batches=4, pp=2, tp=2, dp=2, zero=1)
-    best, second = fake_cost(plan), fake_cost(other, step_scale=1.5)
+    best, second = fake_cost(plan), fake_cost(other, step_scale=5.0)
+    assert second["tokens_per_s"] < best["tokens_per_s"]
     html = render_html(Report.from_result({**best, "top": [best, second], "plans_costed": 12345,
                                            "search_time_s": 0.25}))
     top = section(html, "top")
@@ -116,6 +117,7 @@ def test_top_plans_ranked_with_the_current_one_highlighted() -> None:
     assert top.index(fmt_tokens(best["tokens_per_s"])) < top.index(fmt_tokens(second["tokens_per_s"]))
     assert "pp2 vpp1 1f1b m8" in top and "pp2 vpp1 1f1b m4" in top and "dp2 tp2 zero1" in top
     assert top.count("the plan this report shows") == 1
+    assert f"({(second['tokens_per_s'] / best['tokens_per_s'] - 1) * 100:+.1f}%)" in top
     assert "12,345" in html and fmt_seconds(0.25) in html
 
 
