@@ -59,15 +59,21 @@ class StageCost:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], path: str) -> StageCost:
-        return cls(
-            index=int(_field(data, "stage", path)),
-            layers=tuple((int(a), int(b)) for a, b in _field(data, "layers", path)),
-            devices=int(_field(data, "devices", path)),
-            compute_s=_number(data, "compute_s", path),
-            comm_s={str(k): float(v) for k, v in _field(data, "comm_s", path).items()},
-            bubble_s=_number(data, "bubble_s", path),
-            memory_gib={str(k): float(v) for k, v in _field(data, "memory_gib", path).items()},
-        )
+        """From ``StageReport.to_dict()``; ``path`` names it in errors."""
+        try:
+            return cls(
+                index=int(_field(data, "stage", path)),
+                layers=tuple((int(a), int(b)) for a, b in _field(data, "layers", path)),
+                devices=int(_field(data, "devices", path)),
+                compute_s=_number(data, "compute_s", path),
+                comm_s={str(k): float(v) for k, v in _field(data, "comm_s", path).items()},
+                bubble_s=_number(data, "bubble_s", path),
+                memory_gib={str(k): float(v) for k, v in _field(data, "memory_gib", path).items()},
+            )
+        except ReportError:
+            raise
+        except (TypeError, ValueError, AttributeError) as err:
+            raise ReportError(f"{path}: {err}") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,7 +118,7 @@ class CostSummary:
             parsed = Plan.from_dict(plan)
         else:
             raise ReportError("cost result: 'plan' is missing (expected the plan as a dict)")
-        limit = data.get("memory_limit_gib")
+        limit = None if data.get("memory_limit_gib") is None else _number(data, "memory_limit_gib", "cost result")
         return cls(
             plan=parsed,
             step_time_s=_number(data, "step_time_s", "cost result"),
@@ -120,7 +126,7 @@ class CostSummary:
             tflops_per_gpu=_number(data, "tflops_per_gpu", "cost result"),
             mfu=_number(data, "mfu", "cost result"),
             peak_memory_gib=_number(data, "peak_memory_gib", "cost result"),
-            memory_limit_gib=None if limit is None else float(limit),
+            memory_limit_gib=limit,
             stages=tuple(StageCost.from_dict(s, f"stages[{i}]") for i, s in enumerate(data.get("stages") or ())),
         )
 

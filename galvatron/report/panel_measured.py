@@ -7,7 +7,7 @@ import itertools
 
 from galvatron.report.data import CostSummary, Measured, StageCost
 from galvatron.report.draw import MUTED, Canvas, legend, nice_ticks
-from galvatron.report.style import MEASURED, PREDICTED, WIDTH, fmt_pct, fmt_seconds, fmt_tokens
+from galvatron.report.style import MEASURED, PREDICTED, WIDTH, fmt_pct, fmt_seconds, fmt_tick, fmt_tokens
 
 CHART = (70.0, 40.0, 620.0, 160.0)
 """x, y, width, height of the step-time chart."""
@@ -30,6 +30,7 @@ def summary_text(cost: CostSummary, measured: Measured) -> str:
 
 
 def draw_measured(cost: CostSummary, measured: Measured) -> Canvas:
+    """Step times of the run against the predicted step, and busy time per device group."""
     groups = [s for s in cost.stages if measured.mean_stage_time_s(s.index) is not None]
     canvas = Canvas(WIDTH, max(CHART[1] + CHART[3] + 60, 60 + len(groups) * (2 * BAR_H + 14)))
     canvas.text(0, 10, summary_text(cost, measured), size=12, color=MUTED)
@@ -48,7 +49,7 @@ def _chart(canvas: Canvas, cost: CostSummary, measured: Measured) -> None:
     for tick in nice_ticks(top, 4):
         y = y0 + h - tick / top * h
         canvas.line(x0, y, x0 + w, y, color="#e5e5e5")
-        canvas.text(x0 - 6, y, fmt_seconds(tick) if tick else "0", anchor="end", size=10, color=MUTED)
+        canvas.text(x0 - 6, y, fmt_tick(tick), anchor="end", size=10, color=MUTED)
     dx = w / max(len(times) - 1, 1)
     points = [(x0 + i * dx, y0 + h - t / top * h) for i, t in enumerate(times)]
     for (xa, ya), (xb, yb) in itertools.pairwise(points):

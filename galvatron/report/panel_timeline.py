@@ -20,6 +20,7 @@ from galvatron.report.style import (
     WIDTH,
     fmt_pct,
     fmt_seconds,
+    fmt_tick,
     group_colour,
     text_on,
 )
@@ -103,7 +104,7 @@ def draw_timeline(timeline: Timeline, cost: CostSummary, measured: Measured | No
     for tick in axis.ticks():
         x = axis.x(tick)
         canvas.line(x, axis_y - 4, x, axis_y + 2, color="#999999")
-        canvas.text(x, axis_y + 11, fmt_seconds(tick) if tick else "0", anchor="middle", size=10, color=MUTED)
+        canvas.text(x, axis_y + 11, fmt_tick(tick), anchor="middle", size=10, color=MUTED)
     if axis.broken:
         _break(canvas, axis, axis_y)
     _marker(canvas, axis.x(cost.step_time_s), axis_y, 0, f"predicted step {fmt_seconds(cost.step_time_s)}",

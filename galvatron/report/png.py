@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from galvatron.report.data import Report, ReportError
-from galvatron.report.draw import MUTED, Canvas, draw_on_axes
+from galvatron.report.draw import MUTED, Canvas, draw_on_axes, text_width
 from galvatron.report.page import panels, summary_items
 from galvatron.report.style import WIDTH
 
@@ -38,9 +38,11 @@ def save_png(report: Report, path: str | Path, dpi: int = 100) -> Path:
 
 def _layout(report: Report) -> tuple[list[tuple[Canvas, float]], float]:
     """(canvas, top y) for the header and each panel, one under the other, and the total height."""
-    header = Canvas(WIDTH, 70)
+    lines = _wrap([f"{k}: {v}" for k, v in summary_items(report)], "   ", 12)
+    header = Canvas(WIDTH, 52 + 18 * len(lines))
     header.text(0, 20, report.title, size=20, bold=True)
-    header.text(0, 46, "   ".join(f"{k}: {v}" for k, v in summary_items(report)), size=12, color=MUTED)
+    for i, line in enumerate(lines):
+        header.text(0, 46 + 18 * i, line, size=12, color=MUTED)
     pieces, y = [(header, 0.0)], header.height
     for panel in panels(report):
         title = Canvas(WIDTH, HEADING_H)
@@ -57,3 +59,15 @@ def _layout(report: Report) -> tuple[list[tuple[Canvas, float]], float]:
             y += note.height
         y += 12
     return pieces, y
+
+
+def _wrap(items: list[str], sep: str, size: float) -> list[str]:
+    """Join ``items`` with ``sep`` into lines no wider than the page."""
+    lines = [items[0]]
+    for item in items[1:]:
+        joined = lines[-1] + sep + item
+        if text_width(joined, size) <= WIDTH:
+            lines[-1] = joined
+        else:
+            lines.append(item)
+    return lines

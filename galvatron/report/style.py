@@ -59,6 +59,17 @@ def fmt_seconds(seconds: float) -> str:
     return f"{seconds * 1e6:.0f} µs"
 
 
+def fmt_tick(seconds: float) -> str:
+    """A short axis label: ``0``, ``2 s``, ``500 ms``."""
+    if seconds == 0:
+        return "0"
+    if seconds >= 1:
+        return f"{seconds:g} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:g} ms"
+    return f"{seconds * 1e6:g} µs"
+
+
 def fmt_gib(gib: float) -> str:
     return f"{gib:.2f} GiB"
 

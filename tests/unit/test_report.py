@@ -155,6 +155,10 @@ def test_bad_cost_results() -> None:
         CostSummary.from_result({**data, "mfu": "high"})
     with pytest.raises(ReportError, match=r"stages: device groups \[0\], but the plan has groups 0..1"):
         CostSummary.from_result({**data, "stages": data["stages"][:1]})
+    with pytest.raises(ReportError, match=r"stages\[1\]: could not convert"):
+        CostSummary.from_result({**data, "stages": [data["stages"][0], {**data["stages"][1], "comm_s": {"tp": "x"}}]})
+    with pytest.raises(ReportError, match="memory_limit_gib: 'lots' is not a finite number"):
+        CostSummary.from_result({**data, "memory_limit_gib": "lots"})
     with pytest.raises(ReportError, match="'plan' is missing"):
         CostSummary.from_result({**data, "plan": None})
     with pytest.raises(ReportError, match="expected a mapping or an object with to_dict"):
