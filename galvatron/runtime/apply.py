@@ -99,20 +99,34 @@ def init_distributed(timeout: timedelta = DEFAULT_TIMEOUT) -> torch.device:
 
 
 def describe(model: nn.Module, example_batch: Any = None) -> ModelSpec:
-    """``ModelSpec.from_module`` of ``model``; without an example batch, on a token batch of
-    the configured sequence length (and with ``seq_len = 0``: unknown, so plans are not
-    checked against it)."""
-    if example_batch is not None:
-        return ModelSpec.from_module(model, example_batch)
-    config = getattr(model, "config", None)
-    seq = next((getattr(config, n) for n in ("seq_len", "max_position_embeddings", "n_positions")
-                if isinstance(getattr(config, n, None), int)), 128)
+    """``ModelSpec.from_module`` of ``model`` on ``example_batch`` (default: a token batch of the
+    configured sequence length, with ``seq_len = 0`` in the result: unknown, so plans are not
+    checked against it). If the model cannot run on the meta device, a structural description
+    (blocks, heads, experts; no costs) that still lets plans be validated."""
+    guessed = example_batch is None
+    if guessed:
+        config = getattr(model, "config", None)
+        seq = next((getattr(config, n) for n in ("seq_len", "max_position_embeddings", "n_positions")
+                    if isinstance(getattr(config, n, None), int)), 128)
+        example_batch = torch.zeros(2, min(seq, 4096), dtype=torch.long)
     try:
-        spec = ModelSpec.from_module(model, torch.zeros(1, min(seq, 4096), dtype=torch.long))
-    except Exception as err:  # any failure means the guess does not fit this model
-        raise ModelSpecError(f"cannot describe {type(model).__name__} from a guessed token batch ({err}); "
-                             "pass wrap(..., example_batch=...)") from err
-    return dataclasses.replace(spec, seq_len=0)
+        spec = ModelSpec.from_module(model, example_batch)
+    except ModelSpecError as err:
+        return structural_spec(model, str(err))
+    return dataclasses.replace(spec, seq_len=0) if guessed else spec
+
+
+def structural_spec(model: nn.Module, reason: str) -> ModelSpec:
+    """The model's blocks with their head and expert counts, read from modules and config only."""
+    from galvatron.spec_module import _block_layer, find_blocks
+
+    path, blocks = find_blocks(model)
+    config, notes = getattr(model, "config", None), [f"structure only, costs unknown: {reason}"]
+    layers = tuple(_block_layer(b, f"{path}.{i}", sum(p.numel() for p in b.parameters()), 0.0, 0.0, 0.0, 1,
+                                config, notes) for i, b in enumerate(blocks))
+    embeddings = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    return ModelSpec(name=type(model).__name__, layers=layers, seq_len=0, vocab=max(embeddings, default=0),
+                     hidden=layers[0].hidden, block_path=path, notes=tuple(notes))
 
 
 def resolve_plan(plan: Plan | str | Path, spec: ModelSpec, world: int, search_options: Any = None) -> Plan:

@@ -2,11 +2,12 @@
 
 - ``full``: the whole layer's forward runs under non-reentrant ``torch.utils.checkpoint``;
   only its inputs are kept, everything inside is recomputed in backward.
-- ``selective``: Korthikanti's "attention core" recomputation, expressed as a selective
-  checkpoint policy: the outputs of the scaled-dot-product-attention kernels, softmax and
-  dropout are recomputed, every other op's output is saved. For fused (flash / memory
-  efficient) SDPA this drops the attention output and softmax statistics; for an eager
-  attention it drops the softmax and its dropout (the ``s x s`` score matmuls are kept).
+- ``selective``: a selective-checkpoint policy that keeps the outputs of matrix multiplications
+  (the linear layers: most of the FLOPs) and of collectives, and recomputes everything else:
+  the attention core (scaled-dot-product attention, softmax, dropout), norms, activations and
+  rotary embeddings. This is Korthikanti's attention-core recomputation widened to all cheap
+  elementwise work, which needs no knowledge of the layer's code. An eager attention's score
+  matmuls count as matmuls and are kept.
 
 The layer keeps its parameter names (its ``forward`` is wrapped in place, no wrapper module),
 and module hooks (FSDP, re-layout) stay outside the recomputed region.
@@ -23,30 +24,25 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from galvatron.plan import Recompute
 
-_RECOMPUTED_OPS = frozenset(
-    getattr(torch.ops.aten, name)
-    for name in (
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_flash_attention_for_cpu",
-        "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_cudnn_attention",
-        "_scaled_dot_product_fused_attention_overrideable",
-        "_scaled_dot_product_attention_math",
-        "_softmax",
-        "_safe_softmax",
-        "native_dropout",
-    )
-    if hasattr(torch.ops.aten, name)
+
+def _ops(namespace: Any, names: tuple[str, ...]) -> set[Any]:
+    return {getattr(namespace, n) for n in names if hasattr(namespace, n)}
+
+
+_SAVED_OPS = frozenset(
+    _ops(torch.ops.aten, ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm"))
+    | _ops(torch.ops._c10d_functional, ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor",
+                                         "all_to_all_single", "wait_tensor"))
 )
 
 
-def _attention_core_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+def _matmuls_and_collectives_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
     packet = getattr(op, "overloadpacket", op)
-    return CheckpointPolicy.PREFER_RECOMPUTE if packet in _RECOMPUTED_OPS else CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.MUST_SAVE if packet in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _selective_contexts() -> Any:
-    return create_selective_checkpoint_contexts(_attention_core_policy)
+    return create_selective_checkpoint_contexts(_matmuls_and_collectives_policy)
 
 
 def apply_recompute(module: nn.Module, mode: Recompute) -> None:

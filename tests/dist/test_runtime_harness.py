@@ -32,7 +32,7 @@ from test_pipeline_split import SEQ, VOCAB
 
 pytestmark = pytest.mark.slow
 
-BATCH, STEPS, LR, MOMENTUM, LAYERS, ADAM_EPS = 8, 3, 0.2, 0.9, 4, 1e-6
+BATCH, STEPS, LR, MOMENTUM, LAYERS, ADAM_EPS = 8, 3, 0.2, 0.9, 4, 1e-4
 
 
 def _gpt(**overrides: Any) -> Callable[[], nn.Module]:
@@ -51,6 +51,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "gpt": _gpt(),
     "gpt-swiglu-gqa": _gpt(activation="swiglu", norm="rmsnorm", kv_heads=2),
     "gpt-tied": _gpt(tied_embeddings=True, position="learned"),
+    "gpt-moe": _gpt(experts=4, top_k=2, shared_experts=1, moe_every=2),
     "gpt2": _hf("gpt2"),
     "llama": _hf("llama"),
     "mixtral": _hf("mixtral"),
