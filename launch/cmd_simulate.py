@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster", required=True, help="preset name (configs/clusters) or cluster YAML")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--top", type=int, default=1, metavar="K", help="search: report the K best plans")
+    parser.add_argument("--report", metavar="OUT", help="also write a visual report (.html, or .png with matplotlib)")
     plan = parser.add_argument_group("plan (uniform; leave all out to search)")
     plan.add_argument("--plan", metavar="FILE", help="cost this plan file")
     for flag in ("tp", "pp", "dp", "cp", "ep", "vpp"):
@@ -146,7 +147,13 @@ def over_memory_message(cost: Any) -> str:
 
 def emit(args: argparse.Namespace, costs: list[Any], search_time: float | None, costed: int, spec: ModelSpec,
          cluster: Any) -> None:
-    """Print the result as JSON or as a table."""
+    """Print the result as JSON or as a table (and write the --report)."""
+    if args.report:
+        from galvatron.report import Report, save_report
+
+        result = {**_json(costs[0], search_time, costed), "top": [c.to_dict() for c in costs] if len(costs) > 1 else []}
+        report = Report.from_result(result, context={"model": args.model, "cluster": args.cluster})
+        print(f"report: {save_report(report, args.report)}", file=sys.stderr)
     if args.json:
         out = _json(costs[0], search_time, costed)
         if len(costs) > 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,15 @@ def test_plan_show_report_refusals(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "--cluster needs --model" in capsys.readouterr().err
     assert main(["plan", "show", str(PLANS[0]), "--report", str(tmp_path / "r.txt")]) == 1
     assert "written as .html or .png" in capsys.readouterr().err
+
+
+def test_simulate_report_of_a_plan_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plan = str(next(p for p in PLANS if p.stem == "llama2-7b-8gpu-tp4-pp2"))
+    out = tmp_path / "sim.html"
+    assert main(["simulate", "--model", "llama2-7b", "--cluster", "8xA100-80GB", "--plan", plan, "--json",
+                 "--report", str(out)]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert f"report: {out}" in captured.err
+    html = out.read_text()
+    assert fmt_seconds(data["step_time_s"]) in html and "8xA100-80GB" in html and NEEDS_COST not in html
