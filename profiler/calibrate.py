@@ -243,17 +243,18 @@ class ProfiledPerf:
     def layer_times(self, layer: LayerSpec, micro_batch: float, seq_len: int, recompute: Recompute | str,
                     tp: int = 1, cp: int = 1) -> PhaseTimes | None:
         """Measured forward/backward seconds of ``layer`` for ``micro_batch`` samples (per data-parallel
-        replica) of ``seq_len`` tokens, split ``tp`` x ``cp`` ways; None when the profile has no such
-        layer. Split layers keep the fixed cost and divide the token terms of the fit (tensor
-        parallelism splits the GEMMs and heads, context parallelism the queries)."""
+        replica) of ``seq_len`` tokens, split ``tp`` x ``cp`` ways. None when the profile has no such
+        layer (no layer of that kind, or a block whose parameter count differs by more than 1%).
+        Split layers keep the fit's fixed cost and divide its token terms (tensor parallelism splits
+        the GEMMs and heads, context parallelism the queries)."""
         if self.model is None:
             return None
         try:
             found = self.model.layer_for(layer)
         except ProfileError:
             return None
-        if found is None or found.params != layer.params:
-            return None
+        if found is None or (layer.is_block and abs(found.params - layer.params) > 0.01 * layer.params):
+            return None  # a block of another shape: not this profile's to answer
         mode = Recompute(recompute)
         if tp * cp == 1 and float(micro_batch).is_integer():
             return found.times(int(micro_batch), seq_len, mode)

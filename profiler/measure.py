@@ -153,19 +153,19 @@ def measure_memory(device: torch.device, forward: Callable[[], Any], backward: C
     live = LiveBytes(ignore)
     cuda = device.type == "cuda"
     if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     with live:
         out = forward()
     kept = live.live
     if cuda:
-        end_fwd = torch.cuda.memory_allocated()
-        fwd_temp = torch.cuda.max_memory_allocated() - end_fwd
-        torch.cuda.reset_peak_memory_stats()
+        end_fwd = torch.cuda.memory_allocated(device)
+        fwd_temp = torch.cuda.max_memory_allocated(device) - end_fwd
+        torch.cuda.reset_peak_memory_stats(device)
         backward(out)
         del out
-        torch.cuda.synchronize()
-        return float(kept), float(max(fwd_temp, torch.cuda.max_memory_allocated() - end_fwd, 0))
+        torch.cuda.synchronize(device)
+        return float(kept), float(max(fwd_temp, torch.cuda.max_memory_allocated(device) - end_fwd, 0))
     fwd_temp = live.peak - kept
     live.reset_peak()
     with live:

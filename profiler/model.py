@@ -21,7 +21,7 @@ import platform
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,11 +104,13 @@ def profile_model(model: nn.Module, *, options: ProfileOptions | None = None,
     block_path, blocks = find_blocks(model)
     kinds = _distinct(blocks)
     spec = ModelSpec.from_module(model, torch.zeros(1, max(seq_lens), dtype=torch.long), name=name)
-    job = _Job(model, block_path, [blocks[k.first] for k in kinds], dev, dtype, options, spec)
     units = len(options.micro_batches) * len(seq_lens) * (1 + len(kinds) * len(options.recompute))
     bar = Progress(units + int(options.optimizer), f"profile {spec.name}", enabled=progress)
-    layers = job.run(kinds, seq_lens, bar)
-    optimizer = job.optimizer(bar) if options.optimizer else None
+    # sleep kernels, events and memory statistics go to the current device: make it the profiled one
+    with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
+        job = _Job(model, block_path, [blocks[k.first] for k in kinds], dev, dtype, options, spec)
+        layers = job.run(kinds, seq_lens, bar)
+        optimizer = job.optimizer(bar) if options.optimizer else None
     return ModelProfile(
         model=spec.name, device=_device_info(dev), dtype=dtype, layers=tuple(layers), optimizer=optimizer,
         hidden=spec.hidden, vocab=spec.vocab, causal=spec.causal, profiled_blocks=len(blocks),
