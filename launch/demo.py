@@ -240,4 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the importable module's main, so Ray pickles ``train`` by reference, not as ``__main__.train``
+    from galvatron.launch.demo import main as module_main
+
+    sys.exit(module_main())

@@ -17,6 +17,7 @@ code itself is not retried: it is raised with the worker's traceback.
 
 from __future__ import annotations
 
+import math
 import os
 import runpy
 import sys
@@ -27,6 +28,7 @@ from typing import Any
 
 from galvatron.launch.launcher import ENV_PLAN, ENV_RESTART, LaunchError, free_port, say
 
+from galvatron.errors import ConfigError
 from galvatron.plan import Plan
 
 _LOCAL_IP = "127.0.0.1"
@@ -59,24 +61,33 @@ class RayConfig:
 
     def __post_init__(self) -> None:
         if self.workers < 1:
-            raise LaunchError(f"workers must be at least 1, got {self.workers}")
+            raise ConfigError(f"workers must be at least 1, got {self.workers}")
         if self.min_workers is not None and not 1 <= self.min_workers <= self.workers:
-            raise LaunchError(f"min_workers must be between 1 and workers={self.workers}, got {self.min_workers}")
+            raise ConfigError(f"min_workers must be between 1 and workers={self.workers}, got {self.min_workers}")
 
 
-def ensure_ray(config: RayConfig) -> None:
-    """Join ``config.address``, or start a local Ray bound to 127.0.0.1 with room for every worker."""
+def ensure_ray(config: RayConfig) -> bool:
+    """Join ``config.address``, or start a local Ray bound to 127.0.0.1 with room for every worker;
+    returns True when this call started Ray (and so should shut it down)."""
+    if config.address is None:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read once, when ray is imported
+        os.environ.setdefault("RAY_worker_niceness", "0")  # training workers are the job, not background work
     import ray
 
     if ray.is_initialized():
-        return
+        return False
+    runtime_env = dict(config.runtime_env) if config.runtime_env else None
     if config.address is not None:
-        ray.init(address=config.address, runtime_env=config.runtime_env and dict(config.runtime_env))
-        return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    cpus = max(os.cpu_count() or 1, int(config.workers * config.cpus_per_worker + 0.999))
-    ray.init(_node_ip_address=_LOCAL_IP, include_dashboard=False, num_cpus=cpus,
-             runtime_env=config.runtime_env and dict(config.runtime_env))
+        ray.init(address=config.address, runtime_env=runtime_env)
+        return True
+    from ray._private import ray_constants
+
+    if ray_constants.ENABLE_RAY_CLUSTER:
+        raise LaunchError("a local Ray binds to 127.0.0.1 only when RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set "
+                          "before ray is first imported; set it, or start Ray yourself and pass its address")
+    cpus = max(os.cpu_count() or 1, math.ceil(config.workers * config.cpus_per_worker))
+    ray.init(_node_ip_address=_LOCAL_IP, include_dashboard=False, num_cpus=cpus, runtime_env=runtime_env)
+    return True
 
 
 class Worker:
@@ -95,12 +106,15 @@ class Worker:
     def __repr__(self) -> str:  # Ray prefixes the worker's output with this
         return f"rank {self.rank}"
 
-    def node(self) -> tuple[str, int]:
-        """This worker's node address and a free port on it (used of rank 0 only)."""
+    def node_ip(self) -> str:
+        """The address of this worker's node."""
         import ray
 
-        ip = ray.util.get_node_ip_address()
-        return ip, free_port(ip)
+        return ray.util.get_node_ip_address()
+
+    def free_port(self, host: str) -> int:
+        """A free port on ``host`` here (asked of rank 0, which hosts the rendezvous)."""
+        return free_port(host)
 
     def run(self, env: Mapping[str, str], fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """Set the rank's torchrun variables and call ``fn``; leaves no process group behind."""
@@ -154,7 +168,16 @@ class RayLauncher:
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """Run ``fn(*args, **kwargs)`` on every worker, restarting lost workers up to ``max_restarts``."""
-        ensure_ray(self.config)
+        owns_ray = ensure_ray(self.config)
+        try:
+            return self._run(fn, args, kwargs)
+        finally:
+            if owns_ray:
+                import ray
+
+                ray.shutdown()
+
+    def _run(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> list[Any]:
         while True:
             try:
                 return self._attempt(fn, args, kwargs)
@@ -227,18 +250,22 @@ class RayLauncher:
         self.world_size = world
 
     def _rank_env(self) -> list[dict[str, str]]:
+        """torchrun's variables per rank; on one node the group talks over the loopback device only."""
         import ray
 
-        addresses = ray.get([a.node.remote() for a in self._actors])
-        master_ip, port = addresses[0]
-        nodes = [ip for ip, _ in addresses]
+        nodes = ray.get([a.node_ip.remote() for a in self._actors])
         order = list(dict.fromkeys(nodes))
+        master = _LOCAL_IP if len(order) == 1 else nodes[0]
+        port = ray.get(self._actors[0].free_port.remote(master))
         envs = []
         for rank, ip in enumerate(nodes):
             same = [r for r, other in enumerate(nodes) if other == ip]
-            envs.append({"RANK": str(rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(same.index(rank)),
-                         "LOCAL_WORLD_SIZE": str(len(same)), "GROUP_RANK": str(order.index(ip)),
-                         "MASTER_ADDR": master_ip, "MASTER_PORT": str(port)})
+            env = {"RANK": str(rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(same.index(rank)),
+                   "LOCAL_WORLD_SIZE": str(len(same)), "GROUP_RANK": str(order.index(ip)),
+                   "MASTER_ADDR": master, "MASTER_PORT": str(port)}
+            if len(order) == 1 and "GLOO_SOCKET_IFNAME" not in self.config.env:
+                env["GLOO_SOCKET_IFNAME"] = "lo"
+            envs.append(env)
         return envs
 
     def _wait(self, futures: list[Any], grace_s: float = 10.0) -> list[Any]:

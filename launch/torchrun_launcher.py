@@ -16,7 +16,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from galvatron.launch.launcher import LaunchError, free_port
+from galvatron.launch.launcher import free_port
+
+from galvatron.errors import ConfigError
 
 _LOCAL_IP = "127.0.0.1"
 
@@ -38,7 +40,7 @@ class TorchrunConfig:
 
     def __post_init__(self) -> None:
         if self.nproc_per_node < 1:
-            raise LaunchError(f"workers per node must be at least 1, got {self.nproc_per_node}")
+            raise ConfigError(f"workers per node must be at least 1, got {self.nproc_per_node}")
 
     @property
     def single_node(self) -> bool:

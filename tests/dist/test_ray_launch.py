@@ -1,0 +1,121 @@
+"""Ray launcher on 2 local CPU workers (one Ray session for the module, bound to 127.0.0.1):
+
+- a worker killed mid-training is replaced, training resumes from the newest checkpoint, and the
+  run ends with exactly the parameters and optimizer state of an uninterrupted run resumed from
+  that same checkpoint;
+- ``galvatron launch --ray`` runs a script on every worker with the plan exported to it;
+- an error in the training code is raised with its traceback, not retried.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from galvatron.launch import checkpoints
+from galvatron.launch.cli import main
+from galvatron.launch.demo import TrainConfig, gpt_config, train
+from galvatron.launch.launcher import LaunchError, worker_env
+from galvatron.launch.ray_launcher import RayConfig, RayLauncher
+
+from galvatron.plan import Plan
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read when ray is imported: bind Ray to 127.0.0.1
+os.environ["RAY_worker_niceness"] = "0"
+ray = pytest.importorskip("ray")
+
+CONFIG = TrainConfig(model="gpt-tiny", steps=12, global_batch=4, print_every=100, checkpoint_interval=3,
+                     keep_checkpoints=None, return_state=True, step_delay_s=0.3)
+PLAN = Plan.uniform(gpt_config(CONFIG.model).layers, global_batch_size=CONFIG.global_batch, dtype="fp32", dp=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session() -> Iterator[None]:
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2)
+    assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
+    yield
+    ray.shutdown()
+
+
+def _launcher(checkpoint_dir: Path) -> RayLauncher:
+    return RayLauncher(RayConfig(workers=2, plan=PLAN, env=worker_env(None, checkpoint_dir=checkpoint_dir),
+                                 max_restarts=2))
+
+
+def _kill_after_first_checkpoint(launcher: RayLauncher, checkpoint_dir: Path, timeout_s: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while checkpoints.latest(checkpoint_dir) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    launcher.kill_worker(1)
+
+
+def test_killed_worker_is_replaced_and_resumes(tmp_path: Path) -> None:
+    interrupted_dir, reference_dir = tmp_path / "interrupted", tmp_path / "reference"
+    launcher = _launcher(interrupted_dir)
+    killer = threading.Thread(target=_kill_after_first_checkpoint, args=(launcher, interrupted_dir))
+    killer.start()
+    result = launcher.run(train, CONFIG)[0]
+    killer.join()
+    assert launcher.restarts == 1
+    resumed_from = result.start_step
+    assert resumed_from in (3, 6, 9)
+    shutil.copytree(checkpoints.checkpoint_path(interrupted_dir, resumed_from),
+                    checkpoints.checkpoint_path(reference_dir, resumed_from))
+
+    reference = _launcher(reference_dir)
+    expected = reference.run(train, CONFIG)[0]
+    assert reference.restarts == 0 and expected.start_step == resumed_from
+    for name, value in expected.model_state.items():
+        assert torch.equal(result.model_state[name], value), name
+    for name, state in expected.optimizer_state["state"].items():
+        for key, value in state.items():
+            assert torch.equal(result.optimizer_state["state"][name][key], value), f"{name}.{key}"
+
+
+SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    import torch, torch.distributed as dist
+    from galvatron.launch.launcher import init_distributed, plan_from_env
+    rank = init_distributed()
+    total = torch.tensor([rank + 1.0])
+    dist.all_reduce(total)
+    plan = plan_from_env()
+    out = {"world": dist.get_world_size(), "sum": total.item(), "plan_world": plan.world_size,
+           "argv": sys.argv[1:], "interval": os.environ.get("GALVATRON_CHECKPOINT_INTERVAL")}
+    with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
+""")
+
+
+def test_launch_cli_runs_a_script_with_the_plan(tmp_path: Path) -> None:
+    script, plan = tmp_path / "script.py", tmp_path / "plan.yaml"
+    script.write_text(SCRIPT)
+    PLAN.save(plan)
+    code = main(["launch", "--ray", "--workers", "2", "--plan", str(plan), "--checkpoint-interval", "7",
+                 str(script), str(tmp_path), "--flag"])
+    assert code == 0
+    for rank in range(2):
+        out = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert out == {"world": 2, "sum": 3.0, "plan_world": 2, "argv": [str(tmp_path), "--flag"], "interval": "7"}
+
+
+def _fail_on_rank_1() -> None:
+    if os.environ["RANK"] == "1":
+        raise ValueError("bad batch on rank 1")
+
+
+def test_training_error_is_raised_not_retried() -> None:
+    launcher = RayLauncher(RayConfig(workers=2, max_restarts=2))
+    with pytest.raises(LaunchError, match="bad batch on rank 1"):
+        launcher.run(_fail_on_rank_1)
+    assert launcher.restarts == 0

@@ -1,0 +1,110 @@
+"""The launchers' process-free parts: torchrun command lines, the launch CLI's checks, the plan's way
+to the workers, the search fallback, progress lines and checkpoint bookkeeping."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import pytest
+from galvatron.launch import checkpoints
+from galvatron.launch.cli import main
+from galvatron.launch.launcher import (
+    ENV_CHECKPOINT_DIR,
+    ENV_PEAK_FLOPS,
+    ENV_PREDICTED_STEP,
+    PlanChoice,
+    fixed_plan,
+    local_cpu_cluster,
+    search_plan,
+    worker_env,
+)
+from galvatron.launch.metrics import StepMeter
+from galvatron.launch.ray_launcher import RayConfig
+from galvatron.launch.torchrun_launcher import TorchrunConfig, torchrun_command
+
+from galvatron.spec import ModelSpec
+
+SPEC = ModelSpec.from_config("gpt-tiny")
+
+
+def test_torchrun_one_node_binds_loopback() -> None:
+    cmd = torchrun_command(TorchrunConfig(nproc_per_node=4, max_restarts=2), "train.py", ["--lr", "1e-3"])
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--nproc-per-node=4" in cmd and "--nnodes=1" in cmd and "--max-restarts=2" in cmd
+    assert "--master-addr=127.0.0.1" in cmd
+    assert cmd[-3:] == ["train.py", "--lr", "1e-3"]
+
+
+def test_torchrun_several_nodes_pass_through() -> None:
+    config = TorchrunConfig(nproc_per_node=8, nnodes="2:4", rdzv_backend="c10d", rdzv_endpoint="head:29400",
+                            rdzv_id="job7")
+    cmd = torchrun_command(config, "train.py")
+    assert {"--nnodes=2:4", "--rdzv-backend=c10d", "--rdzv-endpoint=head:29400", "--rdzv-id=job7"} <= set(cmd)
+    assert not any(arg.startswith("--master-addr") for arg in cmd)
+
+
+def test_launch_search_needs_model(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["launch", "--workers", "2", "--search", "train.py"]) == 1
+    assert "--search needs --model" in capsys.readouterr().err
+
+
+def test_launch_rejects_plan_of_other_world(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plan = tmp_path / "plan.yaml"
+    fixed_plan(SPEC, 4, 8).save(plan)
+    assert main(["launch", "--workers", "2", "--plan", str(plan), "train.py"]) == 1
+    assert "needs 4 devices" in capsys.readouterr().err
+
+
+def test_worker_env() -> None:
+    choice = PlanChoice(plan=fixed_plan(SPEC, 2, 4), source="search", predicted_step_s=0.25)
+    env = worker_env(choice, peak_flops=1e10, checkpoint_dir="ckpt", checkpoint_interval=5)
+    assert float(env[ENV_PREDICTED_STEP]) == 0.25 and float(env[ENV_PEAK_FLOPS]) == 1e10
+    assert Path(env[ENV_CHECKPOINT_DIR]).is_absolute()
+    assert worker_env(None) == {}
+
+
+def test_search_falls_back_to_a_fixed_plan(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "galvatron.strategies.search", None)
+    choice = search_plan(SPEC, 4, cluster=None, global_batch=8)
+    assert choice.source == "fixed" and choice.predicted_step_s is None
+    assert choice.plan == fixed_plan(SPEC, 4, 8)
+    assert "using a fixed data-parallel plan" in capsys.readouterr().err
+
+
+def test_search_on_local_cpus() -> None:
+    cluster = local_cpu_cluster(4)
+    assert cluster.world_size == 4 and cluster.gpu.peak_flops("fp32") > 0
+    choice = search_plan(SPEC, 4, cluster=cluster, global_batch=8)
+    assert choice.source == "search" and choice.predicted_step_s > 0
+    choice.plan.validate(4, SPEC)
+
+
+def test_step_meter_lines() -> None:
+    out = io.StringIO()
+    meter = StepMeter(tokens_per_step=1000, flops_per_token=6e6, total_steps=5, every=2, peak_flops=1e10,
+                      plan=fixed_plan(SPEC, 1, 4), stream=out)
+    printed = [meter.step(step, 2.0 - step / 10) for step in range(5)]
+    assert [s.step for s in printed if s is not None] == [2, 4, 5]
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("plan: 1 stage(s)")
+    last = printed[-1]
+    assert last.mfu == pytest.approx(6e6 * last.tokens_per_s / 1e10)
+    assert lines[-1].startswith("step 5/5  loss 1.6000") and "tok/s  MFU" in lines[-1] and "MiB" in lines[-1]
+
+
+def test_checkpoints_without_metadata_are_ignored(tmp_path: Path) -> None:
+    assert checkpoints.latest(tmp_path / "none") is None
+    for step in (3, 6, 9):
+        checkpoints.checkpoint_path(tmp_path, step).mkdir()
+    for step in (3, 6):
+        (checkpoints.checkpoint_path(tmp_path, step) / ".metadata").touch()
+    assert checkpoints.latest(tmp_path) == (6, checkpoints.checkpoint_path(tmp_path, 6))
+
+
+def test_ray_config_checks() -> None:
+    with pytest.raises(ValueError, match="min_workers"):
+        RayConfig(workers=2, min_workers=3)
+    with pytest.raises(ValueError, match="at least 1"):
+        RayConfig(workers=0)
