@@ -70,10 +70,6 @@ class Canvas:
     def line(self, x1: float, y1: float, x2: float, y2: float, **kw: Any) -> None:
         self.items.append(Line(x1, y1, x2, y2, **kw))
 
-    def texts(self) -> list[str]:
-        """Every string drawn, in order (what tests and screen readers see)."""
-        return [item.text for item in self.items if isinstance(item, Text)]
-
 
 def text_width(text: str, size: float) -> float:
     """Approximate rendered width of ``text`` in pixels (sans-serif average advance)."""

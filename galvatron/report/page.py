@@ -17,9 +17,12 @@ from galvatron.report.style import fmt_gib, fmt_pct, fmt_seconds, fmt_tflops, fm
 
 NEEDS_COST = ("Needs the cost model: run galvatron plan show PLAN --model MODEL --cluster CLUSTER --report "
               "report.html, or galvatron simulate ... --report report.html.")
-NEEDS_STAGES = "Needs the cost model's per-stage breakdown, which this cost result does not include."
+NEEDS_STAGES = "Needs the per-stage breakdown of the cost model, which this cost result does not include."
 NEEDS_SEARCH = ("Only this plan was costed. A search lists the best alternatives: galvatron simulate --model MODEL "
                 "--cluster CLUSTER --top K --report report.html.")
+
+TIMELINE = "2. Pipeline timeline (predicted)"
+MEMORY = "3. Memory per GPU (predicted)"
 
 
 @dataclass(frozen=True)
@@ -65,16 +68,12 @@ def panels(report: Report) -> list[Panel]:
     """Plan diagram, timeline, memory, top plans, and measured-vs-predicted after a training run."""
     cost = report.cost
     out = [Panel("plan", "1. Plan: strategy per layer and stage", draw_plan(report.plan))]
-    if cost is None:
-        out += [Panel("timeline", "2. Pipeline timeline (predicted)", None, NEEDS_COST),
-                Panel("memory", "3. Memory per GPU (predicted)", None, NEEDS_COST)]
-    elif not cost.stages:
-        out += [Panel("timeline", "2. Pipeline timeline (predicted)", None, NEEDS_STAGES),
-                Panel("memory", "3. Memory per GPU (predicted)", None, NEEDS_STAGES)]
+    if cost is None or not cost.stages:
+        why = NEEDS_COST if cost is None else NEEDS_STAGES
+        out += [Panel("timeline", TIMELINE, None, why), Panel("memory", MEMORY, None, why)]
     else:
-        out += [Panel("timeline", "2. Pipeline timeline (predicted)",
-                      draw_timeline(timeline_from_cost(cost), cost, report.measured)),
-                Panel("memory", "3. Memory per GPU (predicted)", draw_memory(cost))]
+        out += [Panel("timeline", TIMELINE, draw_timeline(timeline_from_cost(cost), cost, report.measured)),
+                Panel("memory", MEMORY, draw_memory(cost))]
     out.append(_top_panel(report))
     if report.measured is not None:
         heading = "5. Measured vs predicted"

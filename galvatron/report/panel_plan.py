@@ -29,7 +29,7 @@ class Cell:
 def _cp(s: LayerStrategy) -> tuple[str, str]:
     if s.cp == 1:
         return "cp1", NEUTRAL
-    kind = f"{s.ulysses_degree}x{s.ring_degree}" if s.cp_kind is CPKind.HYBRID else ""
+    kind = f" u{s.ulysses_degree}xr{s.ring_degree}" if s.cp_kind is CPKind.HYBRID else ""
     return f"cp{s.cp} {s.cp_kind.value}{kind}", CP_KINDS[s.cp_kind.value]
 
 

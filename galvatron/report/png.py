@@ -16,14 +16,11 @@ HEADING_H = 34
 def save_png(report: Report, path: str | Path, dpi: int = 100) -> Path:
     """Draw every panel of the report, one under the other, into a PNG at ``path``."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # a bare Figure: no pyplot, no global backend switch
     except ImportError:
         raise ReportError("PNG export needs matplotlib: pip install matplotlib (or galvatron[dev])") from None
     pieces, height = _layout(report)
-    fig = plt.figure(figsize=((WIDTH + 2 * MARGIN) / 100, height / 100), dpi=dpi)
+    fig = Figure(figsize=((WIDTH + 2 * MARGIN) / 100, height / 100), dpi=dpi)
     ax = fig.add_axes((0, 0, 1, 1))
     ax.set_xlim(-MARGIN, WIDTH + MARGIN)
     ax.set_ylim(height, 0)
@@ -32,7 +29,6 @@ def save_png(report: Report, path: str | Path, dpi: int = 100) -> Path:
         draw_on_axes(ax, canvas, y)
     out = Path(path)
     fig.savefig(out, dpi=dpi, facecolor="white")
-    plt.close(fig)
     return out
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from galvatron.plan import Plan
 from galvatron.report import CostSummary, Measured, Report, ReportError, render_html, save_report, timeline_from_cost
-from galvatron.report.page import NEEDS_COST, NEEDS_SEARCH
+from galvatron.report.page import NEEDS_COST, NEEDS_SEARCH, NEEDS_STAGES
 from galvatron.report.style import fmt_gib, fmt_pct, fmt_seconds, fmt_tokens
 
 PLANS = sorted((Path(__file__).parents[2] / "configs" / "plans").glob("*.yaml"))
@@ -71,6 +71,11 @@ def test_plan_alone_draws_the_diagram_and_says_what_else_is_needed(path: Path) -
     for panel in ("timeline", "memory", "top"):
         assert "<svg" not in section(html, panel) and NEEDS_COST in section(html, panel)
     assert '<section id="measured">' not in html
+    for g in plan.groups():
+        if g.strategy.cp > 1:
+            assert f">cp{g.strategy.cp} {g.strategy.cp_kind.value}" in diagram
+        if g.strategy.ep > 1:
+            assert f">ep{g.strategy.ep}<" in diagram
     assert external_references(html) == []
 
 
@@ -197,7 +202,8 @@ def test_save_report_html_png_and_bad_suffix(tmp_path: Path) -> None:
 
 
 def test_png_without_matplotlib_says_how_to_get_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    for name in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ReportError, match="PNG export needs matplotlib: pip install matplotlib"):
         save_report(Report(plan=Plan.load(PLANS[0])), tmp_path / "r.png")
 
@@ -218,3 +224,11 @@ def test_many_micro_batches_break_the_time_axis() -> None:
         assert f"<title>forward micro-batch {i}, stage S0:" in timeline
     assert "<title>forward micro-batch 64, stage S0:" not in timeline
     assert "predicted step" in timeline
+
+
+def test_missing_breakdown_or_prediction_is_said() -> None:
+    plan = Plan.load(PLANS[0])
+    html = render_html(Report.from_result({**fake_cost(plan), "stages": []}))
+    assert NEEDS_STAGES in section(html, "timeline") and NEEDS_STAGES in section(html, "memory")
+    html = render_html(Report(plan=plan, measured=Measured(step_times_s=(2.0, 4.0))))
+    assert f"measured: {fmt_seconds(3.0)} per step. {NEEDS_COST}" in section(html, "measured")

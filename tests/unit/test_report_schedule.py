@@ -60,8 +60,10 @@ def test_step_time_matches_closed_form(schedule: Schedule, pp: int, v: int, m: i
     """Equal stages: (m + (pp-1)/v)(F+B) for GPipe, 1F1B and interleaved 1F1B (Narayanan et al. SC'21);
     m(F+B+W) + (pp-1)(F+B-W)/v for ZB-H1 (Qi et al. 2023)."""
     f, b, w = 1.0, 1.5, 0.8
-    expected = m * (f + b + w) + (pp - 1) * ((f + b - w) if schedule is Schedule.ZERO_BUBBLE else (f + b + w)) / v
-    assert _uniform(schedule, pp, v, m, f, b, w).makespan == pytest.approx(expected)
+    bubble = (pp - 1) * ((f + b - w) if schedule is Schedule.ZERO_BUBBLE else (f + b + w)) / v
+    timeline = _uniform(schedule, pp, v, m, f, b, w)
+    assert timeline.makespan == pytest.approx(m * (f + b + w) + bubble)
+    assert [timeline.bubble_s(g) for g in range(pp)] == pytest.approx([bubble] * pp)
 
 
 @pytest.mark.parametrize(("pp", "m"), [(2, 8), (4, 8), (4, 3), (8, 16)])
