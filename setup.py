@@ -37,7 +37,7 @@ setup(
         "ray": ["ray[default]>=2.40"],
         "deepspeed": ["deepspeed>=0.16"],
         "megatron": ["megatron-core>=0.12"],
-        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "transformers>=4.50", "ray[default]>=2.40"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "transformers>=4.50", "ray[default]>=2.40", "matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["galvatron = galvatron.launch.cli:main"]},
 )
