@@ -187,6 +187,9 @@ def measure_steps(trainer: Trainer, s: Setup, mb: int, seq: int) -> dict[str, An
     except torch.OutOfMemoryError:
         _free(s.device)
         return {"error": "out of memory"}
+    except (GalvatronError, RuntimeError) as err:  # one broken configuration must not lose the others
+        _free(s.device)
+        return {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"}
     peak = torch.cuda.max_memory_allocated() / 2**30 if s.device.type == "cuda" else None
     return {"measured_s": statistics.median(times), "step_times_s": times, "peak_memory_gib": peak}
 
@@ -224,7 +227,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         configs = [c for c in s.configs if c[2] == mode]
         if not configs:
             continue
-        trainer = Trainer(s, mode, args.runtime)
+        try:
+            trainer = Trainer(s, mode, args.runtime)
+        except (GalvatronError, RuntimeError) as err:
+            notes.append(f"recompute={mode}: could not build the model ({type(err).__name__}: {err})")
+            rows += [{"micro_batch": mb, "seq_len": seq, "recompute": mode, "runtime": args.runtime,
+                      "error": "model not built"} for mb, seq, _ in configs]
+            _free(s.device)
+            continue
         if trainer.note:
             notes.append(trainer.note)
             print(trainer.note, flush=True)

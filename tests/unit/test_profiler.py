@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from galvatron.launch.cli import main
+from galvatron.launch.cmd_profile import gpt_config
 from galvatron.profiler.calibrate import (
     ProfiledPerf,
     Rates,
@@ -38,9 +39,11 @@ from galvatron.profiler.schema import (
 from galvatron.strategies.cost import DatasheetPerf, Group, cost_plan
 from galvatron.strategies.hardware import load_cluster
 
+from galvatron.errors import ConfigError
 from galvatron.models import GPT, GPTConfig
 from galvatron.plan import DType, LayerStrategy, Plan, Recompute
 from galvatron.spec import LayerKind, ModelSpec
+from galvatron.spec_config import load_model_config
 
 TINY = ProfileOptions(micro_batches=(1, 2), seq_lens=(8, 16), warmup=0, repeats=1)
 DENSE = GPTConfig(layers=2, hidden=32, heads=4, seq_len=16)
@@ -333,3 +336,15 @@ def test_spec_layers_map_to_profile(moe_profile: ModelProfile) -> None:
     kinds = [moe_profile.layer_for(layer).key if moe_profile.layer_for(layer) else None for layer in spec.layers]
     assert kinds == ["embedding", "moe", "attention", None, "head"]
     assert spec.layers[3].kind is LayerKind.NORM
+
+
+@pytest.mark.parametrize("preset", ["gpt3-1.3b", "mixtral-8x7b"])
+def test_presets_build_the_reference_gpt_they_describe(preset: str) -> None:
+    with torch.device("meta"):
+        model = GPT(gpt_config(load_model_config(preset)))
+    assert sum(p.numel() for p in model.parameters()) == ModelSpec.from_config(preset).params
+
+
+def test_architectures_the_reference_gpt_lacks_are_refused() -> None:
+    with pytest.raises(ConfigError, match="first_dense"):
+        gpt_config(load_model_config("deepseek-moe-16b"))
