@@ -202,7 +202,8 @@ class Predictor:
     def __init__(self, prof: ModelProfile, s: Setup) -> None:
         self.prof, self.s = prof, s
         self.cluster = load_cluster({"gpu": s.gpu, "gpus_per_node": 1, "nodes": 1, "name": f"1x{s.gpu}"})
-        self.perf = profiled_perf(self.cluster, model_profile=prof)
+        spec = ModelSpec.from_config({**s.cfg.to_model_config(), "name": s.name})
+        self.perf = profiled_perf(self.cluster, model_profile=prof, spec=spec)
         print(f"calibrated rates: {self.perf.rates.describe(self.cluster.gpu.peak_flops(prof.dtype.value))}")
 
     def __call__(self, mb: int, seq: int, mode: str) -> dict[str, float]:

@@ -58,8 +58,10 @@ class Rates:
     attention_fwd: float
     attention_bwd: float
     memory: float
+    median_rel_error: float
+    """Median relative error of the cost model's per-layer forward/backward times over the points."""
     max_rel_error: float
-    """Largest relative error of the cost model's per-layer forward/backward times over the points."""
+    """Largest one (typically the embedding, whose time is Python overhead the cost model does not model)."""
     points: int
 
     def describe(self, peak_flops: float | None = None) -> str:
@@ -74,30 +76,51 @@ class Rates:
         memory = f"{1 / self.memory / 1e9:.0f} GB/s" if self.memory else "n/a"
         return (f"matmul {rate(self.matmul)}, attention fwd {rate(self.attention_fwd)} / bwd "
                 f"{rate(self.attention_bwd)}, memory {memory}, {self.kernel * 1e6:.1f} us per kernel; "
-                f"max error {self.max_rel_error:.1%} over {self.points} layer times")
+                f"error median {self.median_rel_error:.1%}, max {self.max_rel_error:.1%} "
+                f"over {self.points} layer times")
 
 
-def fit_rates(profile: ModelProfile, options: CostOptions | None = None) -> Rates:
-    """The primitive rates for which the cost model's layer formulas best match ``profile``."""
+def fit_rates(profile: ModelProfile, spec: ModelSpec | None = None, options: CostOptions | None = None) -> Rates:
+    """The primitive rates for which the cost model's layer formulas best match ``profile``: least
+    squares on the error relative to each measured time, each layer weighted by how many times
+    ``spec`` holds it (all alike without a spec), so the rates fit the model's step best."""
     from galvatron.strategies.cost import CostOptions
 
     options = options or CostOptions()
     memory = _memory_rate(profile, options)
-    rows, targets = [], []
+    free = [t for t in TERMS if memory is None or t != "memory"]
+    counts = _counts(profile, spec)
+    rows, targets, weights, measured = [], [], [], []
     for layer in profile.layers:
         for m in layer.measurements:
             features = _features(profile, layer, m, options)
-            for phase, measured in ((0, m.forward_s), (1, m.backward_s)):
+            for phase, seconds in ((0, m.forward_s), (1, m.backward_s)):
                 known = memory * features["memory"][phase] if memory is not None else 0.0
-                rows.append([features[t][phase] for t in TERMS if memory is None or t != "memory"])
-                targets.append(measured - known)
+                rows.append([features[t][phase] for t in free])
+                targets.append(seconds - known)
+                measured.append((seconds, known))
+                # relative to the measured time, not to the part the free terms must explain
+                weights.append(counts[layer.key] * ((seconds - known) / seconds) ** 2 if seconds > 0 else 0.0)
     if not rows:
         raise ProfileError(f"the profile of {profile.model} has no measurement to calibrate from")
-    x, error = relative_nnls(rows, targets)
-    values = dict(zip([t for t in TERMS if memory is None or t != "memory"], x))
+    x, _ = relative_nnls(rows, targets, weights)
+    errors = sorted(abs(sum(r * v for r, v in zip(row, x)) + known - seconds) / seconds
+                    for row, (seconds, known) in zip(rows, measured) if seconds > 0)
+    values = dict(zip(free, x))
     if memory is not None:
         values["memory"] = memory
-    return Rates(dtype=profile.dtype, max_rel_error=error, points=len(rows), **values)
+    return Rates(dtype=profile.dtype, median_rel_error=errors[len(errors) // 2] if errors else 0.0,
+                 max_rel_error=errors[-1] if errors else 0.0, points=len(rows), **values)
+
+
+def _counts(profile: ModelProfile, spec: ModelSpec | None) -> dict[str, int]:
+    """How many layers of ``spec`` each profiled layer stands for (1 each without a spec)."""
+    counts = dict.fromkeys(profile.keys, 0 if spec is not None else 1)
+    for layer in spec.layers if spec is not None else ():
+        found = profile.layer_for(layer)
+        if found is not None:
+            counts[found.key] += 1
+    return counts
 
 
 def _features(profile: ModelProfile, layer: LayerProfile, m: Measurement,
@@ -271,12 +294,14 @@ def _split(coef: tuple[float, float, float], micro_batch: float, seq_len: int, w
 
 
 def profiled_perf(cluster: Cluster | Perf, *, model_profile: ModelProfile | None = None,
-                  cluster_profile: ClusterProfile | None = None, options: CostOptions | None = None) -> ProfiledPerf:
+                  cluster_profile: ClusterProfile | None = None, spec: ModelSpec | None = None,
+                  options: CostOptions | None = None) -> ProfiledPerf:
     """The ``Perf`` to hand ``cost_plan``/``search`` instead of a cluster: measured where a profile
-    is given, the datasheet (``cluster``) elsewhere."""
+    is given, the datasheet (``cluster``) elsewhere. ``spec``: the model the plans are for (the
+    calibration then weighs each layer by how often the model holds it)."""
     from galvatron.strategies.cost import as_perf
 
-    rates = fit_rates(model_profile, options) if model_profile is not None else None
+    rates = fit_rates(model_profile, spec, options) if model_profile is not None else None
     return ProfiledPerf(base=as_perf(cluster), rates=rates, model=model_profile, cluster=cluster_profile)
 
 

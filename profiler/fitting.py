@@ -8,15 +8,17 @@ from collections.abc import Sequence
 import torch
 
 
-def relative_nnls(rows: Sequence[Sequence[float]], targets: Sequence[float]) -> tuple[list[float], float]:
-    """Non-negative ``x`` minimising the squared relative errors ``sum(((row . x) - y) / y)^2``.
+def relative_nnls(rows: Sequence[Sequence[float]], targets: Sequence[float],
+                  weights: Sequence[float] | None = None) -> tuple[list[float], float]:
+    """Non-negative ``x`` minimising the weighted squared relative errors ``sum(w * ((row . x - y) / y)^2)``.
 
     Every subset of the columns is solved by least squares and the best solution with no negative
     entry is kept, so a column the data cannot pin down (a term the points do not vary) gets 0.
     Points with ``y <= 0`` are left out. Returns ``x`` and the largest relative error; all zeros when
     nothing can be fitted.
     """
-    kept = [(row, y) for row, y in zip(rows, targets) if y > 0]
+    w = weights if weights is not None else [1.0] * len(targets)
+    kept = [(row, y, wi) for row, y, wi in zip(rows, targets, w) if y > 0 and wi > 0]
     width = len(rows[0]) if rows else 0
     best: tuple[float, list[float]] | None = None
     for size in range(width, 0, -1):
@@ -30,17 +32,18 @@ def relative_nnls(rows: Sequence[Sequence[float]], targets: Sequence[float]) -> 
     if best is None:
         return [0.0] * width, 0.0
     x = best[1]
-    return x, max((abs(_dot(row, x) - y) / y for row, y in kept), default=0.0)
+    return x, max((abs(_dot(row, x) - y) / y for row, y, _ in kept), default=0.0)
 
 
-def _solve(points: Sequence[tuple[Sequence[float], float]], cols: tuple[int, ...], width: int) -> list[float] | None:
+def _solve(points: Sequence[tuple[Sequence[float], float, float]], cols: tuple[int, ...],
+           width: int) -> list[float] | None:
     if len(points) < len(cols):
         return None
-    a = torch.tensor([[row[c] / y for c in cols] for row, y in points], dtype=torch.float64)
+    a = torch.tensor([[row[c] * w**0.5 / y for c in cols] for row, y, w in points], dtype=torch.float64)
     scale = a.abs().amax(dim=0)
     if bool((scale == 0).any()):
         return None
-    b = torch.ones(len(points), 1, dtype=torch.float64)
+    b = torch.tensor([[w**0.5] for _, _, w in points], dtype=torch.float64)
     result = torch.linalg.lstsq(a / scale, b, driver="gelsd")
     if int(result.rank) < len(cols):
         return None
@@ -55,5 +58,5 @@ def _dot(row: Sequence[float], x: Sequence[float]) -> float:
     return sum(r * v for r, v in zip(row, x))
 
 
-def _sse(points: Sequence[tuple[Sequence[float], float]], x: Sequence[float]) -> float:
-    return sum(((_dot(row, x) - y) / y) ** 2 for row, y in points)
+def _sse(points: Sequence[tuple[Sequence[float], float, float]], x: Sequence[float]) -> float:
+    return sum(w * ((_dot(row, x) - y) / y) ** 2 for row, y, w in points)
