@@ -1,12 +1,15 @@
 """Tensor parallelism with DTensor (Megatron-LM, Shoeybi et al. 2019), Megatron sequence
 parallelism for norms (Korthikanti et al. 2022), vocabulary-parallel embedding and head.
 
-A block's TP plan maps its ``nn.Linear`` submodules to ``colwise`` / ``rowwise``. It comes,
-in order of precedence, from the user (``wrap(..., tp_plan={...})``, names relative to a
-block), from a Hugging Face model's ``config.base_model_tp_plan`` (its ``colwise``/``rowwise``
-entries; others are left replicated), or from the module structure (attention ``q/k/v``
-projections and MLP ``up/gate`` are column-parallel, ``o`` / ``down`` row-parallel).
-Modules the plan does not cover (norms, routers, fused expert weights) compute replicated.
+A block's TP plan maps its projection layers (``nn.Linear``, or transformers' transposed
+``Conv1D``) to ``colwise``, ``rowwise`` or ``packed_colwise`` (a fused projection holding equal
+parts side by side, ``[q | k | v]`` or ``[gate | up]``: each rank gets its slice of every part).
+It comes, in order of precedence, from the user (``wrap(..., tp_plan={...})``, names relative to
+a block, ``*`` wildcards allowed), from a Hugging Face model's ``config.base_model_tp_plan``
+(entries of those three styles on projection layers; others, e.g. fused expert weights, stay
+replicated), or from the layer names (attention ``q/k/v`` and MLP ``up/gate`` column-parallel,
+``o`` / ``down`` row-parallel, ``c_attn`` / ``qkv_proj`` / ``gate_up_proj`` packed).
+Modules the plan does not cover (norms, routers) compute replicated.
 
 Each direct child of a block sits on the residual stream. A child whose parameters are all
 covered by the plan (attention, MLP) receives its input as one replicated DTensor, so its
@@ -23,6 +26,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from galvatron.errors import PlanError
 from galvatron.runtime.relayout import GatherFromSequenceParallel, ScatterToSequenceParallel, map_hidden, map_output
@@ -33,16 +45,38 @@ COLWISE = frozenset({
 })
 ROWWISE = frozenset({"o_proj", "out_proj", "wo", "dense", "c_proj", "down_proj", "w2", "fc2", "fc_out",
                      "dense_4h_to_h"})
-STYLES = ("colwise", "rowwise")
+PACKED = frozenset({"c_attn", "qkv_proj", "Wqkv", "gate_up_proj"})
+STYLES = ("colwise", "rowwise", "packed_colwise")
+_SPLIT_SIZE_ATTRS = ("split_size",)
+"""Attributes by which a parent splits a packed projection's output (GPT-2): scaled by 1/tp."""
+
+
+def is_projection(module: nn.Module) -> bool:
+    """``nn.Linear`` or transformers' ``Conv1D`` (a linear layer storing its weight transposed)."""
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a projection."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.weight.shape[1]
+
+
+def _parts(name: str) -> int:
+    return 2 if "gate_up" in name.rsplit(".", 1)[-1] else 3
 
 
 def derive_block_plan(block: nn.Module) -> dict[str, str]:
-    """``colwise``/``rowwise`` for the block's linear layers, recognised by their names."""
+    """``colwise``/``rowwise``/``packed_colwise`` for the block's projections, by their names."""
     plan = {}
     for name, module in block.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if isinstance(module, nn.Linear) and (leaf in COLWISE or leaf in ROWWISE):
-            plan[name] = "colwise" if leaf in COLWISE else "rowwise"
+        if not is_projection(module):
+            continue
+        for style, names in (("colwise", COLWISE), ("rowwise", ROWWISE), ("packed_colwise", PACKED)):
+            if leaf in names:
+                plan[name] = style
     return plan
 
 
@@ -60,63 +94,106 @@ def hf_block_plan(model: nn.Module, block_path: str) -> dict[str, str] | None:
 
 
 def resolve_block_plan(block: nn.Module, plans: list[Mapping[str, str] | None], path: str) -> dict[str, str]:
-    """The first non-empty plan of ``plans`` expanded over ``block``'s linear layers
-    (``*`` wildcards allowed) and checked: every module with column-parallel layers also has
-    row-parallel ones, and the reverse."""
-    linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+    """The first non-empty plan of ``plans`` expanded over ``block``'s projections and checked:
+    every module with column-parallel layers also has row-parallel ones, and the reverse."""
+    layers = {name for name, m in block.named_modules() if is_projection(m)}
     chosen = next((p for p in plans if p), None)
     plan: dict[str, str] = {}
     for pattern, style in (chosen or {}).items():
         if style not in STYLES:
             raise PlanError(f"{path}.tp", f"tp_plan style {style!r} for {pattern!r} is not one of {STYLES}")
-        plan.update({name: style for name in linears if fnmatch.fnmatchcase(name, pattern)})
+        plan.update({name: style for name in layers if fnmatch.fnmatchcase(name, pattern)})
     if not plan:
         raise PlanError(f"{path}.tp", f"cannot derive a tensor-parallel plan for {type(block).__name__} "
-                        "(no q/k/v/o or up/gate/down linear layers); pass wrap(..., tp_plan={...})")
+                        "(no q/k/v/o or up/gate/down projections); pass wrap(..., tp_plan={...})")
     parents: dict[str, set[str]] = {}
     for name, style in plan.items():
         if "." not in name:
             raise PlanError(f"{path}.tp", f"tp_plan entry {name!r} must be inside a submodule of the block")
-        parents.setdefault(name.rsplit(".", 1)[0], set()).add(style)
-    for parent, styles in parents.items():
-        if styles != set(STYLES):
-            raise PlanError(f"{path}.tp", f"{type(block).__name__}.{parent} has only {styles.pop()} layers "
-                            "in its tensor-parallel plan; a module needs both colwise and rowwise")
+        parents.setdefault(name.rsplit(".", 1)[0], set()).add("rowwise" if style == "rowwise" else "colwise")
+    for parent, kinds in parents.items():
+        if len(kinds) == 1:
+            raise PlanError(f"{path}.tp", f"{type(block).__name__}.{parent} has only {kinds.pop()} layers in its "
+                            "tensor-parallel plan; a module needs both column- and row-parallel layers")
     return plan
 
 
 def check_divisible(block: nn.Module, plan: Mapping[str, str], tp: int, path: str) -> None:
-    """Raise unless every planned linear layer splits evenly over ``tp`` ranks."""
+    """Raise unless every planned projection splits evenly over ``tp`` ranks."""
     for name, style in plan.items():
-        layer = block.get_submodule(name)
-        size = layer.out_features if style == "colwise" else layer.in_features
-        if size % tp:
-            raise PlanError(f"{path}.tp", f"{tp} does not divide the {size} features of {name} ({style})")
+        fan_in, fan_out = _features(block.get_submodule(name))
+        size = fan_in if style == "rowwise" else fan_out
+        parts = _parts(name) if style == "packed_colwise" else 1
+        if size % (tp * parts):
+            raise PlanError(f"{path}.tp", f"{tp} does not divide the {size // parts} features of {name} ({style})")
+
+
+class ShardedProjection(ParallelStyle):
+    """A column- or row-parallel projection, for ``parallelize_module``.
+
+    Column-parallel: weight and bias split on the output features (``parts`` > 1: each part
+    of the weight split, ``_StridedShard``, and the bias replicated), input replicated, output
+    the local slice. Row-parallel: weight
+    split on the input features, input the local slice, output summed into ``output``
+    (``Replicate()``, or ``Shard(1)`` for sequence parallelism), returned as a local tensor.
+    """
+
+    def __init__(self, style: str, parts: int = 1, output: Placement | None = None) -> None:
+        super().__init__()
+        self.style, self.parts, self.output = style, parts, output or Replicate()
+
+    def _placements(self, module: nn.Module) -> tuple[Placement, Placement]:
+        out_dim, in_dim = (0, 1) if isinstance(module, nn.Linear) else (1, 0)
+        if self.style == "rowwise":
+            return Shard(in_dim), Replicate()
+        if self.parts > 1:  # a strided bias does not compose with FSDP's sharding of the same dim
+            return _StridedShard(out_dim, split_factor=self.parts), Replicate()
+        return Shard(out_dim), Shard(0)
+
+    def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
+        weight, bias = self._placements(module)
+
+        def partition(name: str, mod: nn.Module, mesh: Any) -> None:
+            for pname, param in list(mod.named_parameters(recurse=False)):
+                placement = weight if pname == "weight" else bias
+                mod.register_parameter(pname, nn.Parameter(distribute_tensor(param, mesh, [placement]),
+                                                           requires_grad=param.requires_grad))
+
+        return distribute_module(module, device_mesh, partition, self._input, self._output)
+
+    def _input(self, module: nn.Module, inputs: tuple, mesh: Any) -> tuple:
+        x = inputs[0]
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, mesh, [Shard(-1) if self.style == "rowwise" else Replicate()], run_check=False)
+        return (x, *inputs[1:])
+
+    def _output(self, module: nn.Module, out: DTensor, mesh: Any) -> torch.Tensor:
+        if self.style == "rowwise":
+            out = out.redistribute(mesh, [self.output])
+        return out.to_local()
 
 
 def apply_tensor_parallel(block: nn.Module, plan: Mapping[str, str], tp_mesh: Any, sp: bool) -> None:
     """Shard ``block`` over the 1-D ``tp_mesh`` by ``plan``; with ``sp`` its input and output
     are sequence shards (dim 1) and its norms run on them."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
+    tp = tp_mesh.size()
     for child_name, child in block.named_children():
         names = {n: s for n, s in plan.items() if n.split(".", 1)[0] == child_name}
         covered = bool(names) and all(
             f"{child_name}.{n}" in plan or not any(True for _ in m.parameters(recurse=False))
             for n, m in child.named_modules() if n
         )
-        styles = {
-            n.split(".", 1)[1]: ColwiseParallel() if s == "colwise" else RowwiseParallel(
-                output_layouts=_shard_seq() if sp and covered else _replicate())
-            for n, s in names.items()
-        }
+        output = Shard(1) if sp and covered else Replicate()
+        styles = {n.split(".", 1)[1]: ShardedProjection(s, _parts(n) if s == "packed_colwise" else 1, output)
+                  for n, s in names.items()}
         if styles:
             parallelize_module(child, tp_mesh, styles)
+        for name, style in names.items():
+            if style == "packed_colwise":
+                _scale_split_sizes(block, name, tp)
         if covered:
             child.register_forward_pre_hook(_dtensor_entry(tp_mesh, sp), with_kwargs=True)
         elif sp and _is_norm(child):
-            from torch.distributed.tensor.parallel import SequenceParallel
-
             parallelize_module(child, tp_mesh, SequenceParallel(use_local_output=True))
         elif sp and any(True for _ in child.parameters()):
             group = tp_mesh.get_group()
@@ -127,33 +204,28 @@ def apply_tensor_parallel(block: nn.Module, plan: Mapping[str, str], tp_mesh: An
                 lambda m, a, out, g=group: map_output(out, lambda x: ScatterToSequenceParallel.apply(x, g)))
 
 
-def _dtensor_entry(tp_mesh: Any, sp: bool) -> Any:
-    from torch.distributed.tensor import DTensor
+def _scale_split_sizes(block: nn.Module, name: str, tp: int) -> None:
+    """A parent that splits a packed projection's (now local) output by a stored part size."""
+    parent = block.get_submodule(name.rsplit(".", 1)[0])
+    part = _features(block.get_submodule(name))[1] // _parts(name)
+    for attr in _SPLIT_SIZE_ATTRS:
+        if getattr(parent, attr, None) == part:
+            setattr(parent, attr, part // tp)
 
-    placement = _shard_seq() if sp else _replicate()
+
+def _dtensor_entry(tp_mesh: Any, sp: bool) -> Any:
+    placement = Shard(1) if sp else Replicate()
 
     def to_replicated(x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, DTensor):
             return x
-        return DTensor.from_local(x, tp_mesh, [placement], run_check=False).redistribute(tp_mesh, [_replicate()])
+        return DTensor.from_local(x, tp_mesh, [placement], run_check=False).redistribute(tp_mesh, [Replicate()])
 
     return lambda module, args, kwargs: map_hidden(args, kwargs, to_replicated)
 
 
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("Norm", "RMSNorm"))
-
-
-def _shard_seq() -> Any:
-    from torch.distributed.tensor import Shard
-
-    return Shard(1)
-
-
-def _replicate() -> Any:
-    from torch.distributed.tensor import Replicate
-
-    return Replicate()
 
 
 def find_vocab_modules(edges: list[nn.Module], vocab: int | None) -> tuple[nn.Embedding | None, nn.Linear | None]:
@@ -168,15 +240,10 @@ def find_vocab_modules(edges: list[nn.Module], vocab: int | None) -> tuple[nn.Em
 
 def apply_vocab_parallel_embedding(embedding: nn.Embedding, tp_mesh: Any) -> None:
     """Shard the embedding table over the vocabulary; the output is replicated."""
-    from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
-
-    parallelize_module(embedding, tp_mesh, RowwiseParallel(input_layouts=_replicate(), output_layouts=_replicate()))
+    parallelize_module(embedding, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
 
 
 def apply_vocab_parallel_head(head: nn.Linear, tp_mesh: Any) -> None:
     """Shard the LM head over the vocabulary; its logits are a DTensor sharded on the last dim,
     which a loss under ``torch.distributed.tensor.parallel.loss_parallel()`` never gathers."""
-    from torch.distributed.tensor import Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
-
     parallelize_module(head, tp_mesh, ColwiseParallel(output_layouts=Shard(-1), use_local_output=False))
