@@ -49,7 +49,7 @@ class ClusterOptions:
     """0: 1 GiB with NCCL, 1 MiB with gloo."""
     factor: int = 4
     group_sizes: tuple[int, ...] = ()
-    """Sizes of the groups inside one node; empty: 2, 4, 8, ... up to the ranks per node."""
+    """Sizes of the groups inside one node; empty: 2, 4, 8, ... and all the ranks of the node."""
     warmup: int = 2
     iters: int = 5
     overlap: bool = True
@@ -140,7 +140,8 @@ class _Runner:
     def _groups(self) -> list[tuple[list[int], str, Any]]:
         """(ranks, placement, process group) for every group measured; created on every rank."""
         local = [r for r in range(self.world) if self.node_of[r] == 0]
-        sizes = self.options.group_sizes or tuple(2**i for i in range(1, int(math.log2(len(local))) + 1))
+        powers = tuple(2**i for i in range(1, int(math.log2(len(local))) + 1))
+        sizes = self.options.group_sizes or (*powers, len(local))
         specs = [(local[:k], Placement.INTRA) for k in sorted(set(sizes)) if 2 <= k <= len(local)]
         if self.nodes > 1:
             leaders = [next(r for r in range(self.world) if self.node_of[r] == n) for n in range(self.nodes)]

@@ -403,10 +403,6 @@ class CollectiveProfile:
     def bus_factor(self) -> float:
         return BUS_FACTORS[self.op](self.group_size)
 
-    def busbw(self, point: CommPoint) -> float:
-        """Bus bandwidth of one point, bytes/s."""
-        return point.bytes * self.bus_factor() / max(point.time_s, 1e-12)
-
     def time(self, nbytes: float) -> float:
         """Seconds for a message of ``nbytes``: log-log interpolation between measured sizes; beyond the
         largest, that point plus the rest at the measured bus bandwidth; below the smallest, its time."""
@@ -488,10 +484,6 @@ class ClusterProfile:
     seconds: float = 0.0
     notes: tuple[str, ...] = ()
     schema_version: int = SCHEMA_VERSION
-
-    @property
-    def gpu_name(self) -> str:
-        return self.gpus[0].name if self.gpus else ""
 
     def find(self, op: str, group_size: int, placement: str = Placement.INTRA) -> CollectiveProfile | None:
         """The measurement of ``op`` at this group size and placement; else the nearest group size
