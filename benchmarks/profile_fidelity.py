@@ -112,19 +112,17 @@ class Trainer:
     """One full model under one recompute mode: ``step(tokens, targets)`` trains one step."""
 
     def __init__(self, s: Setup, mode: str, runtime: str) -> None:
-        torch.manual_seed(0)
         dtype = "bf16" if s.device.type == "cuda" else "fp32"
-        with torch.device(s.device):
-            model = GPT(s.cfg)
         self.runtime, self.note = runtime, ""
         if runtime == "wrap":
             try:
-                self._wrap(model, s, mode, dtype)
+                self._wrap(_build(s), s, mode, dtype)
                 return
             except (GalvatronError, RuntimeError) as err:
                 self.note = f"galvatron.wrap failed ({type(err).__name__}: {err}); timed the plain model"
                 self.runtime = "plain"
-        self._plain(model, s, mode, dtype)
+                _free(s.device)
+        self._plain(_build(s), s, mode, dtype)
 
     def _wrap(self, model: torch.nn.Module, s: Setup, mode: str, dtype: str) -> None:
         import galvatron
@@ -155,6 +153,12 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
 
         self.model, self.step = model, step
+
+
+def _build(s: Setup) -> torch.nn.Module:
+    torch.manual_seed(0)
+    with torch.device(s.device):
+        return GPT(s.cfg)
 
 
 def _single_process_group(device: torch.device) -> None:

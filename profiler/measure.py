@@ -117,7 +117,10 @@ class LiveBytes(TorchDispatchMode):
         is_cast = func is torch.ops.aten._to_copy.default and isinstance(args[0], nn.Parameter)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and not t.is_meta:
-                storage = t.untyped_storage()
+                try:
+                    storage = t.untyped_storage()
+                except (RuntimeError, NotImplementedError):  # tensor subclasses without one storage
+                    continue
                 ptr = storage.data_ptr()
                 if is_cast:
                     self.ignore.add(ptr)
