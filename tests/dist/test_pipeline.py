@@ -186,10 +186,12 @@ _RESULTS: dict[int, tuple[dict[tuple[str, int], Any], list[dict[str, Any]]]] = {
 
 
 def _results(world: int) -> tuple[dict[tuple[str, int], Any], list[dict[str, Any]]]:
-    """(references by (model, layers), per-rank results): one launch per world size."""
+    """(references by (model, layers), per-rank results): one launch per world size. The launch comes
+    first: a CUDA build of torch cannot run autograd in ranks forked after the parent has."""
     if world not in _RESULTS:
+        ranks = run_ranks(_rank_main, world, world, CASES[world], timeout=600)
         refs = {(m, LAYERS[world]): _reference(m, LAYERS[world]) for m in sorted({c.model for c in CASES[world]})}
-        _RESULTS[world] = refs, run_ranks(_rank_main, world, world, CASES[world], timeout=600)
+        _RESULTS[world] = refs, ranks
     return _RESULTS[world]
 
 
