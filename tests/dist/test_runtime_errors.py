@@ -1,0 +1,119 @@
+"""Failure behaviour of ``galvatron.wrap`` on gloo ranks: a plan that does not fit the world or
+the model fails on every rank, fast, before any collective, naming the field; what the native
+runtime cannot run yet is refused the same way; a collective whose peer never comes times out."""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from galvatron.errors import GalvatronError, PlanError
+from galvatron.plan import Plan
+from galvatron.testing import run_ranks
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_runtime_harness import BATCH, LAYERS, MODELS, loss_fn, plan_dict, uniform
+
+pytestmark = pytest.mark.slow
+
+REFUSED = {
+    "four-ranks-on-two": (Plan.uniform(LAYERS, global_batch_size=BATCH, dp=4), "gpt",
+                          "stages: the plan needs 4 devices (4 over 1 pipeline stage(s)) but the world size is 2"),
+    "tp-over-kv-heads": (uniform(2, tp=2), "gpt-kv1",
+                         "stages[0].layers[0:4].tp: 2 does not divide the 1 key/value heads"),
+    "context-parallel": (uniform(2, cp=2), "gpt",
+                         "stages[0].layers[0:4].cp: context parallelism (cp 2) is not supported by the native runtime"),
+    "expert-parallel": (plan_dict(2, [{"range": [0, 1], "ep": 2}, {"range": [1, 4]}]), "gpt-moe",
+                        "stages[0].layers[0:1].ep: expert parallelism (ep 2) is not supported by the native runtime"),
+    "fp8": (Plan.uniform(LAYERS, global_batch_size=BATCH, dp=2, dtype="fp8"), "gpt",
+            "dtype: fp8 is not supported by the native runtime"),
+    "tied-edges-differ": (Plan.from_dict({**uniform(2).to_dict(), "head": {"tp": 2}}), "gpt-tied",
+                          "head: the model ties its input and output embeddings"),
+}
+
+
+def _model(name: str) -> torch.nn.Module:
+    if name == "gpt-kv1":
+        from galvatron.models.gpt import GPT, GPTConfig
+
+        return GPT(GPTConfig(layers=LAYERS, hidden=32, heads=4, kv_heads=1, vocab=64, seq_len=8))
+    return MODELS[name]()
+
+
+def _refusals() -> dict[str, Any]:
+    import galvatron
+    from galvatron.runtime import mesh
+
+    out: dict[str, Any] = {}
+    for name, (plan, model, _) in REFUSED.items():
+        start = time.monotonic()
+        try:
+            galvatron.wrap(_model(model), plan)
+            out[name] = ("wrapped", 0.0, 0)
+        except PlanError as err:
+            out[name] = (str(err), time.monotonic() - start, len(mesh._GROUPS))
+    model = galvatron.wrap(MODELS["gpt"](), uniform(2))
+    try:
+        galvatron.wrap(model, uniform(2))
+        out["twice"] = "wrapped twice"
+    except GalvatronError as err:
+        out["twice"] = str(err)
+    return out
+
+
+@pytest.fixture(scope="module")
+def refusals() -> list[dict[str, Any]]:
+    start = time.monotonic()
+    results = run_ranks(_refusals, 2, timeout=120)
+    results.append({"launch_s": time.monotonic() - start})
+    return results
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_bad_plans_fail_on_every_rank_before_any_collective(refusals: list[dict[str, Any]], name: str) -> None:
+    expected = REFUSED[name][2]
+    for rank, result in enumerate(refusals[:-1]):
+        message, seconds, groups = result[name]
+        assert message.startswith(expected), f"rank {rank}: {message}"
+        assert seconds < 10, f"rank {rank} took {seconds:.1f} s to refuse"
+        assert groups == 0, f"rank {rank} created {groups} process groups before refusing"
+
+
+def test_a_wrong_world_size_fails_everywhere_within_ten_seconds(refusals: list[dict[str, Any]]) -> None:
+    # the whole launch (fork, process group, every refusal above, one real wrap) stays under 10 s of work
+    assert all(r["four-ranks-on-two"][0].startswith("stages: the plan needs 4 devices") for r in refusals[:-1])
+    assert refusals[-1]["launch_s"] < 30
+
+
+def test_wrapping_twice_is_refused(refusals: list[dict[str, Any]]) -> None:
+    for result in refusals[:-1]:
+        assert "already wrapped" in result["twice"]
+
+
+def _lonely_collective() -> tuple[str, float]:
+    """Rank 1 leaves after wrapping; rank 0's next step must time out, not hang."""
+    import galvatron
+
+    model = galvatron.wrap(MODELS["gpt"](), uniform(2), timeout=timedelta(seconds=3))
+    if dist.get_rank() == 1:
+        return "left", 0.0
+    tokens = torch.zeros(BATCH // 2, 8, dtype=torch.long)
+    start = time.monotonic()
+    try:
+        model.train_step((tokens, tokens), loss_fn)
+    except RuntimeError as err:
+        return type(err).__name__, time.monotonic() - start
+    return "finished", time.monotonic() - start
+
+
+def test_a_collective_without_its_peer_times_out() -> None:
+    outcome, seconds = run_ranks(_lonely_collective, 2, timeout=60)[0]
+    assert outcome != "finished"
+    assert seconds < 15
