@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "module:attr of an nn.Module or of a function returning one (taking token ids)")
     m.add_argument("--micro-batches", type=_ints, default=(1, 2, 4), metavar="N,N,...")
     m.add_argument("--seq-lens", type=_ints, metavar="S,S,...",
-                   help="default: the model's sequence length, its half and its quarter")
+                   help="default: the model's sequence length (at most 8192), its half and its quarter")
     m.add_argument("--recompute", type=_modes, default=tuple(Recompute), metavar="MODE,...",
                    help="recompute modes to measure (default: none,selective,full)")
     m.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
@@ -72,8 +72,7 @@ def _run_model(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device) if args.device else None
     model, name, notes = build_model(args.model, layers=args.layers, device=device)
-    seq_lens = args.seq_lens or _default_seq_lens(model)
-    options = ProfileOptions(micro_batches=args.micro_batches, seq_lens=seq_lens, recompute=args.recompute,
+    options = ProfileOptions(micro_batches=args.micro_batches, seq_lens=args.seq_lens or (), recompute=args.recompute,
                              dtype=args.dtype, warmup=args.warmup, repeats=args.repeats,
                              optimizer=not args.no_optimizer)
     profile = profile_model(model, options=options, device=device, name=name, progress=not args.quiet)
@@ -144,15 +143,6 @@ def gpt_config(cfg: Mapping[str, Any]) -> Any:
         values.update(experts=moe["experts"], top_k=moe.get("top_k", 2), expert_ffn_hidden=moe.get("ffn_hidden"),
                       shared_experts=moe.get("shared_experts", 0), moe_every=moe.get("every", 1))
     return GPTConfig(**values)
-
-
-def _default_seq_lens(model: Any) -> tuple[int, ...]:
-    from galvatron.profiler.model import max_positions
-
-    longest = max_positions(model)
-    if longest is None:
-        raise ConfigError("the model states no sequence length: pass --seq-lens")
-    return tuple(sorted({max(longest // 4, 1), max(longest // 2, 1), longest}))
 
 
 # --------------------------------------------------------------------------------- cluster

@@ -46,6 +46,8 @@ from galvatron.spec import LayerKind, LayerSpec, ModelSpec
 from galvatron.spec_module import find_blocks
 
 _MAX_POSITION_ATTRS = ("seq_len", "max_position_embeddings", "n_positions", "max_seq_len")
+LONGEST_DEFAULT = 8192
+"""Longest sequence profiled when none is asked for."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,7 +56,7 @@ class ProfileOptions:
 
     micro_batches: tuple[int, ...] = (1, 2, 4)
     seq_lens: tuple[int, ...] = ()
-    """Sequence lengths; empty: the model's longest (its position table or config)."""
+    """Sequence lengths; empty: :func:`default_seq_lens`."""
     recompute: tuple[Recompute, ...] = tuple(Recompute)
     dtype: DType | None = None
     """Compute dtype under autocast; None: bf16 on GPU, fp32 on CPU."""
@@ -95,9 +97,7 @@ def profile_model(model: nn.Module, *, options: ProfileOptions | None = None,
     started = time.perf_counter()
     if any(p.is_meta for p in model.parameters()):
         raise ProfileError("the model is on the meta device: build it on a real device to profile it")
-    seq_lens = options.seq_lens or (max_positions(model) or 0,)
-    if not seq_lens[0]:
-        raise ProfileError("the model states no maximum sequence length: pass seq_lens")
+    seq_lens = options.seq_lens or default_seq_lens(model)
     limit = max_positions(model)
     if limit and max(seq_lens) > limit:
         raise ProfileError(f"sequence length {max(seq_lens)} exceeds the model's {limit} positions")
@@ -418,6 +418,16 @@ def _blocks_replaced(model: nn.Module, path: str, members: Sequence[nn.Module]) 
         yield
     finally:
         setattr(parent, attr, original)
+
+
+def default_seq_lens(model: nn.Module) -> tuple[int, ...]:
+    """The model's sequence length (at most :data:`LONGEST_DEFAULT`: Hugging Face configs state their
+    longest context), its half and its quarter."""
+    longest = max_positions(model)
+    if longest is None:
+        raise ProfileError("the model states no sequence length: pass seq_lens")
+    longest = min(longest, LONGEST_DEFAULT)
+    return tuple(sorted({max(longest // 4, 1), max(longest // 2, 1), longest}))
 
 
 def max_positions(model: nn.Module) -> int | None:
