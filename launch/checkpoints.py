@@ -4,7 +4,9 @@ Model and optimizer state are saved with ``torch.distributed.checkpoint`` (DCP) 
 parameters' plain names (``blocks.3.attn.q_proj.weight``, no ``module.`` prefixes or flat
 buffers): every rank writes its own shards, and loading reshards them to whatever the new plan
 holds on each rank (DDP replicas, FSDP2 shards, tensor-parallel DTensors, a single process).
-A checkpoint is one folder ``step-00000120`` under the run's checkpoint folder; DCP writes its
+The runtime's ``galvatron.runtime.checkpoint`` does the saving and loading where it is installed
+(it also covers ZeRO-1 optimizers and pipeline stages); plain DCP of the named state dicts
+otherwise. A checkpoint is one folder ``step-00000120`` under the run's checkpoint folder; DCP writes its
 ``.metadata`` file last, so a folder without one (a save cut short) is never resumed from. On
 several nodes the checkpoint folder must be shared storage.
 """
@@ -49,32 +51,43 @@ def latest(directory: str | Path) -> tuple[int, Path] | None:
     return done[-1] if done else None
 
 
-def save(directory: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-         *, extra: dict[str, Any] | None = None) -> Path:
+def save(directory: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Path:
     """Save ``model`` (and ``optimizer``) after ``step`` steps; every rank of the group calls it."""
     path = checkpoint_path(directory, step)
-    state: dict[str, Any] = {"step": step, "extra": dict(extra or {})}
-    state["model"], state["optimizer"] = _state_dicts(model, optimizer)
+    if _runtime() is not None:
+        _runtime().save(model, path, optimizer)
+        return path
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
     dcp.save(state, checkpoint_id=path)
     return path
 
 
-def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
     """Load a checkpoint into ``model`` (and ``optimizer``), resharding it to their current plan;
-    returns ``{"step": ..., "extra": {...}}``. Every rank of the group calls it."""
-    state: dict[str, Any] = {"step": 0, "extra": {}}
-    state["model"], state["optimizer"] = _state_dicts(model, optimizer)
-    dcp.load(state, checkpoint_id=Path(path))
-    set_model_state_dict(model, state["model"])
-    if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optimizer"])
-    return {"step": int(state["step"]), "extra": state["extra"]}
+    returns the steps it had done. Every rank of the group calls it."""
+    path = Path(path)
+    if _runtime() is not None:
+        _runtime().load(model, path, optimizer)
+    else:
+        state = {"model": get_model_state_dict(model)}
+        if optimizer is not None:
+            state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(model, state["model"])
+        if optimizer is not None:
+            set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    return int(path.name[len(_PREFIX):])
 
 
-def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict]:
-    """Model and optimizer state keyed by parameter name, the form that reshards on load."""
-    optim_state = get_optimizer_state_dict(model, optimizer) if optimizer is not None else {}
-    return get_model_state_dict(model), optim_state
+def _runtime() -> Any:
+    """``galvatron.runtime.checkpoint`` (wrapped models, ZeRO-1, pipelines) when installed, else None."""
+    try:
+        from galvatron.runtime import checkpoint
+    except ImportError:
+        return None
+    return checkpoint
 
 
 class Checkpointer:
@@ -91,7 +104,7 @@ class Checkpointer:
         found = latest(self.directory)
         if found is None:
             return 0
-        return load(found[1], model, optimizer)["step"]
+        return load(found[1], model, optimizer)
 
     def maybe_save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                    *, force: bool = False) -> Path | None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from galvatron.launch.launcher import (
     CPU_FIXED,
     ENV_PLAN,
+    NOT_RESHARDABLE,
     PlanChoice,
     cpu_peak_flops,
     local_cpu_cluster,
@@ -94,11 +95,13 @@ def _plan(args: argparse.Namespace, world: int) -> tuple[PlanChoice | None, Mode
 
 
 def _search_target(args: argparse.Namespace, world: int) -> dict:
+    """Where and how to search; with ``--min-workers`` only plans whose checkpoints reshard."""
+    target = {"global_batch": args.global_batch, "exclude": NOT_RESHARDABLE if args.min_workers else ()}
     if args.cluster:
         from galvatron.strategies.hardware import load_cluster
 
-        return {"cluster": load_cluster(args.cluster), "global_batch": args.global_batch}
-    return {"cluster": local_cpu_cluster(world), "global_batch": args.global_batch, "fixed": CPU_FIXED}
+        return {**target, "cluster": load_cluster(args.cluster)}
+    return {**target, "cluster": local_cpu_cluster(world), "fixed": CPU_FIXED}
 
 
 def _run_ray(args: argparse.Namespace, choice: PlanChoice | None, spec: ModelSpec | None, env: dict) -> int:

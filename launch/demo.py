@@ -14,6 +14,7 @@ different plans, world sizes or after a restart from a checkpoint see the same d
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -159,7 +160,8 @@ def _checkpointer(config: TrainConfig) -> Checkpointer | None:
 
 
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> tuple[dict | None, dict | None]:
-    """Unsharded model and optimizer state keyed by parameter name, on rank 0 (None elsewhere)."""
+    """A copy of the unsharded model and optimizer state keyed by parameter name, on rank 0 (None
+    elsewhere); every rank calls it."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -169,7 +171,7 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: i
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)
     optim_state = get_optimizer_state_dict(model, optimizer, options=options)
-    return (model_state, optim_state) if rank == 0 else (None, None)
+    return copy.deepcopy((model_state, optim_state)) if rank == 0 else (None, None)
 
 
 # ============================================================================ driver side

@@ -13,7 +13,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -80,14 +80,16 @@ def fixed_plan(spec: ModelSpec, world_size: int, global_batch: int, dtype: DType
 
 
 def search_plan(spec: ModelSpec, world_size: int, *, cluster: object, global_batch: int | None = None,
-                dtype: DType = DType.FP32, fixed: Mapping[str, Any] | None = None) -> PlanChoice:
+                dtype: DType = DType.FP32, fixed: Mapping[str, Any] | None = None,
+                exclude: Sequence[str] = ()) -> PlanChoice:
     """The search's fastest plan for ``spec`` on ``world_size`` devices of ``cluster`` (a
     ``galvatron.strategies.hardware.Cluster`` or a measured ``Perf``), with ``fixed`` values pinned
-    (see ``SearchOptions.fixed``). While the search is not installed: :func:`fixed_plan`, with a message.
+    and the ``exclude`` capabilities left out (see ``SearchOptions.fixed`` and ``capabilities``).
+    While the search is not installed: :func:`fixed_plan`, with a message.
 
     Without the plan runtime only data parallelism and ZeRO can run, so the search is told so."""
     try:
-        from galvatron.strategies.search import SearchOptions, search
+            from galvatron.strategies.search import ALL_CAPABILITIES, SearchOptions, search
     except ImportError as err:
         say(f"galvatron: the plan search is not installed ({err}); using a fixed data-parallel plan")
         batch = global_batch or world_size
@@ -95,22 +97,29 @@ def search_plan(spec: ModelSpec, world_size: int, *, cluster: object, global_bat
     pinned = dict(fixed or {})
     if not runtime_available():
         pinned.update(tp=1, cp=1, ep=1, pp=1)
-    options = SearchOptions(global_batch=global_batch, dtype=dtype, fixed=pinned)
+    options = SearchOptions(global_batch=global_batch, dtype=dtype, fixed=pinned,
+                            capabilities=ALL_CAPABILITIES - frozenset(exclude))
     result = search(spec, cluster, options, world_size=world_size)
     return PlanChoice(plan=result.best.plan, source="search", predicted_step_s=result.best.step_time_s)
 
+
+NOT_RESHARDABLE = ("zero1",)
+"""Search capabilities whose checkpoints load only under the plan that saved them (the runtime's
+ZeRO-1 optimizer keeps per-rank slices): left out where a run may switch plans through a checkpoint."""
 
 CPU_FIXED = {"offload": False}
 """Pinned search values on CPU workers: offloading to host memory means nothing there."""
 
 
-def local_cpu_cluster(workers: int, *, gloo_gbps: float = 2.0, gloo_latency_us: float = 50.0) -> object:
-    """A ``strategies.hardware.Cluster`` describing ``workers`` CPU processes on this machine, for the
-    cost model: fp32 GEMM rate measured here and shared among the workers, RAM split evenly, and
-    loopback gloo at an assumed ``gloo_gbps`` GB/s and ``gloo_latency_us`` per step."""
+def local_cpu_cluster(workers: int, *, tflops: float | None = None, gloo_gbps: float = 2.0,
+                      gloo_latency_us: float = 50.0) -> object:
+    """A ``galvatron.strategies.hardware.Cluster`` describing ``workers`` CPU processes on this machine,
+    for the cost model: ``tflops`` per worker (default: the fp32 GEMM rate measured here, shared
+    among the workers), RAM split evenly, loopback gloo at an assumed ``gloo_gbps`` GB/s and
+    ``gloo_latency_us`` per step."""
     from galvatron.strategies.hardware import GPU, Cluster, Link
 
-    tflops = cpu_peak_flops(workers) / 1e12
+    tflops = tflops if tflops is not None else cpu_peak_flops(workers) / 1e12
     ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     cpu = GPU(name="cpu", peak_tflops={"fp32": tflops, "bf16": tflops, "fp16": tflops}, memory_gib=ram_gib / workers,
               hbm_gbps=10.0, matmul_efficiency=1.0, matmul_efficiency_fp8=1.0,
