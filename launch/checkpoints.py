@@ -13,6 +13,7 @@ several nodes the checkpoint folder must be shared storage.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from galvatron.launch.launcher import ENV_CHECKPOINT_DIR, ENV_CHECKPOINT_INTERVAL
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -98,6 +100,15 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, interval: int, keep: int | None = 2) -> None:
         self.directory, self.interval, self.keep = Path(directory), interval, keep
+
+    @classmethod
+    def from_env(cls, interval: int = 0, keep: int | None = 2) -> Checkpointer | None:
+        """The checkpointer the launcher asked for (``GALVATRON_CHECKPOINT_DIR``, and
+        ``GALVATRON_CHECKPOINT_INTERVAL`` over ``interval``), or None when it named no folder."""
+        directory = os.environ.get(ENV_CHECKPOINT_DIR)
+        if not directory:
+            return None
+        return cls(directory, int(os.environ.get(ENV_CHECKPOINT_INTERVAL, interval)), keep)
 
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
         """Load the newest checkpoint, if any; returns the number of steps it had done (0 if none)."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -29,8 +28,6 @@ import yaml
 from galvatron.launch.checkpoints import Checkpointer
 from galvatron.launch.launcher import (
     CPU_FIXED,
-    ENV_CHECKPOINT_DIR,
-    ENV_CHECKPOINT_INTERVAL,
     PlanChoice,
     apply_plan,
     cpu_peak_flops,
@@ -127,7 +124,7 @@ def train(config: TrainConfig) -> TrainResult:
                                          config.global_batch)
     model = apply_plan(GPT(gpt), plan)
     optimizer = make_optimizer(model, torch.optim.AdamW, lr=config.lr)
-    checkpointer = _checkpointer(config)
+    checkpointer = Checkpointer.from_env(config.checkpoint_interval, config.keep_checkpoints)
     start = checkpointer.resume(model, optimizer) if checkpointer else 0
     meter = StepMeter(tokens_per_step=config.global_batch * gpt.seq_len,
                       flops_per_token=ModelSpec.from_config(config.model).flops_per_token(),
@@ -149,14 +146,6 @@ def train(config: TrainConfig) -> TrainResult:
     if config.return_state:
         result.model_state, result.optimizer_state = full_state(model, optimizer, rank)
     return result
-
-
-def _checkpointer(config: TrainConfig) -> Checkpointer | None:
-    directory = os.environ.get(ENV_CHECKPOINT_DIR)
-    if not directory:
-        return None
-    interval = int(os.environ.get(ENV_CHECKPOINT_INTERVAL, config.checkpoint_interval))
-    return Checkpointer(directory, interval, keep=config.keep_checkpoints)
 
 
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> tuple[dict | None, dict | None]:

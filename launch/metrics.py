@@ -49,7 +49,7 @@ class StepStats:
 
 
 class StepMeter:
-    """Measures each step and prints every ``every`` steps (and the last) on rank 0.
+    """Measures each step and prints on rank 0 after the first, every ``every``-th and the last step.
 
     ``peak_flops`` is one worker's peak FLOP/s; left out, it is what the launcher exported in
     ``GALVATRON_PEAK_FLOPS`` (on CPUs: the GEMM rate it measured, shared among the workers), and
@@ -73,17 +73,19 @@ class StepMeter:
                   flush=True)
         self._last = time.perf_counter()
         self._times: list[float] = []
+        self._printed = 0
 
     def step(self, step: int, loss: float | torch.Tensor) -> StepStats | None:
         """Record step ``step`` (0-based) that just finished; returns the stats on printing steps."""
         now = time.perf_counter()
         self._times.append(now - self._last)
-        last = self.total_steps is not None and step + 1 >= self.total_steps
-        if (step + 1) % self.every and not last:
+        edge = (len(self._times) == 1 and self._printed == 0) or (self.total_steps and step + 1 >= self.total_steps)
+        if (step + 1) % self.every and not edge:
             self._last = time.perf_counter()
             return None
         stats = self._stats(step, _mean_over_ranks(loss))
         self._times.clear()
+        self._printed += 1
         if self.rank == 0:
             print(stats.format(self.total_steps, self.predicted_step_s), file=self.stream, flush=True)
         self._last = time.perf_counter()

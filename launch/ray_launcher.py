@@ -21,6 +21,7 @@ import math
 import os
 import runpy
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,9 @@ from galvatron.errors import ConfigError
 from galvatron.plan import Plan
 
 _LOCAL_IP = "127.0.0.1"
+_LOG_DRAIN_S = 1.5
+"""Ray forwards worker output to the driver by polling log files: wait this long before shutting
+down a Ray we started, or the workers' last lines are lost."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,6 +179,7 @@ class RayLauncher:
             if owns_ray:
                 import ray
 
+                time.sleep(_LOG_DRAIN_S)
                 ray.shutdown()
 
     def _run(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> list[Any]:
