@@ -380,8 +380,7 @@ class _CurrentLoss:
         self.rt = rt
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        with _loss_context(self.rt):
-            return self.rt.loss_fn(output, target)
+        return _local_value(self.rt.loss_fn(output, target))
 
 
 def _loss_context(rt: Runtime) -> contextlib.AbstractContextManager:
@@ -462,7 +461,8 @@ class GalvatronModule(nn.Module):
         rt = self._galvatron
         rt.loss_fn, rt.in_pipeline = loss_fn, True
         try:
-            return rt.runner.step(inputs, targets)
+            with _loss_context(rt):  # the schedule runs the loss's backward too
+                return rt.runner.step(inputs, targets)
         finally:
             rt.in_pipeline = False
 

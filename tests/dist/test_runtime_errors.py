@@ -65,6 +65,12 @@ def _refusals() -> dict[str, Any]:
         out["twice"] = "wrapped twice"
     except GalvatronError as err:
         out["twice"] = str(err)
+    piped = galvatron.wrap(MODELS["gpt"](), Plan.uniform(LAYERS, global_batch_size=BATCH, num_micro_batches=2, pp=2))
+    try:
+        piped(torch.zeros(2, 8, dtype=torch.long))
+        out["pipeline-forward"] = "ran"
+    except GalvatronError as err:
+        out["pipeline-forward"] = str(err)
     return out
 
 
@@ -95,6 +101,11 @@ def test_a_wrong_world_size_fails_everywhere_within_ten_seconds(refusals: list[d
 def test_wrapping_twice_is_refused(refusals: list[dict[str, Any]]) -> None:
     for result in refusals[:-1]:
         assert "already wrapped" in result["twice"]
+
+
+def test_a_pipelined_model_runs_through_train_step(refusals: list[dict[str, Any]]) -> None:
+    for result in refusals[:-1]:
+        assert "runs through model.train_step" in result["pipeline-forward"]
 
 
 def _lonely_collective() -> tuple[str, float]:
