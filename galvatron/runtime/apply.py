@@ -46,16 +46,18 @@ _AUTOCAST = {DType.BF16: torch.bfloat16, DType.FP16: torch.float16}
 
 
 # ====================================================================== public entry point
-def wrap(model: nn.Module, plan: Plan | str | Path = "auto", *, example_batch: Any = None,
+def wrap(model: nn.Module, plan: Plan | str | Path | None = "auto", *, example_batch: Any = None,
          tp_plan: Mapping[str, str] | None = None, search_options: Any = None,
          timeout: timedelta = DEFAULT_TIMEOUT) -> nn.Module:
     """Parallelise ``model`` in place by ``plan`` and return it.
 
-    ``plan``: a :class:`~galvatron.plan.Plan`, a plan YAML path, or ``"auto"`` (search the
-    fastest plan for the live world size). ``example_batch``: one input batch (as passed to
-    ``model(...)``), used to describe the model; without it a token batch of the model's
-    configured sequence length is assumed. ``tp_plan``: ``{"attn.q_proj": "colwise", ...}``
-    relative to a block, overriding the derived tensor-parallel plan.
+    ``plan``: a :class:`~galvatron.plan.Plan`, a plan YAML path, or ``"auto"`` / None (the plan
+    file named by ``$GALVATRON_PLAN``, else the fastest plan the search finds for the live world
+    size; ``search_options``: a ``SearchOptions`` for it). ``example_batch``: one global batch
+    (as passed to ``model(...)``), used to describe the model and, for the search, as the global
+    batch size; without it a token batch of the model's configured sequence length is assumed.
+    ``tp_plan``: ``{"attn.q_proj": "colwise", ...}`` relative to a block, overriding the derived
+    tensor-parallel plan. ``timeout``: of every process group created (a hung collective raises).
 
     Starts the default process group if needed (``torchrun`` variables; NCCL with CUDA,
     gloo without; one local process otherwise). The result is the same module, now also a
@@ -67,7 +69,7 @@ def wrap(model: nn.Module, plan: Plan | str | Path = "auto", *, example_batch: A
     device = init_distributed(timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
     spec = describe(model, example_batch)
-    plan = resolve_plan(plan, spec, world, search_options)
+    plan = resolve_plan(plan, model, spec, example_batch, search_options)
     plan.validate(world, spec)
     block_plans = check_supported(model, plan, spec, tp_plan)
     dims = ParallelDims.build(plan, rank, device.type, timeout)
@@ -98,11 +100,11 @@ def init_distributed(timeout: timedelta = DEFAULT_TIMEOUT) -> torch.device:
     return torch.device("cpu")
 
 
-def describe(model: nn.Module, example_batch: Any = None) -> ModelSpec:
+def describe(model: nn.Module, example_batch: Any = None, *, keep_seq_len: bool = False) -> ModelSpec:
     """``ModelSpec.from_module`` of ``model`` on ``example_batch`` (default: a token batch of the
-    configured sequence length, with ``seq_len = 0`` in the result: unknown, so plans are not
-    checked against it). If the model cannot run on the meta device, a structural description
-    (blocks, heads, experts; no costs) that still lets plans be validated."""
+    configured sequence length, with ``seq_len = 0`` in the result unless ``keep_seq_len``:
+    unknown, so plans are not checked against it). If the model cannot run on the meta device,
+    a structural description (blocks, heads, experts; no costs) that still validates plans."""
     guessed = example_batch is None
     if guessed:
         config = getattr(model, "config", None)
@@ -113,7 +115,9 @@ def describe(model: nn.Module, example_batch: Any = None) -> ModelSpec:
         spec = ModelSpec.from_module(model, example_batch)
     except ModelSpecError as err:
         return structural_spec(model, str(err))
-    return dataclasses.replace(spec, seq_len=0) if guessed else spec
+    # from_module leaves the edges' hidden size at 0, which the cost model divides by
+    layers = tuple(dataclasses.replace(layer, hidden=layer.hidden or spec.hidden) for layer in spec.layers)
+    return dataclasses.replace(spec, layers=layers, seq_len=0 if guessed and not keep_seq_len else spec.seq_len)
 
 
 def structural_spec(model: nn.Module, reason: str) -> ModelSpec:
@@ -129,23 +133,77 @@ def structural_spec(model: nn.Module, reason: str) -> ModelSpec:
                      hidden=layers[0].hidden, block_path=path, notes=tuple(notes))
 
 
-def resolve_plan(plan: Plan | str | Path, spec: ModelSpec, world: int, search_options: Any = None) -> Plan:
-    """A Plan from a Plan, a YAML path, or ``"auto"`` (the search, imported only then)."""
+PLAN_ENV = "GALVATRON_PLAN"
+"""Environment variable naming a plan YAML that ``plan="auto"`` runs instead of searching (what
+``galvatron launch`` exports to its workers)."""
+
+
+def resolve_plan(plan: Plan | str | Path | None, model: nn.Module, spec: ModelSpec, example_batch: Any,
+                 search_options: Any = None) -> Plan:
+    """A Plan from a Plan, a YAML path, or ``"auto"`` / None: the file named by ``$GALVATRON_PLAN``,
+    else the search (imported only then) for the live world size, run on rank 0 and sent to all."""
     if isinstance(plan, Plan):
         return plan
-    if str(plan) != "auto":
+    if plan is not None and str(plan) != "auto":
         return Plan.load(plan)
+    if os.environ.get(PLAN_ENV):
+        return Plan.load(os.environ[PLAN_ENV])
+    outcome: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            if spec.seq_len == 0:  # described from a guessed batch: the search needs the length
+                spec = describe(model, example_batch, keep_seq_len=True)
+            outcome[0] = ("plan", search_plan(spec, dist.get_world_size(), example_batch, search_options).to_dict())
+        except Exception as err:  # every rank must learn of it, or the others wait in the broadcast
+            outcome[0] = ("error", f"{type(err).__name__}: {err}")
+            dist.broadcast_object_list(outcome, src=0)
+            raise
+    dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise GalvatronError(f"plan='auto': the search on rank 0 failed: {value}")
+    return Plan.from_dict(value)
+
+
+def search_plan(spec: ModelSpec, world: int, example_batch: Any = None, options: Any = None) -> Plan:
+    """The search's fastest plan for ``spec`` on ``world`` local devices, among what this runtime
+    runs (no context or expert parallelism yet); the global batch is ``example_batch``'s."""
     try:
-        from galvatron.strategies.search import search
+        from galvatron.strategies.search import ALL_CAPABILITIES, SearchOptions, search
     except ImportError as err:
-        raise GalvatronError("plan='auto' needs the strategy search (galvatron.strategies.search), which is not "
-                             "available here; pass a Plan or a plan YAML") from err
-    return search_plan(search, spec, world, search_options)
+        raise GalvatronError(f"the strategy search (galvatron.strategies.search) is not available: {err}; "
+                             "pass a Plan or a plan YAML") from err
+    if options is None:
+        native = frozenset(c for c in ALL_CAPABILITIES if not c.startswith(("cp:", "ep")))
+        gpu = torch.cuda.is_available()
+        batch = first_batch_size((example_batch,), {}) if example_batch is not None else None
+        options = SearchOptions(global_batch=batch, dtype=DType.BF16 if gpu else DType.FP32, capabilities=native,
+                                fixed={} if gpu else {"offload": False})
+    return search(spec, local_cluster(world), options, world_size=world).best.plan
 
 
-def search_plan(search: Callable[..., Any], spec: ModelSpec, world: int, options: Any) -> Plan:
-    """Run the search for this model on ``world`` devices of the local kind."""
-    raise GalvatronError("plan='auto' is not connected to the search yet; pass a Plan or a plan YAML")
+def local_cluster(world: int) -> Any:
+    """The live machines for the cost model: the hardware database's entry for this GPU, or a
+    nominal CPU worker (gloo over loopback) without CUDA."""
+    from galvatron.strategies.hardware import GPU, Cluster, Link, gpu_names, load_cluster, load_gpu
+
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or world))
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+        memory = torch.cuda.get_device_properties(0).total_memory / 2**30
+        known = [n for n in gpu_names() if n.split("-")[0] in device]
+        if not known:
+            raise GalvatronError(f"{device} is not in the hardware database ({', '.join(gpu_names())})")
+        name = min(known, key=lambda n: abs(load_gpu(n).memory_gib - memory))
+        return load_cluster({"gpu": name, "gpus_per_node": per_node, "nodes": max(world // per_node, 1)})
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    cpu = GPU(name="cpu", peak_tflops={"fp32": 0.05, "bf16": 0.05, "fp16": 0.05}, memory_gib=ram / world,
+              hbm_gbps=10.0, matmul_efficiency=1.0, matmul_efficiency_fp8=1.0,
+              attention_efficiency={"forward": 0.5, "backward": 0.5}, memory_efficiency=1.0, kernel_overhead_us=20.0,
+              intra_node="loopback", reserved_gib=0.5)
+    loopback = Link(name="loopback-gloo", gbps=2.0, efficiency=1.0, latency_us=50.0)
+    return Cluster(name=f"{world}xCPU", gpu=cpu, gpus_per_node=world, nodes=1, intra=loopback, inter=loopback,
+                   nics_per_node=1)
 
 
 # ====================================================================== checks before collectives

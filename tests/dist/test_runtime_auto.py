@@ -1,0 +1,61 @@
+"""``plan="auto"``: the example trains the reference GPT on 4 CPU processes under torchrun with
+the plan the search picks; a plan file named by ``$GALVATRON_PLAN`` wins over the search; a
+search that fails on rank 0 fails every rank."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from galvatron.errors import GalvatronError
+from galvatron.testing import run_ranks
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_runtime_harness import MODELS, uniform
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_example_trains_under_torchrun_with_the_searched_plan() -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("GALVATRON_PLAN", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+         str(ROOT / "examples" / "train_gpt.py"), "--steps", "15", "--seq", "32", "--hidden", "64"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert "plan: " in run.stdout and "4 devices" in run.stdout
+    assert ": decreasing" in run.stdout
+
+
+def _auto(plan_file: str) -> dict[str, Any]:
+    from galvatron.strategies.search import SearchOptions
+
+    import galvatron
+
+    os.environ["GALVATRON_PLAN"] = plan_file
+    model = galvatron.wrap(MODELS["gpt"]())
+    out: dict[str, Any] = {"from_file": model.plan.to_dict()}
+    del os.environ["GALVATRON_PLAN"]
+    try:
+        galvatron.wrap(MODELS["gpt"](), "auto", search_options=SearchOptions(global_batch=8, fixed={"tp": 3}))
+        out["failed"] = "no error"
+    except GalvatronError as err:
+        out["failed"] = f"{type(err).__name__}: {err}"
+    return out
+
+
+def test_a_plan_file_wins_and_a_failed_search_fails_every_rank(tmp_path: Path) -> None:
+    plan = uniform(2, tp=2, zero=1)
+    plan.save(tmp_path / "plan.yaml")
+    ranks = run_ranks(_auto, 2, str(tmp_path / "plan.yaml"), timeout=120)
+    assert all(result["from_file"] == plan.to_dict() for result in ranks)
+    assert ranks[0]["failed"].startswith("MemoryBudgetError: GPT: no plan in the search space")
+    assert ranks[1]["failed"].startswith("GalvatronError: plan='auto': the search on rank 0 failed: MemoryBudgetError")
