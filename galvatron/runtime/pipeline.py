@@ -414,11 +414,17 @@ class PipelineRunner:
         self.device = torch.device(device)
         self._last_rank = dist.get_global_rank(pp_group, pp - 1)
         self._tied_peer = self._find_tied_peer(pp)
-        stages = [PipelineStage(c, c.stage_index, c.num_stages, self.device, group=pp_group) for c in self.chunks]
-        schedule_cls = _SCHEDULES[plan.pipeline.schedule]
-        loss = _MicroBatchMean(loss_fn, plan.num_micro_batches)
-        target = stages[0] if plan.pipeline.schedule in _SINGLE_STAGE_SCHEDULES else stages
-        self.schedule = schedule_cls(target, plan.num_micro_batches, loss_fn=loss, scale_grads=False)
+        self._loss = _MicroBatchMean(loss_fn, plan.num_micro_batches)
+        self.schedule = None
+        """The ``torch.distributed.pipelining`` schedule; None with one device group, whose chunks
+        run micro-batch after micro-batch (gloo in torch 2.11 cannot send to itself in the
+        multi-stage schedules' set-up)."""
+        if pp > 1:
+            stages = [PipelineStage(c, c.stage_index, c.num_stages, self.device, group=pp_group) for c in self.chunks]
+            target = stages[0] if plan.pipeline.schedule in _SINGLE_STAGE_SCHEDULES else stages
+            self.schedule = _SCHEDULES[plan.pipeline.schedule](
+                target, plan.num_micro_batches, loss_fn=self._loss, scale_grads=False
+            )
 
     def _find_tied_peer(self, pp: int) -> int | None:
         """Global rank holding the other copy of this rank's tied weights, or None."""
@@ -447,13 +453,30 @@ class PipelineRunner:
                 raise ValueError(f"input {name} has batch size {t.shape[0]}, not a multiple of the "
                                  f"{self.num_micro_batches} micro-batches")
         losses: list[torch.Tensor] = []
-        self.schedule.step(target=targets, losses=losses, return_outputs=False, **kwargs)
-        self._sync_tied_grads()
+        if self.schedule is None:
+            self._accumulate(kwargs, targets, losses)
+        else:
+            self.schedule.step(target=targets, losses=losses, return_outputs=False, **kwargs)
+            self._sync_tied_grads()
         loss = torch.zeros((), device=self.device)
         if losses:
             loss += torch.stack([x.detach().float() for x in losses]).sum()
-        dist.broadcast(loss, src=self._last_rank, group=self.group)
+        if self.schedule is not None:
+            dist.broadcast(loss, src=self._last_rank, group=self.group)
         return loss
+
+    def _accumulate(self, kwargs: dict[str, torch.Tensor], targets: torch.Tensor, losses: list[torch.Tensor]) -> None:
+        """One device group: every chunk in stage order, micro-batch after micro-batch."""
+        n = self.num_micro_batches
+        split = {name: t.tensor_split(n) for name, t in kwargs.items()}
+        for i, target in enumerate(targets.tensor_split(n)):
+            inputs = {name: parts[i] for name, parts in split.items()}
+            out = self.chunks[0](**inputs)
+            for chunk in self.chunks[1:]:
+                out = chunk(out, **inputs)
+            loss = self._loss(out, target)
+            loss.backward()
+            losses.append(loss)
 
     def _sync_tied_grads(self) -> None:
         """Sum the gradients of tied weights between the first and last stage."""
