@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
 from galvatron.launch.checkpoints import Checkpointer
 from galvatron.launch.demo import TrainConfig, global_batch, gpt_config, lm_loss
-from galvatron.launch.launcher import ENV_PLAN
 from galvatron.launch.metrics import StepMeter
 
 import galvatron
@@ -39,7 +37,7 @@ def main() -> None:
     cfg = gpt_config(args.model)
 
     torch.manual_seed(0)
-    model = galvatron.wrap(GPT(cfg), plan=os.environ.get(ENV_PLAN, "auto"))
+    model = galvatron.wrap(GPT(cfg))  # the plan in $GALVATRON_PLAN, or the search's
     optimizer = model.optimizer(torch.optim.AdamW, lr=args.lr)
     checkpointer = Checkpointer.from_env()  # None unless launched with --checkpoint-dir
     start = checkpointer.resume(model, optimizer) if checkpointer else 0

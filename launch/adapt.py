@@ -27,9 +27,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from galvatron.launch import checkpoints
-from galvatron.launch.launcher import CPU_FIXED, PlanChoice, apply_plan, local_cpu_cluster, make_optimizer, search_plan
+from galvatron.launch.launcher import CPU_FIXED, PlanChoice, local_cpu_cluster, search_plan
 from torch import nn
 
+from galvatron import wrap
 from galvatron.errors import GalvatronError
 from galvatron.plan import Plan
 from galvatron.spec import ModelSpec
@@ -68,7 +69,7 @@ def replan(model: nn.Module, optimizer: torch.optim.Optimizer, phase: Phase | No
     model and optimizer must not be used after.
     """
     world = dist.get_world_size()
-    current_batch = model.plan.global_batch_size if isinstance(getattr(model, "plan", None), Plan) else None
+    current_batch = model.plan.global_batch_size
     optimizer_fn = optimizer_fn or _same_optimizer(optimizer)
     path = checkpoints.save(checkpoint_dir, step, model, optimizer)
     if plan is not None:
@@ -76,7 +77,7 @@ def replan(model: nn.Module, optimizer: torch.optim.Optimizer, phase: Phase | No
     else:
         choice = _on_rank0(lambda: _search(spec, phase or Phase(), world, cluster, current_batch, exclude))
     choice.plan.validate(world)
-    new_model = apply_plan(model_fn(), choice.plan)
+    new_model = wrap(model_fn(), plan=choice.plan)
     new_optimizer = optimizer_fn(new_model)
     checkpoints.load(path, new_model, new_optimizer)
     return Replanned(new_model, new_optimizer, choice, path)
@@ -87,7 +88,7 @@ def _same_optimizer(optimizer: torch.optim.Optimizer) -> Callable[[nn.Module], t
     cls = next(c for c in type(optimizer).__mro__ if c.__module__.startswith("torch.optim"))
     accepted = inspect.signature(cls).parameters
     defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
-    return lambda model: make_optimizer(model, cls, **defaults)
+    return lambda model: model.optimizer(cls, **defaults)
 
 
 def _search(spec: ModelSpec | None, phase: Phase, world: int, cluster: object, batch: int | None,

@@ -1,12 +1,10 @@
-"""Checkpoints that load under another plan and another world size.
+"""Periodic checkpoints of a run, and resumption from the newest, under another plan and world size.
 
-Model and optimizer state are saved with ``torch.distributed.checkpoint`` (DCP) under the
-parameters' plain names (``blocks.3.attn.q_proj.weight``, no ``module.`` prefixes or flat
-buffers): every rank writes its own shards, and loading reshards them to whatever the new plan
-holds on each rank (DDP replicas, FSDP2 shards, tensor-parallel DTensors, a single process).
-The runtime's ``galvatron.runtime.checkpoint`` does the saving and loading where it is installed
-(it also covers ZeRO-1 optimizers and pipeline stages); plain DCP of the named state dicts
-otherwise. A checkpoint is one folder ``step-00000120`` under the run's checkpoint folder; DCP writes its
+Saving and loading are the runtime's (:mod:`galvatron.runtime.checkpoint`): DCP under the
+parameters' plain names, every rank writing its own shards, loading resharded to whatever the
+new plan holds on each rank (DDP replicas, FSDP2 shards, tensor-parallel DTensors, pipeline
+stages, a single process). One exception: a ZeRO-1 optimizer's state reloads only under the plan
+that saved it. A checkpoint is one folder ``step-00000120`` under the run's checkpoint folder; DCP writes its
 ``.metadata`` file last, so a folder without one (a save cut short) is never resumed from. On
 several nodes the checkpoint folder must be shared storage.
 """
@@ -16,19 +14,13 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from galvatron.launch.launcher import ENV_CHECKPOINT_DIR, ENV_CHECKPOINT_INTERVAL
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+
+from galvatron.runtime import checkpoint
 
 _PREFIX = "step-"
 
@@ -54,42 +46,18 @@ def latest(directory: str | Path) -> tuple[int, Path] | None:
 
 
 def save(directory: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Path:
-    """Save ``model`` (and ``optimizer``) after ``step`` steps; every rank of the group calls it."""
+    """Save a wrapped ``model`` (and ``optimizer``) after ``step`` steps; every rank calls it."""
     path = checkpoint_path(directory, step)
-    if _runtime() is not None:
-        _runtime().save(model, path, optimizer)
-        return path
-    state = {"model": get_model_state_dict(model)}
-    if optimizer is not None:
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-    dcp.save(state, checkpoint_id=path)
+    checkpoint.save(model, path, optimizer)
     return path
 
 
 def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Load a checkpoint into ``model`` (and ``optimizer``), resharding it to their current plan;
-    returns the steps it had done. Every rank of the group calls it."""
+    """Load a checkpoint into a wrapped ``model`` (and ``optimizer``), resharding it to their plan;
+    returns the steps it had done. Every rank calls it."""
     path = Path(path)
-    if _runtime() is not None:
-        _runtime().load(model, path, optimizer)
-    else:
-        state = {"model": get_model_state_dict(model)}
-        if optimizer is not None:
-            state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-        dcp.load(state, checkpoint_id=path)
-        set_model_state_dict(model, state["model"])
-        if optimizer is not None:
-            set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    checkpoint.load(model, path, optimizer)
     return int(path.name[len(_PREFIX):])
-
-
-def _runtime() -> Any:
-    """``galvatron.runtime.checkpoint`` (wrapped models, ZeRO-1, pipelines) when installed, else None."""
-    try:
-        from galvatron.runtime import checkpoint
-    except ImportError:
-        return None
-    return checkpoint
 
 
 class Checkpointer:

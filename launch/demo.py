@@ -1,10 +1,10 @@
 """``galvatron demo``: search a plan for local CPU workers and train the reference GPT through Ray.
 
 Runs on any machine with CPUs: starts a local Ray bound to 127.0.0.1, measures this machine for
-the cost model, searches the fastest plan for ``--workers`` workers (a fixed data-parallel plan,
-with a message, when the search is not installed), prints it with its predicted step time and
-trains :class:`galvatron.models.GPT` in the ``gpt-demo`` shape on galvatron's own source code as
-bytes (vocabulary 256), printing step time, tokens/s, MFU and memory as it goes.
+the cost model, searches the fastest plan for ``--workers`` workers, prints it with its predicted
+step time and trains :class:`galvatron.models.GPT` in the ``gpt-demo`` shape on Python
+standard-library source code as bytes (vocabulary 256), printing step time, tokens/s, MFU and
+memory as it goes.
 
 The worker side, :func:`train`, is also the reference training loop of the launcher tests:
 batches depend only on the step number (never on the rank count or on restarts), so runs under
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import sys
 import time
 from collections.abc import Sequence
@@ -29,20 +30,14 @@ from galvatron.launch.checkpoints import Checkpointer
 from galvatron.launch.launcher import (
     CPU_FIXED,
     PlanChoice,
-    apply_plan,
     cpu_peak_flops,
-    fixed_plan,
-    init_distributed,
     local_cpu_cluster,
-    make_optimizer,
-    plan_from_env,
     search_plan,
-    train_step,
     worker_env,
 )
 from galvatron.launch.metrics import StepMeter
 
-import galvatron
+from galvatron import wrap
 from galvatron.models.gpt import GPT, GPTConfig
 from galvatron.paths import find_config
 from galvatron.spec import ModelSpec
@@ -89,11 +84,14 @@ def gpt_config(model: str) -> GPTConfig:
     return GPTConfig(**yaml.safe_load(find_config("models", model).read_text()))
 
 
+_CORPUS_MODULES = ("argparse", "dataclasses", "inspect", "textwrap", "typing")
+
+
 @lru_cache(maxsize=1)
 def corpus() -> torch.Tensor:
-    """galvatron's own Python sources (core and launch) as one stream of byte tokens."""
-    roots = (Path(galvatron.__file__).resolve().parent, Path(__file__).resolve().parent)
-    files = sorted({p for root in roots for p in root.rglob("*.py")})
+    """The source of a few Python standard-library modules as one stream of byte tokens: text with
+    structure to learn, the same on every worker and for the whole run."""
+    files = [Path(importlib.util.find_spec(name).origin) for name in _CORPUS_MODULES]
     data = b"\n".join(p.read_bytes() for p in files)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
 
@@ -114,27 +112,24 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Train the reference GPT on this worker under the plan in ``GALVATRON_PLAN``, resuming from the
-    newest checkpoint in ``GALVATRON_CHECKPOINT_DIR``; call on every rank."""
-    rank = init_distributed()
+    """Train the reference GPT on this worker under the plan in ``GALVATRON_PLAN`` (``wrap`` reads it;
+    without one it searches), resuming from the newest checkpoint in ``GALVATRON_CHECKPOINT_DIR``;
+    call on every rank."""
     torch.set_num_threads(1)
     gpt = gpt_config(config.model)
     torch.manual_seed(config.seed)
-    plan = plan_from_env() or fixed_plan(ModelSpec.from_config(config.model), torch.distributed.get_world_size(),
-                                         config.global_batch)
-    model = apply_plan(GPT(gpt), plan)
-    optimizer = make_optimizer(model, torch.optim.AdamW, lr=config.lr)
+    model = wrap(GPT(gpt))
+    optimizer = model.optimizer(torch.optim.AdamW, lr=config.lr)
     checkpointer = Checkpointer.from_env(config.checkpoint_interval, config.keep_checkpoints)
     start = checkpointer.resume(model, optimizer) if checkpointer else 0
-    meter = StepMeter(tokens_per_step=config.global_batch * gpt.seq_len,
-                      flops_per_token=ModelSpec.from_config(config.model).flops_per_token(),
-                      total_steps=config.steps, every=config.print_every)
-    result = TrainResult(rank=rank, start_step=start)
+    meter = StepMeter(tokens_per_step=config.global_batch * gpt.seq_len, total_steps=config.steps,
+                      flops_per_token=ModelSpec.from_config(config.model).flops_per_token(), every=config.print_every)
+    result = TrainResult(rank=torch.distributed.get_rank(), start_step=start)
     for step in range(start, config.steps):
         for group in optimizer.param_groups:  # a function of the step alone: restarts need no scheduler state
             group["lr"] = config.lr * min(1.0, (step + 1) / max(config.warmup, 1))
         inputs, targets = global_batch(step, config, gpt)
-        loss = train_step(model, inputs, targets, lm_loss, plan.num_micro_batches)
+        loss = model.train_step(model.shard_batch((inputs, targets)), lm_loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         stats = meter.step(step, loss)
@@ -144,23 +139,20 @@ def train(config: TrainConfig) -> TrainResult:
             checkpointer.maybe_save(step + 1, model, optimizer)
         time.sleep(config.step_delay_s)
     if config.return_state:
-        result.model_state, result.optimizer_state = full_state(model, optimizer, rank)
+        result.model_state, result.optimizer_state = full_state(model, optimizer)
     return result
 
 
-def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> tuple[dict | None, dict | None]:
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict | None]:
     """A copy of the unsharded model and optimizer state keyed by parameter name, on rank 0 (None
-    elsewhere); every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
+    elsewhere); every rank calls it. Not for ZeRO-1 optimizers, whose state has no full form."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
-    return copy.deepcopy((model_state, optim_state)) if rank == 0 else (None, None)
+    from galvatron.runtime.checkpoint import full_state_dict
+
+    model_state = full_state_dict(model)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    return copy.deepcopy((model_state, optim_state)) if torch.distributed.get_rank() == 0 else (None, None)
 
 
 # ============================================================================ driver side

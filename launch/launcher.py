@@ -1,10 +1,10 @@
-"""What the torchrun and Ray launchers share: where a run's plan comes from, how workers learn it,
-and how a worker joins its process group and puts its model under the plan.
+"""What the torchrun and Ray launchers share: where a run's plan comes from (a file or the search,
+on a described cluster or on this machine's CPUs) and how the workers learn it.
 
 The launcher hands the plan to every worker as a file named by the ``GALVATRON_PLAN`` environment
-variable; ``galvatron.wrap(model)`` (``plan=None`` or ``"auto"``) reads it there before searching
-one itself. The other ``GALVATRON_*`` variables below tell a training script where to checkpoint,
-how often, and which restart it is.
+variable, which ``galvatron.wrap(model)`` reads (``plan="auto"``, its default). The other
+``GALVATRON_*`` variables below tell a training script the predicted step time and device peak
+(for progress lines), where to checkpoint, how often, and which restart it is.
 """
 
 from __future__ import annotations
@@ -13,17 +13,14 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch import nn
 
-from galvatron.errors import GalvatronError, PlanError
+from galvatron.errors import GalvatronError
 from galvatron.plan import DType, Plan
 from galvatron.spec import ModelSpec
 
@@ -51,7 +48,7 @@ class PlanChoice:
 
     plan: Plan
     source: str
-    """``file``, ``search`` or ``fixed`` (the fallback while no search is installed)."""
+    """``file``, ``search`` or ``given`` (handed to :func:`galvatron.launch.adapt.replan`)."""
     predicted_step_s: float | None = None
     """Step time the cost model predicts, when the plan was costed."""
 
@@ -60,23 +57,9 @@ class PlanChoice:
         return f"plan ({self.source}{predicted}):\n{self.plan.describe()}"
 
 
-def runtime_available() -> bool:
-    """True when ``galvatron.wrap`` (the plan runtime) is installed, so any plan can run."""
-    try:
-        import galvatron.runtime.apply  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def plan_from_file(path: str | Path, world_size: int, spec: ModelSpec | None = None) -> PlanChoice:
     """Load a plan YAML and check it against the world size (and the model, when given)."""
     return PlanChoice(plan=Plan.load(path).validate(world_size, spec), source="file")
-
-
-def fixed_plan(spec: ModelSpec, world_size: int, global_batch: int, dtype: DType = DType.FP32) -> Plan:
-    """Data parallelism over every worker, no sharding: the plan used while no search is installed."""
-    return Plan.uniform(spec.num_blocks, global_batch_size=global_batch, dp=world_size, dtype=dtype)
 
 
 def search_plan(spec: ModelSpec, world_size: int, *, cluster: object, global_batch: int | None = None,
@@ -85,23 +68,18 @@ def search_plan(spec: ModelSpec, world_size: int, *, cluster: object, global_bat
     """The search's fastest plan for ``spec`` on ``world_size`` devices of ``cluster`` (a
     ``galvatron.strategies.hardware.Cluster`` or a measured ``Perf``), with ``fixed`` values pinned
     and the ``exclude`` capabilities left out (see ``SearchOptions.fixed`` and ``capabilities``).
-    While the search is not installed: :func:`fixed_plan`, with a message.
+    """
+    from galvatron.strategies.search import ALL_CAPABILITIES, SearchOptions, search
 
-    Without the plan runtime only data parallelism and ZeRO can run, so the search is told so."""
-    try:
-            from galvatron.strategies.search import ALL_CAPABILITIES, SearchOptions, search
-    except ImportError as err:
-        say(f"galvatron: the plan search is not installed ({err}); using a fixed data-parallel plan")
-        batch = global_batch or world_size
-        return PlanChoice(plan=fixed_plan(spec, world_size, batch, dtype), source="fixed")
-    pinned = dict(fixed or {})
-    if not runtime_available():
-        pinned.update(tp=1, cp=1, ep=1, pp=1)
-    options = SearchOptions(global_batch=global_batch, dtype=dtype, fixed=pinned,
-                            capabilities=ALL_CAPABILITIES - frozenset(exclude))
+    runnable = frozenset(c for c in ALL_CAPABILITIES if not c.startswith(RUNTIME_LACKS))
+    options = SearchOptions(global_batch=global_batch, dtype=dtype, fixed=dict(fixed or {}),
+                            capabilities=runnable - frozenset(exclude))
     result = search(spec, cluster, options, world_size=world_size)
     return PlanChoice(plan=result.best.plan, source="search", predicted_step_s=result.best.step_time_s)
 
+
+RUNTIME_LACKS = ("cp:", "ep")
+"""Search capabilities (prefixes) the runtime cannot run yet: context and expert parallelism."""
 
 NOT_RESHARDABLE = ("zero1",)
 """Search capabilities whose checkpoints load only under the plan that saved them (the runtime's
@@ -157,81 +135,10 @@ def measure_matmul_tflops(size: int = 256, repeats: int = 5, seconds: float = 0.
     return best / 1e12
 
 
-def init_distributed(timeout_s: float = 300.0) -> int:
-    """Join the process group described by the torchrun-style environment (``RANK``, ``WORLD_SIZE``,
-    ``MASTER_ADDR``, ``MASTER_PORT``): NCCL on GPUs, gloo on CPUs. Idempotent; returns the rank."""
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    return dist.get_rank()
-
-
 def plan_from_env() -> Plan | None:
     """The plan the launcher exported in ``GALVATRON_PLAN``, or None when there is none."""
     path = os.environ.get(ENV_PLAN)
     return Plan.load(path) if path else None
-
-
-def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
-    """Put ``model`` under ``plan`` on the current process group: ``galvatron.wrap`` when the runtime
-    is installed; otherwise data parallelism only (DDP for ZeRO 0, FSDP2 per block for ZeRO 2/3)."""
-    if runtime_available():
-        from galvatron.runtime.apply import wrap
-
-        return wrap(model, plan=plan)
-    return _data_parallel(model, plan)
-
-
-def make_optimizer(model: nn.Module, optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
-                   **kwargs: Any) -> torch.optim.Optimizer:
-    """The optimizer for a model under a plan (``model.optimizer(...)`` of a wrapped model, which shards
-    ZeRO-1 states; a plain ``optimizer_cls(model.parameters())`` otherwise)."""
-    if hasattr(model, "train_step"):
-        return model.optimizer(optimizer_cls, **kwargs)
-    return optimizer_cls(model.parameters(), **kwargs)
-
-
-def train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], micro_batches: int = 1) -> torch.Tensor:
-    """Forward and backward of one step on this rank's share of the global batch ``(inputs, targets)``
-    (the same on every rank); returns the mean loss over all ranks. ``optimizer.step()`` follows."""
-    if hasattr(model, "train_step"):
-        return model.train_step(model.shard_batch((inputs, targets)), loss_fn)
-    world, rank = dist.get_world_size(), dist.get_rank()
-    if inputs.shape[0] % (world * micro_batches):
-        raise PlanError("global_batch_size", f"{inputs.shape[0]} does not split into {world} ranks x "
-                        f"{micro_batches} micro-batches")
-    total = torch.zeros(())
-    for x, y in zip(inputs.chunk(world)[rank].chunk(micro_batches), targets.chunk(world)[rank].chunk(micro_batches)):
-        loss = loss_fn(model(x), y) / micro_batches
-        loss.backward()
-        total += loss.detach()
-    dist.all_reduce(total)
-    return total / world
-
-
-def _data_parallel(model: nn.Module, plan: Plan) -> nn.Module:
-    world = dist.get_world_size()
-    strategy = plan.stages[0].groups[0].strategy
-    if plan.pp > 1 or not plan.is_uniform or strategy.devices != strategy.dp or strategy.zero == 1:
-        raise PlanError("stages", "only data parallelism with ZeRO 0, 2 or 3 runs without galvatron's runtime "
-                        "(galvatron.runtime.apply is not installed)")
-    plan.validate(world)
-    if strategy.zero == 0:
-        return nn.parallel.DistributedDataParallel(model)
-    from torch.distributed.fsdp import fully_shard
-
-    for block in _blocks(model):
-        fully_shard(block, reshard_after_forward=strategy.zero == 3)
-    return fully_shard(model, reshard_after_forward=strategy.zero == 3)
-
-
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks: the children of the largest ``ModuleList`` in the model."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
 
 
 def worker_env(choice: PlanChoice | None, *, peak_flops: float | None = None, checkpoint_dir: str | Path | None = None,

@@ -12,15 +12,9 @@ import pytest
 import torch
 from galvatron.launch import checkpoints
 from galvatron.launch.demo import TrainConfig, TrainResult, full_state, gpt_config, train
-from galvatron.launch.launcher import (
-    ENV_CHECKPOINT_DIR,
-    ENV_PLAN,
-    apply_plan,
-    init_distributed,
-    make_optimizer,
-    runtime_available,
-)
+from galvatron.launch.launcher import ENV_CHECKPOINT_DIR, ENV_PLAN
 
+from galvatron import wrap
 from galvatron.models.gpt import GPT
 from galvatron.plan import Plan
 from galvatron.testing import run_ranks
@@ -42,12 +36,11 @@ def _train(plan_path: str, checkpoint_dir: str, config: TrainConfig) -> TrainRes
 
 
 def _load(plan_path: str, checkpoint: str) -> tuple[dict | None, dict | None]:
-    rank = init_distributed()
     torch.manual_seed(123)  # other initial weights than the saved run: all must come from the checkpoint
-    model = apply_plan(GPT(gpt_config(CONFIG.model)), Plan.load(plan_path))
-    optimizer = make_optimizer(model, torch.optim.AdamW, lr=0.5)
+    model = wrap(GPT(gpt_config(CONFIG.model)), plan=plan_path)
+    optimizer = model.optimizer(torch.optim.AdamW, lr=0.5)
     checkpoints.load(checkpoint, model, optimizer)
-    return full_state(model, optimizer, rank)
+    return full_state(model, optimizer)
 
 
 def _assert_states(actual: tuple, expected: tuple, exact: bool) -> None:
@@ -67,8 +60,7 @@ TARGETS = [pytest.param({"dp": 2}, id="dp2-ddp"),
            pytest.param({"dp": 2, "zero": 1}, id="dp2-zero1", marks=pytest.mark.xfail(
                strict=True, reason="the runtime's ZeRO-1 optimizer state reloads only under the plan and world size "
                "it was saved with (galvatron/runtime/checkpoint.py)")),
-           pytest.param({"tp": 2}, id="tp2", marks=pytest.mark.skipif(not runtime_available(),
-                                                                       reason="tensor parallelism needs the runtime"))]
+           pytest.param({"tp": 2}, id="tp2")]
 
 
 @pytest.mark.parametrize("target", TARGETS)

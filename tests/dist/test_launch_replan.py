@@ -4,6 +4,7 @@ unchanged and training goes on as in one process that never switched."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,16 +12,9 @@ import pytest
 import torch
 from galvatron.launch.adapt import Phase, replan
 from galvatron.launch.demo import TrainConfig, full_state, global_batch, gpt_config, lm_loss
-from galvatron.launch.launcher import (
-    NOT_RESHARDABLE,
-    apply_plan,
-    init_distributed,
-    local_cpu_cluster,
-    make_optimizer,
-    runtime_available,
-    train_step,
-)
+from galvatron.launch.launcher import NOT_RESHARDABLE, local_cpu_cluster
 
+from galvatron import wrap
 from galvatron.models.gpt import GPT
 from galvatron.plan import Plan
 from galvatron.spec import ModelSpec
@@ -43,25 +37,24 @@ def _model() -> torch.nn.Module:
 def _steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: range, config: TrainConfig) -> None:
     for step in steps:
         inputs, targets = global_batch(step, config, GPT_CONFIG)
-        train_step(model, inputs, targets, lm_loss, model.plan.num_micro_batches if hasattr(model, "plan") else 1)
+        model.train_step(model.shard_batch((inputs, targets)), lm_loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
 
 def _run(checkpoint_dir: str, switch_to: Plan | None, search: bool) -> dict:
-    rank = init_distributed()
-    world = torch.distributed.get_world_size()
-    model = apply_plan(_model(), _plan(world, BEFORE.global_batch))
-    optimizer = make_optimizer(model, torch.optim.AdamW, lr=1e-3)
+    world = int(os.environ["WORLD_SIZE"])
+    model = wrap(_model(), plan=_plan(world, BEFORE.global_batch))
+    optimizer = model.optimizer(torch.optim.AdamW, lr=1e-3)
     _steps(model, optimizer, range(3), BEFORE)
-    before = full_state(model, optimizer, rank)
+    before = full_state(model, optimizer)
     new = replan(model, optimizer, Phase(global_batch=AFTER.global_batch), step=3, model_fn=_model,
                  checkpoint_dir=checkpoint_dir, plan=None if search else switch_to,
                  spec=ModelSpec.from_config(BEFORE.model), cluster=local_cpu_cluster(world, tflops=0.02),
                  exclude=NOT_RESHARDABLE)
-    crossed = full_state(new.model, new.optimizer, rank)
+    crossed = full_state(new.model, new.optimizer)
     _steps(new.model, new.optimizer, range(3, 5), AFTER)
-    return {"before": before, "crossed": crossed, "after": full_state(new.model, new.optimizer, rank),
+    return {"before": before, "crossed": crossed, "after": full_state(new.model, new.optimizer),
             "plan": new.choice.plan, "source": new.choice.source}
 
 
@@ -74,8 +67,7 @@ def _close(actual: tuple, expected: tuple, exact: bool) -> None:
             torch.testing.assert_close(actual[1]["state"][name][key], value, **tol, msg=_named(f"{name}.{key}"))
 
 
-SWITCHES = [pytest.param(_plan(2, AFTER.global_batch, zero=3) if not runtime_available() else
-                         Plan.uniform(GPT_CONFIG.layers, global_batch_size=AFTER.global_batch, dtype="fp32", tp=2),
+SWITCHES = [pytest.param(Plan.uniform(GPT_CONFIG.layers, global_batch_size=AFTER.global_batch, dtype="fp32", tp=2),
                          False, id="given-plan"),
             pytest.param(None, True, id="searched-plan")]
 

@@ -85,8 +85,10 @@ def test_killed_worker_is_replaced_and_resumes(tmp_path: Path) -> None:
 SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch, torch.distributed as dist
-    from galvatron.launch.launcher import init_distributed, plan_from_env
-    rank = init_distributed()
+    from galvatron.launch.launcher import plan_from_env
+    from galvatron.runtime.apply import init_distributed
+    init_distributed()
+    rank = dist.get_rank()
     total = torch.tensor([rank + 1.0])
     dist.all_reduce(total)
     plan = plan_from_env()

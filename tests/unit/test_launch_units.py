@@ -12,10 +12,12 @@ from galvatron.launch import checkpoints
 from galvatron.launch.cli import main
 from galvatron.launch.launcher import (
     ENV_CHECKPOINT_DIR,
+    ENV_CHECKPOINT_INTERVAL,
     ENV_PEAK_FLOPS,
+    ENV_PLAN,
     ENV_PREDICTED_STEP,
+    NOT_RESHARDABLE,
     PlanChoice,
-    fixed_plan,
     local_cpu_cluster,
     search_plan,
     worker_env,
@@ -24,9 +26,14 @@ from galvatron.launch.metrics import StepMeter
 from galvatron.launch.ray_launcher import RayConfig
 from galvatron.launch.torchrun_launcher import TorchrunConfig, torchrun_command
 
+from galvatron.plan import Plan
 from galvatron.spec import ModelSpec
 
 SPEC = ModelSpec.from_config("gpt-tiny")
+
+
+def dp_plan(world: int, batch: int) -> Plan:
+    return Plan.uniform(SPEC.num_blocks, global_batch_size=batch, dp=world)
 
 
 def test_torchrun_one_node_binds_loopback() -> None:
@@ -52,25 +59,23 @@ def test_launch_search_needs_model(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_launch_rejects_plan_of_other_world(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     plan = tmp_path / "plan.yaml"
-    fixed_plan(SPEC, 4, 8).save(plan)
+    dp_plan( 4, 8).save(plan)
     assert main(["launch", "--workers", "2", "--plan", str(plan), "train.py"]) == 1
     assert "needs 4 devices" in capsys.readouterr().err
 
 
+def test_plan_variable_is_the_runtimes() -> None:
+    from galvatron.runtime.apply import PLAN_ENV
+
+    assert ENV_PLAN == PLAN_ENV
+
+
 def test_worker_env() -> None:
-    choice = PlanChoice(plan=fixed_plan(SPEC, 2, 4), source="search", predicted_step_s=0.25)
+    choice = PlanChoice(plan=dp_plan( 2, 4), source="search", predicted_step_s=0.25)
     env = worker_env(choice, peak_flops=1e10, checkpoint_dir="ckpt", checkpoint_interval=5)
     assert float(env[ENV_PREDICTED_STEP]) == 0.25 and float(env[ENV_PEAK_FLOPS]) == 1e10
     assert Path(env[ENV_CHECKPOINT_DIR]).is_absolute()
     assert worker_env(None) == {}
-
-
-def test_search_falls_back_to_a_fixed_plan(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.setitem(sys.modules, "galvatron.strategies.search", None)
-    choice = search_plan(SPEC, 4, cluster=None, global_batch=8)
-    assert choice.source == "fixed" and choice.predicted_step_s is None
-    assert choice.plan == fixed_plan(SPEC, 4, 8)
-    assert "using a fixed data-parallel plan" in capsys.readouterr().err
 
 
 def test_search_on_local_cpus() -> None:
@@ -79,12 +84,15 @@ def test_search_on_local_cpus() -> None:
     choice = search_plan(SPEC, 4, cluster=cluster, global_batch=8)
     assert choice.source == "search" and choice.predicted_step_s > 0
     choice.plan.validate(4, SPEC)
+    reshardable = search_plan(SPEC, 4, cluster=local_cpu_cluster(4, tflops=0.02), global_batch=8,
+                              exclude=NOT_RESHARDABLE)
+    assert all(g.strategy.zero != 1 for g in reshardable.plan.groups())
 
 
 def test_step_meter_lines() -> None:
     out = io.StringIO()
     meter = StepMeter(tokens_per_step=1000, flops_per_token=6e6, total_steps=5, every=2, peak_flops=1e10,
-                      plan=fixed_plan(SPEC, 1, 4), stream=out)
+                      plan=dp_plan( 1, 4), stream=out)
     printed = [meter.step(step, 2.0 - step / 10) for step in range(5)]
     assert [s.step for s in printed if s is not None] == [1, 2, 4, 5]
     lines = out.getvalue().splitlines()
@@ -101,6 +109,15 @@ def test_checkpoints_without_metadata_are_ignored(tmp_path: Path) -> None:
     for step in (3, 6):
         (checkpoints.checkpoint_path(tmp_path, step) / ".metadata").touch()
     assert checkpoints.latest(tmp_path) == (6, checkpoints.checkpoint_path(tmp_path, 6))
+
+
+def test_checkpointer_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(ENV_CHECKPOINT_DIR, raising=False)
+    assert checkpoints.Checkpointer.from_env(5) is None
+    monkeypatch.setenv(ENV_CHECKPOINT_DIR, str(tmp_path))
+    assert checkpoints.Checkpointer.from_env(5).interval == 5
+    monkeypatch.setenv(ENV_CHECKPOINT_INTERVAL, "7")
+    assert checkpoints.Checkpointer.from_env(5).interval == 7
 
 
 def test_ray_config_checks() -> None:
