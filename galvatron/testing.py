@@ -3,7 +3,8 @@
 ``run_ranks(fn, 4, *args)`` forks four processes, joins them into a gloo process group bound to
 127.0.0.1, runs ``fn(*args)`` on each and returns the four results. A failure on any rank kills
 the others at once and raises with that rank's traceback; nothing hangs past ``timeout``.
-Not imported by ``import galvatron``.
+``backend="nccl"`` spawns the ranks instead (CUDA cannot be forked), one GPU each; ``fn`` and
+its arguments must then be picklable (module-level). Not imported by ``import galvatron``.
 """
 
 from __future__ import annotations
@@ -49,15 +50,17 @@ def preimport() -> None:
 
 
 def _child(fn: Callable[..., Any], rank: int, world_size: int, store_path: str, conn: Any,
-           args: tuple, kwargs: dict, timeout: float) -> None:
+           args: tuple, kwargs: dict, timeout: float, backend: str = "gloo") -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo",
     )
     torch.set_num_threads(1)  # forked after the parent used OpenMP: stay out of parallel regions
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         store = dist.FileStore(store_path, world_size)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout))
         result = fn(*args, **kwargs)
         payload = pickle.dumps(("ok", result))
@@ -73,20 +76,23 @@ def _child(fn: Callable[..., Any], rank: int, world_size: int, store_path: str, 
     os._exit(0)
 
 
-def run_ranks(fn: Callable[..., T], world_size: int, *args: Any, timeout: float = 120.0, **kwargs: Any) -> list[T]:
-    """Run ``fn(*args, **kwargs)`` on ``world_size`` forked gloo ranks; return the results by rank.
+def run_ranks(fn: Callable[..., T], world_size: int, *args: Any, timeout: float = 120.0, backend: str = "gloo",
+              **kwargs: Any) -> list[T]:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` forked gloo ranks (spawned NCCL ranks with
+    ``backend="nccl"``); return the results by rank.
 
     Raises :class:`RankFailure` with the first failing rank's traceback; the other ranks are
     killed, so a bug on one rank never leaves the rest waiting in a collective.
     """
-    preimport()
-    ctx = mp.get_context("fork")
+    if backend == "gloo":
+        preimport()
+    ctx = mp.get_context("fork" if backend == "gloo" else "spawn")
     with tempfile.TemporaryDirectory(prefix="galvatron-ranks-") as tmp:
         pipes, procs = [], []
         for rank in range(world_size):
             parent_end, child_end = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_child, args=(fn, rank, world_size, os.path.join(tmp, "store"), child_end,
-                                                    args, kwargs, timeout), daemon=True)
+                                                    args, kwargs, timeout, backend), daemon=True)
             proc.start()
             child_end.close()
             pipes.append(parent_end)

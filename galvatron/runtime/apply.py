@@ -313,7 +313,9 @@ class Runtime:
         self._to_outer: dict[Layout, Callable[[torch.Tensor], torch.Tensor]] = {}
 
     def enter(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """Move the model's inputs from the data layout to the layout of its outer code."""
+        """Move the model's inputs to this rank's device, and from the data layout to the layout
+        of the model's outer code."""
+        args, kwargs = self.to_device(args), self.to_device(kwargs)
         outer, batch = self.entry_layout, first_batch_size(args, kwargs)
         if outer.dp != self.data_layout.dp:
             if outer not in self._to_outer:
@@ -323,6 +325,9 @@ class Runtime:
             batch = batch * self.data_layout.dp // outer.dp
         self.ctx.reset(outer, batch)
         return args, kwargs
+
+    def to_device(self, value: Any) -> Any:
+        return map_tensors(value, lambda t: t.to(self.device, non_blocking=True))
 
     def autocast(self) -> contextlib.AbstractContextManager:
         low = _AUTOCAST.get(self.plan.dtype)
@@ -497,13 +502,14 @@ class GalvatronModule(nn.Module):
         """Forward and backward of one optimizer step on this rank's data shard.
 
         ``batch = (inputs, targets)``: ``inputs`` a tensor, a tuple of positional inputs or a
-        dict of keyword inputs; ``loss_fn(output, targets)`` averages over the samples it gets.
+        dict of keyword inputs (moved to this rank's device); ``loss_fn(output, targets)``
+        averages over the samples it gets.
         Splits into ``plan.num_micro_batches`` micro-batches (the pipeline schedule when
         ``pp > 1``), leaves averaged gradients in ``.grad`` and returns the step's mean loss
         over all data shards (the same on every rank). Call ``optimizer.step()`` after it.
         """
-        inputs, targets = batch
         rt = self._galvatron
+        inputs, targets = rt.to_device(tuple(batch))
         rt.sync.hooks_enabled, rt.vocab_sharded_output = False, True
         try:
             if rt.runner is not None:

@@ -122,9 +122,9 @@ def batch_relayout(dims: ParallelDims, src: Layout, dst: Layout) -> Callable[[to
 
 def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor], batch: int | None = None) -> Any:
     """Apply ``fn`` to every tensor in nested tuples/lists/dicts whose dim 0 is ``batch``
-    (every tensor with a dim when ``batch`` is None); other values pass through."""
+    (every tensor when ``batch`` is None); other values pass through."""
     if isinstance(obj, torch.Tensor):
-        if obj.dim() and (batch is None or obj.shape[0] == batch):
+        if batch is None or (obj.dim() and obj.shape[0] == batch):
             return fn(obj)
         return obj
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
@@ -204,7 +204,7 @@ def install_group_relayouts(blocks: list[nn.Module], layout: Layout, next_layout
 
     def enter(module: nn.Module, args: tuple, kwargs: dict, first: bool) -> tuple[tuple, dict]:
         outer = ctx.outer
-        if outer is not None and outer.dp != layout.dp:
+        if outer is not None and ctx.batch is not None and outer.dp != layout.dp:
             if outer not in moves:
                 moves[outer] = batch_relayout(dims, outer, layout)
             move = lambda x: ctx.cached(x, layout, moves[outer])

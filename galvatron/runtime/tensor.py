@@ -47,6 +47,8 @@ ROWWISE = frozenset({"o_proj", "out_proj", "wo", "dense", "c_proj", "down_proj",
                      "dense_4h_to_h"})
 PACKED = frozenset({"c_attn", "qkv_proj", "Wqkv", "gate_up_proj"})
 STYLES = ("colwise", "rowwise", "packed_colwise")
+PACKED_MIN_TORCH = (2, 13)
+"""Oldest torch whose ``_StridedShard`` shards a fused projection on a 1-D mesh (2.11 cannot)."""
 _SPLIT_SIZE_ATTRS = ("split_size",)
 """Attributes by which a parent splits a packed projection's output (GPT-2): scaled by 1/tp."""
 
@@ -111,11 +113,21 @@ def resolve_block_plan(block: nn.Module, plans: list[Mapping[str, str] | None], 
         if "." not in name:
             raise PlanError(f"{path}.tp", f"tp_plan entry {name!r} must be inside a submodule of the block")
         parents.setdefault(name.rsplit(".", 1)[0], set()).add("rowwise" if style == "rowwise" else "colwise")
+    packed = [name for name, style in plan.items() if style == "packed_colwise"]
+    if packed and torch_version() < PACKED_MIN_TORCH:
+        raise PlanError(f"{path}.tp", f"tensor parallelism of the fused projection {packed[0]} needs torch >= "
+                        f"{'.'.join(map(str, PACKED_MIN_TORCH))} (this is {torch.__version__}); use tp 1 here")
     for parent, kinds in parents.items():
         if len(kinds) == 1:
             raise PlanError(f"{path}.tp", f"{type(block).__name__}.{parent} has only {kinds.pop()} layers in its "
                             "tensor-parallel plan; a module needs both column- and row-parallel layers")
     return plan
+
+
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the running torch."""
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 def check_divisible(block: nn.Module, plan: Mapping[str, str], tp: int, path: str) -> None:

@@ -3,7 +3,7 @@
 import itertools
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from galvatron.errors import PlanError
@@ -62,6 +62,7 @@ def test_layout_rejects_wrong_sizes():
         Layout(range(4), dp=3)
 
 
+@settings(deadline=None)
 @given(st.sampled_from([(dp, cp, tp) for dp, cp, tp in itertools.product((1, 2, 3, 4), repeat=3)]),
        st.integers(0, 16))
 def test_axis_groups_partition_the_ranks(shape, start):
@@ -77,6 +78,7 @@ def test_axis_groups_partition_the_ranks(shape, start):
             assert len({c[:k] + c[k + 1:] for c in coords}) == 1
 
 
+@settings(deadline=None)
 @given(st.sampled_from([(n, fine, coarse) for n in (1, 2, 4, 6, 8, 12) for fine in range(1, n + 1)
                         for coarse in range(1, fine + 1) if n % fine == 0 and fine % coarse == 0]))
 def test_gathering_a_batch_group_gives_the_coarse_shard(case):
