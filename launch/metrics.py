@@ -1,7 +1,8 @@
 """Per-step progress of a training run: step time, tokens/s, MFU and memory, printed by rank 0.
 
-Every rank calls :meth:`StepMeter.step` once per optimizer step (the printed loss is averaged over
-the ranks, which is one small all-reduce on the printing steps only)::
+Every rank calls :meth:`StepMeter.step` once per optimizer step. A printed line averages the steps
+since the last one: step time, and the loss over those steps and over the ranks (one scalar
+all-reduce on printing steps only; the loss is never copied to the host on the others)::
 
     meter = StepMeter(tokens_per_step=plan.global_batch_size * seq_len,
                       flops_per_token=spec.flops_per_token(), total_steps=300)
@@ -74,17 +75,21 @@ class StepMeter:
         self._last = time.perf_counter()
         self._times: list[float] = []
         self._printed = 0
+        self._loss_sum: torch.Tensor | None = None
 
     def step(self, step: int, loss: float | torch.Tensor) -> StepStats | None:
         """Record step ``step`` (0-based) that just finished; returns the stats on printing steps."""
         now = time.perf_counter()
         self._times.append(now - self._last)
+        value = loss.detach().float().reshape(()) if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
         edge = (len(self._times) == 1 and self._printed == 0) or (self.total_steps and step + 1 >= self.total_steps)
         if (step + 1) % self.every and not edge:
             self._last = time.perf_counter()
             return None
-        stats = self._stats(step, _mean_over_ranks(loss))
+        stats = self._stats(step, _mean_over_ranks(self._loss_sum / len(self._times)))
         self._times.clear()
+        self._loss_sum = None
         self._printed += 1
         if self.rank == 0:
             print(stats.format(self.total_steps, self.predicted_step_s), file=self.stream, flush=True)
@@ -113,8 +118,7 @@ def _env_float(name: str) -> float | None:
     return float(value) if value else None
 
 
-def _mean_over_ranks(loss: float | torch.Tensor) -> float:
-    value = loss.detach().float().reshape(()) if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+def _mean_over_ranks(value: torch.Tensor) -> float:
     if dist.is_initialized() and dist.get_world_size() > 1:
         value = value.clone()
         if dist.get_backend() == "nccl":

@@ -3,6 +3,8 @@
 - a worker killed mid-training is replaced, training resumes from the newest checkpoint, and the
   run ends with exactly the parameters and optimizer state of an uninterrupted run resumed from
   that same checkpoint;
+- a lost worker that cannot be replaced (its CPU taken) leaves the run on one worker under a new
+  plan, ending as a one-worker run resumed from the same checkpoint does;
 - ``galvatron launch --ray`` runs a script on every worker with the plan exported to it;
 - an error in the training code is raised with its traceback, not retried.
 """
@@ -16,14 +18,15 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from galvatron.launch import checkpoints
 from galvatron.launch.cli import main
-from galvatron.launch.demo import TrainConfig, gpt_config, train
+from galvatron.launch.demo import TrainConfig, TrainResult, gpt_config, train
 from galvatron.launch.launcher import LaunchError, worker_env
 from galvatron.launch.ray_launcher import RayConfig, RayLauncher
 
@@ -35,7 +38,11 @@ ray = pytest.importorskip("ray")
 
 CONFIG = TrainConfig(model="gpt-tiny", steps=12, global_batch=4, print_every=100, checkpoint_interval=3,
                      keep_checkpoints=None, return_state=True, step_delay_s=0.3)
-PLAN = Plan.uniform(gpt_config(CONFIG.model).layers, global_batch_size=CONFIG.global_batch, dtype="fp32", dp=2)
+def _plan(world: int) -> Plan:
+    return Plan.uniform(gpt_config(CONFIG.model).layers, global_batch_size=CONFIG.global_batch, dtype="fp32", dp=world)
+
+
+PLAN = _plan(2)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,39 +54,69 @@ def ray_session() -> Iterator[None]:
     ray.shutdown()
 
 
-def _launcher(checkpoint_dir: Path) -> RayLauncher:
-    return RayLauncher(RayConfig(workers=2, plan=PLAN, env=worker_env(None, checkpoint_dir=checkpoint_dir),
-                                 max_restarts=2))
+def _launcher(checkpoint_dir: Path, workers: int = 2, **config: Any) -> RayLauncher:
+    return RayLauncher(RayConfig(workers=workers, plan=_plan(workers), max_restarts=2,
+                                 env=worker_env(None, checkpoint_dir=checkpoint_dir), **config))
 
 
-def _kill_after_first_checkpoint(launcher: RayLauncher, checkpoint_dir: Path, timeout_s: float = 240.0) -> None:
+def _kill_after_first_checkpoint(launcher: RayLauncher, checkpoint_dir: Path, before_kill: Callable[[], Any] = list,
+                                 timeout_s: float = 240.0) -> None:
     deadline = time.monotonic() + timeout_s
     while checkpoints.latest(checkpoint_dir) is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    before_kill()
     launcher.kill_worker(1)
 
 
-def test_killed_worker_is_replaced_and_resumes(tmp_path: Path) -> None:
-    interrupted_dir, reference_dir = tmp_path / "interrupted", tmp_path / "reference"
-    launcher = _launcher(interrupted_dir)
-    killer = threading.Thread(target=_kill_after_first_checkpoint, args=(launcher, interrupted_dir))
+def _run_killed(launcher: RayLauncher, checkpoint_dir: Path, before_kill: Callable[[], Any] = list) -> TrainResult:
+    killer = threading.Thread(target=_kill_after_first_checkpoint, args=(launcher, checkpoint_dir, before_kill))
     killer.start()
     result = launcher.run(train, CONFIG)[0]
     killer.join()
-    assert launcher.restarts == 1
-    resumed_from = result.start_step
-    assert resumed_from in (3, 6, 9)
-    shutil.copytree(checkpoints.checkpoint_path(interrupted_dir, resumed_from),
-                    checkpoints.checkpoint_path(reference_dir, resumed_from))
+    assert launcher.restarts == 1 and result.start_step in (3, 6, 9)
+    return result
 
-    reference = _launcher(reference_dir)
-    expected = reference.run(train, CONFIG)[0]
-    assert reference.restarts == 0 and expected.start_step == resumed_from
+
+def _resumed_reference(checkpoint_dir: Path, step: int, tmp: Path, workers: int) -> TrainResult:
+    """An uninterrupted run on ``workers`` workers resumed from the checkpoint of ``step``."""
+    reference_dir = tmp / f"reference-{workers}"
+    shutil.copytree(checkpoints.checkpoint_path(checkpoint_dir, step), checkpoints.checkpoint_path(reference_dir, step))
+    reference = _launcher(reference_dir, workers)
+    result = reference.run(train, CONFIG)[0]
+    assert reference.restarts == 0 and result.start_step == step
+    return result
+
+
+def _assert_equal(actual: TrainResult, expected: TrainResult) -> None:
     for name, value in expected.model_state.items():
-        assert torch.equal(result.model_state[name], value), name
+        assert torch.equal(actual.model_state[name], value), name
     for name, state in expected.optimizer_state["state"].items():
         for key, value in state.items():
-            assert torch.equal(result.optimizer_state["state"][name][key], value), f"{name}.{key}"
+            assert torch.equal(actual.optimizer_state["state"][name][key], value), f"{name}.{key}"
+
+
+def test_killed_worker_is_replaced_and_resumes(tmp_path: Path) -> None:
+    launcher = _launcher(tmp_path / "run")
+    result = _run_killed(launcher, tmp_path / "run")
+    assert launcher.world_size == 2
+    _assert_equal(result, _resumed_reference(tmp_path / "run", result.start_step, tmp_path, 2))
+
+
+class _Blocker:
+    def ready(self) -> bool:
+        return True
+
+
+def test_lost_worker_without_a_replacement_continues_on_fewer(tmp_path: Path) -> None:
+    launcher = _launcher(tmp_path / "run", min_workers=1, replan=_plan)
+    blockers = []
+    # queued while both CPUs are busy, it takes the lost worker's CPU before the workers are placed again
+    result = _run_killed(launcher, tmp_path / "run",
+                         before_kill=lambda: blockers.append(ray.remote(num_cpus=1)(_Blocker).remote()))
+    assert launcher.world_size == 1 and launcher.plan == _plan(1)
+    assert ray.get(blockers[0].ready.remote())
+    ray.kill(blockers[0])
+    _assert_equal(result, _resumed_reference(tmp_path / "run", result.start_step, tmp_path, 1))
 
 
 SCRIPT = textwrap.dedent("""

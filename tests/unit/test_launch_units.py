@@ -94,7 +94,7 @@ def test_step_meter_lines() -> None:
     meter = StepMeter(tokens_per_step=1000, flops_per_token=6e6, total_steps=5, every=2, peak_flops=1e10,
                       plan=dp_plan( 1, 4), stream=out)
     printed = [meter.step(step, 2.0 - step / 10) for step in range(5)]
-    assert [s.step for s in printed if s is not None] == [1, 2, 4, 5]
+    assert [(s.step, round(s.loss, 4)) for s in printed if s is not None] == [(1, 2.0), (2, 1.9), (4, 1.75), (5, 1.6)]
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("plan: 1 stage(s)")
     last = printed[-1]
