@@ -60,13 +60,15 @@ def replan(model: nn.Module, optimizer: torch.optim.Optimizer, phase: Phase | No
            optimizer_fn: Callable[[nn.Module], torch.optim.Optimizer] | None = None) -> Replanned:
     """Move training to the plan for ``phase`` (or to ``plan``) through a checkpoint; every rank calls it.
 
-    ``model_fn`` builds the unwrapped model for the new phase (its weights are replaced by the
-    checkpoint); ``optimizer_fn`` the optimizer for the new model (default: the old optimizer's
-    class and hyper-parameters). Without ``plan`` the search runs on rank 0 for ``spec`` (the
-    model's :class:`ModelSpec`) with the phase applied, on ``cluster`` (default: this machine's CPU
+    ``checkpoint_dir`` is one folder for all ranks (shared storage on several nodes). ``model_fn``
+    builds the unwrapped model for the new phase with the same parameter names and shapes (its
+    weights are replaced by the checkpoint: size position tables for the longest phase);
+    ``optimizer_fn`` the optimizer for the new model (default: the old optimizer's class and
+    hyper-parameters). Without ``plan`` the search runs on rank 0 for ``spec`` (the model's
+    :class:`ModelSpec`) with the phase applied, on ``cluster`` (default: this machine's CPU
     workers), without the ``exclude`` capabilities (e.g. ``launcher.NOT_RESHARDABLE``, so that the
-    plan after this one can be reached through a checkpoint too), and its plan is sent to every rank. The old
-    model and optimizer must not be used after.
+    next plan can be reached through a checkpoint too), and its plan is sent to every rank. The
+    old model and optimizer must not be used after.
     """
     world = dist.get_world_size()
     current_batch = model.plan.global_batch_size
@@ -75,7 +77,7 @@ def replan(model: nn.Module, optimizer: torch.optim.Optimizer, phase: Phase | No
     if plan is not None:
         choice = PlanChoice(plan=plan, source="given")
     else:
-        choice = _on_rank0(lambda: _search(spec, phase or Phase(), world, cluster, current_batch, exclude))
+        choice = on_rank0(lambda: _search(spec, phase or Phase(), world, cluster, current_batch, exclude))
     choice.plan.validate(world)
     new_model = wrap(model_fn(), plan=choice.plan)
     new_optimizer = optimizer_fn(new_model)
@@ -101,8 +103,9 @@ def _search(spec: ModelSpec | None, phase: Phase, world: int, cluster: object, b
     return search_plan(spec, world, global_batch=phase.global_batch or batch, exclude=exclude, **target)
 
 
-def _on_rank0(fn: Callable[[], PlanChoice]) -> PlanChoice:
-    """``fn()`` run on rank 0 and sent to every rank, so all switch to one plan (or all raise its error)."""
+def on_rank0(fn: Callable[[], PlanChoice]) -> PlanChoice:
+    """``fn()`` (a search: measurements differ between ranks) run on rank 0 and sent to every rank, so
+    all run one plan; a :class:`GalvatronError` on rank 0 is raised on every rank."""
     box: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
