@@ -352,18 +352,19 @@ def _apply_stage(model: nn.Module, rt: Runtime, blocks: nn.ModuleList, block_pla
     ties = _tied_groups(before + after)
     if first:
         apply_embedding(before, plan.embedding_strategy, rt)
+    if last:
+        apply_head(after, plan.head_strategy, rt)
+    _retie(ties)
+    shared = bool(ties) and plan.embedding_strategy.zero >= 2  # one FSDP unit for both ends
+    if before and not shared:  # gradient buckets in model order: backward reaches them in reverse
+        apply_data(before, plan.embedding_strategy, rt)
     groups = plan.stages[stage_index].groups
     for k, g in enumerate(groups):
         nxt = dims.layout(groups[k + 1].strategy) if k + 1 < len(groups) else rt.data_layout
         apply_layer_group([blocks[i] for i in range(g.start, g.end)], g.strategy, nxt, rt,
                           {i - g.start: block_plans[i] for i in range(g.start, g.end) if i in block_plans})
-    if last:
-        apply_head(after, plan.head_strategy, rt)
-    _retie(ties)
-    shared = ties and plan.embedding_strategy.zero >= 2
-    for modules, s in ((before, plan.embedding_strategy), (after, plan.head_strategy)):
-        if modules and not shared:
-            apply_data(modules, s, rt)
+    if after and not shared:
+        apply_data(after, plan.head_strategy, rt)
     if shared:
         apply_data(before + after, plan.embedding_strategy, rt)
     data.apply_fsdp_root(root, dims.mesh(plan.head_strategy if last else plan.embedding_strategy)["dp"])

@@ -217,10 +217,3 @@ def apply_fsdp_root(root: nn.Module, mesh: Any) -> None:
         return
     ignored = {p for p in root.parameters() if id(p) not in managed}
     fully_shard(root, mesh=mesh, reshard_after_forward=False, ignored_params=ignored)
-
-
-def fsdp_modules(root: nn.Module) -> list[Any]:
-    """FSDP2 units inside ``root``."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return [m for m in root.modules() if isinstance(m, FSDPModule)]

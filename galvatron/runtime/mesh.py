@@ -209,12 +209,21 @@ def required_groups(plan: Plan) -> tuple[RankGroup, ...]:
     return tuple(sorted(groups, key=lambda g: (len(g), g)))
 
 
+def gradient_groups(plan: Plan) -> tuple[RankGroup, ...]:
+    """The gradient-reduction (``dp x cp``) groups of every layout of the plan, in one order."""
+    groups = {g for dg in range(plan.pp) for lay in plan_layouts(plan, dg) for g in lay.data_groups() if len(g) > 1}
+    return tuple(sorted(groups, key=lambda g: (len(g), g)))
+
+
 # ----------------------------------------------------------------- live process groups
-_GROUPS: dict[RankGroup, dist.ProcessGroup | None] = {}
+_GROUPS: dict[tuple[str, RankGroup], dist.ProcessGroup | None] = {}
 _WORLD: list[object] = [None]
+_GRADIENTS = "gradients"
+"""Gradient reductions get groups of their own: they launch asynchronously in an order that may
+differ between ranks relative to the model's own collectives, which share the other groups."""
 
 
-def _create_groups(groups: tuple[RankGroup, ...], timeout: timedelta) -> None:
+def _create_groups(groups: tuple[RankGroup, ...], timeout: timedelta, purpose: str = "") -> None:
     """Create (once per process) the process groups named; collective over the whole world."""
     import torch.distributed as dist
 
@@ -223,9 +232,9 @@ def _create_groups(groups: tuple[RankGroup, ...], timeout: timedelta) -> None:
         _WORLD[0] = dist.group.WORLD
     me = dist.get_rank()
     for ranks in groups:
-        if ranks not in _GROUPS:
+        if (purpose, ranks) not in _GROUPS:
             group = dist.new_group(list(ranks), timeout=timeout)
-            _GROUPS[ranks] = group if me in ranks else None
+            _GROUPS[purpose, ranks] = group if me in ranks else None
 
 
 class ParallelDims:
@@ -251,17 +260,13 @@ class ParallelDims:
         view of ``rank``."""
         dims = cls(plan, rank, device_type)
         _create_groups(required_groups(plan), timeout)
+        _create_groups(gradient_groups(plan), timeout, _GRADIENTS)
         return dims
 
     @property
     def is_first(self) -> bool:
         """Whether this rank runs the embedding (the first pipeline stage)."""
         return 0 in self.stages
-
-    @property
-    def is_last(self) -> bool:
-        """Whether this rank runs the head (the last pipeline stage)."""
-        return len(self.plan.stages) - 1 in self.stages
 
     def layout(self, strategy: LayerStrategy) -> Layout:
         return Layout.of(strategy, self.ranks)
@@ -270,9 +275,9 @@ class ParallelDims:
     def data_layout(self) -> Layout:
         return data_layout(self.plan, self.device_group)
 
-    def group(self, ranks: RankGroup) -> dist.ProcessGroup:
+    def group(self, ranks: RankGroup, purpose: str = "") -> dist.ProcessGroup:
         """The process group over ``ranks`` (which must include this rank)."""
-        group = _GROUPS.get(tuple(ranks))
+        group = _GROUPS.get((purpose, tuple(ranks)))
         if group is None:
             raise KeyError(f"no process group over ranks {ranks} for rank {self.rank}")
         return group
@@ -293,9 +298,11 @@ class ParallelDims:
         return self._meshes[lay]
 
     def data_group(self, strategy: LayerStrategy | Layout) -> dist.ProcessGroup:
-        """Gradient-reduction group (``dp x cp`` ranks holding the same parameter shard)."""
+        """Gradient-reduction group (``dp x cp`` ranks holding the same parameter shard), used
+        for nothing else."""
         lay = strategy if isinstance(strategy, Layout) else self.layout(strategy)
-        return self.group(next(g for g in lay.data_groups() if self.rank in g))
+        ranks = next(g for g in lay.data_groups() if self.rank in g)
+        return self.group(ranks, _GRADIENTS if len(ranks) > 1 else "")
 
     def pipeline_group(self) -> dist.ProcessGroup:
         """The group of ranks at this rank's position in every pipeline stage."""

@@ -14,6 +14,7 @@ from galvatron.runtime.mesh import (
     data_layout,
     device_group_of,
     device_group_ranks,
+    gradient_groups,
     pipeline_groups,
     relayout_steps,
     required_groups,
@@ -121,3 +122,11 @@ def test_required_groups_cover_every_layout_and_relayout():
 def test_required_groups_include_pipeline_groups():
     plan = Plan.uniform(4, global_batch_size=8, pp=2, dp=2)
     assert {(0, 2), (1, 3)} <= set(required_groups(plan))
+
+
+def test_gradient_groups_are_the_data_groups_of_every_layout():
+    plan = Plan.from_dict({"global_batch_size": 8, "stages": [{"devices": 4, "layers": [
+        {"range": [0, 2], "tp": 2}, {"range": [2, 4], "tp": 4}]}]})
+    # dp2 x tp2 reduces over (0, 2) and (1, 3); tp4 has no data parallelism; the data layout
+    # (the head's dp) is dp1 here
+    assert gradient_groups(plan) == ((0, 2), (1, 3))
