@@ -34,12 +34,13 @@ def spec_from_module(module: nn.Module, example_batch: Any, *, name: str | None 
     flops, attn_flops, saved, tokens, seq_len = _measure(meta, blocks, example_batch)
     config = getattr(module, "config", None)
     notes: list[str] = []
-    layers = [_edge_layer(LayerKind.EMBEDDING, "embedding", owner, flops, saved, tokens)]
-    for i, block in enumerate(blocks):
-        layers.append(_block_layer(block, f"{block_path}.{i}", owner.get(i, 0), flops.get(i, 0.0),
-                                   attn_flops.get(i, 0.0), saved.get(i, 0.0), tokens, config, notes))
-    layers.append(_edge_layer(LayerKind.NORM, "norm", owner, flops, saved, tokens))
-    layers.append(_edge_layer(LayerKind.HEAD, "head", owner, flops, saved, tokens))
+    block_layers = [_block_layer(block, f"{block_path}.{i}", owner.get(i, 0), flops.get(i, 0.0),
+                                 attn_flops.get(i, 0.0), saved.get(i, 0.0), tokens, config, notes)
+                    for i, block in enumerate(blocks)]
+    hidden = _first(block_layers, "hidden")
+    layers = [_edge_layer(LayerKind.EMBEDDING, "embedding", owner, flops, saved, tokens, hidden), *block_layers,
+              _edge_layer(LayerKind.NORM, "norm", owner, flops, saved, tokens, hidden),
+              _edge_layer(LayerKind.HEAD, "head", owner, flops, saved, tokens, hidden)]
     counted = sum(layer.params for layer in layers)
     total = sum(p.numel() for p in meta.parameters())
     if counted != total:
@@ -52,7 +53,7 @@ def spec_from_module(module: nn.Module, example_batch: Any, *, name: str | None 
         layers=tuple(layers),
         seq_len=seq_len,
         vocab=vocab or 0,
-        hidden=_first(layers[1:-2], "hidden"),
+        hidden=hidden,
         tied_embeddings=_tied(meta),
         block_path=block_path,
         notes=tuple(dict.fromkeys(notes)),
@@ -67,6 +68,17 @@ def meta_copy(module: nn.Module) -> nn.Module:
     for b in module.buffers():
         memo[id(b)] = torch.empty_like(b, device="meta")
     return copy.deepcopy(module, memo)
+
+
+def structural_spec(module: nn.Module, reason: str) -> ModelSpec:
+    """The module's blocks with their head and expert counts, read from modules and config only
+    (no forward run, no costs): for models that cannot run on the meta device."""
+    path, blocks = find_blocks(module)
+    config, notes = getattr(module, "config", None), [f"structure only, costs unknown: {reason}"]
+    layers = tuple(_block_layer(b, f"{path}.{i}", sum(p.numel() for p in b.parameters()), 0.0, 0.0, 0.0, 1,
+                                config, notes) for i, b in enumerate(blocks))
+    return ModelSpec(name=type(module).__name__, layers=layers, seq_len=0, vocab=_vocab(module) or 0,
+                     hidden=layers[0].hidden, block_path=path, notes=tuple(notes))
 
 
 def find_blocks(module: nn.Module) -> tuple[str, list[nn.Module]]:
@@ -271,11 +283,11 @@ def _token_shape(batch: Any) -> tuple[int, int]:
 
 
 def _edge_layer(kind: LayerKind, key: str, owner: dict[Any, int], flops: dict[Any, float],
-                saved: dict[Any, float], tokens: int) -> LayerSpec:
+                saved: dict[Any, float], tokens: int, hidden: int) -> LayerSpec:
     """Embedding, norm and head: FLOPs before the blocks go to the embedding, after them to the head."""
     where = {"embedding": "embedding", "norm": None, "head": "tail"}[key]
     return LayerSpec(
-        kind=kind, name=key, params=owner.get(key, 0),
+        kind=kind, name=key, params=owner.get(key, 0), hidden=hidden,
         flops_per_token=flops.get(where, 0.0) / tokens if where else 0.0,
         activation_bytes_per_token=saved.get(where, 0.0) / tokens if where else 0.0,
     )

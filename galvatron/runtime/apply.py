@@ -114,23 +114,10 @@ def describe(model: nn.Module, example_batch: Any = None, *, keep_seq_len: bool 
     try:
         spec = ModelSpec.from_module(model, example_batch)
     except ModelSpecError as err:
+        from galvatron.spec_module import structural_spec
+
         return structural_spec(model, str(err))
-    # from_module leaves the edges' hidden size at 0, which the cost model divides by
-    layers = tuple(dataclasses.replace(layer, hidden=layer.hidden or spec.hidden) for layer in spec.layers)
-    return dataclasses.replace(spec, layers=layers, seq_len=0 if guessed and not keep_seq_len else spec.seq_len)
-
-
-def structural_spec(model: nn.Module, reason: str) -> ModelSpec:
-    """The model's blocks with their head and expert counts, read from modules and config only."""
-    from galvatron.spec_module import _block_layer, find_blocks
-
-    path, blocks = find_blocks(model)
-    config, notes = getattr(model, "config", None), [f"structure only, costs unknown: {reason}"]
-    layers = tuple(_block_layer(b, f"{path}.{i}", sum(p.numel() for p in b.parameters()), 0.0, 0.0, 0.0, 1,
-                                config, notes) for i, b in enumerate(blocks))
-    embeddings = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
-    return ModelSpec(name=type(model).__name__, layers=layers, seq_len=0, vocab=max(embeddings, default=0),
-                     hidden=layers[0].hidden, block_path=path, notes=tuple(notes))
+    return dataclasses.replace(spec, seq_len=0 if guessed and not keep_seq_len else spec.seq_len)
 
 
 PLAN_ENV = "GALVATRON_PLAN"

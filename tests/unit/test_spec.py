@@ -63,6 +63,7 @@ class TestFromModule:
         assert spec.num_blocks == cfg.layers and spec.block_path == "blocks"
         assert spec.params == _count(model)
         assert spec.tied_embeddings == cfg.tied_embeddings
+        assert {layer.hidden for layer in spec.layers} == {cfg.hidden}  # edges too: the cost model divides by it
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "weights were touched"
         analytic = ModelSpec.from_config(cfg.to_model_config())
         assert spec.params == analytic.params
