@@ -48,7 +48,7 @@ _AUTOCAST = {DType.BF16: torch.bfloat16, DType.FP16: torch.float16}
 # ====================================================================== public entry point
 def wrap(model: nn.Module, plan: Plan | str | Path | None = "auto", *, example_batch: Any = None,
          tp_plan: Mapping[str, str] | None = None, search_options: Any = None,
-         timeout: timedelta = DEFAULT_TIMEOUT) -> nn.Module:
+         timeout: timedelta = DEFAULT_TIMEOUT, backend: str = "native") -> nn.Module:
     """Parallelise ``model`` in place by ``plan`` and return it.
 
     ``plan``: a :class:`~galvatron.plan.Plan`, a plan YAML path, or ``"auto"`` / None (the plan
@@ -63,7 +63,15 @@ def wrap(model: nn.Module, plan: Plan | str | Path | None = "auto", *, example_b
     gloo without; one local process otherwise). The result is the same module, now also a
     :class:`GalvatronModule`: ``.plan``, ``.train_step(batch, loss_fn)``, ``.optimizer(...)``,
     ``.shard_batch(batch)``; without a pipeline it trains with ``loss.backward(); opt.step()``.
+
+    ``backend``: ``"native"`` (this runtime), ``"deepspeed"`` or ``"megatron"``; each executes
+    the plan features in its capability table (:mod:`galvatron.backends`, docs/backends.md).
     """
+    if backend != "native":
+        from galvatron.backends import wrap_backend
+
+        return wrap_backend(backend, model, plan, example_batch=example_batch, tp_plan=tp_plan,
+                            search_options=search_options, timeout=timeout)
     if isinstance(model, GalvatronModule):
         raise GalvatronError("this model is already wrapped by galvatron.wrap; wrap the original model once")
     device = init_distributed(timeout)

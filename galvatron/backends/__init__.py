@@ -1,0 +1,155 @@
+"""Execution backends behind the one plan: ``native`` (galvatron's own runtime, the default),
+``deepspeed`` (ZeRO 0-3 and ZeRO-Offload through ``deepspeed.initialize``) and ``megatron``
+(Megatron-Core models: TP, PP with virtual stages, CP, EP, distributed optimizer; GPU only).
+
+``galvatron.wrap(model, plan, backend="deepspeed")`` runs a plan on another stack. Each backend
+has a capability table (:data:`CAPABILITIES`): the plan features it executes, in the search's
+vocabulary (``SearchOptions.capabilities``), so ``galvatron search --backend X`` only proposes
+plans X can run, and :func:`check_plan` rejects any other plan before anything starts, naming
+the field. Importing this module imports neither torch nor a backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from galvatron.errors import GalvatronError, PlanError
+from galvatron.plan import DType, LayerStrategy, Plan, Recompute
+
+BACKENDS = ("native", "deepspeed", "megatron")
+"""Names accepted by ``wrap(..., backend=)`` and ``galvatron search --backend``."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Capabilities:
+    """What one backend executes."""
+
+    name: str
+    features: frozenset[str]
+    """Plan features in the search's vocabulary (``pp``, ``tp``, ``sp``, ``cp:<kind>``, ``ep``,
+    ``zero<n>``, ``offload``, ``recompute:<mode>``, ``schedule:<name>``)."""
+    dtypes: frozenset[DType]
+    per_layer: frozenset[str]
+    """Strategy fields that may differ between layer groups; every other field must be the same
+    for all layers, the embedding and the head (empty set and ``uniform``: one strategy)."""
+    uniform: bool
+    """Whether the search must use one strategy and an even layer split (``SearchOptions.uniform``)."""
+    gpu_only: bool
+
+    def search_options(self) -> dict[str, Any]:
+        """``SearchOptions`` keyword arguments that restrict the search to this backend."""
+        return {"capabilities": self.features, "uniform": self.uniform}
+
+
+_RECOMPUTE = frozenset({"recompute:selective", "recompute:full"})
+
+CAPABILITIES: dict[str, Capabilities] = {
+    "native": Capabilities(
+        name="native",
+        features=frozenset({"pp", "tp", "sp", "zero1", "zero2", "zero3", "offload", "schedule:1f1b",
+                            "schedule:interleaved-1f1b", "schedule:zero-bubble"}) | _RECOMPUTE,
+        dtypes=frozenset({DType.FP32, DType.BF16, DType.FP16}),
+        per_layer=frozenset({"dp", "tp", "sp", "zero", "recompute", "offload"}), uniform=False, gpu_only=False),
+    "deepspeed": Capabilities(
+        name="deepspeed",
+        features=frozenset({"zero1", "zero2", "zero3", "offload"}) | _RECOMPUTE,
+        dtypes=frozenset({DType.FP32, DType.BF16, DType.FP16}),
+        per_layer=frozenset({"recompute"}), uniform=True, gpu_only=False),
+    "megatron": Capabilities(
+        name="megatron",
+        features=frozenset({"pp", "tp", "sp", "cp:ulysses", "cp:ring", "cp:hybrid", "ep", "zero1",
+                            "schedule:1f1b", "schedule:interleaved-1f1b"}) | _RECOMPUTE,
+        dtypes=frozenset({DType.FP32, DType.BF16, DType.FP16}),
+        per_layer=frozenset({"cp_kind", "cp_ulysses", "recompute"}), uniform=True, gpu_only=True),
+}
+"""Per backend, the plan features it executes (docs/backends.md has the same table in words)."""
+
+
+def capabilities(backend: str) -> Capabilities:
+    """The capability table of ``backend``; :class:`GalvatronError` for an unknown name."""
+    if backend not in CAPABILITIES:
+        raise GalvatronError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
+    return CAPABILITIES[backend]
+
+
+def strategy_features(s: LayerStrategy) -> Iterator[tuple[str, str]]:
+    """(field, feature) pairs a strategy uses, in the search's vocabulary."""
+    if s.tp > 1:
+        yield "tp", "tp"
+    if s.sp:
+        yield "sp", "sp"
+    if s.cp > 1:
+        yield "cp_kind", f"cp:{s.cp_kind.value}"
+    if s.ep > 1:
+        yield "ep", "ep"
+    if s.zero:
+        yield "zero", f"zero{s.zero}"
+    if s.offload:
+        yield "offload", "offload"
+    if s.recompute is not Recompute.NONE:
+        yield "recompute", f"recompute:{s.recompute.value}"
+
+
+def plan_strategies(plan: Plan) -> list[tuple[str, LayerStrategy]]:
+    """Every strategy of a plan with its field path (layer groups, then embedding and head)."""
+    out = [(f"stages[{i}].layers[{g.start}:{g.end}]", g.strategy) for i, stage in enumerate(plan.stages)
+           for g in stage.groups]
+    return [*out, ("embedding", plan.embedding_strategy), ("head", plan.head_strategy)]
+
+
+def check_plan(plan: Plan, backend: str) -> None:
+    """Raise :class:`PlanError` naming the first field of ``plan`` that ``backend`` does not execute."""
+    caps = capabilities(backend)
+    if plan.dtype not in caps.dtypes:
+        raise PlanError("dtype", f"{plan.dtype.value} is not executed by the {backend} backend")
+    if plan.pp > 1:
+        if "pp" not in caps.features:
+            raise PlanError("stages", f"pipeline parallelism (pp {plan.pp}) is not executed by the {backend} backend")
+        schedule = plan.pipeline.schedule.value
+        if f"schedule:{schedule}" not in caps.features:
+            raise PlanError("pipeline.schedule", f"{schedule} is not executed by the {backend} backend")
+    strategies = plan_strategies(plan)
+    first_path, first = strategies[0]
+    for path, s in strategies:
+        for name, feature in strategy_features(s):
+            if feature not in caps.features:
+                raise PlanError(f"{path}.{name}", f"{feature} is not executed by the {backend} backend "
+                                f"(it executes: {', '.join(sorted(caps.features)) or 'plain data parallelism'})")
+        for name in _FIELDS - caps.per_layer:
+            if getattr(s, name) != getattr(first, name):
+                raise PlanError(f"{path}.{name}", f"the {backend} backend runs one {name} for the whole model; "
+                                f"{getattr(s, name)!r} differs from {first_path}'s {getattr(first, name)!r}")
+    if caps.uniform and len({stage.devices for stage in plan.stages}) > 1:
+        raise PlanError("stages", f"the {backend} backend needs the same device count on every stage")
+
+
+_FIELDS = frozenset({"dp", "tp", "sp", "cp", "cp_kind", "cp_ulysses", "ep", "zero", "recompute", "offload"})
+
+
+def auto_search_options(backend: str, example_batch: Any = None) -> Any:
+    """``SearchOptions`` for ``plan="auto"`` under ``backend``: its capabilities, bf16 on a GPU and
+    fp32 on CPUs, the global batch of ``example_batch``. Built only when a search runs."""
+    import torch
+
+    from galvatron.runtime.relayout import first_batch_size
+    from galvatron.strategies.search import SearchOptions
+
+    batch = first_batch_size((example_batch,), {}) if example_batch is not None else None
+    dtype = DType.BF16 if torch.cuda.is_available() else DType.FP32
+    return SearchOptions(global_batch=batch, dtype=dtype, **capabilities(backend).search_options())
+
+
+def wrap_backend(backend: str, model: Any, plan: Any, **kwargs: Any) -> Any:
+    """``galvatron.wrap`` for a backend other than ``native`` (imported only then)."""
+    capabilities(backend)
+    if backend == "deepspeed":
+        from galvatron.backends.deepspeed import wrap_deepspeed
+
+        return wrap_deepspeed(model, plan, **kwargs)
+    if backend == "megatron":
+        from galvatron.backends.megatron import wrap_megatron
+
+        return wrap_megatron(model, plan, **kwargs)
+    raise GalvatronError(f"the {backend} backend is galvatron.wrap itself")
