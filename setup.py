@@ -35,9 +35,10 @@ setup(
     install_requires=["torch>=2.11", "pyyaml>=6", "nvidia-ml-py>=12", "numpy>=1.24"],
     extras_require={
         "ray": ["ray[default]>=2.40"],
-        "deepspeed": ["deepspeed>=0.16"],
-        "megatron": ["megatron-core>=0.12"],
-        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "transformers>=4.50", "ray[default]>=2.40", "matplotlib>=3.8"],
+        "deepspeed": ["deepspeed>=0.19.8"],
+        "megatron": ["megatron-core>=0.16.1,<0.17"],  # 0.17 needs Python >= 3.12
+        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "transformers>=4.50", "ray[default]>=2.40", "matplotlib>=3.8",
+                "deepspeed>=0.19.8"],
     },
     entry_points={"console_scripts": ["galvatron = galvatron.launch.cli:main"]},
 )
