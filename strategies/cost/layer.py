@@ -18,8 +18,10 @@ Per block (per token, h hidden, q = heads*head_dim, kv = kv_heads*head_dim, f = 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
+import numpy as np
 from galvatron.strategies.cost.options import CostOptions
 from galvatron.strategies.cost.perf import Collective, Group, Perf
 
@@ -86,7 +88,17 @@ class LayerCost:
 
 
 def layer_cost(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
-    """Cost of ``layer`` under strategy ``s``; embedding, norm and head layers included."""
+    """Cost of ``layer`` under strategy ``s``; embedding, norm and head layers included (recomputation
+    applies to blocks only: the edges ignore ``s.recompute``, as in Megatron)."""
+    c = core_cost(ctx, layer, s)
+    apply_zero(c, zero_terms(ctx, layer, s), ctx.options.overlap_zero_prefetch)
+    return c
+
+
+def core_cost(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
+    """Everything but the ZeRO/optimizer part: compute, TP/CP/EP communication, activations. It
+    depends on ``dp`` only through the tokens per rank, and not on ``zero`` or ``offload`` (the
+    search shares it between pipeline degrees and micro-batch counts)."""
     if layer.kind is LayerKind.EMBEDDING:
         return _embedding(ctx, layer, s)
     if layer.kind is LayerKind.NORM:
@@ -146,7 +158,6 @@ def _block(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
               for k in comm_fwd}
     if attn_exposed:
         c.comm["cp"] = c.comm.get("cp", 0.0) + attn_exposed
-    _add_zero(ctx, layer, s, c)
     c.act = _activation(ctx, layer, s, s.recompute) * tok
     c.work = max(c.work, _activation(ctx, layer, s, Recompute.NONE) * tok if s.recompute is Recompute.FULL else 0.0)
     return c
@@ -299,55 +310,88 @@ def _activation(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, mode: Rec
 
 
 # ------------------------------------------------------------------ ZeRO and optimizer
-def _add_zero(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, c: LayerCost) -> None:
+@dataclass(frozen=True)
+class ZeroTerms:
+    """A layer's parameter/gradient/optimizer part under one strategy: per-rank bytes, per-step
+    times, and the per-micro-batch ZeRO-2/3 collectives (``rs``, ``ag``) before overlap."""
+
+    params: float = 0.0
+    grads: float = 0.0
+    optim_states: float = 0.0
+    sync: float = 0.0
+    post: float = 0.0
+    optim: float = 0.0
+    rs: float = 0.0
+    ag: float = 0.0
+    work: float = 0.0
+
+
+def zero_terms(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> ZeroTerms:
     """Parameter/gradient/optimizer memory, per-step sync, per-micro-batch ZeRO-2/3 traffic and the
-    optimizer step for the layer's parameters (ZeRO paper §3.1 and §7)."""
+    optimizer step for the layer's parameters (ZeRO paper §3.1 and §7). Dense parameters are
+    replicated over the ``dp * cp`` ranks ``tp`` apart; routed experts over the expert-data-parallel
+    group of ``dp * cp / ep`` ranks ``tp * ep`` apart (Megatron-Core's expert-data-parallel group)."""
     dense, expert = _dense_expert_params(layer, s)
     pb, gb = _param_bytes(ctx), ctx.options.grad_bytes
     ob = 8 if ctx.dtype is DType.FP32 else 12
-    for params, size in ((dense, s.dp * s.cp), (expert, s.dp * s.cp // s.ep)):
+    acc = dict.fromkeys((f.name for f in fields(ZeroTerms)), 0.0)
+    for params, size, stride in ((dense, s.dp * s.cp, s.tp), (expert, s.dp * s.cp // s.ep, s.tp * s.ep)):
         if params:
-            _zero_part(ctx, s, c, params, max(size, 1), (pb, gb, ob))
+            _zero_part(ctx, s, acc, params, max(size, 1), stride, (pb, gb, ob))
+    return ZeroTerms(**acc)
 
 
-def _zero_part(ctx: LayerContext, s: LayerStrategy, c: LayerCost, params: float, d: int,
+def _zero_part(ctx: LayerContext, s: LayerStrategy, acc: dict[str, float], params: float, d: int, stride: int,
                sizes: tuple[int, int, int]) -> None:
     perf, opts = ctx.perf, ctx.options
     pb, gb, ob = sizes
-    group = _group(ctx, s.tp, d)
+    group = _group(ctx, stride, d)
     z = s.zero if d > 1 else 0
     shard = params / d if z >= 1 else params
-    c.params += pb * (params / d if z >= 3 else params)
-    c.grads += gb * (params / d if z >= 2 else params)
-    c.optim_states += 0.0 if s.offload else ob * shard
+    acc["params"] += pb * (params / d if z >= 3 else params)
+    acc["grads"] += gb * (params / d if z >= 2 else params)
+    acc["optim_states"] += 0.0 if s.offload else ob * shard
     grads, gathered = params * gb, params * pb
     if z == 0:
-        c.sync += perf.collective_time(Collective.ALL_REDUCE, grads, group)
+        acc["sync"] += perf.collective_time(Collective.ALL_REDUCE, grads, group)
     elif z == 1:
-        c.sync += perf.collective_time(Collective.REDUCE_SCATTER, grads, group)
+        acc["sync"] += perf.collective_time(Collective.REDUCE_SCATTER, grads, group)
     if z in (1, 2):
         gather = perf.collective_time(Collective.ALL_GATHER, gathered, group)
-        c.post += 0.0 if opts.overlap_param_gather else gather
+        acc["post"] += 0.0 if opts.overlap_param_gather else gather
     if z >= 2:
-        _per_micro_batch_zero(ctx, c, group, grads, gathered, z)
-    c.optim += _optimizer_time(ctx, s, shard, pb, gb)
-
-
-def _per_micro_batch_zero(ctx: LayerContext, c: LayerCost, group: Group, grads: float, gathered: float,
-                          z: int) -> None:
-    """ZeRO-2 reduce-scatters gradients every micro-batch; ZeRO-3 also gathers parameters before
-    forward and backward. Prefetching hides them behind the pass's compute."""
-    perf = ctx.perf
-    rs = perf.collective_time(Collective.REDUCE_SCATTER, grads, group)
-    ag = perf.collective_time(Collective.ALL_GATHER, gathered, group) if z == 3 else 0.0
-    hide = ctx.options.overlap_zero_prefetch
-    fwd_exposed = max(0.0, ag - c.fwd) if hide else ag
-    bwd_exposed = max(0.0, ag + rs - c.bwd_compute) if hide else ag + rs
-    c.fwd += fwd_exposed
-    c.bwd += bwd_exposed
-    c.comm["zero"] = c.comm.get("zero", 0.0) + fwd_exposed + bwd_exposed
+        # ZeRO-2 reduce-scatters gradients every micro-batch; ZeRO-3 also gathers parameters before
+        # forward and backward (and holds a gathered copy for the backward and the next layer's prefetch)
+        acc["rs"] += perf.collective_time(Collective.REDUCE_SCATTER, grads, group)
     if z == 3:
-        c.work = max(c.work, 2 * gathered)
+        acc["ag"] += perf.collective_time(Collective.ALL_GATHER, gathered, group)
+        acc["work"] += 2 * gathered
+    acc["optim"] += _optimizer_time(ctx, s, shard, pb, gb)
+
+
+def zero_exposed(ag: Any, rs: Any, fwd: Any, bwd_compute: Any, hide: bool) -> tuple[Any, Any]:
+    """Exposed forward and backward seconds of the per-micro-batch ZeRO collectives: prefetching hides
+    them behind the pass's compute. Works on floats and on numpy arrays (the search)."""
+    if not hide:
+        return ag, ag + rs
+    return np.maximum(ag - fwd, 0.0), np.maximum(ag + rs - bwd_compute, 0.0)
+
+
+def apply_zero(c: LayerCost, z: ZeroTerms, hide: bool) -> None:
+    """Add the ZeRO/optimizer part ``z`` to a :func:`core_cost` result."""
+    fwd_x, bwd_x = zero_exposed(z.ag, z.rs, c.fwd, c.bwd_compute, hide)
+    fwd_x, bwd_x = float(fwd_x), float(bwd_x)
+    c.fwd += fwd_x
+    c.bwd += bwd_x
+    if z.rs or z.ag:
+        c.comm["zero"] = c.comm.get("zero", 0.0) + fwd_x + bwd_x
+    c.work = max(c.work, z.work)
+    c.params += z.params
+    c.grads += z.grads
+    c.optim_states += z.optim_states
+    c.sync += z.sync
+    c.post += z.post
+    c.optim += z.optim
 
 
 def _optimizer_time(ctx: LayerContext, s: LayerStrategy, shard: float, pb: int, gb: int) -> float:
@@ -371,7 +415,6 @@ def _embedding(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCo
         tp = ctx.perf.collective_time(op, tensor, _group(ctx, 1, s.tp))
         c.fwd += tp
         c.comm["tp"] = tp
-    _add_zero(ctx, layer, s, c)
     return c
 
 
@@ -381,7 +424,6 @@ def _norm(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     c.fwd = ctx.perf.memory_time(4 * layer.hidden * tok)
     c.bwd = c.bwd_compute = 2 * c.fwd
     c.work = layer.activation_bytes_per_token * tok
-    _add_zero(ctx, layer, s, c)
     return c
 
 
@@ -406,5 +448,4 @@ def _head(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     vocab = layer.flops_per_token / (2 * layer.hidden)
     # logits live from the loss to the head's backward only, which follow each other: transient
     c.work = (2 * layer.hidden / (s.tp if s.sp else 1) + 4 * vocab / s.tp) * tok
-    _add_zero(ctx, layer, s, c)
     return c

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from galvatron.strategies.cost.options import CostOptions
 
 from galvatron.plan import Schedule
@@ -47,11 +48,12 @@ def in_flight(schedule: Schedule, pp: int, v: int, m: int, group: int) -> float:
 
 def combine(sums: Sequence[float], work: float, p2p: float, inflight: float, zero_bubble: bool,
             options: CostOptions) -> GroupTotals:
-    """Totals of one device group from the sums of its layers' cost vectors."""
+    """Totals of one device group from the sums of its layers' cost vectors (floats, or numpy arrays
+    with one entry per candidate in the search)."""
     t = sums[FB] + p2p
-    b = max(t - 2 * sums[WGRAD], 0.0) if zero_bubble else t
+    b = np.maximum(t - 2 * sums[WGRAD], 0.0) if zero_bubble else t
     overlap = sums[BWD_COMPUTE] if options.overlap_grad_reduce else 0.0
-    exposed = max(0.0, sums[SYNC] - overlap)
+    exposed = np.maximum(sums[SYNC] - overlap, 0.0)
     e = exposed + sums[POST] + sums[OPTIM]
     act = inflight * sums[ACT]
     return GroupTotals(t=t, b=b, e=e, memory=sums[STATIC] + act + work, activations=act, exposed_sync=exposed)
@@ -62,6 +64,10 @@ def step_time(groups: Sequence[GroupTotals], m: int, v: int) -> float:
     micro-batches, the others' fill and drain is the bubble (Narayanan et al. SC'21 Eq. 1 for equal
     groups: ``(pp - 1) / v`` micro-batch times; Qi et al. 2023: zero-bubble ZB-H1 shrinks each group's
     bubble share to ``F + B - W``), and the slowest tail of gradient sync and optimizer comes last."""
-    tmax = max(g.t for g in groups)
-    bsum, bmax = sum(g.b for g in groups), max(g.b for g in groups)
-    return m * tmax + (bsum - bmax) / v + max(g.e for g in groups)
+    return float(step_times(np.array([g.t for g in groups]), np.array([g.b for g in groups]),
+                            np.array([g.e for g in groups]), m, v))
+
+
+def step_times(t: np.ndarray, b: np.ndarray, e: np.ndarray, m: int, v: int) -> np.ndarray:
+    """:func:`step_time` for arrays of shape (groups, candidates...)."""
+    return m * t.max(axis=0) + (b.sum(axis=0) - b.max(axis=0)) / v + e.max(axis=0)

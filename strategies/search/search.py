@@ -1,18 +1,24 @@
 """``search``: the fastest plan that fits, exact with respect to the cost model over the space of
 :mod:`strategies.search.space`.
 
-For each pipeline degree, micro-batch count and schedule, a dynamic programme over (stage, first
-block) keeps the Pareto set of partial pipelines in (sum of bubble weights, max per-micro-batch
-time, max bubble weight, max tail): the step time ``m * max t + (sum b - max b) + max e`` grows with
-each, so nothing optimal is dropped. Per stage the candidates are every strategy with the fewest
-fully recomputed blocks that fit the memory left (time grows with each recomputed block). A branch
-whose lower bound already exceeds the K-th best plan found is cut.
+Every candidate strategy is costed at once, as numpy columns of a
+:class:`~strategies.search.stages.StageTable` (one per stage size and micro-batch size; per-layer
+costs are computed once per distinct block, tokens per rank and strategy, and shared). Uniform
+plans come first: they are cheap and give the bound that prunes. Then, for each pipeline degree,
+micro-batch count and schedule, a dynamic programme over (stage, first block) keeps the Pareto set
+of partial pipelines in (sum of bubble weights, max per-micro-batch time, max bubble weight, max
+tail): the step time ``m * max t + (sum b - max b) + max e`` grows with each, so nothing optimal is
+dropped. Per stage the candidates are every strategy with the fewest fully recomputed blocks that
+fit the memory (time grows with each recomputed block), Pareto-filtered in (t, b, e). A branch whose
+lower bound (its own terms plus the fastest conceivable blocks left) already reaches the K-th best
+plan found is cut; so is a strategy whose blocks alone are too slow.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +28,7 @@ from galvatron.strategies.cost.layer import LayerContext
 from galvatron.strategies.cost.model import PlanCost, as_perf, cost_plan
 from galvatron.strategies.cost.options import CostOptions
 from galvatron.strategies.cost.perf import Perf
-from galvatron.strategies.cost.step import VECTOR_LEN, GroupTotals, combine, in_flight, step_time
+from galvatron.strategies.cost.step import ACT, STATIC, in_flight, step_times
 from galvatron.strategies.hardware import Cluster
 from galvatron.strategies.search.space import (
     SearchOptions,
@@ -32,18 +38,18 @@ from galvatron.strategies.search.space import (
     recompute_modes,
     strategies,
 )
-from galvatron.strategies.search.stages import LayerTable, StageChoice, StageEvaluator
+from galvatron.strategies.search.stages import LayerCache, StageChoice, StageTable, totals
 
 from galvatron.errors import MemoryBudgetError
 from galvatron.plan import LayerGroup, LayerStrategy, Pipeline, Plan, Recompute, Schedule, Stage, even_split
 from galvatron.spec import ModelSpec
 
-_Entry = tuple[float, float, float, float, tuple]
-
 
 @dataclass(frozen=True)
 class SearchResult:
-    """The best plans (best first), how many candidates were costed and how long it took."""
+    """The best plans (best first), how many candidates were costed and how long it took.
+    ``plans_costed`` counts whole uniform plans and stage candidates (a strategy with a number of
+    fully recomputed blocks on a block range) whose time and memory were evaluated."""
 
     best: PlanCost
     top: tuple[PlanCost, ...]
@@ -51,12 +57,33 @@ class SearchResult:
     search_time_s: float
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Config:
     pp: int
     m: int
     schedule: Schedule
     v: int
+
+
+@dataclass
+class _Options:
+    """Pareto-best candidates for one stage: arrays ``t``, ``b``, ``e`` and the choices."""
+
+    t: np.ndarray
+    b: np.ndarray
+    e: np.ndarray
+    choices: list[StageChoice]
+
+
+@dataclass
+class _Front:
+    """Partial pipelines ending at one block: (sum b, max t, max b, max e) and their stages."""
+
+    sb: np.ndarray
+    mt: np.ndarray
+    mb: np.ndarray
+    me: np.ndarray
+    paths: list[tuple]
 
 
 class _Search:
@@ -65,16 +92,16 @@ class _Search:
         self.global_batch = options.global_batch or default_global_batch(spec, world)
         self.budget = perf.memory_bytes * (1 - cost.memory_headroom)
         self.lower, self.allow_full = recompute_modes(options)
-        self.tables: dict[int, LayerTable] = {}
+        self.cache = LayerCache()
+        self.tables: dict[tuple[int, int], StageTable] = {}
         self.heap: list[tuple[float, int, tuple]] = []
         self.costed = 0
         self.seen = 0
         self.offered: set[tuple] = set()
-        self._floors: dict[tuple, float] = {}
 
     # ---------------------------------------------------------------- bookkeeping
     def bound(self) -> float:
-        return -self.heap[0][0] if len(self.heap) >= self.options.top_k else float("inf")
+        return -self.heap[0][0] if len(self.heap) >= self.options.top_k else math.inf
 
     def offer(self, t: float, config: _Config, stages: tuple) -> None:
         key = (config.pp, config.m, config.schedule, config.v,
@@ -89,40 +116,43 @@ class _Search:
         elif t < -self.heap[0][0]:
             heapq.heapreplace(self.heap, item)
 
-    def table(self, micro_batch: int) -> LayerTable:
-        if micro_batch not in self.tables:
+    def table(self, devices: int, micro_batch: int, usable: list[LayerStrategy]) -> StageTable:
+        key = (devices, micro_batch)
+        if key not in self.tables:
             ctx = LayerContext(perf=self.perf, options=self.cost, dtype=self.options.dtype, seq_len=self.spec.seq_len,
-                               causal=self.spec.causal, micro_batch=micro_batch, stage_devices=0)
-            self.tables[micro_batch] = LayerTable(self.spec, ctx)
-        return self.tables[micro_batch]
+                               causal=self.spec.causal, micro_batch=micro_batch, stage_devices=devices)
+            modes = [*self.lower, Recompute.FULL]
+            self.tables[key] = StageTable(self.spec, ctx, usable, modes, self.cache)
+        return self.tables[key]
 
     # ---------------------------------------------------------------- driver
+    def configs(self) -> Iterator[tuple[int, int, StageTable]]:
+        """(pp, micro-batch count, table) for every pipeline degree and micro-batch count with strategies."""
+        for pp in pp_candidates(self.spec, self.world, self.options):
+            devices = self.world // pp
+            cands = strategies(self.spec, devices, self.perf.gpus_per_node, self.options)
+            for m in micro_batch_counts(self.global_batch, pp, self.options):
+                mb = self.global_batch // m
+                usable = [s for s in cands if mb % s.dp == 0]
+                if usable:
+                    yield pp, m, self.table(devices, mb, usable)
+
     def run(self) -> None:
         """Uniform plans first (cheap, and they give the bound that prunes), then the pipeline DP."""
-        for dp_pass in (False, True):
-            if dp_pass and self.options.uniform:
-                break
-            for pp in pp_candidates(self.spec, self.world, self.options):
-                devices = self.world // pp
-                cands = strategies(self.spec, devices, self.perf.gpus_per_node, self.options)
-                for m in micro_batch_counts(self.global_batch, pp, self.options):
-                    mb = self.global_batch // m
-                    usable = [s for s in cands if mb % s.dp == 0]
-                    if usable:
-                        self._configs(pp, m, mb, devices, usable, dp_pass)
-                self._progress(f"pp={pp}: {self.costed} candidates costed, best {self._best_text()}")
-
-    def _configs(self, pp: int, m: int, mb: int, devices: int, usable: list[LayerStrategy], dp_pass: bool) -> None:
-        table = self.table(mb)
-        table.ctx = dataclasses.replace(table.ctx, stage_devices=devices)
-        for schedule, v in self._schedules(pp, m):
-            ev = StageEvaluator(table, schedule is Schedule.ZERO_BUBBLE, self.budget)
-            config = _Config(pp, m, schedule, v)
-            if dp_pass and v == 1 and pp > 1:
-                self._pipeline_dp(config, ev, usable)
-            elif not dp_pass:
-                self._uniform(config, ev, usable)
-            self.costed += ev.combined
+        configs = list(self.configs())
+        for pp, m, table in configs:
+            for schedule, v in self._schedules(pp, m):
+                self._uniform(_Config(pp, m, schedule, v), table)
+        self._progress(f"uniform plans: {self.costed} candidates costed, best {self._best_text()}")
+        if self.options.uniform:
+            return
+        for pp, m, table in sorted(configs, key=lambda c: self._config_floor(*c)):
+            if pp == 1:
+                continue
+            for schedule, v in self._schedules(pp, m):
+                if v == 1:
+                    self._pipeline_dp(_Config(pp, m, schedule, v), table)
+        self._progress(f"pipelines: {self.costed} candidates costed, best {self._best_text()}")
 
     def _schedules(self, pp: int, m: int) -> Iterator[tuple[Schedule, int]]:
         fixed_v = self.options.fixed.get("vpp")
@@ -138,123 +168,163 @@ class _Search:
             elif fixed_v in (None, 1) and (schedule is not Schedule.ZERO_BUBBLE or (pp > 1 and m % pp == 0)):
                 yield schedule, 1
 
-    # ---------------------------------------------------------------- uniform plans
-    def _uniform(self, config: _Config, ev: StageEvaluator, usable: list[LayerStrategy]) -> None:
-        """One strategy and recompute mode everywhere, blocks split evenly over ``pp * v`` chunks."""
-        modes = list(self.lower) + ([Recompute.FULL] if self.allow_full else [])
-        counts = even_split(self.spec.num_blocks, config.pp * config.v)
-        bounds = [sum(counts[:i]) for i in range(len(counts) + 1)]
-        per_group = -(-self.spec.num_blocks // config.pp)
-        for s in usable:
-            for r in modes:
-                if config.m * per_group * self._fb_per_block(ev, s, r) >= self.bound():
-                    continue
-                choice = StageChoice(s, r if r is not Recompute.FULL else Recompute.NONE,
-                                     0 if r is not Recompute.FULL else -1)
-                groups = self._uniform_groups(config, ev, choice, bounds)
-                if groups is None:
-                    continue
-                t = step_time(groups, config.m, config.v)
-                if t < self.bound():
-                    self.offer(t, config, tuple((bounds[j], bounds[j + 1], _resolve(choice, bounds[j], bounds[j + 1]))
-                                                for j in range(len(counts))))
+    def _floor(self, table: StageTable) -> float:
+        """The least per-micro-batch time of one block under any strategy and recompute mode."""
+        return float(min(f.min() for f in table.block_floor.values()))
 
-    def _uniform_groups(self, config: _Config, ev: StageEvaluator, choice: StageChoice,
-                        bounds: list[int]) -> list[GroupTotals] | None:
-        """Device-group totals of an evenly split uniform plan, or None when a group does not fit."""
-        pp, v = config.pp, config.v
-        out = []
-        for g in range(pp):
-            sums, work, p2p = np.zeros(VECTOR_LEN), 0.0, 0.0
-            for j in range(g, pp * v, pp):
-                part, w, p = ev.sums(_resolve(choice, bounds[j], bounds[j + 1]), bounds[j], bounds[j + 1])
-                sums = sums + part
-                work, p2p = max(work, w), p2p + p
-            ev.combined += 1
-            tot = combine(sums, work, p2p, in_flight(config.schedule, pp, v, config.m, g), ev.zero_bubble, self.cost)
-            if tot.memory > self.budget:
-                return None
-            out.append(tot)
-        return out
+    def _config_floor(self, pp: int, m: int, table: StageTable) -> float:
+        """A lower bound on any plan's step at (pp, m): the busiest group runs L / pp blocks m times."""
+        return m * math.ceil(self.spec.num_blocks / pp) * self._floor(table)
+
+    # ---------------------------------------------------------------- uniform plans
+    def _uniform(self, config: _Config, table: StageTable) -> None:
+        """One strategy and recompute mode everywhere, blocks split evenly over ``pp * v`` chunks:
+        every strategy of the table at once."""
+        pp, v, m = config.pp, config.v, config.m
+        if self._config_floor(pp, m, table) >= self.bound():
+            return
+        counts = even_split(self.spec.num_blocks, pp * v)
+        bounds = [sum(counts[:i]) for i in range(len(counts) + 1)]
+        zb = config.schedule is Schedule.ZERO_BUBBLE
+        L = self.spec.num_blocks
+        for mode in [*self.lower, *([Recompute.FULL] if self.allow_full else [])]:
+            lower = Recompute.NONE if mode is Recompute.FULL else mode
+            t, b, e = (np.empty((pp, table.size)) for _ in range(3))
+            fits = np.ones(table.size, dtype=bool)
+            chunks: dict[tuple, tuple] = {}
+            for g in range(pp):
+                vec, work, p2p = 0.0, 0.0, 0.0
+                for j in range(g, pp * v, pp):
+                    lo, hi = bounds[j], bounds[j + 1]
+                    key = (hi - lo, lo == 0, hi == L) if table.homogeneous else (lo, hi)
+                    if key not in chunks:
+                        n = hi - lo if mode is Recompute.FULL else 0
+                        chunks[key] = table.stage_sums(lo, hi, lower, np.full(table.size, n))
+                    part, w, p = chunks[key]
+                    vec, work, p2p = vec + part, np.maximum(work, w), p2p + p
+                tot = totals(table, vec, work, p2p, in_flight(config.schedule, pp, v, m, g), zb)
+                t[g], b[g], e[g] = tot.t, tot.b, tot.e
+                fits &= tot.memory <= self.budget
+            self.costed += table.size
+            step = np.where(fits, step_times(t, b, e, m, v), math.inf)
+            for i in np.argsort(step)[:self.options.top_k]:
+                if step[i] >= self.bound():
+                    break
+                choice = StageChoice(table.strategies[i], lower, 0)
+                stages = tuple((bounds[j], bounds[j + 1], dataclasses.replace(
+                    choice, full=bounds[j + 1] - bounds[j] if mode is Recompute.FULL else 0)) for j in range(pp * v))
+                self.offer(float(step[i]), config, stages)
 
     # ---------------------------------------------------------------- non-uniform pipelines
-    def _pipeline_dp(self, config: _Config, ev: StageEvaluator, usable: list[LayerStrategy]) -> None:
+    def _pipeline_dp(self, config: _Config, table: StageTable) -> None:
         L, pp, m = self.spec.num_blocks, config.pp, config.m
-        frontier: dict[int, list[_Entry]] = {0: [(0.0, 0.0, 0.0, 0.0, ())]}
-        cache: dict[tuple, list[tuple[GroupTotals, StageChoice]]] = {}
+        if self._config_floor(pp, m, table) >= self.bound():
+            return
+        zb = config.schedule is Schedule.ZERO_BUBBLE
+        floor = self._floor(table)
+        frontier = {0: _Front(*(np.zeros(1) for _ in range(4)), paths=[()])}
+        cache: dict[tuple, _Options] = {}
         for i in range(pp):
             inflight = in_flight(config.schedule, pp, 1, m, i)
-            nxt: dict[int, list[_Entry]] = {}
-            for a, entries in frontier.items():
-                ends = [L] if i == pp - 1 else range(a + 1, L - (pp - i - 1) + 1)
+            left = pp - i - 1
+            nxt: dict[int, list] = {}
+            for a, front in frontier.items():
+                ends = [L] if left == 0 else range(a + 1, L - left + 1)
                 for b in ends:
-                    if not self._range_possible(ev, usable, a, b, i, config):
+                    rest = L - b
+                    t_floor = math.ceil(rest / left) * floor if left else 0.0
+                    if m * max((b - a) * floor, t_floor) >= self.bound():
                         continue
-                    opts = self._stage_options(ev, usable, a, b, inflight, cache, m)
-                    self._extend(entries, opts, a, b, m, nxt)
-            frontier = {b: _pareto(e) for b, e in nxt.items()}
-        for sb, mt, mb_, me, path in frontier.get(L, []):
-            self.offer(m * mt + sb - mb_ + me, config, path)
+                    opts = self._stage_options(table, a, b, inflight, zb, cache, m)
+                    if opts.t.size:
+                        self._extend(front, opts, a, b, m, t_floor, 0.0 if zb else rest * floor, nxt)
+            frontier = {b: _pareto_front(parts) for b, parts in nxt.items()}
+        done = frontier.get(L)
+        if done is None:
+            return
+        step = m * done.mt + done.sb - done.mb + done.me
+        for i in np.argsort(step)[:self.options.top_k]:
+            if step[i] < self.bound():
+                self.offer(float(step[i]), config, done.paths[i])
 
-    def _extend(self, entries: list[_Entry], opts: list[tuple[GroupTotals, StageChoice]], a: int, b: int, m: int,
-                out: dict[int, list[_Entry]]) -> None:
-        bound = self.bound()
-        for tot, choice in opts:
-            for sb, mt, mb_, me, path in entries:
-                cand = (sb + tot.b, max(mt, tot.t), max(mb_, tot.b), max(me, tot.e))
-                if m * cand[1] + cand[0] - cand[2] + cand[3] >= bound:
-                    continue
-                out.setdefault(b, []).append((*cand, (*path, (a, b, choice))))
+    def _extend(self, front: _Front, opts: _Options, a: int, b: int, m: int, t_floor: float, b_floor: float,
+                out: dict[int, list]) -> None:
+        """Partial pipelines ``front`` followed by each stage option on [a, b), those that can still
+        beat the bound: the final max t is at least ``t_floor``, and the remaining stages add at least
+        min(b_floor, max b) to (sum b - max b)."""
+        sb = front.sb[:, None] + opts.b[None, :]
+        mt = np.maximum(front.mt[:, None], opts.t[None, :])
+        mb = np.maximum(front.mb[:, None], opts.b[None, :])
+        me = np.maximum(front.me[:, None], opts.e[None, :])
+        low = m * np.maximum(mt, t_floor) + sb - mb + np.minimum(b_floor, mb) + me
+        ei, oi = np.nonzero(low < self.bound())
+        if ei.size:
+            out.setdefault(b, []).append((sb[ei, oi], mt[ei, oi], mb[ei, oi], me[ei, oi],
+                                          [(*front.paths[x], (a, b, opts.choices[y])) for x, y in zip(ei, oi)]))
 
-    def _block_floor(self, ev: StageEvaluator, usable: list[LayerStrategy]) -> float:
-        """The least per-micro-batch time of one block over all candidate strategies (a lower bound)."""
-        key = (id(ev.table), len(usable), usable[0])
-        if key not in self._floors:
-            self._floors[key] = min(self._fb_per_block(ev, s, r) for s in usable for r in self._modes())
-        return self._floors[key]
-
-    def _modes(self) -> list[Recompute]:
-        return list(self.lower) or [Recompute.FULL]
-
-    def _fb_per_block(self, ev: StageEvaluator, s: LayerStrategy, lower: Recompute) -> float:
-        """Per-micro-batch time of the cheapest block of the model under ``s`` at recompute ``lower``."""
-        sums, _ = ev.table.prefix(ev.table.variant(s, lower))
-        return float(np.diff(sums[:, 0]).min())
-
-    def _range_possible(self, ev: StageEvaluator, usable: list[LayerStrategy], a: int, b: int, i: int,
-                        config: _Config) -> bool:
-        """False when any plan with a stage ``[a, b)`` (or the blocks left after it) is provably slower
-        than the K-th best plan found: some stage then runs at least that many blocks per micro-batch."""
-        bound = self.bound()
-        if bound == float("inf"):
-            return True
-        floor = config.m * self._block_floor(ev, usable)
-        rest, stages_left = self.spec.num_blocks - b, config.pp - i - 1
-        busiest = max(b - a, -(-rest // stages_left) if stages_left else 0)
-        return busiest * floor < bound
-
-    def _stage_options(self, ev: StageEvaluator, usable: list[LayerStrategy], a: int, b: int, inflight: float,
-                       cache: dict, m: int) -> list[tuple[GroupTotals, StageChoice]]:
-        """Pareto-best (t, b, e) stage candidates for blocks ``[a, b)``; strategies whose blocks alone
+    def _stage_options(self, table: StageTable, a: int, b: int, inflight: float, zb: bool,
+                       cache: dict[tuple, _Options], m: int) -> _Options:
+        """Pareto-best (t, b, e) stage candidates for blocks [a, b): per strategy and lower recompute
+        level, the fewest fully recomputed leading blocks that fit. Strategies whose blocks alone
         already take longer than the K-th best plan allows are skipped."""
         L = self.spec.num_blocks
-        key = ((b - a, a == 0, b == L) if ev.table.homogeneous else (a, b), inflight)
-        if key not in cache:
-            found = []
-            lowers: list[Recompute | None] = list(self.lower) if self.allow_full or self.lower else []
-            if not self.lower and self.allow_full:
-                lowers = [None]
-            limit = self.bound() / m
-            for s in usable:
-                for lower in lowers:
-                    if (b - a) * self._fb_per_block(ev, s, lower or Recompute.FULL) >= limit:
-                        continue
-                    hit = ev.best_split(s, lower, a, b, inflight) if (self.allow_full or lower is None) else (
-                        _no_full(ev, s, lower, a, b, inflight))
-                    if hit is not None:
-                        found.append((hit[1], hit[0]))
-            cache[key] = _stage_pareto(found)
+        key = ((b - a, a == 0, b == L) if table.homogeneous else (a, b), inflight)
+        if key in cache:
+            return cache[key]
+        limit = self.bound() / m
+        found = []
+        lowers: list[Recompute | None] = list(self.lower) or ([None] if self.allow_full else [])
+        for lower in lowers:
+            rows = np.nonzero((b - a) * table.block_floor[lower or Recompute.FULL] < limit)[0]
+            if not rows.size:
+                continue
+            rows, k = self._fewest_full(table, a, b, lower, inflight, rows)
+            if not rows.size:
+                continue
+            vec, work, p2p = table.stage_sums(a, b, lower or Recompute.NONE, k, rows)
+            tot = totals(table, vec, work, p2p, inflight, zb)
+            found.append((tot.t, tot.b, tot.e, [StageChoice(table.strategies[r], lower or Recompute.NONE, int(x))
+                                                for r, x in zip(rows, k)]))
+        cache[key] = _stage_pareto(found)
         return cache[key]
+
+    def _fewest_full(self, table: StageTable, a: int, b: int, lower: Recompute | None, inflight: float,
+                     rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows that fit with some number of fully recomputed leading blocks, and that least number.
+        Homogeneous blocks: memory falls monotonically from one recomputed block on, so a bisection
+        per row finds it; otherwise every count is tried."""
+        n = b - a
+        if lower is None:
+            k = np.full(rows.size, n)
+            ok = self._memory(table, a, b, Recompute.NONE, k, inflight, rows) <= self.budget
+            return rows[ok], k[ok]
+        if not self.allow_full:
+            k = np.zeros(rows.size, dtype=int)
+            ok = self._memory(table, a, b, lower, k, inflight, rows) <= self.budget
+            return rows[ok], k[ok]
+        if not table.homogeneous:
+            mem = table.stage_memory(a, b, lower, inflight, rows)
+            self.costed += mem.size
+            fits = mem <= self.budget
+            ok = fits.any(axis=0)
+            return rows[ok], fits.argmax(axis=0)[ok]
+        fit0 = self._memory(table, a, b, lower, np.zeros(rows.size, dtype=int), inflight, rows) <= self.budget
+        fitn = self._memory(table, a, b, lower, np.full(rows.size, n), inflight, rows) <= self.budget
+        ok = fit0 | fitn
+        lo = np.where(fit0, 0, 1)[ok]
+        hi = np.where(fit0, 0, n)[ok]
+        rows = rows[ok]
+        while (lo < hi).any():
+            mid = (lo + hi) // 2
+            fits = self._memory(table, a, b, lower, mid, inflight, rows) <= self.budget
+            hi, lo = np.where(fits, mid, hi), np.where(fits, lo, mid + 1)
+        return rows, lo
+
+    def _memory(self, table: StageTable, a: int, b: int, lower: Recompute, k: np.ndarray, inflight: float,
+                rows: np.ndarray) -> np.ndarray:
+        vec, work, _ = table.stage_sums(a, b, lower, k, rows)
+        self.costed += rows.size
+        return vec[:, STATIC] + inflight * vec[:, ACT] + work
 
     # ---------------------------------------------------------------- results
     def results(self) -> list[tuple[float, Plan]]:
@@ -277,35 +347,34 @@ class _Search:
             self.options.progress(text)
 
 
-def _no_full(ev: StageEvaluator, s: LayerStrategy, lower: Recompute, a: int, b: int,
-             inflight: float) -> tuple[StageChoice, GroupTotals] | None:
-    choice = StageChoice(s, lower, 0)
-    tot = ev.totals(choice, a, b, inflight)
-    return (choice, tot) if tot.memory <= ev.budget else None
+def _pareto_mask(points: np.ndarray) -> np.ndarray:
+    """Indices of rows of ``points`` (n, d) not dominated (<= in every column) by another row;
+    of equal rows the first is kept."""
+    order = np.lexsort(points.T[::-1])
+    remaining = order
+    kept = []
+    while remaining.size:
+        first = remaining[0]
+        kept.append(first)
+        dominated = (points[remaining] >= points[first]).all(axis=1)
+        remaining = remaining[~dominated]
+    return np.array(kept, dtype=int)
 
 
-def _resolve(choice: StageChoice, a: int, b: int) -> StageChoice:
-    """A uniform choice for a concrete stage: ``full == -1`` means every block fully recomputed."""
-    return dataclasses.replace(choice, full=b - a) if choice.full < 0 else choice
+def _stage_pareto(found: list[tuple]) -> _Options:
+    if not found:
+        return _Options(np.zeros(0), np.zeros(0), np.zeros(0), [])
+    t, b, e = (np.concatenate([np.broadcast_to(f[i], np.shape(f[0])) for f in found]) for i in range(3))
+    choices = [c for f in found for c in f[3]]
+    keep = _pareto_mask(np.stack([t, b, e], axis=1))
+    return _Options(t[keep], b[keep], e[keep], [choices[i] for i in keep])
 
 
-def _pareto(entries: list[_Entry]) -> list[_Entry]:
-    """Entries not dominated in all four criteria."""
-    entries.sort(key=lambda x: x[:4])
-    kept: list[_Entry] = []
-    for e in entries:
-        if not any(k[0] <= e[0] and k[1] <= e[1] and k[2] <= e[2] and k[3] <= e[3] for k in kept):
-            kept.append(e)
-    return kept
-
-
-def _stage_pareto(found: list[tuple[GroupTotals, StageChoice]]) -> list[tuple[GroupTotals, StageChoice]]:
-    found.sort(key=lambda x: (x[0].t, x[0].b, x[0].e))
-    kept: list[tuple[GroupTotals, StageChoice]] = []
-    for tot, choice in found:
-        if not any(k.t <= tot.t and k.b <= tot.b and k.e <= tot.e for k, _ in kept):
-            kept.append((tot, choice))
-    return kept
+def _pareto_front(parts: list[tuple]) -> _Front:
+    sb, mt, mb, me = (np.concatenate([p[i] for p in parts]) for i in range(4))
+    paths = [path for p in parts for path in p[4]]
+    keep = _pareto_mask(np.stack([sb, mt, mb, me], axis=1))
+    return _Front(sb[keep], mt[keep], mb[keep], me[keep], [paths[i] for i in keep])
 
 
 def _groups(spec: ModelSpec, a: int, b: int, choice: StageChoice) -> tuple[LayerGroup, ...]:
@@ -353,6 +422,8 @@ def _no_fit_message(spec: ModelSpec, perf: Perf, s: _Search) -> str:
             f"use more or larger GPUs, a smaller global batch, or allow offload")
 
 
+
+
 def _leanest_memory(s: _Search) -> float | None:
     """Smallest peak memory (GiB) over uniform fully-recomputed plans at the smallest micro-batch."""
     best = None
@@ -360,16 +431,17 @@ def _leanest_memory(s: _Search) -> float | None:
         devices = s.world // pp
         m = max(micro_batch_counts(s.global_batch, pp, s.options))
         mb = s.global_batch // m
-        table = s.table(mb)
-        table.ctx = dataclasses.replace(table.ctx, stage_devices=devices)
-        ev = StageEvaluator(table, False, float("inf"))
+        usable = [x for x in strategies(s.spec, devices, s.perf.gpus_per_node, s.options) if mb % x.dp == 0]
+        if not usable:
+            continue
+        table = s.table(devices, mb, usable)
         counts = even_split(s.spec.num_blocks, pp)
         bounds = [sum(counts[:i]) for i in range(pp + 1)]
-        for strat in strategies(s.spec, devices, s.perf.gpus_per_node, s.options):
-            if mb % strat.dp:
-                continue
-            peak = max(ev.totals(StageChoice(strat, Recompute.NONE, bounds[j + 1] - bounds[j]), bounds[j],
-                                 bounds[j + 1], in_flight(Schedule.ONE_F_ONE_B, pp, 1, m, j)).memory
-                       for j in range(pp))
-            best = peak if best is None else min(best, peak)
+        peak = np.zeros(table.size)
+        for j in range(pp):
+            full = np.full(table.size, counts[j])
+            vec, work, _ = table.stage_sums(bounds[j], bounds[j + 1], Recompute.NONE, full)
+            inflight = in_flight(Schedule.ONE_F_ONE_B, pp, 1, m, j)
+            peak = np.maximum(peak, vec[:, STATIC] + inflight * vec[:, ACT] + work)
+        best = float(peak.min()) if best is None else min(best, float(peak.min()))
     return None if best is None else best / 2**30

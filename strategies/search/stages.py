@@ -1,5 +1,13 @@
-"""Stage costs for the search: per-layer cost vectors of every candidate strategy, summed over a
-range of blocks with prefix sums, combined exactly as :func:`strategies.cost.cost_plan` combines them."""
+"""Stage costs for the search, vectorised over candidate strategies.
+
+A :class:`StageTable` holds, for one micro-batch size on one stage size, the cost vector of every
+distinct block, of the embedding and of the tail (norm + head) under every candidate strategy and
+recompute mode, as numpy arrays with one column per strategy. Range sums come from prefix counts of
+each distinct block, so a stage ``[a, b)`` costs a few array operations whatever its length. The
+per-layer numbers come from :func:`strategies.cost.layer.core_cost` and
+:func:`strategies.cost.layer.zero_terms`, merged exactly as :func:`strategies.cost.layer_cost` merges
+them, so the search optimises what :func:`strategies.cost.cost_plan` reports.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +16,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from galvatron.strategies.cost.layer import LayerContext, LayerCost, layer_cost
+from galvatron.strategies.cost.layer import (
+    LayerContext,
+    ZeroTerms,
+    core_cost,
+    zero_exposed,
+    zero_terms,
+)
 from galvatron.strategies.cost.model import p2p_time
-from galvatron.strategies.cost.step import VECTOR_LEN, GroupTotals, combine
+from galvatron.strategies.cost.step import ACT, FB, STATIC, VECTOR_LEN, GroupTotals, combine
 
 from galvatron.plan import LayerStrategy, Recompute
 from galvatron.spec import LayerKind, LayerSpec, ModelSpec
@@ -30,138 +44,134 @@ def signature(layer: LayerSpec) -> tuple:
     return tuple(getattr(layer, f.name) for f in dataclasses.fields(layer) if f.name != "name")
 
 
-class LayerTable:
-    """Cost vectors of the blocks, embedding and tail (norm + head) of a model for many strategies,
-    at one micro-batch size; shared by every stage of every pipeline degree."""
+class LayerCache:
+    """Per-layer costs shared by every table of one search: the core part keyed by tokens per rank
+    and the strategy fields it reads, the ZeRO part by the replica-group fields."""
 
-    def __init__(self, spec: ModelSpec, ctx: LayerContext) -> None:
-        self.spec, self.ctx = spec, ctx
-        self.blocks = spec.blocks
-        self.num_blocks = len(self.blocks)
-        self.sigs = [signature(b) for b in self.blocks]
-        self._edges: dict[tuple, tuple[tuple[float, ...], float]] = {}
-        self._variants: dict[tuple, LayerStrategy] = {}
-        self.homogeneous = len(set(self.sigs)) == 1
-        self._cache: dict[tuple, LayerCost] = {}
-        self._prefix: dict[LayerStrategy, tuple[np.ndarray, list[float]]] = {}
+    def __init__(self) -> None:
+        self._core: dict[tuple, tuple[float, ...]] = {}
+        self._zero: dict[tuple, ZeroTerms] = {}
         self.evaluations = 0
 
-    def cost(self, layer: LayerSpec, sig: tuple, s: LayerStrategy) -> LayerCost:
-        key = (sig, s)
-        found = self._cache.get(key)
+    def core(self, ctx: LayerContext, layer: LayerSpec, sig: tuple, s: LayerStrategy,
+             mode: Recompute) -> tuple[float, ...]:
+        """(fwd, bwd, wgrad, bwd_compute, act, work) of :func:`core_cost` for ``s`` at recompute ``mode``."""
+        ep = s.ep if layer.experts else 1
+        key = (sig, ctx.micro_batch / s.dp * ctx.seq_len / s.cp, s.tp, s.sp, s.cp, s.cp_kind, s.cp_ulysses, ep, mode)
+        found = self._core.get(key)
         if found is None:
-            found = self._cache[key] = layer_cost(self.ctx, layer, _for_layer(layer, s))
+            own = s if (s.recompute, s.ep) == (mode, ep) else dataclasses.replace(s, recompute=mode, ep=ep)
+            c = core_cost(ctx, layer, own)
+            found = self._core[key] = (c.fwd, c.bwd, c.wgrad, c.bwd_compute, c.act, c.work)
             self.evaluations += 1
         return found
 
-    def prefix(self, s: LayerStrategy) -> tuple[np.ndarray, list[float]]:
-        """Prefix sums (rows ``0..L``) of block cost vectors and the blocks' transient memory, for ``s``."""
-        found = self._prefix.get(s)
+    def zero(self, ctx: LayerContext, layer: LayerSpec, sig: tuple, s: LayerStrategy) -> ZeroTerms:
+        ep = s.ep if layer.experts else 1
+        key = (sig, s.dp, s.cp, s.tp, ep, s.zero, s.offload)
+        found = self._zero.get(key)
         if found is None:
-            costs = {sig: self.cost(layer, sig, s) for layer, sig in zip(self.blocks, self.sigs)}
-            rows = np.array([costs[sig].vector() for sig in self.sigs])
-            sums = np.vstack([np.zeros(VECTOR_LEN), np.cumsum(rows, axis=0)])
-            found = self._prefix[s] = (sums, [costs[sig].work for sig in self.sigs])
+            found = self._zero[key] = zero_terms(ctx, layer, s if s.ep == ep else dataclasses.replace(s, ep=ep))
         return found
 
-    def variant(self, s: LayerStrategy, mode: Recompute) -> LayerStrategy:
-        """``s`` with recompute ``mode`` (memoised: building a strategy re-validates it)."""
-        key = (s, mode)
-        found = self._variants.get(key)
-        if found is None:
-            found = self._variants[key] = dataclasses.replace(s, recompute=mode)
-        return found
 
-    def edge(self, kinds: tuple[LayerKind, ...], s: LayerStrategy) -> tuple[np.ndarray, float]:
-        """Summed vector and transient memory of the embedding or the tail (norm, head)."""
-        key = (kinds, s)
-        if key not in self._edges:
-            self._edges[key] = self._edge(kinds, s)
-        return self._edges[key]
+def _merged(ctx: LayerContext, cores: list[tuple[float, ...]], zeros: list[ZeroTerms]) -> tuple[np.ndarray, np.ndarray]:
+    """Cost vectors (n, VECTOR_LEN) and transient memory (n,) of core + ZeRO parts, as
+    :func:`strategies.cost.layer.apply_zero` adds them."""
+    fwd, bwd, wgrad, bwdc, act, work = np.array(cores, dtype=float).reshape(-1, 6).T
+    z = np.array([(t.params + t.grads + t.optim_states, t.sync, t.post, t.optim, t.rs, t.ag, t.work) for t in zeros],
+                 dtype=float).reshape(-1, 7).T
+    static, sync, post, optim, rs, ag, zwork = z
+    fwd_x, bwd_x = zero_exposed(ag, rs, fwd, bwdc, ctx.options.overlap_zero_prefetch)
+    vec = np.stack([(fwd + fwd_x) + (bwd + bwd_x), wgrad, bwdc, sync, post, optim, static, act], axis=1)
+    return vec, np.maximum(work, zwork)
 
-    def _edge(self, kinds: Sequence[LayerKind], s: LayerStrategy) -> tuple[np.ndarray, float]:
-        vec, work = np.zeros(VECTOR_LEN), 0.0
+
+class StageTable:
+    """Cost vectors of the blocks, embedding and tail of a model under ``strategies`` at one
+    micro-batch size, for each recompute mode in ``modes``; shared by every stage of a pipeline."""
+
+    def __init__(self, spec: ModelSpec, ctx: LayerContext, strategies: Sequence[LayerStrategy],
+                 modes: Sequence[Recompute], cache: LayerCache) -> None:
+        self.spec, self.ctx, self.strategies = spec, ctx, list(strategies)
+        self.num_blocks = spec.num_blocks
+        sigs = [signature(b) for b in spec.blocks]
+        distinct = list(dict.fromkeys(sigs))
+        self.homogeneous = len(distinct) == 1
+        index = np.array([distinct.index(sig) for sig in sigs])
+        onehot = np.zeros((self.num_blocks, len(distinct)))
+        onehot[np.arange(self.num_blocks), index] = 1
+        self.counts = np.vstack([np.zeros(len(distinct)), np.cumsum(onehot, axis=0)])
+        """Blocks of each distinct kind before position ``i`` (rows 0..L)."""
+        reps = [spec.blocks[sigs.index(sig)] for sig in distinct]
+        self.vec: dict[Recompute, np.ndarray] = {}
+        """Per mode: (distinct blocks, strategies, VECTOR_LEN)."""
+        self.work: dict[Recompute, np.ndarray] = {}
+        for mode in modes:
+            per_sig = [self._layers(layer, sig, mode, cache) for layer, sig in zip(reps, distinct)]
+            self.vec[mode] = np.stack([v for v, _ in per_sig])
+            self.work[mode] = np.stack([w for _, w in per_sig])
+        self.embedding = self._edge((LayerKind.EMBEDDING,), cache)
+        """Vectors and transient memory of the embedding and of the tail (never recomputed)."""
+        self.tail = self._edge((LayerKind.NORM, LayerKind.HEAD), cache)
+        self.p2p = np.array([p2p_time(ctx, spec.hidden, s) for s in self.strategies])
+        self.block_floor = {mode: v[:, :, FB].min(axis=0) for mode, v in self.vec.items()}
+        """Per mode: the cheapest block's per-micro-batch time under each strategy."""
+
+    @property
+    def size(self) -> int:
+        return len(self.strategies)
+
+    def _layers(self, layer: LayerSpec, sig: tuple, mode: Recompute,
+                cache: LayerCache) -> tuple[np.ndarray, np.ndarray]:
+        cores = [cache.core(self.ctx, layer, sig, s, mode) for s in self.strategies]
+        zeros = [cache.zero(self.ctx, layer, sig, s) for s in self.strategies]
+        return _merged(self.ctx, cores, zeros)
+
+    def _edge(self, kinds: tuple[LayerKind, ...], cache: LayerCache) -> tuple[np.ndarray, np.ndarray]:
+        vec, work = np.zeros((self.size, VECTOR_LEN)), np.zeros(self.size)
         for kind in kinds:
             for layer in self.spec.layers_of(kind):
-                c = self.cost(layer, signature(layer), s)
-                vec = vec + np.array(c.vector())
-                work = max(work, c.work)
-        return tuple(vec), work
+                v, w = self._layers(layer, signature(layer), Recompute.NONE, cache)
+                vec, work = vec + v, np.maximum(work, w)
+        return vec, work
 
-    def p2p(self, s: LayerStrategy) -> float:
-        return p2p_time(self.ctx, self.spec.hidden, s)
+    # ------------------------------------------------------------------ range sums
+    def stage_sums(self, a: int, b: int, lower: Recompute, full: np.ndarray,
+                   rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Summed vectors, transient memory and p2p time of stages ``[a, b)`` whose first ``full[i]``
+        blocks are fully recomputed and the rest run at ``lower``, one per strategy ``rows[i]``
+        (every strategy when None); the embedding at the model's start, norm and head at its end."""
+        pick = slice(None) if rows is None else rows
+        split = a + full
+        c = self.counts
+        n_full, n_low = c[split] - c[a], c[b] - c[split]
+        vf, vl = self.vec[Recompute.FULL][:, pick], self.vec[lower][:, pick]
+        wf, wl = self.work[Recompute.FULL][:, pick], self.work[lower][:, pick]
+        if self.homogeneous:
+            vec = n_full[:, :1] * vf[0] + n_low[:, :1] * vl[0]
+            work = np.maximum(np.where(n_full[:, 0] > 0, wf[0], 0.0), np.where(n_low[:, 0] > 0, wl[0], 0.0))
+        else:
+            vec = np.einsum("sg,gsf->sf", n_full, vf) + np.einsum("sg,gsf->sf", n_low, vl)
+            work = np.maximum(np.where(n_full.T > 0, wf, 0.0).max(axis=0), np.where(n_low.T > 0, wl, 0.0).max(axis=0))
+        if a == 0:
+            vec, work = vec + self.embedding[0][pick], np.maximum(work, self.embedding[1][pick])
+        last = b == self.num_blocks
+        if last:
+            vec, work = vec + self.tail[0][pick], np.maximum(work, self.tail[1][pick])
+        p2p = np.zeros(len(vec)) if last else self.p2p[pick]
+        return vec, work, p2p
+
+    def stage_memory(self, a: int, b: int, lower: Recompute, inflight: float, rows: np.ndarray) -> np.ndarray:
+        """Peak memory (k = 0..b-a, rows) of stage [a, b) with its first k blocks fully recomputed."""
+        out = np.empty((b - a + 1, len(rows)))
+        for k in range(b - a + 1):
+            vec, work, _ = self.stage_sums(a, b, lower, np.full(len(rows), k), rows)
+            out[k] = vec[:, STATIC] + inflight * vec[:, ACT] + work
+        return out
 
 
-def _for_layer(layer: LayerSpec, s: LayerStrategy) -> LayerStrategy:
-    """Expert parallelism applies to MoE blocks only; dense blocks of the stage run with ep 1."""
-    return s if layer.experts or s.ep == 1 else dataclasses.replace(s, ep=1)
-
-
-@dataclass
-class StageEvaluator:
-    """Totals of a stage ``[a, b)`` for a choice, with the group's in-flight micro-batches."""
-
-    table: LayerTable
-    zero_bubble: bool
-    budget: float
-    combined: int = 0
-
-    def totals(self, choice: StageChoice, a: int, b: int, inflight: float) -> GroupTotals:
-        sums, work, p2p = self.sums(choice, a, b)
-        self.combined += 1
-        return combine(sums, work, p2p, inflight, self.zero_bubble, self.table.ctx.options)
-
-    def sums(self, choice: StageChoice, a: int, b: int) -> tuple[np.ndarray, float, float]:
-        """Summed cost vector, transient memory and p2p time of blocks ``[a, b)`` (with the
-        embedding at the start of the model and the norm and head at its end)."""
-        s = choice.strategy
-        full_s = self.table.variant(s, Recompute.FULL)
-        low_s = self.table.variant(s, choice.lower)
-        split = a + choice.full
-        pf, wf = self.table.prefix(full_s)
-        pl, wl = self.table.prefix(low_s)
-        sums = pf[split] - pf[a] + pl[b] - pl[split]
-        work = max(wf[a:split] + wl[split:b] + [0.0])
-        last = b == self.table.num_blocks
-        for present, kinds, strategy in ((a == 0, (LayerKind.EMBEDDING,), full_s if choice.full else low_s),
-                                         (last, (LayerKind.NORM, LayerKind.HEAD), low_s if split < b else full_s)):
-            if present:
-                vec, w = self.table.edge(kinds, strategy)
-                sums = sums + vec
-                work = max(work, w)
-        return sums, work, 0.0 if last else self.table.p2p(s)
-
-    def best_split(self, s: LayerStrategy, lower: Recompute | None, a: int, b: int,
-                   inflight: float) -> tuple[StageChoice, GroupTotals] | None:
-        """The fewest fully recomputed leading blocks that fit (time grows with each one), or None.
-        ``lower`` None: every block fully recomputed."""
-        n = b - a
-        if lower is None:
-            choice = StageChoice(s, Recompute.FULL, n)
-            tot = self.totals(choice, a, b, inflight)
-            return (choice, tot) if tot.memory <= self.budget else None
-        for k in self._k_order(s, lower, a, b, inflight):
-            choice = StageChoice(s, lower, k)
-            tot = self.totals(choice, a, b, inflight)
-            if tot.memory <= self.budget:
-                return choice, tot
-        return None
-
-    def _k_order(self, s: LayerStrategy, lower: Recompute, a: int, b: int, inflight: float) -> list[int]:
-        """Candidate counts of fully recomputed blocks, fewest first. Homogeneous blocks: memory
-        falls monotonically from k = 1 on, so a binary search finds the least k that fits."""
-        n = b - a
-        if not self.table.homogeneous or n <= 2:
-            return list(range(n + 1))
-        if self.totals(StageChoice(s, lower, 0), a, b, inflight).memory <= self.budget:
-            return [0]
-        lo, hi = 1, n
-        if self.totals(StageChoice(s, lower, hi), a, b, inflight).memory > self.budget:
-            return []
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self.totals(StageChoice(s, lower, mid), a, b, inflight).memory <= self.budget:
-                hi = mid
-            else:
-                lo = mid + 1
-        return [lo]
+def totals(table: StageTable, vec: np.ndarray, work: np.ndarray, p2p: np.ndarray, inflight: float,
+           zero_bubble: bool) -> GroupTotals:
+    """Device-group totals for many candidates at once (arrays in every field)."""
+    return combine(vec.T, work, p2p, inflight, zero_bubble, table.ctx.options)

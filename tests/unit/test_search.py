@@ -5,10 +5,11 @@ from __future__ import annotations
 import statistics
 
 import pytest
-from galvatron.strategies.cost import DatasheetPerf
+from galvatron.strategies.cost import CostOptions, DatasheetPerf, cost_plan
 from galvatron.strategies.hardware import load_cluster
 from galvatron.strategies.search import SearchOptions, search
 from galvatron.strategies.search.brute import all_plans, brute_force, with_memory
+from galvatron.strategies.search.search import _Search
 
 from galvatron.errors import MemoryBudgetError
 from galvatron.plan import CPKind, Recompute, Schedule
@@ -16,6 +17,10 @@ from galvatron.spec import ModelSpec
 
 TINY = {"name": "tiny3", "layers": 3, "hidden": 64, "heads": 4, "ffn_hidden": 256, "vocab": 128, "seq_len": 32,
         "activation": "swiglu"}
+
+
+MOE = {"name": "tinymoe", "layers": 3, "hidden": 64, "heads": 4, "ffn_hidden": 256, "vocab": 128, "seq_len": 32,
+       "activation": "swiglu", "moe": {"experts": 4, "top_k": 2, "ffn_hidden": 64, "first_dense": 1}}
 
 
 def _perf(world: int) -> DatasheetPerf:
@@ -50,6 +55,32 @@ def test_search_matches_brute_force(uniform: bool) -> None:
     assert truth, "the budget must leave some plans"
     assert found.best.step_time_s == pytest.approx(truth[0].step_time_s, rel=1e-9)
     assert found.best.fits
+
+
+def test_search_matches_brute_force_on_mixed_moe_blocks() -> None:
+    """Blocks that differ (a dense first block, then MoE) take the non-homogeneous path; ep is searched."""
+    spec = ModelSpec.from_config(MOE)
+    assert len({b.experts for b in spec.blocks}) == 2
+    caps = frozenset({"pp", "tp", "ep", "zero3", "recompute:full", "recompute:selective", "schedule:1f1b",
+                      "schedule:zero-bubble"})
+    options = _options(capabilities=caps, cp_kinds=(), schedules=(Schedule.ONE_F_ONE_B, Schedule.ZERO_BUBBLE))
+    perf, truth = _binding(spec, options)
+    found = search(spec, perf, options, world_size=4)
+    assert found.best.step_time_s == pytest.approx(truth[0].step_time_s, rel=1e-9)
+    assert any(g.strategy.ep > 1 for c in truth for g in c.plan.groups()), "ep must be in the space"
+
+
+@pytest.mark.parametrize("config", [TINY, MOE])
+def test_search_estimate_equals_cost_plan(config: dict) -> None:
+    """What the search optimises internally is what cost_plan reports, for every plan it keeps."""
+    spec = ModelSpec.from_config(config)
+    options = _options(top_k=8)
+    s = _Search(spec, _perf(4), 4, options, CostOptions())
+    s.run()
+    found = s.results()
+    assert len(found) == 8
+    for t, plan in found:
+        assert t == pytest.approx(cost_plan(plan, spec, _perf(4)).step_time_s, rel=1e-9)
 
 
 def test_top_k_matches_brute_force_order() -> None:
