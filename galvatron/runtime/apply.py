@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import os
 from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
@@ -23,10 +24,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from galvatron.errors import GalvatronError, ModelSpecError, PlanError
-from galvatron.plan import DType, LayerStrategy, Plan
+from galvatron.plan import CPKind, DType, LayerStrategy, Plan
 from galvatron.runtime import data, optim, tensor
 from galvatron.runtime.mesh import Layout, ParallelDims, pipeline_groups
 from galvatron.runtime.recompute import apply_recompute
@@ -214,10 +216,9 @@ def check_supported(model: nn.Module, plan: Plan, spec: ModelSpec,
     strategies = [(f"stages[{i}].layers[{g.start}:{g.end}]", g.strategy) for i, s in enumerate(plan.stages)
                   for g in s.groups] + [("embedding", plan.embedding_strategy), ("head", plan.head_strategy)]
     for path, s in strategies:
-        if s.cp > 1:
-            raise PlanError(f"{path}.cp", f"context parallelism (cp {s.cp}) is {_NATIVE_TODO}")
         if s.ep > 1:
             raise PlanError(f"{path}.ep", f"expert parallelism (ep {s.ep}) is {_NATIVE_TODO}")
+    _check_context(model, plan, strategies)
     if plan.pp > 1:
         pipeline_groups(plan)
     _check_edges(model, plan, spec)
@@ -233,6 +234,34 @@ def check_supported(model: nn.Module, plan: Plan, spec: ModelSpec,
                 plans[index] = tensor.resolve_block_plan(block, [tp_plan, hf_plan, derived], path)
                 tensor.check_divisible(block, plans[index], g.strategy.tp, path)
     return plans
+
+
+def _check_context(model: nn.Module, plan: Plan, strategies: list[tuple[str, LayerStrategy]]) -> None:
+    """Context parallelism runs one token split through the whole model: every layer group, the
+    embedding and the head share one ``dp x cp x tp`` grid, the layers one token layout (sequence
+    shards are not re-laid out between layer groups), and the model takes ``position_ids``."""
+    split = [(path, s) for path, s in strategies if s.cp > 1]
+    if not split:
+        return
+    from galvatron.runtime.context import attention_modules, sequence_layout
+
+    first_path, first = split[0]
+    if plan.pp > 1:
+        raise PlanError(f"{first_path}.cp", f"context parallelism inside a pipeline is {_NATIVE_TODO}")
+    for path, s in strategies:
+        if (s.dp, s.cp, s.tp) != (first.dp, first.cp, first.tp):
+            raise PlanError(f"{path}.cp", f"dp {s.dp} x cp {s.cp} x tp {s.tp} differs from {first_path} (dp {first.dp} "
+                            f"x cp {first.cp} x tp {first.tp}): under context parallelism every layer group, the "
+                            "embedding and the head need the same dp, cp and tp")
+    layers = [(path, s) for path, s in split if path.startswith("stages")]
+    for path, s in layers:
+        if sequence_layout(s.cp_kind) != sequence_layout(layers[0][1].cp_kind):
+            raise PlanError(f"{path}.cp_kind", f"{s.cp_kind.value} and {layers[0][1].cp_kind.value} lay tokens out "
+                            "differently: use striped for every layer group or for none")
+    if "position_ids" not in inspect.signature(type(model).forward).parameters:
+        raise PlanError(f"{first_path}.cp", f"{type(model).__name__}.forward takes no position_ids: context "
+                        "parallelism needs to pass each rank's global token positions")
+    attention_modules(model)
 
 
 def _check_edges(model: nn.Module, plan: Plan, spec: ModelSpec) -> None:
@@ -305,12 +334,17 @@ class Runtime:
         """Whether a vocabulary-parallel head returns its sharded logits (inside ``train_step``,
         whose loss runs under ``loss_parallel``) or gathers them (plain calls)."""
         self.loss_fn: Callable[..., torch.Tensor] | None = None
+        self.sequence: Any = None
+        """The token split (``context.SequenceSplit``) under context parallelism, else None."""
+        self.forward_signature: inspect.Signature | None = None
         self._to_outer: dict[Layout, Callable[[torch.Tensor], torch.Tensor]] = {}
 
     def enter(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Move the model's inputs to this rank's device, and from the data layout to the layout
         of the model's outer code."""
         args, kwargs = self.to_device(args), self.to_device(kwargs)
+        if self.sequence is not None:
+            kwargs = self.sequence.add_position_ids(self.forward_signature, args, kwargs)
         outer, batch = self.entry_layout, first_batch_size(args, kwargs)
         if outer.dp != self.data_layout.dp:
             if outer not in self._to_outer:
@@ -354,6 +388,7 @@ def _apply_stage(model: nn.Module, rt: Runtime, blocks: nn.ModuleList, block_pla
     if before and not shared:  # gradient buckets in model order: backward reaches them in reverse
         apply_data(before, plan.embedding_strategy, rt)
     groups = plan.stages[stage_index].groups
+    apply_context(model, blocks, rt)
     for k, g in enumerate(groups):
         nxt = dims.layout(groups[k + 1].strategy) if k + 1 < len(groups) else rt.data_layout
         apply_layer_group([blocks[i] for i in range(g.start, g.end)], g.strategy, nxt, rt,
@@ -362,7 +397,7 @@ def _apply_stage(model: nn.Module, rt: Runtime, blocks: nn.ModuleList, block_pla
         apply_data(after, plan.head_strategy, rt)
     if shared:
         apply_data(before + after, plan.embedding_strategy, rt)
-    data.apply_fsdp_root(root, dims.mesh(plan.head_strategy if last else plan.embedding_strategy)["dp"])
+    data.apply_fsdp_root(root, dims.data_mesh(plan.head_strategy if last else plan.embedding_strategy))
 
 
 def apply_embedding(modules: list[nn.Module], s: LayerStrategy, rt: Runtime) -> None:
@@ -383,13 +418,12 @@ def apply_head(modules: list[nn.Module], s: LayerStrategy, rt: Runtime) -> None:
 
 def apply_layer_group(blocks: list[nn.Module], s: LayerStrategy, next_layout: Layout, rt: Runtime,
                       block_plans: dict[int, dict[str, str]]) -> None:
-    """One layer group: TP (+SP), context and expert parallelism, recomputation, the
-    re-layout into ``s``'s layout and out to ``next_layout``, then DP / ZeRO."""
+    """One layer group: TP (+SP), expert parallelism, recomputation, the re-layout into ``s``'s
+    layout and out to ``next_layout``, then DP / ZeRO (context parallelism: :func:`apply_context`)."""
     mesh = rt.dims.mesh(s)
     for i, block in enumerate(blocks):
         if s.tp > 1:
             tensor.apply_tensor_parallel(block, block_plans[i], mesh["tp"], s.sp)
-        apply_context(block, s, mesh)
         apply_expert(block, s, mesh)
         apply_recompute(block, s.recompute)
     sp_group = mesh["tp"].get_group() if s.sp else None
@@ -397,11 +431,35 @@ def apply_layer_group(blocks: list[nn.Module], s: LayerStrategy, next_layout: La
     apply_data(blocks, s, rt)
 
 
-def apply_context(block: nn.Module, s: LayerStrategy, mesh: Any) -> None:
-    """Context parallelism of one block over ``mesh["cp"]`` (galvatron.runtime.context plugs in
-    here; ``check_supported`` rejects ``cp > 1`` until then)."""
-    if s.cp > 1:
-        raise PlanError("cp", f"context parallelism is {_NATIVE_TODO}")
+def apply_context(model: nn.Module, blocks: nn.ModuleList, rt: Runtime) -> None:
+    """Context parallelism: every attention layer of a ``cp > 1`` layer group attends over the
+    whole sequence from this rank's token shard (:mod:`galvatron.runtime.context`, one core per
+    layer, with the kind of its group); the model's inputs are token shards with global
+    ``position_ids`` (``rt.sequence``). No-op without context parallelism."""
+    layers = [g for g in rt.plan.groups() if g.strategy.cp > 1]
+    if not layers:
+        return
+    from galvatron.runtime.context import (
+        ContextAttention,
+        ContextGroups,
+        SequenceSplit,
+        apply_context_parallel,
+        attention_modules,
+    )
+
+    dims = rt.dims
+
+    def core(s: LayerStrategy) -> ContextAttention:
+        cp, ulysses, ring = (dims.group(g) if g else None for g in dims.context_ranks(s))
+        return ContextAttention(s.cp_kind, ContextGroups(cp, ulysses, ring))
+
+    owner = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
+    strategies = [rt.plan.strategy_of(owner[id(m)]) if id(m) in owner else None for m in attention_modules(model)]
+    apply_context_parallel(model, [core(s) if s is not None and s.cp > 1 else None for s in strategies])
+    s = layers[0].strategy
+    cp_ranks = dims.context_ranks(s)[0]
+    rt.sequence = SequenceSplit(CPKind(s.cp_kind), s.cp, cp_ranks.index(dims.rank), dims.group(cp_ranks))
+    rt.forward_signature = inspect.signature(type(model).forward)
 
 
 def apply_expert(block: nn.Module, s: LayerStrategy, mesh: Any) -> None:
@@ -413,7 +471,7 @@ def apply_expert(block: nn.Module, s: LayerStrategy, mesh: Any) -> None:
 
 def apply_data(modules: list[nn.Module], s: LayerStrategy, rt: Runtime) -> None:
     """DP / ZeRO of ``modules`` over ``s``'s data-parallel ranks."""
-    data.apply_data_parallel(modules, zero=s.zero, offload=s.offload, dp_mesh=rt.dims.mesh(s)["dp"],
+    data.apply_data_parallel(modules, zero=s.zero, offload=s.offload, dp_mesh=rt.dims.data_mesh(s),
                              group=rt.dims.data_group(s), sync=rt.sync, dtype=rt.plan.dtype)
 
 
@@ -482,11 +540,24 @@ class GalvatronModule(nn.Module):
             return super().forward(*args, **kwargs)
 
     def shard_batch(self, batch: Any) -> Any:
-        """This rank's data shard of a global batch (tensors split along dim 0)."""
+        """This rank's data shard of a global batch: tensors split along dim 0 (samples) and,
+        under context parallelism, along dim 1 (tokens) by the plan's token layout."""
         n = first_batch_size((batch,), {})
         if n % self.dp_size:
             raise ValueError(f"a batch of {n} does not split into {self.dp_size} data shards")
-        return map_tensors(batch, lambda t: t.chunk(self.dp_size)[self.dp_rank], n)
+        batch = map_tensors(batch, lambda t: t.chunk(self.dp_size)[self.dp_rank], n)
+        sequence = self._galvatron.sequence
+        return batch if sequence is None else sequence.shard(batch)
+
+    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Token-mean cross-entropy of this rank's samples, exact under every plan: under context
+        parallelism the mean over all labelled tokens of the samples' shards on the cp ranks
+        (``context.context_parallel_loss``), which a plain per-rank mean is only when every cp
+        rank holds as many labelled tokens. ``logits`` (..., vocab), ``targets`` (...)."""
+        sequence = self._galvatron.sequence
+        if sequence is not None:
+            return sequence.loss(logits, targets, ignore_index)
+        return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
 
     def optimizer(self, optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
                   **kwargs: Any) -> torch.optim.Optimizer:

@@ -21,6 +21,7 @@ rank's H/tp heads.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,10 +38,10 @@ from galvatron.runtime.context_ring import ring_attention, striped_attention
 from galvatron.runtime.context_ulysses import hybrid_attention, local_attention, ulysses_attention
 
 __all__ = [
-    "HF_ATTENTION_NAME", "ContextAttention", "ContextGroups", "apply_context_parallel", "context_parallel_loss",
-    "hybrid_attention", "hybrid_rank_grid", "new_context_groups", "next_token_labels", "ring_attention",
-    "sequence_layout", "shard_batch", "shard_positions", "shard_sequence", "striped_attention",
-    "ulysses_attention", "unshard_sequence",
+    "HF_ATTENTION_NAME", "ContextAttention", "ContextGroups", "SequenceSplit", "apply_context_parallel",
+    "attention_modules", "context_parallel_loss", "hybrid_attention", "hybrid_rank_grid", "new_context_groups",
+    "next_token_labels", "ring_attention", "scale_gradient", "sequence_layout", "shard_batch", "shard_positions",
+    "shard_sequence", "striped_attention", "ulysses_attention", "unshard_sequence",
 ]
 
 HF_ATTENTION_NAME = "galvatron_context"
@@ -195,11 +196,93 @@ def context_parallel_loss(logits: torch.Tensor, labels: torch.Tensor, group: dis
     logits = logits.flatten(0, -2)
     local = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels.flatten(),
                             ignore_index=ignore_index, reduction="sum")
+    if hasattr(local, "full_tensor"):  # vocabulary-parallel logits under loss_parallel(): a replicated DTensor
+        local = local.full_tensor()
     totals = torch.stack([local.detach().double(), (labels != ignore_index).sum().double()])
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(totals, group=group)
     count = totals[1].clamp(min=1)
     return (local + (totals[0] - local.detach().double()).to(local.dtype)) / count.to(local.dtype)
+
+
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.factor, None
+
+
+def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` unchanged, its gradient multiplied by ``factor`` in backward."""
+    return _ScaleGradient.apply(x, factor)
+
+
+@dataclass(frozen=True)
+class SequenceSplit:
+    """How a wrapped model's tokens are split over its context-parallel ranks: what ``wrap``
+    uses to shard batches, add global position ids and reduce the loss."""
+
+    kind: CPKind
+    """A kind with the token layout of every context-parallel layer (striped, or contiguous)."""
+    degree: int
+    rank: int
+    """This rank's index in its cp group (the token shard it holds)."""
+    group: dist.ProcessGroup
+    """The cp group: ranks holding the other token shards of the same samples."""
+
+    def shard(self, batch: Any) -> Any:
+        """This rank's tokens of every tensor in ``batch`` (nested tuples / lists / dicts) that
+        has the sequence as dim 1: the length of the first tensor with two or more dims."""
+        from galvatron.runtime.relayout import map_tensors
+
+        length = _sequence_length(batch)
+        if length is None:
+            raise ValueError("context parallelism needs (batch, sequence, ...) tensors; the batch holds none")
+        return map_tensors(batch, lambda t: shard_sequence(t, self.kind, self.rank, self.degree)
+                           if t.dim() >= 2 and t.shape[1] == length else t)
+
+    def add_position_ids(self, signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
+        """``kwargs`` with the global ``position_ids`` of this rank's tokens unless the call
+        passes them (``signature``: the model's ``forward``, whose first parameter is ``self``)."""
+        bound = signature.bind_partial(None, *args, **kwargs).arguments
+        if bound.get("position_ids") is not None:
+            return kwargs
+        if "position_ids" in bound and "position_ids" not in kwargs:
+            raise ValueError("position_ids passed positionally as None: pass them by keyword, or leave them out")
+        length = _sequence_length((args, kwargs))
+        if length is None:
+            raise ValueError("context parallelism needs (batch, sequence, ...) inputs; the call has none")
+        first = _first_sequence_tensor((args, kwargs))
+        positions = shard_positions(length * self.degree, self.kind, self.rank, self.degree, device=first.device)
+        return {**kwargs, "position_ids": positions.expand(first.shape[0], -1)}
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """:func:`context_parallel_loss` over the cp group with its gradient scaled by the cp
+        degree, so the runtime's gradient *average* over the ``dp x cp`` ranks is exact."""
+        return scale_gradient(context_parallel_loss(logits, labels, self.group, ignore_index), float(self.degree))
+
+
+def _first_sequence_tensor(value: Any) -> torch.Tensor | None:
+    stack = [value]
+    while stack:
+        item = stack.pop(0)
+        if isinstance(item, torch.Tensor):
+            if item.dim() >= 2:
+                return item
+        elif isinstance(item, (tuple, list)):
+            stack = [*item, *stack]
+        elif isinstance(item, dict):
+            stack = [*item.values(), *stack]
+    return None
+
+
+def _sequence_length(value: Any) -> int | None:
+    first = _first_sequence_tensor(value)
+    return None if first is None else first.shape[1]
 
 
 # ----------------------------------------------------------------------------- wiring
@@ -212,7 +295,7 @@ def apply_context_parallel(model: nn.Module,
     transformers model gets :data:`HF_ATTENTION_NAME` as its ``attn_implementation``, each attention
     module its own core. All wired layers must share the token layout and the cp degree: feed
     the model the batch of :func:`shard_batch` for that layout."""
-    modules = _attention_modules(model)
+    modules = attention_modules(model)
     cores = [attention] * len(modules) if isinstance(attention, ContextAttention) else list(attention)
     if len(cores) != len(modules):
         raise PlanError("cp", f"{len(cores)} attention cores for {len(modules)} attention layers")
@@ -239,7 +322,7 @@ def _is_transformers_model(model: nn.Module) -> bool:
     return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
+def attention_modules(model: nn.Module) -> list[nn.Module]:
     """Attention layers in model order: the reference models' ``Attention``, or transformers
     attention modules (``...Attention`` classes with a ``layer_idx``)."""
     from galvatron.models.gpt import Attention

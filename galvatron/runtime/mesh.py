@@ -23,7 +23,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from galvatron.errors import PlanError
-from galvatron.plan import LayerStrategy, Plan
+from galvatron.plan import CPKind, LayerStrategy, Plan
 
 if TYPE_CHECKING:
     import torch.distributed as dist
@@ -172,22 +172,60 @@ def relayout_steps(dp_from: int, dp_to: int) -> tuple[tuple[str, int, int], ...]
 
 
 def data_layout(plan: Plan, device_group: int) -> Layout:
-    """The layout of a stage's inputs, targets and outputs: the head's batch split, replicated
-    over the rest (what ``shard_batch`` and pipeline sends use)."""
+    """The layout of a stage's inputs, targets and outputs: the head's batch split and, under
+    context parallelism, its sequence split (``cp``), replicated over the rest (what
+    ``shard_batch`` and pipeline sends use)."""
     ranks = device_group_ranks(plan)[device_group]
-    return Layout(ranks, plan.head_strategy.dp, 1, len(ranks) // plan.head_strategy.dp)
+    head = plan.head_strategy
+    return Layout(ranks, head.dp, head.cp, len(ranks) // (head.dp * head.cp))
 
 
-def plan_layouts(plan: Plan, device_group: int) -> tuple[Layout, ...]:
-    """Distinct layouts used on a device group: its layer groups', the edges', the data layout."""
-    ranks = device_group_ranks(plan)[device_group]
+def device_group_strategies(plan: Plan, device_group: int) -> tuple[LayerStrategy, ...]:
+    """Strategies used on a device group: its layer groups' (model order), then the edges'."""
     strategies = [g.strategy for s in stages_of(plan, device_group) for g in plan.stages[s].groups]
     if device_group == 0:
         strategies.append(plan.embedding_strategy)
     if device_group == (len(plan.stages) - 1) % plan.pp:
         strategies.append(plan.head_strategy)
-    layouts = {Layout.of(s, ranks) for s in strategies} | {data_layout(plan, device_group)}
+    return tuple(strategies)
+
+
+def plan_layouts(plan: Plan, device_group: int) -> tuple[Layout, ...]:
+    """Distinct layouts used on a device group: its layer groups', the edges', the data layout."""
+    ranks = device_group_ranks(plan)[device_group]
+    layouts = {Layout.of(s, ranks) for s in device_group_strategies(plan, device_group)}
+    layouts.add(data_layout(plan, device_group))
     return tuple(sorted(layouts, key=lambda lay: lay.shape))
+
+
+def context_subgroups(strategy: LayerStrategy, ranks: range) -> tuple[RankGroup, ...]:
+    """The Ulysses (inner) and ring (outer) groups of every cp group of a ``hybrid`` strategy
+    (none for the other kinds)."""
+    from galvatron.runtime.context import hybrid_rank_grid
+
+    if strategy.cp == 1 or strategy.cp_kind is not CPKind.HYBRID:
+        return ()
+    out: list[RankGroup] = []
+    for cp_ranks in Layout.of(strategy, ranks).axis_groups(Axis.CP):
+        for lists in hybrid_rank_grid(cp_ranks, strategy.ulysses_degree):
+            out += [tuple(g) for g in lists]
+    return tuple(out)
+
+
+def expert_groups(strategy: LayerStrategy, ranks: range) -> tuple[tuple[RankGroup, ...], tuple[RankGroup, ...]]:
+    """(EP groups, expert data-parallel groups) of an ``ep > 1`` strategy, folded over each of its
+    ``dp x cp`` data groups (:func:`galvatron.runtime.expert.expert_rank_grid`); empty for ``ep 1``."""
+    from galvatron.runtime.expert import expert_rank_grid
+
+    if strategy.ep == 1:
+        return (), ()
+    ep_groups: list[RankGroup] = []
+    edp_groups: list[RankGroup] = []
+    for data in Layout.of(strategy, ranks).data_groups():
+        eps, edps = expert_rank_grid(data, strategy.ep)
+        ep_groups += [tuple(g) for g in eps]
+        edp_groups += [tuple(g) for g in edps]
+    return tuple(ep_groups), tuple(edp_groups)
 
 
 def required_groups(plan: Plan) -> tuple[RankGroup, ...]:
@@ -200,6 +238,11 @@ def required_groups(plan: Plan) -> tuple[RankGroup, ...]:
             for axis in AXES:
                 groups.update(lay.axis_groups(axis))
             groups.update(lay.data_groups())
+        for s in device_group_strategies(plan, dg):
+            groups.update(context_subgroups(s, ranks))
+            ep_groups, edp_groups = expert_groups(s, ranks)
+            groups.update(ep_groups)
+            groups.update(g for g in edp_groups if len(g) == 1)  # larger ones: gradient groups
         degrees = {lay.dp for lay in layouts}
         for a in sorted(degrees):
             for b in sorted(degrees):
@@ -210,8 +253,12 @@ def required_groups(plan: Plan) -> tuple[RankGroup, ...]:
 
 
 def gradient_groups(plan: Plan) -> tuple[RankGroup, ...]:
-    """The gradient-reduction (``dp x cp``) groups of every layout of the plan, in one order."""
+    """The gradient-reduction groups of the plan, in one order: the ``dp x cp`` groups of every
+    layout and the expert data-parallel groups of ``ep > 1`` strategies."""
     groups = {g for dg in range(plan.pp) for lay in plan_layouts(plan, dg) for g in lay.data_groups() if len(g) > 1}
+    for dg, ranks in enumerate(device_group_ranks(plan)):
+        for s in device_group_strategies(plan, dg):
+            groups.update(g for g in expert_groups(s, ranks)[1] if len(g) > 1)
     return tuple(sorted(groups, key=lambda g: (len(g), g)))
 
 
@@ -297,12 +344,46 @@ class ParallelDims:
             )
         return self._meshes[lay]
 
+    def data_mesh(self, strategy: LayerStrategy | Layout) -> DeviceMesh:
+        """The 1-D mesh FSDP2 shards a layer group over: its ``dp`` axis, or with ``cp > 1`` the
+        ``dp x cp`` ranks (a flattened axis of the same rank grid, so TP DTensors compose)."""
+        from torch.distributed.device_mesh import DeviceMesh
+
+        lay = strategy if isinstance(strategy, Layout) else self.layout(strategy)
+        if lay.cp == 1:
+            return self.mesh(lay)["dp"]
+        import torch
+
+        grid = torch.tensor(list(lay.ranks), dtype=torch.int).view(lay.dp * lay.cp, lay.tp)
+        data = next(g for g in lay.data_groups() if self.rank in g)
+        groups = [self.group(data), self.group(lay.group_of(self.rank, Axis.TP))]
+        return DeviceMesh.from_group(groups, self.device_type, mesh=grid, mesh_dim_names=("dp_cp", "tp"))["dp_cp"]
+
+    def context_ranks(self, strategy: LayerStrategy) -> tuple[RankGroup, RankGroup | None, RankGroup | None]:
+        """This rank's (cp, Ulysses, ring) rank groups of a ``cp > 1`` strategy (the last two for
+        ``hybrid`` only)."""
+        cp = self.layout(strategy).group_of(self.rank, Axis.CP)
+        subgroups = [g for g in context_subgroups(strategy, self.ranks) if self.rank in g]
+        return (cp, *subgroups) if subgroups else (cp, None, None)
+
+    def expert_ranks(self, strategy: LayerStrategy) -> tuple[RankGroup, RankGroup]:
+        """This rank's (EP, expert data-parallel) rank groups of a strategy (``ep`` 1: itself
+        and its ``dp x cp`` data group)."""
+        if strategy.ep == 1:
+            return (self.rank,), next(g for g in self.layout(strategy).data_groups() if self.rank in g)
+        ep_groups, edp_groups = expert_groups(strategy, self.ranks)
+        return next(g for g in ep_groups if self.rank in g), next(g for g in edp_groups if self.rank in g)
+
+    def gradient_group(self, ranks: RankGroup) -> dist.ProcessGroup:
+        """The gradient-reduction group over ``ranks`` (its own process group when it has several
+        ranks; see ``_GRADIENTS``)."""
+        return self.group(ranks, _GRADIENTS if len(ranks) > 1 else "")
+
     def data_group(self, strategy: LayerStrategy | Layout) -> dist.ProcessGroup:
         """Gradient-reduction group (``dp x cp`` ranks holding the same parameter shard), used
         for nothing else."""
         lay = strategy if isinstance(strategy, Layout) else self.layout(strategy)
-        ranks = next(g for g in lay.data_groups() if self.rank in g)
-        return self.group(ranks, _GRADIENTS if len(ranks) > 1 else "")
+        return self.gradient_group(next(g for g in lay.data_groups() if self.rank in g))
 
     def pipeline_group(self) -> dist.ProcessGroup:
         """The group of ranks at this rank's position in every pipeline stage."""
