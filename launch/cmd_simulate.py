@@ -118,7 +118,7 @@ def run_search(args: argparse.Namespace, spec: ModelSpec, cluster: Any) -> Any:
     kinds = tuple(CPKind(k.strip()) for k in args.cp_kinds.split(",")) if args.cp_kinds else tuple(CPKind)
     options = SearchOptions(global_batch=args.global_batch, max_tp=args.max_tp, max_pp=1 if args.no_pp else args.max_pp,
                             uniform=args.uniform, cp_kinds=kinds, dtype=DType(args.dtype), top_k=max(args.top, 1),
-                            fixed=pinned(args), progress=progress)
+                            fixed=pinned(args), progress=progress, **getattr(args, "restrict", {}))
     return search(spec, cluster, options)
 
 

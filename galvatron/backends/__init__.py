@@ -11,6 +11,7 @@ the field. Importing this module imports neither torch nor a backend.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +55,8 @@ CAPABILITIES: dict[str, Capabilities] = {
         per_layer=frozenset({"dp", "tp", "sp", "zero", "recompute", "offload"}), uniform=False, gpu_only=False),
     "deepspeed": Capabilities(
         name="deepspeed",
-        features=frozenset({"zero1", "zero2", "zero3", "offload"}) | _RECOMPUTE,
+        # schedule:1f1b: the search gives one-stage plans the default schedule, which runs no pipeline
+        features=frozenset({"zero1", "zero2", "zero3", "offload", "schedule:1f1b"}) | _RECOMPUTE,
         dtypes=frozenset({DType.FP32, DType.BF16, DType.FP16}),
         per_layer=frozenset({"recompute"}), uniform=True, gpu_only=False),
     "megatron": Capabilities(
@@ -117,15 +119,15 @@ def check_plan(plan: Plan, backend: str) -> None:
             if feature not in caps.features:
                 raise PlanError(f"{path}.{name}", f"{feature} is not executed by the {backend} backend "
                                 f"(it executes: {', '.join(sorted(caps.features)) or 'plain data parallelism'})")
-        for name in _FIELDS - caps.per_layer:
-            if getattr(s, name) != getattr(first, name):
+        for name in _FIELDS:
+            if name not in caps.per_layer and getattr(s, name) != getattr(first, name):
                 raise PlanError(f"{path}.{name}", f"the {backend} backend runs one {name} for the whole model; "
                                 f"{getattr(s, name)!r} differs from {first_path}'s {getattr(first, name)!r}")
     if caps.uniform and len({stage.devices for stage in plan.stages}) > 1:
         raise PlanError("stages", f"the {backend} backend needs the same device count on every stage")
 
 
-_FIELDS = frozenset({"dp", "tp", "sp", "cp", "cp_kind", "cp_ulysses", "ep", "zero", "recompute", "offload"})
+_FIELDS = tuple(f.name for f in dataclasses.fields(LayerStrategy))
 
 
 def auto_search_options(backend: str, example_batch: Any = None) -> Any:
