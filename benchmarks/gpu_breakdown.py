@@ -1,0 +1,110 @@
+"""Where a training step of the 2B reference GPT (d=4096, 8 layers, seq 4096, batch 2) spends its
+time on one GPU, by pieces timed alone: attention forward+backward per SDPA backend, the fused AdamW
+step over all parameters, the LM loss, and whether ``torch.compile`` keeps a forward that selects
+the attention backend in one graph. Guides the runtime's choices (issue 10).
+
+    python benchmarks/gpu_breakdown.py --out benchmarks/results/gpu_breakdown.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def timed(fn, iters: int = 10, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn`` over ``iters`` runs (CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def attention(batch: int, heads: int, seq: int, head_dim: int) -> dict[str, float]:
+    q, k, v = (torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    grad = torch.randn_like(q)
+    out = {}
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        def step(backend=backend):
+            with sdpa_kernel([backend]):
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            o.backward(grad)
+        try:
+            out[name] = timed(step)
+        except RuntimeError as err:
+            out[name] = f"unavailable: {str(err).splitlines()[0][:200]}"
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    try:
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            other = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out["cudnn_vs_flash_max_abs_diff"] = float((ref - other).abs().max())
+    except RuntimeError:
+        pass
+    return out
+
+
+def optimizer(params: int) -> float:
+    p = torch.nn.Parameter(torch.randn(params, device="cuda"))
+    p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW([p], lr=1e-4, fused=True)
+    return timed(opt.step)
+
+
+def loss(tokens: int, vocab: int) -> float:
+    logits = torch.randn(tokens, vocab, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    target = torch.randint(0, vocab, (tokens,), device="cuda")
+
+    def step() -> None:
+        F.cross_entropy(logits.float(), target).backward()
+    return timed(step)
+
+
+def compiled_graphs() -> dict[str, int]:
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                              SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True):
+                return F.scaled_dot_product_attention(q.sin(), k, v, is_causal=True).cos()
+    q = torch.randn(1, 4, 256, 64, device="cuda", dtype=torch.bfloat16)
+    explained = torch._dynamo.explain(Attn())(q, q, q)
+    return {"graphs": explained.graph_count, "graph_breaks": explained.graph_break_count}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    layers, hidden, heads, seq, batch, vocab = 8, 4096, 32, 4096, 2, 50304
+    params = layers * 12 * hidden * hidden + 2 * vocab * hidden
+    result = {
+        "command": " ".join(["python", *sys.argv]),
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+        "attention_fwd_bwd_ms_per_layer": attention(batch, heads, seq, hidden // heads),
+        "fused_adamw_step_ms": optimizer(params),
+        "lm_loss_fwd_bwd_ms": loss(batch * seq, vocab),
+        "compile_with_sdpa_kernel": compiled_graphs(),
+    }
+    print(json.dumps(result, indent=2))
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
