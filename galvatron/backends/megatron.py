@@ -327,8 +327,11 @@ def _forward_step(data_iterator: Iterator[Any], model: Any) -> tuple[Any, Callab
     local = get_batch_on_this_cp_rank({"tokens": tokens, "labels": labels, "position_ids": positions})
     output = model(local["tokens"], local["position_ids"], None, labels=local["labels"])
 
-    def loss(per_token: Any) -> tuple[Any, dict[str, Any]]:
-        value = per_token.float().mean()
-        return value, {"loss": value.detach()}
+    def loss(per_token: Any) -> tuple[Any, Any, dict[str, Any]]:
+        # (sum, tokens, report): Megatron divides by the local tokens and the micro-batch count;
+        # its DDP averages over dp x cp. (A 2-tuple would be scaled by cp for an all-reduced loss.)
+        total = per_token.float().sum()
+        tokens = torch.tensor(per_token.numel(), dtype=torch.int, device=per_token.device)
+        return total, tokens, {"loss": total.detach() / per_token.numel()}
 
     return output, loss
