@@ -52,6 +52,9 @@ class GPU:
     memory_efficiency: float
     kernel_overhead_us: float
     intra_node: str
+    sms: int = 0
+    """Streaming multiprocessors (compute units): GEMM output tiles run in waves over them (0: unknown,
+    no wave quantisation)."""
     reserved_gib: float
 
     def peak_flops(self, dtype: str) -> float:
@@ -130,6 +133,7 @@ def load_gpu(name_or_path: str) -> GPU:
         raise ConfigError(f"unknown GPU key {unknown[0]!r} in {name_or_path}")
     data.pop("kind", None)
     data.setdefault("matmul_efficiency_fp8", data.get("matmul_efficiency"))
+    data.setdefault("sms", 0)
     missing = sorted(_GPU_KEYS - {"kind"} - set(data))
     if missing:
         raise ConfigError(f"GPU {name_or_path}: missing key(s) {', '.join(missing)}")

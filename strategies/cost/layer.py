@@ -21,9 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import numpy as np
 from galvatron.strategies.cost.options import CostOptions
 from galvatron.strategies.cost.perf import Collective, Group, Perf
+from galvatron.strategies.cost.step import overlapped
 
 from galvatron.plan import CPKind, DType, LayerStrategy, Recompute
 from galvatron.spec import LayerKind, LayerSpec
@@ -91,7 +91,7 @@ def layer_cost(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCo
     """Cost of ``layer`` under strategy ``s``; embedding, norm and head layers included (recomputation
     applies to blocks only: the edges ignore ``s.recompute``, as in Megatron)."""
     c = core_cost(ctx, layer, s)
-    apply_zero(c, zero_terms(ctx, layer, s), ctx.options.overlap_zero_prefetch)
+    apply_zero(c, zero_terms(ctx, layer, s), ctx.options)
     return c
 
 
@@ -139,18 +139,16 @@ def _dense_expert_params(layer: LayerSpec, s: LayerStrategy) -> tuple[float, flo
 def _block(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     c = LayerCost()
     tok = tokens_per_rank(ctx, s)
-    perf, dt = ctx.perf, ctx.dtype.value
     mm = layer.flops_per_token * tok / s.tp
-    t_mm = perf.matmul_time(mm, dt, kernels=4)
+    t_mm, dgrad, wgrad = _gemm_times(ctx, _block_gemms(layer, s, tok), mm)
     attn_fwd, attn_bwd, attn_exposed = _attention(ctx, layer, s, tok)
-    ew = perf.memory_time(_elementwise_bytes(ctx, layer, s) * tok)
+    ew = ctx.perf.memory_time(_elementwise_bytes(ctx, layer, s) * tok)
     comm_fwd = _block_comm(ctx, layer, s, tok)
     fwd_comm_total = sum(comm_fwd.values())
     c.fwd = t_mm + attn_fwd + ew + fwd_comm_total
-    wgrad = perf.matmul_time(mm, dt, kernels=4)
     c.wgrad = wgrad
-    bwd_tp = _tp_backward_exposed(ctx, layer, s, comm_fwd.get("tp", 0.0), wgrad)
-    c.bwd_compute = 2 * t_mm + attn_bwd + 2 * ew
+    bwd_tp = _tp_backward_exposed(ctx, layer, s, tok, wgrad)
+    c.bwd_compute = dgrad + wgrad + attn_bwd + 2 * ew
     bwd_comm = {**comm_fwd, "tp": bwd_tp}
     c.bwd = c.bwd_compute + sum(bwd_comm.values()) + _recompute_time(ctx, s, c.fwd, attn_fwd)
     c.flops = 3 * mm + _attention_flops(ctx, layer, s, tok) * 3.5 + _recompute_flops(ctx, layer, s, tok, mm)
@@ -161,6 +159,53 @@ def _block(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     c.act = _activation(ctx, layer, s, s.recompute) * tok
     c.work = max(c.work, _activation(ctx, layer, s, Recompute.NONE) * tok if s.recompute is Recompute.FULL else 0.0)
     return c
+
+
+Gemm = tuple[float, float, float, int]
+"""(m, n, k, count): ``count`` GEMMs of (m x k) by (k x n) in one kernel."""
+
+
+def _block_gemms(layer: LayerSpec, s: LayerStrategy, tok: float) -> list[Gemm]:
+    """A block's forward GEMMs on one rank (Megatron column/row split over ``tp``): QKV, output
+    projection, FFN up(+gate) and down; routed experts as one grouped GEMM over the rank's
+    ``experts / ep`` experts, each receiving ``tok * ep * top_k / experts`` tokens on average.
+    Empty when the spec lacks the shapes (the caller then uses FLOPs alone)."""
+    h, q, kv, f = layer.hidden, layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim, layer.ffn_hidden
+    if not (h and q and f):
+        return []
+    tp = s.tp
+    routed = layer.top_k + layer.shared_experts if layer.experts else 1
+    up = (layer.flops_per_token / 2 - h * (q + 2 * kv) - q * h) / routed / h - f
+    if up <= 0:
+        return []
+    out: list[Gemm] = [(tok, (q + 2 * kv) / tp, h, 1), (tok, h, q / tp, 1)]
+    if not layer.experts:
+        return [*out, (tok, up / tp, h, 1), (tok, h, f / tp, 1)]
+    local = max(layer.experts // s.ep, 1)
+    per_expert = tok * s.ep * layer.top_k / layer.experts
+    out += [(per_expert, up / tp, h, local), (per_expert, h, f / tp, local)]
+    if layer.shared_experts:
+        out += [(tok, layer.shared_experts * up / tp, h, 1), (tok, h, layer.shared_experts * f / tp, 1)]
+    return out
+
+
+def _gemm_times(ctx: LayerContext, gemms: list[Gemm], flops: float) -> tuple[float, float, float]:
+    """Forward, input-gradient and weight-gradient time of ``gemms`` (whose forward FLOPs the spec
+    counts as ``flops``). Input gradients are (m x n) by (n x k); weight gradients (k x m) by (m x n),
+    accumulated into the fp32 main gradient (read and written: Megatron's gradient-accumulation
+    fusion). Without shapes, or on a Perf without ``gemm_time`` (a measured profile), FLOPs at the
+    Perf's GEMM rate for four kernels each way."""
+    perf, dt = ctx.perf, ctx.dtype.value
+    gemm = getattr(perf, "gemm_time", None)
+    total = sum(2 * m * n * k * count for m, n, k, count in gemms)
+    if gemm is None or not total:
+        t = perf.matmul_time(flops, dt, kernels=4)
+        return t, t, t
+    scale, acc = flops / total, 2 * ctx.options.grad_bytes
+    fwd = sum(gemm(m, n, k, dt, count) for m, n, k, count in gemms)
+    dgrad = sum(gemm(m, k, n, dt, count) for m, n, k, count in gemms)
+    wgrad = sum(gemm(k, n, m, dt, count, out_bytes=acc) for m, n, k, count in gemms)
+    return scale * fwd, scale * dgrad, scale * wgrad
 
 
 def _attention_flops(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float) -> float:
@@ -190,9 +235,9 @@ def _attention(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float
 def _ring_attention(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float,
                     full: float) -> tuple[float, float, float]:
     """Ring attention: ``r - 1`` steps, each the max of one K/V block transfer and one block of
-    compute; contiguous chunks under a causal mask leave the last rank a full block every step
-    (Liu et al. 2023), striped and USP-balanced layouts give every rank half a block (Brandon et al.
-    2023; Fang & Zhao 2024 §4.3)."""
+    compute (a hidden transfer still costs ``overlap_interference`` of its time); contiguous chunks
+    under a causal mask leave the last rank a full block every step (Liu et al. 2023), striped and
+    USP-balanced layouts give every rank half a block (Brandon et al. 2023; Fang & Zhao 2024 §4.3)."""
     perf, r = ctx.perf, s.ring_degree
     block = full / r
     step = block if (not ctx.causal or s.cp_kind is CPKind.RING) else block / 2
@@ -202,10 +247,11 @@ def _ring_attention(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: 
     send = perf.p2p_time(kv_bytes, inter)
     fwd_step, bwd_step = perf.attention_time(step, False), perf.attention_time(2.5 * step, True)
     send_bwd = perf.p2p_time(2 * kv_bytes, inter)
-    fwd = perf.attention_time(diag, False) + (r - 1) * max(fwd_step, send)
-    bwd = perf.attention_time(2.5 * diag, True) + (r - 1) * max(bwd_step, send_bwd)
-    exposed = (r - 1) * (max(0.0, send - fwd_step) + max(0.0, send_bwd - bwd_step))
-    return fwd, bwd, exposed
+    f = ctx.options.overlap_interference
+    fwd_x, bwd_x = overlapped(send, fwd_step, f), overlapped(send_bwd, bwd_step, f)
+    fwd = perf.attention_time(diag, False) + (r - 1) * (fwd_step + fwd_x)
+    bwd = perf.attention_time(2.5 * diag, True) + (r - 1) * (bwd_step + bwd_x)
+    return fwd, bwd, (r - 1) * (fwd_x + bwd_x)
 
 
 def _elementwise_bytes(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> float:
@@ -247,18 +293,27 @@ def _block_comm(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: floa
     return out
 
 
-def _tp_backward_exposed(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tp_fwd: float,
-                         wgrad: float) -> float:
-    """Backward TP collectives. Without SP: the forward's all-reduces again, the column-parallel half
-    hidden behind weight-gradient GEMMs when overlapped (Megatron async grad all-reduce). With SP each
-    column-parallel GEMM also re-gathers its sharded input for the weight gradient (Korthikanti et al.
-    2022 §4.2.2 stores only the shard), so backward moves 1.5x the forward volume; the column part
-    (gather + reduce-scatter) hides behind the weight-gradient GEMMs only, as without SP."""
-    column = tp_fwd / 2 * (2 if s.sp else 1)
-    row = tp_fwd / 2 if not s.sp else tp_fwd / 4
-    if not ctx.options.overlap_tp_backward:
-        return column + row
-    return row + max(0.0, column - wgrad * _column_share(layer))
+def _tp_backward_exposed(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float, wgrad: float) -> float:
+    """Backward TP collectives per attention/MLP part. Without SP, Megatron's ``f`` (identity
+    forward) all-reduces the column-parallel GEMM's input gradient, overlapped with that GEMM's
+    weight gradient (async grad all-reduce); ``g`` after the row-parallel GEMM is identity backward
+    (Shoeybi et al. 2019 Fig. 3). With SP (Korthikanti et al. 2022 §4.2.2) the row part all-gathers
+    the output gradient (exposed), the column part re-gathers its sharded input behind the input-
+    gradient GEMM and reduce-scatters the input gradient behind the weight-gradient GEMM. Hidden
+    collectives still cost ``overlap_interference`` of their time."""
+    if s.tp == 1:
+        return 0.0
+    perf, opts = ctx.perf, ctx.options
+    tensor, group = tok * layer.hidden * _act_bytes(ctx), _group(ctx, 1, s.tp)
+    parts = 2 if layer.heads else 1
+    col = wgrad * _column_share(layer) / parts
+    f = opts.overlap_interference if opts.overlap_tp_backward else 1.0
+    hide = col if opts.overlap_tp_backward else 0.0
+    if s.sp:
+        ag = perf.collective_time(Collective.ALL_GATHER, tensor, group)
+        rs = perf.collective_time(Collective.REDUCE_SCATTER, tensor, group)
+        return parts * (ag + overlapped(ag, hide, f) + overlapped(rs, hide, f))
+    return parts * overlapped(perf.collective_time(Collective.ALL_REDUCE, tensor, group), hide, f)
 
 
 def _column_share(layer: LayerSpec) -> float:
@@ -369,17 +424,19 @@ def _zero_part(ctx: LayerContext, s: LayerStrategy, acc: dict[str, float], param
     acc["optim"] += _optimizer_time(ctx, s, shard, pb, gb)
 
 
-def zero_exposed(ag: Any, rs: Any, fwd: Any, bwd_compute: Any, hide: bool) -> tuple[Any, Any]:
+def zero_exposed(ag: Any, rs: Any, fwd: Any, bwd_compute: Any, options: CostOptions) -> tuple[Any, Any]:
     """Exposed forward and backward seconds of the per-micro-batch ZeRO collectives: prefetching hides
-    them behind the pass's compute. Works on floats and on numpy arrays (the search)."""
-    if not hide:
+    them behind the pass's compute (at ``overlap_interference`` of their time). Works on floats and
+    on numpy arrays (the search)."""
+    if not options.overlap_zero_prefetch:
         return ag, ag + rs
-    return np.maximum(ag - fwd, 0.0), np.maximum(ag + rs - bwd_compute, 0.0)
+    f = options.overlap_interference
+    return overlapped(ag, fwd, f), overlapped(ag + rs, bwd_compute, f)
 
 
-def apply_zero(c: LayerCost, z: ZeroTerms, hide: bool) -> None:
+def apply_zero(c: LayerCost, z: ZeroTerms, options: CostOptions) -> None:
     """Add the ZeRO/optimizer part ``z`` to a :func:`core_cost` result."""
-    fwd_x, bwd_x = zero_exposed(z.ag, z.rs, c.fwd, c.bwd_compute, hide)
+    fwd_x, bwd_x = zero_exposed(z.ag, z.rs, c.fwd, c.bwd_compute, options)
     fwd_x, bwd_x = float(fwd_x), float(bwd_x)
     c.fwd += fwd_x
     c.bwd += bwd_x
@@ -395,11 +452,15 @@ def apply_zero(c: LayerCost, z: ZeroTerms, hide: bool) -> None:
 
 
 def _optimizer_time(ctx: LayerContext, s: LayerStrategy, shard: float, pb: int, gb: int) -> float:
-    """Adam is memory-bound: read param, grad, two moments, write them back and the 16-bit copy
-    (~30 bytes per parameter). Offloaded: CPU Adam plus gradient and parameter copies over PCIe."""
+    """The optimizer step is memory-bound (Megatron's DistributedOptimizer / FSDP2 + AdamW): Adam reads
+    the fp32 master weight, both moments and the gradient and writes the three back (``24 + g``
+    bytes per parameter); the master weight is copied to the compute copy (``4 + p``); the gradient
+    norm reads the gradients, clipping scales them in place and the next step zeroes them (``4g``):
+    ``28 + 5g + p`` bytes, 50 with fp32 gradients and 16-bit weights. Offloaded: CPU Adam plus
+    gradient and parameter copies over PCIe."""
     if s.offload:
         return shard / ctx.options.cpu_adam_params_per_s + ctx.perf.host_time(shard * (gb + pb))
-    return ctx.perf.memory_time(shard * (16 + 2 * gb + 2 * pb))
+    return ctx.perf.memory_time(shard * (28 + 5 * gb + pb))
 
 
 # ------------------------------------------------------------------ embedding, norm, head

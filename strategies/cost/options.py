@@ -24,6 +24,10 @@ class CostOptions:
     asynchronous grad all-reduce, Korthikanti et al. 2022 §6.2)."""
     overlap_zero_prefetch: bool = True
     """ZeRO-3 parameter all-gathers and gradient reduce-scatters prefetched behind compute."""
+    overlap_interference: float = 0.2
+    """Fraction of compute throughput a collective takes while it overlaps compute: NCCL runs one CTA
+    per channel on the SMs (24 CTAs for an all-gather on an H100, 18% of its 132 SMs: NVIDIA developer
+    forum thread 337991, 2025; ~22% of an A100's 108), so hidden communication is not free."""
     grad_bytes: int = 4
     """Bytes per gradient element kept and reduced (fp32 main grads in Megatron, FSDP2 reduce_dtype)."""
     cpu_adam_params_per_s: float = 1e9

@@ -14,6 +14,10 @@ from typing import Protocol
 
 from galvatron.strategies.hardware import Cluster
 
+GEMM_TILE = (256, 128)
+"""Output tile of the large-GEMM kernels cuBLAS/CUTLASS pick for 16-bit inputs on A100/H100
+(CUTLASS ``256x128_64x3`` on Ampere, ``128x256x64`` WGMMA on Hopper); either orientation."""
+
 
 class Collective:
     """Names of the collectives the cost model asks about."""
@@ -80,6 +84,26 @@ class DatasheetPerf:
         gpu = self.cluster.gpu
         eff = gpu.matmul_efficiency_fp8 if dtype == "fp8" else gpu.matmul_efficiency
         return flops / (self.peak_flops(dtype) * eff) + kernels * gpu.kernel_overhead_us * 1e-6
+
+    def gemm_time(self, m: float, n: float, k: float, dtype: str, count: int = 1, out_bytes: float = 2.0) -> float:
+        """``count`` GEMMs of (m x k) by (k x n) in one (grouped) kernel. The SMs take the
+        ``GEMM_TILE`` output tiles in waves, so a last partial wave runs at its fill fraction (NVIDIA
+        "Matrix Multiplication Background" guide, wave quantisation); within a wave tiles run at the
+        measured achievable rate (MAMF, a large-K figure); the epilogue writes (or, ``out_bytes`` 8,
+        accumulates into fp32) the output at the streaming HBM rate, which makes small-K GEMMs
+        slower per FLOP; plus the kernel's fixed cost."""
+        if m <= 0 or n <= 0 or k <= 0:
+            return 0.0
+        gpu = self.cluster.gpu
+        flops = 2.0 * m * n * k * count
+        eff = gpu.matmul_efficiency_fp8 if dtype == "fp8" else gpu.matmul_efficiency
+        fill = 1.0
+        if gpu.sms:
+            tm, tn = GEMM_TILE
+            tiles = count * min(math.ceil(m / tm) * math.ceil(n / tn), math.ceil(m / tn) * math.ceil(n / tm))
+            fill = tiles / (math.ceil(tiles / gpu.sms) * gpu.sms)
+        write = count * m * n * out_bytes / (gpu.hbm_gbps * 1e9 * gpu.memory_efficiency)
+        return flops / (self.peak_flops(dtype) * eff * fill) + write + gpu.kernel_overhead_us * 1e-6
 
     def attention_time(self, flops: float, backward: bool) -> float:
         """Fused (flash) attention at the kernel's published fraction of the 16-bit peak."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from galvatron.strategies.cost.options import CostOptions
@@ -46,14 +47,24 @@ def in_flight(schedule: Schedule, pp: int, v: int, m: int, group: int) -> float:
     return chunks / v
 
 
+def overlapped(comm: Any, compute: Any, interference: float) -> Any:
+    """Time a collective adds to the compute it runs beside: while it runs, its CTAs take
+    ``interference`` of the SMs, so the pair ends at ``max(comm, compute + interference * comm)``;
+    the excess over ``compute`` is returned. Floats or numpy arrays."""
+    out = np.maximum(comm - compute, interference * comm)
+    return float(out) if np.ndim(out) == 0 else out
+
+
 def combine(sums: Sequence[float], work: float, p2p: float, inflight: float, zero_bubble: bool,
             options: CostOptions) -> GroupTotals:
     """Totals of one device group from the sums of its layers' cost vectors (floats, or numpy arrays
     with one entry per candidate in the search)."""
     t = sums[FB] + p2p
     b = np.maximum(t - 2 * sums[WGRAD], 0.0) if zero_bubble else t
-    overlap = sums[BWD_COMPUTE] if options.overlap_grad_reduce else 0.0
-    exposed = np.maximum(sums[SYNC] - overlap, 0.0)
+    if options.overlap_grad_reduce:
+        exposed = overlapped(sums[SYNC], sums[BWD_COMPUTE], options.overlap_interference)
+    else:
+        exposed = sums[SYNC]
     e = exposed + sums[POST] + sums[OPTIM]
     act = inflight * sums[ACT]
     return GroupTotals(t=t, b=b, e=e, memory=sums[STATIC] + act + work, activations=act, exposed_sync=exposed)

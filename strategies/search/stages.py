@@ -82,7 +82,7 @@ def _merged(ctx: LayerContext, cores: list[tuple[float, ...]], zeros: list[ZeroT
     z = np.array([(t.params + t.grads + t.optim_states, t.sync, t.post, t.optim, t.rs, t.ag, t.work) for t in zeros],
                  dtype=float).reshape(-1, 7).T
     static, sync, post, optim, rs, ag, zwork = z
-    fwd_x, bwd_x = zero_exposed(ag, rs, fwd, bwdc, ctx.options.overlap_zero_prefetch)
+    fwd_x, bwd_x = zero_exposed(ag, rs, fwd, bwdc, ctx.options)
     vec = np.stack([(fwd + fwd_x) + (bwd + bwd_x), wgrad, bwdc, sync, post, optim, static, act], axis=1)
     return vec, np.maximum(work, zwork)
 
