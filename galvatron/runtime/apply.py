@@ -244,9 +244,6 @@ def check_supported(model: nn.Module, plan: Plan, spec: ModelSpec,
         raise PlanError("dtype", f"fp8 is {_NATIVE_TODO}")
     strategies = [(f"stages[{i}].layers[{g.start}:{g.end}]", g.strategy) for i, s in enumerate(plan.stages)
                   for g in s.groups] + [("embedding", plan.embedding_strategy), ("head", plan.head_strategy)]
-    for path, s in strategies:
-        if s.ep > 1:
-            raise PlanError(f"{path}.ep", f"expert parallelism (ep {s.ep}) is {_NATIVE_TODO}")
     _check_context(model, plan, strategies)
     if plan.pp > 1:
         pipeline_groups(plan)
@@ -257,12 +254,28 @@ def check_supported(model: nn.Module, plan: Plan, spec: ModelSpec,
     for i, stage in enumerate(plan.stages):
         for g in stage.groups:
             path = f"stages[{i}].layers[{g.start}:{g.end}]"
+            if g.strategy.ep > 1:
+                _check_expert(blocks, g, plan, path)
             for index in range(g.start, g.end) if g.strategy.tp > 1 else ():
                 block = blocks[index]
                 derived = tensor.derive_block_plan(block)
                 plans[index] = tensor.resolve_block_plan(block, [tp_plan, hf_plan, derived], path)
+                if g.strategy.ep > 1:  # the routed experts are split by expert TP instead
+                    plans[index] = {n: style for n, style in plans[index].items() if ".experts." not in f".{n}"}
                 tensor.check_divisible(block, plans[index], g.strategy.tp, path)
     return plans
+
+
+def _check_expert(blocks: nn.ModuleList, group: Any, plan: Plan, path: str) -> None:
+    """Every block of an ``ep > 1`` layer group holds a recognised MoE layer; no pipeline."""
+    from galvatron.runtime.expert_wrap import find_moe_layers
+
+    if plan.pp > 1:
+        raise PlanError(f"{path}.ep", f"expert parallelism inside a pipeline is {_NATIVE_TODO}")
+    for index in range(group.start, group.end):
+        if not find_moe_layers(blocks[index]):
+            raise PlanError(f"{path}.ep", f"no MoE layer recognised in block {index} ({type(blocks[index]).__name__}):"
+                            " expert parallelism needs galvatron's MoE or a transformers 5 sparse-MoE block")
 
 
 def _check_context(model: nn.Module, plan: Plan, strategies: list[tuple[str, LayerStrategy]]) -> None:
@@ -457,7 +470,7 @@ def apply_layer_group(blocks: list[nn.Module], s: LayerStrategy, next_layout: La
     for i, block in enumerate(blocks):
         if s.tp > 1:
             tensor.apply_tensor_parallel(block, block_plans[i], mesh["tp"], s.sp)
-        apply_expert(block, s, mesh)
+        apply_expert(block, s, rt)
         apply_recompute(block, s.recompute)
     sp_group = mesh["tp"].get_group() if s.sp else None
     install_group_relayouts(blocks, rt.dims.layout(s), next_layout, sp_group=sp_group, dims=rt.dims, ctx=rt.ctx)
@@ -495,11 +508,27 @@ def apply_context(model: nn.Module, blocks: nn.ModuleList, rt: Runtime) -> None:
     rt.forward_signature = inspect.signature(type(model).forward)
 
 
-def apply_expert(block: nn.Module, s: LayerStrategy, mesh: Any) -> None:
-    """Expert parallelism of one MoE block folded over ``dp x cp`` (galvatron.runtime.expert
-    plugs in here; ``check_supported`` rejects ``ep > 1`` until then)."""
-    if s.ep > 1:
-        raise PlanError("ep", f"expert parallelism is {_NATIVE_TODO}")
+def apply_expert(block: nn.Module, s: LayerStrategy, rt: Runtime) -> None:
+    """Expert parallelism of one MoE block when ``s.ep > 1``: its routed experts split over an EP
+    group folded over the layer's ``dp x cp`` ranks, split further by expert TP when ``tp > 1``
+    (:mod:`galvatron.runtime.expert_wrap`, dropless), the reference MoE's aux loss over the
+    ``dp x cp`` ranks. Expert gradients are summed over the expert data-parallel group and divided
+    by ``dp x cp`` (ZeRO-1 optimizer states over that group when ``zero >= 1``; FSDP2 leaves the
+    experts alone: it reduces only parameters that have a gradient, and an expert without
+    tokens has none on some ranks)."""
+    if s.ep == 1:
+        return
+    from galvatron.runtime.expert_wrap import apply_expert_parallel, expert_modules
+
+    dims = rt.dims
+    ep_ranks, edp_ranks = dims.expert_ranks(s)
+    data = next(g for g in dims.layout(s).data_groups() if dims.rank in g)
+    tp_group = dims.mesh(s)["tp"].get_group() if s.tp > 1 else None
+    apply_expert_parallel(block, dims.group(ep_ranks), aux_group=dims.group(data) if len(data) > 1 else None,
+                          tp_group=tp_group)
+    for _, experts in expert_modules(block):
+        rt.sync.add(list(experts.parameters()), dims.gradient_group(edp_ranks), zero1=s.zero >= 1,
+                    offload=s.offload, divide=s.dp * s.cp)
 
 
 def apply_data(modules: list[nn.Module], s: LayerStrategy, rt: Runtime) -> None:

@@ -50,6 +50,9 @@ class Bucket:
     """Optimizer states sharded over ``group`` (see :mod:`galvatron.runtime.optim`)."""
     offload: bool = False
     """Sharded optimizer states kept in CPU memory."""
+    divide: int | None = None
+    """Divide the summed gradients by this instead of the group size (expert parameters: the
+    ``dp x cp`` ranks whose tokens they saw, with the group being the expert data-parallel one)."""
     ready: int = 0
     work: Any = None
     buffer: torch.Tensor | None = field(default=None, repr=False)
@@ -57,6 +60,15 @@ class Bucket:
     @property
     def size(self) -> int:
         return dist.get_world_size(self.group)
+
+    @property
+    def divisor(self) -> int:
+        return self.size if self.divide is None else self.divide
+
+    @property
+    def active(self) -> bool:
+        """Whether backward must touch the gradients (a reduction, or a division)."""
+        return self.size > 1 or self.divisor != 1
 
 
 class GradientSync:
@@ -76,18 +88,23 @@ class GradientSync:
         self._queued = False
 
     def add(self, params: list[nn.Parameter], group: dist.ProcessGroup, *, zero1: bool = False,
-            offload: bool = False) -> None:
-        """Average the gradients of ``params`` over ``group`` after every backward."""
+            offload: bool = False, divide: int | None = None) -> None:
+        """Average the gradients of ``params`` over ``group`` after every backward (``divide``:
+        sum them and divide by this instead)."""
         params = [p for p in params if p.requires_grad and id(p) not in self._seen]
         if not params:
             return
         self._seen.update(id(p) for p in params)
-        bucket = Bucket(params, group, zero1=zero1, offload=offload)
+        bucket = Bucket(params, group, zero1=zero1, offload=offload, divide=divide)
         self.buckets.append(bucket)
-        if bucket.size == 1:
+        if not bucket.active:
             return
         for p in params:
             p.register_post_accumulate_grad_hook(lambda p, b=bucket: self._on_grad(b))
+
+    def reduces(self, p: nn.Parameter) -> bool:
+        """Whether ``p``'s gradient is reduced here."""
+        return id(p) in self._seen
 
     # -------------------------------------------------------------- during backward
     def _on_grad(self, bucket: Bucket) -> None:
@@ -107,7 +124,7 @@ class GradientSync:
         self._queued = False
 
     def _order(self) -> list[Bucket]:
-        return [b for b in reversed(self.buckets) if b.size > 1]
+        return [b for b in reversed(self.buckets) if b.active]
 
     # ------------------------------------------------------------------ collectives
     def reduce(self) -> None:
@@ -131,15 +148,16 @@ class GradientSync:
                 flags.append(1.0)
         flag = torch.tensor(flags, dtype=parts[0].dtype, device=parts[0].device)
         bucket.buffer = torch.cat([*parts, flag])
-        bucket.work = dist.all_reduce(bucket.buffer, group=bucket.group, async_op=True)
+        bucket.work = dist.all_reduce(bucket.buffer, group=bucket.group, async_op=True) if bucket.size > 1 else None
 
     def _unpack(self, bucket: Bucket) -> None:
-        bucket.work.wait()
+        if bucket.work is not None:
+            bucket.work.wait()
         buffer, n = bucket.buffer, len(bucket.params)
         counts, offset = buffer[-n:], 0
         for p, count in zip(bucket.params, counts.tolist(), strict=True):
             local = local_view(p)
-            grad = buffer[offset: offset + local.numel()].view_as(local) / bucket.size
+            grad = buffer[offset: offset + local.numel()].view_as(local) / bucket.divisor
             offset += local.numel()
             if count == 0:
                 continue
@@ -166,17 +184,20 @@ def apply_data_parallel(modules: list[nn.Module], *, zero: int, offload: bool, d
 
     ZeRO 0/1 register the modules' parameters with ``sync`` (one bucket per module); ZeRO 2/3
     shard each module with FSDP2 (a list of modules that share parameters is one FSDP unit).
+    Parameters ``sync`` already reduces (expert parameters) are left to it.
     """
     if zero >= 2:
-        apply_fsdp(modules, dp_mesh, reshard_after_forward=zero == 3, offload=offload, dtype=dtype)
+        ignored = {p for m in modules for p in m.parameters() if sync.reduces(p)}
+        apply_fsdp(modules, dp_mesh, reshard_after_forward=zero == 3, offload=offload, dtype=dtype, ignored=ignored)
         return
     for module in modules:
         sync.add(list(module.parameters()), group, zero1=zero == 1, offload=offload)
 
 
 def apply_fsdp(modules: list[nn.Module], mesh: Any, *, reshard_after_forward: bool, offload: bool,
-               dtype: DType) -> None:
-    """FSDP2 ``fully_shard`` each module, or all of them as one unit when they share parameters."""
+               dtype: DType, ignored: set[nn.Parameter] | None = None) -> None:
+    """FSDP2 ``fully_shard`` each module, or all of them as one unit when they share parameters;
+    ``ignored`` parameters stay as they are."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     low = _LOW_PRECISION.get(dtype)
@@ -187,7 +208,9 @@ def apply_fsdp(modules: list[nn.Module], mesh: Any, *, reshard_after_forward: bo
         MixedPrecisionPolicy(),
         "offload_policy": CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy(),
     }
-    modules = [m for m in modules if any(True for _ in m.parameters())]
+    if ignored:
+        kwargs["ignored_params"] = ignored
+    modules = [m for m in modules if any(p not in (ignored or ()) for p in m.parameters())]
     if not modules:
         return
     if _share_parameters(modules):
