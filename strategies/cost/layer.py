@@ -26,7 +26,7 @@ from galvatron.strategies.cost.perf import Collective, Group, Perf
 from galvatron.strategies.cost.step import overlapped
 
 from galvatron.plan import CPKind, DType, LayerStrategy, Recompute
-from galvatron.spec import LayerKind, LayerSpec
+from galvatron.spec import LayerKind, LayerSpec, ModelSpec
 
 # Bytes one token moves through memory-bound kernels in the forward pass, per hidden unit, outside
 # the attention core and the FFN: two norms (read + write 2h each), two residual adds (read 4h, write
@@ -143,22 +143,39 @@ def _block(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     t_mm, dgrad, wgrad = _gemm_times(ctx, _block_gemms(layer, s, tok), mm)
     attn_fwd, attn_bwd, attn_exposed = _attention(ctx, layer, s, tok)
     ew = ctx.perf.memory_time(_elementwise_bytes(ctx, layer, s) * tok)
+    fwd_compute, bwd_compute = t_mm + attn_fwd + ew, dgrad + wgrad + attn_bwd + 2 * ew
+    redo = {Recompute.FULL: fwd_compute, Recompute.SELECTIVE: attn_fwd}.get(s.recompute, 0.0)
+    measured = _measured(ctx, layer, s)
+    if measured is not None:
+        scale = measured.backward / (bwd_compute + redo)
+        fwd_compute, bwd_compute, redo, wgrad = measured.forward, scale * bwd_compute, scale * redo, scale * wgrad
     comm_fwd = _block_comm(ctx, layer, s, tok)
     fwd_comm_total = sum(comm_fwd.values())
-    c.fwd = t_mm + attn_fwd + ew + fwd_comm_total
+    c.fwd = fwd_compute + fwd_comm_total
     c.wgrad = wgrad
-    bwd_tp = _tp_backward_exposed(ctx, layer, s, tok, wgrad)
-    c.bwd_compute = dgrad + wgrad + attn_bwd + 2 * ew
-    bwd_comm = {**comm_fwd, "tp": bwd_tp}
-    c.bwd = c.bwd_compute + sum(bwd_comm.values()) + _recompute_time(ctx, s, c.fwd, attn_fwd)
+    c.bwd_compute = bwd_compute
+    bwd_comm = {**comm_fwd, "tp": _tp_backward_exposed(ctx, layer, s, tok, wgrad)}
+    full = s.recompute is Recompute.FULL
+    c.bwd = bwd_compute + sum(bwd_comm.values()) + redo + (fwd_comm_total if full else 0.0)
     c.flops = 3 * mm + _attention_flops(ctx, layer, s, tok) * 3.5 + _recompute_flops(ctx, layer, s, tok, mm)
-    c.comm = {k: comm_fwd[k] + bwd_comm[k] + (comm_fwd[k] if s.recompute is Recompute.FULL else 0.0)
-              for k in comm_fwd}
+    c.comm = {k: comm_fwd[k] + bwd_comm[k] + (comm_fwd[k] if full else 0.0) for k in comm_fwd}
     if attn_exposed:
         c.comm["cp"] = c.comm.get("cp", 0.0) + attn_exposed
     c.act = _activation(ctx, layer, s, s.recompute) * tok
-    c.work = max(c.work, _activation(ctx, layer, s, Recompute.NONE) * tok if s.recompute is Recompute.FULL else 0.0)
+    c.work = max(c.work, _activation(ctx, layer, s, Recompute.NONE) * tok if full else 0.0)
     return c
+
+
+def _measured(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> Any:
+    """Measured forward/backward compute seconds of the block from a profile, or None: a Perf with
+    ``layer_times(layer, micro_batch, seq_len, recompute, tp=, cp=)`` (``profiler.ProfiledPerf``)
+    answers for the layers it profiled; its backward includes the recomputation. The measurement
+    then replaces the datasheet compute (GEMMs, attention, memory-bound kernels) of the block;
+    communication stays modelled."""
+    hook = getattr(ctx.perf, "layer_times", None)
+    if hook is None:
+        return None
+    return hook(layer, ctx.micro_batch / s.dp, ctx.seq_len, s.recompute, tp=s.tp, cp=s.cp)
 
 
 Gemm = tuple[float, float, float, int]
@@ -328,16 +345,6 @@ def _column_share(layer: LayerSpec) -> float:
     return max(0.0, qkv + mlp - down) / (layer.flops_per_token / 2)
 
 
-def _recompute_time(ctx: LayerContext, s: LayerStrategy, fwd: float, attn_fwd: float) -> float:
-    """Extra backward time: the whole forward again (full) or the attention core (selective,
-    Korthikanti et al. 2022 §5)."""
-    if s.recompute is Recompute.FULL:
-        return fwd
-    if s.recompute is Recompute.SELECTIVE:
-        return attn_fwd
-    return 0.0
-
-
 def _recompute_flops(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float, mm: float) -> float:
     if s.recompute is Recompute.FULL:
         return mm + _attention_flops(ctx, layer, s, tok)
@@ -490,23 +497,44 @@ def _norm(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
 
 def _head(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     """Output GEMM split over the vocabulary and the fp32 cross-entropy over logits (read/write 12
-    bytes per logit forward, as much backward); with SP the input is all-gathered first."""
+    bytes per logit forward, as much backward); with SP the input is all-gathered first. A head
+    without a known width (``hidden`` 0) is costed by its FLOPs alone, with no logits."""
     c = LayerCost()
     tok = tokens_per_rank(ctx, s)
     mm = layer.flops_per_token * tok / s.tp
-    t_mm = ctx.perf.matmul_time(mm, ctx.dtype.value, kernels=1)
-    loss = ctx.perf.memory_time(12 * (layer.flops_per_token / (2 * layer.hidden)) * tok / s.tp)
+    vocab = layer.flops_per_token / (2 * layer.hidden) if layer.hidden else 0.0
+    gemms: list[Gemm] = [(tok, vocab / s.tp, layer.hidden, 1)] if vocab else []
+    t_mm, dgrad, wgrad = _gemm_times(ctx, gemms, mm)
+    loss = ctx.perf.memory_time(12 * vocab * tok / s.tp)
     tp = 0.0
     if s.tp > 1:
         op = Collective.ALL_GATHER if s.sp else Collective.ALL_REDUCE
         tp = ctx.perf.collective_time(op, tok * layer.hidden * _act_bytes(ctx), _group(ctx, 1, s.tp))
     c.fwd = t_mm + loss + (tp if s.sp else 0.0)
-    c.wgrad = t_mm
-    c.bwd_compute = 2 * t_mm + loss
+    c.wgrad = wgrad
+    c.bwd_compute = dgrad + wgrad + loss
     c.bwd = c.bwd_compute + tp
     c.flops = 3 * mm
     c.comm["tp"] = tp * (2 if s.sp else 1)
-    vocab = layer.flops_per_token / (2 * layer.hidden)
     # logits live from the loss to the head's backward only, which follow each other: transient
     c.work = (2 * layer.hidden / (s.tp if s.sp else 1) + 4 * vocab / s.tp) * tok
+    return c
+
+
+def tied_copy(ctx: LayerContext, spec: ModelSpec, s: LayerStrategy, holder: bool) -> LayerCost:
+    """Tied input/output embeddings under pipeline parallelism (Megatron's shared word embeddings):
+    the last stage keeps its own copy of the embedding weights (parameters, gradients, optimizer
+    states and step when ``holder``), and both ends all-reduce the copies' gradients once per step
+    after the backward pass, exposed, over a group of 2 (across nodes when a stage fills a node)."""
+    c = LayerCost()
+    embeddings = spec.layers_of(LayerKind.EMBEDDING)
+    if not (spec.tied_embeddings and embeddings):
+        return c
+    layer = embeddings[0]
+    if holder:
+        z = zero_terms(ctx, layer, s)
+        c.params, c.grads, c.optim_states, c.optim = z.params, z.grads, z.optim_states, z.optim
+    grads = layer.params / s.tp * ctx.options.grad_bytes
+    inter = ctx.stage_devices >= ctx.perf.gpus_per_node
+    c.post = ctx.perf.collective_time(Collective.ALL_REDUCE, grads, Group(size=2, per_node=1 if inter else 2))
     return c

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from galvatron.strategies.cost.layer import LayerContext, LayerCost, layer_cost, tokens_per_rank
+from galvatron.strategies.cost.layer import LayerContext, LayerCost, layer_cost, tied_copy, tokens_per_rank
 from galvatron.strategies.cost.options import CostOptions
 from galvatron.strategies.cost.perf import DatasheetPerf, Perf
 from galvatron.strategies.cost.step import POST, VECTOR_LEN, GroupTotals, combine, in_flight, step_time
@@ -84,6 +84,9 @@ def cost_plan(plan: Plan, spec: ModelSpec, cluster: Cluster | Perf, options: Cos
         group.ranges.append((stage.start, stage.end))
         for layer, strategy in _stage_layers(plan, spec, j):
             group.add(layer_cost(ctx, layer, strategy))
+        if pp > 1 and j in (0, len(plan.stages) - 1):
+            edge = plan.embedding_strategy if j == 0 else plan.head_strategy
+            group.add(tied_copy(ctx, spec, edge, holder=j > 0))
         if j + 1 < len(plan.stages):
             group.p2p += p2p_time(ctx, spec.hidden, plan.stages[j].groups[-1].strategy)
     zb = plan.pipeline.schedule is Schedule.ZERO_BUBBLE

@@ -122,7 +122,7 @@ class _Search:
             ctx = LayerContext(perf=self.perf, options=self.cost, dtype=self.options.dtype, seq_len=self.spec.seq_len,
                                causal=self.spec.causal, micro_batch=micro_batch, stage_devices=devices)
             modes = [*self.lower, Recompute.FULL]
-            self.tables[key] = StageTable(self.spec, ctx, usable, modes, self.cache)
+            self.tables[key] = StageTable(self.spec, ctx, usable, modes, self.cache, pipelined=devices < self.world)
         return self.tables[key]
 
     # ---------------------------------------------------------------- driver

@@ -20,6 +20,7 @@ from galvatron.strategies.cost.layer import (
     LayerContext,
     ZeroTerms,
     core_cost,
+    tied_copy,
     zero_exposed,
     zero_terms,
 )
@@ -89,10 +90,12 @@ def _merged(ctx: LayerContext, cores: list[tuple[float, ...]], zeros: list[ZeroT
 
 class StageTable:
     """Cost vectors of the blocks, embedding and tail of a model under ``strategies`` at one
-    micro-batch size, for each recompute mode in ``modes``; shared by every stage of a pipeline."""
+    micro-batch size, for each recompute mode in ``modes``; shared by every stage of a pipeline.
+    ``pipelined``: the embedding and the head sit on different stages (tied embeddings then cost a
+    copy and a gradient all-reduce, :func:`strategies.cost.layer.tied_copy`)."""
 
     def __init__(self, spec: ModelSpec, ctx: LayerContext, strategies: Sequence[LayerStrategy],
-                 modes: Sequence[Recompute], cache: LayerCache) -> None:
+                 modes: Sequence[Recompute], cache: LayerCache, pipelined: bool = False) -> None:
         self.spec, self.ctx, self.strategies = spec, ctx, list(strategies)
         self.num_blocks = spec.num_blocks
         sigs = [signature(b) for b in spec.blocks]
@@ -114,6 +117,9 @@ class StageTable:
         self.embedding = self._edge((LayerKind.EMBEDDING,), cache)
         """Vectors and transient memory of the embedding and of the tail (never recomputed)."""
         self.tail = self._edge((LayerKind.NORM, LayerKind.HEAD), cache)
+        if pipelined and spec.tied_embeddings:
+            for edge, holder in ((self.embedding, False), (self.tail, True)):
+                edge[0][:] += np.array([tied_copy(ctx, spec, x, holder).vector() for x in self.strategies])
         self.p2p = np.array([p2p_time(ctx, spec.hidden, s) for s in self.strategies])
         self.block_floor = {mode: v[:, :, FB].min(axis=0) for mode, v in self.vec.items()}
         """Per mode: the cheapest block's per-micro-batch time under each strategy."""

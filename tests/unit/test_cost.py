@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
-from galvatron.strategies.cost import CostOptions, DatasheetPerf, LayerContext, cost_plan, layer_cost
+from galvatron.profiler.schema import PhaseTimes
+from galvatron.strategies.cost import Collective, CostOptions, DatasheetPerf, Group, LayerContext, cost_plan, layer_cost
+from galvatron.strategies.cost.layer import zero_terms
 from galvatron.strategies.cost.step import in_flight
 from galvatron.strategies.hardware import load_cluster
 
 from galvatron.errors import PlanError
 from galvatron.plan import DType, LayerStrategy, Plan, Schedule
-from galvatron.spec import ModelSpec
+from galvatron.spec import LayerKind, LayerSpec, ModelSpec
 from galvatron.spec_config import load_model_config
 
 SPEC = ModelSpec.from_config("llama2-7b")
@@ -82,3 +86,62 @@ def test_korthikanti_table4_per_layer_times_within_ten_percent() -> None:
     for recompute, published in (("none", 19.6), ("full", 27.2), ("selective", 20.9)):
         c = layer_cost(ctx, spec.blocks[0], LayerStrategy(dp=1, tp=8, recompute=recompute))
         assert (c.fwd + c.bwd) * 1e3 == pytest.approx(published, rel=0.10)
+
+
+def test_expert_gradients_sync_over_the_expert_data_parallel_group() -> None:
+    """Routed experts are replicated dp*cp/ep times, tp*ep ranks apart (Megatron-Core's expert-data-parallel
+    group): with tp 2 and ep 4 on nodes of 8 the two replicas sit on different nodes."""
+    spec = ModelSpec.from_config("mixtral-8x7b")
+    perf = DatasheetPerf(load_cluster("8xH100", nodes=2))
+    ctx = LayerContext(perf=perf, options=CostOptions(), dtype=DType.BF16, seq_len=4096, causal=True,
+                       micro_batch=8, stage_devices=16)
+    block = spec.blocks[0]
+    s = LayerStrategy(dp=8, tp=2, ep=4)
+    dense = (block.params - block.expert_params) / 2 * 4
+    expert = block.expert_params / 8 * 4
+    ar = perf.collective_time
+    want = ar(Collective.ALL_REDUCE, dense, Group(size=8, per_node=4)) + ar(
+        Collective.ALL_REDUCE, expert, Group(size=2, per_node=1))
+    assert zero_terms(ctx, block, s).sync == pytest.approx(want, rel=1e-12)
+
+
+def test_tied_embeddings_cost_a_copy_and_an_all_reduce_under_pipelining() -> None:
+    cfg = {**load_model_config("llama2-7b"), "tied_embeddings": True}
+    tied, untied = ModelSpec.from_config(cfg), SPEC
+    plan = Plan.uniform(SPEC.num_blocks, global_batch_size=8, num_micro_batches=8, pp=2, tp=4, dp=1)
+    cluster = load_cluster("8xA100-80GB")
+    a, b = cost_plan(plan, tied, cluster), cost_plan(plan, untied, cluster)
+    # the last stage holds the embedding copy as the untied head holds its own weights
+    assert a.stages[1].memory_gib["params"] == pytest.approx(b.stages[1].memory_gib["params"], rel=1e-9)
+    assert a.stages[0].comm_s["dp"] > b.stages[0].comm_s["dp"] and a.step_time_s > b.step_time_s
+    flat = Plan.uniform(SPEC.num_blocks, global_batch_size=8, num_micro_batches=8, tp=8, dp=1)
+    assert cost_plan(flat, tied, cluster).peak_memory_gib < cost_plan(flat, untied, cluster).peak_memory_gib
+
+
+def test_head_without_known_width_is_costed_by_flops() -> None:
+    ctx = LayerContext(perf=DatasheetPerf(load_cluster("8xH100")), options=CostOptions(), dtype=DType.BF16,
+                       seq_len=128, causal=True, micro_batch=2, stage_devices=8)
+    head = LayerSpec(kind=LayerKind.HEAD, name="lm_head", params=1000, flops_per_token=2e6)
+    c = layer_cost(ctx, head, LayerStrategy(dp=1, tp=2))
+    assert c.fwd > 0 and c.work == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Measured(DatasheetPerf):
+    """The datasheet with a measured block time (what profiler.ProfiledPerf.layer_times answers)."""
+
+    def layer_times(self, layer, micro_batch, seq_len, recompute, tp=1, cp=1):
+        return PhaseTimes(forward=1e-3 * micro_batch, backward=2e-3 * micro_batch) if layer.is_block else None
+
+
+def test_measured_layer_times_replace_datasheet_compute() -> None:
+    """A profile's block times (backward including recomputation) replace the datasheet compute."""
+    perf = _Measured(load_cluster("8xA100-80GB"))
+    ctx = LayerContext(perf=perf, options=CostOptions(), dtype=DType.BF16, seq_len=4096, causal=True,
+                       micro_batch=8, stage_devices=8)
+    for recompute in ("none", "selective", "full"):
+        c = layer_cost(ctx, SPEC.blocks[0], LayerStrategy(dp=4, recompute=recompute))
+        assert (c.fwd, c.bwd) == pytest.approx((2e-3, 4e-3), rel=1e-12)
+    split = layer_cost(ctx, SPEC.blocks[0], LayerStrategy(dp=2, tp=2))
+    assert split.fwd > 4e-3 and split.comm["tp"] > 0  # measured compute + modelled TP communication
+    assert split.fwd == pytest.approx(4e-3 + split.comm["tp"] - (split.bwd - 8e-3), rel=1e-9)

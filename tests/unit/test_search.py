@@ -70,11 +70,12 @@ def test_search_matches_brute_force_on_mixed_moe_blocks() -> None:
     assert any(g.strategy.ep > 1 for c in truth for g in c.plan.groups()), "ep must be in the space"
 
 
-@pytest.mark.parametrize("config", [TINY, MOE])
-def test_search_estimate_equals_cost_plan(config: dict) -> None:
-    """What the search optimises internally is what cost_plan reports, for every plan it keeps."""
+@pytest.mark.parametrize(("config", "fixed"), [(TINY, {}), (MOE, {}), ({**TINY, "tied_embeddings": True}, {"pp": 2})])
+def test_search_estimate_equals_cost_plan(config: dict, fixed: dict) -> None:
+    """What the search optimises internally is what cost_plan reports, for every plan it keeps
+    (tied embeddings across pipeline stages included)."""
     spec = ModelSpec.from_config(config)
-    options = _options(top_k=8)
+    options = _options(top_k=8, fixed=fixed)
     s = _Search(spec, _perf(4), 4, options, CostOptions())
     s.run()
     found = s.results()
