@@ -1,7 +1,8 @@
 """``galvatron.wrap``: read a plan once and apply it to an unmodified model.
 
-Order of application (torchtitan's): tensor parallelism, recomputation, re-layout hooks, then
-data parallelism / ZeRO, per layer group over that group's own device mesh; the embedding and
+Order of application (torchtitan's): context-parallel attention cores for the whole model, then
+per layer group over that group's own device mesh tensor parallelism, expert parallelism,
+recomputation, re-layout hooks, data parallelism / ZeRO; the embedding and
 the head get their own strategies; an FSDP2 root over everything when any range is ZeRO-2/3.
 With ``pp > 1`` the model is cut into this rank's chunks first (:mod:`galvatron.runtime.pipeline`)
 and the same per-group appliers run on the blocks inside them.
@@ -64,7 +65,8 @@ def wrap(model: nn.Module, plan: Plan | str | Path | None = "auto", *, example_b
     Starts the default process group if needed (``torchrun`` variables, else one local process;
     NCCL with CUDA, gloo without). The result is the same module, now also a
     :class:`GalvatronModule`: ``.plan``, ``.train_step(batch, loss_fn)``, ``.optimizer(...)``,
-    ``.shard_batch(batch)``; without a pipeline it trains with ``loss.backward(); opt.step()``.
+    ``.shard_batch(batch)``, ``.cross_entropy(logits, targets)``; without a pipeline it trains with
+    ``loss.backward(); opt.step()``.
 
     ``backend``: ``"native"`` (this runtime), ``"deepspeed"`` or ``"megatron"``; each executes
     the plan features in its capability table (:mod:`galvatron.backends`, docs/backends.md).
