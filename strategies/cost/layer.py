@@ -18,6 +18,7 @@ Per block (per token, h hidden, q = heads*head_dim, kv = kv_heads*head_dim, f = 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -140,7 +141,9 @@ def _block(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     c = LayerCost()
     tok = tokens_per_rank(ctx, s)
     mm = layer.flops_per_token * tok / s.tp
-    t_mm, dgrad, wgrad = _gemm_times(ctx, _block_gemms(layer, s, tok), mm)
+    load = moe_load(ctx, layer, s, tok)
+    nominal, gemms = _block_gemms(layer, s, tok), _block_gemms(layer, s, tok, load)
+    t_mm, dgrad, wgrad = _gemm_times(ctx, gemms, mm * _gemm_flops(gemms) / (_gemm_flops(nominal) or 1.0))
     attn_fwd, attn_bwd, attn_exposed = _attention(ctx, layer, s, tok)
     ew = ctx.perf.memory_time(_elementwise_bytes(ctx, layer, s) * tok)
     fwd_compute, bwd_compute = t_mm + attn_fwd + ew, dgrad + wgrad + attn_bwd + 2 * ew
@@ -182,10 +185,31 @@ Gemm = tuple[float, float, float, int]
 """(m, n, k, count): ``count`` GEMMs of (m x k) by (k x n) in one kernel."""
 
 
-def _block_gemms(layer: LayerSpec, s: LayerStrategy, tok: float) -> list[Gemm]:
+def _gemm_flops(gemms: list[Gemm]) -> float:
+    return sum(2 * m * n * k * count for m, n, k, count in gemms)
+
+
+def moe_load(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float) -> float:
+    """Routed tokens on the busiest expert-parallel rank over the mean (1 for dense blocks):
+    ``CostOptions.moe_imbalance`` or the expected maximum under random top-k routing, capped by the
+    capacity factor when tokens are dropped."""
+    if not layer.experts:
+        return 1.0
+    opts = ctx.options
+    load = opts.moe_imbalance
+    if load is None:
+        routed = tok * layer.top_k  # tokens one rank's experts receive on average, ep ranks sending
+        load = 1.0 + math.sqrt(2 * math.log(s.ep) * (1 - 1 / s.ep) / routed) if s.ep > 1 and routed else 1.0
+    if opts.moe_capacity_factor is not None:
+        load = min(load, opts.moe_capacity_factor)
+    return load
+
+
+def _block_gemms(layer: LayerSpec, s: LayerStrategy, tok: float, load: float = 1.0) -> list[Gemm]:
     """A block's forward GEMMs on one rank (Megatron column/row split over ``tp``): QKV, output
     projection, FFN up(+gate) and down; routed experts as one grouped GEMM over the rank's
-    ``experts / ep`` experts, each receiving ``tok * ep * top_k / experts`` tokens on average.
+    ``experts / ep`` experts, each receiving ``load * tok * ep * top_k / experts`` tokens (``load``:
+    the busiest rank's share over the mean, :func:`moe_load`).
     Empty when the spec lacks the shapes (the caller then uses FLOPs alone)."""
     h, q, kv, f = layer.hidden, layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim, layer.ffn_hidden
     if not (h and q and f):
@@ -199,7 +223,7 @@ def _block_gemms(layer: LayerSpec, s: LayerStrategy, tok: float) -> list[Gemm]:
     if not layer.experts:
         return [*out, (tok, up / tp, h, 1), (tok, h, f / tp, 1)]
     local = max(layer.experts // s.ep, 1)
-    per_expert = tok * s.ep * layer.top_k / layer.experts
+    per_expert = load * tok * s.ep * layer.top_k / layer.experts
     out += [(per_expert, up / tp, h, local), (per_expert, h, f / tp, local)]
     if layer.shared_experts:
         out += [(tok, layer.shared_experts * up / tp, h, 1), (tok, h, layer.shared_experts * f / tp, 1)]
@@ -305,7 +329,7 @@ def _block_comm(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: floa
         out["cp"] = sum(perf.collective_time(Collective.ALL_TO_ALL, tok * width / s.tp * ab, group)
                         for width in (q, kv, kv, q))
     if s.ep > 1 and layer.experts:
-        routed = tok * layer.top_k * layer.hidden * ab
+        routed = moe_load(ctx, layer, s, tok) * tok * layer.top_k * layer.hidden * ab
         out["ep"] = 2 * perf.collective_time(Collective.ALL_TO_ALL, routed, _group(ctx, s.tp, s.ep))
     return out
 

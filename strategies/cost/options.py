@@ -28,6 +28,14 @@ class CostOptions:
     """Fraction of compute throughput a collective takes while it overlaps compute: NCCL runs one CTA
     per channel on the SMs (24 CTAs for an all-gather on an H100, 18% of its 132 SMs: NVIDIA developer
     forum thread 337991, 2025; ~22% of an A100's 108), so hidden communication is not free."""
+    moe_imbalance: float | None = None
+    """Tokens on the busiest expert-parallel rank over the mean. None: the expected maximum under
+    uniformly random top-k routing (balls into bins, Gaussian tail: ``1 + sqrt(2 ln ep) *
+    sqrt((1 - 1/ep) / n)`` for ``n`` routed tokens per rank; Raab & Steger 1998), a lower bound;
+    learned routers with an auxiliary loss run 1.1-1.5x (set it from a measurement)."""
+    moe_capacity_factor: float | None = None
+    """Expert capacity over the mean load (GShard/Switch capacity mode): tokens beyond it are dropped,
+    so the busiest rank computes at most this factor. None: dropless (the imbalance applies in full)."""
     grad_bytes: int = 4
     """Bytes per gradient element kept and reduced (fp32 main grads in Megatron, FSDP2 reduce_dtype)."""
     cpu_adam_params_per_s: float = 1e9

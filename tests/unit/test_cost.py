@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from galvatron.profiler.schema import PhaseTimes
 from galvatron.strategies.cost import Collective, CostOptions, DatasheetPerf, Group, LayerContext, cost_plan, layer_cost
-from galvatron.strategies.cost.layer import zero_terms
+from galvatron.strategies.cost.layer import moe_load, zero_terms
 from galvatron.strategies.cost.step import in_flight
 from galvatron.strategies.hardware import load_cluster
 
@@ -145,3 +145,20 @@ def test_measured_layer_times_replace_datasheet_compute() -> None:
     split = layer_cost(ctx, SPEC.blocks[0], LayerStrategy(dp=2, tp=2))
     assert split.fwd > 4e-3 and split.comm["tp"] > 0  # measured compute + modelled TP communication
     assert split.fwd == pytest.approx(4e-3 + split.comm["tp"] - (split.bwd - 8e-3), rel=1e-9)
+
+
+def test_moe_routing_imbalance_and_capacity() -> None:
+    """The busiest expert rank sets the pace: random top-k routing gives a small excess, a measured
+    imbalance scales expert compute and dispatch, a capacity factor caps both (dropped tokens)."""
+    spec = ModelSpec.from_config("mixtral-8x7b")
+    ctx = LayerContext(perf=DatasheetPerf(load_cluster("8xH100")), options=CostOptions(), dtype=DType.BF16,
+                       seq_len=4096, causal=True, micro_batch=8, stage_devices=8)
+    block, s = spec.blocks[0], LayerStrategy(dp=8, ep=8)
+    tok = 4096.0
+    assert 1.0 < moe_load(ctx, block, s, tok) < 1.05
+    assert moe_load(ctx, block, LayerStrategy(dp=8), tok) == 1.0
+    skewed = dataclasses.replace(ctx, options=CostOptions(moe_imbalance=1.5))
+    capped = dataclasses.replace(ctx, options=CostOptions(moe_imbalance=1.5, moe_capacity_factor=1.25))
+    assert moe_load(capped, block, s, tok) == 1.25
+    base, slow, cap = (layer_cost(c, block, s) for c in (ctx, skewed, capped))
+    assert base.fwd < cap.fwd < slow.fwd and base.comm["ep"] < cap.comm["ep"] < slow.comm["ep"]
