@@ -149,29 +149,32 @@ def _sequence_layout_facts() -> dict[str, Any]:
     return {"tokens": model.shard_batch(tokens).tolist(), "positions": positions}
 
 
-_RESULTS: dict[int, tuple[dict, dict, list[dict[str, Any]]]] = {}
+_RESULTS: dict[tuple[int, str], tuple[dict, dict, list[dict[str, Any]]]] = {}
 
 
-def _results(world: int) -> tuple[dict, dict, list[dict[str, Any]]]:
-    if world not in _RESULTS:
+def results(world: int, backend: str = "gloo") -> tuple[dict, dict, list[dict[str, Any]]]:
+    """(references, references with ignored labels, per-rank results): one launch per world size
+    (``backend="nccl"``: one GPU per rank, tests/gpu; the references stay single-process CPU runs)."""
+    if (world, backend) not in _RESULTS:
         refs = {(c.model, c.adam): harness.reference(c.model, c.adam) for c in CASES[world]}
         ignored = _ignored_cases(world)
         ignored_refs = {model: _ignored_reference(model) for _, model, _, _ in ignored}
-        ranks = run_ranks(_rank_main, world, CASES[world], ignored, timeout=600)
-        _RESULTS[world] = refs, ignored_refs, ranks
-    return _RESULTS[world]
+        ranks = run_ranks(_rank_main, world, CASES[world], ignored, timeout=600, backend=backend)
+        _RESULTS[world, backend] = refs, ignored_refs, ranks
+    return _RESULTS[world, backend]
 
 
 @pytest.mark.parametrize("world,case", [(w, c) for w, cs in CASES.items() for c in cs],
                          ids=[f"{w}ranks-{c.name}" for w, cs in CASES.items() for c in cs])
 def test_context_parallel_matches_single_process(world: int, case: Case) -> None:
-    refs, _, ranks = _results(world)
+    refs, _, ranks = results(world)
     problems = harness.mismatches(refs, ranks, case)
     assert not problems, "\n".join(problems[:20])
 
 
-def _ignored_mismatch(world: int, name: str, model: str) -> float:
-    _, refs, ranks = _results(world)
+def ignored_mismatch(world: int, name: str, model: str, backend: str = "gloo") -> float:
+    """Largest deviation of a labels-with-ignored-positions run from one process, over all ranks."""
+    _, refs, ranks = results(world, backend)
     ref_losses, ref_params = refs[model]
     worst = 0.0
     for per_rank in ranks:
@@ -184,13 +187,13 @@ def _ignored_mismatch(world: int, name: str, model: str) -> float:
 @pytest.mark.parametrize("world,name", [(w, n) for n, (w, _) in IGNORED.items()])
 def test_cross_entropy_is_exact_with_uneven_token_counts(world: int, name: str) -> None:
     model = name.split("-")[0]
-    assert _ignored_mismatch(world, f"{name}-exact", model) < 2e-5
-    assert _ignored_mismatch(world, f"{name}-plain-mean", model) > 1e-3  # the control
+    assert ignored_mismatch(world, f"{name}-exact", model) < 2e-5
+    assert ignored_mismatch(world, f"{name}-plain-mean", model) > 1e-3  # the control
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_striped_shards_hold_tokens_and_positions_i_mod_p(world: int) -> None:
-    _, _, ranks = _results(world)
+    _, _, ranks = results(world)
     for rank, per_rank in enumerate(ranks):
         expected = [list(range(rank, 8, world)), list(range(8 + rank, 16, world))]
         assert per_rank["sequence"]["tokens"] == expected

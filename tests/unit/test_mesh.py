@@ -7,13 +7,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from galvatron.errors import PlanError
-from galvatron.plan import Plan
+from galvatron.plan import LayerStrategy, Plan
 from galvatron.runtime.mesh import (
     Layout,
     batch_groups,
+    context_subgroups,
     data_layout,
     device_group_of,
     device_group_ranks,
+    expert_groups,
     gradient_groups,
     pipeline_groups,
     relayout_steps,
@@ -130,3 +132,34 @@ def test_gradient_groups_are_the_data_groups_of_every_layout():
     # dp2 x tp2 reduces over (0, 2) and (1, 3); tp4 has no data parallelism; the data layout
     # (the head's dp) is dp1 here
     assert gradient_groups(plan) == ((0, 2), (1, 3))
+
+
+def test_data_layout_carries_the_heads_token_split():
+    plan = Plan.uniform(4, global_batch_size=8, cp=2, dp=2)
+    lay = data_layout(plan, 0)
+    assert lay == Layout(range(4), 2, 2, 1)
+    assert [lay.batch_index(r) for r in range(4)] == [0, 0, 1, 1]
+    assert lay.data_groups() == ((0, 1, 2, 3),)
+
+
+def test_hybrid_subgroups_split_each_cp_group():
+    s = LayerStrategy(dp=2, cp=4, cp_kind="hybrid", cp_ulysses=2)  # 8 ranks: cp groups 0-3 and 4-7
+    assert context_subgroups(s, range(8)) == ((0, 1), (2, 3), (0, 2), (1, 3), (4, 5), (6, 7), (4, 6), (5, 7))
+    assert context_subgroups(LayerStrategy(cp=4, cp_kind="ring"), range(4)) == ()
+    plan = Plan.uniform(4, global_batch_size=8, cp=4, cp_kind="hybrid", cp_ulysses=2)
+    assert {(0, 1), (2, 3), (0, 2), (1, 3)} <= set(required_groups(plan))
+
+
+def test_expert_groups_fold_over_dp_x_cp_per_tp_index():
+    s = LayerStrategy(dp=2, cp=2, tp=2, ep=2)  # data groups (0, 2, 4, 6) and (1, 3, 5, 7)
+    ep_groups, edp_groups = expert_groups(s, range(8))
+    assert ep_groups == ((0, 2), (4, 6), (1, 3), (5, 7))
+    assert edp_groups == ((0, 4), (2, 6), (1, 5), (3, 7))
+    assert expert_groups(LayerStrategy(dp=2), range(2)) == ((), ())
+
+
+def test_expert_data_parallel_groups_are_gradient_groups():
+    plan = Plan.from_dict({"global_batch_size": 8, "stages": [{"devices": 4, "layers": [
+        {"range": [0, 1], "ep": 2}, {"range": [1, 2]}]}]})
+    assert set(gradient_groups(plan)) == {(0, 1, 2, 3), (0, 2), (1, 3)}
+    assert {(0, 1), (2, 3)} <= set(required_groups(plan))
