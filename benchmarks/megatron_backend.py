@@ -191,15 +191,15 @@ def main() -> None:
                         dtype=args.dtype, dp=1)
     start = time.perf_counter()
     native = run_native(args, plan)
-    megatron = run_megatron(args, plan)  # Megatron's parallel state is global: one plan per process
-    rel = [abs(a - b) / abs(a) for a, b in zip(native, megatron, strict=True)]
+    mcore = run_megatron(args, plan)  # Megatron's parallel state is global: one plan per process
+    rel = [abs(a - b) / abs(a) for a, b in zip(native, mcore, strict=True)]
     tolerance = BF16_RTOL if args.dtype == "bf16" else FP32_RTOL
     result = {
         "what": "Megatron-Core backend vs native runtime, same GPT weights and batches, one GPU",
         "plan": plan.to_dict(), "args": vars(args), "device": torch.cuda.get_device_name(),
         "python": platform.python_version(), "torch": torch.__version__,
         "megatron_core": getattr(megatron.core, "__version__", "unknown"),
-        "native_losses": native, "megatron_losses": megatron, "max_relative_difference": max(rel),
+        "native_losses": native, "megatron_losses": mcore, "max_relative_difference": max(rel),
         "tolerance": tolerance, "passed": max(rel) <= tolerance, "seconds": time.perf_counter() - start,
     }
     with open(args.out, "w") as f:
