@@ -59,6 +59,65 @@ def attention(batch: int, heads: int, seq: int, head_dim: int) -> dict[str, floa
     return out
 
 
+def model_layout(batch: int, heads: int, seq: int, head_dim: int) -> dict[str, object]:
+    """Which backends take q/k/v laid out as the reference GPT's attention makes them (projections
+    viewed as (B, S, H, D) and transposed; q and k through RoPE, v not), and their times."""
+    from galvatron.models.gpt import apply_rope, rope_cache
+
+    hidden = heads * head_dim
+    x = torch.randn(batch, seq, hidden, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (x.clone().requires_grad_().view(batch, seq, heads, head_dim).transpose(1, 2) for _ in range(3))
+    cos, sin = (t.to("cuda")[None, None] for t in rope_cache(seq, head_dim))
+    out: dict[str, object] = {}
+    layouts = {"model": lambda: (apply_rope(q, cos, sin), apply_rope(k, cos, sin), v),
+               "contiguous": lambda: (apply_rope(q, cos, sin).contiguous(), apply_rope(k, cos, sin).contiguous(),
+                                      v.contiguous())}
+    for layout, make in layouts.items():
+        qq, kk, vv = make()
+        out[f"{layout}_strides"] = [list(t.stride()) for t in (qq, kk, vv)]
+        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            def step(backend=backend, qq=qq, kk=kk, vv=vv):
+                with sdpa_kernel([backend]):
+                    o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True)
+                o.sum().backward(retain_graph=True)
+            try:
+                out[f"{layout}_{name}_ms"] = timed(step)
+            except RuntimeError as err:
+                out[f"{layout}_{name}_ms"] = f"unavailable: {str(err).splitlines()[0][:300]}"
+    return out
+
+
+def model_kernels(layers: int, hidden: int, heads: int, seq: int, batch: int, vocab: int) -> dict[str, object]:
+    """The attention kernels a training step of the reference GPT launches, plain (bf16 autocast)
+    and through ``galvatron.wrap`` (bf16 plan): names and CUDA milliseconds from the profiler."""
+    import galvatron
+    from galvatron.models import GPT, GPTConfig
+
+    cfg = GPTConfig(vocab=vocab, seq_len=seq, layers=layers, hidden=hidden, heads=heads)
+    plain = GPT(cfg).cuda()
+    wrapped = galvatron.wrap(GPT(cfg).cuda(), plan=galvatron.Plan.uniform(layers, global_batch_size=batch,
+                                                                          dtype="bf16"))
+    tokens = torch.randint(0, vocab, (batch, seq), device="cuda")
+    result: dict[str, object] = {}
+    for name, model, autocast in (("plain", plain, True), ("wrapped", wrapped, False)):
+        def step(model=model, autocast=autocast) -> None:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                logits = model(tokens)
+            logits.float().logsumexp(-1).mean().backward()
+        step()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        kernels = {}
+        for e in prof.key_averages():
+            key = e.key.lower()
+            if any(w in key for w in ("flash", "fmha", "cudnn", "attention", "sdpa")):
+                kernels[e.key[:120]] = round(getattr(e, "device_time_total", 0.0) / 1e3, 3)
+        result[name] = kernels
+    return result
+
+
 def optimizer(params: int) -> float:
     p = torch.nn.Parameter(torch.randn(params, device="cuda"))
     p.grad = torch.randn_like(p)
@@ -97,6 +156,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         "cudnn": torch.backends.cudnn.version(),
         "attention_fwd_bwd_ms_per_layer": attention(batch, heads, seq, hidden // heads),
+        "model_kernels": model_kernels(2, hidden, heads, seq, batch, vocab),
+        "model_layout_attention": model_layout(batch, heads, seq, hidden // heads),
         "fused_adamw_step_ms": optimizer(params),
         "lm_loss_fwd_bwd_ms": loss(batch * seq, vocab),
         "compile_with_sdpa_kernel": compiled_graphs(),

@@ -1,10 +1,12 @@
 """Wrapped vs hand-written training throughput of the reference GPT on one GPU, side by side.
 
 Both sides train the same model (same weights, same batches) with bf16 autocast, SDPA attention
-and fused AdamW; the wrapped side goes through ``galvatron.wrap`` with a one-GPU plan. Timings
-alternate between the two sides in blocks (A B B A) so drift hits both alike; the result is their
-ratio. Two 1-2B models with AdamW states and activations do not fit one 80 GiB GPU together, so the
-idle side waits in host memory (parked) while the other runs.
+(PyTorch's dispatch: cuDNN attention on an H100 with torch 2.11) and fused AdamW; compiled runs
+compile the model and the loss function of each side; the wrapped side goes through
+``galvatron.wrap`` with a one-GPU plan. Timings alternate between the two sides in blocks
+(A B B A) so drift hits both alike; the result is their ratio. Two 1-2B models with AdamW states
+and activations do not fit one 80 GiB GPU together, so the idle side waits in host memory
+(parked) while the other runs.
 
 MFU = achieved model FLOP/s / peak. Model FLOPs per token (PaLM, Chowdhery et al. 2022, App. B):
 ``6 * N + 12 * L * d * s`` with N every matmul weight (the LM head included, embeddings
@@ -61,8 +63,9 @@ class Side:
     """One way of training the model: a step function and its optimizer."""
 
     def __init__(self, name: str, model: torch.nn.Module, step_model: Callable, device: torch.device,
-                 autocast: bool) -> None:
+                 autocast: bool, loss: Callable = loss_fn) -> None:
         self.name, self.model, self.step_model, self.autocast = name, model, step_model, autocast
+        self.loss = loss
         fused = device.type == "cuda"
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
         self.times: list[float] = []
@@ -78,7 +81,7 @@ class Side:
 
     def step(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            loss = loss_fn(self.step_model(tokens), targets)
+            loss = self.loss(self.step_model(tokens), targets)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -100,8 +103,11 @@ def run_case(case: Case, compiled: bool, steps: int, warmup: int, device: torch.
     hand_fwd = torch.compile(hand) if compiled else hand
     wrapped_fwd = torch.compile(wrapped) if compiled else wrapped
     # the wrapped side's dtype policy comes from the plan (bf16): it must not need an outer autocast
-    sides = [Side("hand-written", hand, hand_fwd, device, autocast=True),
-             Side("galvatron.wrap", wrapped, wrapped_fwd, device, autocast=False)]
+    # compiled: the loss too, on both sides (one compiled function each: the fp32 logits of
+    # cross-entropy are never materialised)
+    hand_loss, wrapped_loss = (torch.compile(loss_fn), torch.compile(loss_fn)) if compiled else (loss_fn, loss_fn)
+    sides = [Side("hand-written", hand, hand_fwd, device, autocast=True, loss=hand_loss),
+             Side("galvatron.wrap", wrapped, wrapped_fwd, device, autocast=False, loss=wrapped_loss)]
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, case.cfg.vocab, (case.batch, case.cfg.seq_len + 1), generator=gen).to(device)
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
@@ -124,7 +130,7 @@ def run_case(case: Case, compiled: bool, steps: int, warmup: int, device: torch.
             loss = side.step(x, y)
             sync(device)
             side.times.append(time.perf_counter() - start)
-            losses[side.name].append(float(loss))
+            losses[side.name].append(float(loss.detach()))
         if device.type == "cuda":
             peak[side.name] = max(peak.get(side.name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
     tokens_per_step = case.batch * case.cfg.seq_len

@@ -115,32 +115,6 @@ def init_distributed(timeout: timedelta = DEFAULT_TIMEOUT) -> torch.device:
     return torch.device("cpu")
 
 
-ATTENTION_ENV = "GALVATRON_ATTENTION"
-"""``auto`` (default): on Hopper or newer GPUs, PyTorch's scaled-dot-product attention tries cuDNN's
-fused attention first, then flash, memory-efficient and math; ``torch``: PyTorch's own order."""
-
-
-def attention_policy(device: torch.device) -> contextlib.AbstractContextManager:
-    """The SDPA backend order inside the wrapped model's forward.
-
-    On an H100, cuDNN attention ran causal forward+backward 1.75x faster than PyTorch's default
-    flash kernel (2.23 vs 3.91 ms at batch 2, 32 heads, sequence 4096, head dim 128:
-    benchmarks/results/gpu_breakdown.json), so with ``$GALVATRON_ATTENTION`` unset or ``auto`` it
-    comes first on compute capability >= 9.0; the other backends stay behind it, for inputs it
-    does not take. Backward runs the kernel forward chose. CPU and older GPUs: PyTorch's order.
-    """
-    choice = os.environ.get(ATTENTION_ENV, "auto")
-    if choice not in ("auto", "torch"):
-        raise GalvatronError(f"${ATTENTION_ENV}={choice!r}: expected 'auto' or 'torch'")
-    if choice == "torch" or device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-             SDPBackend.MATH]
-    return sdpa_kernel(order, set_priority=True)
-
-
 def describe(model: nn.Module, example_batch: Any = None, *, keep_seq_len: bool = False) -> ModelSpec:
     """``ModelSpec.from_module`` of ``model`` on ``example_batch`` (default: a token batch of the
     configured sequence length, with ``seq_len = 0`` in the result unless ``keep_seq_len``:
@@ -406,10 +380,6 @@ class Runtime:
         low = _AUTOCAST.get(self.plan.dtype)
         return torch.autocast(self.device.type, dtype=low) if low else contextlib.nullcontext()
 
-    def attention_kernels(self) -> contextlib.AbstractContextManager:
-        """The SDPA backends the model's attention may use, in order (see :func:`attention_policy`)."""
-        return attention_policy(self.device)
-
     def mean_over_data(self, value: torch.Tensor) -> torch.Tensor:
         """Average a per-rank scalar over the ranks holding different data."""
         value = value.detach().float().clone()
@@ -600,7 +570,7 @@ class GalvatronModule(nn.Module):
         if rt.runner is not None and not rt.in_pipeline:
             raise GalvatronError("a pipeline-parallel model runs through model.train_step(batch, loss_fn)")
         args, kwargs = rt.enter(args, kwargs)
-        with rt.autocast(), rt.attention_kernels():
+        with rt.autocast():
             return super().forward(*args, **kwargs)
 
     def shard_batch(self, batch: Any) -> Any:
