@@ -4,9 +4,9 @@ Both sides train the same model (same weights, same batches) with bf16 autocast,
 (PyTorch's dispatch: cuDNN attention on an H100 with torch 2.11) and fused AdamW; compiled runs
 compile the model and the loss function of each side; the wrapped side goes through
 ``galvatron.wrap`` with a one-GPU plan. Timings alternate between the two sides in blocks
-(A B B A) so drift hits both alike; the result is their ratio. Two 1-2B models with AdamW states
-and activations do not fit one 80 GiB GPU together, so the idle side waits in host memory
-(parked) while the other runs.
+(A B B A B A A B, each after the same idle pause) so drift hits both alike; the result is their
+ratio. Two 1-2B models with AdamW states and activations do not fit one 80 GiB GPU together, so
+the idle side waits in host memory (parked) while the other runs.
 
 MFU = achieved model FLOP/s / peak. Model FLOPs per token (PaLM, Chowdhery et al. 2022, App. B):
 ``6 * N + 12 * L * d * s`` with N every matmul weight (the LM head included, embeddings
@@ -34,6 +34,7 @@ import galvatron
 from galvatron.models import GPT, GPTConfig
 
 H100_BF16_PEAK = 989e12
+IDLE_BEFORE_BLOCK_S = 2.0
 
 
 @dataclass
@@ -115,17 +116,23 @@ def run_case(case: Case, compiled: bool, steps: int, warmup: int, device: torch.
     peak: dict[str, float] = {}
     cpu = torch.device("cpu")
     sides[1].park(cpu)
-    for block, side in enumerate([sides[0], sides[1], sides[1], sides[0]]):
-        if block != 2:  # the same side runs blocks 1 and 2 back to back
-            sides[1 - sides.index(side)].park(cpu)
-            side.park(device)
-        if block < 2:
+    # A B B A then B A A B: each side runs first, last and in the middle equally often; every block
+    # starts after the same idle pause, so clock and temperature drift cannot favour one side
+    order = [0, 1, 1, 0, 1, 0, 0, 1]
+    warmed: set[int] = set()
+    for index in order:
+        side = sides[index]
+        sides[1 - index].park(cpu)
+        side.park(device)
+        if index not in warmed:
+            warmed.add(index)
             for _ in range(warmup):
                 side.step(x, y)
         sync(device)
+        time.sleep(IDLE_BEFORE_BLOCK_S if device.type == "cuda" else 0.0)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        for _ in range(steps // 2):
+        for _ in range(max(1, steps // 4)):
             start = time.perf_counter()
             loss = side.step(x, y)
             sync(device)
