@@ -142,7 +142,8 @@ def _block(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     tok = tokens_per_rank(ctx, s)
     mm = layer.flops_per_token * tok / s.tp
     load = moe_load(ctx, layer, s, tok)
-    nominal, gemms = _block_gemms(layer, s, tok), _block_gemms(layer, s, tok, load)
+    grouped = ctx.options.moe_grouped_gemm
+    nominal, gemms = _block_gemms(layer, s, tok, 1.0, grouped), _block_gemms(layer, s, tok, load, grouped)
     t_mm, dgrad, wgrad = _gemm_times(ctx, gemms, mm * _gemm_flops(gemms) / (_gemm_flops(nominal) or 1.0))
     attn_fwd, attn_bwd, attn_exposed = _attention(ctx, layer, s, tok)
     ew = ctx.perf.memory_time(_elementwise_bytes(ctx, layer, s) * tok)
@@ -153,11 +154,14 @@ def _block(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
         scale = measured.backward / (bwd_compute + redo)
         fwd_compute, bwd_compute, redo, wgrad = measured.forward, scale * bwd_compute, scale * redo, scale * wgrad
     comm_fwd = _block_comm(ctx, layer, s, tok)
+    ep_bwd = comm_fwd["ep"]
+    if ctx.options.moe_shared_expert_overlap and ep_bwd:
+        comm_fwd["ep"], ep_bwd = _shared_expert_overlap(ctx, layer, s, tok, ep_bwd)
     fwd_comm_total = sum(comm_fwd.values())
     c.fwd = fwd_compute + fwd_comm_total
     c.wgrad = wgrad
     c.bwd_compute = bwd_compute
-    bwd_comm = {**comm_fwd, "tp": _tp_backward_exposed(ctx, layer, s, tok, wgrad)}
+    bwd_comm = {**comm_fwd, "tp": _tp_backward_exposed(ctx, layer, s, tok, wgrad), "ep": ep_bwd}
     full = s.recompute is Recompute.FULL
     c.bwd = bwd_compute + sum(bwd_comm.values()) + redo + (fwd_comm_total if full else 0.0)
     c.flops = 3 * mm + _attention_flops(ctx, layer, s, tok) * 3.5 + _recompute_flops(ctx, layer, s, tok, mm)
@@ -205,29 +209,56 @@ def moe_load(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float) 
     return load
 
 
-def _block_gemms(layer: LayerSpec, s: LayerStrategy, tok: float, load: float = 1.0) -> list[Gemm]:
+def _block_gemms(layer: LayerSpec, s: LayerStrategy, tok: float, load: float = 1.0,
+                 grouped: bool = True) -> list[Gemm]:
     """A block's forward GEMMs on one rank (Megatron column/row split over ``tp``): QKV, output
-    projection, FFN up(+gate) and down; routed experts as one grouped GEMM over the rank's
-    ``experts / ep`` experts, each receiving ``load * tok * ep * top_k / experts`` tokens (``load``:
-    the busiest rank's share over the mean, :func:`moe_load`).
-    Empty when the spec lacks the shapes (the caller then uses FLOPs alone)."""
+    projection, FFN up(+gate) and down; routed experts over the rank's ``experts / ep`` experts, each
+    receiving ``load * tok * ep * top_k / experts`` tokens (``load``: the busiest rank's share over
+    the mean, :func:`moe_load`), as one grouped GEMM per projection or, not ``grouped``, one GEMM
+    per expert (``CostOptions.moe_grouped_gemm``). Empty when the spec lacks the shapes (the caller
+    then uses FLOPs alone)."""
     h, q, kv, f = layer.hidden, layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim, layer.ffn_hidden
-    if not (h and q and f):
+    up = _up_width(layer)
+    if not (h and q and f) or up <= 0:
         return []
     tp = s.tp
-    routed = layer.top_k + layer.shared_experts if layer.experts else 1
-    up = (layer.flops_per_token / 2 - h * (q + 2 * kv) - q * h) / routed / h - f
-    if up <= 0:
-        return []
     out: list[Gemm] = [(tok, (q + 2 * kv) / tp, h, 1), (tok, h, q / tp, 1)]
     if not layer.experts:
         return [*out, (tok, up / tp, h, 1), (tok, h, f / tp, 1)]
     local = max(layer.experts // s.ep, 1)
     per_expert = load * tok * s.ep * layer.top_k / layer.experts
-    out += [(per_expert, up / tp, h, local), (per_expert, h, f / tp, local)]
-    if layer.shared_experts:
-        out += [(tok, layer.shared_experts * up / tp, h, 1), (tok, h, layer.shared_experts * f / tp, 1)]
-    return out
+    experts = [(per_expert, up / tp, h, local), (per_expert, h, f / tp, local)]
+    if not grouped:
+        experts = [(m, n, k, 1) for m, n, k, _ in experts] * local
+    return out + experts + _shared_expert_gemms(layer, s, tok)
+
+
+def _up_width(layer: LayerSpec) -> float:
+    """Output width of one FFN's (or expert's) up projection: ``f``, or ``2f`` with a gated unit."""
+    h, q, kv = layer.hidden, layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim
+    if not h:
+        return 0.0
+    routed = layer.top_k + layer.shared_experts if layer.experts else 1
+    return (layer.flops_per_token / 2 - h * (q + 2 * kv) - q * h) / routed / h - layer.ffn_hidden
+
+
+def _shared_expert_gemms(layer: LayerSpec, s: LayerStrategy, tok: float) -> list[Gemm]:
+    """The shared experts' up and down GEMMs over every token of the rank (split over ``tp``)."""
+    if not layer.shared_experts:
+        return []
+    n, h, f = layer.shared_experts, layer.hidden, layer.ffn_hidden
+    return [(tok, n * _up_width(layer) / s.tp, h, 1), (tok, h, n * f / s.tp, 1)]
+
+
+def _shared_expert_overlap(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float,
+                           a2a: float) -> tuple[float, float]:
+    """Exposed forward and backward dispatch/combine seconds when the shared experts' GEMMs run
+    beside them (Megatron-Core ``moe_shared_expert_overlap``: shared FC1 beside the dispatch, FC2
+    beside the combine); the hidden part still costs ``overlap_interference`` of its time."""
+    shared = _shared_expert_gemms(layer, s, tok)
+    fwd, dgrad, wgrad = _gemm_times(ctx, shared, _gemm_flops(shared)) if shared else (0.0, 0.0, 0.0)
+    f = ctx.options.overlap_interference
+    return overlapped(a2a, fwd, f), overlapped(a2a, dgrad + wgrad, f)
 
 
 def _gemm_times(ctx: LayerContext, gemms: list[Gemm], flops: float) -> tuple[float, float, float]:

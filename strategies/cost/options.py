@@ -36,6 +36,15 @@ class CostOptions:
     moe_capacity_factor: float | None = None
     """Expert capacity over the mean load (GShard/Switch capacity mode): tokens beyond it are dropped,
     so the busiest rank computes at most this factor. None: dropless (the imbalance applies in full)."""
+    moe_grouped_gemm: bool = True
+    """Routed experts run as one grouped GEMM per projection over the rank's experts (Megatron-Core
+    ``--moe-grouped-gemm`` / TE grouped linear, torchtitan ``grouped_mm``). False: one GEMM kernel per
+    local expert in a loop (Megatron-Core SequentialMLP, Hugging Face eager experts), each paying its
+    own launch and its own last partial wave."""
+    moe_shared_expert_overlap: bool = False
+    """Shared experts run beside the dispatch/combine all-to-all (Megatron-Core
+    ``--moe-shared-expert-overlap``: shared-expert GEMMs on a side stream), which then hides behind
+    their forward and backward GEMMs; off by default, as in Megatron-Core."""
     grad_bytes: int = 4
     """Bytes per gradient element kept and reduced (fp32 main grads in Megatron, FSDP2 reduce_dtype)."""
     cpu_adam_params_per_s: float = 1e9

@@ -162,3 +162,34 @@ def test_moe_routing_imbalance_and_capacity() -> None:
     assert moe_load(capped, block, s, tok) == 1.25
     base, slow, cap = (layer_cost(c, block, s) for c in (ctx, skewed, capped))
     assert base.fwd < cap.fwd < slow.fwd and base.comm["ep"] < cap.comm["ep"] < slow.comm["ep"]
+
+
+def _moe_ctx(**options: object) -> LayerContext:
+    return LayerContext(perf=DatasheetPerf(load_cluster("8xH100")), options=CostOptions(**options),  # type: ignore[arg-type]
+                        dtype=DType.BF16, seq_len=4096, causal=True, micro_batch=8, stage_devices=8)
+
+
+def test_per_expert_kernels_penalise_many_small_local_experts() -> None:
+    """Without a grouped GEMM each local expert is its own kernel with its own last partial wave: 64
+    fine-grained experts with ~384 tokens each lose far more than 8 experts with ~3k tokens each (ep=8)."""
+    block = ModelSpec.from_config("deepseek-moe-16b").blocks[1]
+    grouped, looped = _moe_ctx(), _moe_ctx(moe_grouped_gemm=False)
+    loss = {ep: layer_cost(looped, block, LayerStrategy(dp=8, ep=ep)).fwd
+            - layer_cost(grouped, block, LayerStrategy(dp=8, ep=ep)).fwd for ep in (1, 8)}
+    kernel = load_cluster("8xH100").gpu.kernel_overhead_us * 1e-6
+    assert loss[1] > 63 * 2 * kernel  # at least the extra launches of 64 experts x 2 projections
+    assert loss[1] > 3 * loss[8] > 0
+
+
+def test_shared_expert_overlap_hides_dispatch_behind_shared_gemms() -> None:
+    """Megatron-Core's shared-expert overlap hides the all-to-alls behind the shared experts' GEMMs, down
+    to the interference share; a model without shared experts (Mixtral) gains nothing."""
+    s = LayerStrategy(dp=8, ep=8)
+    for name, gains in (("deepseek-moe-16b", True), ("mixtral-8x7b", False)):
+        block = ModelSpec.from_config(name).blocks[-1]
+        plain, hidden = (layer_cost(_moe_ctx(moe_shared_expert_overlap=o), block, s) for o in (False, True))
+        assert hidden.fwd + hidden.bwd <= plain.fwd + plain.bwd
+        if gains:
+            assert 0.2 * plain.comm["ep"] <= hidden.comm["ep"] < plain.comm["ep"]
+        else:
+            assert hidden.comm["ep"] == plain.comm["ep"]
