@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 from galvatron.launch.cmd_profile import gpt_config
-from galvatron.profiler.calibrate import profile_step_time, profiled_perf
+from galvatron.profiler.calibrate import overlapped_step_time, profile_step_time, profiled_perf
 from galvatron.profiler.model import ProfileOptions, lm_loss, profile_model, summary
 from galvatron.profiler.schema import ModelProfile
 from galvatron.strategies.cost import cost_plan
@@ -218,6 +218,7 @@ class Predictor:
         datasheet = cost_plan(plan, spec, self.cluster)
         return {"cost_model_s": with_profile.step_time_s,
                 "layer_sum_s": profile_step_time(prof, spec, mb, seq, mode),
+                "overlapped_s": overlapped_step_time(prof, spec, mb, seq, mode),
                 "datasheet_s": datasheet.step_time_s, "predicted_peak_gib": with_profile.peak_memory_gib}
 
 
@@ -247,14 +248,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row: dict[str, Any] = {"micro_batch": mb, "seq_len": seq, "recompute": mode, "runtime": trainer.runtime}
             row.update(measure_steps(trainer, s, mb, seq))
             row.update(predict(mb, seq, mode))
-            if "measured_s" in row:
-                for key in ("cost_model", "layer_sum", "datasheet"):
-                    row[f"{key}_error"] = row[f"{key}_s"] / row["measured_s"] - 1
+            _add_errors(row)
             rows.append(row)
             print(_row_line(row), flush=True)
         del trainer
         _free(s.device)
     return {"profile_s": profile_s, "rows": rows, "notes": notes, "profile": prof, "setup": s}
+
+
+PREDICTIONS = ("cost_model", "layer_sum", "overlapped", "datasheet")
+
+
+def _add_errors(row: dict[str, Any]) -> None:
+    if "measured_s" in row:
+        for key in PREDICTIONS:
+            if row.get(f"{key}_s") is not None:
+                row[f"{key}_error"] = row[f"{key}_s"] / row["measured_s"] - 1
+
+
+def replay(args: argparse.Namespace) -> dict[str, Any]:
+    """The predictions of today's code for the measurements of an earlier run (its JSON and the
+    profile YAML beside it): no GPU needed; measured times and memory are the run's own."""
+    earlier = json.loads(Path(args.replay).read_text())
+    prof = ModelProfile.load(Path(args.replay).with_suffix(".profile.yaml"))
+    env = earlier["env"]
+    s = Setup(cfg=gpt_config(load_model_config(env["model"])), name=env["model"], options=ProfileOptions(),
+              configs=CONFIGS, device=torch.device("cpu"), steps=0, warmup=0, gpu=env["gpu_in_database"])
+    predict = Predictor(prof, s)
+    rows = []
+    for old in earlier["rows"]:
+        row = {k: v for k, v in old.items() if not (k.endswith("_s") or k.endswith("_error"))
+               or k in ("measured_s", "step_times_s")}
+        if "measured_s" in old:
+            row.update(predict(old["micro_batch"], old["seq_len"], old["recompute"]))
+            _add_errors(row)
+        rows.append(row)
+        print(_row_line(row), flush=True)
+    return {"profile_s": earlier["profile_s"], "rows": rows, "notes": earlier.get("notes", []), "profile": prof,
+            "setup": s, "replayed_from": {"file": args.replay, "command": earlier.get("command"), "env": env}}
 
 
 # ------------------------------------------------------------------------------------ report
@@ -279,15 +310,16 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"Command: `{result['command']}`", "", f"Environment: {json.dumps(result['env'])}", "",
              f"Profiling took **{result['profile_s']:.1f} s** (target < 120 s; model build included).", "",
              "| mb | seq | recompute | runtime | measured ms | cost model ms (err) | layer sum ms (err) | "
-             "datasheet ms (err) | peak GiB meas / pred |", "|---|---|---|---|---|---|---|---|---|"]
+             "overlapped ms (err) | datasheet ms (err) | peak GiB meas / pred |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "measured_s" not in r:
             lines.append(f"| {r['micro_batch']} | {r['seq_len']} | {r['recompute']} | {r['runtime']} | "
-                         f"{r.get('error')} | | | | |")
+                         f"{r.get('error')} | | | | | |")
             continue
         peak = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") is not None else "-"
-        predicted = " | ".join(f"{r[k + '_s'] * 1e3:.1f} ({r[k + '_error']:+.1%})"
-                               for k in ("cost_model", "layer_sum", "datasheet"))
+        predicted = " | ".join(f"{r[k + '_s'] * 1e3:.1f} ({r[k + '_error']:+.1%})" if r.get(k + "_s") is not None
+                               else "-" for k in PREDICTIONS)
         lines.append(f"| {r['micro_batch']} | {r['seq_len']} | {r['recompute']} | {r['runtime']} | "
                      f"{r['measured_s'] * 1e3:.1f} | {predicted} | {peak} / {r['predicted_peak_gib']:.1f} |")
     lines += ["", "| prediction | median abs error | mean abs error | max abs error |", "|---|---|---|---|"]
@@ -310,20 +342,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per configuration (median kept)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script in seconds")
+    parser.add_argument("--replay", metavar="RESULTS_JSON",
+                        help="no measuring: today's predictions for an earlier run's measurements (its JSON, "
+                             "with the .profile.yaml beside it)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    result = run(args)
+    result = replay(args) if args.replay else run(args)
     prof: ModelProfile = result.pop("profile")
     s: Setup = result.pop("setup")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     prof.save(out.with_suffix(".profile.yaml"))
-    result["errors"] = {key: _stats(result["rows"], key) for key in ("cost_model", "layer_sum", "datasheet")}
+    result["errors"] = {key: _stats(result["rows"], key) for key in PREDICTIONS}
     median = result["errors"]["cost_model"].get("median_abs_error")
     result["targets"] = {"profile_under_2_min": result["profile_s"] < 120,
                          "cost_model_median_under_5pct": median is not None and median < 0.05}
     result["command"] = " ".join(["python", *sys.argv]) if argv is None else " ".join(["python", __file__, *argv])
-    result["env"] = {"torch": torch.__version__, "device": prof.device.name, "cuda": torch.version.cuda,
+    result["env"] = result.get("replayed_from", {}).get("env") or {
+                     "torch": torch.__version__, "device": prof.device.name, "cuda": torch.version.cuda,
                      "model": s.name, "layers": s.cfg.layers, "hidden": s.cfg.hidden, "dtype": prof.dtype.value,
                      "gpu_in_database": s.gpu, "wall_s": time.perf_counter() - started}
     out.write_text(json.dumps(result, indent=2))

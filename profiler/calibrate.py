@@ -263,6 +263,13 @@ class ProfiledPerf:
     def host_time(self, nbytes: float) -> float:
         return self.base.host_time(nbytes)
 
+    def optimizer_step_time(self, params: float) -> float | None:
+        """Seconds of the profiled optimizer's step over ``params`` parameters on one device (the
+        profile's timed steps, linear in the parameter count); None without one."""
+        if self.model is None or self.model.optimizer is None:
+            return None
+        return self.model.optimizer.step_time(params)
+
     def layer_times(self, layer: LayerSpec, micro_batch: float, seq_len: int, recompute: Recompute | str,
                     tp: int = 1, cp: int = 1) -> PhaseTimes | None:
         """Measured forward/backward seconds of ``layer`` for ``micro_batch`` samples (per data-parallel
@@ -278,7 +285,7 @@ class ProfiledPerf:
             return None
         if found is None or (layer.is_block and abs(found.params - layer.params) > 0.01 * layer.params):
             return None  # a block of another shape: not this profile's to answer
-        mode = Recompute(recompute)
+        mode = Recompute(recompute) if layer.is_block else Recompute.NONE  # edges are not recomputed
         if tp * cp == 1 and float(micro_batch).is_integer():
             return found.times(int(micro_batch), seq_len, mode)
         fits = found.fits.get(mode)
@@ -330,6 +337,30 @@ def profile_step_time(profile: ModelProfile, spec: ModelSpec, micro_batch: int, 
     for layer, found in _profiled_layers(profile, spec):
         mode = recompute if layer.is_block else Recompute.NONE
         total += found.times(micro_batch, seq_len, mode).total * micro_batches
+    if profile.optimizer is not None:
+        total += profile.optimizer.step_time(spec.params)
+    return total
+
+
+def overlapped_step_time(profile: ModelProfile, spec: ModelSpec, micro_batch: int, seq_len: int,
+                         recompute: Recompute | str, micro_batches: int = 1) -> float | None:
+    """Single-device step from host and device times measured apart: the host issues work ahead of
+    one GPU stream, so the forward of all layers lasts as long as the slower of the host issuing
+    it and the device running it, and so does the backward; plus one optimizer step. Where one
+    side dominates every layer this equals :func:`profile_step_time`; where host-bound layers
+    (small, or under a Python dispatch mode such as selective recomputation) sit beside
+    device-bound ones (the LM head) it is shorter, as the host catches up behind the slow kernels.
+    None when the profile did not record the two apart (profiles before this field)."""
+    host_fwd = host_bwd = dev_fwd = dev_bwd = 0.0
+    for layer, found in _profiled_layers(profile, spec):
+        mode = recompute if layer.is_block else Recompute.NONE
+        split = found.split_times(micro_batch, seq_len, mode)
+        if split is None:
+            return None
+        host, device = split
+        host_fwd, host_bwd = host_fwd + host.forward, host_bwd + host.backward
+        dev_fwd, dev_bwd = dev_fwd + device.forward, dev_bwd + device.backward
+    total = (max(host_fwd, dev_fwd) + max(host_bwd, dev_bwd)) * micro_batches
     if profile.optimizer is not None:
         total += profile.optimizer.step_time(spec.params)
     return total

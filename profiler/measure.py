@@ -19,6 +19,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,6 +38,15 @@ def autocast(device: torch.device, dtype: DType) -> AbstractContextManager[Any]:
     """The autocast context for a compute dtype (fp32: none)."""
     low = _LOW_PRECISION.get(dtype)
     return torch.autocast(device.type, dtype=low) if low is not None else nullcontext()
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Per-phase median seconds (see :meth:`Clock.medians`)."""
+
+    slower: list[float]
+    host: list[float]
+    device: list[float]
 
 
 class Clock:
@@ -61,8 +71,23 @@ class Clock:
 
     def median(self, phases: Sequence[Callable[[Any], Any]], repeats: int) -> list[float]:
         """Per-phase medians of ``repeats`` timings."""
-        samples = [self.time(phases) for _ in range(repeats)]
-        return [statistics.median(s[i] for s in samples) for i in range(len(phases))]
+        return self.medians(phases, repeats).slower
+
+    def medians(self, phases: Sequence[Callable[[Any], Any]], repeats: int) -> Timings:
+        """Per-phase medians of ``repeats`` timings: of the slower of host and device (what
+        :meth:`time` returns), of the host alone and of the device alone (CPU: all three equal)."""
+        slower, host, device = [], [], []
+        for _ in range(repeats):
+            self.sync()
+            h = self._host(phases)
+            d = self._device(phases, head_start=min(2 * sum(h) + 1e-3, _MAX_HEAD_START_S)) if self.cuda else h
+            slower.append([max(a, b) for a, b in zip(h, d)])
+            host.append(h)
+            device.append(d)
+
+        def med(samples: list[list[float]]) -> list[float]:
+            return [statistics.median(s[i] for s in samples) for i in range(len(phases))]
+        return Timings(slower=med(slower), host=med(host), device=med(device))
 
     def _host(self, phases: Sequence[Callable[[Any], Any]]) -> list[float]:
         marks, value = [time.perf_counter()], None

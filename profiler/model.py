@@ -245,9 +245,10 @@ class _Job:
         for _ in range(self.options.warmup):
             backward(forward())
         act, temp = measure_memory(self.device, forward, backward, ignore)
-        fwd, bwd = self.clock.median([lambda _: forward(), backward], self.options.repeats)
-        return Measurement(micro_batch=mb, seq_len=s, recompute=mode, forward_s=fwd, backward_s=bwd,
-                           activation_bytes=act, temporary_bytes=temp)
+        t = self.clock.medians([lambda _: forward(), backward], self.options.repeats)
+        return Measurement(micro_batch=mb, seq_len=s, recompute=mode, forward_s=t.slower[0], backward_s=t.slower[1],
+                           activation_bytes=act, temporary_bytes=temp, host_forward_s=t.host[0],
+                           host_backward_s=t.host[1], device_forward_s=t.device[0], device_backward_s=t.device[1])
 
     # ---------------------------------------------------------------- blocks
     def _block(self, block: nn.Module, call: _BlockCall, mode: Recompute, mb: int, s: int) -> Measurement:
@@ -310,11 +311,15 @@ class _Job:
 
         with _blocks_replaced(self.shell, self.block_path, []):
             both = self._measure(mb, s, Recompute.NONE, whole, lambda loss: loss.backward(), params)
+        split = {}
+        if both.split and emb.split:
+            for key in ("host_forward_s", "host_backward_s", "device_forward_s", "device_backward_s"):
+                split[key] = max(getattr(both, key) - getattr(emb, key), 0.0)
         head = Measurement(
             micro_batch=mb, seq_len=s, recompute=Recompute.NONE,
             forward_s=max(both.forward_s - emb.forward_s, 0.0), backward_s=max(both.backward_s - emb.backward_s, 0.0),
             activation_bytes=max(both.activation_bytes - emb.activation_bytes, 0.0),
-            temporary_bytes=both.temporary_bytes,
+            temporary_bytes=both.temporary_bytes, **split,
         )
         self.edges["embedding"].append(emb)
         self.edges["head"].append(head)

@@ -101,9 +101,22 @@ class Measurement:
     temporary_bytes: float = 0.0
     """Peak bytes above the kept activations during the forward or the backward (GPU: the caching
     allocator's peak; CPU: storages alive)."""
+    host_forward_s: float | None = None
+    """The forward's time on the host alone (issuing its work); None in older profiles.
+    ``forward_s`` is the slower of host and device per repeat."""
+    host_backward_s: float | None = None
+    device_forward_s: float | None = None
+    """The forward's time on the device alone (CUDA events, the host kept ahead)."""
+    device_backward_s: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "recompute", Recompute(self.recompute))
+
+    @property
+    def split(self) -> bool:
+        """Whether host and device times were recorded apart."""
+        return None not in (self.host_forward_s, self.host_backward_s, self.device_forward_s,
+                            self.device_backward_s)
 
     @property
     def tokens(self) -> int:
@@ -111,6 +124,7 @@ class Measurement:
 
 
 _FITTED = ("forward_s", "backward_s", "activation_bytes", "temporary_bytes")
+_SPLIT = ("host_forward_s", "host_backward_s", "device_forward_s", "device_backward_s")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,6 +186,20 @@ class LayerProfile:
         return PhaseTimes(forward=self._value("forward_s", micro_batch, seq_len, recompute),
                           backward=self._value("backward_s", micro_batch, seq_len, recompute))
 
+    def split_times(self, micro_batch: int, seq_len: int,
+                    recompute: Recompute | str = Recompute.NONE) -> tuple[PhaseTimes, PhaseTimes] | None:
+        """``(host, device)`` forward and backward seconds, measured apart (the measured median
+        where this size was measured, else the fit); None for a profile that did not record them."""
+        mode = Recompute(recompute)
+        rows = [m for m in self.measurements if m.recompute is mode]
+        if not rows or not all(m.split for m in rows) or any(n not in self.fits.get(mode, {}) for n in _SPLIT):
+            return None
+        host = PhaseTimes(forward=self._value("host_forward_s", micro_batch, seq_len, recompute),
+                          backward=self._value("host_backward_s", micro_batch, seq_len, recompute))
+        device = PhaseTimes(forward=self._value("device_forward_s", micro_batch, seq_len, recompute),
+                            backward=self._value("device_backward_s", micro_batch, seq_len, recompute))
+        return host, device
+
     def activation_bytes(self, micro_batch: int, seq_len: int, recompute: Recompute | str = Recompute.NONE) -> float:
         """Bytes kept for backward (see :attr:`Measurement.activation_bytes`)."""
         return self._value("activation_bytes", micro_batch, seq_len, recompute)
@@ -223,7 +251,8 @@ def _fit_all(measurements: Sequence[Measurement]) -> dict[Recompute, dict[str, F
         if not rows:
             continue
         out[mode] = {}
-        for name in _FITTED:
+        names = _FITTED + (_SPLIT if all(m.split for m in rows) else ())
+        for name in names:
             out[mode][name] = Fit.of([(m.micro_batch, m.seq_len, float(getattr(m, name))) for m in rows])
     return out
 

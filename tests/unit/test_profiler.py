@@ -16,6 +16,7 @@ from galvatron.profiler.calibrate import (
     Rates,
     calibrated_spec,
     fit_rates,
+    overlapped_step_time,
     profile_step_time,
     profiled_perf,
 )
@@ -94,6 +95,44 @@ def _synthetic_layer(key: str = "attention") -> LayerProfile:
                         measurements=tuple(rows))
 
 
+def test_overlapped_step_time_takes_the_slower_side_per_phase() -> None:
+    """Host-bound blocks beside a device-bound head: each phase lasts max(host sum, device sum),
+    shorter than the sum of per-layer maxima; with one side dominating everywhere, both agree."""
+    spec = ModelSpec.from_config(DENSE.to_model_config())
+
+    def layer(key: str, kind: LayerKind, host: float, device: float, params: int) -> LayerProfile:
+        rows = tuple(Measurement(micro_batch=mb, seq_len=16, recompute=Recompute.NONE, forward_s=max(host, device),
+                                 backward_s=2 * max(host, device), activation_bytes=1.0, host_forward_s=host,
+                                 host_backward_s=2 * host, device_forward_s=device, device_backward_s=2 * device)
+                     for mb in (1, 2))
+        return LayerProfile(key=key, kind=kind, module=key, spec=None, params=params, param_bytes=4 * params,
+                            measurements=rows)
+
+    block = spec.blocks[0]
+    head = next(x for x in spec.layers if x.kind is LayerKind.HEAD)
+    emb = next(x for x in spec.layers if x.kind is LayerKind.EMBEDDING)
+
+    def profile(block_host: float, block_device: float) -> ModelProfile:
+        layers = (layer("attention", block.kind, block_host, block_device, block.params),
+                  layer("head", LayerKind.HEAD, 1e-4, 5e-3, head.params),
+                  layer("embedding", LayerKind.EMBEDDING, 1e-4, 1e-4, emb.params))
+        return ModelProfile(model="m", device=DeviceInfo(type="cuda", name="gpu"), dtype=DType.BF16, layers=layers)
+
+    mixed = profile(block_host=2e-3, block_device=5e-4)  # blocks host-bound, head device-bound
+    blocks = spec.num_blocks
+    host, device = blocks * 2e-3 + 1e-4 + 1e-4, blocks * 5e-4 + 5e-3 + 1e-4
+    assert overlapped_step_time(mixed, spec, 1, 16, "none") == pytest.approx(3 * max(host, device))
+    assert overlapped_step_time(mixed, spec, 1, 16, "none") < profile_step_time(mixed, spec, 1, 16, "none")
+    device_bound = profile(block_host=1e-4, block_device=2e-3)
+    assert overlapped_step_time(device_bound, spec, 1, 16, "none") == pytest.approx(
+        profile_step_time(device_bound, spec, 1, 16, "none"))
+    unsplit = [dataclasses.replace(m, host_forward_s=None, host_backward_s=None, device_forward_s=None,
+                                   device_backward_s=None) for m in mixed.layers[0].measurements]
+    older = dataclasses.replace(mixed, layers=(dataclasses.replace(mixed.layers[0], measurements=tuple(unsplit)),
+                                               *mixed.layers[1:]))
+    assert overlapped_step_time(older, spec, 1, 16, "none") is None
+
+
 class TestSchema:
     def test_model_profile_round_trip(self, tmp_path: Path) -> None:
         profile = ModelProfile(model="m", device=DeviceInfo(type="cpu", name="cpu"), dtype=DType.BF16,
@@ -160,6 +199,7 @@ class TestModelProfile:
         assert len(block.measurements) == 2 * 2 * 3 and set(block.recompute_modes) == set(Recompute)
         for m in block.measurements:
             assert m.forward_s > 0 and m.backward_s > 0
+            assert m.split and m.host_forward_s == m.device_forward_s  # one clock on CPU
         none = {(m.micro_batch, m.seq_len): m.activation_bytes for m in block.measurements
                 if m.recompute is Recompute.NONE}
         full = {(m.micro_batch, m.seq_len): m.activation_bytes for m in block.measurements
@@ -267,6 +307,8 @@ class TestCalibration:
             assert math.isfinite(cost.step_time_s) and cost.step_time_s > 0
             direct = profile_step_time(dense_profile, spec, 2, spec.seq_len, mode)
             assert direct > 0
+            # on CPU host and device time are one clock: the overlapped step is the plain sum
+            assert overlapped_step_time(dense_profile, spec, 2, spec.seq_len, mode) == pytest.approx(direct)
         times = perf.layer_times(spec.blocks[0], 2, 16, "full")
         assert times == dense_profile.layer("attention").times(2, 16, "full")
         fit = dense_profile.layer("attention").fits[Recompute.FULL]["forward_s"]
