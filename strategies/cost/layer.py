@@ -174,7 +174,8 @@ def _block(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
 
 
 def _measured(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> Any:
-    """Measured forward/backward compute seconds of the block from a profile, or None: a Perf with
+    """Measured forward/backward compute seconds of the layer (a block, the embedding or the head)
+    from a profile, or None: a Perf with
     ``layer_times(layer, micro_batch, seq_len, recompute, tp=, cp=)`` (``profiler.ProfiledPerf``)
     answers for the layers it profiled; its backward includes the recomputation. The measurement
     then replaces the datasheet compute (GEMMs, attention, memory-bound kernels) of the block;
@@ -522,6 +523,9 @@ def _optimizer_time(ctx: LayerContext, s: LayerStrategy, shard: float, pb: int, 
     gradient and parameter copies over PCIe."""
     if s.offload:
         return shard / ctx.options.cpu_adam_params_per_s + ctx.perf.host_time(shard * (gb + pb))
+    measured = getattr(ctx.perf, "optimizer_step_time", None)  # a profile's timed optimizer step
+    if measured is not None and (seconds := measured(shard)) is not None:
+        return seconds
     return ctx.perf.memory_time(shard * (28 + 5 * gb + pb))
 
 
@@ -533,6 +537,10 @@ def _embedding(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCo
     tensor = tok * layer.hidden * _act_bytes(ctx)
     c.fwd = ctx.perf.memory_time(3 * tensor)
     c.bwd = c.bwd_compute = ctx.perf.memory_time(3 * tensor)
+    measured = _measured(ctx, layer, s)
+    if measured is not None:
+        c.fwd, c.bwd = measured.forward, measured.backward
+        c.bwd_compute = c.wgrad = measured.backward
     if s.tp > 1:
         op = Collective.REDUCE_SCATTER if s.sp else Collective.ALL_REDUCE
         tp = ctx.perf.collective_time(op, tensor, _group(ctx, 1, s.tp))
@@ -565,9 +573,14 @@ def _head(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     if s.tp > 1:
         op = Collective.ALL_GATHER if s.sp else Collective.ALL_REDUCE
         tp = ctx.perf.collective_time(op, tok * layer.hidden * _act_bytes(ctx), _group(ctx, 1, s.tp))
-    c.fwd = t_mm + loss + (tp if s.sp else 0.0)
+    fwd_compute, bwd_compute = t_mm + loss, dgrad + wgrad + loss
+    measured = _measured(ctx, layer, s)  # a profile's head: final norm, output GEMM and loss
+    if measured is not None:
+        wgrad *= measured.backward / (bwd_compute or 1.0)
+        fwd_compute, bwd_compute = measured.forward, measured.backward
+    c.fwd = fwd_compute + (tp if s.sp else 0.0)
     c.wgrad = wgrad
-    c.bwd_compute = dgrad + wgrad + loss
+    c.bwd_compute = bwd_compute
     c.bwd = c.bwd_compute + tp
     c.flops = 3 * mm
     c.comm["tp"] = tp * (2 if s.sp else 1)
