@@ -561,7 +561,8 @@ def _norm(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
 def _head(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     """Output GEMM split over the vocabulary and the fp32 cross-entropy over logits (read/write 12
     bytes per logit forward, as much backward); with SP the input is all-gathered first. A head
-    without a known width (``hidden`` 0) is costed by its FLOPs alone, with no logits."""
+    without a known width (``hidden`` 0) is costed by its FLOPs alone, with no logits. The loss's
+    transient peak is ``CostOptions.loss_bytes_per_logit`` per logit on the rank."""
     c = LayerCost()
     tok = tokens_per_rank(ctx, s)
     mm = layer.flops_per_token * tok / s.tp
@@ -585,7 +586,7 @@ def _head(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     c.flops = 3 * mm
     c.comm["tp"] = tp * (2 if s.sp else 1)
     # logits live from the loss to the head's backward only, which follow each other: transient
-    c.work = (2 * layer.hidden / (s.tp if s.sp else 1) + 4 * vocab / s.tp) * tok
+    c.work = (2 * layer.hidden / (s.tp if s.sp else 1) + ctx.options.loss_bytes_per_logit * vocab / s.tp) * tok
     return c
 
 

@@ -45,6 +45,11 @@ class CostOptions:
     """Shared experts run beside the dispatch/combine all-to-all (Megatron-Core
     ``--moe-shared-expert-overlap``: shared-expert GEMMs on a side stream), which then hides behind
     their forward and backward GEMMs; off by default, as in Megatron-Core."""
+    loss_bytes_per_logit: float = 6.0
+    """Bytes per logit on the rank at the loss's peak. 6: Megatron's fused vocab-parallel cross-entropy
+    (the 16-bit logits and their fp32 copy, turned into the softmax and then the gradient in place).
+    12: eager PyTorch ``F.cross_entropy(logits.float(), y)`` (torchtitan, Hugging Face): in backward the
+    saved fp32 log-softmax, the incoming fp32 gradient and the fp32 input gradient are live at once."""
     grad_bytes: int = 4
     """Bytes per gradient element kept and reduced (fp32 main grads in Megatron, FSDP2 reduce_dtype)."""
     cpu_adam_params_per_s: float = 1e9

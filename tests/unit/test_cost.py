@@ -193,3 +193,17 @@ def test_shared_expert_overlap_hides_dispatch_behind_shared_gemms() -> None:
             assert 0.2 * plain.comm["ep"] <= hidden.comm["ep"] < plain.comm["ep"]
         else:
             assert hidden.comm["ep"] == plain.comm["ep"]
+
+
+def test_loss_peak_scales_with_bytes_per_logit() -> None:
+    """The head's transient buffer is the logits at the loss's bytes per logit (split over the vocabulary
+    by TP): eager cross-entropy (12) holds twice Megatron's fused one (6)."""
+    head = SPEC.layers_of(LayerKind.HEAD)[0]
+    vocab = head.flops_per_token / (2 * head.hidden)
+    for tp in (1, 2):
+        s = LayerStrategy(dp=8 // tp, tp=tp)
+        ctx = LayerContext(perf=DatasheetPerf(load_cluster("8xA100-80GB")), options=CostOptions(), dtype=DType.BF16,
+                           seq_len=4096, causal=True, micro_batch=8, stage_devices=8)
+        fused = layer_cost(ctx, head, s).work
+        eager = layer_cost(dataclasses.replace(ctx, options=CostOptions(loss_bytes_per_logit=12)), head, s).work
+        assert eager - fused == pytest.approx(6 * vocab / tp * 4096 * 8 / (8 // tp))

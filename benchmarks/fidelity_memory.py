@@ -1,0 +1,127 @@
+"""Predicted vs measured peak memory per GPU (issue #3).
+
+Check points:
+
+1. Our own H100 run (``benchmarks/results/profile_fidelity.json``, ``torch.cuda.max_memory_allocated``):
+   GPT-3 XL 1.3B on one H100 80GB, bf16 autocast, fp32 parameters, fused AdamW, eager
+   ``F.cross_entropy(logits.float(), y)``, ``zero_grad(set_to_none=True)``, one micro-batch per step.
+2. torchtitan's published H100 benchmark (pytorch/torchtitan ``benchmarks/llama3_h100_202412_torchtitan.md``,
+   Tables 1 and 3, rows "FSDP", eager): Llama 3.1 8B, seq 8192, local batch 2, FSDP2 on 8 and 128 H100
+   (96 GB HBM2e), selective *op* activation checkpointing; memory is torchtitan's ``max_reserved`` (the
+   caching allocator's reserve, an upper bound of the allocated peak). Op-level SAC saves about every
+   other GEMM output, between our ``none`` and ``full`` recomputation, so those two bracket it; the
+   difference between 8 and 128 GPUs isolates the sharded states (same activations and loss).
+
+Each prediction is ``cost_plan`` with ``CostOptions(loss_bytes_per_logit=12)`` (eager cross-entropy in
+both stacks). The column "set_to_none grads" re-adds the model's own numbers with the gradients freed
+each step (they are allocated during the backward, as activations are freed: peak = static - grads +
+max(activations + buffers, grads)), which is what a one-micro-batch step with ``set_to_none`` does; the
+cost model itself keeps gradients resident (Megatron's main-grad buffers, gradient accumulation).
+
+Run: ``python benchmarks/fidelity_memory.py``; writes ``benchmarks/results/fidelity_memory.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from galvatron.strategies.cost import CostOptions, cost_plan
+from galvatron.strategies.hardware import load_cluster
+
+from galvatron import ModelSpec
+from galvatron.plan import Plan
+from galvatron.spec_config import load_model_config
+
+RESULTS = Path(__file__).parent / "results"
+OUT = RESULTS / "fidelity_memory.json"
+EAGER = CostOptions(loss_bytes_per_logit=12)
+H100 = {"gpu": "H100-SXM", "gpus_per_node": 1, "nodes": 1, "name": "1xH100"}
+TORCHTITAN = "pytorch/torchtitan benchmarks/llama3_h100_202412_torchtitan.md"
+TITAN_POINTS = [("Table 1, FSDP", 1, 82.4), ("Table 3, FSDP", 16, 67.0)]  # (row, 8-GPU nodes, GiB)
+
+
+def _predict(spec: ModelSpec, plan: Plan, cluster: object) -> dict:
+    cost = cost_plan(plan, spec, cluster, EAGER)  # type: ignore[arg-type]
+    mem = cost.stages[0].memory_gib
+    static_rest = mem["params"] + mem["optimizer"]
+    freed = static_rest + max(mem["activations"] + mem["buffers"], mem["grads"])
+    return {"predicted_gib": cost.peak_memory_gib, "set_to_none_gib": freed, "breakdown_gib": mem}
+
+
+def own_h100() -> list[dict]:
+    """The 12 configurations measured on one H100 by benchmarks/profile_fidelity.py."""
+    measured = json.loads((RESULTS / "profile_fidelity.json").read_text())
+    rows = []
+    for r in measured["rows"]:
+        if r.get("peak_memory_gib") is None:
+            continue
+        spec = ModelSpec.from_config({**load_model_config("gpt3-1.3b"), "seq_len": r["seq_len"]})
+        plan = Plan.uniform(spec.num_blocks, global_batch_size=r["micro_batch"], recompute=r["recompute"])
+        rows.append({"source": "benchmarks/results/profile_fidelity.json (max_memory_allocated)",
+                     "run": f"gpt3-1.3b mb={r['micro_batch']} seq={r['seq_len']} recompute={r['recompute']}",
+                     "measured_gib": r["peak_memory_gib"], **_predict(spec, plan, load_cluster(H100))})
+    return rows
+
+
+def torchtitan() -> list[dict]:
+    spec = ModelSpec.from_config({**load_model_config("llama3-8b"), "seq_len": 8192})
+    rows = []
+    for row, nodes, gib in TITAN_POINTS:
+        world = 8 * nodes
+        bounds = {}
+        for mode in ("none", "full"):
+            plan = Plan.uniform(spec.num_blocks, global_batch_size=2 * world, dp=world, zero=3, recompute=mode)
+            bounds[mode] = _predict(spec, plan, load_cluster("8xH100", nodes=nodes))
+        rows.append({"source": f"{TORCHTITAN} {row} (max_reserved)", "run": f"llama3.1-8b FSDP{world} lbs=2 "
+                     "seq=8192 op-SAC", "measured_gib": gib, "predicted_none_gib": bounds["none"]["predicted_gib"],
+                     "predicted_full_gib": bounds["full"]["predicted_gib"],
+                     "static_gib": sum(bounds["none"]["breakdown_gib"][k] for k in ("params", "grads", "optimizer"))})
+    return rows
+
+
+def _markdown(own: list[dict], titan: list[dict], summary: dict) -> str:
+    date = time.strftime("%Y-%m-%d")
+    out = ["# Predicted vs measured peak memory", "", f"`python benchmarks/fidelity_memory.py` ({date})."
+           " Predictions: `cost_plan(..., CostOptions(loss_bytes_per_logit=12))`.", "",
+           "## GPT-3 XL 1.3B on one H100 (our measurement, max_memory_allocated)", "",
+           "| run | measured GiB | predicted GiB (err) | set_to_none grads GiB (err) |", "|---|---|---|---|"]
+    for r in own:
+        err, err2 = r["predicted_gib"] / r["measured_gib"] - 1, r["set_to_none_gib"] / r["measured_gib"] - 1
+        out.append(f"| {r['run']} | {r['measured_gib']:.1f} | {r['predicted_gib']:.1f} ({err:+.1%}) | "
+                   f"{r['set_to_none_gib']:.1f} ({err2:+.1%}) |")
+    out += ["", f"Mean absolute error: cost model {summary['own_mae']:.1%} (max {summary['own_max']:.1%}); with the "
+            f"gradients freed each step {summary['own_mae_set_to_none']:.1%} "
+            f"(max {summary['own_max_set_to_none']:.1%}).",
+            "", f"## Llama 3.1 8B, FSDP2 on H100 ({TORCHTITAN}, max_reserved)", "",
+            "| run | measured GiB | predicted, no recompute | predicted, full recompute | predicted static |",
+            "|---|---|---|---|---|"]
+    for r in titan:
+        out.append(f"| {r['run']} | {r['measured_gib']:.1f} | {r['predicted_none_gib']:.1f} | "
+                   f"{r['predicted_full_gib']:.1f} | {r['static_gib']:.1f} |")
+    out += ["", f"8 -> 128 GPUs: measured drop {summary['titan_drop_measured']:.1f} GiB, predicted "
+            f"{summary['titan_drop_predicted']:.1f} GiB (sharded parameters, gradients, optimizer states)."]
+    return "\n".join(out) + "\n"
+
+
+def main() -> int:
+    own, titan = own_h100(), torchtitan()
+    errs = [abs(r["predicted_gib"] / r["measured_gib"] - 1) for r in own]
+    errs2 = [abs(r["set_to_none_gib"] / r["measured_gib"] - 1) for r in own]
+    summary = {"own_mae": statistics.mean(errs), "own_max": max(errs), "own_mae_set_to_none": statistics.mean(errs2),
+               "own_max_set_to_none": max(errs2),
+               "titan_drop_measured": titan[0]["measured_gib"] - titan[1]["measured_gib"],
+               "titan_drop_predicted": titan[0]["predicted_none_gib"] - titan[1]["predicted_none_gib"]}
+    OUT.write_text(json.dumps({"command": "python benchmarks/fidelity_memory.py", "date": time.strftime("%Y-%m-%d"),
+                               "summary": summary, "own_h100": own, "torchtitan_h100": titan}, indent=2) + "\n")
+    md = _markdown(own, titan, summary)
+    OUT.with_suffix(".md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
