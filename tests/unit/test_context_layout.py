@@ -33,7 +33,7 @@ from galvatron.runtime.context_ulysses import kv_replication
 KINDS = ("ulysses", "ring", "striped", "hybrid")
 
 
-@pytest.mark.parametrize(("kind", "degree", "dim"), itertools.product(KINDS, (1, 2, 4), (0, 1, 2)))
+@pytest.mark.parametrize(("kind", "degree", "dim"), list(itertools.product(KINDS, (1, 2, 4), (0, 1, 2))))
 def test_shard_then_unshard_is_identity(kind: str, degree: int, dim: int) -> None:
     x = torch.randn(8, 8, 8)
     shards = [shard_sequence(x, kind, r, degree, dim) for r in range(degree)]
