@@ -171,12 +171,14 @@ def search_plan(spec: ModelSpec, world: int, example_batch: Any = None, options:
     """The search's fastest plan for ``spec`` on ``world`` local devices, among what this runtime
     runs (no context or expert parallelism yet); the global batch is ``example_batch``'s."""
     try:
-        from galvatron.strategies.search import ALL_CAPABILITIES, SearchOptions, search
+        from galvatron.strategies.search import SearchOptions, search
     except ImportError as err:
         raise GalvatronError(f"the strategy search (galvatron.strategies.search) is not available: {err}; "
                              "pass a Plan or a plan YAML") from err
     if options is None:
-        native = frozenset(c for c in ALL_CAPABILITIES if not c.startswith(("cp:", "ep")))
+        from galvatron.backends import capabilities
+
+        native = capabilities("native").features  # the search's vocabulary; cp/ep not offered yet
         gpu = torch.cuda.is_available()
         batch = first_batch_size((example_batch,), {}) if example_batch is not None else None
         options = SearchOptions(global_batch=batch, dtype=DType.BF16 if gpu else DType.FP32, capabilities=native,
