@@ -37,8 +37,8 @@ setup(
         "ray": ["ray[default]>=2.40"],
         "deepspeed": ["deepspeed>=0.19.8"],
         "megatron": ["megatron-core>=0.16.1,<0.17"],  # 0.17 needs Python >= 3.12
-        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "transformers>=4.50", "ray[default]>=2.40", "matplotlib>=3.8",
-                "deepspeed>=0.19.8"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "transformers>=4.50", "ray[default]>=2.40",
+                "matplotlib>=3.8", "deepspeed>=0.19.8"],
     },
     entry_points={"console_scripts": ["galvatron = galvatron.launch.cli:main"]},
 )

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from galvatron.launch.cli import SUBCOMMANDS, main
 
 PLANS = sorted((Path(__file__).parents[2] / "configs" / "plans").glob("*.yaml"))

@@ -163,7 +163,7 @@ class TestRejections:
         group = stage.groups[j]
         broken = dataclasses.replace(group, strategy=_break(group.strategy, stage.devices, how))
         stages = list(plan.stages)
-        stages[i] = dataclasses.replace(stage, groups=stage.groups[:j] + (broken,) + stage.groups[j + 1:])
+        stages[i] = dataclasses.replace(stage, groups=(*stage.groups[:j], broken, *stage.groups[j + 1:]))
         bad = dataclasses.replace(plan, stages=tuple(stages))
         with pytest.raises(PlanError) as err:
             Plan.from_dict(bad.to_dict()).validate()

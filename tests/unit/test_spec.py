@@ -102,7 +102,7 @@ class TestFromModule:
         assert mixtral.flops_per_token == attention + 2 * 64 * 4 + 2 * 2 * per_expert
 
     def test_says_what_it_cannot_recognise(self) -> None:
-        with pytest.raises(ModelSpecError, match="no nn.ModuleList of repeated blocks"):
+        with pytest.raises(ModelSpecError, match=r"no nn\.ModuleList of repeated blocks"):
             ModelSpec.from_module(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), torch.randn(2, 3, 4))
         with pytest.raises(ModelSpecError, match="on the meta device failed"):
             ModelSpec.from_module(GPT(GPTConfig()), torch.randn(2, 3, 5, 7))
