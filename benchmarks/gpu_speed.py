@@ -15,6 +15,10 @@ attention term counts the full s x s product (causal masking not subtracted), as
 PaLM do. Peak: dense bf16 989 TFLOP/s for an H100 SXM (NVIDIA H100 datasheet).
 
     python benchmarks/gpu_speed.py --out benchmarks/results/gpu_speed.json [--compile both] [--smoke]
+
+On one H100 each case takes 2-4 minutes (compiled ones longer: two models and two losses compile),
+so under a 10-minute limit run ``--compile eager`` and ``--compile compiled`` as separate commands;
+results are written after every case.
 """
 
 from __future__ import annotations
@@ -185,24 +189,23 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     modes = {"eager": [False], "compiled": [True], "both": [False, True]}[args.compile]
+    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+           "cuda": torch.version.cuda}
+    command = " ".join(["python", *sys.argv])
     results = []
     for name in args.cases.split(","):
         for compiled in modes:
             result = run_case(CASES[name], compiled, args.steps, args.warmup, device)
             print(json.dumps(result), flush=True)
             results.append(result)
+            if args.out:  # after every case: a run stopped by a time limit keeps what it measured
+                with open(args.out, "w") as f:
+                    json.dump({"command": command, "env": env, "results": results}, f, indent=2)
+                with open(args.out.rsplit(".", 1)[0] + ".md", "w") as f:
+                    f.write(markdown(results, command, env))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-           "cuda": torch.version.cuda}
-    command = " ".join(["python", *sys.argv])
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"command": command, "env": env, "results": results}, f, indent=2)
-        with open(args.out.rsplit(".", 1)[0] + ".md", "w") as f:
-            f.write(markdown(results, command, env))
     print(markdown(results, command, env))
-
 
 if __name__ == "__main__":
     main()
