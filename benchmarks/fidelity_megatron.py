@@ -41,7 +41,9 @@ OUT = Path(__file__).parent / "results"
 # model, recompute (8B: selective op AC, 70B: full AC), published tokens/s per GPU
 TORCHTITAN = [("llama3-8b", "selective", 2973), ("llama3-70b", "full", 331)]
 TORCHTITAN_SOURCE = "pytorch/torchtitan docs/performance.md, Llama 3 on 64 A100 80GB with FSDP2 (local batch 1)"
-OPTIONS = CostOptions(flash_attention=False, dropout=True, overlap_grad_reduce=False, overlap_param_gather=False)
+# Megatron-LM keeps a contiguous gradient buffer for the whole step (persistent_grads)
+OPTIONS = CostOptions(flash_attention=False, dropout=True, overlap_grad_reduce=False, overlap_param_gather=False,
+                      persistent_grads=True)
 
 
 def gpt(hidden: int, layers: int, heads: int) -> ModelSpec:

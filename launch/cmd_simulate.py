@@ -119,7 +119,7 @@ def run_search(args: argparse.Namespace, spec: ModelSpec, cluster: Any) -> Any:
     options = SearchOptions(global_batch=args.global_batch, max_tp=args.max_tp, max_pp=1 if args.no_pp else args.max_pp,
                             uniform=args.uniform, cp_kinds=kinds, dtype=DType(args.dtype), top_k=max(args.top, 1),
                             fixed=pinned(args), progress=progress, **getattr(args, "restrict", {}))
-    return search(spec, cluster, options)
+    return search(spec, cluster, options, cost_options=getattr(args, "cost_options", None))
 
 
 def pinned(args: argparse.Namespace) -> dict[str, Any]:

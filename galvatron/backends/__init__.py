@@ -38,6 +38,9 @@ class Capabilities:
     uniform: bool
     """Whether the search must use one strategy and an even layer split (``SearchOptions.uniform``)."""
     gpu_only: bool
+    persistent_grads: bool | None = None
+    """Whether the backend holds gradients all step (``CostOptions.persistent_grads``; None: only
+    when a step accumulates several micro-batches, as ``zero_grad(set_to_none=True)`` leaves them)."""
 
     def search_options(self) -> dict[str, Any]:
         """``SearchOptions`` keyword arguments that restrict the search to this backend."""
@@ -58,13 +61,14 @@ CAPABILITIES: dict[str, Capabilities] = {
         # schedule:1f1b: the search gives one-stage plans the default schedule, which runs no pipeline
         features=frozenset({"zero1", "zero2", "zero3", "offload", "schedule:1f1b"}) | _RECOMPUTE,
         dtypes=frozenset({DType.FP32, DType.BF16, DType.FP16}),
-        per_layer=frozenset({"recompute"}), uniform=True, gpu_only=False),
+        per_layer=frozenset({"recompute"}), uniform=True, gpu_only=False, persistent_grads=True),
     "megatron": Capabilities(
         name="megatron",
         features=frozenset({"pp", "tp", "sp", "cp:ulysses", "cp:ring", "cp:hybrid", "ep", "zero1",
                             "schedule:1f1b", "schedule:interleaved-1f1b"}) | _RECOMPUTE,
         dtypes=frozenset({DType.FP32, DType.BF16, DType.FP16}),
-        per_layer=frozenset({"cp_kind", "cp_ulysses", "recompute"}), uniform=True, gpu_only=True),
+        per_layer=frozenset({"cp_kind", "cp_ulysses", "recompute"}), uniform=True, gpu_only=True,
+        persistent_grads=True),
 }
 """Per backend, the plan features it executes (docs/backends.md has the same table in words)."""
 

@@ -47,6 +47,9 @@ class LayerContext:
     micro_batch: int
     """Samples in one micro-batch over all data-parallel replicas (``Plan.micro_batch_size``)."""
     stage_devices: int
+    micro_batches: int = 1
+    """Micro-batches per optimizer step (``Plan.num_micro_batches``): whether gradients are held
+    through a step's forward passes (``CostOptions.persistent_grads``)."""
 
 
 @dataclass
@@ -80,12 +83,13 @@ class LayerCost:
     def vector(self) -> tuple[float, ...]:
         """The additive fields, in a fixed order, for fast summing in the search."""
         return (self.fwd + self.bwd, self.wgrad, self.bwd_compute, self.sync, self.post, self.optim,
-                self.static, self.act)
+                self.static, self.act, self.grads)
 
     @property
     def static(self) -> float:
-        """Bytes of parameters, gradients and optimizer states."""
-        return self.params + self.grads + self.optim_states
+        """Bytes of parameters and optimizer states (gradients: ``grads``, see
+        :func:`strategies.cost.step.memory_peak`)."""
+        return self.params + self.optim_states
 
 
 def layer_cost(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:

@@ -9,7 +9,15 @@ from typing import Any
 from galvatron.strategies.cost.layer import LayerContext, LayerCost, layer_cost, tied_copy, tokens_per_rank
 from galvatron.strategies.cost.options import CostOptions
 from galvatron.strategies.cost.perf import DatasheetPerf, Perf
-from galvatron.strategies.cost.step import POST, VECTOR_LEN, GroupTotals, combine, in_flight, step_time
+from galvatron.strategies.cost.step import (
+    POST,
+    VECTOR_LEN,
+    GroupTotals,
+    combine,
+    grads_persist,
+    in_flight,
+    step_time,
+)
 from galvatron.strategies.hardware import Cluster
 
 from galvatron.plan import LayerStrategy, Plan, Schedule
@@ -79,7 +87,7 @@ def cost_plan(plan: Plan, spec: ModelSpec, cluster: Cluster | Perf, options: Cos
     acc = [_GroupAcc() for _ in range(pp)]
     for j, stage in enumerate(plan.stages):
         ctx = LayerContext(perf=perf, options=options, dtype=plan.dtype, seq_len=spec.seq_len, causal=spec.causal,
-                           micro_batch=plan.micro_batch_size, stage_devices=stage.devices)
+                           micro_batch=plan.micro_batch_size, stage_devices=stage.devices, micro_batches=m)
         group = acc[j % pp]
         group.ranges.append((stage.start, stage.end))
         for layer, strategy in _stage_layers(plan, spec, j):
@@ -90,7 +98,9 @@ def cost_plan(plan: Plan, spec: ModelSpec, cluster: Cluster | Perf, options: Cos
         if j + 1 < len(plan.stages):
             group.p2p += p2p_time(ctx, spec.hidden, plan.stages[j].groups[-1].strategy)
     zb = plan.pipeline.schedule is Schedule.ZERO_BUBBLE
-    totals = [a.totals(in_flight(plan.pipeline.schedule, pp, v, m, g), zb, options) for g, a in enumerate(acc)]
+    persist = grads_persist(options, m)
+    totals = [a.totals(in_flight(plan.pipeline.schedule, pp, v, m, g), zb, options, persist)
+              for g, a in enumerate(acc)]
     step = step_time(totals, m, v)
     return _report(plan, spec, perf, acc, totals, step)
 
@@ -142,8 +152,8 @@ class _GroupAcc:
         self.parts["grads"] += c.grads
         self.parts["optimizer"] += c.optim_states
 
-    def totals(self, inflight: float, zb: bool, options: CostOptions) -> GroupTotals:
-        return combine(self.sums, self.work, self.p2p, inflight, zb, options)
+    def totals(self, inflight: float, zb: bool, options: CostOptions, persist: bool) -> GroupTotals:
+        return combine(self.sums, self.work, self.p2p, inflight, zb, options, persist)
 
 
 def _report(plan: Plan, spec: ModelSpec, perf: Perf, acc: list[_GroupAcc], totals: list[GroupTotals],

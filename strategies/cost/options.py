@@ -15,6 +15,13 @@ class CostOptions:
     as in Megatron-LM 2021-22 (Korthikanti et al. 2022 Eq. 1 keeps 5as bytes per token)."""
     dropout: bool = False
     """Dropout after attention and MLP (GPT-3 style): masks kept for backward (Korthikanti Table 2)."""
+    persistent_grads: bool | None = None
+    """Gradients stay allocated for the whole step (Megatron-Core's contiguous gradient buffers,
+    DeepSpeed's partitions). False: they exist only from the backward to the optimizer step, as
+    PyTorch's ``zero_grad(set_to_none=True)`` leaves them (galvatron's native runtime, torchtitan),
+    so they overlap the activations only as the backward trades one for the other. None: persistent
+    exactly when a step accumulates more than one micro-batch (the first one's gradients then wait
+    through the others' forward passes)."""
     overlap_grad_reduce: bool = True
     """Data-parallel gradient reduction overlapped with the last micro-batch's backward."""
     overlap_param_gather: bool = True

@@ -16,8 +16,8 @@ from galvatron.strategies.cost.options import CostOptions
 from galvatron.plan import Schedule
 
 # indices into LayerCost.vector()
-FB, WGRAD, BWD_COMPUTE, SYNC, POST, OPTIM, STATIC, ACT = range(8)
-VECTOR_LEN = 8
+FB, WGRAD, BWD_COMPUTE, SYNC, POST, OPTIM, STATIC, ACT, GRADS = range(9)
+VECTOR_LEN = 9
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,24 @@ def overlapped(comm: Any, compute: Any, interference: float) -> Any:
     return float(out) if np.ndim(out) == 0 else out
 
 
+def grads_persist(options: CostOptions, micro_batches: int) -> bool:
+    """Whether gradients are held all step (see ``CostOptions.persistent_grads``)."""
+    return options.persistent_grads if options.persistent_grads is not None else micro_batches > 1
+
+
+def memory_peak(static: Any, grads: Any, act: Any, work: Any, persist: bool) -> Any:
+    """Peak bytes of a device group: parameters and optimizer states (``static``) always; held
+    gradients on top of the activations in flight and the largest transient buffer (``work``).
+    Gradients that live only from the backward on replace the activations as the backward frees
+    them layer by layer (each layer's activations go as its gradients come), so activations plus
+    gradients peak at one end: at the loss, with every activation and the largest transient (the
+    logits), or after the backward, with every gradient. Floats or numpy arrays."""
+    out = static + (act + grads + work if persist else np.maximum(act + work, grads))
+    return float(out) if np.ndim(out) == 0 else out
+
+
 def combine(sums: Sequence[float], work: float, p2p: float, inflight: float, zero_bubble: bool,
-            options: CostOptions) -> GroupTotals:
+            options: CostOptions, persist: bool = True) -> GroupTotals:
     """Totals of one device group from the sums of its layers' cost vectors (floats, or numpy arrays
     with one entry per candidate in the search)."""
     t = sums[FB] + p2p
@@ -67,7 +83,8 @@ def combine(sums: Sequence[float], work: float, p2p: float, inflight: float, zer
         exposed = sums[SYNC]
     e = exposed + sums[POST] + sums[OPTIM]
     act = inflight * sums[ACT]
-    return GroupTotals(t=t, b=b, e=e, memory=sums[STATIC] + act + work, activations=act, exposed_sync=exposed)
+    memory = memory_peak(sums[STATIC], sums[GRADS], act, work, persist)
+    return GroupTotals(t=t, b=b, e=e, memory=memory, activations=act, exposed_sync=exposed)
 
 
 def step_time(groups: Sequence[GroupTotals], m: int, v: int) -> float:

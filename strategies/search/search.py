@@ -28,7 +28,7 @@ from galvatron.strategies.cost.layer import LayerContext
 from galvatron.strategies.cost.model import PlanCost, as_perf, cost_plan
 from galvatron.strategies.cost.options import CostOptions
 from galvatron.strategies.cost.perf import Perf
-from galvatron.strategies.cost.step import ACT, STATIC, in_flight, step_times
+from galvatron.strategies.cost.step import in_flight, step_times
 from galvatron.strategies.hardware import Cluster
 from galvatron.strategies.search.space import (
     SearchOptions,
@@ -120,7 +120,8 @@ class _Search:
         key = (devices, micro_batch)
         if key not in self.tables:
             ctx = LayerContext(perf=self.perf, options=self.cost, dtype=self.options.dtype, seq_len=self.spec.seq_len,
-                               causal=self.spec.causal, micro_batch=micro_batch, stage_devices=devices)
+                               causal=self.spec.causal, micro_batch=micro_batch, stage_devices=devices,
+                               micro_batches=max(self.global_batch // micro_batch, 1))
             modes = [*self.lower, Recompute.FULL]
             self.tables[key] = StageTable(self.spec, ctx, usable, modes, self.cache, pipelined=devices < self.world)
         return self.tables[key]
@@ -324,7 +325,7 @@ class _Search:
                 rows: np.ndarray) -> np.ndarray:
         vec, work, _ = table.stage_sums(a, b, lower, k, rows)
         self.costed += rows.size
-        return vec[:, STATIC] + inflight * vec[:, ACT] + work
+        return table.memory(vec, work, inflight)
 
     # ---------------------------------------------------------------- results
     def results(self) -> list[tuple[float, Plan]]:
@@ -442,6 +443,6 @@ def _leanest_memory(s: _Search) -> float | None:
             full = np.full(table.size, counts[j])
             vec, work, _ = table.stage_sums(bounds[j], bounds[j + 1], Recompute.NONE, full)
             inflight = in_flight(Schedule.ONE_F_ONE_B, pp, 1, m, j)
-            peak = np.maximum(peak, vec[:, STATIC] + inflight * vec[:, ACT] + work)
+            peak = np.maximum(peak, table.memory(vec, work, inflight))
         best = float(peak.min()) if best is None else min(best, float(peak.min()))
     return None if best is None else best / 2**30

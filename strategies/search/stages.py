@@ -25,7 +25,17 @@ from galvatron.strategies.cost.layer import (
     zero_terms,
 )
 from galvatron.strategies.cost.model import p2p_time
-from galvatron.strategies.cost.step import ACT, FB, STATIC, VECTOR_LEN, GroupTotals, combine
+from galvatron.strategies.cost.step import (
+    ACT,
+    FB,
+    GRADS,
+    STATIC,
+    VECTOR_LEN,
+    GroupTotals,
+    combine,
+    grads_persist,
+    memory_peak,
+)
 
 from galvatron.plan import LayerStrategy, Recompute
 from galvatron.spec import LayerKind, LayerSpec, ModelSpec
@@ -80,11 +90,11 @@ def _merged(ctx: LayerContext, cores: list[tuple[float, ...]], zeros: list[ZeroT
     """Cost vectors (n, VECTOR_LEN) and transient memory (n,) of core + ZeRO parts, as
     :func:`strategies.cost.layer.apply_zero` adds them."""
     fwd, bwd, wgrad, bwdc, act, work = np.array(cores, dtype=float).reshape(-1, 6).T
-    z = np.array([(t.params + t.grads + t.optim_states, t.sync, t.post, t.optim, t.rs, t.ag, t.work) for t in zeros],
-                 dtype=float).reshape(-1, 7).T
-    static, sync, post, optim, rs, ag, zwork = z
+    z = np.array([(t.params + t.optim_states, t.sync, t.post, t.optim, t.rs, t.ag, t.work, t.grads) for t in zeros],
+                 dtype=float).reshape(-1, 8).T
+    static, sync, post, optim, rs, ag, zwork, grads = z
     fwd_x, bwd_x = zero_exposed(ag, rs, fwd, bwdc, ctx.options)
-    vec = np.stack([(fwd + fwd_x) + (bwd + bwd_x), wgrad, bwdc, sync, post, optim, static, act], axis=1)
+    vec = np.stack([(fwd + fwd_x) + (bwd + bwd_x), wgrad, bwdc, sync, post, optim, static, act, grads], axis=1)
     return vec, np.maximum(work, zwork)
 
 
@@ -173,11 +183,17 @@ class StageTable:
         out = np.empty((b - a + 1, len(rows)))
         for k in range(b - a + 1):
             vec, work, _ = self.stage_sums(a, b, lower, np.full(len(rows), k), rows)
-            out[k] = vec[:, STATIC] + inflight * vec[:, ACT] + work
+            out[k] = self.memory(vec, work, inflight)
         return out
+
+    def memory(self, vec: np.ndarray, work: np.ndarray, inflight: float) -> np.ndarray:
+        """Peak memory of stages with summed vectors ``vec`` (see ``memory_peak``)."""
+        persist = grads_persist(self.ctx.options, self.ctx.micro_batches)
+        return memory_peak(vec[:, STATIC], vec[:, GRADS], inflight * vec[:, ACT], work, persist)
 
 
 def totals(table: StageTable, vec: np.ndarray, work: np.ndarray, p2p: np.ndarray, inflight: float,
            zero_bubble: bool) -> GroupTotals:
     """Device-group totals for many candidates at once (arrays in every field)."""
-    return combine(vec.T, work, p2p, inflight, zero_bubble, table.ctx.options)
+    return combine(vec.T, work, p2p, inflight, zero_bubble, table.ctx.options,
+                   grads_persist(table.ctx.options, table.ctx.micro_batches))

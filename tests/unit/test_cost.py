@@ -207,3 +207,24 @@ def test_loss_peak_scales_with_bytes_per_logit() -> None:
         fused = layer_cost(ctx, head, s).work
         eager = layer_cost(dataclasses.replace(ctx, options=CostOptions(loss_bytes_per_logit=12)), head, s).work
         assert eager - fused == pytest.approx(6 * vocab / tp * 4096 * 8 / (8 // tp))
+
+
+def test_gradients_held_or_traded_for_activations() -> None:
+    """One micro-batch under ``zero_grad(set_to_none=True)``: gradients replace the activations as
+    the backward frees them (peak = params + optimizer + max(activations + buffers, gradients));
+    held gradients (several micro-batches, or gradient buffers) add to them."""
+    spec = ModelSpec.from_config("gpt3-1.3b")
+    cluster = load_cluster({"gpu": "H100-SXM", "gpus_per_node": 1, "nodes": 1, "name": "1xH100"})
+
+    def stage(m: int, persistent: bool | None) -> dict[str, float]:
+        plan = Plan.uniform(spec.num_blocks, global_batch_size=2 * m, num_micro_batches=m, dtype="bf16")
+        return cost_plan(plan, spec, cluster, CostOptions(persistent_grads=persistent)).stages[0].memory_gib
+
+    one = stage(1, None)
+    static = one["params"] + one["optimizer"]
+    assert one["total"] == pytest.approx(static + max(one["activations"] + one["buffers"], one["grads"]))
+    held = stage(1, True)
+    assert held["total"] == pytest.approx(static + held["grads"] + held["activations"] + held["buffers"])
+    assert held["total"] > one["total"]
+    accumulated = stage(2, None)  # the first micro-batch's gradients wait through the second's forward
+    assert accumulated["total"] == pytest.approx(held["total"])
