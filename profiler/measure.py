@@ -60,27 +60,25 @@ class Clock:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def time(self, phases: Sequence[Callable[[Any], Any]]) -> list[float]:
-        """Run the phases in order, each given the previous one's result; seconds of each."""
+    def split(self, phases: Sequence[Callable[[Any], Any]]) -> tuple[list[float], list[float]]:
+        """Run the phases in order, each given the previous one's result; host and device seconds
+        of each (on CPU one clock: the host's, twice)."""
         self.sync()
         host = self._host(phases)
         if not self.cuda:
-            return host
-        device = self._device(phases, head_start=min(2 * sum(host) + 1e-3, _MAX_HEAD_START_S))
-        return [max(h, d) for h, d in zip(host, device)]
+            return host, host
+        return host, self._device(phases, head_start=min(2 * sum(host) + 1e-3, _MAX_HEAD_START_S))
 
     def median(self, phases: Sequence[Callable[[Any], Any]], repeats: int) -> list[float]:
         """Per-phase medians of ``repeats`` timings."""
         return self.medians(phases, repeats).slower
 
     def medians(self, phases: Sequence[Callable[[Any], Any]], repeats: int) -> Timings:
-        """Per-phase medians of ``repeats`` timings: of the slower of host and device (what
-        :meth:`time` returns), of the host alone and of the device alone (CPU: all three equal)."""
+        """Per-phase medians of ``repeats`` timings: of the slower of host and device in each
+        repeat, of the host alone and of the device alone (CPU: all three equal)."""
         slower, host, device = [], [], []
         for _ in range(repeats):
-            self.sync()
-            h = self._host(phases)
-            d = self._device(phases, head_start=min(2 * sum(h) + 1e-3, _MAX_HEAD_START_S)) if self.cuda else h
+            h, d = self.split(phases)
             slower.append([max(a, b) for a, b in zip(h, d)])
             host.append(h)
             device.append(d)
