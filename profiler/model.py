@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from galvatron.profiler.measure import Clock, autocast, measure_memory, storage_ptrs
 from galvatron.profiler.progress import Progress, human_bytes, table
 from galvatron.profiler.schema import (
+    SPLIT_FIELDS,
     DeviceInfo,
     LayerProfile,
     Measurement,
@@ -313,7 +314,7 @@ class _Job:
             both = self._measure(mb, s, Recompute.NONE, whole, lambda loss: loss.backward(), params)
         split = {}
         if both.split and emb.split:
-            for key in ("host_forward_s", "host_backward_s", "device_forward_s", "device_backward_s"):
+            for key in SPLIT_FIELDS:
                 split[key] = max(getattr(both, key) - getattr(emb, key), 0.0)
         head = Measurement(
             micro_batch=mb, seq_len=s, recompute=Recompute.NONE,

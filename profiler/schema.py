@@ -115,8 +115,7 @@ class Measurement:
     @property
     def split(self) -> bool:
         """Whether host and device times were recorded apart."""
-        return None not in (self.host_forward_s, self.host_backward_s, self.device_forward_s,
-                            self.device_backward_s)
+        return all(getattr(self, name) is not None for name in SPLIT_FIELDS)
 
     @property
     def tokens(self) -> int:
@@ -124,7 +123,8 @@ class Measurement:
 
 
 _FITTED = ("forward_s", "backward_s", "activation_bytes", "temporary_bytes")
-_SPLIT = ("host_forward_s", "host_backward_s", "device_forward_s", "device_backward_s")
+SPLIT_FIELDS = ("host_forward_s", "host_backward_s", "device_forward_s", "device_backward_s")
+"""The :class:`Measurement` fields timing host and device apart."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,7 +192,7 @@ class LayerProfile:
         where this size was measured, else the fit); None for a profile that did not record them."""
         mode = Recompute(recompute)
         rows = [m for m in self.measurements if m.recompute is mode]
-        if not rows or not all(m.split for m in rows) or any(n not in self.fits.get(mode, {}) for n in _SPLIT):
+        if not rows or not all(m.split for m in rows) or any(n not in self.fits.get(mode, {}) for n in SPLIT_FIELDS):
             return None
         host = PhaseTimes(forward=self._value("host_forward_s", micro_batch, seq_len, recompute),
                           backward=self._value("host_backward_s", micro_batch, seq_len, recompute))
@@ -251,7 +251,7 @@ def _fit_all(measurements: Sequence[Measurement]) -> dict[Recompute, dict[str, F
         if not rows:
             continue
         out[mode] = {}
-        names = _FITTED + (_SPLIT if all(m.split for m in rows) else ())
+        names = _FITTED + (SPLIT_FIELDS if all(m.split for m in rows) else ())
         for name in names:
             out[mode][name] = Fit.of([(m.micro_batch, m.seq_len, float(getattr(m, name))) for m in rows])
     return out
