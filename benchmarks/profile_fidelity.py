@@ -127,7 +127,6 @@ class Trainer:
     def _wrap(self, model: torch.nn.Module, s: Setup, mode: str, dtype: str) -> None:
         import galvatron
 
-        _single_process_group(s.device)
         plan = Plan.uniform(s.cfg.layers, global_batch_size=1, dtype=dtype, recompute=mode)
         wrapped = galvatron.wrap(model, plan=plan)
         opt = wrapped.optimizer(torch.optim.AdamW, lr=1e-5, fused=s.device.type == "cuda")
@@ -159,17 +158,6 @@ def _build(s: Setup) -> torch.nn.Module:
     torch.manual_seed(0)
     with torch.device(s.device):
         return GPT(s.cfg)
-
-
-def _single_process_group(device: torch.device) -> None:
-    """galvatron.wrap starts gloo on one process without torchrun; on a GPU start NCCL ourselves so
-    the wrapped model runs on the GPU."""
-    import torch.distributed as dist
-
-    if dist.is_initialized() or device.type != "cuda":
-        return
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
 
 
 def measure_steps(trainer: Trainer, s: Setup, mb: int, seq: int) -> dict[str, Any]:
