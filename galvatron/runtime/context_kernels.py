@@ -8,9 +8,14 @@ the full gradient.
 
 Which kernel runs where (:func:`select_kernel`):
 
-- ``flash``: CUDA, fp16/bf16, compute capability >= 8.0, head dim a multiple of 8 and <= 256:
-  ``aten._scaled_dot_product_flash_attention`` and its backward (the FlashAttention-2 kernels
-  inside PyTorch's SDPA).
+- ``cudnn``: CUDA, fp16/bf16, compute capability >= 9.0 (Hopper and newer), head dim a multiple of
+  8 and <= 128, PyTorch's cuDNN SDPA backend enabled: ``aten._scaled_dot_product_cudnn_attention``
+  with ``compute_log_sumexp=True``, and its backward. On an H100 this is the kernel plain
+  ``F.scaled_dot_product_attention`` dispatches to (torch 2.11), 1.75x faster than FlashAttention-2
+  (``benchmarks/results/context_parallel.json``).
+- ``flash``: other CUDA fp16/bf16 cases with compute capability >= 8.0, head dim a multiple of 8
+  and <= 256: ``aten._scaled_dot_product_flash_attention`` and its backward (the FlashAttention-2
+  kernels inside PyTorch's SDPA).
 - ``efficient``: other CUDA cases (fp32 included): ``aten._scaled_dot_product_efficient_attention``
   (xFormers memory-efficient kernel) with ``compute_log_sumexp=True``, and its backward.
 - ``math``: CPU and everything else: matmul + logsumexp in fp32 (fp64 for fp64 inputs), GQA by
@@ -28,7 +33,7 @@ import enum
 
 import torch
 
-Kernel = str  # "flash" | "efficient" | "math"
+Kernel = str  # "cudnn" | "flash" | "efficient" | "math"
 _ALIGN_LSE = 32  # the memory-efficient kernel pads its LSE rows to a multiple of 32
 
 
@@ -45,13 +50,12 @@ def select_kernel(q: torch.Tensor) -> Kernel:
     if not q.is_cuda:
         return "math"
     head_dim = q.shape[-1]
-    if (
-        q.dtype in (torch.float16, torch.bfloat16)
-        and head_dim % 8 == 0
-        and head_dim <= 256
-        and torch.cuda.get_device_capability(q.device)[0] >= 8
-        and torch.backends.cuda.flash_sdp_enabled()
-    ):
+    if q.dtype not in (torch.float16, torch.bfloat16) or head_dim % 8:
+        return "efficient"
+    major = torch.cuda.get_device_capability(q.device)[0]
+    if major >= 9 and head_dim <= 128 and torch.backends.cuda.cudnn_sdp_enabled():
+        return "cudnn"
+    if major >= 8 and head_dim <= 256 and torch.backends.cuda.flash_sdp_enabled():
         return "flash"
     return "efficient"
 
@@ -73,7 +77,11 @@ def block_forward(
         return _strict_forward(q, k, v, scale, kernel)
     k, v = _expand_heads(k, q.shape[1]), _expand_heads(v, q.shape[1])
     causal = mask is BlockMask.CAUSAL
-    if kernel == "flash":
+    if kernel == "cudnn":
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
+                                                                      scale=scale)[:2]
+        lse = lse.squeeze(-1)  # (B, H, S, 1)
+    elif kernel == "flash":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
     else:
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal,
@@ -95,7 +103,14 @@ def block_backward(
     heads_kv = k.shape[1]
     k, v = _expand_heads(k, q.shape[1]), _expand_heads(v, q.shape[1])
     causal = mask is BlockMask.CAUSAL
-    if kernel == "flash":
+    if kernel == "cudnn":
+        # cuDNN reads out/dout with the strides it gave its output, which matches the query's layout
+        like_q = [torch.empty_like(q).copy_(t) for t in (out, dout)]
+        seed = offset = torch.zeros((), dtype=torch.int64, device=q.device)  # no dropout: not read
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            like_q[1], q, k, v, like_q[0], lse.float().unsqueeze(-1).contiguous(), seed, offset, None, None, None,
+            q.shape[2], k.shape[2], 0.0, causal, scale=scale)
+    elif kernel == "flash":
         seed = torch.empty(2, dtype=torch.uint64, device=q.device)  # no dropout: the RNG state is not read
         offset = torch.empty((), dtype=torch.uint64, device=q.device)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(

@@ -91,17 +91,44 @@ def test_strict_mask_row_zero_sees_nothing() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("kernel", "dtype", "tol"), [("flash", torch.bfloat16, 2e-2), ("flash", torch.float16, 5e-3),
+@pytest.mark.parametrize(("kernel", "dtype", "tol"), [("cudnn", torch.bfloat16, 2e-2), ("cudnn", torch.float16, 5e-3),
+                                                      ("flash", torch.bfloat16, 2e-2), ("flash", torch.float16, 5e-3),
                                                       ("efficient", torch.float32, 1e-4),
                                                       ("efficient", torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize(("size", "causal", "striped", "kv_heads"), [c for c in CASES if c[0] != 2])
 def test_simulated_ring_matches_sdpa_on_gpu(kernel: str, dtype: torch.dtype, tol: float, size: int, causal: bool,
                                             striped: bool, kv_heads: int) -> None:
+    if kernel == "cudnn" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the cuDNN block kernel runs on compute capability >= 9.0")
     q = torch.randn(2, 4, 256, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).to(dtype)
     assert _max_error(q, kv_heads, size, causal, striped, kernel) < tol
 
 
 @pytest.mark.gpu
-def test_flash_is_the_bf16_gpu_path() -> None:
-    assert select_kernel(torch.zeros(1, 1, 4, 64, device="cuda", dtype=torch.bfloat16)) == "flash"
+def test_cudnn_then_flash_is_the_bf16_gpu_path() -> None:
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    assert select_kernel(torch.zeros(1, 1, 4, 64, device="cuda", dtype=torch.bfloat16)) == (
+        "cudnn" if hopper else "flash")
+    assert select_kernel(torch.zeros(1, 1, 4, 192, device="cuda", dtype=torch.bfloat16)) == "flash"
     assert select_kernel(torch.zeros(1, 1, 4, 64, device="cuda")) == "efficient"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mask", list(BlockMask))
+def test_cudnn_block_takes_any_layout(mask: BlockMask) -> None:
+    """q/k/v as (B, S, H, D) memory viewed as (B, H, S, D), the layout attention modules hand over,
+    and a merged output/gradient in yet another layout: the same results as contiguous inputs."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the cuDNN block kernel runs on compute capability >= 9.0")
+    gen = torch.Generator("cuda").manual_seed(5)
+    q, k, v, dout = (torch.randn(2, 256, 4, 64, generator=gen, device="cuda").to(torch.bfloat16).transpose(1, 2)
+                     for _ in range(4))
+    out, lse = block_forward(q, k, v, mask, 0.125, "cudnn")
+    ref_out, ref_lse = block_forward(*(t.contiguous() for t in (q, k, v)), mask, 0.125, "cudnn")
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+    grads = block_backward(dout, q, k, v, out.contiguous(), lse, mask, 0.125, "cudnn")
+    ref = block_backward(dout.contiguous(), *(t.contiguous() for t in (q, k, v)), ref_out, ref_lse, mask, 0.125,
+                         "cudnn")
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b)
