@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         args.restrict, args.uniform = {"capabilities": caps.features}, args.uniform or caps.uniform
         from galvatron.strategies.cost import CostOptions
 
-        args.cost_options = CostOptions(persistent_grads=caps.persistent_grads)
+        args.cost_options = CostOptions(**caps.cost_options())
     result = cmd_simulate.run_search(args, spec, cluster)
     cmd_simulate.emit(args, list(result.top), result.search_time_s, result.plans_costed, spec, cluster)
     if args.out:

@@ -41,6 +41,15 @@ class Capabilities:
     persistent_grads: bool | None = None
     """Whether the backend holds gradients all step (``CostOptions.persistent_grads``; None: only
     when a step accumulates several micro-batches, as ``zero_grad(set_to_none=True)`` leaves them)."""
+    master_weights: str = "params"
+    """Where the fp32 master weights live (``CostOptions.master_weights``)."""
+    selective: str = "matmuls"
+    """What ``recompute: selective`` keeps (``CostOptions.selective``)."""
+
+    def cost_options(self) -> dict[str, Any]:
+        """``CostOptions`` keyword arguments that describe how this backend runs a plan."""
+        return {"persistent_grads": self.persistent_grads, "master_weights": self.master_weights,
+                "selective": self.selective}
 
     def search_options(self) -> dict[str, Any]:
         """``SearchOptions`` keyword arguments that restrict the search to this backend."""
@@ -61,14 +70,15 @@ CAPABILITIES: dict[str, Capabilities] = {
         # schedule:1f1b: the search gives one-stage plans the default schedule, which runs no pipeline
         features=frozenset({"zero1", "zero2", "zero3", "offload", "schedule:1f1b"}) | _RECOMPUTE,
         dtypes=frozenset({DType.FP32, DType.BF16, DType.FP16}),
-        per_layer=frozenset({"recompute"}), uniform=True, gpu_only=False, persistent_grads=True),
+        per_layer=frozenset({"recompute"}), uniform=True, gpu_only=False, persistent_grads=True,
+        master_weights="optimizer"),
     "megatron": Capabilities(
         name="megatron",
         features=frozenset({"pp", "tp", "sp", "cp:ulysses", "cp:ring", "cp:hybrid", "ep", "zero1",
                             "schedule:1f1b", "schedule:interleaved-1f1b"}) | _RECOMPUTE,
         dtypes=frozenset({DType.FP32, DType.BF16, DType.FP16}),
         per_layer=frozenset({"cp_kind", "cp_ulysses", "recompute"}), uniform=True, gpu_only=True,
-        persistent_grads=True),
+        persistent_grads=True, master_weights="optimizer", selective="megatron"),
 }
 """Per backend, the plan features it executes (docs/backends.md has the same table in words)."""
 

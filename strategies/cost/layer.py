@@ -152,7 +152,9 @@ def _block(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     attn_fwd, attn_bwd, attn_exposed = _attention(ctx, layer, s, tok)
     ew = ctx.perf.memory_time(_elementwise_bytes(ctx, layer, s) * tok)
     fwd_compute, bwd_compute = t_mm + attn_fwd + ew, dgrad + wgrad + attn_bwd + 2 * ew
-    redo = {Recompute.FULL: fwd_compute, Recompute.SELECTIVE: attn_fwd}.get(s.recompute, 0.0)
+    redo = fwd_compute if s.recompute is Recompute.FULL else 0.0
+    if s.recompute is Recompute.SELECTIVE:
+        redo = _selective_redo(ctx, layer, s, attn_fwd, ew, t_mm)
     measured = _measured(ctx, layer, s)
     if measured is not None:
         scale = measured.backward / (bwd_compute + redo)
@@ -173,7 +175,9 @@ def _block(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     if attn_exposed:
         c.comm["cp"] = c.comm.get("cp", 0.0) + attn_exposed
     c.act = _activation(ctx, layer, s, s.recompute) * tok
-    c.work = max(c.work, _activation(ctx, layer, s, Recompute.NONE) * tok if full else 0.0)
+    if full or s.recompute is Recompute.SELECTIVE:
+        # the recomputed tensors of the layer being differentiated live until its backward ends
+        c.work = max(c.work, (_activation(ctx, layer, s, Recompute.NONE) - (0.0 if full else c.act / tok)) * tok)
     return c
 
 
@@ -409,19 +413,91 @@ def _recompute_flops(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok:
     if s.recompute is Recompute.FULL:
         return mm + _attention_flops(ctx, layer, s, tok)
     if s.recompute is Recompute.SELECTIVE:
-        return _attention_flops(ctx, layer, s, tok)
+        policy = ctx.options.selective
+        attention = _attention_flops(ctx, layer, s, tok) if policy != "torchtitan" else 0.0
+        return attention + mm * _recomputed_gemm_share(layer, s, policy)
     return 0.0
+
+
+def _block_gemm_shapes(layer: LayerSpec, s: LayerStrategy) -> list[tuple[float, float]]:
+    """(input, output) widths per token of a block's GEMMs on one rank, in forward order: q, k, v,
+    attention out (Llama/Megatron layout), then the MLP's up (gate and up when gated) and down per
+    routed or shared expert a token visits (MoE: the router first). Column-parallel outputs are
+    split over TP; row-parallel outputs (attention out, MLP down) are full ``h`` on every TP rank,
+    partial sums before their reduction. A gated MLP is recognised by its FLOPs per token (``3hf``
+    per expert rather than ``2hf``)."""
+    h, t = layer.hidden, s.tp
+    shapes: list[tuple[float, float]] = []
+    attn = 0.0
+    if layer.heads:
+        q, kv = layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim
+        shapes += [(h, q / t), (h, kv / t), (h, kv / t), (q / t, h)]
+        attn = h * (q + 2 * kv) + q * h
+    if layer.ffn_hidden:
+        routed = layer.top_k + layer.shared_experts if layer.experts else 1
+        if layer.experts:
+            shapes.append((h, layer.experts))
+        mlp = layer.flops_per_token / 2 - attn - h * layer.experts
+        ups = 2 if mlp > 2.5 * routed * h * layer.ffn_hidden else 1
+        for _ in range(routed):
+            shapes += [(h, layer.ffn_hidden / t)] * ups + [(layer.ffn_hidden / t, h)]
+    return shapes
+
+
+def _recomputed_gemm_share(layer: LayerSpec, s: LayerStrategy, policy: str) -> float:
+    """Fraction of the block's GEMM FLOPs a selective ``policy`` runs again in backward: torchtitan's
+    op-level policy recomputes every second GEMM of the block; the others recompute none."""
+    if policy != "torchtitan":
+        return 0.0
+    flops = [i * o for i, o in _block_gemm_shapes(layer, s)]
+    return sum(flops[1::2]) / (sum(flops) or 1.0)
+
+
+def _selective_redo(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, attn_fwd: float, ew: float,
+                    t_mm: float) -> float:
+    """Backward seconds spent recomputing under ``recompute: selective`` (``CostOptions.selective``):
+    the attention core (Megatron); the attention core and the memory-bound elementwise kernels
+    (galvatron's ``matmuls`` policy); the elementwise kernels and every second GEMM (torchtitan)."""
+    policy = ctx.options.selective
+    if policy == "megatron":
+        return attn_fwd
+    if policy == "matmuls":
+        return attn_fwd + ew
+    return ew + t_mm * _recomputed_gemm_share(layer, s, policy)
+
+
+def _selective_kept(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> float:
+    """Bytes per token an op-level selective policy keeps: the layer's input (the checkpoint's
+    argument) and the outputs it saves. ``matmuls``: every GEMM output, and each TP collective's
+    output (SP: two all-gathers of ``h`` and two reduce-scatters of ``h/tp``; else two all-reduces
+    of ``h``). ``torchtitan``: the 1st, 3rd, ... GEMM outputs, the SDPA output (``q/tp``), and
+    the SP reduce-scatters."""
+    policy, h = ctx.options.selective, layer.hidden
+    sp_div = s.tp if s.sp else 1
+    outputs = [o for _, o in _block_gemm_shapes(layer, s)]
+    if policy == "matmuls":
+        kept = sum(outputs)
+        if s.tp > 1:
+            kept += 2 * h + 2 * h / s.tp if s.sp else 2 * h
+    else:
+        kept = sum(outputs[0::2]) + (layer.heads * layer.head_dim / s.tp if layer.heads else 0.0)
+        if s.tp > 1 and s.sp:
+            kept += 2 * h / s.tp
+    return _act_bytes(ctx) * (h / sp_div + kept)
 
 
 def _activation(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, mode: Recompute) -> float:
     """Bytes per token kept for backward on one rank (Korthikanti et al. 2022 Table 2): the norm and
     GEMM inputs ``8h`` (``4h`` without attention) are replicated over TP unless SP; the rest is split
     over TP; unfused attention adds ``5as`` (scores, softmax, dropout mask) unless selectively
-    recomputed; full recomputation keeps the layer input ``2h``."""
+    recomputed (``CostOptions.selective = "megatron"``); full recomputation keeps the layer input
+    ``2h``; the op-level selective policies keep what :func:`_selective_kept` counts."""
     scale = _act_bytes(ctx) / 2
     sp_div = s.tp if s.sp else 1
     if mode is Recompute.FULL:
         return scale * 2 * layer.hidden / sp_div
+    if mode is Recompute.SELECTIVE and ctx.options.selective != "megatron":
+        return min(_selective_kept(ctx, layer, s), _activation(ctx, layer, s, Recompute.NONE))
     replicated = (8 if layer.heads else 4) * layer.hidden + (2 * layer.hidden if ctx.options.dropout else 0)
     sharded = layer.activation_bytes_per_token - 8 * layer.hidden if layer.heads else (
         layer.activation_bytes_per_token - 4 * layer.hidden)
@@ -446,6 +522,9 @@ class ZeroTerms:
     rs: float = 0.0
     ag: float = 0.0
     work: float = 0.0
+    copies: float = 0.0
+    """16-bit compute copies of fp32 parameters held from a micro-batch's forward to its backward
+    (``CostOptions.master_weights = "params"``): counted with the activations."""
 
 
 def zero_terms(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> ZeroTerms:
@@ -455,7 +534,7 @@ def zero_terms(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> ZeroTer
     group of ``dp * cp / ep`` ranks ``tp * ep`` apart (Megatron-Core's expert-data-parallel group)."""
     dense, expert = _dense_expert_params(layer, s)
     pb, gb = _param_bytes(ctx), ctx.options.grad_bytes
-    ob = 8 if ctx.dtype is DType.FP32 else 12
+    ob = 8 if ctx.dtype is DType.FP32 or ctx.options.master_weights == "params" else 12
     acc = dict.fromkeys((f.name for f in fields(ZeroTerms)), 0.0)
     for params, size, stride in ((dense, s.dp * s.cp, s.tp), (expert, s.dp * s.cp // s.ep, s.tp * s.ep)):
         if params:
@@ -470,7 +549,13 @@ def _zero_part(ctx: LayerContext, s: LayerStrategy, acc: dict[str, float], param
     group = _group(ctx, stride, d)
     z = s.zero if d > 1 else 0
     shard = params / d if z >= 1 else params
-    acc["params"] += pb * (params / d if z >= 3 else params)
+    if opts.master_weights == "params" and ctx.dtype is not DType.FP32:
+        # fp32 parameters, sharded by FSDP2 from ZeRO-2 on; the 16-bit copies the forward computes
+        # with (autocast casts, or FSDP2's unsharded ZeRO-2 parameters) live until the backward
+        acc["params"] += 4 * (params / d if z >= 2 else params)
+        acc["copies"] += pb * params if z <= 2 else 0.0
+    else:
+        acc["params"] += pb * (params / d if z >= 3 else params)
     acc["grads"] += gb * (params / d if z >= 2 else params)
     acc["optim_states"] += 0.0 if s.offload else ob * shard
     grads, gathered = params * gb, params * pb
@@ -513,6 +598,7 @@ def apply_zero(c: LayerCost, z: ZeroTerms, options: CostOptions) -> None:
     c.params += z.params
     c.grads += z.grads
     c.optim_states += z.optim_states
+    c.act += z.copies
     c.sync += z.sync
     c.post += z.post
     c.optim += z.optim
@@ -606,7 +692,7 @@ def tied_copy(ctx: LayerContext, spec: ModelSpec, s: LayerStrategy, holder: bool
     layer = embeddings[0]
     if holder:
         z = zero_terms(ctx, layer, s)
-        c.params, c.grads, c.optim_states, c.optim = z.params, z.grads, z.optim_states, z.optim
+        c.params, c.grads, c.optim_states, c.optim, c.act = z.params, z.grads, z.optim_states, z.optim, z.copies
     grads = layer.params / s.tp * ctx.options.grad_bytes
     inter = ctx.stage_devices >= ctx.perf.gpus_per_node
     c.post = ctx.perf.collective_time(Collective.ALL_REDUCE, grads, Group(size=2, per_node=1 if inter else 2))

@@ -64,3 +64,33 @@ class CostOptions:
     (ZeRO-Offload, Ren et al. 2021, reports ~1 s per billion parameters per node for CPU-Adam)."""
     memory_headroom: float = 0.0
     """Fraction of device memory kept free for allocator fragmentation by the search."""
+    master_weights: str = "params"
+    """Where the fp32 master weights of a 16-bit run live (:data:`MASTER_WEIGHTS`). ``params``: the
+    parameters themselves stay fp32 (PyTorch autocast and FSDP2 ``MixedPrecisionPolicy``: galvatron's
+    native runtime, torchtitan): 4 bytes per parameter (sharded from ZeRO-2 on, as FSDP2 shards),
+    8 of Adam moments, and 16-bit copies for compute that each micro-batch holds from its forward to
+    its backward (autocast's casts; ZeRO-2's unsharded parameters; ZeRO-3 gathers them per layer).
+    ``optimizer``: 16-bit parameters and a fp32 copy inside the optimizer (Megatron's distributed
+    optimizer, DeepSpeed's bf16/fp16 modes; ZeRO paper §3.1): 2 + 12 bytes per parameter."""
+    selective: str = "matmuls"
+    """What ``recompute: selective`` keeps (:data:`SELECTIVE_POLICIES`). ``matmuls``: galvatron's
+    native runtime (``galvatron.runtime.recompute``, also under the DeepSpeed backend): a selective
+    checkpoint policy that saves the outputs of every GEMM and collective and recomputes the rest,
+    attention core included. ``megatron``: Megatron-LM's attention-core recomputation (Korthikanti
+    et al. 2022 §5: QK^T, softmax, dropout and AV are recomputed, everything else kept).
+    ``torchtitan``: torchtitan's per-op activation checkpointing (``apply_ac`` op mode): saves the
+    SDPA output and every other GEMM's output (the 2nd, 4th, ... of a block are recomputed)."""
+
+    def __post_init__(self) -> None:
+        if self.master_weights not in MASTER_WEIGHTS:
+            raise ValueError(f"CostOptions.master_weights={self.master_weights!r}: expected one of "
+                             f"{', '.join(MASTER_WEIGHTS)}")
+        if self.selective not in SELECTIVE_POLICIES:
+            raise ValueError(f"CostOptions.selective={self.selective!r}: expected one of "
+                             f"{', '.join(SELECTIVE_POLICIES)}")
+
+
+SELECTIVE_POLICIES = ("matmuls", "megatron", "torchtitan")
+"""Selective-recomputation policies the cost model knows (``CostOptions.selective``)."""
+MASTER_WEIGHTS = ("params", "optimizer")
+"""Where fp32 master weights live (``CostOptions.master_weights``)."""

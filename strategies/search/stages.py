@@ -90,11 +90,12 @@ def _merged(ctx: LayerContext, cores: list[tuple[float, ...]], zeros: list[ZeroT
     """Cost vectors (n, VECTOR_LEN) and transient memory (n,) of core + ZeRO parts, as
     :func:`strategies.cost.layer.apply_zero` adds them."""
     fwd, bwd, wgrad, bwdc, act, work = np.array(cores, dtype=float).reshape(-1, 6).T
-    z = np.array([(t.params + t.optim_states, t.sync, t.post, t.optim, t.rs, t.ag, t.work, t.grads) for t in zeros],
-                 dtype=float).reshape(-1, 8).T
-    static, sync, post, optim, rs, ag, zwork, grads = z
+    z = np.array([(t.params + t.optim_states, t.sync, t.post, t.optim, t.rs, t.ag, t.work, t.grads, t.copies)
+                  for t in zeros], dtype=float).reshape(-1, 9).T
+    static, sync, post, optim, rs, ag, zwork, grads, copies = z
     fwd_x, bwd_x = zero_exposed(ag, rs, fwd, bwdc, ctx.options)
-    vec = np.stack([(fwd + fwd_x) + (bwd + bwd_x), wgrad, bwdc, sync, post, optim, static, act, grads], axis=1)
+    vec = np.stack([(fwd + fwd_x) + (bwd + bwd_x), wgrad, bwdc, sync, post, optim, static, act + copies, grads],
+                   axis=1)
     return vec, np.maximum(work, zwork)
 
 

@@ -1,0 +1,100 @@
+"""What the cost model keeps in memory under each selective-recomputation policy and master-weight
+layout (``CostOptions.selective``, ``CostOptions.master_weights``), counted by hand."""
+
+from __future__ import annotations
+
+import pytest
+from galvatron.strategies.cost import CostOptions, DatasheetPerf, LayerContext, cost_plan, layer_cost
+from galvatron.strategies.hardware import load_cluster
+
+from galvatron.plan import DType, LayerStrategy, Plan
+from galvatron.spec import ModelSpec
+
+ONE_H100 = {"gpu": "H100-SXM", "gpus_per_node": 1, "nodes": 1, "name": "1xH100"}
+
+
+def _ctx(options: CostOptions, micro_batch: int = 2, seq: int = 1024) -> LayerContext:
+    return LayerContext(perf=DatasheetPerf(load_cluster("8xH100")), options=options, dtype=DType.BF16,
+                        seq_len=seq, causal=True, micro_batch=micro_batch, stage_devices=8)
+
+
+def _block_act_per_token(spec: ModelSpec, options: CostOptions, s: LayerStrategy) -> float:
+    ctx = _ctx(options)
+    tokens = ctx.micro_batch / s.dp * ctx.seq_len / s.cp
+    # activations only: the autocast copies of the weights (master_weights="params") are separate
+    opts = CostOptions(**{**options.__dict__, "master_weights": "optimizer"})
+    return layer_cost(_ctx(opts), spec.blocks[0], s).act / tokens
+
+
+def test_megatron_selective_keeps_everything_but_unfused_attention() -> None:
+    spec = ModelSpec.from_config("gpt3-1.3b")
+    s = LayerStrategy(recompute="selective")
+    none = _block_act_per_token(spec, CostOptions(), LayerStrategy())
+    assert _block_act_per_token(spec, CostOptions(selective="megatron"), s) == pytest.approx(none)
+
+
+def test_matmul_policy_keeps_the_input_and_every_gemm_output() -> None:
+    """GPT-3 XL block (MHA, 4h GELU MLP): input h, q/k/v 3h, attention out h, fc1 4h, fc2 h: 20h bytes."""
+    spec = ModelSpec.from_config("gpt3-1.3b")
+    h = spec.hidden
+    assert _block_act_per_token(spec, CostOptions(), LayerStrategy(recompute="selective")) == pytest.approx(20 * h)
+    # TP 2 without SP: column outputs halve, row outputs and the two all-reduce outputs stay h
+    tp = LayerStrategy(tp=2, recompute="selective")
+    assert _block_act_per_token(spec, CostOptions(), tp) == pytest.approx(2 * (h + 1.5 * h + h + 2 * h + h + 2 * h))
+
+
+def test_torchtitan_policy_keeps_every_other_gemm_and_the_sdpa_output() -> None:
+    """Llama 3 8B block (GQA, gated MLP): GEMMs q, k, v, o, w1, w3, w2; kept q, v, w1, w2, SDPA out, input."""
+    spec = ModelSpec.from_config("llama3-8b")
+    b = spec.blocks[0]
+    q, kv, f, h = b.heads * b.head_dim, b.kv_heads * b.head_dim, b.ffn_hidden, b.hidden
+    kept = _block_act_per_token(spec, CostOptions(selective="torchtitan"), LayerStrategy(recompute="selective"))
+    assert kept == pytest.approx(2 * (h + q + kv + f + h + q))
+    # recomputed in backward: k, o and w3 of the 7 GEMMs
+    ctx = _ctx(CostOptions(selective="torchtitan"))
+    titan = layer_cost(ctx, b, LayerStrategy(recompute="selective"))
+    none = layer_cost(ctx, b, LayerStrategy())
+    gemm = {"q": h * q, "k": h * kv, "v": h * kv, "o": q * h, "w1": h * f, "w3": h * f, "w2": f * h}
+    share = (gemm["k"] + gemm["o"] + gemm["w3"]) / sum(gemm.values())
+    mm = b.flops_per_token * ctx.micro_batch * ctx.seq_len
+    assert titan.flops - none.flops == pytest.approx(mm * share)
+
+
+def test_selective_policies_order_memory_and_time() -> None:
+    spec = ModelSpec.from_config("llama3-8b")
+    cluster = load_cluster("8xH100")
+    plan = Plan.uniform(spec.num_blocks, global_batch_size=8, dp=8, zero=3, recompute="selective")
+    costs = {p: cost_plan(plan, spec, cluster, CostOptions(selective=p)) for p in ("megatron", "torchtitan",
+                                                                                   "matmuls")}
+    act = {p: c.stages[0].memory_gib["activations"] for p, c in costs.items()}
+    assert act["matmuls"] < act["megatron"] and act["torchtitan"] < act["megatron"]
+    assert costs["matmuls"].step_time_s > costs["megatron"].step_time_s  # elementwise kernels run again
+
+
+def test_master_weights_layouts() -> None:
+    """bf16 on one GPU, Adam: ``optimizer`` keeps 2-byte parameters and 12 bytes of fp32 copy and
+    moments; ``params`` keeps 4-byte parameters and 8 bytes of moments, and each micro-batch holds
+    2-byte copies for compute with its activations; ZeRO-3 gathers them per layer instead."""
+    spec = ModelSpec.from_config("gpt3-1.3b")
+    cluster = load_cluster(ONE_H100)
+    plan = Plan.uniform(spec.num_blocks, global_batch_size=1, dtype="bf16")
+    gib = 2**30
+    opt = cost_plan(plan, spec, cluster, CostOptions(master_weights="optimizer")).stages[0].memory_gib
+    par = cost_plan(plan, spec, cluster, CostOptions(master_weights="params")).stages[0].memory_gib
+    assert opt["params"] * gib == pytest.approx(2 * spec.params, rel=1e-6)
+    assert opt["optimizer"] * gib == pytest.approx(12 * spec.params, rel=1e-6)
+    assert par["params"] * gib == pytest.approx(4 * spec.params, rel=1e-6)
+    assert par["optimizer"] * gib == pytest.approx(8 * spec.params, rel=1e-6)
+    assert (par["activations"] - opt["activations"]) * gib == pytest.approx(2 * spec.params, rel=1e-6)
+    z3 = Plan.uniform(spec.num_blocks, global_batch_size=2, dp=2, zero=3, dtype="bf16")
+    two = load_cluster({**ONE_H100, "gpus_per_node": 2, "name": "2xH100"})
+    z3_par = cost_plan(z3, spec, two, CostOptions(master_weights="params")).stages[0].memory_gib
+    z3_opt = cost_plan(z3, spec, two, CostOptions(master_weights="optimizer")).stages[0].memory_gib
+    assert z3_par["activations"] == pytest.approx(z3_opt["activations"])
+    assert z3_par["params"] == pytest.approx(2 * z3_opt["params"])
+
+
+@pytest.mark.parametrize("field", ["selective", "master_weights"])
+def test_unknown_policies_are_refused(field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        CostOptions(**{field: "nonsense"})
