@@ -264,11 +264,15 @@ class ProfiledPerf:
         return self.base.host_time(nbytes)
 
     def optimizer_step_time(self, params: float) -> float | None:
-        """Seconds of the profiled optimizer's step over ``params`` parameters on one device (the
-        profile's timed steps, linear in the parameter count); None without one."""
+        """Seconds of the profiled optimizer's step over ``params`` of the model's parameters on one
+        device: the profile's timed steps are linear in the parameter count, and the fixed part of
+        one step (launching the fused/foreach kernels) is shared by parameter count, so the layers'
+        shares add up to one step over the whole model. None without a timed optimizer."""
         if self.model is None or self.model.optimizer is None:
             return None
-        return self.model.optimizer.step_time(params)
+        opt = self.model.optimizer
+        total = sum(layer.params * layer.count for layer in self.model.layers)
+        return opt.seconds_per_param * params + (opt.intercept_s * params / total if total else opt.intercept_s)
 
     def layer_times(self, layer: LayerSpec, micro_batch: float, seq_len: int, recompute: Recompute | str,
                     tp: int = 1, cp: int = 1) -> PhaseTimes | None:
@@ -276,7 +280,9 @@ class ProfiledPerf:
         replica) of ``seq_len`` tokens, split ``tp`` x ``cp`` ways. None when the profile has no such
         layer (no layer of that kind, or a block whose parameter count differs by more than 1%).
         Split layers keep the fit's fixed cost and divide its token terms (tensor parallelism splits
-        the GEMMs and heads, context parallelism the queries)."""
+        the GEMMs and heads, context parallelism the queries). Where the profile timed host and
+        device apart, ``forward``/``backward`` are the device's and ``host_forward``/``host_backward``
+        the host's (the cost model charges each pass the slower of the two summed over the layers)."""
         if self.model is None:
             return None
         try:
@@ -287,12 +293,23 @@ class ProfiledPerf:
             return None  # a block of another shape: not this profile's to answer
         mode = Recompute(recompute) if layer.is_block else Recompute.NONE  # edges are not recomputed
         if tp * cp == 1 and float(micro_batch).is_integer():
-            return found.times(int(micro_batch), seq_len, mode)
+            split = found.split_times(int(micro_batch), seq_len, mode)
+            if split is None:
+                return found.times(int(micro_batch), seq_len, mode)
+            host, device = split
+            return PhaseTimes(forward=device.forward, backward=device.backward, host_forward=host.forward,
+                              host_backward=host.backward)
         fits = found.fits.get(mode)
         if fits is None:
             return None
-        return PhaseTimes(forward=_split(fits["forward_s"].coefficients, micro_batch, seq_len, tp * cp),
-                          backward=_split(fits["backward_s"].coefficients, micro_batch, seq_len, tp * cp))
+        if found.split_times(1, seq_len, mode) is None:
+            return PhaseTimes(forward=_split(fits["forward_s"].coefficients, micro_batch, seq_len, tp * cp),
+                              backward=_split(fits["backward_s"].coefficients, micro_batch, seq_len, tp * cp))
+        # the device's work splits; the host issues the same kernels, whatever their size
+        return PhaseTimes(forward=_split(fits["device_forward_s"].coefficients, micro_batch, seq_len, tp * cp),
+                          backward=_split(fits["device_backward_s"].coefficients, micro_batch, seq_len, tp * cp),
+                          host_forward=_split(fits["host_forward_s"].coefficients, micro_batch, seq_len, 1),
+                          host_backward=_split(fits["host_backward_s"].coefficients, micro_batch, seq_len, 1))
 
 
 def _split(coef: tuple[float, float, float], micro_batch: float, seq_len: int, ways: int) -> float:

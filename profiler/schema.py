@@ -133,6 +133,10 @@ class PhaseTimes:
 
     forward: float
     backward: float
+    host_forward: float = 0.0
+    """Seconds the host takes to issue the forward, where measured apart from the device's (then
+    ``forward`` and ``backward`` are the device's alone); 0: not known."""
+    host_backward: float = 0.0
 
     @property
     def total(self) -> float:

@@ -79,11 +79,15 @@ class LayerCost:
     flops: float = 0.0
     """Hardware FLOPs per micro-batch on the rank, recomputation included."""
     comm: dict[str, float] = field(default_factory=dict)
+    host_fwd: float = 0.0
+    """Seconds the host needs to issue the forward, where a profile timed it apart from the device
+    (``fwd`` is then the device's); 0: not known (the host is taken to run ahead)."""
+    host_bwd: float = 0.0
 
     def vector(self) -> tuple[float, ...]:
         """The additive fields, in a fixed order, for fast summing in the search."""
         return (self.fwd + self.bwd, self.wgrad, self.bwd_compute, self.sync, self.post, self.optim,
-                self.static, self.act, self.grads)
+                self.static, self.act, self.grads, self.fwd, self.host_fwd, self.host_bwd)
 
     @property
     def static(self) -> float:
@@ -157,6 +161,7 @@ def _block(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
         redo = _selective_redo(ctx, layer, s, attn_fwd, ew, t_mm)
     measured = _measured(ctx, layer, s)
     if measured is not None:
+        _host_times(c, measured)
         scale = measured.backward / (bwd_compute + redo)
         fwd_compute, bwd_compute, redo, wgrad = measured.forward, scale * bwd_compute, scale * redo, scale * wgrad
     comm_fwd = _block_comm(ctx, layer, s, tok)
@@ -192,6 +197,12 @@ def _measured(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> Any:
     if hook is None:
         return None
     return hook(layer, ctx.micro_batch / s.dp, ctx.seq_len, s.recompute, tp=s.tp, cp=s.cp)
+
+
+def _host_times(c: LayerCost, measured: Any) -> None:
+    """Host issue times of a measurement that has them (``profiler.PhaseTimes.host_forward``)."""
+    c.host_fwd = getattr(measured, "host_forward", 0.0)
+    c.host_bwd = getattr(measured, "host_backward", 0.0)
 
 
 Gemm = tuple[float, float, float, int]
@@ -631,6 +642,7 @@ def _embedding(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCo
     if measured is not None:
         c.fwd, c.bwd = measured.forward, measured.backward
         c.bwd_compute = c.wgrad = measured.backward
+        _host_times(c, measured)
     if s.tp > 1:
         op = Collective.REDUCE_SCATTER if s.sp else Collective.ALL_REDUCE
         tp = ctx.perf.collective_time(op, tensor, _group(ctx, 1, s.tp))
@@ -669,6 +681,7 @@ def _head(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     if measured is not None:
         wgrad *= measured.backward / (bwd_compute or 1.0)
         fwd_compute, bwd_compute = measured.forward, measured.backward
+        _host_times(c, measured)
     c.fwd = fwd_compute + (tp if s.sp else 0.0)
     c.wgrad = wgrad
     c.bwd_compute = bwd_compute

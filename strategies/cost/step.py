@@ -16,8 +16,8 @@ from galvatron.strategies.cost.options import CostOptions
 from galvatron.plan import Schedule
 
 # indices into LayerCost.vector()
-FB, WGRAD, BWD_COMPUTE, SYNC, POST, OPTIM, STATIC, ACT, GRADS = range(9)
-VECTOR_LEN = 9
+FB, WGRAD, BWD_COMPUTE, SYNC, POST, OPTIM, STATIC, ACT, GRADS, FWD, HOST_FWD, HOST_BWD = range(12)
+VECTOR_LEN = 12
 
 
 @dataclass(frozen=True)
@@ -71,11 +71,26 @@ def memory_peak(static: Any, grads: Any, act: Any, work: Any, persist: bool) -> 
     return float(out) if np.ndim(out) == 0 else out
 
 
+def device_or_host(sums: Sequence[Any]) -> Any:
+    """Per-micro-batch time of a device group's layers: the device's forward plus backward, unless
+    the host issuing them is slower. The host runs ahead of one GPU stream, so a pass lasts as long
+    as the slower of the host issuing all its kernels and the device running them (host-bound
+    layers catch up behind device-bound ones); only profiles that timed the host apart know its
+    share (``LayerCost.host_fwd``), otherwise it is 0 and the device's time stands."""
+    host_f, host_b = sums[HOST_FWD], sums[HOST_BWD]
+    if np.ndim(host_f) == 0:
+        if not host_f + host_b:
+            return sums[FB]
+        return max(sums[FWD], host_f) + max(sums[FB] - sums[FWD], host_b)
+    both = np.maximum(sums[FWD], host_f) + np.maximum(sums[FB] - sums[FWD], host_b)
+    return np.where(host_f + host_b > 0, both, sums[FB])
+
+
 def combine(sums: Sequence[float], work: float, p2p: float, inflight: float, zero_bubble: bool,
             options: CostOptions, persist: bool = True) -> GroupTotals:
     """Totals of one device group from the sums of its layers' cost vectors (floats, or numpy arrays
     with one entry per candidate in the search)."""
-    t = sums[FB] + p2p
+    t = device_or_host(sums) + p2p
     b = np.maximum(t - 2 * sums[WGRAD], 0.0) if zero_bubble else t
     if options.overlap_grad_reduce:
         exposed = overlapped(sums[SYNC], sums[BWD_COMPUTE], options.overlap_interference)

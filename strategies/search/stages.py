@@ -66,14 +66,15 @@ class LayerCache:
 
     def core(self, ctx: LayerContext, layer: LayerSpec, sig: tuple, s: LayerStrategy,
              mode: Recompute) -> tuple[float, ...]:
-        """(fwd, bwd, wgrad, bwd_compute, act, work) of :func:`core_cost` for ``s`` at recompute ``mode``."""
+        """(fwd, bwd, wgrad, bwd_compute, act, work, host_fwd, host_bwd) of :func:`core_cost` for ``s``
+        at recompute ``mode``."""
         ep = s.ep if layer.experts else 1
         key = (sig, ctx.micro_batch / s.dp * ctx.seq_len / s.cp, s.tp, s.sp, s.cp, s.cp_kind, s.cp_ulysses, ep, mode)
         found = self._core.get(key)
         if found is None:
             own = s if (s.recompute, s.ep) == (mode, ep) else dataclasses.replace(s, recompute=mode, ep=ep)
             c = core_cost(ctx, layer, own)
-            found = self._core[key] = (c.fwd, c.bwd, c.wgrad, c.bwd_compute, c.act, c.work)
+            found = self._core[key] = (c.fwd, c.bwd, c.wgrad, c.bwd_compute, c.act, c.work, c.host_fwd, c.host_bwd)
             self.evaluations += 1
         return found
 
@@ -89,13 +90,13 @@ class LayerCache:
 def _merged(ctx: LayerContext, cores: list[tuple[float, ...]], zeros: list[ZeroTerms]) -> tuple[np.ndarray, np.ndarray]:
     """Cost vectors (n, VECTOR_LEN) and transient memory (n,) of core + ZeRO parts, as
     :func:`strategies.cost.layer.apply_zero` adds them."""
-    fwd, bwd, wgrad, bwdc, act, work = np.array(cores, dtype=float).reshape(-1, 6).T
+    fwd, bwd, wgrad, bwdc, act, work, host_f, host_b = np.array(cores, dtype=float).reshape(-1, 8).T
     z = np.array([(t.params + t.optim_states, t.sync, t.post, t.optim, t.rs, t.ag, t.work, t.grads, t.copies)
                   for t in zeros], dtype=float).reshape(-1, 9).T
     static, sync, post, optim, rs, ag, zwork, grads, copies = z
     fwd_x, bwd_x = zero_exposed(ag, rs, fwd, bwdc, ctx.options)
-    vec = np.stack([(fwd + fwd_x) + (bwd + bwd_x), wgrad, bwdc, sync, post, optim, static, act + copies, grads],
-                   axis=1)
+    vec = np.stack([(fwd + fwd_x) + (bwd + bwd_x), wgrad, bwdc, sync, post, optim, static, act + copies, grads,
+                    fwd + fwd_x, host_f, host_b], axis=1)
     return vec, np.maximum(work, zwork)
 
 

@@ -34,6 +34,7 @@ from galvatron.profiler.schema import (
     Measurement,
     ModelProfile,
     OptimizerProfile,
+    PhaseTimes,
     ProfileError,
     load_profile,
 )
@@ -309,11 +310,18 @@ class TestCalibration:
             assert direct > 0
             # on CPU host and device time are one clock: the overlapped step is the plain sum
             assert overlapped_step_time(dense_profile, spec, 2, spec.seq_len, mode) == pytest.approx(direct)
+            # with host and device timed apart, the cost model charges each pass the slower side
+            assert cost.step_time_s == pytest.approx(
+                overlapped_step_time(dense_profile, spec, 2, spec.seq_len, mode), rel=1e-2)
         times = perf.layer_times(spec.blocks[0], 2, 16, "full")
-        assert times == dense_profile.layer("attention").times(2, 16, "full")
-        fit = dense_profile.layer("attention").fits[Recompute.FULL]["forward_s"]
-        halved = perf.layer_times(spec.blocks[0], 2, 16, "full", tp=2).forward
-        assert halved == pytest.approx(fit.coefficients[0] + (fit(2, 16) - fit.coefficients[0]) / 2)
+        host, device = dense_profile.layer("attention").split_times(2, 16, "full")
+        assert times == PhaseTimes(forward=device.forward, backward=device.backward, host_forward=host.forward,
+                                   host_backward=host.backward)
+        fits = dense_profile.layer("attention").fits[Recompute.FULL]
+        split = perf.layer_times(spec.blocks[0], 2, 16, "full", tp=2)
+        fit = fits["device_forward_s"]
+        assert split.forward == pytest.approx(fit.coefficients[0] + (fit(2, 16) - fit.coefficients[0]) / 2)
+        assert split.host_forward == pytest.approx(fits["host_forward_s"](2, 16))  # the host issues it all
         kept = calibrated_spec(spec, dense_profile).blocks[0].activation_bytes_per_token
         assert kept == pytest.approx(dense_profile.layer("attention").activation_bytes(2, 16) / 32 / 2)
 
