@@ -14,7 +14,10 @@ excluded), L layers, d hidden, s sequence; the
 attention term counts the full s x s product (causal masking not subtracted), as Megatron and
 PaLM do. Peak: dense bf16 989 TFLOP/s for an H100 SXM (NVIDIA H100 datasheet).
 
-    python benchmarks/gpu_speed.py --out benchmarks/results/gpu_speed.json [--compile both] [--smoke]
+    python benchmarks/gpu_speed.py --compile eager --steps 12 --warmup 3 --out benchmarks/results/gpu_speed_eager.json
+    python benchmarks/gpu_speed.py --compile compiled --steps 12 --warmup 3 \
+        --out benchmarks/results/gpu_speed_compiled.json
+    python benchmarks/gpu_speed.py --smoke --out /tmp/gpu_speed.json     # tiny model on CPU
 
 On one H100 each case takes 2-4 minutes (compiled ones longer: two models and two losses compile),
 so under a 10-minute limit run ``--compile eager`` and ``--compile compiled`` as separate commands;

@@ -14,6 +14,7 @@ so a bad plan fails everywhere with the same :class:`~galvatron.errors.PlanError
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import inspect
@@ -98,7 +99,8 @@ def wrap(model: nn.Module, plan: Plan | str | Path | None = "auto", *, example_b
 
 
 def init_distributed(timeout: timedelta = DEFAULT_TIMEOUT) -> torch.device:
-    """Start the default process group unless one exists; return this rank's device."""
+    """Start the default process group unless one exists; return this rank's device. A group
+    started here is destroyed when the process exits."""
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
@@ -107,9 +109,15 @@ def init_distributed(timeout: timedelta = DEFAULT_TIMEOUT) -> torch.device:
             dist.init_process_group(backend, timeout=timeout)
         else:  # one local process (on a GPU too: a one-rank NCCL group)
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        atexit.register(_destroy_default_group)
     if torch.cuda.is_available() and dist.get_backend() != "gloo":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def _destroy_default_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def describe(model: nn.Module, example_batch: Any = None, *, keep_seq_len: bool = False) -> ModelSpec:
