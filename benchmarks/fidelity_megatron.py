@@ -11,6 +11,7 @@ physics changes of issue #3 (``BEFORE``, measured at commit 7a4f10e with this sa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -36,16 +37,32 @@ BEFORE = {("22B", "selective+SP"): 0.92, ("22B", "full recompute"): 1.35, ("175B
 SOURCE = ("Korthikanti et al. 2022, Reducing Activation Recomputation in Large Transformer Models, "
           "Table 3 (configurations) and Table 5 (iteration times), §6.3 (530B with data parallelism 8)")
 OUT = Path(__file__).parent / "results"
-# Extra check points, reported beside (not in) the Megatron error: torchtitan docs/performance.md (pytorch/torchtitan,
-# "Llama 3 performance numbers"): FSDP2 on 64 A100 80GB, local batch 1 at 8192 tokens, eager PyTorch.
-# model, recompute (8B: selective op AC, 70B: full AC), published tokens/s per GPU
+# Extra check points, reported beside (not in) the Megatron error, each with its stack's CostOptions.elementwise
+# and the fused stack's prediction (what the model said before eager kernels were modelled) beside it.
+# torchtitan docs/performance.md (pytorch/torchtitan, "Llama 3 performance numbers"): FSDP2 on 64 A100 80GB,
+# local batch 1 at 8192 tokens, eager PyTorch. model, recompute (8B: selective op AC, 70B: full AC), tok/s/GPU
 TORCHTITAN = [("llama3-8b", "selective", 2973), ("llama3-70b", "full", 331)]
 TORCHTITAN_SOURCE = "pytorch/torchtitan docs/performance.md, Llama 3 on 64 A100 80GB with FSDP2 (local batch 1)"
+# torchtitan benchmarks/llama3_h100_202412_torchtitan.md Table 1: Llama 3.1 8B, FSDP on 8 H100 (Grand Teton:
+# 96 GB HBM2e at 2.4 TB/s, default 500 W power limit), local batch 2 x 8192, selective (op) AC. stack, TPS/GPU
+TITAN_H100 = [("eager", 5762), ("fused", 6667)]
+TITAN_H100_SOURCE = ("pytorch/torchtitan benchmarks/llama3_h100_202412_torchtitan.md Table 1 "
+                     "(FSDP; FSDP + torch.compile)")
+# Our own runs (benchmarks/results/gpu_speed_eager.md, gpu_speed_compiled.md, hand-written side): the reference GPT
+# on one H100 SXM, bf16 autocast over fp32 parameters, fused AdamW, cuDNN SDPA. name, (hidden, layers, heads, seq,
+# batch), step ms eager, step ms compiled
+OWN = [("gpt-1.4b", (2048, 24, 16, 2048, 8), 385.4, 270.3), ("gpt-2b", (4096, 8, 32, 4096, 2), 225.9, 185.4)]
+OWN_SOURCE = "benchmarks/results/gpu_speed_eager.md and gpu_speed_compiled.md (one H100 SXM, hand-written side)"
 # Megatron-LM keeps a contiguous gradient buffer for the whole step (persistent_grads)
 # Megatron keeps 16-bit parameters with fp32 copies in the optimizer and recomputes the attention core
 OPTIONS = CostOptions(flash_attention=False, dropout=True, overlap_grad_reduce=False, overlap_param_gather=False,
                       persistent_grads=True, master_weights="optimizer", selective="megatron")
 TITAN_OPTIONS = CostOptions(selective="torchtitan")  # torchtitan's per-op AC: every other GEMM output kept
+
+
+def titan_options(elementwise: str) -> CostOptions:
+    """torchtitan: per-op AC (every other GEMM output kept); FSDP2 bf16 parameters, fp32 reduce."""
+    return dataclasses.replace(TITAN_OPTIONS, elementwise=elementwise)
 
 
 def gpt(hidden: int, layers: int, heads: int) -> ModelSpec:
@@ -81,12 +98,12 @@ def main() -> int:
     now, then = summary["error"], summary["error_before"]
     print(f"\niteration time: mean absolute error {now['mae']:.1%} (before {then['mae']:.1%}), max {now['max']:.1%} "
           f"(before {then['max']:.1%}), mean signed {now['mean_signed']:+.1%} over {len(rows)} runs")
-    extra = _torchtitan()
+    extra = _torchtitan() + _titan_h100() + _own()
     command = "python benchmarks/fidelity_megatron.py"
     (OUT / "fidelity_megatron.json").write_text(json.dumps(
         {"command": command, "date": time.strftime("%Y-%m-%d"), "source": SOURCE, "cluster": "selene (A100 80GB, "
          "NVLink3, 8 HDR NICs per node)", "cost_options": str(OPTIONS), "summary": summary, "runs": rows,
-         "extra_source": TORCHTITAN_SOURCE, "extra": extra},
+         "extra_sources": [TORCHTITAN_SOURCE, TITAN_H100_SOURCE, OWN_SOURCE], "extra": extra},
         indent=2) + "\n")
     lines = [f"# Predicted vs published Megatron-LM iteration times\n\n`{command}` ({time.strftime('%Y-%m-%d')}). "
              f"Source: {SOURCE}.\n", "| run | mode | GPUs | published s | predicted s | error | before #3 |",
@@ -95,28 +112,74 @@ def main() -> int:
               f"{r['error']:+.1%} | {r['error_before']:+.1%} |" for r in rows]
     lines.append(f"\nMean absolute error {now['mae']:.1%} (before {then['mae']:.1%}), max {now['max']:.1%} "
                  f"(before {then['max']:.1%}), mean signed {now['mean_signed']:+.1%}.\n")
-    lines += [f"Extra check points ({TORCHTITAN_SOURCE}; 64xA100-80GB cluster preset, "
-              "`CostOptions(selective='torchtitan')`):\n",
-              "| model | recompute | published tok/s/GPU | predicted | error |", "|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['recompute']} | {r['published_tokens_per_s_per_gpu']} | "
-              f"{r['predicted_tokens_per_s_per_gpu']:.0f} | {r['error']:+.1%} |" for r in extra]
+    lines += ["Extra check points (error > 0: the prediction is too fast), each costed with its stack's "
+              "`CostOptions.elementwise`; *fused* is what the model predicts for the same run with fused kernels "
+              "(the prediction before eager kernels were modelled).\n",
+              "| source | run | stack | published | predicted | error | fused | error fused |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['source']} | {r['run']} | {r['elementwise']} | {r['published']:g} {r['unit']} | "
+              f"{r['predicted']:.0f} | {r['error']:+.1%} | {r['predicted_fused']:.0f} | {r['error_fused']:+.1%} |"
+              for r in extra]
+    lines.append("\nSources: " + "; ".join(f"{k}: {v}" for k, v in (("A", TORCHTITAN_SOURCE), ("B", TITAN_H100_SOURCE),
+                                                                       ("C", OWN_SOURCE))) + ".")
     (OUT / "fidelity_megatron.md").write_text("\n".join(lines) + "\n")
     return 0
 
 
+def _row(source: str, run: str, elementwise: str, published: float, unit: str, predicted: float,
+         fused: float) -> dict:
+    """One extra check point; ``unit`` ms: a step time (errors as published over predicted, so that
+    > 0 is too fast everywhere), else a throughput."""
+    err = (published / predicted if unit == "ms" else predicted / published) - 1
+    err_fused = (published / fused if unit == "ms" else fused / published) - 1
+    print(f"{source} {run:22} {elementwise:8} published {published:g} {unit}, predicted {predicted:.0f} ({err:+.1%}), "
+          f"fused {fused:.0f} ({err_fused:+.1%})")
+    return {"source": source, "run": run, "elementwise": elementwise, "published": published, "unit": unit,
+            "predicted": predicted, "error": err, "predicted_fused": fused, "error_fused": err_fused}
+
+
 def _torchtitan() -> list[dict]:
-    """torchtitan's FSDP2 runs: throughput per GPU predicted vs published (error > 0: too optimistic)."""
+    """torchtitan's FSDP2 runs on 64 A100: throughput per GPU predicted vs published."""
     out = []
     cluster = load_cluster("64xA100-80GB")
     for model, recompute, published in TORCHTITAN:
         spec = ModelSpec.from_config(model)
         plan = Plan.uniform(spec.num_blocks, global_batch_size=64, num_micro_batches=1, dp=64, zero=3,
                             recompute=recompute)
-        tps = cost_plan(plan, spec, cluster, TITAN_OPTIONS).tokens_per_s / 64
-        out.append({"model": model, "recompute": recompute, "gpus": 64, "published_tokens_per_s_per_gpu": published,
-                    "predicted_tokens_per_s_per_gpu": tps, "error": tps / published - 1})
-        print(f"torchtitan {model:11} {recompute:9} published {published} tok/s/GPU, predicted {tps:.0f} "
-              f"({tps / published - 1:+.1%})")
+        tps = [cost_plan(plan, spec, cluster, titan_options(e)).tokens_per_s / 64 for e in ("eager", "fused")]
+        out.append(_row("A", f"{model} {recompute} AC", "eager", published, "tok/s/GPU", *tps))
+    return out
+
+
+def _titan_h100() -> list[dict]:
+    """torchtitan's Llama 3.1 8B on 8 H100 of 96 GB HBM2e at 2.4 TB/s (the database's H100 SXM with that
+    memory). The 500 W power limit (700 W TDP) is not modelled: GEMMs keep the 700 W MAMF."""
+    base = load_cluster("8xH100")
+    cluster = dataclasses.replace(base, gpu=dataclasses.replace(base.gpu, hbm_gbps=2400, memory_gib=95.0))
+    spec = ModelSpec.from_config("llama3-8b")
+    plan = Plan.uniform(spec.num_blocks, global_batch_size=16, num_micro_batches=1, dp=8, zero=3, recompute="selective")
+    fused = cost_plan(plan, spec, cluster, titan_options("fused")).tokens_per_s / 8
+    out = []
+    for elementwise, published in TITAN_H100:
+        tps = cost_plan(plan, spec, cluster, titan_options(elementwise)).tokens_per_s / 8
+        run = "llama3.1-8b FSDP" + (" + compile" if elementwise == "fused" else "")
+        out.append(_row("B", run, elementwise, published, "tok/s/GPU", tps, fused))
+    return out
+
+
+def _own() -> list[dict]:
+    """The reference GPT on one H100: step time predicted vs measured, eager (autocast) and compiled."""
+    out = []
+    cluster = load_cluster("8xH100", gpus_per_node=1)
+    for name, (hidden, layers, heads, seq, batch), eager_ms, compiled_ms in OWN:
+        spec = ModelSpec.from_config({"name": name, "layers": layers, "hidden": hidden, "heads": heads, "vocab": 50304,
+                                      "seq_len": seq, "activation": "gelu", "norm": "layernorm", "bias": False,
+                                      "position": "learned"})
+        plan = Plan.uniform(layers, global_batch_size=batch, num_micro_batches=1)
+        fused = cost_plan(plan, spec, cluster, CostOptions()).step_time_s * 1e3
+        eager = cost_plan(plan, spec, cluster, CostOptions(elementwise="autocast")).step_time_s * 1e3
+        out.append(_row("C", f"{name} eager", "autocast", eager_ms, "ms", eager, fused))
+        out.append(_row("C", f"{name} compiled", "fused", compiled_ms, "ms", fused, fused))
     return out
 
 

@@ -58,6 +58,11 @@ class LayerSpec:
     shared_experts: int = 0
     expert_params: int = 0
     """Parameters in the routed experts (sharded by expert parallelism)."""
+    norm: str = "layernorm"
+    """The block's normalisation, ``layernorm`` or ``rmsnorm``: one fused kernel or, in eager PyTorch,
+    a chain of elementwise ops (the cost model's ``CostOptions.elementwise``)."""
+    rope: bool = False
+    """Rotary position embedding applied to q and k inside the block."""
 
     @property
     def is_block(self) -> bool:

@@ -124,8 +124,9 @@ class _Arch:
     def attention_flops(self) -> float:
         return 4.0 * self.seq * self.heads * self.hd
 
-    def _shape(self) -> dict[str, int]:
-        return {"hidden": self.h, "heads": self.heads, "kv_heads": self.kv, "head_dim": self.hd}
+    def _shape(self) -> dict[str, Any]:
+        return {"hidden": self.h, "heads": self.heads, "kv_heads": self.kv, "head_dim": self.hd,
+                "norm": "layernorm" if self.layernorm else "rmsnorm", "rope": not self.learned_pos}
 
     def embedding(self) -> LayerSpec:
         params = self.vocab * self.h + (self.seq * self.h if self.learned_pos else 0)

@@ -317,8 +317,13 @@ def _block_layer(block: nn.Module, name: str, params: int, flops: float, attn_fl
         hidden=hidden, heads=heads, kv_heads=kv_heads if heads else 0,
         head_dim=hidden // heads if heads and hidden else 0,
         experts=experts, top_k=top_k,
-        expert_params=expert_params,
+        expert_params=expert_params, norm=_norm_kind(block),
     )
+
+
+def _norm_kind(block: nn.Module) -> str:
+    """``rmsnorm`` when the block holds an RMSNorm module (``nn.RMSNorm``, Llama's ``RMSNorm``)."""
+    return "rmsnorm" if any("rmsnorm" in type(m).__name__.lower() for m in block.modules()) else "layernorm"
 
 
 def _add_fused_experts(flops: float, saved: float, per_expert: int, top_k: int, hidden: int) -> tuple[float, float]:

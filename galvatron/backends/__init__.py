@@ -45,11 +45,15 @@ class Capabilities:
     """Where the fp32 master weights live (``CostOptions.master_weights``)."""
     selective: str = "matmuls"
     """What ``recompute: selective`` keeps (``CostOptions.selective``)."""
+    elementwise: str = "autocast"
+    """How its memory-bound ops run (``CostOptions.elementwise``): the native runtime runs the user's
+    module eagerly under autocast (unless the user compiles it), DeepSpeed eagerly on 16-bit
+    parameters; Megatron-Core fuses."""
 
     def cost_options(self) -> dict[str, Any]:
         """``CostOptions`` keyword arguments that describe how this backend runs a plan."""
         return {"persistent_grads": self.persistent_grads, "master_weights": self.master_weights,
-                "selective": self.selective}
+                "selective": self.selective, "elementwise": self.elementwise}
 
     def search_options(self) -> dict[str, Any]:
         """``SearchOptions`` keyword arguments that restrict the search to this backend."""
@@ -71,14 +75,14 @@ CAPABILITIES: dict[str, Capabilities] = {
         features=frozenset({"zero1", "zero2", "zero3", "offload", "schedule:1f1b"}) | _RECOMPUTE,
         dtypes=frozenset({DType.FP32, DType.BF16, DType.FP16}),
         per_layer=frozenset({"recompute"}), uniform=True, gpu_only=False, persistent_grads=True,
-        master_weights="optimizer"),
+        master_weights="optimizer", elementwise="eager"),
     "megatron": Capabilities(
         name="megatron",
         features=frozenset({"pp", "tp", "sp", "cp:ulysses", "cp:ring", "cp:hybrid", "ep", "zero1",
                             "schedule:1f1b", "schedule:interleaved-1f1b"}) | _RECOMPUTE,
         dtypes=frozenset({DType.FP32, DType.BF16, DType.FP16}),
         per_layer=frozenset({"cp_kind", "cp_ulysses", "recompute"}), uniform=True, gpu_only=True,
-        persistent_grads=True, master_weights="optimizer", selective="megatron"),
+        persistent_grads=True, master_weights="optimizer", selective="megatron", elementwise="fused"),
 }
 """Per backend, the plan features it executes (docs/backends.md has the same table in words)."""
 

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from galvatron.strategies.cost import eager
 from galvatron.strategies.cost.options import CostOptions
 from galvatron.strategies.cost.perf import Collective, Group, Perf
 from galvatron.strategies.cost.step import overlapped
@@ -154,8 +155,8 @@ def _block(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     nominal, gemms = _block_gemms(layer, s, tok, 1.0, grouped), _block_gemms(layer, s, tok, load, grouped)
     t_mm, dgrad, wgrad = _gemm_times(ctx, gemms, mm * _gemm_flops(gemms) / (_gemm_flops(nominal) or 1.0))
     attn_fwd, attn_bwd, attn_exposed = _attention(ctx, layer, s, tok)
-    ew = ctx.perf.memory_time(_elementwise_bytes(ctx, layer, s) * tok)
-    fwd_compute, bwd_compute = t_mm + attn_fwd + ew, dgrad + wgrad + attn_bwd + 2 * ew
+    ew, ew_bwd = _elementwise_times(ctx, layer, s, tok)
+    fwd_compute, bwd_compute = t_mm + attn_fwd + ew, dgrad + wgrad + attn_bwd + ew_bwd
     redo = fwd_compute if s.recompute is Recompute.FULL else 0.0
     if s.recompute is Recompute.SELECTIVE:
         redo = _selective_redo(ctx, layer, s, attn_fwd, ew, t_mm)
@@ -293,7 +294,9 @@ def _gemm_times(ctx: LayerContext, gemms: list[Gemm], flops: float) -> tuple[flo
     if gemm is None or not total:
         t = perf.matmul_time(flops, dt, kernels=4)
         return t, t, t
-    scale, acc = flops / total, 2 * ctx.options.grad_bytes
+    # eager stacks write 16-bit weight gradients (cast or copied out: eager.param_traffic)
+    acc = 2 * ctx.options.grad_bytes if ctx.options.elementwise == "fused" else _act_bytes(ctx)
+    scale = flops / total
     fwd = sum(gemm(m, n, k, dt, count) for m, n, k, count in gemms)
     dgrad = sum(gemm(m, k, n, dt, count) for m, n, k, count in gemms)
     wgrad = sum(gemm(k, n, m, dt, count, out_bytes=acc) for m, n, k, count in gemms)
@@ -344,6 +347,32 @@ def _ring_attention(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: 
     fwd = perf.attention_time(diag, False) + (r - 1) * (fwd_step + fwd_x)
     bwd = perf.attention_time(2.5 * diag, True) + (r - 1) * (bwd_step + bwd_x)
     return fwd, bwd, (r - 1) * (fwd_x + bwd_x)
+
+
+def _elementwise_times(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float) -> tuple[float, float]:
+    """Forward and backward seconds of a block's memory-bound kernels: the fused stack's bytes
+    (backward twice the forward), or an eager stack's op by op (:mod:`strategies.cost.eager`) with
+    the fixed cost of each kernel, plus the per-parameter casts and FSDP2 copies of its weights."""
+    stack = ctx.options.elementwise
+    if stack == "fused":
+        ew = ctx.perf.memory_time(_elementwise_bytes(ctx, layer, s) * tok)
+        return ew, 2 * ew
+    t = eager.block_traffic(layer, s, stack, _act_bytes(ctx)).scaled(tok)
+    t += _param_traffic(ctx, s, sum(_dense_expert_params(layer, s)))
+    return _traffic_times(ctx, t)
+
+
+def _param_traffic(ctx: LayerContext, s: LayerStrategy, params: float) -> eager.Traffic:
+    zero3 = s.zero == 3 and s.dp * s.cp > 1
+    return eager.param_traffic(ctx.options.elementwise, _act_bytes(ctx), ctx.options.grad_bytes, zero3).scaled(params)
+
+
+def _traffic_times(ctx: LayerContext, t: eager.Traffic) -> tuple[float, float]:
+    """Forward and backward seconds of eager kernels: bytes at HBM rate plus each kernel's fixed cost."""
+    launch = getattr(getattr(ctx.perf, "cluster", None), "gpu", None)
+    fixed = launch.kernel_overhead_us * 1e-6 if launch is not None else 0.0
+    perf = ctx.perf
+    return perf.memory_time(t.fwd) + t.kernels_fwd * fixed, perf.memory_time(t.bwd) + t.kernels_bwd * fixed
 
 
 def _elementwise_bytes(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> float:
@@ -661,8 +690,9 @@ def _norm(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
 
 
 def _head(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
-    """Output GEMM split over the vocabulary and the fp32 cross-entropy over logits (read/write 12
-    bytes per logit forward, as much backward); with SP the input is all-gathered first. A head
+    """Output GEMM split over the vocabulary and the fp32 cross-entropy over logits (fused: read/write
+    12 bytes per logit forward, as much backward; eager: :func:`strategies.cost.eager.loss_traffic`,
+    with the weight's casts or copies); with SP the input is all-gathered first. A head
     without a known width (``hidden`` 0) is costed by its FLOPs alone, with no logits. The loss's
     transient peak is ``CostOptions.loss_bytes_per_logit`` per logit on the rank."""
     c = LayerCost()
@@ -671,12 +701,13 @@ def _head(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     vocab = layer.flops_per_token / (2 * layer.hidden) if layer.hidden else 0.0
     gemms: list[Gemm] = [(tok, vocab / s.tp, layer.hidden, 1)] if vocab else []
     t_mm, dgrad, wgrad = _gemm_times(ctx, gemms, mm)
-    loss = ctx.perf.memory_time(12 * vocab * tok / s.tp)
+    loss = eager.loss_traffic(ctx.options.elementwise).scaled(vocab * tok / s.tp)
+    loss_fwd, loss_bwd = _traffic_times(ctx, loss + _param_traffic(ctx, s, layer.params / s.tp))
     tp = 0.0
     if s.tp > 1:
         op = Collective.ALL_GATHER if s.sp else Collective.ALL_REDUCE
         tp = ctx.perf.collective_time(op, tok * layer.hidden * _act_bytes(ctx), _group(ctx, 1, s.tp))
-    fwd_compute, bwd_compute = t_mm + loss, dgrad + wgrad + loss
+    fwd_compute, bwd_compute = t_mm + loss_fwd, dgrad + wgrad + loss_bwd
     measured = _measured(ctx, layer, s)  # a profile's head: final norm, output GEMM and loss
     if measured is not None:
         wgrad *= measured.backward / (bwd_compute or 1.0)

@@ -57,6 +57,15 @@ class CostOptions:
     (the 16-bit logits and their fp32 copy, turned into the softmax and then the gradient in place).
     12: eager PyTorch ``F.cross_entropy(logits.float(), y)`` (torchtitan, Hugging Face): in backward the
     saved fp32 log-softmax, the incoming fp32 gradient and the fp32 input gradient are live at once."""
+    elementwise: str = "fused"
+    """How the stack runs the memory-bound ops around the GEMMs (:data:`ELEMENTWISE_STACKS`).
+    ``fused``: Megatron-LM's fused kernels or ``torch.compile``: each norm, activation and residual
+    reads and writes its tensors about once (``strategies.cost.layer._ELEMENTWISE_PER_H``).
+    ``eager``: eager PyTorch with 16-bit parameters and activations (FSDP2 ``MixedPrecisionPolicy``,
+    torchtitan without compile); ``autocast``: eager PyTorch under ``torch.autocast`` over fp32
+    parameters (galvatron's native runtime, the reference GPT), with an fp32 residual stream and
+    casts before every GEMM. Eager stacks pay one kernel per ATen op, each reading its inputs and
+    writing its output, op by op as ``strategies.cost.eager`` lists them."""
     grad_bytes: int = 4
     """Bytes per gradient element kept and reduced (fp32 main grads in Megatron, FSDP2 reduce_dtype)."""
     cpu_adam_params_per_s: float = 1e9
@@ -85,11 +94,16 @@ class CostOptions:
         if self.master_weights not in MASTER_WEIGHTS:
             raise ValueError(f"CostOptions.master_weights={self.master_weights!r}: expected one of "
                              f"{', '.join(MASTER_WEIGHTS)}")
+        if self.elementwise not in ELEMENTWISE_STACKS:
+            raise ValueError(f"CostOptions.elementwise={self.elementwise!r}: expected one of "
+                             f"{', '.join(ELEMENTWISE_STACKS)}")
         if self.selective not in SELECTIVE_POLICIES:
             raise ValueError(f"CostOptions.selective={self.selective!r}: expected one of "
                              f"{', '.join(SELECTIVE_POLICIES)}")
 
 
+ELEMENTWISE_STACKS = ("fused", "eager", "autocast")
+"""How a stack runs memory-bound ops (``CostOptions.elementwise``; ``strategies.cost.eager``)."""
 SELECTIVE_POLICIES = ("matmuls", "megatron", "torchtitan")
 """Selective-recomputation policies the cost model knows (``CostOptions.selective``)."""
 MASTER_WEIGHTS = ("params", "optimizer")

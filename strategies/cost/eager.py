@@ -1,0 +1,184 @@
+"""Memory-bound kernels of a transformer block in eager PyTorch, op by op (``CostOptions.elementwise``).
+
+A fused stack (Megatron-LM's fused kernels, ``torch.compile``) reads and writes each tensor about once
+per norm, activation and residual (:data:`strategies.cost.layer._ELEMENTWISE_PER_H`). Eager PyTorch
+launches one kernel per ATen op, and each reads its inputs from HBM and writes its output; autograd
+runs one or more kernels per op again in backward (formulas of ``tools/autograd/derivatives.yaml``).
+This module writes the ops of one block out, with the bytes per element each moves, for two eager
+stacks:
+
+- ``eager``: 16-bit activations and residual stream (FSDP2 ``MixedPrecisionPolicy(param_dtype=bf16)``,
+  torchtitan): Llama's ``RMSNorm`` (``x.float()``, ``pow``, ``mean``, ``rsqrt``, ``mul``, ``type_as``,
+  ``* weight``), complex rotary embedding (``view_as_complex(x.float()) * freqs_cis``, ``type_as``),
+  ``repeat_kv`` copies for GQA, ``silu(w1 x) * w3 x``, residual adds; FSDP2 copies every all-gathered
+  parameter out of the all-gather buffer and every gradient into the reduce-scatter buffer, casting
+  it to the fp32 ``reduce_dtype`` (``foreach_all_gather_copy_out``, ``foreach_reduce``), on the
+  compute stream.
+- ``autocast``: ``torch.autocast(bf16)`` over fp32 parameters (galvatron's native runtime, the
+  reference GPT): the residual stream stays fp32 (embedding output fp32, ``fp32 + bf16 -> fp32``);
+  ``layer_norm`` is on autocast's fp32 list; every ``Linear`` casts its fp32 input to bf16 (the
+  q, k, v and up projections each cast the same norm output again: only leaf tensors are cached);
+  each weight is cast to bf16 once per forward (autocast's weight cache) and its gradient back to
+  fp32 in backward.
+
+Per op: (forward bytes, backward bytes, forward kernels, backward kernels) per element of its width.
+The backward of ``y = op(x)`` reads the incoming gradient and what the formula saved and writes the
+input gradient; where one tensor feeds several ops (a norm output into q, k, v; the residual),
+autograd adds the gradients with one more kernel each. Reductions over a token's hidden units
+(``mean``) and per-token scalars (``rsqrt``) move no significant bytes but are kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from galvatron.plan import LayerStrategy
+from galvatron.spec import LayerSpec
+
+Op = tuple[float, float, int, int]
+"""(forward bytes, backward bytes, forward kernels, backward kernels) per element."""
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Bytes and kernels of a layer's memory-bound ops per token (or per parameter) on one rank."""
+
+    fwd: float = 0.0
+    bwd: float = 0.0
+    kernels_fwd: float = 0.0
+    kernels_bwd: float = 0.0
+
+    def __add__(self, other: Traffic) -> Traffic:
+        return Traffic(self.fwd + other.fwd, self.bwd + other.bwd, self.kernels_fwd + other.kernels_fwd,
+                       self.kernels_bwd + other.kernels_bwd)
+
+    def scaled(self, width: float, count: int = 1) -> Traffic:
+        """``count`` ops over ``width`` elements per token (kernels counted once per op)."""
+        return Traffic(self.fwd * width * count, self.bwd * width * count, self.kernels_fwd * count,
+                       self.kernels_bwd * count)
+
+
+def _op(fwd: float, bwd: float, kf: int = 1, kb: int = 1) -> Traffic:
+    return Traffic(fwd, bwd, kf, kb)
+
+
+def _cast(src: int, dst: int) -> Traffic:
+    """``x.to(dtype)``: read ``src``, write ``dst`` bytes; backward casts the gradient back. No kernel
+    when the dtype does not change."""
+    return _op(src + dst, src + dst) if src != dst else Traffic()
+
+
+def rms_norm(x: int) -> Traffic:
+    """Composite RMSNorm on an ``x``-byte input, computed in fp32 (torchtitan's ``RMSNorm``; ATen's
+    ``rms_norm`` composite): cast, ``pow(2)`` (8), ``mean`` (4), ``add(eps)`` and ``rsqrt`` (per-token),
+    ``x * r`` (8), cast back, ``* weight`` (``2x``). Backward: weight mul (input grad ``2x``, weight
+    grad mul ``3x`` and reduction ``x``), ``x * r`` (``g*r`` 8, ``(g*x).sum`` 12 + 4), ``mean``'s
+    expand-divide (4), ``pow`` (``g * 2 * x.pow(1)``: 8 + 8 + 12), the two gradients of ``x``
+    added (12)."""
+    core = _op(8 + 4 + 8, 24 + 4 + 28 + 12, kf=5, kb=10)
+    weight = _op(2 * x, 6 * x, kf=1, kb=3)
+    return _cast(x, 4) + core + _cast(4, x) + weight
+
+
+def layer_norm(x: int, compute: int) -> Traffic:
+    """``native_layer_norm`` (one kernel each way) in ``compute`` bytes on an ``x``-byte input: read
+    and write; backward reads the gradient and input and writes the input gradient, then reads both
+    again for the weight and bias gradients."""
+    return _cast(x, compute) + _op(2 * compute, 5 * compute, kf=1, kb=2)
+
+
+def _norm(layer: LayerSpec, residual: int, compute: int) -> Traffic:
+    return rms_norm(residual) if layer.norm == "rmsnorm" else layer_norm(residual, compute)
+
+
+def block_traffic(layer: LayerSpec, s: LayerStrategy, stack: str, act: int) -> Traffic:
+    """Bytes per token (and kernels) of one block's memory-bound ops on one rank under the eager
+    ``stack`` (``eager`` or ``autocast``) with ``act``-byte activations; the attention core and the
+    GEMMs are costed elsewhere. Widths per rank: the residual stream ``h`` (over TP with SP), ``q``,
+    ``kv`` and the FFN width over TP."""
+    autocast = stack == "autocast"
+    res = 4 if autocast else act
+    hr = layer.hidden / (s.tp if s.sp else 1)
+    total = _norm(layer, res, 4 if autocast else act).scaled(hr, 2) + _residual(res, act).scaled(hr, 2)
+    total += _input_grads(layer, res, act).scaled(hr)
+    if layer.heads:
+        total += _attention_ops(layer, s, act)
+    total += _mlp_ops(layer, s, act)
+    if layer.experts:  # token permutation (gather, scatter, weighting) per routed row
+        total += _op(8, 16, kf=3, kb=3).scaled(layer.hidden * layer.top_k)
+    return total
+
+
+def _residual(res: int, act: int) -> Traffic:
+    """``x + f(x)``: read both, write ``res``; backward adds the branch's gradient into the stream's
+    (read two, write one) and, when the branch is 16-bit and the stream fp32, casts the gradient
+    down for the branch."""
+    cast = act + res if res != act else 0
+    return _op(res + act + res, 3 * res + cast, kf=1, kb=2 if cast else 1)
+
+
+def _input_grads(layer: LayerSpec, res: int, act: int) -> Traffic:
+    """Linears reading the same norm output (q, k, v; up, or gate and up): under autocast each casts
+    the fp32 input to 16 bits itself (and casts its input gradient back); autograd adds their input
+    gradients (``n - 1`` adds of ``3 x res``)."""
+    out = Traffic()
+    for n in ([3] if layer.heads else []) + [_up_projections(layer)]:
+        out += _cast(res, act).scaled(1, n) + _op(0, 3 * res, kf=0, kb=1).scaled(1, n - 1)
+    return out
+
+
+def _up_projections(layer: LayerSpec) -> int:
+    """1 for a GELU MLP, 2 for a gated one (``silu(w1 x) * w3 x``), recognised by its FLOPs."""
+    h, q, kv = layer.hidden, layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim
+    routed = layer.top_k + layer.shared_experts if layer.experts else 1
+    mlp = layer.flops_per_token / 2 - h * (q + 2 * kv) - q * h - h * layer.experts
+    return 2 if layer.ffn_hidden and mlp > 2.5 * routed * h * layer.ffn_hidden else 1
+
+
+def _attention_ops(layer: LayerSpec, s: LayerStrategy, act: int) -> Traffic:
+    """Rotary embedding of q and k (cast to fp32 ``6``, complex multiply ``8``, cast back ``6``, the
+    same backward), and ``repeat_kv``'s copies of k and v to every query head under GQA (read kv,
+    write q; backward sums them back)."""
+    q, kv = layer.heads * layer.head_dim / s.tp, layer.kv_heads * layer.head_dim / s.tp
+    out = Traffic()
+    if layer.rope:
+        rope = _cast(act, 4) + _op(8, 8) + _cast(4, act)
+        out += rope.scaled(q) + rope.scaled(kv)
+    if layer.kv_heads < layer.heads:
+        out += _op(act * (q + kv), act * (q + kv)).scaled(1, 2)
+    return out
+
+
+def _mlp_ops(layer: LayerSpec, s: LayerStrategy, act: int) -> Traffic:
+    """The activation between the up and down projections, per routed or shared expert: GELU (read,
+    write; backward reads the gradient and input), or SiLU then the product with the up projection
+    (``3 x act``; backward: two products and SiLU's gradient)."""
+    routed = layer.top_k + layer.shared_experts if layer.experts else 1
+    width = layer.ffn_hidden * routed / s.tp
+    if _up_projections(layer) == 2:
+        return _op(5 * act, 9 * act, kf=2, kb=3).scaled(width)
+    return _op(2 * act, 3 * act).scaled(width)
+
+
+def loss_traffic(stack: str) -> Traffic:
+    """Bytes per logit of the loss. Fused (Megatron's vocab-parallel cross-entropy): 12 each way.
+    Eager ``F.cross_entropy(logits.float(), y)``: the cast (2 + 4), ``log_softmax`` over a row too
+    long for shared memory reads it three times (max, sum of exponentials, output) and writes it;
+    backward: ``nll_loss`` writes a zero fp32 gradient and scatters, ``log_softmax``'s backward
+    reads the gradient twice and the output once and writes (16), the cast back (4 + 2)."""
+    if stack == "fused":
+        return _op(12, 12, kf=0, kb=0)
+    return _op(6 + 16, 4 + 16 + 6, kf=3, kb=4)
+
+
+def param_traffic(stack: str, act: int, grad: int, zero3: bool) -> Traffic:
+    """Bytes per parameter of the rank's compute copy per micro-batch, outside the optimizer.
+    ``autocast``: each weight cast to 16 bits in forward (read 4, write ``act``) and its gradient back
+    to fp32 in backward. ``eager`` with FSDP2 (ZeRO-3): the all-gather output copied out into the
+    unsharded parameters before the forward and again before the backward (read and write ``act``
+    each), and the gradient copied into the reduce-scatter buffer in the ``grad`` reduce dtype."""
+    if stack == "autocast":
+        return _op(4 + act, 4 + act, kf=0, kb=0)
+    if stack == "eager" and zero3:
+        return _op(2 * act, 2 * act + act + grad, kf=0, kb=0)
+    return Traffic()

@@ -1,0 +1,93 @@
+"""Eager PyTorch's memory-bound kernels in the cost model (``CostOptions.elementwise``)."""
+
+from __future__ import annotations
+
+import pytest
+from galvatron.strategies.cost import CostOptions, LayerContext, cost_plan, eager, layer_cost
+from galvatron.strategies.cost.perf import DatasheetPerf
+from galvatron.strategies.hardware import load_cluster
+
+from galvatron.backends import capabilities
+from galvatron.models import GPT, GPTConfig
+from galvatron.plan import DType, LayerStrategy, Plan
+from galvatron.spec import ModelSpec
+
+LLAMA = ModelSpec.from_config("llama3-8b")
+GPT_1B = ModelSpec.from_config({"name": "gpt", "layers": 24, "hidden": 2048, "heads": 16, "vocab": 50304,
+                                "seq_len": 2048, "activation": "gelu", "norm": "layernorm", "bias": False,
+                                "position": "learned"})
+
+
+def test_llama_block_bytes_hand_counted() -> None:
+    """torchtitan's Llama block, 16-bit activations: per token h=4096, q=4096, kv=1024, f=14336.
+    Forward: 2 RMSNorms x 36h, 2 residual adds x 6h, rotary 20(q+kv), repeat_kv 2 x 2(q+kv), SwiGLU 10f.
+    Backward: 2 x 92h, 2 x 6h, input-gradient adds (2 for q/k/v, 1 for gate/up) x 6h, the same
+    rotary and repeat_kv bytes, SwiGLU 18f."""
+    h, q, kv, f = 4096, 4096, 1024, 14336
+    t = eager.block_traffic(LLAMA.blocks[0], LayerStrategy(), "eager", 2)
+    assert t.fwd == 2 * 36 * h + 2 * 6 * h + 20 * (q + kv) + 4 * (q + kv) + 10 * f
+    assert t.bwd == 2 * 92 * h + 2 * 6 * h + 3 * 6 * h + 20 * (q + kv) + 4 * (q + kv) + 18 * f
+
+
+def test_autocast_gpt_block_bytes_hand_counted() -> None:
+    """Reference GPT under autocast (fp32 stream, LayerNorm in fp32, GELU, f = 4h, no RoPE, MHA).
+    Forward: LayerNorm 8h x 2, residual (4 + 2 + 4)h x 2, fp32->bf16 casts before q, k, v, up 6h x 4,
+    GELU 4f. Backward: LayerNorm 20h x 2, residual (12 + 6)h x 2, casts back 6h x 4 and two fp32 adds
+    of the q/k/v input gradients 12h x 2, GELU 6f."""
+    h, f = 2048, 8192
+    t = eager.block_traffic(GPT_1B.blocks[0], LayerStrategy(), "autocast", 2)
+    assert t.fwd == 16 * h + 20 * h + 24 * h + 4 * f
+    assert t.bwd == 40 * h + 36 * h + 24 * h + 24 * h + 6 * f
+
+
+def test_rms_norm_and_tensor_parallel_widths() -> None:
+    assert (eager.rms_norm(2).fwd, eager.rms_norm(2).bwd) == (36, 92)
+    assert eager.layer_norm(2, 2).fwd == 4
+    full = eager.block_traffic(LLAMA.blocks[0], LayerStrategy(), "eager", 2)
+    sp = eager.block_traffic(LLAMA.blocks[0], LayerStrategy(tp=4, sp=True), "eager", 2)
+    assert sp.fwd == pytest.approx(full.fwd / 4) and sp.kernels_fwd == full.kernels_fwd
+
+
+def _block_times(spec: ModelSpec, elementwise: str, **kw: object) -> tuple[float, float]:
+    ctx = LayerContext(perf=DatasheetPerf(load_cluster("8xH100")), options=CostOptions(elementwise=elementwise),
+                       dtype=DType.BF16, seq_len=spec.seq_len, causal=True, micro_batch=8, stage_devices=8)
+    c = layer_cost(ctx, spec.blocks[0], LayerStrategy(dp=8, **kw))
+    return c.fwd, c.bwd
+
+
+# (a 16-bit LayerNorm/GELU block without RoPE is left out: there eager PyTorch runs one kernel per norm and
+# activation too, and the fused stack's flat rotary/cast bytes make it the dearer of the two)
+@pytest.mark.parametrize("spec,stack", [(LLAMA, "eager"), (GPT_1B, "autocast")])
+def test_eager_blocks_slower_than_fused(spec: ModelSpec, stack: str) -> None:
+    fused, slow = _block_times(spec, "fused"), _block_times(spec, stack)
+    assert slow[0] > fused[0] and slow[1] > fused[1]
+
+
+def test_eager_stack_slows_a_whole_plan_and_its_loss() -> None:
+    cluster = load_cluster("8xH100")
+    plan = Plan.uniform(LLAMA.num_blocks, global_batch_size=8, num_micro_batches=1, dp=8, zero=3)
+    steps = {e: cost_plan(plan, LLAMA, cluster, CostOptions(elementwise=e)).step_time_s
+             for e in ("fused", "eager", "autocast")}
+    assert steps["fused"] < steps["eager"] and steps["fused"] < steps["autocast"]
+    assert eager.loss_traffic("eager").fwd > eager.loss_traffic("fused").fwd == 12
+
+
+def test_fsdp2_copies_only_under_zero3_and_autocast_casts_always() -> None:
+    assert eager.param_traffic("eager", 2, 4, zero3=False).fwd == 0
+    assert (eager.param_traffic("eager", 2, 4, zero3=True).bwd, eager.param_traffic("autocast", 2, 4, False).fwd) == (
+        10, 6)
+    assert eager.param_traffic("fused", 2, 4, zero3=True).fwd == 0
+
+
+def test_options_backends_and_specs_declare_the_stack() -> None:
+    with pytest.raises(ValueError, match="elementwise"):
+        CostOptions(elementwise="compiled")
+    assert capabilities("megatron").cost_options()["elementwise"] == "fused"
+    assert capabilities("native").cost_options()["elementwise"] == "autocast"
+    assert (LLAMA.blocks[0].norm, LLAMA.blocks[0].rope) == ("rmsnorm", True)
+    assert (GPT_1B.blocks[0].norm, GPT_1B.blocks[0].rope) == ("layernorm", False)
+    import torch
+
+    cfg = GPTConfig(norm="rmsnorm")
+    spec = ModelSpec.from_module(GPT(cfg), torch.zeros(2, cfg.seq_len, dtype=torch.long))
+    assert spec.blocks[0].norm == "rmsnorm"
