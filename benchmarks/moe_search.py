@@ -1,6 +1,7 @@
 """Where does the search pick expert parallelism? ``galvatron search`` on Mixtral 8x7B and the fine-grained
-DeepSeek-MoE 16B preset (64 routed experts, top-6, 2 shared), best plan with every dimension vs the best plan
-pinned to ep=1, over cluster sizes (8-64 H100), global batches and sequence lengths, under stack variants:
+DeepSeek-MoE 16B preset (64 routed experts, top-6, 2 shared), best plan with every dimension (expert TP of its own,
+``etp``, included) vs the best plan pinned to ep=1 and etp=0 (experts replicated, split by the layer's tp), over
+cluster sizes (8-64 H100), global batches and sequence lengths, under stack variants:
 
 - ``default``: grouped expert GEMMs, dispatch/combine all-to-all exposed, random top-k routing imbalance;
 - ``shared-overlap``: Megatron-Core ``--moe-shared-expert-overlap`` (all-to-all beside the shared experts);
@@ -44,8 +45,9 @@ OUT = Path(__file__).parent / "results" / "moe_search.json"
 def _summary(result) -> dict:
     best = result.best
     eps = sorted({g.strategy.ep for g in best.plan.groups()})
+    etps = sorted({g.strategy.etp for g in best.plan.groups()})
     return {"step_time_s": best.step_time_s, "mfu": best.mfu, "peak_memory_gib": best.peak_memory_gib,
-            "ep": eps, "plan": best.plan.describe(), "comm_s": best.stages[0].comm_s,
+            "ep": eps, "etp": etps, "plan": best.plan.describe(), "comm_s": best.stages[0].comm_s,
             "search_time_s": result.search_time_s, "plans_costed": result.plans_costed}
 
 
@@ -61,11 +63,11 @@ def run_case(model: str, nodes: int, gb: int, seq: int, variant: str) -> dict:
     spec = ModelSpec.from_config({**load_model_config(model), "seq_len": seq})
     hw, cost = load_cluster("8xH100", nodes=nodes), VARIANTS[variant]
     free = search(spec, hw, SearchOptions(global_batch=gb), cost)
-    dense = search(spec, hw, SearchOptions(global_batch=gb, fixed={"ep": 1}), cost)
+    dense = search(spec, hw, SearchOptions(global_batch=gb, fixed={"ep": 1, "etp": 0}), cost)
     return {"model": model, "gpus": 8 * nodes, "global_batch": gb, "seq_len": seq, "variant": variant,
             "command": f"search(ModelSpec.from_config({{**load_model_config({model!r}), 'seq_len': {seq}}}), "
-                       f"load_cluster('8xH100', nodes={nodes}), SearchOptions(global_batch={gb}[, fixed={{'ep': 1}}]), "
-                       f"VARIANTS[{variant!r}])",
+                       f"load_cluster('8xH100', nodes={nodes}), "
+                       f"SearchOptions(global_batch={gb}[, fixed={{'ep': 1, 'etp': 0}}]), VARIANTS[{variant!r}])",
             "best": _summary(free), "best_ep1": _summary(dense),
             "speedup_over_ep1": dense.best.step_time_s / free.best.step_time_s}
 
@@ -73,7 +75,8 @@ def run_case(model: str, nodes: int, gb: int, seq: int, variant: str) -> dict:
 def _markdown(rows: list[dict]) -> str:
     out = ["# Expert parallelism in the search", "",
            "`python benchmarks/moe_search.py`: best plan over every dimension vs best plan pinned to ep=1 "
-           "(8xH100 nodes, bf16, default CostOptions unless the variant says otherwise).", "",
+           "and etp=0 (8xH100 nodes, bf16, default CostOptions unless the variant says otherwise; `etpN` in a plan: "
+           "expert TP N other than tp, MoE Parallel Folding).", "",
            "| model | GPUs | global batch x seq | variant | best ep | best s/step | ep=1 s/step | speed-up "
            "| best plan | best ep=1 plan |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -101,7 +101,15 @@ class LayerStrategy:
     cp_ulysses: int = 0
     """For ``cp_kind: hybrid``: the Ulysses degree (inner); the ring degree is ``cp // cp_ulysses``."""
     ep: int = 1
-    """Expert-parallel degree for MoE layers, folded over the layer's ``dp * cp`` ranks."""
+    """Expert-parallel degree for MoE layers. With ``etp`` 0 it folds over the layer's ``dp * cp``
+    ranks (``tp`` apart); otherwise over ranks ``etp`` apart (see ``etp``)."""
+    etp: int = 0
+    """Expert tensor-parallel degree of MoE layers; 0 (and a value equal to ``tp``, stored as 0): the
+    routed experts are split by the layer's ``tp``. Otherwise MoE Parallel Folding (Liu et al. 2025,
+    Megatron-Core ``--expert-tensor-parallel-size``): the MoE part re-partitions the layer's
+    ``dp * tp * cp`` ranks as ``etp`` (innermost, adjacent ranks) x ``ep`` (``etp`` apart) x expert
+    data parallelism (``etp * ep`` apart), and each rank routes its own sequence-parallel shard of
+    the tokens (needs ``sp`` when ``tp > 1``)."""
     zero: int = 0
     """ZeRO stage 0-3 over the data-parallel ranks (0 = DDP, 1 = optimizer states sharded,
     2 = + gradients, 3 = + parameters)."""
@@ -113,6 +121,10 @@ class LayerStrategy:
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "cp", "ep"):
             _positive_int(getattr(self, name), name)
+        if isinstance(self.etp, bool) or not isinstance(self.etp, int) or self.etp < 0:
+            raise PlanError("etp", f"{self.etp!r} is not a non-negative integer")
+        if self.etp == self.tp:
+            object.__setattr__(self, "etp", 0)  # one spelling per strategy: "the same as tp"
         object.__setattr__(self, "cp_kind", _enum(CPKind, self.cp_kind, "cp_kind"))
         object.__setattr__(self, "recompute", _enum(Recompute, self.recompute, "recompute"))
         if self.zero not in (0, 1, 2, 3) or isinstance(self.zero, bool):
@@ -124,6 +136,11 @@ class LayerStrategy:
     def devices(self) -> int:
         """Devices one copy of the layer occupies: ``dp * tp * cp``."""
         return self.dp * self.tp * self.cp
+
+    @property
+    def expert_tp(self) -> int:
+        """The degree that splits each routed expert: ``etp``, or ``tp`` when ``etp`` is 0."""
+        return self.etp or self.tp
 
     @property
     def ring_degree(self) -> int:
@@ -402,13 +419,15 @@ class Plan:
 
 
 def format_strategy(s: LayerStrategy) -> str:
-    """``dp4 tp2+sp cp2(ring) zero1 recompute=full`` style summary of a strategy."""
+    """``dp4 tp2+sp cp2(ring) ep4 etp1 zero1 recompute=full`` style summary of a strategy."""
     parts = [f"dp{s.dp}", f"tp{s.tp}" + ("+sp" if s.sp else "")]
     if s.cp > 1:
         kind = s.cp_kind.value + (f" u{s.ulysses_degree}xr{s.ring_degree}" if s.cp_kind is CPKind.HYBRID else "")
         parts.append(f"cp{s.cp}({kind})")
     if s.ep > 1:
         parts.append(f"ep{s.ep}")
+    if s.etp:
+        parts.append(f"etp{s.etp}")
     parts.append(f"zero{s.zero}")
     if s.recompute is not Recompute.NONE:
         parts.append(f"recompute={s.recompute.value}")

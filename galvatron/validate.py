@@ -33,6 +33,8 @@ def validate_plan(plan: Plan, world_size: int | None = None, model_spec: ModelSp
             _check_strategy(strategy, stage.devices, plan, name)
             if strategy.ep > 1:
                 raise PlanError(f"{name}.ep", f"{strategy.ep}: expert parallelism applies to MoE layers only")
+            if strategy.etp:
+                raise PlanError(f"{name}.etp", f"{strategy.etp}: expert tensor parallelism applies to MoE layers only")
     if world_size is not None and plan.world_size != world_size:
         raise PlanError(
             "stages",
@@ -107,12 +109,27 @@ def _check_strategy(s: LayerStrategy, devices: int, plan: Plan, path: str) -> No
             )
     elif s.cp_ulysses:
         raise PlanError(f"{path}.cp_ulysses", "is only used with cp_kind: hybrid and cp > 1")
-    if (s.dp * s.cp) % s.ep:
-        raise PlanError(f"{path}.ep", f"{s.ep} does not divide dp {s.dp} x cp {s.cp} = {s.dp * s.cp} ranks")
+    _check_expert_layout(s, path)
     if s.offload and s.zero == 0:
         raise PlanError(f"{path}.offload", "CPU offload needs ZeRO stage 1 or higher")
     if plan.micro_batch_size % s.dp:
         raise PlanError(f"{path}.dp", f"{s.dp} does not divide the micro-batch of {plan.micro_batch_size} samples")
+
+
+def _check_expert_layout(s: LayerStrategy, path: str) -> None:
+    """EP folds over ``dp * cp`` (``etp`` 0), or ``etp x ep`` re-partitions all ``dp * tp * cp`` ranks
+    (MoE Parallel Folding), where each rank must route tokens of its own: Megatron-Core requires
+    sequence parallelism with expert and tensor parallelism."""
+    if not s.etp:
+        if (s.dp * s.cp) % s.ep:
+            raise PlanError(f"{path}.ep", f"{s.ep} does not divide dp {s.dp} x cp {s.cp} = {s.dp * s.cp} ranks")
+        return
+    if s.devices % (s.etp * s.ep):
+        raise PlanError(f"{path}.etp", f"etp {s.etp} x ep {s.ep} = {s.etp * s.ep} does not divide the layer's "
+                        f"dp {s.dp} x tp {s.tp} x cp {s.cp} = {s.devices} ranks")
+    if s.tp > 1 and not s.sp:
+        raise PlanError(f"{path}.sp", f"expert TP {s.etp} differs from tp {s.tp}: the MoE layout folds over the "
+                        "TP ranks, which must hold different tokens (sp: true, as Megatron-Core requires)")
 
 
 def _check_against_model(s: LayerStrategy, spec: ModelSpec, layers: range, path: str) -> None:
@@ -132,6 +149,8 @@ def _check_against_model(s: LayerStrategy, spec: ModelSpec, layers: range, path:
             raise PlanError(f"{path}.cp", f"{s.cp} does not divide the sequence length {spec.seq_len}")
         if s.sp and spec.seq_len % (s.tp * s.cp):
             raise PlanError(f"{path}.sp", f"tp {s.tp} x cp {s.cp} does not divide the sequence length {spec.seq_len}")
+        if s.etp and not layer.experts:
+            raise PlanError(f"{path}.etp", f"{s.etp}: layer {index} is not a MoE layer")
         if s.ep > 1:
             if not layer.experts:
                 raise PlanError(f"{path}.ep", f"{s.ep}: layer {index} is not a MoE layer")

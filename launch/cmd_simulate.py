@@ -17,7 +17,7 @@ from galvatron.errors import ConfigError, MemoryBudgetError
 from galvatron.plan import CPKind, Plan, Recompute, Schedule
 from galvatron.spec import ModelSpec
 
-_PLAN_FLAGS = ("tp", "pp", "dp", "cp", "sp", "ep", "zero", "recompute", "micro_batch", "vpp", "schedule")
+_PLAN_FLAGS = ("tp", "pp", "dp", "cp", "sp", "ep", "etp", "zero", "recompute", "micro_batch", "vpp", "schedule")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plan.add_argument("--plan", metavar="FILE", help="cost this plan file")
     for flag in ("tp", "pp", "dp", "cp", "ep", "vpp"):
         plan.add_argument(f"--{flag}", type=int)
+    plan.add_argument("--etp", type=int, help="expert tensor parallelism of MoE layers (default: --tp); another "
+                      "value folds EP over adjacent ranks (MoE Parallel Folding; needs --sp megatron when tp > 1)")
     plan.add_argument("--sp", choices=["none", "megatron", "ulysses", "ring", "striped", "hybrid"],
                       help="sequence parallelism: Megatron SP inside TP, or the context-parallel kind for --cp")
     plan.add_argument("--cp-ulysses", type=int, help="Ulysses degree inside --sp hybrid")
@@ -90,7 +92,7 @@ def plan_from_flags(args: argparse.Namespace, spec: ModelSpec, world: int) -> Pl
     return Plan.uniform(
         spec.num_blocks, global_batch_size=global_batch, num_micro_batches=max(global_batch // (micro * dp), 1),
         pp=pp, virtual_stages=args.vpp or 1, schedule=schedule, dtype=args.dtype, dp=dp, tp=tp, cp=cp,
-        cp_kind=CPKind(kind), cp_ulysses=u, sp=args.sp == "megatron", ep=ep, zero=args.zero or 0,
+        cp_kind=CPKind(kind), cp_ulysses=u, sp=args.sp == "megatron", ep=ep, etp=args.etp or 0, zero=args.zero or 0,
         recompute=args.recompute or "none", offload=args.offload,
     )
 
@@ -124,7 +126,7 @@ def run_search(args: argparse.Namespace, spec: ModelSpec, cluster: Any) -> Any:
 
 def pinned(args: argparse.Namespace) -> dict[str, Any]:
     """Plan flags given to ``search`` pin those values instead of searching them."""
-    out = {k: getattr(args, k) for k in ("tp", "dp", "cp", "ep", "zero", "recompute", "pp", "schedule")
+    out = {k: getattr(args, k) for k in ("tp", "dp", "cp", "ep", "etp", "zero", "recompute", "pp", "schedule")
            if getattr(args, k, None) is not None and k != "schedule"}
     if getattr(args, "vpp", None):
         out["vpp"] = args.vpp

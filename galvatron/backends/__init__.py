@@ -30,7 +30,7 @@ class Capabilities:
     name: str
     features: frozenset[str]
     """Plan features in the search's vocabulary (``pp``, ``tp``, ``sp``, ``cp:<kind>``, ``ep``,
-    ``zero<n>``, ``offload``, ``recompute:<mode>``, ``schedule:<name>``)."""
+    ``etp`` (expert TP other than ``tp``), ``zero<n>``, ``offload``, ``recompute:<mode>``, ``schedule:<name>``)."""
     dtypes: frozenset[DType]
     per_layer: frozenset[str]
     """Strategy fields that may differ between layer groups; every other field must be the same
@@ -78,7 +78,7 @@ CAPABILITIES: dict[str, Capabilities] = {
         master_weights="optimizer", elementwise="eager"),
     "megatron": Capabilities(
         name="megatron",
-        features=frozenset({"pp", "tp", "sp", "cp:ulysses", "cp:ring", "cp:hybrid", "ep", "zero1",
+        features=frozenset({"pp", "tp", "sp", "cp:ulysses", "cp:ring", "cp:hybrid", "ep", "etp", "zero1",
                             "schedule:1f1b", "schedule:interleaved-1f1b"}) | _RECOMPUTE,
         dtypes=frozenset({DType.FP32, DType.BF16, DType.FP16}),
         per_layer=frozenset({"cp_kind", "cp_ulysses", "recompute"}), uniform=True, gpu_only=True,
@@ -104,6 +104,8 @@ def strategy_features(s: LayerStrategy) -> Iterator[tuple[str, str]]:
         yield "cp_kind", f"cp:{s.cp_kind.value}"
     if s.ep > 1:
         yield "ep", "ep"
+    if s.etp:
+        yield "etp", "etp"
     if s.zero:
         yield "zero", f"zero{s.zero}"
     if s.offload:

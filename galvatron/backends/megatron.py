@@ -10,9 +10,10 @@ sets up the parallel state from the plan, fills the config's parallelism fields
 per virtual stage, and returns a :class:`MegatronRunner` (``plan``, ``optimizer``,
 ``train_step``, ``shard_batch``, ``dp_size``, ``dp_rank``, ``chunks``).
 
-Plan -> Megatron: ``tp`` / ``sp`` / ``pp`` / ``virtual_stages`` / ``cp`` / ``ep`` to the
-parallel sizes; ``cp_kind`` per layer to ``cp_comm_type`` (ulysses ``a2a``, ring ``p2p``,
-hybrid ``a2a+p2p`` with ``hierarchical_context_parallel_sizes = [cp_ulysses, cp / cp_ulysses]``);
+Plan -> Megatron: ``tp`` / ``sp`` / ``pp`` / ``virtual_stages`` / ``cp`` / ``ep`` / ``etp`` (when set:
+``expert_tensor_parallel_size``, MoE Parallel Folding) to the parallel sizes; ``cp_kind`` per
+layer to ``cp_comm_type`` (ulysses ``a2a``, ring ``p2p``, hybrid ``a2a+p2p`` with
+``hierarchical_context_parallel_sizes = [cp_ulysses, cp / cp_ulysses]``);
 ``zero: 1`` to the distributed optimizer; ``recompute`` to ``recompute_granularity`` (all
 ``selective``; or ``full`` on the first ``k`` layers of every stage: method ``block``, all
 layers: method ``uniform``); ``dtype`` to ``bf16`` / ``fp16`` with fp32 main parameters.
@@ -71,6 +72,8 @@ def megatron_settings(plan: Plan, world_size: int) -> MegatronSettings:
     parallel = {"tensor_model_parallel_size": s.tp, "pipeline_model_parallel_size": plan.pp,
                 "virtual_pipeline_model_parallel_size": vpp if vpp > 1 else None,
                 "context_parallel_size": s.cp, "expert_model_parallel_size": s.ep}
+    if s.etp:
+        parallel["expert_tensor_parallel_size"] = s.etp
     config: dict[str, Any] = {**parallel, "sequence_parallel": s.sp, **_context(plan), **_recompute(plan)}
     if s.cp > 1 and config.get("hierarchical_context_parallel_sizes"):
         parallel["hierarchical_context_parallel_sizes"] = config["hierarchical_context_parallel_sizes"]

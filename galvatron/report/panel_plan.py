@@ -38,7 +38,7 @@ TRACKS: tuple[tuple[str, Callable[[LayerStrategy], tuple[str, str]]], ...] = (
     ("tp", lambda s: (f"tp{s.tp}", degree_colour("tp", s.tp))),
     ("sp", lambda s: ("sp" if s.sp else "no sp", FLAG if s.sp else NEUTRAL)),
     ("cp", _cp),
-    ("ep", lambda s: (f"ep{s.ep}", degree_colour("ep", s.ep))),
+    ("ep", lambda s: (f"ep{s.ep}" + (f" etp{s.etp}" if s.etp else ""), degree_colour("ep", s.ep))),
     ("zero", lambda s: (f"zero{s.zero}", degree_colour("zero", 2**s.zero))),
     ("recompute", lambda s: (s.recompute.value, RECOMPUTE[s.recompute.value])),
     ("offload", lambda s: ("offload" if s.offload else "no offload", FLAG if s.offload else NEUTRAL)),

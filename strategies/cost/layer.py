@@ -10,7 +10,8 @@ Per block (per token, h hidden, q = heads*head_dim, kv = kv_heads*head_dim, f = 
 - communication volumes: Megatron TP (Shoeybi et al. 2019 f/g: two all-reduces per layer per pass;
   with SP reduce-scatter + all-gather, Korthikanti et al. 2022 §4.2.2), Ulysses (Jacobs et al. 2023
   §3: four all-to-alls of q/k/v/o per pass), ring p2p of K/V blocks, MoE dispatch/combine all-to-alls
-  (Lepikhin et al. 2020), ZeRO (Rajbhandari et al. 2020 §7: stage 0-2 move 2x parameters per step,
+  (Lepikhin et al. 2020) placed by the expert layout of MoE Parallel Folding (Liu et al. 2025; see
+  :func:`expert_share`), ZeRO (Rajbhandari et al. 2020 §7: stage 0-2 move 2x parameters per step,
   stage 3 3x).
 - memory: ZeRO paper §3.1 (2 + 2 + 12 bytes per parameter, divided per stage), activations per
   Korthikanti et al. 2022 Table 2 (replicated ``10sbh`` part divided by SP, the rest by TP).
@@ -141,8 +142,31 @@ def _param_bytes(ctx: LayerContext) -> int:
 
 
 def _dense_expert_params(layer: LayerSpec, s: LayerStrategy) -> tuple[float, float]:
-    """Parameters per rank outside and inside the routed experts (TP splits both, EP the experts)."""
-    return (layer.params - layer.expert_params) / s.tp, layer.expert_params / (s.tp * s.ep)
+    """Parameters per rank outside and inside the routed experts (TP splits the rest; expert TP and
+    EP split the experts)."""
+    return (layer.params - layer.expert_params) / s.tp, layer.expert_params / (s.expert_tp * s.ep)
+
+
+# ------------------------------------------------------------------ MoE layout
+def expert_share(s: LayerStrategy) -> tuple[float, float]:
+    """(dispatched, computed): routed tokens a rank dispatches and routed rows its experts compute,
+    per token of its TP group's micro-batch share (``tok``) and per top-k choice, on average. With
+    ``etp`` 0 every tp rank holds (or gathers) the group's tokens and runs each expert's ``1/tp``
+    slice on all of them: (1, 1). Under MoE Parallel Folding (Liu et al. 2025 §3; Megatron-Core's
+    alltoall token dispatcher) each rank dispatches its ``1/tp`` sequence-parallel shard, and its
+    ETP group gathers ``etp`` such shards before the experts: (1/tp, etp/tp)."""
+    if not s.etp:
+        return 1.0, 1.0
+    return 1.0 / s.tp, s.etp / s.tp
+
+
+def expert_groups(ctx: LayerContext, s: LayerStrategy) -> tuple[Group, Group, Group]:
+    """The ETP, EP and expert-data-parallel groups of a MoE layer: Megatron-Core's expert rank order
+    (``initialize_model_parallel``: etp, ep, expert dp from innermost) over the layer's
+    ``dp * tp * cp`` ranks: ``etp`` adjacent ranks, ``ep`` ranks ``etp`` apart, ``dp*tp*cp/(etp*ep)``
+    ranks ``etp * ep`` apart (with ``etp`` = ``tp``: EP folded over ``dp * cp``, ``tp`` apart)."""
+    e = s.expert_tp
+    return _group(ctx, 1, e), _group(ctx, e, s.ep), _group(ctx, e * s.ep, max(s.devices // (e * s.ep), 1))
 
 
 # ------------------------------------------------------------------ blocks
@@ -223,7 +247,7 @@ def moe_load(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float) 
     opts = ctx.options
     load = opts.moe_imbalance
     if load is None:
-        routed = tok * layer.top_k  # tokens one rank's experts receive on average, ep ranks sending
+        routed = tok * layer.top_k * expert_share(s)[1]  # rows one rank's experts receive on average
         load = 1.0 + math.sqrt(2 * math.log(s.ep) * (1 - 1 / s.ep) / routed) if s.ep > 1 and routed else 1.0
     if opts.moe_capacity_factor is not None:
         load = min(load, opts.moe_capacity_factor)
@@ -233,11 +257,12 @@ def moe_load(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float) 
 def _block_gemms(layer: LayerSpec, s: LayerStrategy, tok: float, load: float = 1.0,
                  grouped: bool = True) -> list[Gemm]:
     """A block's forward GEMMs on one rank (Megatron column/row split over ``tp``): QKV, output
-    projection, FFN up(+gate) and down; routed experts over the rank's ``experts / ep`` experts, each
-    receiving ``load * tok * ep * top_k / experts`` tokens (``load``: the busiest rank's share over
-    the mean, :func:`moe_load`), as one grouped GEMM per projection or, not ``grouped``, one GEMM
-    per expert (``CostOptions.moe_grouped_gemm``). Empty when the spec lacks the shapes (the caller
-    then uses FLOPs alone)."""
+    projection, FFN up(+gate) and down; routed experts over the rank's ``experts / ep`` experts split
+    over ``etp`` (:attr:`LayerStrategy.expert_tp`), each receiving ``load * c * tok * ep * top_k /
+    experts`` tokens (``c``: rows computed per token, :func:`expert_share`; ``load``: the busiest
+    rank's share over the mean, :func:`moe_load`), as one grouped GEMM per projection or, not
+    ``grouped``, one GEMM per expert (``CostOptions.moe_grouped_gemm``). Empty when the spec lacks
+    the shapes (the caller then uses FLOPs alone)."""
     h, q, kv, f = layer.hidden, layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim, layer.ffn_hidden
     up = _up_width(layer)
     if not (h and q and f) or up <= 0:
@@ -246,9 +271,9 @@ def _block_gemms(layer: LayerSpec, s: LayerStrategy, tok: float, load: float = 1
     out: list[Gemm] = [(tok, (q + 2 * kv) / tp, h, 1), (tok, h, q / tp, 1)]
     if not layer.experts:
         return [*out, (tok, up / tp, h, 1), (tok, h, f / tp, 1)]
-    local = max(layer.experts // s.ep, 1)
-    per_expert = load * tok * s.ep * layer.top_k / layer.experts
-    experts = [(per_expert, up / tp, h, local), (per_expert, h, f / tp, local)]
+    local, etp = max(layer.experts // s.ep, 1), s.expert_tp
+    per_expert = load * expert_share(s)[1] * tok * s.ep * layer.top_k / layer.experts
+    experts = [(per_expert, up / etp, h, local), (per_expert, h, f / etp, local)]
     if not grouped:
         experts = [(m, n, k, 1) for m, n, k, _ in experts] * local
     return out + experts + _shared_expert_gemms(layer, s, tok)
@@ -378,25 +403,26 @@ def _traffic_times(ctx: LayerContext, t: eager.Traffic) -> tuple[float, float]:
 def _elementwise_bytes(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> float:
     """Forward bytes per token through memory-bound kernels on one rank: ``22h`` of norms/residuals
     (replicated over TP unless SP), ``6f`` of the activation function and ``4(q + 2kv)`` of rotary
-    and reshapes (split over TP); MoE adds ``8h`` per routed token for permutation."""
+    and reshapes (split over TP); MoE adds ``8h`` per routed row for permutation."""
     h = layer.hidden
     q, kv = layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim
     routed = layer.top_k + layer.shared_experts if layer.experts else 1
     replicated = _ELEMENTWISE_PER_H * h + (7 * h if ctx.options.dropout else 0)
     sharded = 6 * layer.ffn_hidden * routed + 4 * (q + 2 * kv)
-    moe = 8 * h * layer.top_k if layer.experts else 0
+    moe = 8 * h * layer.top_k * expert_share(s)[1] if layer.experts else 0
     scale = _act_bytes(ctx) / 2
     return scale * (replicated / (s.tp if s.sp else 1) + sharded / s.tp + moe)
 
 
 def _block_comm(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float) -> dict[str, float]:
-    """Forward communication per micro-batch by kind (tp, cp, ep); backward moves the same volumes."""
+    """Forward communication per micro-batch by kind (tp, cp, ep: the token dispatch); backward moves
+    the same volumes."""
     perf, ab = ctx.perf, _act_bytes(ctx)
     out: dict[str, float] = {"tp": 0.0, "cp": 0.0, "ep": 0.0}
     if s.tp > 1:
         tensor = tok * layer.hidden * ab
         group = _group(ctx, 1, s.tp)
-        n = 2 if layer.heads else 1
+        n = _tp_parts(layer, s)
         if s.sp:
             one = perf.collective_time(Collective.ALL_GATHER, tensor, group) + perf.collective_time(
                 Collective.REDUCE_SCATTER, tensor, group)
@@ -408,10 +434,35 @@ def _block_comm(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: floa
         group = _group(ctx, s.tp, s.ulysses_degree)
         out["cp"] = sum(perf.collective_time(Collective.ALL_TO_ALL, tok * width / s.tp * ab, group)
                         for width in (q, kv, kv, q))
-    if s.ep > 1 and layer.experts:
-        routed = moe_load(ctx, layer, s, tok) * tok * layer.top_k * layer.hidden * ab
-        out["ep"] = 2 * perf.collective_time(Collective.ALL_TO_ALL, routed, _group(ctx, s.tp, s.ep))
+    if layer.experts:
+        out["ep"] = _dispatch_comm(ctx, layer, s, tok)
     return out
+
+
+def _tp_parts(layer: LayerSpec, s: LayerStrategy) -> int:
+    """Sub-blocks whose Megatron TP collectives run over ``tp``: attention and the MLP; under MoE
+    Parallel Folding the routed experts use their own ETP group (:func:`_dispatch_comm`) and only
+    shared experts keep the MLP's TP collectives."""
+    attention = 1 if layer.heads else 0
+    if s.etp and layer.experts:
+        return attention + (1 if layer.shared_experts else 0)
+    return attention + 1
+
+
+def _dispatch_comm(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float) -> float:
+    """Forward token-dispatch seconds of a MoE block: the dispatch and combine all-to-alls over the EP
+    group (GShard, Lepikhin et al. 2020 §2.2: each moves ``top_k`` hidden vectors per dispatched
+    token, at the busiest rank's load, :func:`moe_load`), placed as :func:`expert_groups` says; under
+    MoE Parallel Folding with ``etp > 1``, Megatron-Core's alltoall dispatcher also all-gathers the
+    received rows over the ETP group before the experts and reduce-scatters them after."""
+    dispatched, computed = expert_share(s)
+    row = moe_load(ctx, layer, s, tok) * tok * layer.top_k * layer.hidden * _act_bytes(ctx)
+    etp, ep, _ = expert_groups(ctx, s)
+    t = 2 * ctx.perf.collective_time(Collective.ALL_TO_ALL, row * dispatched, ep) if s.ep > 1 else 0.0
+    if s.etp > 1:
+        rows = row * computed
+        t += sum(ctx.perf.collective_time(op, rows, etp) for op in (Collective.ALL_GATHER, Collective.REDUCE_SCATTER))
+    return t
 
 
 def _tp_backward_exposed(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float, wgrad: float) -> float:
@@ -426,8 +477,8 @@ def _tp_backward_exposed(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, 
         return 0.0
     perf, opts = ctx.perf, ctx.options
     tensor, group = tok * layer.hidden * _act_bytes(ctx), _group(ctx, 1, s.tp)
-    parts = 2 if layer.heads else 1
-    col = wgrad * _column_share(layer) / parts
+    col = wgrad * _column_share(layer) / (2 if layer.heads else 1)
+    parts = _tp_parts(layer, s)
     f = opts.overlap_interference if opts.overlap_tp_backward else 1.0
     hide = col if opts.overlap_tp_backward else 0.0
     if s.sp:
@@ -570,23 +621,24 @@ class ZeroTerms:
 def zero_terms(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> ZeroTerms:
     """Parameter/gradient/optimizer memory, per-step sync, per-micro-batch ZeRO-2/3 traffic and the
     optimizer step for the layer's parameters (ZeRO paper §3.1 and §7). Dense parameters are
-    replicated over the ``dp * cp`` ranks ``tp`` apart; routed experts over the expert-data-parallel
-    group of ``dp * cp / ep`` ranks ``tp * ep`` apart (Megatron-Core's expert-data-parallel group)."""
+    replicated over the ``dp * cp`` ranks ``tp`` apart; routed experts over Megatron-Core's
+    expert-data-parallel group of ``dp * tp * cp / (etp * ep)`` ranks ``etp * ep`` apart
+    (:func:`expert_groups`; ``dp * cp / ep`` ranks ``tp * ep`` apart when ``etp`` is ``tp``)."""
     dense, expert = _dense_expert_params(layer, s)
     pb, gb = _param_bytes(ctx), ctx.options.grad_bytes
     ob = 8 if ctx.dtype is DType.FP32 or ctx.options.master_weights == "params" else 12
     acc = dict.fromkeys((f.name for f in fields(ZeroTerms)), 0.0)
-    for params, size, stride in ((dense, s.dp * s.cp, s.tp), (expert, s.dp * s.cp // s.ep, s.tp * s.ep)):
+    for params, group in ((dense, _group(ctx, s.tp, s.dp * s.cp)), (expert, expert_groups(ctx, s)[2])):
         if params:
-            _zero_part(ctx, s, acc, params, max(size, 1), stride, (pb, gb, ob))
+            _zero_part(ctx, s, acc, params, group, (pb, gb, ob))
     return ZeroTerms(**acc)
 
 
-def _zero_part(ctx: LayerContext, s: LayerStrategy, acc: dict[str, float], params: float, d: int, stride: int,
+def _zero_part(ctx: LayerContext, s: LayerStrategy, acc: dict[str, float], params: float, group: Group,
                sizes: tuple[int, int, int]) -> None:
     perf, opts = ctx.perf, ctx.options
     pb, gb, ob = sizes
-    group = _group(ctx, stride, d)
+    d = group.size
     z = s.zero if d > 1 else 0
     shard = params / d if z >= 1 else params
     if opts.master_weights == "params" and ctx.dtype is not DType.FP32:

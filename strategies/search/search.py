@@ -380,13 +380,14 @@ def _pareto_front(parts: list[tuple]) -> _Front:
 
 def _groups(spec: ModelSpec, a: int, b: int, choice: StageChoice) -> tuple[LayerGroup, ...]:
     """Layer groups of a stage: full recompute first, then the lower level; dense blocks of a stage
-    with ep > 1 get ep 1."""
+    with ep > 1 or an expert TP of its own get ep 1, etp 0."""
     s = choice.strategy
     parts = [(a, a + choice.full, Recompute.FULL), (a + choice.full, b, choice.lower)]
     out: list[LayerGroup] = []
     for start, end, mode in parts:
         for index in range(start, end):
-            strat = dataclasses.replace(s, recompute=mode, ep=s.ep if spec.blocks[index].experts else 1)
+            moe = bool(spec.blocks[index].experts)
+            strat = dataclasses.replace(s, recompute=mode, ep=s.ep if moe else 1, etp=s.etp if moe else 0)
             if out and out[-1].strategy == strat:
                 out[-1] = LayerGroup(start=out[-1].start, end=index + 1, strategy=strat)
             else:

@@ -6,9 +6,10 @@ Claimed space (the search is exact over it with respect to :func:`strategies.cos
   stages, each stage with its own strategy; interleaved 1F1B with ``v`` chunks per group, an even
   split and one strategy for the whole model;
 - a stage strategy: tp, Megatron SP, cp degree and kind (Ulysses, ring, striped, hybrid with any
-  Ulysses degree), ep (MoE blocks), ZeRO stage, optimizer offload; recomputation per block: the
-  stage's first ``k`` blocks fully recomputed and the rest at one lower level (none or selective),
-  any ``k`` (Megatron's ``--recompute-num-layers``);
+  Ulysses degree), ep and expert TP (MoE blocks: ``etp`` 0, i.e. the layer's tp, or 1 with SP when
+  tp > 1, MoE Parallel Folding; another divisor of tp when pinned), ZeRO stage, optimizer offload;
+  recomputation per block: the stage's first ``k`` blocks fully recomputed and the rest at one
+  lower level (none or selective), any ``k`` (Megatron's ``--recompute-num-layers``);
 - the number of micro-batches (any divisor of the global batch) at a fixed global batch.
 """
 
@@ -24,7 +25,7 @@ from galvatron.plan import CPKind, DType, LayerStrategy, Recompute, Schedule
 from galvatron.spec import ModelSpec
 
 ALL_CAPABILITIES = frozenset({
-    "pp", "tp", "sp", "cp:ulysses", "cp:ring", "cp:striped", "cp:hybrid", "ep", "zero1", "zero2", "zero3",
+    "pp", "tp", "sp", "cp:ulysses", "cp:ring", "cp:striped", "cp:hybrid", "ep", "etp", "zero1", "zero2", "zero3",
     "offload", "recompute:selective", "recompute:full", "schedule:1f1b", "schedule:interleaved-1f1b",
     "schedule:zero-bubble",
 })
@@ -112,6 +113,10 @@ def _pinned_ok(s: LayerStrategy, fixed: Mapping[str, Any]) -> bool:
     for name, value in fixed.items():
         if name in ("pp", "vpp", "num_micro_batches", "recompute"):
             continue
+        if name == "etp" and value:  # a pinned degree equal to tp is stored as etp 0
+            if s.expert_tp != value:
+                return False
+            continue
         if _plain(getattr(s, name)) != _plain(value):
             return False
     return True
@@ -131,9 +136,10 @@ def _all_strategies(spec: ModelSpec, devices: int, gpn: int, options: SearchOpti
             continue
         for cp, kind, u in _cp_choices(spec, devices // tp, tp, heads, options):
             dp = devices // (tp * cp)
-            for ep in _ep_choices(dp * cp, experts, options):
-                yield from _zero_variants(LayerStrategy(dp=dp, tp=tp, cp=cp, cp_kind=kind, cp_ulysses=u, ep=ep),
-                                          spec, options)
+            for etp in _etp_choices(tp, experts, options):
+                for ep in _ep_choices(devices // (etp or tp), experts, options):
+                    base = LayerStrategy(dp=dp, tp=tp, cp=cp, cp_kind=kind, cp_ulysses=u, ep=ep, etp=etp)
+                    yield from _zero_variants(base, spec, options)
 
 
 def _cp_choices(spec: ModelSpec, rest: int, tp: int, heads: list[int], options: SearchOptions
@@ -163,8 +169,22 @@ def _ep_choices(ranks: int, experts: list[int], options: SearchOptions) -> list[
     return [e for e in divisors(ranks) if e <= limit and not any(x % e for x in experts)]
 
 
+def _etp_choices(tp: int, experts: list[int], options: SearchOptions) -> list[int]:
+    """Expert TP degrees: 0 (the layer's tp) and, for MoE models with EP allowed and ``tp > 1``, 1
+    (whole experts: MoE Parallel Folding's ETP 1, Megatron-Core ``--expert-tensor-parallel-size 1``);
+    a pinned degree that divides ``tp`` is tried too. Other degrees stay out to keep MoE searches
+    short (each doubles the MoE strategies at that tp)."""
+    if not experts or tp == 1 or not (options.can("ep") and options.can("etp")):
+        return [0]
+    pinned = options.fixed.get("etp")
+    extra = [pinned] if isinstance(pinned, int) and 1 < pinned < tp and tp % pinned == 0 else []
+    return [0, 1, *extra]
+
+
 def _zero_variants(base: LayerStrategy, spec: ModelSpec, options: SearchOptions) -> Iterator[LayerStrategy]:
     sps = [False, True] if base.tp > 1 and options.can("sp") and spec.seq_len % (base.tp * base.cp) == 0 else [False]
+    if base.etp and base.tp > 1:
+        sps = [sp for sp in sps if sp]  # folding over TP ranks needs distinct tokens on them
     replicas = base.dp * base.cp
     stages = [z for z in options.zero_stages if z == 0 or (replicas > 1 and options.can(f"zero{z}"))]
     for sp in sps:

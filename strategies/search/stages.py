@@ -68,22 +68,25 @@ class LayerCache:
              mode: Recompute) -> tuple[float, ...]:
         """(fwd, bwd, wgrad, bwd_compute, act, work, host_fwd, host_bwd) of :func:`core_cost` for ``s``
         at recompute ``mode``."""
-        ep = s.ep if layer.experts else 1
-        key = (sig, ctx.micro_batch / s.dp * ctx.seq_len / s.cp, s.tp, s.sp, s.cp, s.cp_kind, s.cp_ulysses, ep, mode)
+        ep, etp = (s.ep, s.etp) if layer.experts else (1, 0)  # a dense block of a MoE stage: neither
+        key = (sig, ctx.micro_batch / s.dp * ctx.seq_len / s.cp, s.tp, s.sp, s.cp, s.cp_kind, s.cp_ulysses, ep, etp,
+               mode)
         found = self._core.get(key)
         if found is None:
-            own = s if (s.recompute, s.ep) == (mode, ep) else dataclasses.replace(s, recompute=mode, ep=ep)
+            own = s if (s.recompute, s.ep, s.etp) == (mode, ep, etp) else dataclasses.replace(
+                s, recompute=mode, ep=ep, etp=etp)
             c = core_cost(ctx, layer, own)
             found = self._core[key] = (c.fwd, c.bwd, c.wgrad, c.bwd_compute, c.act, c.work, c.host_fwd, c.host_bwd)
             self.evaluations += 1
         return found
 
     def zero(self, ctx: LayerContext, layer: LayerSpec, sig: tuple, s: LayerStrategy) -> ZeroTerms:
-        ep = s.ep if layer.experts else 1
-        key = (sig, s.dp, s.cp, s.tp, ep, s.zero, s.offload)
+        ep, etp = (s.ep, s.etp) if layer.experts else (1, 0)  # a dense block of a MoE stage: neither
+        key = (sig, s.dp, s.cp, s.tp, ep, etp, s.zero, s.offload)
         found = self._zero.get(key)
         if found is None:
-            found = self._zero[key] = zero_terms(ctx, layer, s if s.ep == ep else dataclasses.replace(s, ep=ep))
+            own = s if (s.ep, s.etp) == (ep, etp) else dataclasses.replace(s, ep=ep, etp=etp)
+            found = self._zero[key] = zero_terms(ctx, layer, own)
         return found
 
 

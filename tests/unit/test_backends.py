@@ -41,6 +41,7 @@ def test_capabilities_use_the_search_vocabulary() -> None:
     ("deepspeed", _plan(tp=2, sp=True), "stages[0].layers[0:4].tp"),
     ("deepspeed", _plan(cp=2), "stages[0].layers[0:4].cp_kind"),
     ("deepspeed", _plan(ep=2), "stages[0].layers[0:4].ep"),
+    ("native", _plan(tp=2, sp=True, etp=1), "stages[0].layers[0:4].etp"),
     ("deepspeed", _plan(world=2, pp=2), "stages"),
     ("deepspeed", _stages([{"devices": 4, "layers": [{"range": [0, 2], "zero": 1}, {"range": [2, 4], "zero": 3}]}]),
      "stages[0].layers[2:4].zero"),
@@ -132,6 +133,9 @@ def test_megatron_settings_per_layer_cp_and_recompute() -> None:
     assert megatron_settings(_plan(recompute="selective"), 4).config["recompute_granularity"] == "selective"
     assert "recompute_granularity" not in megatron_settings(_plan(ep=2, zero=0), 4).config
     assert megatron_settings(_plan(ep=2), 4).parallel["expert_model_parallel_size"] == 2
+    assert "expert_tensor_parallel_size" not in megatron_settings(_plan(tp=2, sp=True, ep=2), 4).parallel
+    folded = megatron_settings(_plan(tp=2, sp=True, ep=4, etp=1), 4)
+    assert (folded.parallel["expert_tensor_parallel_size"], folded.config["expert_tensor_parallel_size"]) == (1, 1)
 
 
 @pytest.mark.parametrize(("plan", "message"), [
@@ -261,3 +265,4 @@ def test_cli_search_backend_writes_a_plan_the_backend_accepts(backend: str, tmp_
     plan = Plan.load(out)
     check_plan(plan, backend)
     assert plan.pp == 1 or backend == "megatron"
+

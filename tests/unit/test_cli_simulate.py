@@ -41,3 +41,13 @@ def test_search_writes_a_loadable_plan(tmp_path: Path, capsys: pytest.CaptureFix
     result = json.loads(capsys.readouterr().out)
     assert "search_time_s" in result and result["plans_costed"] > 1
     assert Plan.load(out).validate(8).to_dict() == result["plan"]
+
+
+def test_simulate_expert_tp_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    """--etp sets the plan's expert TP (MoE Parallel Folding); folding over TP ranks without SP is refused."""
+    flags = ["simulate", "--model", "mixtral-8x7b", "--cluster", "1024xH100", "--tp", "2", "--ep", "8", "--etp", "1"]
+    assert main([*flags, "--sp", "megatron", "--zero", "1", "--json"]) == 0
+    strategy = Plan.from_dict(json.loads(capsys.readouterr().out)["plan"]).stages[0].groups[0].strategy
+    assert (strategy.tp, strategy.ep, strategy.etp, strategy.expert_tp) == (2, 8, 1, 1)
+    assert main(flags) == 1
+    assert ".sp: expert TP 1 differs from tp 2" in capsys.readouterr().err

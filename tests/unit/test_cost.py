@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from galvatron.profiler.schema import PhaseTimes
 from galvatron.strategies.cost import Collective, CostOptions, DatasheetPerf, Group, LayerContext, cost_plan, layer_cost
-from galvatron.strategies.cost.layer import moe_load, zero_terms
+from galvatron.strategies.cost.layer import _block_gemms, expert_groups, moe_load, tokens_per_rank, zero_terms
 from galvatron.strategies.cost.step import in_flight
 from galvatron.strategies.hardware import load_cluster
 
@@ -228,3 +228,60 @@ def test_gradients_held_or_traded_for_activations() -> None:
     assert held["total"] > one["total"]
     accumulated = stage(2, None)  # the first micro-batch's gradients wait through the second's forward
     assert accumulated["total"] == pytest.approx(held["total"])
+
+
+def _folding_ctx() -> LayerContext:
+    return LayerContext(perf=DatasheetPerf(load_cluster("8xH100", nodes=2)), options=CostOptions(), dtype=DType.BF16,
+                        seq_len=4096, causal=True, micro_batch=8, stage_devices=16)
+
+
+def test_parallel_folding_keeps_the_expert_all_to_all_inside_a_node() -> None:
+    """Megatron-Core's expert layout (MoE Parallel Folding): with TP 2, ETP 1 and EP 8 on nodes of 8 GPUs
+    the EP group is 8 adjacent GPUs (one node) and each rank dispatches its sequence-parallel half of the
+    tokens; with ETP = TP the 8 members sit 2 apart over two nodes and each sends all the TP group's tokens.
+    The routed experts then leave the TP collectives (attention keeps them: half of Mixtral's)."""
+    ctx, block = _folding_ctx(), ModelSpec.from_config("mixtral-8x22b").blocks[0]
+    folded, plain = LayerStrategy(dp=8, tp=2, sp=True, ep=8, etp=1), LayerStrategy(dp=8, tp=2, sp=True, ep=8)
+    etp, ep, edp = expert_groups(ctx, folded)
+    assert (etp.size, ep.size, ep.nodes, edp.size, edp.nodes) == (1, 8, 1, 2, 2)
+    _, ep_plain, edp_plain = expert_groups(ctx, plain)
+    assert (ep_plain.size, ep_plain.nodes, edp_plain.size) == (8, 2, 1)
+    tok = tokens_per_rank(ctx, folded)
+    rows = moe_load(ctx, block, folded, tok) * tok / 2 * block.top_k * block.hidden * 2
+    a2a = ctx.perf.collective_time(Collective.ALL_TO_ALL, rows, Group(size=8, per_node=8))
+    a, b = layer_cost(ctx, block, folded), layer_cost(ctx, block, plain)
+    assert a.comm["ep"] == pytest.approx(4 * a2a, rel=1e-12)  # dispatch + combine, forward and backward
+    assert a.comm["ep"] < b.comm["ep"] / 4
+    assert a.comm["tp"] == pytest.approx(b.comm["tp"] / 2, rel=1e-12)
+    assert a.flops == pytest.approx(b.flops, rel=1e-12)
+
+
+def test_expert_tp_splits_expert_weights_gemms_and_gradient_sync() -> None:
+    """Experts are split by etp (ETP 1: whole experts, half the rows each, twice the weights of ETP 2), and
+    their gradients sync over the dp*tp*cp/(etp*ep) expert-data-parallel ranks etp*ep apart."""
+    ctx, block = _folding_ctx(), ModelSpec.from_config("mixtral-8x22b").blocks[0]
+    folded, plain = LayerStrategy(dp=8, tp=2, sp=True, ep=8, etp=1), LayerStrategy(dp=8, tp=2, sp=True, ep=8)
+    dense = (block.params - block.expert_params) / 2
+    ratio = zero_terms(ctx, block, folded).params / zero_terms(ctx, block, plain).params
+    assert ratio == pytest.approx((dense + block.expert_params / 8) / (dense + block.expert_params / 16), rel=1e-12)
+    gb, ar = ctx.options.grad_bytes, ctx.perf.collective_time
+    want = ar(Collective.ALL_REDUCE, dense * gb, Group(size=8, per_node=4)) + ar(
+        Collective.ALL_REDUCE, block.expert_params / 8 * gb, Group(size=2, per_node=1))
+    assert zero_terms(ctx, block, folded).sync == pytest.approx(want, rel=1e-12)
+    tok = tokens_per_rank(ctx, folded)
+    (m1, n1, k1, c1), (m2, n2, k2, c2) = (_block_gemms(block, s, tok)[2] for s in (folded, plain))
+    assert (m1, n1, k1, c1) == pytest.approx((m2 / 2, 2 * n2, k2, c2), rel=1e-12)
+
+
+def test_expert_tp_inside_folding_gathers_rows_over_adjacent_ranks() -> None:
+    """TP 4, ETP 2, EP 4 on 16 GPUs: each rank dispatches a quarter of the TP group's tokens over EP ranks 2
+    apart (one node), then its ETP pair all-gathers the received rows and reduce-scatters the expert output
+    (Megatron-Core's alltoall dispatcher)."""
+    ctx, block = _folding_ctx(), ModelSpec.from_config("mixtral-8x22b").blocks[0]
+    s = LayerStrategy(dp=4, tp=4, sp=True, ep=4, etp=2)
+    tok = tokens_per_rank(ctx, s)
+    row = moe_load(ctx, block, s, tok) * tok * block.top_k * block.hidden * 2
+    t = ctx.perf.collective_time
+    fwd = 2 * t(Collective.ALL_TO_ALL, row / 4, Group(size=4, per_node=4)) + sum(
+        t(op, row / 2, Group(size=2, per_node=2)) for op in (Collective.ALL_GATHER, Collective.REDUCE_SCATTER))
+    assert layer_cost(ctx, block, s).comm["ep"] == pytest.approx(2 * fwd, rel=1e-12)

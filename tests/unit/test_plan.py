@@ -35,9 +35,11 @@ def strategies_for(draw: st.DrawFn, devices: int) -> LayerStrategy:
         else:
             kind = CPKind.RING
     zero = draw(st.integers(0, 3))
+    etp = draw(st.sampled_from([0, *_divisors(devices)]))  # folding (etp != tp) needs sp when tp > 1
+    sp = tp > 1 and (etp not in (0, tp) or draw(st.booleans()))
     return LayerStrategy(
-        dp=dp, tp=tp, cp=cp, cp_kind=kind, cp_ulysses=cp_ulysses, sp=tp > 1 and draw(st.booleans()),
-        ep=draw(st.sampled_from(_divisors(dp * cp))), zero=zero,
+        dp=dp, tp=tp, cp=cp, cp_kind=kind, cp_ulysses=cp_ulysses, sp=sp, etp=etp,
+        ep=draw(st.sampled_from(_divisors(devices // (etp or tp)))), zero=zero,
         recompute=draw(st.sampled_from(list(Recompute))), offload=zero > 0 and draw(st.booleans()),
     )
 
@@ -62,7 +64,7 @@ def valid_plans(draw: st.DrawFn) -> Plan:
              for name in ("embedding", "head")}
     for name in ("embedding", "head"):
         if edges[name] is not None:
-            edges[name] = LayerStrategy(**{**edges[name].__dict__, "ep": 1})
+            edges[name] = LayerStrategy(**{**edges[name].__dict__, "ep": 1, "etp": 0})
     return Plan(
         stages=tuple(stages), global_batch_size=8 * micro_batches * draw(st.integers(1, 2)),
         num_micro_batches=micro_batches, pipeline=Pipeline(schedule=schedule, virtual_stages=vpp),
@@ -148,7 +150,7 @@ def _break(s: LayerStrategy, devices: int, how: str) -> LayerStrategy:
     if how == "sp":
         return dataclasses.replace(s, tp=1, sp=True, dp=devices // s.cp)
     if how == "ep":
-        return dataclasses.replace(s, ep=s.dp * s.cp + 1)
+        return dataclasses.replace(s, ep=s.dp * s.cp + 1, etp=0)
     return dataclasses.replace(s, zero=0, offload=True)
 
 
@@ -200,6 +202,43 @@ class TestRejections:
         Plan.uniform(32, global_batch_size=8, dp=8, ep=8).validate(8, moe)
         with pytest.raises(PlanError, match=r"\.ep: 16 does not divide the 8 experts"):
             Plan.uniform(32, global_batch_size=16, dp=16, ep=16).validate(16, moe)
+
+    def test_expert_tp(self) -> None:
+        """etp: 0 and etp = tp mean the same (stored as 0); other values fold EP over adjacent ranks and
+        need etp x ep to divide dp x tp x cp, sp with tp > 1, and MoE layers."""
+        moe, dense = ModelSpec.from_config("mixtral-8x7b"), ModelSpec.from_config("llama2-7b")
+        assert LayerStrategy(dp=8, tp=2, etp=2) == LayerStrategy(dp=8, tp=2) and LayerStrategy(tp=2, etp=2).etp == 0
+        assert LayerStrategy(dp=8, tp=2, etp=1).expert_tp == 1 and LayerStrategy(dp=8, tp=2).expert_tp == 2
+        Plan.uniform(32, global_batch_size=8, dp=8, tp=2, sp=True, ep=8, etp=1).validate(16, moe)
+        Plan.uniform(32, global_batch_size=8, dp=4, tp=1, ep=2, etp=2).validate(4, moe)  # ETP over DP ranks
+        with pytest.raises(PlanError, match=r"\.ep: 8 does not divide dp 4 x cp 1 = 4 ranks"):
+            Plan.uniform(32, global_batch_size=8, dp=4, tp=2, sp=True, ep=8).validate(8, moe)
+        with pytest.raises(PlanError, match=r"\.etp: etp 2 x ep 8 = 16 does not divide the layer's dp 2 x tp 4 x"):
+            Plan.uniform(32, global_batch_size=8, dp=2, tp=4, sp=True, ep=8, etp=2).validate(8, moe)
+        with pytest.raises(PlanError, match=r"\.sp: expert TP 1 differs from tp 2: .*\(sp: true"):
+            Plan.uniform(32, global_batch_size=8, dp=4, tp=2, ep=8, etp=1).validate(8, moe)
+        with pytest.raises(PlanError, match=r"\.etp: 1: layer 0 is not a MoE layer"):
+            Plan.uniform(32, global_batch_size=8, dp=4, tp=2, sp=True, etp=1).validate(8, dense)
+        with pytest.raises(PlanError, match=r"^etp: -1 is not a non-negative integer"):
+            LayerStrategy(etp=-1)
+        data = Plan.uniform(32, global_batch_size=8, dp=4, tp=2, sp=True, ep=8, etp=1).to_dict()
+        data["embedding"] = {"ep": 1, "etp": 1}
+        with pytest.raises(PlanError, match=r"^embedding\.etp: 1: expert tensor parallelism applies to MoE"):
+            Plan.from_dict(data).validate(8)
+
+    def test_expert_tp_yaml(self) -> None:
+        """etp round-trips, is written only where it differs, and plan files without it keep their meaning."""
+        plan = Plan.uniform(32, global_batch_size=8, dp=8, tp=2, sp=True, ep=8, etp=1)
+        text = plan.to_yaml()
+        assert "etp: 1" in text and Plan.from_yaml(text) == plan
+        assert "ep8 etp1" in plan.describe()
+        old = Plan.from_yaml(text.replace("etp: 1", "etp: 0"))
+        assert old.stages[0].groups[0].strategy.expert_tp == 2
+        mixed = Plan.from_dict({"global_batch_size": 8, "strategy": {"tp": 2, "sp": True, "ep": 8}, "stages": [
+            {"devices": 16, "layers": [{"range": [0, 1], "etp": 1}, {"range": [1, 3]}]}]})
+        assert [g.strategy.etp for g in mixed.groups()] == [1, 0]
+        assert Plan.from_dict(mixed.to_dict()) == mixed
+        assert mixed.to_dict()["stages"][0]["layers"] == [{"range": [0, 1], "etp": 1}, {"range": [1, 3]}]
 
     def test_pipeline_rules(self) -> None:
         Plan.uniform(8, global_batch_size=8, num_micro_batches=4, pp=2, virtual_stages=2,

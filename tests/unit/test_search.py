@@ -70,6 +70,29 @@ def test_search_matches_brute_force_on_mixed_moe_blocks() -> None:
     assert any(g.strategy.ep > 1 for c in truth for g in c.plan.groups()), "ep must be in the space"
 
 
+def test_search_matches_brute_force_with_expert_tp() -> None:
+    """Expert TP other than tp (MoE Parallel Folding) is searched on MoE blocks only, with SP; the vectorised
+    search agrees with brute force (cost_plan per plan) over that space."""
+    spec = ModelSpec.from_config(MOE)
+    caps = frozenset({"tp", "sp", "ep", "etp", "zero3", "recompute:full", "schedule:1f1b"})
+    options = _options(capabilities=caps, cp_kinds=(), schedules=(Schedule.ONE_F_ONE_B,), max_pp=1,
+                       recompute=(Recompute.NONE, Recompute.FULL))
+    perf, truth = _binding(spec, options)
+    found = search(spec, perf, options, world_size=4)
+    assert found.best.step_time_s == pytest.approx(truth[0].step_time_s, rel=1e-9)
+    folded = [g.strategy for c in truth for g in c.plan.groups() if g.strategy.etp]
+    assert folded and all(s.sp and s.etp < s.tp for s in folded), "etp must be in the space, with sp"
+    assert all(spec.blocks[g.start].experts for c in truth for g in c.plan.groups() if g.strategy.etp)
+    pinned = search(spec, perf, _options(**{**options.__dict__, "fixed": {"etp": 1, "tp": 2}}), world_size=4)
+    assert {g.strategy.etp for g in pinned.best.plan.groups() if g.start > 0} == {1}
+    s = _Search(spec, perf, 4, _options(**{**options.__dict__, "top_k": 40}), CostOptions())
+    s.run()
+    kept = s.results()
+    assert any(g.strategy.etp for _, plan in kept for g in plan.groups())
+    for t, plan in kept:
+        assert t == pytest.approx(cost_plan(plan, spec, perf).step_time_s, rel=1e-9)
+
+
 @pytest.mark.parametrize(("config", "fixed"), [(TINY, {}), (MOE, {}), ({**TINY, "tied_embeddings": True}, {"pp": 2})])
 def test_search_estimate_equals_cost_plan(config: dict, fixed: dict) -> None:
     """What the search optimises internally is what cost_plan reports, for every plan it keeps
