@@ -78,8 +78,9 @@ def search_plan(spec: ModelSpec, world_size: int, *, cluster: object, global_bat
     return PlanChoice(plan=result.best.plan, source="search", predicted_step_s=result.best.step_time_s)
 
 
-RUNTIME_LACKS = ("cp:", "ep")
-"""Search capabilities (prefixes) the runtime cannot run yet: context and expert parallelism."""
+RUNTIME_LACKS = ("cp:", "ep", "etp")
+"""Search capabilities (prefixes) the runtime cannot run yet: context and expert parallelism (and
+expert TP other than tp, which the native runtime refuses)."""
 
 NOT_RESHARDABLE = ("zero1",)
 """Search capabilities whose checkpoints load only under the plan that saved them (the runtime's

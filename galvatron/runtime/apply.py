@@ -79,6 +79,10 @@ def wrap(model: nn.Module, plan: Plan | str | Path | None = "auto", *, example_b
                             search_options=search_options, timeout=timeout)
     if isinstance(model, GalvatronModule):
         raise GalvatronError("this model is already wrapped by galvatron.wrap; wrap the original model once")
+    if isinstance(plan, (str, Path)) and str(plan) != "auto":
+        plan = Plan.load(plan)
+    if isinstance(plan, Plan):
+        check_expert_tp(plan)  # before any process group starts
     device = init_distributed(timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
     spec = describe(model, example_batch)
@@ -227,6 +231,7 @@ def check_supported(model: nn.Module, plan: Plan, spec: ModelSpec,
         raise PlanError("dtype", f"fp8 is {_NATIVE_TODO}")
     strategies = [(f"stages[{i}].layers[{g.start}:{g.end}]", g.strategy) for i, s in enumerate(plan.stages)
                   for g in s.groups] + [("embedding", plan.embedding_strategy), ("head", plan.head_strategy)]
+    check_expert_tp(plan)
     _check_context(model, plan, strategies)
     if plan.pp > 1:
         pipeline_groups(plan)
@@ -247,6 +252,17 @@ def check_supported(model: nn.Module, plan: Plan, spec: ModelSpec,
                     plans[index] = {n: style for n, style in plans[index].items() if ".experts." not in f".{n}"}
                 tensor.check_divisible(block, plans[index], g.strategy.tp, path)
     return plans
+
+
+def check_expert_tp(plan: Plan) -> None:
+    """Refuse an expert TP other than tp (``etp``, MoE Parallel Folding): this runtime splits the
+    routed experts by the layer's tp and folds EP over its ``dp x cp`` ranks only."""
+    from galvatron.backends import plan_strategies
+
+    for path, s in plan_strategies(plan):
+        if s.etp:
+            raise PlanError(f"{path}.etp", f"{s.etp}: an expert TP other than tp {s.tp} (MoE Parallel Folding) is "
+                            f"{_NATIVE_TODO}; leave etp out (experts split by tp) or use backend='megatron'")
 
 
 def _check_expert(blocks: nn.ModuleList, group: Any, plan: Plan, path: str) -> None:

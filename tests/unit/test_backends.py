@@ -266,3 +266,20 @@ def test_cli_search_backend_writes_a_plan_the_backend_accepts(backend: str, tmp_
     check_plan(plan, backend)
     assert plan.pp == 1 or backend == "megatron"
 
+
+def test_native_runtime_refuses_expert_tp_before_any_process_group(tmp_path: Path) -> None:
+    """The native runtime splits experts by tp only: a plan (object or YAML) with etp is refused, naming the
+    field, before galvatron.wrap starts a process group; its search table offers no etp (nor ep)."""
+    import torch.distributed as dist
+
+    import galvatron
+
+    started = dist.is_available() and dist.is_initialized()
+    plan = _plan(tp=2, sp=True, ep=2, etp=1)
+    path = tmp_path / "plan.yaml"
+    plan.save(path)
+    for given in (plan, path):
+        with pytest.raises(PlanError, match=r"^stages\[0\]\.layers\[0:4\]\.etp: 1: an expert TP other than tp 2"):
+            galvatron.wrap(torch.nn.Linear(2, 2), given)
+    assert (dist.is_available() and dist.is_initialized()) == started
+    assert not {"ep", "etp"} & capabilities("native").features
