@@ -382,9 +382,7 @@ def _elementwise_times(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, to
     if stack == "fused":
         ew = ctx.perf.memory_time(_elementwise_bytes(ctx, layer, s) * tok)
         return ew, 2 * ew
-    t = eager.block_traffic(layer, s, stack, _act_bytes(ctx)).scaled(tok)
-    t += _param_traffic(ctx, s, sum(_dense_expert_params(layer, s)))
-    return _traffic_times(ctx, t)
+    return _traffic_times(ctx, eager.block_traffic(layer, s, stack, _act_bytes(ctx)).scaled(tok))
 
 
 def _param_traffic(ctx: LayerContext, s: LayerStrategy, params: float) -> eager.Traffic:
@@ -616,6 +614,11 @@ class ZeroTerms:
     copies: float = 0.0
     """16-bit compute copies of fp32 parameters held from a micro-batch's forward to its backward
     (``CostOptions.master_weights = "params"``): counted with the activations."""
+    param_fwd: float = 0.0
+    """Per-micro-batch seconds of an eager stack's per-parameter kernels in the forward (autocast's
+    weight casts, FSDP2's copy-out of all-gathered parameters: :func:`strategies.cost.eager.param_traffic`),
+    compute time of the layer; 0 for fused stacks and for layers a profile measured."""
+    param_bwd: float = 0.0
 
 
 def zero_terms(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> ZeroTerms:
@@ -631,7 +634,20 @@ def zero_terms(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> ZeroTer
     for params, group in ((dense, _group(ctx, s.tp, s.dp * s.cp)), (expert, expert_groups(ctx, s)[2])):
         if params:
             _zero_part(ctx, s, acc, params, group, (pb, gb, ob))
+    acc["param_fwd"], acc["param_bwd"] = _param_kernels(ctx, layer, s, dense + expert)
     return ZeroTerms(**acc)
+
+
+def _param_kernels(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, params: float) -> tuple[float, float]:
+    """Forward and backward seconds of an eager stack's kernels over the rank's copy of the weights
+    of a block or the head (the embedding's lookup and the norm run on their weights as they are).
+    They depend on the ZeRO stage, so they belong to the ZeRO part, which the search keys by it; a
+    fully recomputed block's second forward casts again, which is not charged."""
+    if ctx.options.elementwise == "fused" or layer.kind in (LayerKind.EMBEDDING, LayerKind.NORM):
+        return 0.0, 0.0
+    if _measured(ctx, layer, s) is not None:
+        return 0.0, 0.0  # a profile's layer time includes them
+    return _traffic_times(ctx, _param_traffic(ctx, s, params))
 
 
 def _zero_part(ctx: LayerContext, s: LayerStrategy, acc: dict[str, float], params: float, group: Group,
@@ -680,6 +696,7 @@ def zero_exposed(ag: Any, rs: Any, fwd: Any, bwd_compute: Any, options: CostOpti
 
 def apply_zero(c: LayerCost, z: ZeroTerms, options: CostOptions) -> None:
     """Add the ZeRO/optimizer part ``z`` to a :func:`core_cost` result."""
+    c.fwd, c.bwd, c.bwd_compute = c.fwd + z.param_fwd, c.bwd + z.param_bwd, c.bwd_compute + z.param_bwd
     fwd_x, bwd_x = zero_exposed(z.ag, z.rs, c.fwd, c.bwd_compute, options)
     fwd_x, bwd_x = float(fwd_x), float(bwd_x)
     c.fwd += fwd_x
@@ -754,7 +771,7 @@ def _head(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     gemms: list[Gemm] = [(tok, vocab / s.tp, layer.hidden, 1)] if vocab else []
     t_mm, dgrad, wgrad = _gemm_times(ctx, gemms, mm)
     loss = eager.loss_traffic(ctx.options.elementwise).scaled(vocab * tok / s.tp)
-    loss_fwd, loss_bwd = _traffic_times(ctx, loss + _param_traffic(ctx, s, layer.params / s.tp))
+    loss_fwd, loss_bwd = _traffic_times(ctx, loss)
     tp = 0.0
     if s.tp > 1:
         op = Collective.ALL_GATHER if s.sp else Collective.ALL_REDUCE

@@ -94,9 +94,10 @@ def _merged(ctx: LayerContext, cores: list[tuple[float, ...]], zeros: list[ZeroT
     """Cost vectors (n, VECTOR_LEN) and transient memory (n,) of core + ZeRO parts, as
     :func:`strategies.cost.layer.apply_zero` adds them."""
     fwd, bwd, wgrad, bwdc, act, work, host_f, host_b = np.array(cores, dtype=float).reshape(-1, 8).T
-    z = np.array([(t.params + t.optim_states, t.sync, t.post, t.optim, t.rs, t.ag, t.work, t.grads, t.copies)
-                  for t in zeros], dtype=float).reshape(-1, 9).T
-    static, sync, post, optim, rs, ag, zwork, grads, copies = z
+    z = np.array([(t.params + t.optim_states, t.sync, t.post, t.optim, t.rs, t.ag, t.work, t.grads, t.copies,
+                   t.param_fwd, t.param_bwd) for t in zeros], dtype=float).reshape(-1, 11).T
+    static, sync, post, optim, rs, ag, zwork, grads, copies, param_fwd, param_bwd = z
+    fwd, bwd, bwdc = fwd + param_fwd, bwd + param_bwd, bwdc + param_bwd
     fwd_x, bwd_x = zero_exposed(ag, rs, fwd, bwdc, ctx.options)
     vec = np.stack([(fwd + fwd_x) + (bwd + bwd_x), wgrad, bwdc, sync, post, optim, static, act + copies, grads,
                     fwd + fwd_x, host_f, host_b], axis=1)
