@@ -69,12 +69,16 @@ def search_plan(spec: ModelSpec, world_size: int, *, cluster: object, global_bat
     ``galvatron.strategies.hardware.Cluster`` or a measured ``Perf``), with ``fixed`` values pinned
     and the ``exclude`` capabilities left out (see ``SearchOptions.fixed`` and ``capabilities``).
     """
+    from galvatron.strategies.cost import CostOptions
     from galvatron.strategies.search import ALL_CAPABILITIES, SearchOptions, search
+
+    from galvatron.backends import capabilities
 
     runnable = frozenset(c for c in ALL_CAPABILITIES if not c.startswith(RUNTIME_LACKS))
     options = SearchOptions(global_batch=global_batch, dtype=dtype, fixed=dict(fixed or {}),
                             capabilities=runnable - frozenset(exclude))
-    result = search(spec, cluster, options, world_size=world_size)
+    native = CostOptions(**capabilities("native").cost_options())  # how the native runtime runs a plan
+    result = search(spec, cluster, options, native, world_size=world_size)
     return PlanChoice(plan=result.best.plan, source="search", predicted_step_s=result.best.step_time_s)
 
 

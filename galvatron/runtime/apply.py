@@ -184,15 +184,17 @@ def search_plan(spec: ModelSpec, world: int, example_batch: Any = None, options:
     except ImportError as err:
         raise GalvatronError(f"the strategy search (galvatron.strategies.search) is not available: {err}; "
                              "pass a Plan or a plan YAML") from err
-    if options is None:
-        from galvatron.backends import capabilities
+    from galvatron.backends import capabilities
+    from galvatron.strategies.cost import CostOptions
 
+    if options is None:
         native = capabilities("native").features  # the search's vocabulary; cp/ep not offered yet
         gpu = torch.cuda.is_available()
         batch = first_batch_size((example_batch,), {}) if example_batch is not None else None
         options = SearchOptions(global_batch=batch, dtype=DType.BF16 if gpu else DType.FP32, capabilities=native,
                                 fixed={} if gpu else {"offload": False})
-    return search(spec, local_cluster(world), options, world_size=world).best.plan
+    stack = CostOptions(**capabilities("native").cost_options())  # how this runtime runs a plan
+    return search(spec, local_cluster(world), options, stack, world_size=world).best.plan
 
 
 def local_cluster(world: int) -> Any:

@@ -7,8 +7,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, kw_only=True)
 class CostOptions:
-    """What the training stack does besides the plan. Defaults describe a current Megatron-Core /
-    torchtitan stack; the fidelity benchmark sets them to what each published run used."""
+    """What the training stack does besides the plan. The defaults describe a tuned PyTorch stack:
+    fused memory-bound kernels (torch.compile, or Megatron's fused kernels), fp32 parameters under
+    mixed precision, the native runtime's selective policy and Megatron's fused cross-entropy.
+    ``galvatron.backends.capabilities(name).cost_options()`` gives each backend's own (the native
+    runtime's eager autocast, Megatron-Core's, DeepSpeed's), which ``wrap(plan="auto")``, the
+    launcher and ``galvatron search --backend`` use; the fidelity benchmarks set what each
+    published run used."""
 
     flash_attention: bool = True
     """Fused attention (no s x s scores in memory). False: unfused QK^T, softmax, dropout, AV kernels
