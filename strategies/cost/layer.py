@@ -718,13 +718,18 @@ def _optimizer_time(ctx: LayerContext, s: LayerStrategy, shard: float, pb: int, 
     the fp32 master weight, both moments and the gradient and writes the three back (``24 + g``
     bytes per parameter); the master weight is copied to the compute copy (``4 + p``); the gradient
     norm reads the gradients, clipping scales them in place and the next step zeroes them (``4g``):
-    ``28 + 5g + p`` bytes, 50 with fp32 gradients and 16-bit weights. Offloaded: CPU Adam plus
-    gradient and parameter copies over PCIe."""
+    ``28 + 5g + p`` bytes, 50 with fp32 gradients and 16-bit weights. With fp32 parameters as the
+    master weights (``CostOptions.master_weights = "params"``: PyTorch's fused AdamW on the
+    parameters, gradients freed by ``zero_grad(set_to_none=True)``) only Adam's ``24 + g`` bytes;
+    a script that clips gradients adds ``3g`` (norm, then scale in place), not counted. Offloaded:
+    CPU Adam plus gradient and parameter copies over PCIe."""
     if s.offload:
         return shard / ctx.options.cpu_adam_params_per_s + ctx.perf.host_time(shard * (gb + pb))
     measured = getattr(ctx.perf, "optimizer_step_time", None)  # a profile's timed optimizer step
     if measured is not None and (seconds := measured(shard)) is not None:
         return seconds
+    if ctx.options.master_weights == "params":
+        return ctx.perf.memory_time(shard * (24 + gb))
     return ctx.perf.memory_time(shard * (28 + 5 * gb + pb))
 
 
