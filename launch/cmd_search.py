@@ -11,26 +11,18 @@ import argparse
 
 from galvatron.launch import cmd_simulate
 
-from galvatron.backends import BACKENDS, capabilities
 from galvatron.spec import ModelSpec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     cmd_simulate.add_arguments(parser)
     parser.add_argument("--out", metavar="FILE", help="write the best plan here as YAML")
-    parser.add_argument("--backend", choices=BACKENDS,
-                        help="search only plans this backend executes (docs/backends.md); default: every plan")
 
 
 def run(args: argparse.Namespace) -> int:
     spec = ModelSpec.from_config(args.model)
     cluster = cmd_simulate.load_cluster_arg(args.cluster)
-    if args.backend:
-        caps = capabilities(args.backend)
-        args.restrict, args.uniform = {"capabilities": caps.features}, args.uniform or caps.uniform
-        from galvatron.strategies.cost import CostOptions
-
-        args.cost_options = CostOptions(**caps.cost_options())
+    cmd_simulate.apply_backend(args)
     result = cmd_simulate.run_search(args, spec, cluster)
     cmd_simulate.emit(args, list(result.top), result.search_time_s, result.plans_costed, spec, cluster)
     if args.out:

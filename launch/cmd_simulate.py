@@ -2,7 +2,9 @@
 
 ``galvatron simulate --model llama2-7b --cluster 8xA100-80GB --tp 2 --zero 1`` costs that uniform
 plan; ``--plan FILE`` costs a plan file; with neither it searches and reports the best (``--top K``
-for the K best). ``--json`` prints one JSON object.
+for the K best). ``--json`` prints one JSON object. ``--backend NAME`` costs plans as that backend
+runs them (its kernels, master weights, selective recomputation: ``galvatron.backends``) and
+searches only plans it executes; without it, the cost model's default stack and every plan.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 import time
 from typing import Any
 
+from galvatron.backends import BACKENDS, capabilities
 from galvatron.errors import ConfigError, MemoryBudgetError
 from galvatron.plan import CPKind, Plan, Recompute, Schedule
 from galvatron.spec import ModelSpec
@@ -26,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--top", type=int, default=1, metavar="K", help="search: report the K best plans")
     parser.add_argument("--report", metavar="OUT", help="also write a visual report (.html, or .png with matplotlib)")
+    parser.add_argument("--backend", choices=BACKENDS,
+                        help="cost plans as this backend runs them and search only plans it executes "
+                             "(docs/backends.md); default: the cost model's default stack, every plan")
     plan = parser.add_argument_group("plan (uniform; leave all out to search)")
     plan.add_argument("--plan", metavar="FILE", help="cost this plan file")
     for flag in ("tp", "pp", "dp", "cp", "ep", "vpp"):
@@ -50,9 +56,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     space.add_argument("--cp-kinds", help="comma-separated context-parallel kinds to try (default: all)")
 
 
+def apply_backend(args: argparse.Namespace) -> None:
+    """``--backend``: that backend's cost options and search restrictions on ``args``."""
+    if not getattr(args, "backend", None):
+        return
+    from galvatron.strategies.cost import CostOptions
+
+    caps = capabilities(args.backend)
+    args.restrict, args.uniform = {"capabilities": caps.features}, args.uniform or caps.uniform
+    args.cost_options = CostOptions(**caps.cost_options())
+
+
 def run(args: argparse.Namespace) -> int:
     spec = ModelSpec.from_config(args.model)
     cluster = load_cluster_arg(args.cluster)
+    apply_backend(args)
     if args.plan or any(getattr(args, f) not in (None, False) for f in _PLAN_FLAGS):
         return _simulate_one(args, spec, cluster)
     result = run_search(args, spec, cluster)
@@ -71,7 +89,7 @@ def _simulate_one(args: argparse.Namespace, spec: ModelSpec, cluster: Any) -> in
     from galvatron.strategies.cost import cost_plan
 
     plan = Plan.load(args.plan) if args.plan else plan_from_flags(args, spec, cluster.world_size)
-    cost = cost_plan(plan, spec, cluster)
+    cost = cost_plan(plan, spec, cluster, getattr(args, "cost_options", None))
     emit(args, [cost], None, 1, spec, cluster)
     if not cost.fits:
         raise MemoryBudgetError(over_memory_message(cost))

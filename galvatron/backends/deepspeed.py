@@ -111,7 +111,7 @@ def wrap_deepspeed(model: nn.Module, plan: Plan | str | Path | None = "auto", *,
     spec = describe(model, example_batch)
     if search_options is None and not isinstance(plan, Plan) and (plan is None or str(plan) == "auto"):
         search_options = auto_search_options("deepspeed", example_batch)
-    plan = resolve_plan(plan, model, spec, example_batch, search_options)
+    plan = resolve_plan(plan, model, spec, example_batch, search_options, backend="deepspeed")
     world = dist.get_world_size()
     plan.validate(world, spec)
     check_plan(plan, "deepspeed")

@@ -150,9 +150,10 @@ PLAN_ENV = "GALVATRON_PLAN"
 
 
 def resolve_plan(plan: Plan | str | Path | None, model: nn.Module, spec: ModelSpec, example_batch: Any,
-                 search_options: Any = None) -> Plan:
+                 search_options: Any = None, backend: str = "native") -> Plan:
     """A Plan from a Plan, a YAML path, or ``"auto"`` / None: the file named by ``$GALVATRON_PLAN``,
-    else the search (imported only then) for the live world size, run on rank 0 and sent to all."""
+    else the search (imported only then) for the live world size, run on rank 0 and sent to all,
+    costing plans as ``backend`` runs them."""
     if isinstance(plan, Plan):
         return plan
     if plan is not None and str(plan) != "auto":
@@ -164,7 +165,8 @@ def resolve_plan(plan: Plan | str | Path | None, model: nn.Module, spec: ModelSp
         try:
             if spec.seq_len == 0:  # described from a guessed batch: the search needs the length
                 spec = describe(model, example_batch, keep_seq_len=True)
-            outcome[0] = ("plan", search_plan(spec, dist.get_world_size(), example_batch, search_options).to_dict())
+            found = search_plan(spec, dist.get_world_size(), example_batch, search_options, backend=backend)
+            outcome[0] = ("plan", found.to_dict())
         except Exception as err:  # every rank must learn of it, or the others wait in the broadcast
             outcome[0] = ("error", f"{type(err).__name__}: {err}")
             dist.broadcast_object_list(outcome, src=0)
@@ -176,9 +178,11 @@ def resolve_plan(plan: Plan | str | Path | None, model: nn.Module, spec: ModelSp
     return Plan.from_dict(value)
 
 
-def search_plan(spec: ModelSpec, world: int, example_batch: Any = None, options: Any = None) -> Plan:
+def search_plan(spec: ModelSpec, world: int, example_batch: Any = None, options: Any = None,
+                backend: str = "native") -> Plan:
     """The search's fastest plan for ``spec`` on ``world`` local devices, among what this runtime
-    runs (no context or expert parallelism yet); the global batch is ``example_batch``'s."""
+    runs (no context or expert parallelism yet; ``options`` may say otherwise), costed as
+    ``backend`` runs a plan; the global batch is ``example_batch``'s."""
     try:
         from galvatron.strategies.search import SearchOptions, search
     except ImportError as err:
@@ -193,7 +197,7 @@ def search_plan(spec: ModelSpec, world: int, example_batch: Any = None, options:
         batch = first_batch_size((example_batch,), {}) if example_batch is not None else None
         options = SearchOptions(global_batch=batch, dtype=DType.BF16 if gpu else DType.FP32, capabilities=native,
                                 fixed={} if gpu else {"offload": False})
-    stack = CostOptions(**capabilities("native").cost_options())  # how this runtime runs a plan
+    stack = CostOptions(**capabilities(backend).cost_options())  # how the backend runs a plan
     return search(spec, local_cluster(world), options, stack, world_size=world).best.plan
 
 
