@@ -165,7 +165,8 @@ def resolve_plan(plan: Plan | str | Path | None, model: nn.Module, spec: ModelSp
         try:
             if spec.seq_len == 0:  # described from a guessed batch: the search needs the length
                 spec = describe(model, example_batch, keep_seq_len=True)
-            found = search_plan(spec, dist.get_world_size(), example_batch, search_options, backend=backend)
+            found = search_plan(spec, dist.get_world_size(), example_batch, search_options, backend=backend,
+                                model=model)
             outcome[0] = ("plan", found.to_dict())
         except Exception as err:  # every rank must learn of it, or the others wait in the broadcast
             outcome[0] = ("error", f"{type(err).__name__}: {err}")
@@ -179,10 +180,12 @@ def resolve_plan(plan: Plan | str | Path | None, model: nn.Module, spec: ModelSp
 
 
 def search_plan(spec: ModelSpec, world: int, example_batch: Any = None, options: Any = None,
-                backend: str = "native") -> Plan:
-    """The search's fastest plan for ``spec`` on ``world`` local devices, among what this runtime
-    runs (no context or expert parallelism yet; ``options`` may say otherwise), costed as
-    ``backend`` runs a plan; the global batch is ``example_batch``'s."""
+                backend: str = "native", model: nn.Module | None = None) -> Plan:
+    """The search's fastest plan for ``spec`` on ``world`` local devices, costed as ``backend`` runs
+    a plan; the global batch is ``example_batch``'s. Without ``options``: among the plans this
+    runtime runs, and, given the ``model``, also among one-stage uniform plans with context or
+    expert parallelism (which the runtime runs without a pipeline), kept when faster and accepted
+    by :func:`check_supported` for this model's attention and experts."""
     try:
         from galvatron.strategies.search import SearchOptions, search
     except ImportError as err:
@@ -191,14 +194,34 @@ def search_plan(spec: ModelSpec, world: int, example_batch: Any = None, options:
     from galvatron.backends import capabilities
     from galvatron.strategies.cost import CostOptions
 
-    if options is None:
-        native = capabilities("native").features  # the search's vocabulary; cp/ep not offered yet
-        gpu = torch.cuda.is_available()
-        batch = first_batch_size((example_batch,), {}) if example_batch is not None else None
-        options = SearchOptions(global_batch=batch, dtype=DType.BF16 if gpu else DType.FP32, capabilities=native,
-                                fixed={} if gpu else {"offload": False})
     stack = CostOptions(**capabilities(backend).cost_options())  # how the backend runs a plan
-    return search(spec, local_cluster(world), options, stack, world_size=world).best.plan
+    cluster = local_cluster(world)
+    if options is not None:
+        return search(spec, cluster, options, stack, world_size=world).best.plan
+    native = capabilities("native").features
+    gpu = torch.cuda.is_available()
+    batch = first_batch_size((example_batch,), {}) if example_batch is not None else None
+    base = dict(global_batch=batch, dtype=DType.BF16 if gpu else DType.FP32)
+    fixed = {} if gpu else {"offload": False}
+    best = search(spec, cluster, SearchOptions(**base, capabilities=native, fixed=fixed), stack, world_size=world).best
+    if model is None or backend != "native" or world == 1:
+        return best.plan
+    wide = SearchOptions(**base, capabilities=native | _CP_EP, uniform=True, fixed={**fixed, "pp": 1})
+    try:
+        other = search(spec, cluster, wide, stack, world_size=world).best
+    except GalvatronError:  # nothing fits without a pipeline
+        return best.plan
+    if other.step_time_s >= best.step_time_s:
+        return best.plan
+    try:
+        check_supported(model, other.plan, spec, None)
+    except (PlanError, ModelSpecError):
+        return best.plan
+    return other.plan
+
+
+_CP_EP = frozenset({"ep", "cp:ulysses", "cp:ring", "cp:striped", "cp:hybrid"})
+"""What the native runtime runs only without a pipeline: context and expert parallelism."""
 
 
 def local_cluster(world: int) -> Any:

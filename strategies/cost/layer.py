@@ -207,7 +207,8 @@ def _block(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     c.act = _activation(ctx, layer, s, s.recompute) * tok
     if full or s.recompute is Recompute.SELECTIVE:
         # the recomputed tensors of the layer being differentiated live until its backward ends
-        c.work = max(c.work, (_activation(ctx, layer, s, Recompute.NONE) - (0.0 if full else c.act / tok)) * tok)
+        kept = 0.0 if full else _activation(ctx, layer, s, s.recompute)
+        c.work = max(c.work, (_activation(ctx, layer, s, Recompute.NONE) - kept) * tok)
     return c
 
 

@@ -59,3 +59,64 @@ def test_a_plan_file_wins_and_a_failed_search_fails_every_rank(tmp_path: Path) -
     assert all(result["from_file"] == plan.to_dict() for result in ranks)
     assert ranks[0]["failed"].startswith("MemoryBudgetError: GPT: no plan in the search space")
     assert ranks[1]["failed"].startswith("GalvatronError: plan='auto': the search on rank 0 failed: MemoryBudgetError")
+
+
+# ------------------------------------------------------------------ plan="auto" with expert parallelism
+MOE = dict(vocab=256, seq_len=64, layers=4, hidden=64, heads=4, experts=8, top_k=2, expert_ffn_hidden=256)
+
+
+def _moe_model() -> Any:
+    import torch
+
+    from galvatron.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**MOE))
+
+
+def _moe_batches() -> list[tuple[Any, Any]]:
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    return [tuple(torch.randint(0, MOE["vocab"], (8, MOE["seq_len"]), generator=g) for _ in range(2))
+            for _ in range(3)]
+
+
+def _moe_train(wrapped: bool) -> dict[str, Any]:
+    import torch
+    from test_runtime_harness import loss_fn
+
+    import galvatron
+
+    data = _moe_batches()
+    net = _moe_model()
+    model = galvatron.wrap(net, "auto", example_batch=data[0][0]) if wrapped else net
+    opt = (model.optimizer if wrapped else lambda cls, **kw: cls(net.parameters(), **kw))(torch.optim.SGD, lr=0.1)
+    losses = []
+    for tokens, targets in data:
+        if wrapped:
+            loss = model.train_step(model.shard_batch((tokens, targets)), loss_fn)
+        else:
+            loss = loss_fn(net(tokens), targets)
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return {"losses": losses, "plan": model.plan.to_dict() if wrapped else None}
+
+
+def test_auto_offers_expert_parallelism_and_trains_like_one_process() -> None:
+    """On 4 CPU ranks the search prefers EP for this MoE GPT (a one-stage uniform plan, which the
+    native runtime runs); the run's losses equal one process's over 3 SGD steps."""
+    import torch
+
+    from galvatron.plan import Plan
+
+    reference = _moe_train(False)["losses"]
+    ranks = run_ranks(_moe_train, 4, True, timeout=300)
+    plan = Plan.from_dict(ranks[0]["plan"])
+    assert all(r["plan"] == ranks[0]["plan"] for r in ranks)
+    assert plan.pp == 1 and max(g.strategy.ep for g in plan.groups()) > 1, plan.describe()
+    for r in ranks:
+        assert torch.allclose(torch.tensor(r["losses"]), torch.tensor(reference), rtol=1e-5, atol=1e-6), (
+            r["losses"], reference)
