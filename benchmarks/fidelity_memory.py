@@ -2,9 +2,11 @@
 
 Check points:
 
-1. Our own H100 run (``benchmarks/results/profile_fidelity.json``, ``torch.cuda.max_memory_allocated``):
-   GPT-3 XL 1.3B on one H100 80GB, bf16 autocast, fp32 parameters, fused AdamW, eager
-   ``F.cross_entropy(logits.float(), y)``, ``zero_grad(set_to_none=True)``, one micro-batch per step.
+1. Our own H100 runs (``benchmarks/results/profile_fidelity.json`` and ``profile_fidelity_llama.json``,
+   ``torch.cuda.max_memory_allocated``): GPT-3 XL 1.3B and Llama 3.2 1B through ``galvatron.wrap`` on one
+   H100 80GB, bf16 autocast, fp32 parameters, fused AdamW, eager ``F.cross_entropy(logits.float(), y)``,
+   ``zero_grad(set_to_none=True)``, one micro-batch per step; costed with the native runtime's
+   ``CostOptions`` (``galvatron.backends.capabilities("native").cost_options()``).
 2. torchtitan's published H100 benchmark (pytorch/torchtitan ``benchmarks/llama3_h100_202412_torchtitan.md``,
    Tables 1 and 3, rows "FSDP", eager): Llama 3.1 8B, seq 8192, local batch 2, FSDP2 on 8 and 128 H100
    (96 GB HBM2e), selective *op* activation checkpointing; memory is torchtitan's ``max_reserved`` (the
@@ -12,9 +14,10 @@ Check points:
    other GEMM output, between our ``none`` and ``full`` recomputation, so those two bracket it; the
    difference between 8 and 128 GPUs isolates the sharded states (same activations and loss).
 
-Each prediction is ``cost_plan`` with ``CostOptions(loss_bytes_per_logit=12)`` (eager cross-entropy in
-both stacks). With one micro-batch the cost model lets gradients replace the activations during the
-backward (``CostOptions.persistent_grads`` None: peak = static + max(activations + buffers, grads)),
+torchtitan's rows are costed with ``CostOptions(elementwise="eager", loss_bytes_per_logit=12)`` (16-bit
+activations under FSDP2 mixed precision, eager cross-entropy). With one micro-batch the cost model lets
+gradients replace the activations during the backward (``CostOptions.persistent_grads`` None: peak =
+static + max(activations + buffers, grads)),
 which is what ``zero_grad(set_to_none=True)`` does; the column "gradients held" costs the same runs
 with ``persistent_grads=True`` (Megatron's main-grad buffers), the rule before it was modelled.
 
@@ -23,6 +26,7 @@ Run: ``python benchmarks/fidelity_memory.py``; writes ``benchmarks/results/fidel
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import sys
@@ -33,38 +37,44 @@ from galvatron.strategies.cost import CostOptions, cost_plan
 from galvatron.strategies.hardware import load_cluster
 
 from galvatron import ModelSpec
+from galvatron.backends import capabilities
 from galvatron.plan import Plan
 from galvatron.spec_config import load_model_config
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "fidelity_memory.json"
-EAGER = CostOptions(loss_bytes_per_logit=12)
-HELD = CostOptions(loss_bytes_per_logit=12, persistent_grads=True)
-TITAN_OP_SAC = CostOptions(loss_bytes_per_logit=12, selective="torchtitan")  # torchtitan's per-op AC policy
+EAGER = CostOptions(**capabilities("native").cost_options())  # how galvatron.wrap ran them
+TITAN = CostOptions(elementwise="eager", loss_bytes_per_logit=12)
+TITAN_OP_SAC = dataclasses.replace(TITAN, selective="torchtitan")  # torchtitan's per-op AC policy
 H100 = {"gpu": "H100-SXM", "gpus_per_node": 1, "nodes": 1, "name": "1xH100"}
 TORCHTITAN = "pytorch/torchtitan benchmarks/llama3_h100_202412_torchtitan.md"
 TITAN_POINTS = [("Table 1, FSDP", 1, 82.4), ("Table 3, FSDP", 16, 67.0)]  # (row, 8-GPU nodes, GiB)
 
 
-def _predict(spec: ModelSpec, plan: Plan, cluster: object) -> dict:
-    cost = cost_plan(plan, spec, cluster, EAGER)  # type: ignore[arg-type]
-    held = cost_plan(plan, spec, cluster, HELD)  # type: ignore[arg-type]
+def _predict(spec: ModelSpec, plan: Plan, cluster: object, options: CostOptions = EAGER) -> dict:
+    cost = cost_plan(plan, spec, cluster, options)  # type: ignore[arg-type]
+    held = cost_plan(plan, spec, cluster, dataclasses.replace(options, persistent_grads=True))  # type: ignore[arg-type]
     return {"predicted_gib": cost.peak_memory_gib, "grads_held_gib": held.peak_memory_gib,
             "breakdown_gib": cost.stages[0].memory_gib}
 
 
+OWN_RUNS = (("gpt3-1.3b", "profile_fidelity.json"), ("llama3.2-1b", "profile_fidelity_llama.json"))
+
+
 def own_h100() -> list[dict]:
-    """The 12 configurations measured on one H100 by benchmarks/profile_fidelity.py."""
-    measured = json.loads((RESULTS / "profile_fidelity.json").read_text())
+    """The 12 configurations of each model measured on one H100 by benchmarks/profile_fidelity.py."""
     rows = []
-    for r in measured["rows"]:
-        if r.get("peak_memory_gib") is None:
-            continue
-        spec = ModelSpec.from_config({**load_model_config("gpt3-1.3b"), "seq_len": r["seq_len"]})
-        plan = Plan.uniform(spec.num_blocks, global_batch_size=r["micro_batch"], recompute=r["recompute"])
-        rows.append({"source": "benchmarks/results/profile_fidelity.json (max_memory_allocated)",
-                     "run": f"gpt3-1.3b mb={r['micro_batch']} seq={r['seq_len']} recompute={r['recompute']}",
-                     "measured_gib": r["peak_memory_gib"], **_predict(spec, plan, load_cluster(H100))})
+    for model, results in OWN_RUNS:
+        measured = json.loads((RESULTS / results).read_text())
+        for r in measured["rows"]:
+            if r.get("peak_memory_gib") is None:
+                continue
+            spec = ModelSpec.from_config({**load_model_config(model), "seq_len": r["seq_len"]})
+            plan = Plan.uniform(spec.num_blocks, global_batch_size=r["micro_batch"], recompute=r["recompute"],
+                                dtype="bf16")
+            rows.append({"source": f"benchmarks/results/{results} (max_memory_allocated)",
+                         "run": f"{model} mb={r['micro_batch']} seq={r['seq_len']} recompute={r['recompute']}",
+                         "measured_gib": r["peak_memory_gib"], **_predict(spec, plan, load_cluster(H100))})
     return rows
 
 
@@ -76,7 +86,7 @@ def torchtitan() -> list[dict]:
         bounds = {}
         for mode in ("none", "full", "selective"):
             plan = Plan.uniform(spec.num_blocks, global_batch_size=2 * world, dp=world, zero=3, recompute=mode)
-            bounds[mode] = _predict(spec, plan, load_cluster("8xH100", nodes=nodes))
+            bounds[mode] = _predict(spec, plan, load_cluster("8xH100", nodes=nodes), TITAN)
         op_sac = cost_plan(plan, spec, load_cluster("8xH100", nodes=nodes), TITAN_OP_SAC).peak_memory_gib
         rows.append({"source": f"{TORCHTITAN} {row} (max_reserved)", "run": f"llama3.1-8b FSDP{world} lbs=2 "
                      "seq=8192 op-SAC", "measured_gib": gib, "predicted_none_gib": bounds["none"]["predicted_gib"],
@@ -88,8 +98,9 @@ def torchtitan() -> list[dict]:
 def _markdown(own: list[dict], titan: list[dict], summary: dict) -> str:
     date = time.strftime("%Y-%m-%d")
     out = ["# Predicted vs measured peak memory", "", f"`python benchmarks/fidelity_memory.py` ({date})."
-           " Predictions: `cost_plan(..., CostOptions(loss_bytes_per_logit=12))`.", "",
-           "## GPT-3 XL 1.3B on one H100 (our measurement, max_memory_allocated)", "",
+           " Predictions: `cost_plan(..., CostOptions(**capabilities(\"native\").cost_options()))`, how"
+           " `galvatron.wrap` ran them (eager autocast, fp32 parameters, eager loss).", "",
+           "## GPT-3 XL 1.3B and Llama 3.2 1B on one H100 (our measurements, max_memory_allocated)", "",
            "| run | measured GiB | predicted GiB (err) | gradients held GiB (err) |", "|---|---|---|---|"]
     for r in own:
         err, err2 = r["predicted_gib"] / r["measured_gib"] - 1, r["grads_held_gib"] / r["measured_gib"] - 1

@@ -39,9 +39,10 @@ from galvatron.launch.cmd_profile import gpt_config
 from galvatron.profiler.calibrate import overlapped_step_time, profile_step_time, profiled_perf
 from galvatron.profiler.model import ProfileOptions, lm_loss, profile_model, summary
 from galvatron.profiler.schema import ModelProfile
-from galvatron.strategies.cost import cost_plan
+from galvatron.strategies.cost import CostOptions, cost_plan
 from galvatron.strategies.hardware import load_cluster
 
+from galvatron.backends import capabilities
 from galvatron.errors import GalvatronError
 from galvatron.models import GPT, GPTConfig
 from galvatron.plan import Plan, Recompute
@@ -59,6 +60,9 @@ SMOKE_CONFIGS = [(1, 32, "none"), (2, 16, "none"), (2, 32, "full"), (3, 32, "sel
 GPU_FAMILIES = (("H200", "H200"), ("H100 PCIe", "H100-PCIe"), ("H100", "H100-SXM"), ("A100-SXM4-40GB", "A100-40GB"),
                 ("A100", "A100-80GB"), ("B200", "B200"), ("L40S", "L40S"), ("MI300X", "MI300X"))
 
+
+NATIVE = CostOptions(**capabilities("native").cost_options())
+"""How galvatron's native runtime runs a plan (eager autocast kernels, fp32 parameters, eager loss)."""
 
 @dataclass
 class Setup:
@@ -202,8 +206,8 @@ class Predictor:
         s, prof = self.s, self.prof
         spec = ModelSpec.from_config({**s.cfg.to_model_config(), "seq_len": seq, "name": s.name})
         plan = Plan.uniform(spec.num_blocks, global_batch_size=mb, dtype=prof.dtype.value, recompute=mode)
-        with_profile = cost_plan(plan, spec, self.perf)
-        datasheet = cost_plan(plan, spec, self.cluster)
+        with_profile = cost_plan(plan, spec, self.perf, NATIVE)
+        datasheet = cost_plan(plan, spec, self.cluster, NATIVE)
         return {"cost_model_s": with_profile.step_time_s,
                 "layer_sum_s": profile_step_time(prof, spec, mb, seq, mode),
                 "overlapped_s": overlapped_step_time(prof, spec, mb, seq, mode),

@@ -49,11 +49,16 @@ class Capabilities:
     """How its memory-bound ops run (``CostOptions.elementwise``): the native runtime runs the user's
     module eagerly under autocast (unless the user compiles it), DeepSpeed eagerly on 16-bit
     parameters; Megatron-Core fuses."""
+    loss_bytes_per_logit: float = 12.0
+    """The loss's peak bytes per logit (``CostOptions.loss_bytes_per_logit``): the user's eager
+    ``F.cross_entropy(logits.float(), y)`` under the native runtime and DeepSpeed; Megatron-Core's
+    fused vocab-parallel cross-entropy."""
 
     def cost_options(self) -> dict[str, Any]:
         """``CostOptions`` keyword arguments that describe how this backend runs a plan."""
         return {"persistent_grads": self.persistent_grads, "master_weights": self.master_weights,
-                "selective": self.selective, "elementwise": self.elementwise}
+                "selective": self.selective, "elementwise": self.elementwise,
+                "loss_bytes_per_logit": self.loss_bytes_per_logit}
 
     def search_options(self) -> dict[str, Any]:
         """``SearchOptions`` keyword arguments that restrict the search to this backend."""
@@ -82,7 +87,8 @@ CAPABILITIES: dict[str, Capabilities] = {
                             "schedule:1f1b", "schedule:interleaved-1f1b"}) | _RECOMPUTE,
         dtypes=frozenset({DType.FP32, DType.BF16, DType.FP16}),
         per_layer=frozenset({"cp_kind", "cp_ulysses", "recompute"}), uniform=True, gpu_only=True,
-        persistent_grads=True, master_weights="optimizer", selective="megatron", elementwise="fused"),
+        persistent_grads=True, master_weights="optimizer", selective="megatron", elementwise="fused",
+        loss_bytes_per_logit=6.0),
 }
 """Per backend, the plan features it executes (docs/backends.md has the same table in words)."""
 

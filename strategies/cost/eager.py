@@ -122,12 +122,12 @@ def _input_grads(layer: LayerSpec, res: int, act: int) -> Traffic:
     the fp32 input to 16 bits itself (and casts its input gradient back); autograd adds their input
     gradients (``n - 1`` adds of ``3 x res``)."""
     out = Traffic()
-    for n in ([3] if layer.heads else []) + [_up_projections(layer)]:
+    for n in ([3] if layer.heads else []) + [up_projections(layer)]:
         out += _cast(res, act).scaled(1, n) + _op(0, 3 * res, kf=0, kb=1).scaled(1, n - 1)
     return out
 
 
-def _up_projections(layer: LayerSpec) -> int:
+def up_projections(layer: LayerSpec) -> int:
     """1 for a GELU MLP, 2 for a gated one (``silu(w1 x) * w3 x``), recognised by its FLOPs."""
     h, q, kv = layer.hidden, layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim
     routed = layer.top_k + layer.shared_experts if layer.experts else 1
@@ -155,7 +155,7 @@ def _mlp_ops(layer: LayerSpec, s: LayerStrategy, act: int) -> Traffic:
     (``3 x act``; backward: two products and SiLU's gradient)."""
     routed = layer.top_k + layer.shared_experts if layer.experts else 1
     width = layer.ffn_hidden * routed / s.tp
-    if _up_projections(layer) == 2:
+    if up_projections(layer) == 2:
         return _op(5 * act, 9 * act, kf=2, kb=3).scaled(width)
     return _op(2 * act, 3 * act).scaled(width)
 

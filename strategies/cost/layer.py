@@ -581,7 +581,9 @@ def _activation(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, mode: Rec
     GEMM inputs ``8h`` (``4h`` without attention) are replicated over TP unless SP; the rest is split
     over TP; unfused attention adds ``5as`` (scores, softmax, dropout mask) unless selectively
     recomputed (``CostOptions.selective = "megatron"``); full recomputation keeps the layer input
-    ``2h``; the op-level selective policies keep what :func:`_selective_kept` counts."""
+    ``2h``; the op-level selective policies keep what :func:`_selective_kept` counts. Eager stacks
+    (``CostOptions.elementwise``) keep more: autocast's fp32 residual stream doubles the two norm
+    inputs (``+4h``), and an unfused SwiGLU keeps SiLU's output too (``+2f``)."""
     scale = _act_bytes(ctx) / 2
     sp_div = s.tp if s.sp else 1
     if mode is Recompute.FULL:
@@ -594,6 +596,12 @@ def _activation(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, mode: Rec
     scores = 0.0
     if layer.heads and not ctx.options.flash_attention and mode is Recompute.NONE:
         scores = (5 if ctx.options.dropout else 4) * layer.heads * ctx.seq_len
+    stack = ctx.options.elementwise
+    if stack == "autocast":  # the residual stream stays fp32: both norms keep 4-byte inputs
+        replicated += 4 * layer.hidden
+    if stack != "fused" and layer.ffn_hidden and eager.up_projections(layer) == 2:
+        # eager silu(gate) * up keeps silu's output for the product's backward besides gate and up
+        sharded += 2 * layer.ffn_hidden * (layer.top_k + layer.shared_experts if layer.experts else 1)
     return scale * (replicated / sp_div + (max(sharded, 0.0) + scores) / s.tp)
 
 
