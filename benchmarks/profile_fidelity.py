@@ -170,6 +170,7 @@ def measure_steps(trainer: Trainer, s: Setup, mb: int, seq: int) -> dict[str, An
     tokens = torch.randint(0, s.cfg.vocab, (mb, seq + 1), generator=gen).to(s.device)
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
     times = []
+    _free(s.device)  # the allocator's cache then holds this configuration's blocks only (reserved peak)
     try:
         for i in range(s.warmup + s.steps):
             if i == s.warmup and s.device.type == "cuda":
@@ -186,8 +187,11 @@ def measure_steps(trainer: Trainer, s: Setup, mb: int, seq: int) -> dict[str, An
     except (GalvatronError, RuntimeError) as err:  # one broken configuration must not lose the others
         _free(s.device)
         return {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"}
-    peak = torch.cuda.max_memory_allocated() / 2**30 if s.device.type == "cuda" else None
-    return {"measured_s": statistics.median(times), "step_times_s": times, "peak_memory_gib": peak}
+    cuda = s.device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else None  # the caching allocator's peak
+    return {"measured_s": statistics.median(times), "step_times_s": times, "peak_memory_gib": peak,
+            "peak_reserved_gib": reserved}
 
 
 # -------------------------------------------------------------------------------- prediction
