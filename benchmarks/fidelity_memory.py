@@ -78,6 +78,14 @@ def own_h100() -> list[dict]:
     return rows
 
 
+def _reserved_ratios() -> dict[str, float]:
+    """Reserved over allocated peak of our runs that recorded both (the caching allocator's overhead)."""
+    ratios = [r["peak_reserved_gib"] / r["peak_memory_gib"] for _, results in OWN_RUNS
+              for r in json.loads((RESULTS / results).read_text())["rows"] if r.get("peak_reserved_gib")]
+    return {"reserved_ratio_min": min(ratios), "reserved_ratio_max": max(ratios),
+            "reserved_ratio_median": statistics.median(ratios)}
+
+
 def torchtitan() -> list[dict]:
     spec = ModelSpec.from_config({**load_model_config("llama3-8b"), "seq_len": 8192})
     rows = []
@@ -118,7 +126,9 @@ def _markdown(own: list[dict], titan: list[dict], summary: dict) -> str:
                    f"{r['predicted_none_gib']:.1f} | {r['predicted_full_gib']:.1f} | {r['static_gib']:.1f} |")
     out += ["", "op-SAC: `CostOptions(selective=\"torchtitan\")` (the SDPA output and every other GEMM output "
             "kept). torchtitan reports `max_reserved` (the caching allocator's reserve, above the allocated "
-            "peak this model predicts).", "",
+            f"peak this model predicts): on our own Llama 3.2 1B runs (128K vocabulary) the reserved peak is "
+            f"{summary['reserved_ratio_min']:.2f}-{summary['reserved_ratio_max']:.2f}x the allocated one "
+            f"(median {summary['reserved_ratio_median']:.2f}).", "",
             f"8 -> 128 GPUs: measured drop {summary['titan_drop_measured']:.1f} GiB, predicted "
             f"{summary['titan_drop_predicted']:.1f} GiB (sharded parameters, gradients, optimizer states)."]
     return "\n".join(out) + "\n"
@@ -134,7 +144,7 @@ def main() -> int:
                "titan_drop_measured": titan[0]["measured_gib"] - titan[1]["measured_gib"],
                "titan_drop_predicted": titan[0]["predicted_op_sac_gib"] - titan[1]["predicted_op_sac_gib"],
                "titan_mae_op_sac": statistics.mean(abs(r["predicted_op_sac_gib"] / r["measured_gib"] - 1)
-                                                   for r in titan)}
+                                                   for r in titan), **_reserved_ratios()}
     OUT.write_text(json.dumps({"command": "python benchmarks/fidelity_memory.py", "date": time.strftime("%Y-%m-%d"),
                                "summary": summary, "own_h100": own, "torchtitan_h100": titan}, indent=2) + "\n")
     md = _markdown(own, titan, summary)
