@@ -12,10 +12,16 @@ state dict of the model:
 The optimizer state of a standard optimizer reshards like the model. A ZeRO-1 optimizer
 (``model.optimizer(...)`` on a plan with ZeRO-1 ranges) holds per-rank slices: its state is
 saved per rank next to the DCP shards and reloads under the same plan only.
+
+Expert-parallel layers hold their experts' blocks under the full names
+(:class:`galvatron.runtime.expert_wrap.ExpertShard`): DCP gets them as sharded tensors with their
+offsets in the full tensor (each block written once, whichever ranks hold it), full state dicts
+gather them; both formats load under any plan (other ep / tp, no EP, one process) and the reverse.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed._shard.metadata import ShardMetadata
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata
+from torch.distributed._shard.sharded_tensor.api import ShardedTensorBase
+from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -32,37 +42,41 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from galvatron.errors import GalvatronError
+from galvatron.runtime.expert_wrap import ExpertShard, expert_shards
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and persistent buffer of the model as a full CPU tensor, on every rank
     (a collective: all ranks call it)."""
-    _refuse_expert_parallel(model)
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
     if _pipelined(model):  # each stage holds its own part: merge them
         parts: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(parts, state)
         state = {k: v for part in parts for k, v in part.items()}
+    shards = expert_shards(model)
+    if shards:
+        state = _gather_experts(state, shards)
     return state
 
 
 def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load full tensors (as from :func:`full_state_dict` or an unwrapped model) into the
-    model's shards; entries of other pipeline stages are ignored."""
-    _refuse_expert_parallel(model)
+    model's shards (expert-parallel layers: their experts' blocks); entries of other pipeline
+    stages are ignored."""
     own = get_model_state_dict(model)
     missing = sorted(set(own) - set(state))
     if missing:
         raise GalvatronError(f"the state dict lacks {len(missing)} entries of this model, e.g. {missing[0]}")
-    set_model_state_dict(model, {k: state[k] for k in own}, options=StateDictOptions(full_state_dict=True))
+    shards = expert_shards(model)
+    own = {k: shards[k].take(state[k]) if k in shards else state[k] for k in own}
+    set_model_state_dict(model, own, options=StateDictOptions(full_state_dict=True))
 
 
 def save(model: nn.Module, path: str | Path, optimizer: torch.optim.Optimizer | None = None, *,
          full: bool = False) -> None:
     """Save the model (and optimizer) to ``path``: a DCP folder, or with ``full`` one file.
     Every rank calls it."""
-    _refuse_expert_parallel(model)
     if full:
         state = {"model": full_state_dict(model)}
         if optimizer is not None:
@@ -74,7 +88,7 @@ def save(model: nn.Module, path: str | Path, optimizer: torch.optim.Optimizer | 
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None and not _zero_one(optimizer):
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-    dcp.save(state, checkpoint_id=Path(path))
+    dcp.save(_sharded_experts(model, state), checkpoint_id=Path(path))
     if optimizer is not None and _zero_one(optimizer):
         torch.save({"plan": _plan_dict(model), "state": optimizer.state_dict()}, _zero_one_file(path))
 
@@ -82,7 +96,6 @@ def save(model: nn.Module, path: str | Path, optimizer: torch.optim.Optimizer | 
 def load(model: nn.Module, path: str | Path, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Load what :func:`save` wrote (either format) into the model (and optimizer), resharding
     the model to its current plan. Every rank calls it."""
-    _refuse_expert_parallel(model)
     if Path(path).is_file():
         state = torch.load(path, map_location="cpu", weights_only=False)
         load_full_state_dict(model, state["model"])
@@ -92,11 +105,17 @@ def load(model: nn.Module, path: str | Path, optimizer: torch.optim.Optimizer | 
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None and not _zero_one(optimizer):
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-    dcp.load(state, checkpoint_id=Path(path))
+    groups = [g["params"] for g in state["optimizer"]["param_groups"]] if "optimizer" in state else []
+    loading = _sharded_experts(model, state)  # expert blocks as views of state's tensors
+    _check_complete(path, state["model"])
+    dcp.load(loading, checkpoint_id=Path(path))
     set_model_state_dict(model, state["model"])
     if optimizer is None:
         return
     if not _zero_one(optimizer):
+        state["optimizer"]["param_groups"] = loading["optimizer"]["param_groups"]
+        for group, params in zip(state["optimizer"]["param_groups"], groups, strict=True):
+            group["params"] = params  # the saving rank's names; under EP each rank names its own experts
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
         return
     file = _zero_one_file(path)
@@ -108,27 +127,120 @@ def load(model: nn.Module, path: str | Path, optimizer: torch.optim.Optimizer | 
     optimizer.load_state_dict(saved["state"])
 
 
-def _refuse_expert_parallel(model: nn.Module) -> None:
-    """Expert-parallel layers hold per-rank expert shards under the full parameter names, which
-    neither DCP nor a full state dict can tell apart yet."""
-    from galvatron.runtime.expert_wrap import expert_parallel_state
-
-    for module in model.modules():
-        state = expert_parallel_state(module)
-        if state is not None and (state.ep_group is not None or state.tp_group is not None):
-            raise GalvatronError("checkpoints of expert-parallel models (ep > 1) are not supported yet")
+def _check_complete(path: str | Path, model_state: dict[str, Any]) -> None:
+    """Refuse a DCP checkpoint that lacks entries of the model (say, one rank's ModuleList experts
+    never written) before any collective. (DCP's save already refuses tensors its blocks do not fill.)"""
+    metadata = dcp.FileSystemReader(Path(path)).read_metadata()
+    missing = [k for k in model_state if f"model.{k}" not in metadata.state_dict_metadata]
+    if missing:
+        raise GalvatronError(f"{path} lacks {len(missing)} entries of this model, e.g. {missing[0]}")
 
 
 def _full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> Any:
     if _zero_one(optimizer):
         raise GalvatronError("a full checkpoint of a ZeRO-1 optimizer is not supported; save with full=False")
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    shards = expert_shards(model)
+    if not shards:
+        return state
+    entries = {(fqn, k): v for fqn, entry in state["state"].items() if fqn in shards for k, v in entry.items()}
+    gathered = _gather_experts(entries, {key: _state_shard(v, shards[key[0]]) for key, v in entries.items()})
+    for (fqn, k), v in gathered.items():
+        state["state"].setdefault(fqn, {})[k] = v
+    names: list[Any] = [None] * dist.get_world_size()  # each rank's groups name its own experts
+    dist.all_gather_object(names, [g["params"] for g in state["param_groups"]])
+    for i, group in enumerate(state["param_groups"]):
+        group["params"] = list(dict.fromkeys(n for per_rank in names for n in per_rank[i]))
+    return state
 
 
 def _load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: Any) -> None:
     if _zero_one(optimizer):
         raise GalvatronError("a ZeRO-1 optimizer cannot load a full checkpoint's optimizer state")
+    shards = expert_shards(model)
+    if shards:  # keep this rank's experts, cut to its blocks
+        own = {n for n, _ in model.named_parameters()}
+        state = {"state": {fqn: {k: _take(v, shards[fqn]) if fqn in shards else v for k, v in entry.items()}
+                           for fqn, entry in state["state"].items() if fqn in own},
+                 "param_groups": [{**g, "params": [n for n in g["params"] if n in own]} for g in state["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+# ------------------------------------------------------------------------- expert parallelism
+def _state_shard(value: Any, shard: ExpertShard) -> ExpertShard | None:
+    """The layout of an optimizer state entry: its parameter's when shaped like it (None: whole)."""
+    return shard if isinstance(value, torch.Tensor) and tuple(value.shape) == shard.local_shape else None
+
+
+def _take(value: Any, shard: ExpertShard) -> Any:
+    return shard.take(value) if isinstance(value, torch.Tensor) and tuple(value.shape) == shard.shape else value
+
+
+def _gather_experts(state: dict[Any, Any], shards: dict[Any, ExpertShard | None]) -> dict[Any, Any]:
+    """``state`` with the entries named in ``shards`` (this rank's expert blocks; None: an entry held
+    whole) replaced by full tensors, and the entries only other ranks hold added. Each block travels
+    once, from the lowest rank holding it; raises when the ranks' blocks do not cover a tensor."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    held = {}
+    for key, shard in shards.items():
+        blocks = shard.views(state[key]) if shard is not None else [((), state[key])]
+        held.update({(key, offsets): value for offsets, value in blocks})
+    shapes = {key: shard.shape if shard is not None else None for key, shard in shards.items()}
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, (shapes, list(held)))
+    first: dict[Any, int] = {}
+    for r, (_, blocks) in enumerate(everyone):
+        for block in blocks:
+            first.setdefault(block, r)
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, {b: _cpu(v) for b, v in held.items() if first[b] == rank})
+    out = {k: v for k, v in state.items() if k not in shards}
+    shapes = {k: shape for per_rank, _ in everyone for k, shape in per_rank.items()}
+    filled = dict.fromkeys(shapes, 0)
+    for part in parts:
+        for (key, offsets), value in part.items():
+            if shapes[key] is None:
+                out[key] = value
+                continue
+            full = out.setdefault(key, value.new_empty(shapes[key]))
+            full[tuple(slice(o, o + n) for o, n in zip(offsets, value.shape, strict=True))] = value
+            filled[key] += value.numel()
+    for key, shape in shapes.items():
+        if shape is not None and filled[key] != math.prod(shape):
+            raise GalvatronError(f"expert tensor {key}: the ranks hold {filled[key]} of its {math.prod(shape)} "
+                                 "elements")
+    return out
+
+
+def _cpu(value: Any) -> Any:
+    return value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
+
+
+def _sharded_experts(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` (``model`` and ``optimizer`` state dicts) for DCP: expert entries as sharded tensors
+    whose local shards are views of this rank's blocks, placed in the full tensor."""
+    shards = expert_shards(model)
+    if not shards:
+        return state
+    out = {**state, "model": {k: _sharded(v, shards[k]) if k in shards else v for k, v in state["model"].items()}}
+    if "optimizer" in state:
+        opt = state["optimizer"]
+        out["optimizer"] = {**opt, "state": {
+            fqn: {k: _sharded(v, shards[fqn]) if fqn in shards and _state_shard(v, shards[fqn]) else v
+                  for k, v in entry.items()} for fqn, entry in opt["state"].items()}}
+    return out
+
+
+def _sharded(tensor: torch.Tensor, shard: ExpertShard) -> ShardedTensor:
+    place = f"rank:{dist.get_rank() if dist.is_initialized() else 0}/{tensor.device}"
+    local = [Shard(view, ShardMetadata(list(offsets), list(view.shape), place))
+             for offsets, view in shard.views(tensor)]
+    grid = [ShardMetadata(list(offsets), list(sizes), place) for offsets, sizes in shard.grid]
+    meta = ShardedTensorMetadata(grid, torch.Size(shard.shape), TensorProperties.create_from_tensor(tensor))
+    # ShardedTensor's own constructor wants contiguous shards ([gate; up] blocks are strided views)
+    sharded = ShardedTensorBase._init_from_local_shards_and_global_metadata(local, meta)
+    sharded._prepare_init(process_group=None, init_rrefs=False)
+    return sharded
 
 
 def _zero_one(optimizer: torch.optim.Optimizer) -> bool:

@@ -167,6 +167,80 @@ def expert_load(model: nn.Module) -> list[list[int]]:
     return [list(getattr(m, _LOAD, [])) for m in model.modules() if hasattr(m, _STATE)]
 
 
+@dataclass(frozen=True)
+class ExpertShard:
+    """Where one held expert tensor (a parameter, or an optimizer state shaped like it) lies in the
+    full tensor of the single-process model: the checkpoint layout of expert parallelism."""
+
+    shape: tuple[int, ...]
+    """The full tensor's shape."""
+    local_shape: tuple[int, ...]
+    """The held tensor's shape."""
+    pieces: tuple[tuple[int, int, int, tuple[int, ...]], ...]
+    """``(dim, start, length, offsets)``: the held tensor's ``narrow(dim, start, length)`` is the block of
+    the full tensor at ``offsets`` (a fused ``[gate; up]`` tensor has two)."""
+    grid: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
+    """``(offsets, sizes)`` of every block of the full tensor, each once, whichever rank holds it."""
+
+    def views(self, held: torch.Tensor) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+        """``(offsets in the full tensor, view of held)`` per piece."""
+        return [(offsets, held.narrow(dim, start, length)) for dim, start, length, offsets in self.pieces]
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        """The tensor this rank holds, cut from a full one."""
+        if tuple(full.shape) != self.shape:
+            raise GalvatronError(f"an expert tensor of shape {tuple(full.shape)} where {self.shape} was expected")
+        parts = []
+        for dim, _, length, offsets in self.pieces:
+            sizes = [length if d == dim else n for d, n in enumerate(self.local_shape)]
+            parts.append(full[tuple(slice(o, o + n) for o, n in zip(offsets, sizes, strict=True))])
+        return torch.cat(parts, dim=self.pieces[0][0])
+
+
+def expert_shards(model: nn.Module) -> dict[str, ExpertShard]:
+    """:class:`ExpertShard` of every expert parameter this rank holds, by name in ``model``."""
+    shards = {}
+    for path, module in model.named_modules():
+        state = expert_parallel_state(module)
+        if state is not None:
+            prefix = f"{path}.experts." if path else "experts."
+            for name, param in module.experts.named_parameters():
+                shards[prefix + name] = _expert_shard(state, name, tuple(param.shape))
+    return shards
+
+
+def _expert_shard(state: ExpertParallelState, name: str, local: tuple[int, ...]) -> ExpertShard:
+    """The layout :func:`_shard_module_list` and :func:`_shard_fused` produce, for every holder: ``parts``
+    blocks of ``width`` along ``dim``, part ``j`` of tp rank ``r`` at ``(j * tp + r) * width``; fused tensors
+    also hold ``len(local_experts)`` experts along dim 0."""
+    tp, rank = group_size(state.tp_group), group_rank(state.tp_group)
+    if state.kind is MoEKind.MODULE_LIST:
+        split = _mlp_split_dim(name.split(".", 1)[1]) if tp > 1 else None
+        dim, parts, starts, mine = split or 0, 1, [None], None
+        if split is None:
+            tp, rank = 1, 0
+    else:
+        dim, parts = (2, 1) if name == "down_proj" else (1, 2)
+        starts, mine = range(0, state.num_experts, len(state.local_experts)), state.local_experts.start
+    width = local[dim] // parts
+
+    def offsets(start: int | None, part: int, r: int) -> tuple[int, ...]:
+        at = [0] * len(local)
+        at[dim] = (part * tp + r) * width
+        if start is not None:
+            at[0] = start
+        return tuple(at)
+
+    shape, sizes = list(local), list(local)
+    shape[dim], sizes[dim] = local[dim] * tp, width
+    if mine is not None:
+        shape[0] = state.num_experts
+    return ExpertShard(shape=tuple(shape), local_shape=local,
+                       pieces=tuple((dim, j * width, width, offsets(mine, j, rank)) for j in range(parts)),
+                       grid=tuple((offsets(s, j, r), tuple(sizes)) for s in starts for j in range(parts)
+                                  for r in range(tp)))
+
+
 def _has_dtensor(module: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
@@ -192,6 +266,13 @@ def _shard_module_list(module: nn.Module, state: ExpertParallelState, path: str)
         for e, expert in experts.items():
             _shard_mlp(expert, state.tp_group, f"{path}.experts.{e}")
     module.experts = nn.ModuleDict(experts)
+
+
+def _mlp_split_dim(name: str) -> int | None:
+    """The dim along which :func:`_shard_mlp` splits an expert MLP's parameter (None: kept whole)."""
+    if name.startswith(("up_proj.", "gate_proj.")):
+        return 0
+    return 1 if name == "down_proj.weight" else None
 
 
 def _shard_mlp(expert: nn.Module, tp_group: Group, path: str) -> None:
