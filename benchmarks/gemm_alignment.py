@@ -1,0 +1,88 @@
+"""16-bit GEMM throughput when one dimension is not a multiple of 8 elements (16 bytes), on a GPU.
+
+An LM head over a vocabulary like GPT-2's 50257 has such a dimension: the logits' row length, which
+is the output's leading dimension in the forward, the incoming gradient's in both backward GEMMs.
+cuBLAS then cannot use its 16-byte-aligned tensor-core kernels at full rate (NVIDIA, "Matrix
+Multiplication Background User's Guide", Tensor Core requirements); eager PyTorch runs it as is,
+while Megatron pads the vocabulary and torch.compile pads the GEMM. For each shape the three GEMMs
+of a linear layer (forward ``x @ W^T``, input gradient ``dY @ W``, weight gradient ``dY^T @ x``) are
+timed with the odd dimension and padded up to a multiple of 64, and the ratio of achieved TFLOP/s
+is reported (``strategies.cost`` reads it from the GPU's ``matmul_unaligned_ratio``).
+
+    python benchmarks/gemm_alignment.py --out benchmarks/results/gemm_alignment.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+SHAPES = [(4096, 2048, 50257), (8192, 2048, 50257), (4096, 4096, 50257), (8192, 1024, 50257), (4096, 2048, 32003)]
+"""(tokens m, hidden k, vocabulary n): GPT-2/GPT-3 and a Llama-2-style vocabulary plus one."""
+
+
+def _time(fn: Callable[[], torch.Tensor], iters: int) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def _gemms(m: int, k: int, n: int, dtype: torch.dtype, iters: int) -> dict[str, float]:
+    """Seconds of the three GEMMs of an (n x k) linear layer over m tokens."""
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    w = torch.randn(n, k, device="cuda", dtype=dtype)
+    dy = torch.randn(m, n, device="cuda", dtype=dtype)
+    return {"forward": _time(lambda: x @ w.t(), iters), "input_grad": _time(lambda: dy @ w, iters),
+            "weight_grad": _time(lambda: dy.t() @ x, iters)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="JSON path")
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    rows = []
+    for m, k, n in SHAPES:
+        padded = -(-n // 64) * 64
+        odd, even = _gemms(m, k, n, torch.bfloat16, args.iters), _gemms(m, k, padded, torch.bfloat16, args.iters)
+        flops = 2.0 * m * k * n
+        row = {"m": m, "k": k, "n": n, "n_padded": padded}
+        for gemm in odd:
+            row[gemm] = {"unaligned_tflops": flops / odd[gemm] / 1e12,
+                         "padded_tflops": 2.0 * m * k * padded / even[gemm] / 1e12,
+                         "ratio": (flops / odd[gemm]) / (2.0 * m * k * padded / even[gemm])}
+        rows.append(row)
+        print(f"m={m} k={k} n={n}: " + ", ".join(f"{g} {row[g]['unaligned_tflops']:.0f} vs "
+                                                 f"{row[g]['padded_tflops']:.0f} TFLOP/s ({row[g]['ratio']:.2f})"
+                                                 for g in odd), flush=True)
+    ratios = [r[g]["ratio"] for r in rows for g in ("forward", "input_grad", "weight_grad")]
+    result = {"command": "python benchmarks/gemm_alignment.py --out " + args.out,
+              "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
+              "median_ratio": statistics.median(ratios),
+              "min_ratio": min(ratios), "max_ratio": max(ratios)}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"ratio unaligned / padded: median {result['median_ratio']:.3f} (min {result['min_ratio']:.3f}, "
+          f"max {result['max_ratio']:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
