@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,10 @@ class GPU:
     sms: int = 0
     """Streaming multiprocessors (compute units): GEMM output tiles run in waves over them (0: unknown,
     no wave quantisation)."""
+    unaligned_matmul_tflops: Mapping[str, float] = field(default_factory=dict)
+    """Measured 16-bit GEMM TFLOP/s when a dimension is not a multiple of 8 elements (cuBLAS cannot
+    use its 16-byte-aligned tensor-core kernels at full rate), ``forward`` and ``backward``; empty:
+    not measured, no penalty."""
     reserved_gib: float
 
     def peak_flops(self, dtype: str) -> float:
@@ -134,6 +138,7 @@ def load_gpu(name_or_path: str) -> GPU:
     data.pop("kind", None)
     data.setdefault("matmul_efficiency_fp8", data.get("matmul_efficiency"))
     data.setdefault("sms", 0)
+    data.setdefault("unaligned_matmul_tflops", {})
     missing = sorted(_GPU_KEYS - {"kind"} - set(data))
     if missing:
         raise ConfigError(f"GPU {name_or_path}: missing key(s) {', '.join(missing)}")

@@ -312,8 +312,9 @@ def _gemm_times(ctx: LayerContext, gemms: list[Gemm], flops: float) -> tuple[flo
     """Forward, input-gradient and weight-gradient time of ``gemms`` (whose forward FLOPs the spec
     counts as ``flops``). Input gradients are (m x n) by (n x k); weight gradients (k x m) by (m x n),
     accumulated into the fp32 main gradient (read and written: Megatron's gradient-accumulation
-    fusion). Without shapes, or on a Perf without ``gemm_time`` (a measured profile), FLOPs at the
-    Perf's GEMM rate for four kernels each way."""
+    fusion). Eager stacks run odd-sized GEMMs (a vocabulary like 50257) unpadded. Without shapes,
+    or on a Perf without ``gemm_time`` (a measured profile), FLOPs at the Perf's GEMM rate for four
+    kernels each way."""
     perf, dt = ctx.perf, ctx.dtype.value
     gemm = getattr(perf, "gemm_time", None)
     total = sum(2 * m * n * k * count for m, n, k, count in gemms)
@@ -321,11 +322,12 @@ def _gemm_times(ctx: LayerContext, gemms: list[Gemm], flops: float) -> tuple[flo
         t = perf.matmul_time(flops, dt, kernels=4)
         return t, t, t
     # eager stacks write 16-bit weight gradients (cast or copied out: eager.param_traffic)
-    acc = 2 * ctx.options.grad_bytes if ctx.options.elementwise == "fused" else _act_bytes(ctx)
+    fused = ctx.options.elementwise == "fused"
+    acc = 2 * ctx.options.grad_bytes if fused else _act_bytes(ctx)
     scale = flops / total
-    fwd = sum(gemm(m, n, k, dt, count) for m, n, k, count in gemms)
-    dgrad = sum(gemm(m, k, n, dt, count) for m, n, k, count in gemms)
-    wgrad = sum(gemm(k, n, m, dt, count, out_bytes=acc) for m, n, k, count in gemms)
+    fwd = sum(gemm(m, n, k, dt, count, padded=fused) for m, n, k, count in gemms)
+    dgrad = sum(gemm(m, k, n, dt, count, padded=fused, backward=True) for m, n, k, count in gemms)
+    wgrad = sum(gemm(k, n, m, dt, count, out_bytes=acc, padded=fused, backward=True) for m, n, k, count in gemms)
     return scale * fwd, scale * dgrad, scale * wgrad
 
 

@@ -85,17 +85,25 @@ class DatasheetPerf:
         eff = gpu.matmul_efficiency_fp8 if dtype == "fp8" else gpu.matmul_efficiency
         return flops / (self.peak_flops(dtype) * eff) + kernels * gpu.kernel_overhead_us * 1e-6
 
-    def gemm_time(self, m: float, n: float, k: float, dtype: str, count: int = 1, out_bytes: float = 2.0) -> float:
+    def gemm_time(self, m: float, n: float, k: float, dtype: str, count: int = 1, out_bytes: float = 2.0,
+                  padded: bool = True, backward: bool = False) -> float:
         """``count`` GEMMs of (m x k) by (k x n) in one (grouped) kernel. The SMs take the
         ``GEMM_TILE`` output tiles in waves, so a last partial wave runs at its fill fraction (NVIDIA
         "Matrix Multiplication Background" guide, wave quantisation); within a wave tiles run at the
         measured achievable rate (MAMF, a large-K figure); the epilogue writes (or, ``out_bytes`` 8,
         accumulates into fp32) the output at the streaming HBM rate, which makes small-K GEMMs
-        slower per FLOP; plus the kernel's fixed cost."""
+        slower per FLOP; plus the kernel's fixed cost. A 16-bit GEMM with a dimension that is not a
+        multiple of 8 elements runs at the GPU's measured ``unaligned_matmul_tflops`` (forward or
+        ``backward``) unless the stack ``padded`` it (torch.compile's padding, Megatron's padded
+        vocabulary)."""
         if m <= 0 or n <= 0 or k <= 0:
             return 0.0
         gpu = self.cluster.gpu
         flops = 2.0 * m * n * k * count
+        rate = gpu.unaligned_matmul_tflops.get("backward" if backward else "forward")
+        if not padded and rate and dtype in ("bf16", "fp16") and any(float(d) % 8 for d in (m, n, k)):
+            write = count * m * n * out_bytes / (gpu.hbm_gbps * 1e9 * gpu.memory_efficiency)
+            return flops / (rate * 1e12) + write + gpu.kernel_overhead_us * 1e-6
         eff = gpu.matmul_efficiency_fp8 if dtype == "fp8" else gpu.matmul_efficiency
         fill = 1.0
         if gpu.sms:

@@ -54,3 +54,16 @@ def test_host_bound_blocks_set_the_step_time() -> None:
     # (the edges add their datasheet device time beside the host's, which they do not exceed)
     assert bound.step_time_s - ahead.step_time_s == pytest.approx(blocks * (0.025 - 0.010 + 0.025 - 0.020),
                                                                   rel=0.05)
+
+
+def test_unaligned_gemms_run_at_the_measured_rate_unless_padded() -> None:
+    """A 16-bit GEMM with a dimension that is not a multiple of 8 (a 50257-token head) runs at the
+    GPU's measured unaligned rate on eager stacks; padded (fused stacks) and aligned ones do not."""
+    h100, a100 = DatasheetPerf(load_cluster(ONE_H100)), DatasheetPerf(load_cluster("8xA100-80GB"))
+    odd, even = (4096, 50257, 2048), (4096, 50304, 2048)
+    slow = h100.gemm_time(*odd, "bf16", padded=False)
+    assert slow == pytest.approx(2 * 4096 * 50257 * 2048 / 100e12, rel=0.05)  # 100 TFLOP/s forward
+    assert h100.gemm_time(*odd, "bf16", padded=False, backward=True) < slow  # 145 TFLOP/s backward
+    assert h100.gemm_time(*odd, "bf16") < slow / 4
+    assert h100.gemm_time(*even, "bf16", padded=False) == h100.gemm_time(*even, "bf16")
+    assert a100.gemm_time(*odd, "bf16", padded=False) == a100.gemm_time(*odd, "bf16")  # not measured there
