@@ -9,9 +9,11 @@ state dict of the model:
 - ``full=True``: one ``torch.save`` file of full tensors written by rank 0 (pipeline stages
   send theirs to it); loadable anywhere, including by an unwrapped model.
 
-The optimizer state of a standard optimizer reshards like the model. A ZeRO-1 optimizer
-(``model.optimizer(...)`` on a plan with ZeRO-1 ranges) holds per-rank slices: its state is
-saved per rank next to the DCP shards and reloads under the same plan only.
+The optimizer state reshards like the model, in both formats. A ZeRO-1 optimizer
+(``model.optimizer(...)`` on a plan with ZeRO-1 ranges) holds per-rank slices of flattened
+buckets: it is saved as the unsharded optimizer it stands for (:func:`galvatron.runtime.optim.dense_optimizer`,
+each parameter's state by name, gathered over its data-parallel group), and loads from any
+checkpoint by cutting its slices out, so ZeRO-1 checkpoints load under other plans and the reverse.
 
 Expert-parallel layers hold their experts' blocks under the full names
 (:class:`galvatron.runtime.expert_wrap.ExpertShard`): DCP gets them as sharded tensors with their
@@ -43,6 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from galvatron.errors import GalvatronError
 from galvatron.runtime.expert_wrap import ExpertShard, expert_shards
+from galvatron.runtime.optim import dense_optimizer, load_dense
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -73,6 +76,15 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     set_model_state_dict(model, own, options=StateDictOptions(full_state_dict=True))
 
 
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state as a single-process optimizer's, keyed by parameter name, with full
+    CPU tensors (DTensors, ZeRO-1 slices and expert blocks gathered; copies, never the live state), on
+    every rank (a collective)."""
+    state = _full_optimizer_state(model, dense_optimizer(model, optimizer))
+    return {"state": {fqn: {k: _cpu(v) for k, v in entry.items()} for fqn, entry in state["state"].items()},
+            "param_groups": [{**g, "params": list(g["params"])} for g in state["param_groups"]]}
+
+
 def save(model: nn.Module, path: str | Path, optimizer: torch.optim.Optimizer | None = None, *,
          full: bool = False) -> None:
     """Save the model (and optimizer) to ``path``: a DCP folder, or with ``full`` one file.
@@ -80,51 +92,43 @@ def save(model: nn.Module, path: str | Path, optimizer: torch.optim.Optimizer | 
     if full:
         state = {"model": full_state_dict(model)}
         if optimizer is not None:
-            state["optimizer"] = _full_optimizer_state(model, optimizer)
+            state["optimizer"] = full_optimizer_state_dict(model, optimizer)
         if dist.get_rank() == 0:
             torch.save(state, path)
         dist.barrier()
         return
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
-    if optimizer is not None and not _zero_one(optimizer):
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, dense_optimizer(model, optimizer))
     dcp.save(_sharded_experts(model, state), checkpoint_id=Path(path))
-    if optimizer is not None and _zero_one(optimizer):
-        torch.save({"plan": _plan_dict(model), "state": optimizer.state_dict()}, _zero_one_file(path))
 
 
 def load(model: nn.Module, path: str | Path, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Load what :func:`save` wrote (either format) into the model (and optimizer), resharding
     the model to its current plan. Every rank calls it."""
+    dense = dense_optimizer(model, optimizer) if optimizer is not None else None
     if Path(path).is_file():
         state = torch.load(path, map_location="cpu", weights_only=False)
         load_full_state_dict(model, state["model"])
-        if optimizer is not None:
-            _load_full_optimizer_state(model, optimizer, state["optimizer"])
+        if dense is not None:
+            _load_full_optimizer_state(model, dense, state["optimizer"])
+            load_dense(optimizer, dense)
         return
     state = {"model": get_model_state_dict(model)}
-    if optimizer is not None and not _zero_one(optimizer):
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    if dense is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, dense)
     groups = [g["params"] for g in state["optimizer"]["param_groups"]] if "optimizer" in state else []
     loading = _sharded_experts(model, state)  # expert blocks as views of state's tensors
     _check_complete(path, state["model"])
     dcp.load(loading, checkpoint_id=Path(path))
     set_model_state_dict(model, state["model"])
-    if optimizer is None:
+    if dense is None:
         return
-    if not _zero_one(optimizer):
-        state["optimizer"]["param_groups"] = loading["optimizer"]["param_groups"]
-        for group, params in zip(state["optimizer"]["param_groups"], groups, strict=True):
-            group["params"] = params  # the saving rank's names; under EP each rank names its own experts
-        set_optimizer_state_dict(model, optimizer, state["optimizer"])
-        return
-    file = _zero_one_file(path)
-    if not file.is_file():
-        raise GalvatronError(f"{path} holds no ZeRO-1 optimizer state for rank {dist.get_rank()}")
-    saved = torch.load(file, map_location="cpu", weights_only=False)
-    if saved["plan"] != _plan_dict(model):
-        raise GalvatronError(f"{path}: ZeRO-1 optimizer state reloads only under the plan it was saved with")
-    optimizer.load_state_dict(saved["state"])
+    state["optimizer"]["param_groups"] = loading["optimizer"]["param_groups"]
+    for group, params in zip(state["optimizer"]["param_groups"], groups, strict=True):
+        group["params"] = params  # the saving rank's names; under EP each rank names its own experts
+    set_optimizer_state_dict(model, dense, state["optimizer"])
+    load_dense(optimizer, dense)
 
 
 def _check_complete(path: str | Path, model_state: dict[str, Any]) -> None:
@@ -137,8 +141,6 @@ def _check_complete(path: str | Path, model_state: dict[str, Any]) -> None:
 
 
 def _full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> Any:
-    if _zero_one(optimizer):
-        raise GalvatronError("a full checkpoint of a ZeRO-1 optimizer is not supported; save with full=False")
     state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
     shards = expert_shards(model)
     if not shards:
@@ -155,8 +157,6 @@ def _full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) ->
 
 
 def _load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: Any) -> None:
-    if _zero_one(optimizer):
-        raise GalvatronError("a ZeRO-1 optimizer cannot load a full checkpoint's optimizer state")
     shards = expert_shards(model)
     if shards:  # keep this rank's experts, cut to its blocks
         own = {n for n, _ in model.named_parameters()}
@@ -241,18 +241,6 @@ def _sharded(tensor: torch.Tensor, shard: ExpertShard) -> ShardedTensor:
     sharded = ShardedTensorBase._init_from_local_shards_and_global_metadata(local, meta)
     sharded._prepare_init(process_group=None, init_rrefs=False)
     return sharded
-
-
-def _zero_one(optimizer: torch.optim.Optimizer) -> bool:
-    return bool(getattr(optimizer, "_galvatron_shards", None))
-
-
-def _zero_one_file(path: str | Path) -> Path:
-    return Path(path) / f"zero1-optimizer-rank{dist.get_rank()}.pt"
-
-
-def _plan_dict(model: nn.Module) -> dict[str, Any]:
-    return model._galvatron.plan.to_dict()
 
 
 def _pipelined(model: nn.Module) -> bool:

@@ -5,6 +5,10 @@ Build the optimizer with ``model.optimizer(torch.optim.AdamW, lr=...)`` (any
 only their ``1/dp`` slice of the parameters: the optimizer steps on views of that slice and
 the updated slices are all-gathered after the step. A plain ``torch.optim.AdamW(model.parameters())``
 also trains every plan exactly, but without ZeRO-1's memory saving.
+
+For checkpoints, :func:`dense_optimizer` gives the optimizer an unsharded ZeRO-1 optimizer would be
+(each parameter's state gathered from its data-parallel group), and :func:`load_dense` takes this
+rank's slices back from one: the checkpoint format is the plain optimizer's, under any plan.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from galvatron.runtime.data import Bucket, GradientSync, local_grad, local_view
+from galvatron.errors import GalvatronError
+from galvatron.runtime.data import Bucket, GradientSync, _like_param, local_grad, local_view
 from galvatron.runtime.relayout import _all_gather_single
 
 
@@ -46,6 +51,17 @@ class _Piece:
 
     def values(self) -> torch.Tensor:
         return self.shard.detach().to(self._flat(self.param).device)
+
+    def flat(self, value: Any) -> bool:
+        """Whether an optimizer state entry of this piece is per element (sliced like the parameter)."""
+        return isinstance(value, torch.Tensor) and value.shape == self.shard.shape
+
+    def cut(self, value: Any) -> Any:
+        """This piece's part of a state entry held for the whole (local) parameter."""
+        local = local_view(value) if isinstance(value, torch.Tensor) else None
+        if local is None or local.shape != local_view(self.param).shape:
+            return value.clone() if isinstance(value, torch.Tensor) else value
+        return local.reshape(-1)[self.start: self.start + self.length].to(self.shard.device, copy=True)
 
 
 class _Shard:
@@ -79,6 +95,59 @@ class _Shard:
                 flat = local_view(p).view(-1)
                 flat.copy_(out[offset: offset + flat.numel()])
                 offset += flat.numel()
+
+
+    def gather_state(self, state: dict[Any, dict[str, Any]], names: dict[int, str]) -> dict[nn.Parameter, dict]:
+        """Each bucket parameter's optimizer state as an unsharded optimizer would hold it (per-element
+        entries shaped like the parameter, DTensors for DTensor parameters), from every rank's slices in
+        ``state``; a collective over the bucket's group. Raises if the ranks holding slices of a
+        parameter disagree on its entries (one rank's slice of the state lost)."""
+        params = self.bucket.params
+        index = {id(p): i for i, p in enumerate(params)}
+        mine = {}
+        for piece in self.pieces:
+            entry = state.get(piece.shard, {})
+            mine[index[id(piece.param)]] = ({k: v.dtype for k, v in entry.items() if piece.flat(v)},
+                                            {k: _cpu(v) for k, v in entry.items() if not piece.flat(v)})
+        everyone: list[Any] = [None] * self.bucket.size
+        dist.all_gather_object(everyone, mine, group=self.bucket.group)
+        held: dict[int, list[tuple[int, dict, dict]]] = {}
+        for r, per_rank in enumerate(everyone):
+            for i, (flat, other) in per_rank.items():
+                held.setdefault(i, []).append((r, flat, other))
+        for i, holders in held.items():
+            if len({frozenset((*flat, *other)) for _, flat, other in holders}) > 1:
+                keys = {r: sorted({*flat, *other}) for r, flat, other in holders}
+                raise GalvatronError(f"ZeRO-1 optimizer state of {names.get(id(params[i]), i)}: the ranks of its "
+                                     f"data-parallel group hold different entries {keys} (a rank's slice is missing)")
+        dtypes = {k: d for holders in held.values() for _, flat, _ in holders for k, d in flat.items()}
+        gathered = {k: self._gather_flat(state, k, d) for k, d in dtypes.items()}
+        out, offset = {}, 0
+        for i, p in enumerate(params):
+            local = local_view(p)
+            if i in held and (held[i][0][1] or held[i][0][2]):
+                _, flat, other = held[i][0]
+                entry = {k: _like_param(p, gathered[k][offset: offset + local.numel()].view_as(local).clone())
+                         for k in flat}
+                out[p] = {**other, **entry}
+            offset += local.numel()
+        return out
+
+    def _gather_flat(self, state: dict[Any, dict[str, Any]], key: str, dtype: torch.dtype) -> torch.Tensor:
+        """The per-element state ``key`` of the whole bucket, flattened (zeros where a parameter has none)."""
+        device = local_view(self.bucket.params[0]).device
+        parts = [state.get(piece.shard, {}).get(key) for piece in self.pieces]
+        mine = [torch.zeros(piece.length, dtype=dtype, device=device) if part is None else
+                part.detach().reshape(-1).to(device, dtype) for piece, part in zip(self.pieces, parts, strict=True)]
+        pad = self.per_rank - sum(piece.length for piece in self.pieces)
+        own = torch.cat([*mine, torch.zeros(pad, dtype=dtype, device=device)])
+        out = own.new_empty(self.per_rank * self.bucket.size)
+        _all_gather_single(out, own, group=self.bucket.group)
+        return out
+
+
+def _cpu(value: Any) -> Any:
+    return value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
 
 
 class _ZeroOneMixin:
@@ -119,4 +188,51 @@ def build_optimizer(model: nn.Module, optimizer_cls: type[torch.optim.Optimizer]
     cls = type(f"ZeroOne{optimizer_cls.__name__}", (_ZeroOneMixin, optimizer_cls), {})
     optimizer = cls(params, **kwargs)
     optimizer._galvatron_shards = shards
+    optimizer._galvatron_base = optimizer_cls
     return optimizer
+
+
+def is_zero_one(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` shards states over data-parallel ranks (ZeRO-1)."""
+    return bool(getattr(optimizer, "_galvatron_shards", None))
+
+
+def dense_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer (of ``optimizer``'s torch class) over ``model``'s own parameters that ``optimizer``
+    would be without ZeRO-1: the same hyper-parameters, each sharded parameter's state gathered from
+    its data-parallel group, the other states shared; ``optimizer`` itself when it shards nothing.
+    Every rank calls it (collectives over each bucket's group); for checkpoints, not for stepping."""
+    if not is_zero_one(optimizer):
+        return optimizer
+    shards: list[_Shard] = optimizer._galvatron_shards
+    names = {id(p): n for n, p in model.named_parameters()}
+    owner = {id(piece.shard): piece.param for s in shards for piece in s.pieces}
+    group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    params: list[list[nn.Parameter]] = [[p for p in g["params"] if id(p) not in owner] for g in optimizer.param_groups]
+    state = {p: optimizer.state[p] for ps in params for p in ps if p in optimizer.state}
+    for s in shards:  # every bucket parameter, also those with no slice on this rank
+        params[next((group_of[id(piece.shard)] for piece in s.pieces), 0)].extend(s.bucket.params)
+        state.update(s.gather_state(optimizer.state, names))
+    dense = optimizer._galvatron_base([{**g, "params": ps} for g, ps in zip(optimizer.param_groups, params,
+                                                                             strict=True)])
+    dense.state.update(state)
+    return dense
+
+
+def load_dense(optimizer: torch.optim.Optimizer, dense: torch.optim.Optimizer) -> None:
+    """Load ``dense`` (from :func:`dense_optimizer`, its state replaced since) into ``optimizer``:
+    hyper-parameters, this rank's slices of the sharded parameters' states, the other states."""
+    if dense is optimizer:
+        return
+    for group, loaded in zip(optimizer.param_groups, dense.param_groups, strict=True):
+        group.update({k: v for k, v in loaded.items() if k != "params"})
+    owned = {id(piece.shard) for s in optimizer._galvatron_shards for piece in s.pieces}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in owned and p in dense.state:
+                optimizer.state[p] = dense.state[p]
+    for s in optimizer._galvatron_shards:
+        for piece in s.pieces:
+            entry = dense.state.get(piece.param)
+            if entry is not None:
+                optimizer.state[piece.shard] = {k: piece.cut(v) for k, v in entry.items()}
