@@ -32,7 +32,7 @@ from torch import nn
 from galvatron.errors import GalvatronError, ModelSpecError, PlanError
 from galvatron.plan import CPKind, DType, LayerStrategy, Plan
 from galvatron.runtime import data, optim, tensor
-from galvatron.runtime.mesh import Layout, ParallelDims, pipeline_groups
+from galvatron.runtime.mesh import Layout, ParallelDims, has_expert_layout, pipeline_groups
 from galvatron.runtime.recompute import apply_recompute
 from galvatron.runtime.relayout import (
     ForwardContext,
@@ -220,8 +220,9 @@ def search_plan(spec: ModelSpec, world: int, example_batch: Any = None, options:
     return other.plan
 
 
-_CP_EP = frozenset({"ep", "cp:ulysses", "cp:ring", "cp:striped", "cp:hybrid"})
-"""What the native runtime runs only without a pipeline: context and expert parallelism."""
+_CP_EP = frozenset({"ep", "etp", "cp:ulysses", "cp:ring", "cp:striped", "cp:hybrid"})
+"""What the native runtime runs only without a pipeline: context and expert parallelism (with MoE
+Parallel Folding, ``etp``)."""
 
 
 def local_cluster(world: int) -> Any:
@@ -271,27 +272,28 @@ def check_supported(model: nn.Module, plan: Plan, spec: ModelSpec,
     for i, stage in enumerate(plan.stages):
         for g in stage.groups:
             path = f"stages[{i}].layers[{g.start}:{g.end}]"
-            if g.strategy.ep > 1:
+            if has_expert_layout(g.strategy):
                 _check_expert(blocks, g, plan, path)
             for index in range(g.start, g.end) if g.strategy.tp > 1 else ():
                 block = blocks[index]
                 derived = tensor.derive_block_plan(block)
                 plans[index] = tensor.resolve_block_plan(block, [tp_plan, hf_plan, derived], path)
-                if g.strategy.ep > 1:  # the routed experts are split by expert TP instead
+                if has_expert_layout(g.strategy):  # the routed experts are split by expert TP instead
                     plans[index] = {n: style for n, style in plans[index].items() if ".experts." not in f".{n}"}
                 tensor.check_divisible(block, plans[index], g.strategy.tp, path)
     return plans
 
 
 def check_expert_tp(plan: Plan) -> None:
-    """Refuse an expert TP other than tp (``etp``, MoE Parallel Folding): this runtime splits the
-    routed experts by the layer's tp and folds EP over its ``dp x cp`` ranks only."""
+    """An expert TP other than tp (``etp``, MoE Parallel Folding) must divide tp: this runtime keeps
+    an ETP group inside one tensor-parallel group (whose ranks hold the same tokens), so an ETP
+    group over data-parallel ranks (``etp > tp``) is refused."""
     from galvatron.backends import plan_strategies
 
     for path, s in plan_strategies(plan):
-        if s.etp:
-            raise PlanError(f"{path}.etp", f"{s.etp}: an expert TP other than tp {s.tp} (MoE Parallel Folding) is "
-                            f"{_NATIVE_TODO}; leave etp out (experts split by tp) or use backend='megatron'")
+        if s.etp and s.tp % s.etp:
+            raise PlanError(f"{path}.etp", f"{s.etp} does not divide tp {s.tp}: an expert TP group spanning "
+                            f"data-parallel ranks is {_NATIVE_TODO}; use an etp dividing tp or backend='megatron'")
 
 
 def _check_expert(blocks: nn.ModuleList, group: Any, plan: Plan, path: str) -> None:
@@ -533,23 +535,29 @@ def apply_context(model: nn.Module, blocks: nn.ModuleList, rt: Runtime) -> None:
 
 
 def apply_expert(block: nn.Module, s: LayerStrategy, rt: Runtime) -> None:
-    """Expert parallelism of one MoE block when ``s.ep > 1``: its routed experts split over an EP
-    group folded over the layer's ``dp x cp`` ranks, split further by expert TP when ``tp > 1``
-    (:mod:`galvatron.runtime.expert_wrap`, dropless), the reference MoE's aux loss over the
-    ``dp x cp`` ranks. Expert gradients are summed over the expert data-parallel group and divided
-    by ``dp x cp`` (ZeRO-1 optimizer states over that group when ``zero >= 1``; FSDP2 leaves the
-    experts alone: it reduces only parameters that have a gradient, and an expert without
+    """Expert parallelism of one MoE block when ``s.ep > 1`` or ``s.etp`` is set: its routed experts
+    split over an EP group and by expert TP (:mod:`galvatron.runtime.expert_wrap`, dropless), the
+    reference MoE's aux loss over the ``dp x cp`` ranks. With ``etp`` 0 the EP groups fold over the
+    layer's ``dp x cp`` ranks and the expert TP is its tp; with ``etp`` (MoE Parallel Folding) ETP,
+    EP and expert DP take Megatron-Core's order over all its ranks and each ETP group routes its
+    chunk of the sequence. Expert gradients are summed over the expert data-parallel group and
+    divided by ``dp x cp`` (ZeRO-1 optimizer states over that group when ``zero >= 1``; FSDP2 leaves
+    the experts alone: it reduces only parameters that have a gradient, and an expert without
     tokens has none on some ranks)."""
-    if s.ep == 1:
+    if not has_expert_layout(s):
         return
     from galvatron.runtime.expert_wrap import apply_expert_parallel, expert_modules
 
     dims = rt.dims
     ep_ranks, edp_ranks = dims.expert_ranks(s)
+    etp_ranks, chunk_ranks = dims.expert_tp_ranks(s)
     data = next(g for g in dims.layout(s).data_groups() if dims.rank in g)
-    tp_group = dims.mesh(s)["tp"].get_group() if s.tp > 1 else None
-    apply_expert_parallel(block, dims.group(ep_ranks), aux_group=dims.group(data) if len(data) > 1 else None,
-                          tp_group=tp_group)
+
+    def group(ranks: tuple[int, ...]) -> dist.ProcessGroup | None:
+        return dims.group(ranks) if len(ranks) > 1 else None
+
+    apply_expert_parallel(block, group(ep_ranks), aux_group=group(data), tp_group=group(etp_ranks),
+                          sequence_group=group(chunk_ranks))
     for _, experts in expert_modules(block):
         rt.sync.add(list(experts.parameters()), dims.gradient_group(edp_ranks), zero1=s.zero >= 1,
                     offload=s.offload, divide=s.dp * s.cp)

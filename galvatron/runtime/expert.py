@@ -79,6 +79,43 @@ def expert_rank_grid(token_ranks: Sequence[int], ep: int) -> tuple[list[list[int
     return ep_groups, expert_dp_groups
 
 
+@dataclass(frozen=True)
+class FoldedRanks:
+    """The rank groups of one MoE layer under MoE Parallel Folding (an expert TP ``etp`` of its own)."""
+
+    etp: list[list[int]]
+    """Expert tensor-parallel groups: ``etp`` adjacent ranks, which route the same tokens."""
+    ep: list[list[int]]
+    """Expert-parallel groups: ``ep`` ranks ``etp`` apart."""
+    expert_dp: list[list[int]]
+    """Ranks holding the same expert slices: ``n / (etp * ep)`` ranks ``etp * ep`` apart."""
+    chunks: list[list[int]]
+    """Per tensor-parallel group, its ranks of one ETP index (``tp / etp`` ranks ``etp`` apart, in
+    sequence order): each ETP group routes its chunk of the layer's sequence, and these ranks
+    assemble the chunks' outputs."""
+
+
+def folded_rank_grid(layer_ranks: Sequence[int], tp: int, etp: int, ep: int) -> FoldedRanks:
+    """Megatron-Core's expert rank order (ETP innermost, then EP, then expert DP; MoE Parallel Folding,
+    Liu et al. 2025) over a layer's ``dp * cp * tp`` ranks in the runtime's ``(d, c, t)`` order.
+
+    ``etp`` must divide ``tp``: an ETP group then lies inside one tensor-parallel group, whose ranks
+    hold the same tokens; its ``etp`` ranks take the sequence chunk ``t // etp`` of those tokens.
+    """
+    n = len(layer_ranks)
+    if etp < 1 or tp % etp:
+        raise PlanError("etp", f"{etp} does not divide tp {tp}: an expert TP group must lie inside one "
+                        "tensor-parallel group")
+    if ep < 1 or n % (etp * ep) or n % tp:
+        raise PlanError("etp", f"etp {etp} x ep {ep} does not divide the layer's {n} ranks")
+    r, block = list(layer_ranks), etp * ep
+    return FoldedRanks(
+        etp=[r[i : i + etp] for i in range(0, n, etp)],
+        ep=[r[b + j : b + block : etp] for b in range(0, n, block) for j in range(etp)],
+        expert_dp=[r[i::block] for i in range(block)],
+        chunks=[r[g + j : g + tp : etp] for g in range(0, n, tp) for j in range(etp)])
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExpertGroups:
     """This rank's process groups for one expert-parallel layout."""

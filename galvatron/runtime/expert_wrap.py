@@ -42,6 +42,7 @@ from galvatron.runtime.expert import (
     load_balancing_loss,
     routed_experts,
 )
+from galvatron.runtime.relayout import GatherFromSequenceParallel, ScatterToSequenceParallel, own_part
 
 
 class MoEKind(enum.StrEnum):
@@ -64,6 +65,9 @@ class ExpertParallelState:
     ep_group: Group
     aux_group: Group
     tp_group: Group
+    sequence_group: Group
+    """MoE Parallel Folding: ranks that hold the same tokens, each routing its chunk of the sequence
+    (dim 1; ``None``: this rank routes all of them)."""
     capacity_factor: float | None
     drop_policy: DropPolicy
 
@@ -107,13 +111,16 @@ def find_moe_layers(model: nn.Module) -> list[tuple[str, MoEKind]]:
 
 # ---------------------------------------------------------------------------------------- apply
 def apply_expert_parallel(model: nn.Module, ep_group: Group, *, aux_group: Group = None, tp_group: Group = None,
-                          capacity_factor: float | None = None,
+                          sequence_group: Group = None, capacity_factor: float | None = None,
                           drop_policy: DropPolicy | str = DropPolicy.PROBS) -> list[tuple[str, MoEKind]]:
     """Shard and patch, in place, every MoE layer of ``model`` (a whole model or one block).
 
     ``ep_group`` splits the experts (``None``: all experts on this rank); ``aux_group``, the ranks that
     share the batch, makes the reference MoE's load-balancing loss global; ``tp_group`` splits every
     expert's MLP (expert tensor parallelism; the tokens must be the same on its ranks).
+    ``sequence_group`` (MoE Parallel Folding): ranks holding the same (batch, sequence, hidden) tokens,
+    of which rank ``i`` (with its ``tp_group``) routes the ``i``-th chunk of the sequence; the layer's
+    output gathers the chunks, so the router and shared experts still see every token.
     ``capacity_factor`` switches from dropless routing to token dropping. Returns the layers patched;
     raises if there are none or one was patched before.
     """
@@ -136,7 +143,8 @@ def apply_expert_parallel(model: nn.Module, ep_group: Group, *, aux_group: Group
         per_rank = num_experts // ep
         state = ExpertParallelState(
             kind=kind, num_experts=num_experts, local_experts=range(rank * per_rank, (rank + 1) * per_rank),
-            ep_group=ep_group, aux_group=aux_group, tp_group=tp_group, capacity_factor=capacity_factor,
+            ep_group=ep_group, aux_group=aux_group, tp_group=tp_group, sequence_group=sequence_group,
+            capacity_factor=capacity_factor,
             drop_policy=DropPolicy(drop_policy))
         _SHARD[kind](module, state, path)
         object.__setattr__(module, _STATE, state)
@@ -317,17 +325,32 @@ _SHARD: dict[MoEKind, Callable[[nn.Module, ExpertParallelState, str], None]] = {
 
 
 # -------------------------------------------------------------------------------------- forward
-def _routed(module: nn.Module, tokens: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+def _routed(module: nn.Module, shape: torch.Size, tokens: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
             run: Callable[[torch.Tensor, list[int]], torch.Tensor]) -> torch.Tensor:
+    """The routed experts' output for ``tokens`` (the layer's input of ``shape``, flattened)."""
     state: ExpertParallelState = getattr(module, _STATE)
 
     def run_and_count(rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         object.__setattr__(module, _LOAD, counts)
         return run(rows, counts)
 
-    return routed_experts(tokens, index, weights, run_and_count, num_experts=state.num_experts,
-                          ep_group=state.ep_group, tp_group=state.tp_group, capacity_factor=state.capacity_factor,
-                          drop_policy=state.drop_policy)
+    def routed(tokens: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return routed_experts(tokens, index, weights, run_and_count, num_experts=state.num_experts,
+                              ep_group=state.ep_group, tp_group=state.tp_group,
+                              capacity_factor=state.capacity_factor, drop_policy=state.drop_policy)
+
+    group = state.sequence_group
+    if group is None:
+        return routed(tokens, index, weights)
+    if len(shape) != 3:
+        raise GalvatronError(f"MoE Parallel Folding routes sequence chunks of (batch, sequence, hidden) inputs; "
+                             f"this MoE layer got {tuple(shape)}")
+
+    def chunk(t: torch.Tensor) -> torch.Tensor:  # backward gathers the gradient: TP peers keep it whole
+        return ScatterToSequenceParallel.apply(t.view(*shape[:2], -1), group).flatten(0, 1)
+
+    out = routed(chunk(tokens), own_part(index.view(*shape[:2], -1), 1, group).flatten(0, 1), chunk(weights))
+    return GatherFromSequenceParallel.apply(out.view(shape[0], -1, shape[2]), group).flatten(0, 1)
 
 
 def _run_module_list(experts: nn.ModuleDict, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -356,7 +379,7 @@ def _forward_module_list(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         hook.remove()
     if state.aux_group is not None:
         self.aux_loss = load_balancing_loss(captured[-1], index, state.num_experts, state.aux_group)
-    out = _routed(self, tokens, index, weights, partial(_run_module_list, self.experts))
+    out = _routed(self, x.shape, tokens, index, weights, partial(_run_module_list, self.experts))
     for expert in self.shared:
         out = out + expert(tokens)
     return out.view(x.shape)
@@ -370,7 +393,7 @@ def _forward_fused(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x = x * torch.empty_like(x).uniform_(1.0 - jitter, 1.0 + jitter)
     tokens = x.reshape(-1, shape[-1])
     _, weights, index = self.gate(tokens)
-    out = _routed(self, tokens, index, weights, partial(_run_fused, self.experts))
+    out = _routed(self, shape, tokens, index, weights, partial(_run_fused, self.experts))
     if hasattr(self, "shared_expert_gate"):
         out = out + F.sigmoid(self.shared_expert_gate(tokens)) * self.shared_expert(tokens)
     return out.reshape(shape)

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
 
+    from galvatron.runtime.expert import FoldedRanks
+
 
 class Axis(enum.StrEnum):
     """Names of the axes of a layer group's device mesh (outermost first)."""
@@ -213,12 +215,17 @@ def context_subgroups(strategy: LayerStrategy, ranks: range) -> tuple[RankGroup,
 
 
 def expert_groups(strategy: LayerStrategy, ranks: range) -> tuple[tuple[RankGroup, ...], tuple[RankGroup, ...]]:
-    """(EP groups, expert data-parallel groups) of an ``ep > 1`` strategy, folded over each of its
-    ``dp x cp`` data groups (:func:`galvatron.runtime.expert.expert_rank_grid`); empty for ``ep 1``."""
+    """(EP groups, expert data-parallel groups) of a MoE strategy: with ``etp`` 0 folded over each of
+    its ``dp x cp`` data groups (:func:`galvatron.runtime.expert.expert_rank_grid`), otherwise in
+    Megatron-Core's order over all its ranks (:func:`galvatron.runtime.expert.folded_rank_grid`);
+    empty without an expert layout (``ep`` 1, ``etp`` 0)."""
     from galvatron.runtime.expert import expert_rank_grid
 
-    if strategy.ep == 1:
+    if not has_expert_layout(strategy):
         return (), ()
+    if strategy.etp:
+        grid = _folded(strategy, ranks)
+        return tuple(map(tuple, grid.ep)), tuple(map(tuple, grid.expert_dp))
     ep_groups: list[RankGroup] = []
     edp_groups: list[RankGroup] = []
     for data in Layout.of(strategy, ranks).data_groups():
@@ -226,6 +233,26 @@ def expert_groups(strategy: LayerStrategy, ranks: range) -> tuple[tuple[RankGrou
         ep_groups += [tuple(g) for g in eps]
         edp_groups += [tuple(g) for g in edps]
     return tuple(ep_groups), tuple(edp_groups)
+
+
+def has_expert_layout(strategy: LayerStrategy) -> bool:
+    """Whether the strategy's MoE layers run expert-parallel (``ep > 1``) or folded (``etp`` set)."""
+    return strategy.ep > 1 or bool(strategy.etp)
+
+
+def folded_groups(strategy: LayerStrategy, ranks: range) -> tuple[tuple[RankGroup, ...], tuple[RankGroup, ...]]:
+    """(ETP groups, sequence-chunk groups) of an ``etp`` strategy (empty for ``etp`` 0, whose expert
+    TP is the tp axis)."""
+    if not strategy.etp:
+        return (), ()
+    grid = _folded(strategy, ranks)
+    return tuple(map(tuple, grid.etp)), tuple(map(tuple, grid.chunks))
+
+
+def _folded(strategy: LayerStrategy, ranks: range) -> FoldedRanks:
+    from galvatron.runtime.expert import folded_rank_grid
+
+    return folded_rank_grid(ranks, strategy.tp, strategy.etp, strategy.ep)
 
 
 def required_groups(plan: Plan) -> tuple[RankGroup, ...]:
@@ -242,6 +269,7 @@ def required_groups(plan: Plan) -> tuple[RankGroup, ...]:
             groups.update(context_subgroups(s, ranks))
             ep_groups, edp_groups = expert_groups(s, ranks)
             groups.update(ep_groups)
+            groups.update(g for lists in folded_groups(s, ranks) for g in lists)
             groups.update(g for g in edp_groups if len(g) == 1)  # larger ones: gradient groups
         degrees = {lay.dp for lay in layouts}
         for a in sorted(degrees):
@@ -369,10 +397,18 @@ class ParallelDims:
     def expert_ranks(self, strategy: LayerStrategy) -> tuple[RankGroup, RankGroup]:
         """This rank's (EP, expert data-parallel) rank groups of a strategy (``ep`` 1: itself
         and its ``dp x cp`` data group)."""
-        if strategy.ep == 1:
+        if not has_expert_layout(strategy):
             return (self.rank,), next(g for g in self.layout(strategy).data_groups() if self.rank in g)
         ep_groups, edp_groups = expert_groups(strategy, self.ranks)
         return next(g for g in ep_groups if self.rank in g), next(g for g in edp_groups if self.rank in g)
+
+    def expert_tp_ranks(self, strategy: LayerStrategy) -> tuple[RankGroup, RankGroup]:
+        """This rank's (expert TP, sequence-chunk) rank groups of a MoE strategy: its tp group and
+        itself with ``etp`` 0; its ETP group and the tp ranks of its ETP index otherwise."""
+        if not strategy.etp:
+            return self.layout(strategy).group_of(self.rank, Axis.TP), (self.rank,)
+        etp_groups, chunk_groups = folded_groups(strategy, self.ranks)
+        return next(g for g in etp_groups if self.rank in g), next(g for g in chunk_groups if self.rank in g)
 
     def gradient_group(self, ranks: RankGroup) -> dist.ProcessGroup:
         """The gradient-reduction group over ``ranks`` (its own process group when it has several

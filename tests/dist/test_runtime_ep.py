@@ -30,10 +30,10 @@ from test_runtime_harness import LAYERS, MODELS, Case, plan_dict
 pytestmark = pytest.mark.slow
 
 
-def _ep_plan(world: int, model: str, ep: int, **strategy: Any) -> Plan:
-    """EP on the MoE blocks (every other block of the reference GPT, all of Mixtral's)."""
+def _ep_plan(world: int, model: str, ep: int, etp: int = 0, **strategy: Any) -> Plan:
+    """EP (and expert TP ``etp``) on the MoE blocks (every other block of the reference GPT, all of Mixtral's)."""
     moe = range(0, LAYERS, 2) if model == "gpt-moe" else range(LAYERS)
-    layers = [{"range": [i, i + 1], **strategy, **({"ep": ep} if i in moe else {})} for i in range(LAYERS)]
+    layers = [{"range": [i, i + 1], **strategy, **({"ep": ep, "etp": etp} if i in moe else {})} for i in range(LAYERS)]
     return plan_dict(world, layers)
 
 
@@ -63,9 +63,12 @@ CASES = {world: _cases(world) for world in (2, 4)}
 
 
 def _train(case: Case) -> dict[str, Any]:
-    """``harness.train`` plus where each expert parameter's slice lies in the full parameter."""
+    """``harness.train`` plus where each expert parameter's slice lies in the full parameter, and the
+    ranks of each MoE layer's EP, expert TP and expert-gradient groups."""
+    import torch.distributed as dist
+
     import galvatron
-    from galvatron.runtime.expert_wrap import expert_parallel_state
+    from galvatron.runtime.expert_wrap import expert_modules, expert_parallel_state
 
     captured: list[torch.nn.Module] = []
     wrap = galvatron.wrap
@@ -74,14 +77,22 @@ def _train(case: Case) -> dict[str, Any]:
         result = harness.train(case)
     finally:
         galvatron.wrap = wrap
-    slices = {}
-    for path, module in captured[0].named_modules():
+    slices, groups = {}, {}
+    model = captured[0]
+
+    def ranks(group: Any) -> tuple[int, ...]:
+        return (dist.get_rank(),) if group is None else tuple(dist.get_process_group_ranks(group))
+
+    buckets = {id(p): b.group for b in model._galvatron.sync.buckets for p in b.params}
+    for path, module in model.named_modules():
         state = expert_parallel_state(module)
         if state is not None:
             tp = (state.tp_group.rank(), state.tp_group.size()) if state.tp_group is not None else (0, 1)
             for name, _ in module.experts.named_parameters():
                 slices[f"{path}.experts.{name}"] = (state.local_experts.start, state.local_experts.stop, *tp)
-    result["slices"] = slices
+            grad = next(buckets[id(p)] for _, e in expert_modules(module) for p in e.parameters())
+            groups[path] = {"ep": ranks(state.ep_group), "etp": ranks(state.tp_group), "edp": ranks(grad)}
+    result["slices"], result["groups"] = slices, groups
     return result
 
 
@@ -103,21 +114,24 @@ def _expected(name: str, full: torch.Tensor, where: tuple[int, int, int, int] | 
     return torch.cat([gate.chunk(tp, dim=1)[tp_rank], up.chunk(tp, dim=1)[tp_rank]], dim=1)
 
 
-_RESULTS: dict[tuple[int, str], tuple[dict, list[dict[str, Any]]]] = {}
+_RESULTS: dict[tuple[int, str, tuple[str, ...]], tuple[dict, list[dict[str, Any]]]] = {}
 
 
-def results(world: int, backend: str = "gloo") -> tuple[dict, list[dict[str, Any]]]:
-    """(references, per-rank results): one launch per world size (``backend="nccl"``: one GPU per
-    rank, tests/gpu; the references stay single-process CPU runs)."""
-    if (world, backend) not in _RESULTS:
-        refs = {(c.model, c.adam): harness.reference(c.model, c.adam) for c in CASES[world]}
-        _RESULTS[world, backend] = refs, run_ranks(_rank_main, world, CASES[world], timeout=600, backend=backend)
-    return _RESULTS[world, backend]
+def results(world: int, backend: str = "gloo", cases: list[Case] | None = None) -> tuple[dict, list[dict[str, Any]]]:
+    """(references, per-rank results): one launch per world size and case list (default ``CASES[world]``;
+    ``backend="nccl"``: one GPU per rank, tests/gpu; the references stay single-process CPU runs)."""
+    cases = CASES[world] if cases is None else cases
+    key = (world, backend, tuple(c.name for c in cases))
+    if key not in _RESULTS:
+        refs = {(c.model, c.adam): harness.reference(c.model, c.adam) for c in cases}
+        _RESULTS[key] = refs, run_ranks(_rank_main, world, cases, timeout=600, backend=backend)
+    return _RESULTS[key]
 
 
-def mismatches(world: int, case: Case, backend: str = "gloo", scale: float = 1.0) -> list[str]:
+def mismatches(world: int, case: Case, backend: str = "gloo", scale: float = 1.0,
+               cases: list[Case] | None = None) -> list[str]:
     """What differs from single-process training on any rank (``scale`` widens the tolerances)."""
-    refs, ranks = results(world, backend)
+    refs, ranks = results(world, backend, cases)
     ref_losses, ref_params = refs[case.model, case.adam]
     problems, held = [], set()
     atol = (1e-5 if case.adam else 1e-6) * scale
@@ -142,8 +156,9 @@ def mismatches(world: int, case: Case, backend: str = "gloo", scale: float = 1.0
 
 
 def _degrees(case: Case) -> tuple[int, int]:
-    moe = [g.strategy for g in case.plan.groups() if g.strategy.ep > 1]
-    return moe[0].ep, moe[0].tp
+    """(ep, expert TP) of the case's MoE layers."""
+    moe = [g.strategy for g in case.plan.groups() if g.strategy.ep > 1 or g.strategy.etp]
+    return moe[0].ep, moe[0].expert_tp
 
 
 @pytest.mark.parametrize("world,case", [(w, c) for w, cs in CASES.items() for c in cs],

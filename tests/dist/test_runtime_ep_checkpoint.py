@@ -67,6 +67,13 @@ MOVES = {
         Move("mixtral-ep4-full-to-tp2-ep2", "mixtral", _ep_plan(4, "mixtral", 4), _ep_plan(4, "mixtral", 2, tp=2),
              full=True, adam=True),
         Move("mixtral-tp2-ep2-to-dp2-tp2", "mixtral", _ep_plan(4, "mixtral", 2, tp=2), _dense(4, tp=2)),
+        # MoE Parallel Folding (expert TP 1 under attention TP 2): EP over TP ranks
+        Move("gpt-moe-tp2-sp-ep2-etp1-to-ep4", "gpt-moe", _ep_plan(4, "gpt-moe", 2, etp=1, tp=2, sp=True),
+             _ep_plan(4, "gpt-moe", 4), adam=True),
+        Move("mixtral-tp2-sp-ep4-etp1-to-tp2-ep2", "mixtral", _ep_plan(4, "mixtral", 4, etp=1, tp=2, sp=True),
+             _ep_plan(4, "mixtral", 2, tp=2)),
+        Move("mixtral-ep4-full-to-tp2-sp-ep2-etp1", "mixtral", _ep_plan(4, "mixtral", 4),
+             _ep_plan(4, "mixtral", 2, etp=1, tp=2, sp=True, zero=3), full=True, adam=True),
     ],
 }
 SABOTAGE = [Move(f"{m}-ep2-rank1-experts-dropped", m, _ep_plan(2, m, 2), _dense(2)) for m in ("gpt-moe", "mixtral")]

@@ -13,7 +13,7 @@ import torch
 
 from galvatron.backends import BACKENDS, CAPABILITIES, capabilities, check_plan
 from galvatron.errors import GalvatronError, PlanError
-from galvatron.plan import Plan
+from galvatron.plan import DType, Plan
 
 
 def _plan(world: int = 4, layers: int = 4, **strategy: Any) -> Plan:
@@ -267,19 +267,42 @@ def test_cli_search_backend_writes_a_plan_the_backend_accepts(backend: str, tmp_
     assert plan.pp == 1 or backend == "megatron"
 
 
-def test_native_runtime_refuses_expert_tp_before_any_process_group(tmp_path: Path) -> None:
-    """The native runtime splits experts by tp only: a plan (object or YAML) with etp is refused, naming the
-    field, before galvatron.wrap starts a process group; its search table offers no etp (nor ep)."""
+def test_native_runtime_refuses_expert_tp_across_data_ranks_before_any_process_group(tmp_path: Path) -> None:
+    """The native runtime runs etp dividing tp (MoE Parallel Folding inside a TP group); a plan (object or
+    YAML) whose ETP group would span data-parallel ranks is refused, naming the field, before galvatron.wrap
+    starts a process group. Its pipeline search table offers neither ep nor etp (the one-stage search does)."""
     import torch.distributed as dist
 
     import galvatron
 
     started = dist.is_available() and dist.is_initialized()
-    plan = _plan(tp=2, sp=True, ep=2, etp=1)
+    plan = _plan(ep=2, etp=2)
     path = tmp_path / "plan.yaml"
     plan.save(path)
     for given in (plan, path):
-        with pytest.raises(PlanError, match=r"^stages\[0\]\.layers\[0:4\]\.etp: 1: an expert TP other than tp 2"):
+        with pytest.raises(PlanError, match=r"^stages\[0\]\.layers\[0:4\]\.etp: 2 does not divide tp 1"):
             galvatron.wrap(torch.nn.Linear(2, 2), given)
     assert (dist.is_available() and dist.is_initialized()) == started
     assert not {"ep", "etp"} & capabilities("native").features
+
+
+def test_native_one_stage_search_offers_expert_tp_the_runtime_accepts() -> None:
+    """plan='auto' widens the native search to one-stage plans with cp / ep / etp (apply._CP_EP): with tp 2
+    pinned it picks MoE Parallel Folding (tp2+sp, etp 1) for a MoE GPT on 4 CPU ranks, and check_supported
+    (what plan='auto' runs on a found plan) accepts it."""
+    from galvatron.strategies.cost import CostOptions
+    from galvatron.strategies.search import SearchOptions, search
+
+    from galvatron.models import GPT, GPTConfig
+    from galvatron.runtime.apply import _CP_EP, check_supported, describe, local_cluster
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab=256, seq_len=64, layers=4, hidden=64, heads=4, experts=8, top_k=2,
+                          expert_ffn_hidden=256))
+    spec = describe(model, torch.zeros(8, 64, dtype=torch.long), keep_seq_len=True)
+    options = SearchOptions(global_batch=8, dtype=DType.FP32, capabilities=capabilities("native").features | _CP_EP,
+                            uniform=True, fixed={"pp": 1, "tp": 2, "offload": False})
+    plan = search(spec, local_cluster(4), options, CostOptions(**capabilities("native").cost_options()),
+                  world_size=4).best.plan
+    assert {(g.strategy.sp, g.strategy.etp) for g in plan.groups()} == {(True, 1)}, plan.describe()
+    check_supported(model, plan, spec, None)

@@ -16,6 +16,7 @@ from galvatron.runtime.mesh import (
     device_group_of,
     device_group_ranks,
     expert_groups,
+    folded_groups,
     gradient_groups,
     pipeline_groups,
     relayout_steps,
@@ -156,6 +157,40 @@ def test_expert_groups_fold_over_dp_x_cp_per_tp_index():
     assert ep_groups == ((0, 2), (4, 6), (1, 3), (5, 7))
     assert edp_groups == ((0, 4), (2, 6), (1, 5), (3, 7))
     assert expert_groups(LayerStrategy(dp=2), range(2)) == ((), ())
+
+
+@pytest.mark.parametrize(("dp", "cp", "tp", "etp", "ep"), [(2, 1, 2, 1, 2), (1, 2, 2, 1, 4), (2, 1, 4, 2, 2),
+                                                        (1, 1, 4, 1, 2), (4, 1, 2, 1, 1)])
+def test_folded_expert_groups_follow_megatron_order(dp: int, cp: int, tp: int, etp: int, ep: int):
+    """MoE Parallel Folding: over the layer's ranks in (d, c, t) order, ETP groups are etp adjacent ranks, EP
+    groups ep ranks etp apart, expert-DP groups etp*ep apart (Megatron-Core); each ETP group lies in one TP
+    group, and a sequence-chunk group holds the TP ranks of one ETP index in TP order."""
+    start, n = 4, dp * cp * tp
+    ranks = range(start, start + n)
+    s = LayerStrategy(dp=dp, cp=cp, tp=tp, sp=True, ep=ep, etp=etp)
+    ep_groups, edp_groups = expert_groups(s, ranks)
+    etp_groups, chunk_groups = folded_groups(s, ranks)
+
+    def members(same: object) -> set[tuple[int, ...]]:
+        return {tuple(r for r in ranks if same(r - start) == same(i)) for i in range(n)}
+
+    assert set(etp_groups) == members(lambda i: i // etp)
+    assert set(ep_groups) == members(lambda i: (i // (etp * ep), i % etp))
+    assert set(edp_groups) == members(lambda i: i % (etp * ep))
+    assert set(chunk_groups) == members(lambda i: (i // tp, i % etp))
+    for groups in (etp_groups, ep_groups, edp_groups, chunk_groups):
+        assert all(list(g) == sorted(g) for g in groups)
+    plan = Plan.from_dict({"global_batch_size": 8, "stages": [{"devices": n, "layers": [
+        {"range": [0, 1], "dp": dp, "cp": cp, "tp": tp, "sp": True, "ep": ep, "etp": etp}]}]})
+    shifted = [tuple(r - start for r in g) for g in (*ep_groups, *etp_groups, *chunk_groups)]
+    assert set(shifted) <= set(required_groups(plan))
+    assert {tuple(r - start for r in g) for g in edp_groups if len(g) > 1} <= set(gradient_groups(plan))
+    assert folded_groups(LayerStrategy(dp=2, tp=2, ep=2), range(4)) == ((), ())
+
+
+def test_expert_tp_must_divide_tp():
+    with pytest.raises(PlanError, match=r"^etp: 2 does not divide tp 1"):
+        expert_groups(LayerStrategy(dp=4, ep=2, etp=2), range(4))
 
 
 def test_expert_data_parallel_groups_are_gradient_groups():
