@@ -1,8 +1,8 @@
 """MoE Parallel Folding (``etp``: an expert TP other than the attention TP) under ``galvatron.wrap`` on 4
 gloo ranks: the reference MoE GPT (ModuleList experts, a shared expert) and a tiny Hugging Face Mixtral
 (fused experts) with attention TP 2 + SP and expert TP 1, EP 2 (over each TP group's ranks) and EP 4
-(over dp 2 x tp 2), under ZeRO-1 and ZeRO-3, and EP 1 (the experts whole on every rank, each routing its
-own tokens) under ZeRO-0, dropless, against single-process training (the checks of
+(over dp 2 x tp 2), under ZeRO-1 and ZeRO-3, EP 1 (the experts whole on every rank, each routing its
+own tokens) under ZeRO-0, and expert TP 2 inside attention TP 4 (EP 2), dropless, against single-process training (the checks of
 test_runtime_ep: losses, every held parameter slice, every expert parameter held by some rank, 1/(ep x
 etp) of the experts per rank).
 
@@ -36,7 +36,8 @@ def _cases() -> list[Case]:
                 plan = ep._ep_plan(WORLD, model, degree, etp=1, tp=2, sp=True, zero=zero)
                 out.append(Case(f"{model}-tp2-sp-ep{degree}-etp1-zero{zero}", model, plan, adam=zero == 1))
     plan = ep._ep_plan(WORLD, "gpt-moe", 1, etp=1, tp=2, sp=True)  # no EP: every rank holds every expert
-    return [*out, Case("gpt-moe-tp2-sp-ep1-etp1", "gpt-moe", plan)]
+    etp2 = ep._ep_plan(WORLD, "gpt-moe", 2, etp=2, tp=4, sp=True, zero=1)  # ETP groups of 2 inside TP 4
+    return [*out, Case("gpt-moe-tp2-sp-ep1-etp1", "gpt-moe", plan), Case("gpt-moe-tp4-sp-ep2-etp2", "gpt-moe", etp2)]
 
 
 CASES = _cases()
