@@ -14,7 +14,7 @@ import os
 import torch
 from galvatron.launch.adapt import Phase, on_rank0, replan
 from galvatron.launch.demo import TrainConfig, global_batch, gpt_config, lm_loss
-from galvatron.launch.launcher import CPU_FIXED, ENV_CHECKPOINT_DIR, NOT_RESHARDABLE, local_cpu_cluster, search_plan
+from galvatron.launch.launcher import CPU_FIXED, ENV_CHECKPOINT_DIR, local_cpu_cluster, search_plan
 from galvatron.launch.metrics import StepMeter
 
 import galvatron
@@ -38,16 +38,15 @@ def main() -> None:
 
     init_distributed()
     world = torch.distributed.get_world_size()
-    # the first phase's plan also avoids ZeRO-1, whose optimizer state does not move to another plan
     first = on_rank0(lambda: search_plan(spec, world, cluster=local_cpu_cluster(world),
-                                         global_batch=args.global_batch, fixed=CPU_FIXED, exclude=NOT_RESHARDABLE))
+                                         global_batch=args.global_batch, fixed=CPU_FIXED))
     model = galvatron.wrap(model_fn(), plan=first.plan)
     optimizer = model.optimizer(torch.optim.AdamW, lr=1e-3)
     checkpoint_dir = os.environ.get(ENV_CHECKPOINT_DIR, "checkpoints")  # one folder for all ranks
     for phase, batch in enumerate((args.global_batch, 2 * args.global_batch)):
         if phase == 1:
             new = replan(model, optimizer, Phase(global_batch=batch), step=args.switch_at, model_fn=model_fn,
-                         checkpoint_dir=checkpoint_dir, spec=spec, exclude=NOT_RESHARDABLE)
+                         checkpoint_dir=checkpoint_dir, spec=spec)
             model, optimizer = new.model, new.optimizer
         steps = range(args.switch_at) if phase == 0 else range(args.switch_at, args.steps)
         meter = StepMeter(tokens_per_step=batch * cfg.seq_len, flops_per_token=spec.flops_per_token(),

@@ -66,9 +66,9 @@ def replan(model: nn.Module, optimizer: torch.optim.Optimizer, phase: Phase | No
     ``optimizer_fn`` the optimizer for the new model (default: the old optimizer's class and
     hyper-parameters). Without ``plan`` the search runs on rank 0 for ``spec`` (the model's
     :class:`ModelSpec`) with the phase applied, on ``cluster`` (default: this machine's CPU
-    workers), without the ``exclude`` capabilities (e.g. ``launcher.NOT_RESHARDABLE``, so that the
-    next plan can be reached through a checkpoint too), and its plan is sent to every rank. The
-    old model and optimizer must not be used after.
+    workers), without the ``exclude`` capabilities (search capability names, e.g. ``("zero1",)``),
+    and its plan is sent to every rank. Every plan's checkpoints reshard, ZeRO-1 optimizer state
+    included. The old model and optimizer must not be used after.
     """
     world = dist.get_world_size()
     current_batch = model.plan.global_batch_size

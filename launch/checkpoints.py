@@ -3,10 +3,10 @@
 Saving and loading are the runtime's (:mod:`galvatron.runtime.checkpoint`): DCP under the
 parameters' plain names, every rank writing its own shards, loading resharded to whatever the
 new plan holds on each rank (DDP replicas, FSDP2 shards, tensor-parallel DTensors, pipeline
-stages, a single process). One exception: a ZeRO-1 optimizer's state reloads only under the plan
-that saved it. A checkpoint is one folder ``step-00000120`` under the run's checkpoint folder; DCP writes its
-``.metadata`` file last, so a folder without one (a save cut short) is never resumed from. On
-several nodes the checkpoint folder must be shared storage.
+stages, expert shards, ZeRO-1 optimizer slices, a single process). A checkpoint is one folder
+``step-00000120`` under the run's checkpoint folder; DCP writes its ``.metadata`` file last, so a
+folder without one (a save cut short) is never resumed from. On several nodes the checkpoint
+folder must be shared storage.
 """
 
 from __future__ import annotations

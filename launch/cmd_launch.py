@@ -22,7 +22,6 @@ from pathlib import Path
 from galvatron.launch.launcher import (
     CPU_FIXED,
     ENV_PLAN,
-    NOT_RESHARDABLE,
     PlanChoice,
     cpu_peak_flops,
     local_cpu_cluster,
@@ -95,8 +94,8 @@ def _plan(args: argparse.Namespace, world: int) -> tuple[PlanChoice | None, Mode
 
 
 def _search_target(args: argparse.Namespace, world: int) -> dict:
-    """Where and how to search; with ``--min-workers`` only plans whose checkpoints reshard."""
-    target = {"global_batch": args.global_batch, "exclude": NOT_RESHARDABLE if args.min_workers else ()}
+    """Where and how to search."""
+    target = {"global_batch": args.global_batch}
     if args.cluster:
         from galvatron.strategies.hardware import load_cluster
 

@@ -14,7 +14,6 @@ different plans, world sizes or after a restart from a checkpoint see the same d
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import sys
 import time
@@ -144,15 +143,12 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict | None]:
-    """A copy of the unsharded model and optimizer state keyed by parameter name, on rank 0 (None
-    elsewhere); every rank calls it. Not for ZeRO-1 optimizers, whose state has no full form."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    """A copy of the unsharded model and optimizer state keyed by parameter name (ZeRO-1 slices
+    gathered too), on rank 0 (None elsewhere); every rank calls it."""
+    from galvatron.runtime.checkpoint import full_optimizer_state_dict, full_state_dict
 
-    from galvatron.runtime.checkpoint import full_state_dict
-
-    model_state = full_state_dict(model)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
-    return copy.deepcopy((model_state, optim_state)) if torch.distributed.get_rank() == 0 else (None, None)
+    state = full_state_dict(model), full_optimizer_state_dict(model, optimizer)
+    return state if torch.distributed.get_rank() == 0 else (None, None)
 
 
 # ============================================================================ driver side

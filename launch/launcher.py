@@ -86,10 +86,6 @@ RUNTIME_LACKS = ("cp:", "ep", "etp")
 """Search capabilities (prefixes) the runtime cannot run yet: context and expert parallelism (and
 expert TP other than tp, which the native runtime refuses)."""
 
-NOT_RESHARDABLE = ("zero1",)
-"""Search capabilities whose checkpoints load only under the plan that saved them (the runtime's
-ZeRO-1 optimizer keeps per-rank slices): left out where a run may switch plans through a checkpoint."""
-
 CPU_FIXED = {"offload": False}
 """Pinned search values on CPU workers: offloading to host memory means nothing there."""
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from galvatron.launch.adapt import Phase, replan
 from galvatron.launch.demo import TrainConfig, full_state, global_batch, gpt_config, lm_loss
-from galvatron.launch.launcher import NOT_RESHARDABLE, local_cpu_cluster
+from galvatron.launch.launcher import local_cpu_cluster
 
 from galvatron import wrap
 from galvatron.models.gpt import GPT
@@ -42,16 +42,15 @@ def _steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: rang
         optimizer.zero_grad(set_to_none=True)
 
 
-def _run(checkpoint_dir: str, switch_to: Plan | None, search: bool) -> dict:
+def _run(checkpoint_dir: str, switch_to: Plan | None, search: bool, zero: int = 0) -> dict:
     world = int(os.environ["WORLD_SIZE"])
-    model = wrap(_model(), plan=_plan(world, BEFORE.global_batch))
+    model = wrap(_model(), plan=_plan(world, BEFORE.global_batch, **({"zero": zero} if zero else {})))
     optimizer = model.optimizer(torch.optim.AdamW, lr=1e-3)
     _steps(model, optimizer, range(3), BEFORE)
     before = full_state(model, optimizer)
     new = replan(model, optimizer, Phase(global_batch=AFTER.global_batch), step=3, model_fn=_model,
                  checkpoint_dir=checkpoint_dir, plan=None if search else switch_to,
-                 spec=ModelSpec.from_config(BEFORE.model), cluster=local_cpu_cluster(world, tflops=0.02),
-                 exclude=NOT_RESHARDABLE)
+                 spec=ModelSpec.from_config(BEFORE.model), cluster=local_cpu_cluster(world, tflops=0.02))
     crossed = full_state(new.model, new.optimizer)
     _steps(new.model, new.optimizer, range(3, 5), AFTER)
     return {"before": before, "crossed": crossed, "after": full_state(new.model, new.optimizer),
@@ -67,14 +66,16 @@ def _close(actual: tuple, expected: tuple, exact: bool) -> None:
             torch.testing.assert_close(actual[1]["state"][name][key], value, **tol, msg=_named(f"{name}.{key}"))
 
 
-SWITCHES = [pytest.param(Plan.uniform(GPT_CONFIG.layers, global_batch_size=AFTER.global_batch, dtype="fp32", tp=2),
-                         False, id="given-plan"),
-            pytest.param(None, True, id="searched-plan")]
+TP2 = Plan.uniform(GPT_CONFIG.layers, global_batch_size=AFTER.global_batch, dtype="fp32", tp=2)
+SWITCHES = [pytest.param(TP2, False, 0, id="given-plan"),
+            pytest.param(TP2, False, 1, id="given-plan-from-zero1"),
+            pytest.param(None, True, 0, id="searched-plan")]
 
 
-@pytest.mark.parametrize(("switch_to", "search"), SWITCHES)
-def test_phase_change_replans_through_a_checkpoint(tmp_path: Path, switch_to: Plan | None, search: bool) -> None:
-    ranks = run_ranks(_run, 2, str(tmp_path / "ckpt"), switch_to, search, timeout=300)
+@pytest.mark.parametrize(("switch_to", "search", "zero"), SWITCHES)
+def test_phase_change_replans_through_a_checkpoint(tmp_path: Path, switch_to: Plan | None, search: bool,
+                                                   zero: int) -> None:
+    ranks = run_ranks(_run, 2, str(tmp_path / "ckpt"), switch_to, search, zero, timeout=300)
     assert ranks[0]["plan"] == ranks[1]["plan"]
     assert ranks[0]["plan"].global_batch_size == AFTER.global_batch
     assert ranks[0]["source"] == ("search" if search else "given")
