@@ -13,7 +13,8 @@ form the EP groups (:func:`expert_rank_grid`) and the ranks holding the same exp
 group, form the *expert data-parallel* group of ``dp * cp / ep`` ranks. Non-expert parameters keep
 their gradient reduction over all ``dp * cp`` ranks; expert gradients are summed over the expert
 data-parallel group and divided by ``dp * cp`` (not by its size: each expert already saw the tokens
-of ``ep`` ranks).
+of ``ep`` ranks). With an expert TP of its own (``etp``, :func:`folded_rank_grid`), ETP, EP and expert
+data parallelism instead take Megatron-Core's order over all the layer's ``dp * tp * cp`` ranks.
 
 Experts may also be split over a tensor-parallel group (expert TP) whose ranks hold the same tokens:
 each expert is a Megatron column/row-parallel MLP, with :func:`copy_to_tp` / :func:`reduce_from_tp`
