@@ -18,28 +18,13 @@ import argparse
 import json
 import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from gpu_breakdown import timed  # median milliseconds over CUDA events
 
 SHAPES = [(4096, 2048, 50257), (8192, 2048, 50257), (4096, 4096, 50257), (8192, 1024, 50257), (4096, 2048, 32003)]
 """(tokens m, hidden k, vocabulary n): GPT-2/GPT-3 and a Llama-2-style vocabulary plus one."""
-
-
-def _time(fn: Callable[[], torch.Tensor], iters: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
 def _gemms(m: int, k: int, n: int, dtype: torch.dtype, iters: int) -> dict[str, float]:
@@ -47,8 +32,8 @@ def _gemms(m: int, k: int, n: int, dtype: torch.dtype, iters: int) -> dict[str, 
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     w = torch.randn(n, k, device="cuda", dtype=dtype)
     dy = torch.randn(m, n, device="cuda", dtype=dtype)
-    return {"forward": _time(lambda: x @ w.t(), iters), "input_grad": _time(lambda: dy @ w, iters),
-            "weight_grad": _time(lambda: dy.t() @ x, iters)}
+    return {"forward": timed(lambda: x @ w.t(), iters) / 1e3, "input_grad": timed(lambda: dy @ w, iters) / 1e3,
+            "weight_grad": timed(lambda: dy.t() @ x, iters) / 1e3}
 
 
 def main(argv: list[str] | None = None) -> int:
