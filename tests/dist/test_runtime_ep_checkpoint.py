@@ -256,9 +256,9 @@ def test_a_single_process_loads_an_expert_parallel_checkpoint(world: int, move: 
     _same(dict(plain.state_dict()), ranks[0][move.name]["saved"])
 
 
-@pytest.mark.parametrize("move,error", zip(SABOTAGE, [
+@pytest.mark.parametrize("move,error", list(zip(SABOTAGE, [
     ("load: ", "lacks 8 entries of this model, e.g. blocks.0.mlp.experts.2"),
-    ("save: ", "experts.gate_up_proj invalid fill tensor-volume: 12288 chunks-volume: 6144")], strict=True),
+    ("save: ", "experts.gate_up_proj invalid fill tensor-volume: 12288 chunks-volume: 6144")], strict=True)),
                          ids=[m.model for m in SABOTAGE])
 def test_a_checkpoint_missing_one_ranks_experts_is_refused(move: Move, error: tuple[str, str],
                                                            tmp_path_factory: pytest.TempPathFactory) -> None:
