@@ -1,0 +1,201 @@
+"""The searched plan against a grid of uniform plans on the GPUs of one host, all measured (issue #11).
+
+Run under torchrun on N GPUs: every plan (the search's pick for this model, batch and machine, and a
+grid of uniform plans: pure DP with ZeRO 1/2/3, TP + SP over all GPUs, a pipeline over all GPUs, and
+DP x TP where N >= 4) trains the reference GPT built from a model preset through ``galvatron.wrap``
+(bf16 autocast, fused AdamW) for ``--warmup`` + ``--steps`` steps. Reported per plan: the measured
+step time (median over steps of the slowest rank) and peak memory (largest ``max_memory_allocated``
+over ranks), the cost model's prediction for the same plan (``cost_plan`` on this machine's hardware
+entry with the native runtime's ``CostOptions``), and the searched plan's rank among the measured
+ones. Plans the cost model predicts over 92% of device memory are not run (an out-of-memory rank
+would leave the others waiting in a collective).
+
+    torchrun --standalone --nproc-per-node 2 benchmarks/multi_gpu/plans.py --model llama2-7b \\
+        --global-batch 8 --seq 2048 --out benchmarks/results/multi_gpu/plans_llama2-7b_2gpu.json
+    torchrun --standalone --nproc-per-node 2 benchmarks/multi_gpu/plans.py --smoke --out /tmp/plans.json  # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from galvatron.launch.cmd_profile import gpt_config
+from galvatron.strategies.cost import CostOptions, cost_plan
+
+from galvatron.backends import capabilities
+from galvatron.models import GPT, GPTConfig
+from galvatron.plan import Plan
+from galvatron.runtime.apply import init_distributed, local_cluster, search_plan
+from galvatron.spec import ModelSpec
+from galvatron.spec_config import load_model_config
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def grid(layers: int, world: int, batch: int, dtype: str) -> dict[str, Plan]:
+    """Uniform plans over ``world`` devices: DP x ZeRO 1/2/3, TP + SP, a 1F1B pipeline, DP x TP."""
+    def uniform(**kw: Any) -> Plan:
+        return Plan.uniform(layers, global_batch_size=batch, dtype=dtype, **kw)
+
+    plans = {f"dp{world} zero{z}": uniform(dp=world, zero=z) for z in (1, 2, 3)}
+    plans[f"tp{world}+sp"] = uniform(tp=world, sp=True)
+    plans[f"pp{world} 1f1b"] = uniform(pp=world, num_micro_batches=min(batch, 2 * world))
+    if world >= 4:
+        plans[f"dp{world // 2} tp2+sp zero1"] = uniform(dp=world // 2, tp=2, sp=True, zero=1)
+    return plans
+
+
+def measure(cfg: GPTConfig, plan: Plan, tokens: torch.Tensor, targets: torch.Tensor, warmup: int,
+            steps: int, device: torch.device) -> dict[str, float]:
+    """Slowest rank's median step seconds and the largest peak memory over ranks."""
+    import galvatron
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GPT(cfg)
+    wrapped = galvatron.wrap(model, plan=plan)
+    opt = wrapped.optimizer(torch.optim.AdamW, lr=1e-5, fused=device.type == "cuda")
+    x, y = wrapped.shard_batch((tokens, targets))
+    times = []
+    for i in range(warmup + steps):
+        if i == warmup and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        _sync(device)
+        start = time.perf_counter()
+        wrapped.train_step((x, y), lm_loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    per_step = torch.tensor(times[warmup:], dtype=torch.float64)
+    dist.all_reduce(per_step, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0],
+                        dtype=torch.float64)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    del wrapped, model, opt
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"measured_s": statistics.median(per_step.tolist()), "peak_memory_gib": peak.item()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="JSON path (rank 0 writes it and a .md beside it)")
+    parser.add_argument("--model", default="llama2-7b", help="model preset or YAML (reference GPT architecture)")
+    parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU (gloo): checks the script")
+    args = parser.parse_args(argv)
+    device = init_distributed()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if args.smoke:
+        torch.set_num_threads(1)
+        config = {"name": "gpt-smoke", "layers": 4, "hidden": 64, "heads": 4, "vocab": 128, "seq_len": 32}
+    else:
+        config = {**load_model_config(args.model), "seq_len": args.seq}
+    cfg = gpt_config(config)
+    spec = ModelSpec.from_config(config)
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab, (args.global_batch, cfg.seq_len + 1), generator=gen)
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    cluster = local_cluster(world)
+    native = CostOptions(**capabilities("native").cost_options())
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        probe = GPT(cfg)  # the search's structural checks only; no memory
+    searched = search_plan(spec, world, x, model=probe) if rank == 0 else None
+    search_s = time.perf_counter() - start
+    holder = [searched.to_dict() if searched is not None else None]
+    dist.broadcast_object_list(holder, src=0)
+    plans = {"searched": Plan.from_dict(holder[0]), **grid(spec.num_blocks, world, args.global_batch, dtype)}
+    rows = []
+    for name, plan in plans.items():
+        predicted = cost_plan(plan, spec, cluster, native)
+        row: dict[str, Any] = {"plan": name, "describe": plan.describe(), "predicted_s": predicted.step_time_s,
+                               "predicted_peak_gib": predicted.peak_memory_gib}
+        if predicted.peak_memory_gib > 0.92 * predicted.memory_limit_gib:
+            row["skipped"] = f"predicted {predicted.peak_memory_gib:.1f} GiB of {predicted.memory_limit_gib:.1f}"
+        else:
+            row.update(measure(cfg, plan, x, y, args.warmup, args.steps, device))
+            row["time_error"] = row["predicted_s"] / row["measured_s"] - 1
+            if row["peak_memory_gib"]:
+                row["memory_error"] = row["predicted_peak_gib"] / row["peak_memory_gib"] - 1
+        rows.append(row)
+        if rank == 0:
+            print(json.dumps({k: v for k, v in row.items() if k != "describe"}), flush=True)
+    if rank == 0:
+        _write(args, rows, world, search_s, device)
+    dist.barrier()
+    return 0
+
+
+def _write(args: argparse.Namespace, rows: list[dict[str, Any]], world: int, search_s: float,
+           device: torch.device) -> None:
+    measured = sorted((r for r in rows if "measured_s" in r), key=lambda r: r["measured_s"])
+    searched = next(r for r in rows if r["plan"] == "searched")
+    same = [r for r in rows if r["plan"] != "searched" and r["describe"] == searched["describe"]]
+    fastest = measured[0] if measured else None
+    summary = {
+        "searched_rank": next((i + 1 for i, r in enumerate(measured) if r is searched), None),
+        "searched_vs_fastest": (searched["measured_s"] / fastest["measured_s"] - 1
+                                if fastest and "measured_s" in searched else None),
+        "searched_equals": [r["plan"] for r in same],
+        "median_abs_time_error": statistics.median(abs(r["time_error"]) for r in measured) if measured else None,
+        "median_abs_memory_error": (statistics.median(abs(r["memory_error"]) for r in measured
+                                                      if "memory_error" in r) if device.type == "cuda" else None),
+        "search_s": search_s,
+    }
+    env = {"torch": torch.__version__, "world": world, "device": torch.cuda.get_device_name() if
+           device.type == "cuda" else "cpu", "nccl": ".".join(map(str, torch.cuda.nccl.version()))
+           if device.type == "cuda" else None}
+    command = "torchrun --standalone --nproc-per-node {} benchmarks/multi_gpu/plans.py {}".format(
+        world, " ".join(sys.argv[1:]))
+    Path(args.out).write_text(json.dumps({"command": command, "env": env, "summary": summary, "rows": rows},
+                                         indent=2) + "\n")
+    lines = [f"Command: `{command}`", "", f"Environment: {json.dumps(env)}", "",
+             "| plan | measured s/step | predicted (err) | peak GiB measured | predicted (err) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        if "measured_s" not in r:
+            lines.append(f"| {r['plan']} | skipped: {r['skipped']} | {r['predicted_s']:.3f} | - | "
+                         f"{r['predicted_peak_gib']:.1f} |")
+            continue
+        mem = f"{r['predicted_peak_gib']:.1f} ({r['memory_error']:+.1%})" if "memory_error" in r else "-"
+        lines.append(f"| {r['plan']} | {r['measured_s']:.3f} | {r['predicted_s']:.3f} ({r['time_error']:+.1%}) | "
+                     f"{r['peak_memory_gib']:.1f} | {mem} |")
+    lines += ["", f"Searched plan: {searched['describe'].splitlines()[-1].strip()}; rank "
+              f"{summary['searched_rank']} of {len(measured)} measured"
+              + (f", {summary['searched_vs_fastest']:+.1%} vs the fastest" if summary["searched_vs_fastest"]
+                 is not None else "") + (f" (same plan as {', '.join(summary['searched_equals'])})"
+                                         if summary["searched_equals"] else "") + ".",
+              f"Median |predicted - measured|: step time {summary['median_abs_time_error']:.1%}"
+              + (f", peak memory {summary['median_abs_memory_error']:.1%}" if summary["median_abs_memory_error"]
+                 is not None else "") + f". Search took {search_s:.1f} s."]
+    Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
