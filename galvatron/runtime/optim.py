@@ -14,6 +14,7 @@ rank's slices back from one: the checkpoint format is the plain optimizer's, und
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -183,6 +184,7 @@ def build_optimizer(model: nn.Module, optimizer_cls: type[torch.optim.Optimizer]
     sharded = {id(p) for s in shards for p in s.bucket.params}
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in sharded]
     params += [piece.shard for s in shards for piece in s.pieces]
+    kwargs = _single_tensor_path_if_mixed(params, optimizer_cls, kwargs)
     if not shards:
         return optimizer_cls(params, **kwargs)
     cls = type(f"ZeroOne{optimizer_cls.__name__}", (_ZeroOneMixin, optimizer_cls), {})
@@ -190,6 +192,32 @@ def build_optimizer(model: nn.Module, optimizer_cls: type[torch.optim.Optimizer]
     optimizer._galvatron_shards = shards
     optimizer._galvatron_base = optimizer_cls
     return optimizer
+
+
+def _tensor_kind(p: torch.Tensor) -> tuple[Any, ...]:
+    """Plain tensor, or a DTensor's mesh and placements."""
+    if not hasattr(p, "placements"):
+        return ()
+    return (id(p.device_mesh), tuple(p.placements))
+
+
+def _single_tensor_path_if_mixed(params: list[torch.Tensor], optimizer_cls: type[torch.optim.Optimizer],
+                                 kwargs: dict[str, Any]) -> dict[str, Any]:
+    """PyTorch's multi-tensor (``foreach``, the CUDA default) and ``fused`` optimizer paths run one
+    kernel over a list of tensors and refuse lists that mix plain tensors and DTensors (tensor
+    parallelism shards linear weights but leaves norm weights whole; FSDP2 shards only some layer
+    ranges) or DTensors of different meshes. For such parameter sets the optimizer takes its
+    per-parameter path, unless the caller chose a path; a requested ``fused`` or ``foreach`` path
+    falls back with a warning."""
+    if len({_tensor_kind(p) for p in params}) <= 1:
+        return kwargs
+    asked = [k for k in ("fused", "foreach") if kwargs.get(k)]
+    if asked:
+        warnings.warn(f"{optimizer_cls.__name__}({asked[0]}=True) cannot run over this plan's mix of plain and "
+                      "distributed (DTensor) parameters; using its per-parameter path", stacklevel=3)
+    out = {k: v for k, v in kwargs.items() if k != "fused"}
+    out["foreach"] = False
+    return out
 
 
 def is_zero_one(optimizer: torch.optim.Optimizer) -> bool:
