@@ -33,6 +33,7 @@ from galvatron.launch.cmd_profile import gpt_config
 from galvatron.strategies.cost import CostOptions, cost_plan
 
 from galvatron.backends import capabilities
+from galvatron.errors import GalvatronError
 from galvatron.models import GPT, GPTConfig
 from galvatron.plan import Plan
 from galvatron.runtime.apply import init_distributed, local_cluster, search_plan
@@ -125,11 +126,19 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     with torch.device("meta"):
         probe = GPT(cfg)  # the search's structural checks only; no memory
-    searched = search_plan(spec, world, x, model=probe) if rank == 0 else None
+    searched, failure = None, None
+    if rank == 0:
+        try:
+            searched = search_plan(spec, world, x, model=probe)
+        except (GalvatronError, RuntimeError, ValueError) as err:  # report it, still measure the grid
+            failure = f"{type(err).__name__}: {err}"
+            print(f"search failed: {failure}", flush=True)
     search_s = time.perf_counter() - start
     holder = [searched.to_dict() if searched is not None else None]
     dist.broadcast_object_list(holder, src=0)
-    plans = {"searched": Plan.from_dict(holder[0]), **grid(spec.num_blocks, world, args.global_batch, dtype)}
+    plans = grid(spec.num_blocks, world, args.global_batch, dtype)
+    if holder[0] is not None:
+        plans = {"searched": Plan.from_dict(holder[0]), **plans}
     rows = []
     for name, plan in plans.items():
         predicted = cost_plan(plan, spec, cluster, native)
@@ -154,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 def _write(args: argparse.Namespace, rows: list[dict[str, Any]], world: int, search_s: float,
            device: torch.device) -> None:
     measured = sorted((r for r in rows if "measured_s" in r), key=lambda r: r["measured_s"])
-    searched = next(r for r in rows if r["plan"] == "searched")
+    searched = next((r for r in rows if r["plan"] == "searched"), {"describe": "(search failed)"})
     same = [r for r in rows if r["plan"] != "searched" and r["describe"] == searched["describe"]]
     fastest = measured[0] if measured else None
     summary = {
