@@ -80,10 +80,10 @@ def measure(cfg: GPTConfig, plan: Plan, tokens: torch.Tensor, targets: torch.Ten
         opt.zero_grad(set_to_none=True)
         _sync(device)
         times.append(time.perf_counter() - start)
-    per_step = torch.tensor(times[warmup:], dtype=torch.float64)
+    per_step = torch.tensor(times[warmup:], dtype=torch.float64, device=device)
     dist.all_reduce(per_step, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
     peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0],
-                        dtype=torch.float64)
+                        dtype=torch.float64, device=device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     del wrapped, model, opt
     gc.collect()
