@@ -103,8 +103,9 @@ def wrap(model: nn.Module, plan: Plan | str | Path | None = "auto", *, example_b
 
 
 def init_distributed(timeout: timedelta = DEFAULT_TIMEOUT) -> torch.device:
-    """Start the default process group unless one exists; return this rank's device. A group
-    started here is destroyed when the process exits."""
+    """Start the default process group unless one exists; return this rank's device. A one-rank
+    group started here for a lone process is destroyed when the process exits (a multi-rank group
+    is left to the launcher: destroying it while peers exit can abort the process)."""
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
@@ -113,7 +114,7 @@ def init_distributed(timeout: timedelta = DEFAULT_TIMEOUT) -> torch.device:
             dist.init_process_group(backend, timeout=timeout)
         else:  # one local process (on a GPU too: a one-rank NCCL group)
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-        atexit.register(_destroy_default_group)
+            atexit.register(_destroy_default_group)
     if torch.cuda.is_available() and dist.get_backend() != "gloo":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
