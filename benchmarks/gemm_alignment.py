@@ -27,8 +27,9 @@ SHAPES = [(4096, 2048, 50257), (8192, 2048, 50257), (4096, 4096, 50257), (8192, 
 """(tokens m, hidden k, vocabulary n): GPT-2/GPT-3 and a Llama-2-style vocabulary plus one."""
 
 
-def _gemms(m: int, k: int, n: int, dtype: torch.dtype, iters: int) -> dict[str, float]:
-    """Seconds of the three GEMMs of an (n x k) linear layer over m tokens."""
+def linear_gemms(m: int, k: int, n: int, dtype: torch.dtype = torch.bfloat16, iters: int = 10) -> dict[str, float]:
+    """Median seconds of the three GEMMs of an (n x k) linear layer over m tokens: forward ``x @ W^T``,
+    input gradient ``dY @ W``, weight gradient ``dY^T @ x``."""
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     w = torch.randn(n, k, device="cuda", dtype=dtype)
     dy = torch.randn(m, n, device="cuda", dtype=dtype)
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for m, k, n in SHAPES:
         padded = -(-n // 64) * 64
-        odd, even = _gemms(m, k, n, torch.bfloat16, args.iters), _gemms(m, k, padded, torch.bfloat16, args.iters)
+        odd, even = linear_gemms(m, k, n, iters=args.iters), linear_gemms(m, k, padded, iters=args.iters)
         flops = 2.0 * m * k * n
         row = {"m": m, "k": k, "n": n, "n_padded": padded}
         for gemm in odd:

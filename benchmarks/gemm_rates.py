@@ -21,7 +21,7 @@ import torch
 from galvatron.strategies.cost import DatasheetPerf
 from galvatron.strategies.cost.layer import _block_gemms
 from galvatron.strategies.hardware import load_cluster
-from gpu_breakdown import timed  # median milliseconds over CUDA events
+from gemm_alignment import linear_gemms  # the three GEMMs of a linear layer, timed
 
 from galvatron import ModelSpec
 from galvatron.plan import LayerStrategy
@@ -33,14 +33,6 @@ CASES = [  # (name, model config, tokens per step)
                   "activation": "gelu", "norm": "layernorm"}, 16384),
     ("llama3.2-1b", "llama3.2-1b", 4096),
 ]
-
-
-def _measure(m: int, n: int, k: int) -> dict[str, float]:
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    return {"forward": timed(lambda: x @ w.t()) / 1e3, "input_grad": timed(lambda: dy @ w) / 1e3,
-            "weight_grad": timed(lambda: dy.t() @ x) / 1e3}
 
 
 def _predict(perf: DatasheetPerf, m: int, n: int, k: int) -> dict[str, float]:
@@ -63,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         gemms = [(int(m), int(n), int(k)) for m, n, k, _ in _block_gemms(spec.blocks[0], LayerStrategy(), tokens)]
         gemms.append((tokens, spec.vocab, spec.hidden))
         for m, n, k in gemms:
-            measured, predicted = _measure(m, n, k), _predict(perf, m, n, k)
+            measured, predicted = linear_gemms(m, k, n), _predict(perf, m, n, k)
             for gemm in measured:
                 rows.append({"model": name, "m": m, "n": n, "k": k, "gemm": gemm, "measured_s": measured[gemm],
                              "predicted_s": predicted[gemm], "measured_tflops": 2 * m * n * k / measured[gemm] / 1e12,
