@@ -22,7 +22,7 @@ pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import test_runtime_harness as harness
 from test_runtime_ep import _ep_plan
-from test_runtime_harness import MODELS, batches, loss_fn, plan_dict
+from test_runtime_harness import MODELS, batches, checkpoint_path, loss_fn, plan_dict, wrapped_step
 
 pytestmark = pytest.mark.slow
 
@@ -93,37 +93,27 @@ def _optimizer(move: Move) -> tuple[Any, ...]:
     return torch.optim.SGD, {"lr": harness.LR, "momentum": harness.MOMENTUM}
 
 
-def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> float:
-    loss = model.train_step(model.shard_batch(batches()[step]), loss_fn)
-    opt.step()
-    opt.zero_grad()
-    return loss.item()
-
-
-def _path(root: str | Path, move: Move) -> Path:
-    return Path(root) / (f"{move.name}.pt" if move.full else move.name)
-
-
 def _move(move: Move, root: str) -> dict[str, Any]:
     from galvatron.runtime import checkpoint
 
-    path = _path(root, move)
+    path = checkpoint_path(root, move)
     if move.dst is None:  # the parent saved the plain model after one step
         other, other_opt = _wrapped(move.src, move)
         checkpoint.load(other, path, other_opt)
         loaded = checkpoint.full_state_dict(other)
-        return {"loaded": loaded, "loss": _step(other, other_opt, 1), "continued": checkpoint.full_state_dict(other)}
+        return {"loaded": loaded, "loss": wrapped_step(other, other_opt, 1),
+                "continued": checkpoint.full_state_dict(other)}
     model, opt = _wrapped(move.src, move)
-    _step(model, opt, 0)
+    wrapped_step(model, opt, 0)
     checkpoint.save(model, path, opt, full=move.full)
     saved = checkpoint.full_state_dict(model)
-    loss = _step(model, opt, 1)
+    loss = wrapped_step(model, opt, 1)
     expected = checkpoint.full_state_dict(model)
     other, other_opt = _wrapped(move.dst, move)
     checkpoint.load(other, path, other_opt)
     loaded = checkpoint.full_state_dict(other)
     return {"saved": saved, "loaded": loaded, "expected": expected, "expected_loss": loss,
-            "loss": _step(other, other_opt, 1), "continued": checkpoint.full_state_dict(other)}
+            "loss": wrapped_step(other, other_opt, 1), "continued": checkpoint.full_state_dict(other)}
 
 
 def _sabotaged(move: Move, root: str) -> str:
@@ -145,13 +135,13 @@ def _sabotaged(move: Move, root: str) -> str:
 
     checkpoint._sharded_experts = drop
     try:
-        checkpoint.save(model, _path(root, move))
+        checkpoint.save(model, checkpoint_path(root, move))
     except CheckpointException as err:
         return f"save: {err}"
     finally:
         checkpoint._sharded_experts = keep
     try:
-        checkpoint.load(_wrapped(move.dst, move)[0], _path(root, move))
+        checkpoint.load(_wrapped(move.dst, move)[0], checkpoint_path(root, move))
     except GalvatronError as err:
         return f"load: {err}"
     return "loaded"
@@ -187,9 +177,10 @@ def _save_plain(root: Path) -> None:
         if move.dst is None:
             model, opt, _ = _plain(move, 1)
             if move.full:
-                torch.save({"model": model.state_dict(), "optimizer": _full_optim(model, opt)}, _path(root, move))
+                torch.save({"model": model.state_dict(), "optimizer": _full_optim(model, opt)},
+                           checkpoint_path(root, move))
             else:
-                checkpoint.save(model, _path(root, move), opt)
+                checkpoint.save(model, checkpoint_path(root, move), opt)
 
 
 def _full_optim(model: torch.nn.Module, opt: torch.optim.Optimizer) -> Any:
@@ -250,9 +241,9 @@ def test_a_single_process_loads_an_expert_parallel_checkpoint(world: int, move: 
     root, ranks = results(world, tmp_path_factory)
     plain = MODELS[move.model]()
     if move.full:
-        plain.load_state_dict(torch.load(_path(root, move), weights_only=False)["model"])
+        plain.load_state_dict(torch.load(checkpoint_path(root, move), weights_only=False)["model"])
     else:
-        checkpoint.load(plain, _path(root, move))
+        checkpoint.load(plain, checkpoint_path(root, move))
     _same(dict(plain.state_dict()), ranks[0][move.name]["saved"])
 
 

@@ -2,9 +2,9 @@
 gloo ranks: the reference MoE GPT (ModuleList experts, a shared expert) and a tiny Hugging Face Mixtral
 (fused experts) with attention TP 2 + SP and expert TP 1, EP 2 (over each TP group's ranks) and EP 4
 (over dp 2 x tp 2), under ZeRO-1 and ZeRO-3, EP 1 (the experts whole on every rank, each routing its
-own tokens) under ZeRO-0, and expert TP 2 inside attention TP 4 (EP 2), dropless, against single-process training (the checks of
-test_runtime_ep: losses, every held parameter slice, every expert parameter held by some rank, 1/(ep x
-etp) of the experts per rank).
+own tokens) under ZeRO-0, and expert TP 2 inside attention TP 4 (EP 2), dropless, against
+single-process training (the checks of test_runtime_ep: losses, every held parameter slice, every
+expert parameter held by some rank, 1/(ep x etp) of the experts per rank).
 
 Any partition of the ranks into EP groups gives the same numbers, so the groups themselves are checked
 too, against Megatron-Core's expert rank order computed here: ETP innermost on adjacent ranks, EP ranks

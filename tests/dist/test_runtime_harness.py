@@ -152,6 +152,19 @@ def train(case: Case) -> dict[str, Any]:
             "opt_state": state}
 
 
+def wrapped_step(model: nn.Module, opt: torch.optim.Optimizer, step: int) -> float:
+    """One ``train_step`` of a wrapped model on batch ``step`` of :func:`batches`, then the optimizer."""
+    loss = model.train_step(model.shard_batch(batches()[step]), loss_fn)
+    opt.step()
+    opt.zero_grad()
+    return loss.item()
+
+
+def checkpoint_path(root: str | Path, case: Any) -> Path:
+    """Where a checkpoint case (``name``; ``full``: one file) is saved under ``root``."""
+    return Path(root) / (f"{case.name}.pt" if case.full else case.name)
+
+
 def _rank_main(cases: list[Case]) -> dict[str, Any]:
     return {case.name: train(case) for case in cases}
 

@@ -23,7 +23,7 @@ pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import test_runtime_harness as harness
 from test_runtime_ep import _ep_plan
-from test_runtime_harness import MODELS, batches, loss_fn, uniform
+from test_runtime_harness import MODELS, batches, checkpoint_path, loss_fn, uniform, wrapped_step
 
 pytestmark = pytest.mark.slow
 
@@ -80,17 +80,6 @@ def _wrapped(plan: Plan, move: Move) -> tuple[torch.nn.Module, torch.optim.Optim
     return model, model.optimizer(cls, **kwargs)
 
 
-def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> float:
-    loss = model.train_step(model.shard_batch(batches()[step]), loss_fn)
-    opt.step()
-    opt.zero_grad()
-    return loss.item()
-
-
-def _path(root: str | Path, move: Move) -> Path:
-    return Path(root) / (f"{move.name}.pt" if move.full else move.name)
-
-
 def _states(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
     from galvatron.runtime import checkpoint
 
@@ -101,19 +90,19 @@ def _move(move: Move, root: str) -> dict[str, Any]:
     from galvatron.runtime import checkpoint
 
     out: dict[str, Any] = {}
-    path = _path(root, BY_NAME[move.saved_by] if move.saved_by else move)
+    path = checkpoint_path(root, BY_NAME[move.saved_by] if move.saved_by else move)
     if move.src is not None:
         model, opt = _wrapped(move.src, move)
-        _step(model, opt, 0)
+        wrapped_step(model, opt, 0)
         assert opt.state, "the optimizer holds state after a step"
         checkpoint.save(model, path, opt, full=move.full)
         out["saved"] = _states(model, opt)
-        out["expected_losses"] = [_step(model, opt, step) for step in (1, 2)]
+        out["expected_losses"] = [wrapped_step(model, opt, step) for step in (1, 2)]
         out["expected"] = checkpoint.full_state_dict(model)
     other, other_opt = _wrapped(move.dst, move)
     checkpoint.load(other, path, other_opt)
     out["loaded"] = _states(other, other_opt)
-    out["losses"] = [_step(other, other_opt, step) for step in (1, 2)]
+    out["losses"] = [wrapped_step(other, other_opt, step) for step in (1, 2)]
     out["continued"] = checkpoint.full_state_dict(other)
     return out
 
@@ -127,13 +116,13 @@ def _sabotaged(root: str) -> str:
 
     move = Move("gpt-dp2-zero1-rank1-state-dropped", "gpt", uniform(2, zero=1), uniform(2))
     model, opt = _wrapped(move.src, move)
-    _step(model, opt, 0)
+    wrapped_step(model, opt, 0)
     if dist.get_rank() == 1:
         for shard in opt._galvatron_shards:
             for piece in shard.pieces:
                 opt.state.pop(piece.shard, None)
     try:
-        checkpoint.save(model, _path(root, move), opt)
+        checkpoint.save(model, checkpoint_path(root, move), opt)
     except GalvatronError as err:
         return str(err)
     return "saved"
@@ -233,11 +222,11 @@ def test_a_single_process_loads_a_zero1_checkpoint(move: Move, tmp_path_factory:
     cls, kwargs = _optimizer(move)
     opt = cls(plain.parameters(), **kwargs)
     if move.full:
-        state = torch.load(_path(root, move), weights_only=False)
+        state = torch.load(checkpoint_path(root, move), weights_only=False)
         plain.load_state_dict(state["model"])
         opt.load_state_dict(_by_index(plain, state["optimizer"]))
     else:
-        checkpoint.load(plain, _path(root, move), opt)
+        checkpoint.load(plain, checkpoint_path(root, move), opt)
     saved = ranks[0][move.name]["saved"]
     _same(dict(plain.state_dict()), saved[0])
     _same_optim(_plain_optim_state(plain, opt), saved[1])
