@@ -516,21 +516,18 @@ def _block_gemm_shapes(layer: LayerSpec, s: LayerStrategy) -> list[tuple[float, 
     attention out (Llama/Megatron layout), then the MLP's up (gate and up when gated) and down per
     routed or shared expert a token visits (MoE: the router first). Column-parallel outputs are
     split over TP; row-parallel outputs (attention out, MLP down) are full ``h`` on every TP rank,
-    partial sums before their reduction. A gated MLP is recognised by its FLOPs per token (``3hf``
-    per expert rather than ``2hf``)."""
+    partial sums before their reduction. A gated MLP is recognised by its FLOPs
+    (:func:`strategies.cost.eager.up_projections`)."""
     h, t = layer.hidden, s.tp
     shapes: list[tuple[float, float]] = []
-    attn = 0.0
     if layer.heads:
         q, kv = layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim
         shapes += [(h, q / t), (h, kv / t), (h, kv / t), (q / t, h)]
-        attn = h * (q + 2 * kv) + q * h
     if layer.ffn_hidden:
         routed = layer.top_k + layer.shared_experts if layer.experts else 1
         if layer.experts:
             shapes.append((h, layer.experts))
-        mlp = layer.flops_per_token / 2 - attn - h * layer.experts
-        ups = 2 if mlp > 2.5 * routed * h * layer.ffn_hidden else 1
+        ups = eager.up_projections(layer)
         for _ in range(routed):
             shapes += [(h, layer.ffn_hidden / t)] * ups + [(layer.ffn_hidden / t, h)]
     return shapes

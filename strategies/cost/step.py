@@ -78,12 +78,9 @@ def device_or_host(sums: Sequence[Any]) -> Any:
     layers catch up behind device-bound ones); only profiles that timed the host apart know its
     share (``LayerCost.host_fwd``), otherwise it is 0 and the device's time stands."""
     host_f, host_b = sums[HOST_FWD], sums[HOST_BWD]
-    if np.ndim(host_f) == 0:
-        if not host_f + host_b:
-            return sums[FB]
-        return max(sums[FWD], host_f) + max(sums[FB] - sums[FWD], host_b)
     both = np.maximum(sums[FWD], host_f) + np.maximum(sums[FB] - sums[FWD], host_b)
-    return np.where(host_f + host_b > 0, both, sums[FB])
+    out = np.where(host_f + host_b > 0, both, sums[FB])
+    return float(out) if np.ndim(out) == 0 else out
 
 
 def combine(sums: Sequence[float], work: float, p2p: float, inflight: float, zero_bubble: bool,
