@@ -60,9 +60,9 @@ OPTIONS = CostOptions(flash_attention=False, dropout=True, overlap_grad_reduce=F
 TITAN_OPTIONS = CostOptions(selective="torchtitan")  # torchtitan's per-op AC: every other GEMM output kept
 
 
-def titan_options(elementwise: str) -> CostOptions:
+def titan_options(elementwise: str, attention_kernel: str | None = None) -> CostOptions:
     """torchtitan: per-op AC (every other GEMM output kept); FSDP2 bf16 parameters, fp32 reduce."""
-    return dataclasses.replace(TITAN_OPTIONS, elementwise=elementwise)
+    return dataclasses.replace(TITAN_OPTIONS, elementwise=elementwise, attention_kernel=attention_kernel)
 
 
 def gpt(hidden: int, layers: int, heads: int) -> ModelSpec:
@@ -153,15 +153,18 @@ def _torchtitan() -> list[dict]:
 
 def _titan_h100() -> list[dict]:
     """torchtitan's Llama 3.1 8B on 8 H100 of 96 GB HBM2e at 2.4 TB/s (the database's H100 SXM with that
-    memory). The 500 W power limit (700 W TDP) is not modelled: GEMMs keep the 700 W MAMF."""
+    memory), attention on FlashAttention-2: PyTorch's SDPA did not pick cuDNN on Hopper in Dec 2024
+    (pytorch/pytorch#142132, nightly 2.6.0.dev20241204: SDPA 329 TFLOP/s where cuDNN ran 631). The
+    500 W power limit (700 W TDP; the source: peak "between SXM and NVL") is not modelled: GEMMs and
+    attention keep the 700 W rates."""
     base = load_cluster("8xH100")
     cluster = dataclasses.replace(base, gpu=dataclasses.replace(base.gpu, hbm_gbps=2400, memory_gib=95.0))
     spec = ModelSpec.from_config("llama3-8b")
     plan = Plan.uniform(spec.num_blocks, global_batch_size=16, num_micro_batches=1, dp=8, zero=3, recompute="selective")
-    fused = cost_plan(plan, spec, cluster, titan_options("fused")).tokens_per_s / 8
+    fused = cost_plan(plan, spec, cluster, titan_options("fused", "flash2")).tokens_per_s / 8
     out = []
     for elementwise, published in TITAN_H100:
-        tps = cost_plan(plan, spec, cluster, titan_options(elementwise)).tokens_per_s / 8
+        tps = cost_plan(plan, spec, cluster, titan_options(elementwise, "flash2")).tokens_per_s / 8
         run = "llama3.1-8b FSDP" + (" + compile" if elementwise == "fused" else "")
         out.append(_row("B", run, elementwise, published, "tok/s/GPU", tps, fused))
     return out

@@ -102,8 +102,8 @@ def local_cpu_cluster(workers: int, *, tflops: float | None = None, gloo_gbps: f
     ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     cpu = GPU(name="cpu", peak_tflops={"fp32": tflops, "bf16": tflops, "fp16": tflops}, memory_gib=ram_gib / workers,
               hbm_gbps=10.0, matmul_efficiency=1.0, matmul_efficiency_fp8=1.0,
-              attention_efficiency={"forward": 0.5, "backward": 0.5}, memory_efficiency=1.0, kernel_overhead_us=20.0,
-              intra_node="loopback", reserved_gib=0.5)
+              attention_kernels={"sdpa": {"forward": 0.5, "backward": 0.5}}, memory_efficiency=1.0,
+              kernel_overhead_us=20.0, intra_node="loopback", reserved_gib=0.5)
     loopback = Link(name="loopback-gloo", gbps=gloo_gbps, efficiency=1.0, latency_us=gloo_latency_us)
     return Cluster(name=f"{workers}xCPU", gpu=cpu, gpus_per_node=workers, nodes=1, intra=loopback, inter=loopback,
                    nics_per_node=1)

@@ -175,7 +175,7 @@ class _Probe:
             return 0.0
         return {"matmul": flops, "kernel": float(kernels)}.get(self.term, 0.0)
 
-    def attention_time(self, flops: float, backward: bool) -> float:
+    def attention_time(self, flops: float, backward: bool, shape: Any = None, kernel: str | None = None) -> float:
         if flops <= 0:
             return 0.0
         return {"attention_bwd" if backward else "attention_fwd": flops, "kernel": 1.0}.get(self.term, 0.0)
@@ -229,9 +229,10 @@ class ProfiledPerf:
             return 0.0
         return flops * self.rates.matmul * self._scale(dtype) + kernels * self.rates.kernel
 
-    def attention_time(self, flops: float, backward: bool) -> float:
+    def attention_time(self, flops: float, backward: bool, shape: Any = None, kernel: str | None = None) -> float:
+        """The profile's fitted seconds per attention FLOP (measured at the profiled shapes and kernel)."""
         if self.rates is None:
-            return self.base.attention_time(flops, backward)
+            return self.base.attention_time(flops, backward, shape, kernel)
         if flops <= 0:
             return 0.0
         per_flop = self.rates.attention_bwd if backward else self.rates.attention_fwd

@@ -48,7 +48,14 @@ class GPU:
     hbm_gbps: float
     matmul_efficiency: float
     matmul_efficiency_fp8: float
-    attention_efficiency: Mapping[str, float]
+    attention_kernels: Mapping[str, Mapping[str, Any]]
+    """Fused attention kernels on this GPU (``flash2``, ``flash3``, ``cudnn``...): for each, the
+    fraction of the 16-bit peak its ``forward`` and ``backward`` reach on long sequences with many
+    heads, one number or a mapping of head dim to fraction (linear in between, flat outside). How
+    shorter sequences and fewer heads fall below it is the cost model's (``DatasheetPerf.attention_time``)."""
+    attention_kernel: str = ""
+    """The kernel PyTorch's ``scaled_dot_product_attention`` picks on this GPU (the first of
+    ``attention_kernels`` when empty)."""
     memory_efficiency: float
     kernel_overhead_us: float
     intra_node: str
@@ -60,6 +67,23 @@ class GPU:
     use its 16-byte-aligned tensor-core kernels at full rate), ``forward`` and ``backward``; empty:
     not measured, no penalty."""
     reserved_gib: float
+
+    def attention_efficiency(self, backward: bool, head_dim: int = 128, kernel: str | None = None) -> float:
+        """Fraction of the 16-bit peak the fused attention ``kernel`` (None: this GPU's default) reaches
+        on long sequences, forward or ``backward``, at ``head_dim``."""
+        name = kernel or self.attention_kernel or next(iter(self.attention_kernels))
+        if name not in self.attention_kernels:
+            raise ConfigError(f"{self.name}: no attention kernel {name!r} in the hardware database (has: "
+                              f"{', '.join(self.attention_kernels)})")
+        value = self.attention_kernels[name]["backward" if backward else "forward"]
+        if not isinstance(value, Mapping):
+            return float(value)
+        dims = sorted(value)
+        if head_dim <= dims[0] or head_dim >= dims[-1]:
+            return float(value[dims[0] if head_dim <= dims[0] else dims[-1]])
+        hi = next(d for d in dims if d >= head_dim)
+        lo = dims[dims.index(hi) - 1]
+        return float(value[lo] + (value[hi] - value[lo]) * (head_dim - lo) / (hi - lo))
 
     def peak_flops(self, dtype: str) -> float:
         """Dense peak FLOP/s for a compute dtype; raises ConfigError where the GPU has no such unit."""
@@ -139,10 +163,27 @@ def load_gpu(name_or_path: str) -> GPU:
     data.setdefault("matmul_efficiency_fp8", data.get("matmul_efficiency"))
     data.setdefault("sms", 0)
     data.setdefault("unaligned_matmul_tflops", {})
+    data.setdefault("attention_kernel", "")
     missing = sorted(_GPU_KEYS - {"kind"} - set(data))
     if missing:
         raise ConfigError(f"GPU {name_or_path}: missing key(s) {', '.join(missing)}")
+    _check_attention(name_or_path, data["attention_kernels"], data["attention_kernel"])
     return GPU(**data)
+
+
+def _check_attention(gpu: str, kernels: Any, default: str) -> None:
+    if not isinstance(kernels, Mapping) or not kernels:
+        raise ConfigError(f"GPU {gpu}: attention_kernels must map kernel names to efficiencies")
+    for name, eff in kernels.items():
+        for direction in ("forward", "backward"):
+            value = eff.get(direction) if isinstance(eff, Mapping) else None
+            values = list(value.values()) if isinstance(value, Mapping) else [value]
+            if not values or not all(isinstance(v, (int, float)) and 0 < v <= 1 for v in values):
+                raise ConfigError(f"GPU {gpu}: attention_kernels.{name}.{direction} must be a fraction in (0, 1] "
+                                  f"or a mapping of head dim to one, got {value!r}")
+    if default and default not in kernels:
+        raise ConfigError(f"GPU {gpu}: attention_kernel {default!r} is not in attention_kernels "
+                          f"({', '.join(kernels)})")
 
 
 def load_cluster(config: str | Path | Mapping[str, Any], **overrides: Any) -> Cluster:

@@ -243,8 +243,8 @@ def local_cluster(world: int) -> Any:
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     cpu = GPU(name="cpu", peak_tflops={"fp32": 0.05, "bf16": 0.05, "fp16": 0.05}, memory_gib=ram / world,
               hbm_gbps=10.0, matmul_efficiency=1.0, matmul_efficiency_fp8=1.0,
-              attention_efficiency={"forward": 0.5, "backward": 0.5}, memory_efficiency=1.0, kernel_overhead_us=20.0,
-              intra_node="loopback", reserved_gib=0.5)
+              attention_kernels={"sdpa": {"forward": 0.5, "backward": 0.5}}, memory_efficiency=1.0,
+              kernel_overhead_us=20.0, intra_node="loopback", reserved_gib=0.5)
     loopback = Link(name="loopback-gloo", gbps=2.0, efficiency=1.0, latency_us=50.0)
     return Cluster(name=f"{world}xCPU", gpu=cpu, gpus_per_node=world, nodes=1, intra=loopback, inter=loopback,
                    nics_per_node=1)

@@ -7,9 +7,9 @@ machine (datasheet numbers by default, a measured profile later).
 from galvatron.strategies.cost.layer import LayerContext, LayerCost, layer_cost
 from galvatron.strategies.cost.model import PlanCost, StageReport, as_perf, cost_plan
 from galvatron.strategies.cost.options import CostOptions
-from galvatron.strategies.cost.perf import Collective, DatasheetPerf, Group, Perf
+from galvatron.strategies.cost.perf import AttentionShape, Collective, DatasheetPerf, Group, Perf
 
 __all__ = [
-    "Collective", "CostOptions", "DatasheetPerf", "Group", "LayerContext", "LayerCost", "Perf", "PlanCost",
-    "StageReport", "as_perf", "cost_plan", "layer_cost",
+    "AttentionShape", "Collective", "CostOptions", "DatasheetPerf", "Group", "LayerContext", "LayerCost", "Perf",
+    "PlanCost", "StageReport", "as_perf", "cost_plan", "layer_cost",
 ]

@@ -25,7 +25,7 @@ from typing import Any
 
 from galvatron.strategies.cost import eager
 from galvatron.strategies.cost.options import CostOptions
-from galvatron.strategies.cost.perf import Collective, Group, Perf
+from galvatron.strategies.cost.perf import AttentionShape, Collective, Group, Perf
 from galvatron.strategies.cost.step import overlapped
 
 from galvatron.plan import CPKind, DType, LayerStrategy, Recompute
@@ -351,8 +351,18 @@ def _attention(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float
     ring = s.ring_degree
     if ring <= 1:
         frac = 0.5 if ctx.causal else 1.0
-        return perf.attention_time(full * frac, False), perf.attention_time(2.5 * full * frac, True), 0.0
+        shape, kernel = _attention_shape(ctx, layer, s, ctx.causal), ctx.options.attention_kernel
+        return (perf.attention_time(full * frac, False, shape, kernel),
+                perf.attention_time(2.5 * full * frac, True, shape, kernel), 0.0)
     return _ring_attention(ctx, layer, s, tok, full)
+
+
+def _attention_shape(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, causal: bool) -> AttentionShape:
+    """One rank's attention kernel call (or one ring step's): its samples times the query heads
+    Ulysses and TP leave it, over the sequence chunk the ring leaves it."""
+    heads = layer.heads / (s.tp * s.ulysses_degree)
+    return AttentionShape(batch_heads=ctx.micro_batch / s.dp * heads, seq=ctx.seq_len / s.ring_degree,
+                          head_dim=layer.head_dim, causal=causal)
 
 
 def _ring_attention(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float,
@@ -368,12 +378,18 @@ def _ring_attention(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: 
     kv_bytes = tok * 2 * layer.kv_heads * layer.head_dim / s.tp * _act_bytes(ctx)
     inter = _group(ctx, s.tp * s.ulysses_degree, r).nodes > 1
     send = perf.p2p_time(kv_bytes, inter)
-    fwd_step, bwd_step = perf.attention_time(step, False), perf.attention_time(2.5 * step, True)
+    kernel = ctx.options.attention_kernel
+    # a causal ring's diagonal block is a causal call; contiguous steps are full blocks, striped and
+    # USP-balanced ones half blocks shaped like a causal call
+    diag_shape = _attention_shape(ctx, layer, s, ctx.causal)
+    step_shape = _attention_shape(ctx, layer, s, ctx.causal and s.cp_kind is not CPKind.RING)
+    fwd_step = perf.attention_time(step, False, step_shape, kernel)
+    bwd_step = perf.attention_time(2.5 * step, True, step_shape, kernel)
     send_bwd = perf.p2p_time(2 * kv_bytes, inter)
     f = ctx.options.overlap_interference
     fwd_x, bwd_x = overlapped(send, fwd_step, f), overlapped(send_bwd, bwd_step, f)
-    fwd = perf.attention_time(diag, False) + (r - 1) * (fwd_step + fwd_x)
-    bwd = perf.attention_time(2.5 * diag, True) + (r - 1) * (bwd_step + bwd_x)
+    fwd = perf.attention_time(diag, False, diag_shape, kernel) + (r - 1) * (fwd_step + fwd_x)
+    bwd = perf.attention_time(2.5 * diag, True, diag_shape, kernel) + (r - 1) * (bwd_step + bwd_x)
     return fwd, bwd, (r - 1) * (fwd_x + bwd_x)
 
 
@@ -665,11 +681,12 @@ def _zero_part(ctx: LayerContext, s: LayerStrategy, acc: dict[str, float], param
     d = group.size
     z = s.zero if d > 1 else 0
     shard = params / d if z >= 1 else params
-    if opts.master_weights == "params" and ctx.dtype is not DType.FP32:
-        # fp32 parameters, sharded by FSDP2 from ZeRO-2 on; the 16-bit copies the forward computes
-        # with (autocast casts, or FSDP2's unsharded ZeRO-2 parameters) live until the backward
+    if opts.master_weights == "params":
+        # fp32 parameters, sharded by FSDP2 from ZeRO-2 on; the copies the forward computes with live
+        # until the backward: autocast's 16-bit casts (ZeRO-0/1 under a 16-bit dtype) and FSDP2's
+        # unsharded ZeRO-2 parameters (16-bit or, under fp32, a second fp32 copy beside the shard)
         acc["params"] += 4 * (params / d if z >= 2 else params)
-        acc["copies"] += pb * params if z <= 2 else 0.0
+        acc["copies"] += pb * params if z == 2 or (z <= 1 and ctx.dtype is not DType.FP32) else 0.0
     else:
         acc["params"] += pb * (params / d if z >= 3 else params)
     acc["grads"] += gb * (params / d if z >= 2 else params)

@@ -18,6 +18,11 @@ class CostOptions:
     flash_attention: bool = True
     """Fused attention (no s x s scores in memory). False: unfused QK^T, softmax, dropout, AV kernels
     as in Megatron-LM 2021-22 (Korthikanti et al. 2022 Eq. 1 keeps 5as bytes per token)."""
+    attention_kernel: str | None = None
+    """The fused attention kernel the stack runs (a key of the GPU's ``attention_kernels`` in the
+    hardware database: ``cudnn``, ``flash2``, ``flash3``...). None: the GPU's default, what PyTorch's
+    ``scaled_dot_product_attention`` picks there today (cuDNN on Hopper from torch 2.10; before,
+    FlashAttention-2 at about half its rate)."""
     dropout: bool = False
     """Dropout after attention and MLP (GPT-3 style): masks kept for backward (Korthikanti Table 2)."""
     persistent_grads: bool | None = None

@@ -19,6 +19,43 @@ GEMM_TILE = (256, 128)
 (CUTLASS ``256x128_64x3`` on Ampere, ``128x256x64`` WGMMA on Hopper); either orientation."""
 
 
+ATTENTION_BLOCK = 128
+"""Query and key rows per tile of fused attention kernels (FlashAttention-2 and cuDNN on Hopper use 64-128)."""
+ATTENTION_CTA_OVERHEAD = {"forward": 1.2, "backward": 2.9}
+"""Fixed work of one attention thread block (loading its query tile, the softmax epilogue, writing the
+output and log-sum-exp; in backward the dq/dk/dv tiles), in units of one tile-by-tile block of the
+main loop; and the fixed device time of one kernel, microseconds (below). Fitted together with the
+hardware database's per-kernel efficiencies to 240 kernel timings (cuDNN and FlashAttention-2,
+head dim 64 and 128, 512 to 32768 tokens, 16 to 256 batch x heads, causal and not) on one H100:
+benchmarks/results/attention_kernels.json."""
+ATTENTION_FIXED_US = {"forward": 3.2, "backward": 2.0}
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """One fused attention call on one rank: ``batch_heads`` (samples x query heads) independent
+    problems of ``seq`` queries against ``seq`` keys of ``head_dim``, under a ``causal`` mask or not."""
+
+    batch_heads: float
+    seq: float
+    head_dim: int
+    causal: bool
+
+    def tile_factor(self, sms: int, backward: bool) -> float:
+        """Time over the time at the kernel's long-sequence rate: each thread block takes one query
+        tile of one head through the key tiles it needs (all of them, or up to the diagonal under a
+        causal mask), plus its fixed work; blocks fill the ``sms`` in waves, and the longest block
+        runs on past the average (half of it, a greedy scheduler's expected tail), or alone when the
+        blocks do not fill one wave. Partial tiles cost whole ones."""
+        c = ATTENTION_CTA_OVERHEAD["backward" if backward else "forward"]
+        n = math.ceil(self.seq / ATTENTION_BLOCK)
+        longest = n + c
+        work = self.batch_heads * ((n * (n + 1) / 2 if self.causal else n * n) + c * n)
+        span = work / sms + longest / 2 if self.batch_heads * n > sms else longest
+        useful = self.batch_heads * (self.seq / ATTENTION_BLOCK) ** 2 / (2 if self.causal else 1)
+        return span * sms / useful
+
+
 class Collective:
     """Names of the collectives the cost model asks about."""
 
@@ -49,7 +86,8 @@ class Perf(Protocol):
 
     def peak_flops(self, dtype: str) -> float: ...
     def matmul_time(self, flops: float, dtype: str, kernels: int) -> float: ...
-    def attention_time(self, flops: float, backward: bool) -> float: ...
+    def attention_time(self, flops: float, backward: bool, shape: AttentionShape | None = None,
+                       kernel: str | None = None) -> float: ...
     def memory_time(self, nbytes: float) -> float: ...
     def collective_time(self, op: str, nbytes: float, group: Group) -> float: ...
     def p2p_time(self, nbytes: float, inter_node: bool) -> float: ...
@@ -113,13 +151,21 @@ class DatasheetPerf:
         write = count * m * n * out_bytes / (gpu.hbm_gbps * 1e9 * gpu.memory_efficiency)
         return flops / (self.peak_flops(dtype) * eff * fill) + write + gpu.kernel_overhead_us * 1e-6
 
-    def attention_time(self, flops: float, backward: bool) -> float:
-        """Fused (flash) attention at the kernel's published fraction of the 16-bit peak."""
+    def attention_time(self, flops: float, backward: bool, shape: AttentionShape | None = None,
+                       kernel: str | None = None) -> float:
+        """Fused (flash) attention: ``flops`` at the ``kernel``'s (None: the GPU's default) long-sequence
+        fraction of the 16-bit peak for the head dim; with its ``shape``, slowed by the kernel's tiles
+        and waves (:meth:`AttentionShape.tile_factor`) plus its fixed device time; without, the fixed
+        cost of one kernel launch."""
         if flops <= 0:
             return 0.0
         gpu = self.cluster.gpu
-        eff = gpu.attention_efficiency["backward" if backward else "forward"]
-        return flops / (self.peak_flops("bf16") * eff) + gpu.kernel_overhead_us * 1e-6
+        eff = gpu.attention_efficiency(backward, shape.head_dim if shape else 128, kernel)
+        time = flops / (self.peak_flops("bf16") * eff)
+        if shape is None or not gpu.sms:
+            return time + gpu.kernel_overhead_us * 1e-6
+        direction = "backward" if backward else "forward"
+        return time * shape.tile_factor(gpu.sms, backward) + ATTENTION_FIXED_US[direction] * 1e-6
 
     def memory_time(self, nbytes: float) -> float:
         """Memory-bound kernels (norms, activations, residuals, optimizer): bytes over achieved HBM rate."""

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 from galvatron.profiler.schema import PhaseTimes
-from galvatron.strategies.cost import Collective, CostOptions, DatasheetPerf, Group, LayerContext, cost_plan, layer_cost
+from galvatron.strategies.cost import (
+    AttentionShape,
+    Collective,
+    CostOptions,
+    DatasheetPerf,
+    Group,
+    LayerContext,
+    cost_plan,
+    layer_cost,
+)
 from galvatron.strategies.cost.layer import _block_gemms, expert_groups, moe_load, tokens_per_rank, zero_terms
 from galvatron.strategies.cost.step import in_flight
 from galvatron.strategies.hardware import load_cluster
@@ -285,3 +296,25 @@ def test_expert_tp_inside_folding_gathers_rows_over_adjacent_ranks() -> None:
     fwd = 2 * t(Collective.ALL_TO_ALL, row / 4, Group(size=4, per_node=4)) + sum(
         t(op, row / 2, Group(size=2, per_node=2)) for op in (Collective.ALL_GATHER, Collective.REDUCE_SCATTER))
     assert layer_cost(ctx, block, s).comm["ep"] == pytest.approx(2 * fwd, rel=1e-12)
+
+
+def test_attention_time_follows_the_measured_kernels() -> None:
+    """The attention term against the committed H100 kernel timings (benchmarks/results/attention_kernels.json):
+    each backend's forward + backward within 8% mean absolute over its 60 shapes; short sequences with few
+    heads run far below the long-sequence rate, as measured."""
+    data = json.loads((Path(__file__).parents[2] / "benchmarks/results/attention_kernels.json").read_text())
+    perf = DatasheetPerf(load_cluster({"gpu": "H100-SXM", "gpus_per_node": 1, "nodes": 1}))
+    errors: dict[str, list[float]] = {}
+    for r in data["rows"]:
+        flops = 4.0 * r["batch"] * r["seq"] ** 2 * r["heads"] * r["head_dim"] / (2 if r["causal"] else 1)
+        shape = AttentionShape(r["batch"] * r["heads"], r["seq"], r["head_dim"], r["causal"])
+        kernel = {"cudnn": "cudnn", "flash": "flash2"}[r["backend"]]
+        predicted = perf.attention_time(flops, False, shape, kernel) + perf.attention_time(2.5 * flops, True, shape,
+                                                                                            kernel)
+        errors.setdefault(kernel, []).append(predicted / (r["forward_s"] + r["backward_s"]) - 1)
+    assert set(errors) == {"cudnn", "flash2"}
+    for errs in errors.values():
+        assert sum(abs(e) for e in errs) / len(errs) < 0.08
+    short, long = AttentionShape(16, 512, 128, True), AttentionShape(256, 16384, 128, True)
+    assert short.tile_factor(132, False) > 3 * long.tile_factor(132, False)
+    assert 1.0 < long.tile_factor(132, False) < 1.1

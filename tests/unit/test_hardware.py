@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 from galvatron.strategies.hardware import gpu_names, load_cluster, load_gpu
 
 from galvatron.errors import ConfigError
-from galvatron.paths import presets
+from galvatron.paths import config_root, presets
 
 
 @pytest.mark.parametrize("name", gpu_names())
@@ -49,3 +52,24 @@ def test_fp8_on_a100_is_a_config_error() -> None:
 def test_bad_clusters_raise_config_error(bad: dict) -> None:
     with pytest.raises(ConfigError):
         load_cluster(bad)
+
+
+def test_attention_efficiency_by_kernel_and_head_dim() -> None:
+    h100 = load_gpu("H100-SXM")
+    assert h100.attention_kernel == "cudnn"
+    cudnn_128, cudnn_64 = h100.attention_efficiency(False, 128), h100.attention_efficiency(False, 64)
+    assert cudnn_64 < h100.attention_efficiency(False, 96) < cudnn_128  # linear between measured head dims
+    assert h100.attention_efficiency(False, 256) == cudnn_128  # flat outside
+    assert h100.attention_efficiency(True, 128, "flash2") < 0.7 * h100.attention_efficiency(True, 128)
+    with pytest.raises(ConfigError, match="no attention kernel 'flash9'"):
+        h100.attention_efficiency(False, 128, "flash9")
+
+
+def test_bad_attention_kernels_raise_config_error(tmp_path: Path) -> None:
+    data = yaml.safe_load((config_root() / "hardware" / "A100-80GB.yaml").read_text())
+    for bad, match in ((dict(data, attention_kernels={"flash2": {"forward": 1.5, "backward": 0.6}}), "fraction"),
+                       (dict(data, attention_kernel="cudnn"), "not in attention_kernels")):
+        path = tmp_path / "gpu.yaml"
+        path.write_text(yaml.safe_dump(bad))
+        with pytest.raises(ConfigError, match=match):
+            load_gpu(str(path))
