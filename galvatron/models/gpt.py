@@ -76,10 +76,12 @@ def rope_cache(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torc
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (B, H, S, D) by the tables already gathered for its positions (B or 1, 1, S, D)."""
+    """Rotate ``x`` (B, H, S, D) by the tables already gathered for its positions (B or 1, 1, S, D), in
+    ``x``'s dtype (the fp32 tables are cast to it, as Hugging Face's Llama does: under autocast a bf16
+    ``x`` times fp32 tables would run the rotation in fp32, three times the memory traffic)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
