@@ -4,7 +4,8 @@
 127.0.0.1, runs ``fn(*args)`` on each and returns the four results. A failure on any rank kills
 the others at once and raises with that rank's traceback; nothing hangs past ``timeout``.
 ``backend="nccl"`` spawns the ranks instead (CUDA cannot be forked), one GPU each; ``fn`` and
-its arguments must then be picklable (module-level). Not imported by ``import galvatron``.
+its arguments must then be picklable (module-level). :class:`LiveBytes` counts the bytes of live
+tensor storages on CPU, where PyTorch keeps no allocator statistics. Not imported by ``import galvatron``.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import pickle
 import tempfile
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 T = TypeVar("T")
 
@@ -127,3 +131,62 @@ def _collect(pipes: list[Any], procs: list[Any], timeout: float) -> list[Any]:
             elif not procs[rank].is_alive() and not conn.poll(0):
                 raise RankFailure(f"rank {rank} died (exit code {procs[rank].exitcode}) without a result")
     return [results[r] for r in range(len(pipes))]
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of live tensor storages made while the mode is active, and their peak: what
+    ``torch.cuda.memory_allocated`` / ``max_memory_allocated`` are on a GPU, for CPU runs.
+
+    Each storage an operator returns is counted once, from its first sighting until it is freed
+    (PyTorch keeps one Python object per storage for its whole life, so a finalizer on it sees the
+    free on any thread); storages resized in place (FSDP2 frees and re-allocates its unsharded
+    parameters so) count at their current size. Storages made before the mode started are not
+    counted. ``with LiveBytes() as live: ...``; ``live.reset_peak()`` starts a new peak.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+        self._resize: Any = None
+
+    def __enter__(self) -> LiveBytes:
+        self._resize = torch.UntypedStorage.resize_
+        mode = self
+
+        def resize_(storage: torch.UntypedStorage, size: int) -> Any:
+            out = mode._resize(storage, size)
+            mode._track(storage)
+            return out
+
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.UntypedStorage.resize_ = self._resize
+        super().__exit__(*exc)
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                local = getattr(t, "_local_tensor", t)  # a DTensor: its local shard
+                if local.device.type != "meta":
+                    self._track(local.untyped_storage())
+        return out
+
+    def _track(self, storage: torch.UntypedStorage) -> None:
+        key, size = id(storage), storage.nbytes()
+        if key not in self._sizes:
+            weakref.finalize(storage, self._free, key)
+            self._sizes[key] = 0
+        self.live += size - self._sizes[key]
+        self._sizes[key] = size
+        self.peak = max(self.peak, self.live)
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key)
