@@ -56,23 +56,11 @@ def flops(shape: dict) -> float:
 
 
 def _kernel_seconds(fn, iters: int) -> tuple[float, list[str]]:
-    """Mean summed device time of the CUDA kernels (and memsets/copies) ``fn`` launches, and the names
-    of the three longest."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
+    """Summed device time of the kernels ``fn`` launches, seconds per call, and the three longest kernels."""
+    from gpu_breakdown import kernel_times
 
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    kernels: dict[str, float] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[e.name] = kernels.get(e.name, 0.0) + e.time_range.elapsed_us()
-    top = sorted(kernels, key=kernels.get, reverse=True)[:3]
-    return sum(kernels.values()) * 1e-6 / iters, [n[:90] for n in top]
+    ms, kernels = kernel_times(fn, iters)
+    return ms * 1e-3, [n[:90] for n in sorted(kernels, key=kernels.get, reverse=True)[:3]]
 
 
 def _sdpa(q, k, v, backend, causal: bool):

@@ -7,7 +7,7 @@ Multiplication Background User's Guide", Tensor Core requirements); eager PyTorc
 while Megatron pads the vocabulary and torch.compile pads the GEMM. For each shape the three GEMMs
 of a linear layer (forward ``x @ W^T``, input gradient ``dY @ W``, weight gradient ``dY^T @ x``) are
 timed with the odd dimension and padded up to a multiple of 64, and the ratio of achieved TFLOP/s
-is reported (``strategies.cost`` reads it from the GPU's ``matmul_unaligned_ratio``).
+is reported (the hardware database keeps the rates as the GPU's ``unaligned_matmul_tflops``).
 
     python benchmarks/gemm_alignment.py --out benchmarks/results/gemm_alignment.json
 """
@@ -21,20 +21,21 @@ import sys
 from pathlib import Path
 
 import torch
-from gpu_breakdown import timed  # median milliseconds over CUDA events
+from gpu_breakdown import kernel_times  # device kernel time, calls back to back
 
 SHAPES = [(4096, 2048, 50257), (8192, 2048, 50257), (4096, 4096, 50257), (8192, 1024, 50257), (4096, 2048, 32003)]
 """(tokens m, hidden k, vocabulary n): GPT-2/GPT-3 and a Llama-2-style vocabulary plus one."""
 
 
 def linear_gemms(m: int, k: int, n: int, dtype: torch.dtype = torch.bfloat16, iters: int = 10) -> dict[str, float]:
-    """Median seconds of the three GEMMs of an (n x k) linear layer over m tokens: forward ``x @ W^T``,
-    input gradient ``dY @ W``, weight gradient ``dY^T @ x``."""
+    """Seconds of device kernel time of the three GEMMs of an (n x k) linear layer over m tokens, each
+    run back to back (``gpu_breakdown.kernel_times``): forward ``x @ W^T``, input gradient ``dY @ W``,
+    weight gradient ``dY^T @ x``."""
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     w = torch.randn(n, k, device="cuda", dtype=dtype)
     dy = torch.randn(m, n, device="cuda", dtype=dtype)
-    return {"forward": timed(lambda: x @ w.t(), iters) / 1e3, "input_grad": timed(lambda: dy @ w, iters) / 1e3,
-            "weight_grad": timed(lambda: dy.t() @ x, iters) / 1e3}
+    calls = {"forward": lambda: x @ w.t(), "input_grad": lambda: dy @ w, "weight_grad": lambda: dy.t() @ x}
+    return {gemm: kernel_times(fn, iters)[0] / 1e3 for gemm, fn in calls.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,25 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
+def kernel_times(fn, iters: int = 10) -> tuple[float, dict[str, float]]:
+    """Device time of the CUDA kernels (memsets and copies included) ``fn`` launches, milliseconds per
+    call, and per kernel name: ``iters`` calls back to back under ``torch.profiler`` after one warm-up
+    call. Unlike :func:`timed`, no host launch time and no idle gaps between calls are counted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    kernels: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[e.name] = kernels.get(e.name, 0.0) + e.time_range.elapsed_us() * 1e-3 / iters
+    return sum(kernels.values()), kernels
+
+
 def timed(fn, iters: int = 10, warmup: int = 3) -> float:
     """Median milliseconds of ``fn`` over ``iters`` runs (CUDA events)."""
     for _ in range(warmup):
@@ -66,12 +85,14 @@ def model_layout(batch: int, heads: int, seq: int, head_dim: int) -> dict[str, o
 
     hidden = heads * head_dim
     x = torch.randn(batch, seq, hidden, device="cuda", dtype=torch.bfloat16)
-    q, k, v = (x.clone().requires_grad_().view(batch, seq, heads, head_dim).transpose(1, 2) for _ in range(3))
-    cos, sin = (t.to("cuda")[None, None] for t in rope_cache(seq, head_dim))
+    q, k, v = (x.clone().requires_grad_().view(batch, seq, heads, head_dim) for _ in range(3))
+    cos, sin = (t.to("cuda")[None, :, None] for t in rope_cache(seq, head_dim))
     out: dict[str, object] = {}
-    layouts = {"model": lambda: (apply_rope(q, cos, sin), apply_rope(k, cos, sin), v),
-               "contiguous": lambda: (apply_rope(q, cos, sin).contiguous(), apply_rope(k, cos, sin).contiguous(),
-                                      v.contiguous())}
+    layouts = {"model": lambda: (apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2),
+                                 v.transpose(1, 2)),
+               "contiguous": lambda: (apply_rope(q, cos, sin).transpose(1, 2).contiguous(),
+                                      apply_rope(k, cos, sin).transpose(1, 2).contiguous(),
+                                      v.transpose(1, 2).contiguous())}
     for layout, make in layouts.items():
         qq, kk, vv = make()
         out[f"{layout}_strides"] = [list(t.stride()) for t in (qq, kk, vv)]

@@ -12,6 +12,7 @@ group for the whole model, while each layer range of a plan reduces over a diffe
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +77,8 @@ class GradientSync:
 
     Buckets launch in reverse registration order (the order backward produces gradients) as
     soon as each is complete; the rest launch and every one is waited for when backward ends.
+    A launched bucket's gradients are views of its flat buffer, reduced and averaged in place
+    (DDP's ``gradient_as_bucket_view``), so gradients are never held twice.
     A parameter without a gradient on some ranks gets the average of the others; one without
     a gradient anywhere keeps ``grad = None`` (as in single-process training).
     """
@@ -99,8 +102,12 @@ class GradientSync:
         self.buckets.append(bucket)
         if not bucket.active:
             return
+        # The hooks live in the parameters' C++ side, out of the garbage collector's sight: through
+        # strong references, parameter -> hook -> bucket -> parameter would keep every parameter
+        # (and all this references) alive after the model is deleted.
+        refs = weakref.ref(self), weakref.ref(bucket)
         for p in params:
-            p.register_post_accumulate_grad_hook(lambda p, b=bucket: self._on_grad(b))
+            p.register_post_accumulate_grad_hook(lambda _, refs=refs: _call_on_grad(*refs))
 
     def reduces(self, p: nn.Parameter) -> bool:
         """Whether ``p``'s gradient is reduced here."""
@@ -148,24 +155,43 @@ class GradientSync:
                 flags.append(1.0)
         flag = torch.tensor(flags, dtype=parts[0].dtype, device=parts[0].device)
         bucket.buffer = torch.cat([*parts, flag])
+        for p, grad, part in zip(bucket.params, _views(bucket), parts, strict=True):
+            if p.grad is not None and part.dtype == grad.dtype:
+                p.grad = _like_param(p, grad)  # the gradient is the buffer's: its own copy is freed now
         bucket.work = dist.all_reduce(bucket.buffer, group=bucket.group, async_op=True) if bucket.size > 1 else None
 
     def _unpack(self, bucket: Bucket) -> None:
+        """Divide the reduced buffer in place; gradients not yet views of it (a parameter without a
+        local gradient, another dtype) take their values from it. The buffer lives on in the views."""
         if bucket.work is not None:
             bucket.work.wait()
-        buffer, n = bucket.buffer, len(bucket.params)
-        counts, offset = buffer[-n:], 0
-        for p, count in zip(bucket.params, counts.tolist(), strict=True):
-            local = local_view(p)
-            grad = buffer[offset: offset + local.numel()].view_as(local) / bucket.divisor
-            offset += local.numel()
+        n = len(bucket.params)
+        counts = bucket.buffer[-n:].tolist()
+        bucket.buffer[:-n].div_(bucket.divisor)
+        for p, grad, count in zip(bucket.params, _views(bucket), counts, strict=True):
             if count == 0:
                 continue
             if p.grad is None:
-                p.grad = _like_param(p, grad.to(p.dtype, copy=True))
-            else:
+                p.grad = _like_param(p, grad if grad.dtype == p.dtype else grad.to(p.dtype))
+            elif local_view(p.grad).data_ptr() != grad.data_ptr():
                 local_view(p.grad).copy_(grad)
         bucket.ready, bucket.work, bucket.buffer = 0, None, None
+
+
+def _call_on_grad(sync: weakref.ref[GradientSync], bucket: weakref.ref[Bucket]) -> None:
+    s, b = sync(), bucket()
+    if s is not None and b is not None:
+        s._on_grad(b)
+
+
+def _views(bucket: Bucket) -> list[torch.Tensor]:
+    """Each parameter's part of ``bucket.buffer``, shaped like its local values."""
+    out, offset = [], 0
+    for p in bucket.params:
+        local = local_view(p)
+        out.append(bucket.buffer[offset: offset + local.numel()].view_as(local))
+        offset += local.numel()
+    return out
 
 
 def _like_param(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:

@@ -141,11 +141,11 @@ def _sequence_layout_facts() -> dict[str, Any]:
     model = galvatron.wrap(MODELS["gpt"](), _cp(world, "striped", cp=world))
     tokens = torch.arange(2 * 8).view(2, 8)
     seen: list[torch.Tensor] = []
-    model.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[1][0]))  # rope cos rows
+    model.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[1][0]))  # rope cos (B, S, 1, D)
     with torch.no_grad():
         model(model.shard_batch(tokens))
     table = model.rope_cos  # row p: position p (rows of one sample's positions are found back in it)
-    positions = [[int((table - row).abs().sum(-1).argmin()) for row in sample[0]] for sample in seen[0]]
+    positions = [[int((table - row).abs().sum(-1).argmin()) for row in sample[:, 0]] for sample in seen[0]]
     return {"tokens": model.shard_batch(tokens).tolist(), "positions": positions}
 
 

@@ -27,7 +27,7 @@ def _backward_ops_and_grads(mode: Recompute) -> tuple[Counter[str], list[torch.T
     apply_recompute(block, mode)
     x = torch.randn(2, 32, 64, requires_grad=True)
     cos, sin = rope_cache(32, 16)
-    out = block(x, (cos[None, None], sin[None, None]))
+    out = block(x, (cos[None, :, None], sin[None, :, None]))
     with _Count() as count:
         out.square().sum().backward()
     return count.ops, [x.grad, *(p.grad for p in block.parameters())]

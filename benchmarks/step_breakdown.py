@@ -1,0 +1,139 @@
+"""Where the device time of one eager training step of the reference GPT goes, kernel by kernel.
+
+The hand-written side of ``benchmarks/gpu_speed.py`` (bf16 autocast over fp32 parameters, SDPA,
+fused AdamW, ``F.cross_entropy(logits.float(), y)``), eager, one GPU: three steps under
+``torch.profiler`` after three warm-up steps; every CUDA kernel's time summed by category (GEMM,
+attention, loss, optimizer, copies and casts, other element-wise and reductions, memsets), next to
+the wall time of a step timed without the profiler (a wall time above the summed kernel time is
+host-bound time or gaps); and the same kernels per ATen op and input shapes (``ops``), and each
+linear layer's three GEMMs run back to back in bf16 outside the model (``linears``: kernel time, the
+GEMM rate without the model's other kernels in between). What the cost model's terms are checked against.
+
+    python benchmarks/step_breakdown.py --out benchmarks/results/step_breakdown.json [--case gpt-1.4b gpt-2b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from gpu_breakdown import kernel_times
+from gpu_speed import CASES, Side, loss_fn
+from torch.profiler import ProfilerActivity, profile
+
+from galvatron.models import GPT
+
+CATEGORIES = (  # first match wins, on the lower-cased kernel name
+    ("attention", ("sdpa", "flash", "fmha", "dot_do_o", "convert_dq")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "splitkreduce")),
+    ("optimizer", ("multi_tensor", "fused_adam", "adam")),
+    ("loss", ("log_softmax", "nll_loss", "softmax")),
+    ("layer_norm", ("layer_norm", "rms_norm")),
+    ("memset", ("memset",)),
+    ("copy/cast", ("copy", "memcpy", "cat")),
+    ("elementwise", ("elementwise", "vectorized", "reduce", "gelu", "add", "mul")),
+)
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    return next((cat for cat, keys in CATEGORIES if any(k in low for k in keys)), "other")
+
+
+def linears(tokens: int, hidden: int, vocab: int, iters: int = 10) -> list[dict]:
+    """Each linear layer of a block (q/k/v, output, MLP up and down) and the head: forward and both
+    backward GEMMs in bf16, back to back, device kernel time per call."""
+    out = []
+    for d_in, d_out in ((hidden, hidden), (hidden, 4 * hidden), (4 * hidden, hidden), (hidden, vocab)):
+        x = torch.randn(tokens, d_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(d_out, d_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(tokens, d_out, device="cuda", dtype=torch.bfloat16)
+
+        def both(x=x, w=w, g=g) -> None:
+            torch.autograd.grad(F.linear(x, w), (x, w), g)
+
+        fwd = kernel_times(lambda x=x, w=w: F.linear(x, w), iters)[0]
+        total = kernel_times(both, iters)[0]
+        flops = 2.0 * tokens * d_in * d_out
+        out.append({"m": tokens, "k": d_in, "n": d_out, "forward_ms": fwd, "backward_ms": total - fwd,
+                    "forward_tflops": flops / fwd / 1e9, "backward_tflops": 2 * flops / (total - fwd) / 1e9})
+        print(f"linear {tokens}x{d_in} -> {d_out}: forward {out[-1]['forward_tflops']:.0f} TFLOP/s, backward "
+              f"{out[-1]['backward_tflops']:.0f}", flush=True)
+    return out
+
+
+def breakdown(case_name: str, steps: int = 3) -> dict:
+    case = CASES[case_name]
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = GPT(case.cfg).to(device)
+    side = Side("hand-written", model, model, device, autocast=True, loss=loss_fn)
+    tokens = torch.randint(0, case.cfg.vocab, (case.batch, case.cfg.seq_len + 1), device=device)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    for _ in range(3):
+        side.step(x, y)
+    torch.cuda.synchronize()
+    walls = []
+    for _ in range(5):
+        start = time.perf_counter()
+        side.step(x, y)
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - start)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for _ in range(steps):
+            side.step(x, y)
+        torch.cuda.synchronize()
+    ops: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CPU and e.kernels:
+            key = f"{e.name} {e.input_shapes}"[:160]
+            entry = ops.setdefault(key, [0.0, 0.0, 0.0])
+            entry[0] += sum(k.duration for k in e.kernels) * 1e-3 / steps
+            entry[1] += len(e.kernels) / steps
+            entry[2] += 1 / steps
+    kernels: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.setdefault(e.name, []).append(e.time_range.elapsed_us() * 1e-3)
+    cats: dict[str, float] = {}
+    for name, times in kernels.items():
+        cats[category(name)] = cats.get(category(name), 0.0) + sum(times) / steps
+    top = sorted(kernels, key=lambda n: -sum(kernels[n]))[:40]
+    result = {"case": case_name, "batch": case.batch, "seq": case.cfg.seq_len, "layers": case.cfg.layers,
+              "hidden": case.cfg.hidden, "heads": case.cfg.heads, "wall_ms": sorted(walls)[len(walls) // 2] * 1e3,
+              "kernel_ms": sum(cats.values()), "categories_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+              "top_kernels": [{"name": n[:120], "category": category(n), "ms_per_step": sum(kernels[n]) / steps,
+                               "calls_per_step": len(kernels[n]) / steps} for n in top],
+              "ops": [{"op": k, "ms_per_step": v[0], "kernels_per_step": v[1], "calls_per_step": v[2]}
+                      for k, v in sorted(ops.items(), key=lambda kv: -kv[1][0])[:80]],
+              "linears": linears(case.batch * case.cfg.seq_len, case.cfg.hidden, case.cfg.vocab)}
+    print(f"{case_name}: wall {result['wall_ms']:.1f} ms/step, kernels {result['kernel_ms']:.1f} ms: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in result["categories_ms"].items()), flush=True)
+    del side, model
+    torch.cuda.empty_cache()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON path")
+    parser.add_argument("--case", nargs="+", default=["gpt-1.4b", "gpt-2b"], choices=sorted(CASES))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    results = [breakdown(c) for c in args.case]
+    args.out.write_text(json.dumps({"command": "python benchmarks/step_breakdown.py --out ... --case "
+                                    + " ".join(args.case), "date": time.strftime("%Y-%m-%d"),
+                                    "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                    "cases": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
