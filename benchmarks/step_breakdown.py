@@ -90,15 +90,19 @@ def breakdown(case_name: str, steps: int = 3) -> dict:
         torch.cuda.synchronize()
     ops: dict[str, list[float]] = {}
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CPU and e.kernels:
+        if e.device_type == torch.autograd.DeviceType.CPU and e.kernels and e.name.startswith("aten::"):
             key = f"{e.name} {e.input_shapes}"[:160]
             entry = ops.setdefault(key, [0.0, 0.0, 0.0])
             entry[0] += sum(k.duration for k in e.kernels) * 1e-3 / steps
             entry[1] += len(e.kernels) / steps
             entry[2] += 1 / steps
     kernels: dict[str, list[float]] = {}
+    seen: set[tuple[str, int]] = set()  # a kernel once; GPU-side user annotations are not kernels
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
+        annotation = getattr(e, "is_user_annotation", False) or e.name == "Command Buffer Full"
+        key = (e.name, e.time_range.start)
+        if e.device_type == torch.autograd.DeviceType.CUDA and not annotation and key not in seen:
+            seen.add(key)
             kernels.setdefault(e.name, []).append(e.time_range.elapsed_us() * 1e-3)
     cats: dict[str, float] = {}
     for name, times in kernels.items():

@@ -102,7 +102,7 @@ def block_traffic(layer: LayerSpec, s: LayerStrategy, stack: str, act: int) -> T
     total = _norm(layer, res, 4 if autocast else act).scaled(hr, 2) + _residual(res, act).scaled(hr, 2)
     total += _input_grads(layer, res, act).scaled(hr)
     if layer.heads:
-        total += _attention_ops(layer, s, act)
+        total += _attention_ops(layer, s, act, autocast)
     total += _mlp_ops(layer, s, act)
     if layer.experts:  # token permutation (gather, scatter, weighting) per routed row
         total += _op(8, 16, kf=3, kb=3).scaled(layer.hidden * layer.top_k)
@@ -135,14 +135,37 @@ def up_projections(layer: LayerSpec) -> int:
     return 2 if layer.ffn_hidden and mlp > 2.5 * routed * h * layer.ffn_hidden else 1
 
 
-def _attention_ops(layer: LayerSpec, s: LayerStrategy, act: int) -> Traffic:
-    """Rotary embedding of q and k (cast to fp32 ``6``, complex multiply ``8``, cast back ``6``, the
-    same backward), and ``repeat_kv``'s copies of k and v to every query head under GQA (read kv,
-    write q; backward sums them back)."""
+BROADCAST_SLOWDOWN = 2.3
+"""How much longer than its bytes at the streaming rate an eager element-wise kernel takes when an
+operand broadcasts or the output is a strided slice (TensorIterator's non-vectorized path): bf16
+``x * cos`` with ``cos`` of shape (1, S, 1, D) ran at 1.16 TB/s and ``cat`` of two half-head slices at
+0.93 TB/s, where contiguous kernels reach 2.7-3.0 on one H100 (benchmarks/results/step_breakdown.json)."""
+
+
+def _rotate_half_rope(act: int) -> Traffic:
+    """Hugging Face-style rotary embedding per element of q or k, in the activation dtype
+    (``x * cos + cat(-x2, x1) * sin``): ``neg`` of one half (``act``), ``cat`` (``2 act``, strided),
+    two broadcast multiplies (``2 act`` each) and the add (``3 act``). Backward: two broadcast
+    multiplies, ``neg``, each half's gradient zero-filled and copied into place (``2 act`` each),
+    and two adds into the input gradient (``3 act`` each)."""
+    slow = BROADCAST_SLOWDOWN
+    fwd = act + slow * 2 * act + 2 * slow * 2 * act + 3 * act
+    bwd = 2 * slow * 2 * act + act + 2 * 2 * act + 2 * 3 * act
+    return _op(fwd, bwd, kf=5, kb=9)
+
+
+def _attention_ops(layer: LayerSpec, s: LayerStrategy, act: int, autocast: bool) -> Traffic:
+    """Rotary embedding of q and k, and ``repeat_kv``'s copies of k and v to every query head under
+    GQA (read kv, write q; backward sums them back). The rotation: torchtitan's complex form on the
+    ``eager`` stack (cast to fp32 ``6``, broadcast complex multiply ``8``, cast back ``6``, the same
+    backward);
+    Hugging Face's rotate-half form on the ``autocast`` stack (the models the native runtime wraps,
+    the reference GPT included: :func:`_rotate_half_rope`)."""
     q, kv = layer.heads * layer.head_dim / s.tp, layer.kv_heads * layer.head_dim / s.tp
     out = Traffic()
     if layer.rope:
-        rope = _cast(act, 4) + _op(8, 8) + _cast(4, act)
+        slow = BROADCAST_SLOWDOWN  # the complex multiply broadcasts freqs_cis (1, S, 1, D/2) too
+        rope = _rotate_half_rope(act) if autocast else _cast(act, 4) + _op(8 * slow, 8 * slow) + _cast(4, act)
         out += rope.scaled(q) + rope.scaled(kv)
     if layer.kv_heads < layer.heads:
         out += _op(act * (q + kv), act * (q + kv)).scaled(1, 2)

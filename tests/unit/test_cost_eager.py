@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from galvatron.strategies.cost import CostOptions, LayerContext, cost_plan, eager, layer_cost
+from galvatron.strategies.cost.eager import Traffic
 from galvatron.strategies.cost.perf import DatasheetPerf
 from galvatron.strategies.hardware import load_cluster
 
@@ -13,20 +16,35 @@ from galvatron.plan import DType, LayerStrategy, Plan
 from galvatron.spec import ModelSpec
 
 LLAMA = ModelSpec.from_config("llama3-8b")
-GPT_1B = ModelSpec.from_config({"name": "gpt", "layers": 24, "hidden": 2048, "heads": 16, "vocab": 50304,
-                                "seq_len": 2048, "activation": "gelu", "norm": "layernorm", "bias": False,
-                                "position": "learned"})
+GPT_1B_CONFIG = {"name": "gpt", "layers": 24, "hidden": 2048, "heads": 16, "vocab": 50304, "seq_len": 2048,
+                 "activation": "gelu", "norm": "layernorm", "bias": False, "position": "learned"}
+GPT_1B = ModelSpec.from_config(GPT_1B_CONFIG)
 
 
 def test_llama_block_bytes_hand_counted() -> None:
     """torchtitan's Llama block, 16-bit activations: per token h=4096, q=4096, kv=1024, f=14336.
-    Forward: 2 RMSNorms x 36h, 2 residual adds x 6h, rotary 20(q+kv), repeat_kv 2 x 2(q+kv), SwiGLU 10f.
-    Backward: 2 x 92h, 2 x 6h, input-gradient adds (2 for q/k/v, 1 for gate/up) x 6h, the same
-    rotary and repeat_kv bytes, SwiGLU 18f."""
+    Forward: 2 RMSNorms x 36h, 2 residual adds x 6h, rotary (6 + 8 slow + 6)(q+kv) (its complex
+    multiply broadcasts), repeat_kv 2 x 2(q+kv), SwiGLU 10f. Backward: 2 x 92h, 2 x 6h, input-gradient
+    adds (2 for q/k/v, 1 for gate/up) x 6h, the same rotary and repeat_kv bytes, SwiGLU 18f."""
     h, q, kv, f = 4096, 4096, 1024, 14336
+    rope = 12 + 8 * eager.BROADCAST_SLOWDOWN
     t = eager.block_traffic(LLAMA.blocks[0], LayerStrategy(), "eager", 2)
-    assert t.fwd == 2 * 36 * h + 2 * 6 * h + 20 * (q + kv) + 4 * (q + kv) + 10 * f
-    assert t.bwd == 2 * 92 * h + 2 * 6 * h + 3 * 6 * h + 20 * (q + kv) + 4 * (q + kv) + 18 * f
+    assert t.fwd == pytest.approx(2 * 36 * h + 2 * 6 * h + rope * (q + kv) + 4 * (q + kv) + 10 * f)
+    assert t.bwd == pytest.approx(2 * 92 * h + 2 * 6 * h + 3 * 6 * h + rope * (q + kv) + 4 * (q + kv) + 18 * f)
+
+
+def test_rotate_half_rope_under_autocast_hand_counted() -> None:
+    """The reference GPT's (Hugging Face's) rotary embedding per element of q and k in bf16: forward
+    neg of a half (2), cat (4, strided), two broadcast multiplies (4 each), add (6); backward two
+    broadcast multiplies, neg (2), each half's gradient zero-filled and copied (4 each), two adds (6)."""
+    slow = eager.BROADCAST_SLOWDOWN
+    with_rope = ModelSpec.from_config({**GPT_1B_CONFIG, "position": "rope"}).blocks[0]
+    extra = eager.block_traffic(with_rope, LayerStrategy(), "autocast", 2) + Traffic(
+        *(-x for x in dataclasses.astuple(eager.block_traffic(GPT_1B.blocks[0], LayerStrategy(), "autocast", 2))))
+    width = 2 * 2048  # q and k
+    assert extra.fwd == pytest.approx((2 + 4 * slow + 2 * 4 * slow + 6) * width)
+    assert extra.bwd == pytest.approx((2 * 4 * slow + 2 + 2 * 4 + 2 * 6) * width)
+    assert (extra.kernels_fwd, extra.kernels_bwd) == (2 * 5, 2 * 9)
 
 
 def test_autocast_gpt_block_bytes_hand_counted() -> None:
