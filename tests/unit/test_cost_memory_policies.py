@@ -94,6 +94,27 @@ def test_master_weights_layouts() -> None:
     assert z3_par["params"] == pytest.approx(2 * z3_opt["params"])
 
 
+
+def test_fp32_zero2_under_fsdp2_holds_the_shard_and_the_unsharded_parameters() -> None:
+    """fp32 ZeRO-2, ``params`` (FSDP2, galvatron's native runtime): the 1/dp fp32 shard all step, and
+    the unsharded fp32 parameters from the forward to the backward (benchmarks/zero_memory.py
+    measures both); ``optimizer`` (DeepSpeed ZeRO-2) keeps only the whole parameters. ZeRO-1 and
+    ZeRO-3 under fp32 hold no copies."""
+    spec = ModelSpec.from_config("gpt3-1.3b")
+    two = load_cluster({**ONE_H100, "gpus_per_node": 2, "name": "2xH100"})
+    gib = 2**30
+
+    def memory(zero: int, master: str) -> dict[str, float]:
+        plan = Plan.uniform(spec.num_blocks, global_batch_size=2, dp=2, zero=zero, dtype="fp32")
+        return cost_plan(plan, spec, two, CostOptions(master_weights=master)).stages[0].memory_gib
+
+    fsdp2, deepspeed = memory(2, "params"), memory(2, "optimizer")
+    assert fsdp2["params"] * gib == pytest.approx(2 * spec.params, rel=1e-6)
+    assert deepspeed["params"] * gib == pytest.approx(4 * spec.params, rel=1e-6)
+    assert (fsdp2["activations"] - deepspeed["activations"]) * gib == pytest.approx(4 * spec.params, rel=1e-6)
+    for zero in (1, 3):
+        assert memory(zero, "params") == pytest.approx(memory(zero, "optimizer"))
+
 @pytest.mark.parametrize("field", ["selective", "master_weights"])
 def test_unknown_policies_are_refused(field: str) -> None:
     with pytest.raises(ValueError, match=field):
