@@ -60,9 +60,11 @@ def grid(layers: int, world: int, batch: int, dtype: str) -> dict[str, Plan]:
 
 def measure(cfg: GPTConfig, plan: Plan, tokens: torch.Tensor, targets: torch.Tensor, warmup: int,
             steps: int, device: torch.device) -> dict[str, float]:
-    """Slowest rank's median step seconds and the largest peak memory over ranks."""
+    """Slowest rank's median step seconds, the largest peak memory over ranks, and the most any rank
+    had allocated before the plan's model was built (what earlier plans left behind)."""
     import galvatron
 
+    before = _max_over_ranks(torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else 0.0, device)
     torch.manual_seed(0)
     with torch.device(device):
         model = GPT(cfg)
@@ -82,14 +84,19 @@ def measure(cfg: GPTConfig, plan: Plan, tokens: torch.Tensor, targets: torch.Ten
         times.append(time.perf_counter() - start)
     per_step = torch.tensor(times[warmup:], dtype=torch.float64, device=device)
     dist.all_reduce(per_step, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
-    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0],
-                        dtype=torch.float64, device=device)
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    peak = _max_over_ranks(torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0, device)
     del wrapped, model, opt
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"measured_s": statistics.median(per_step.tolist()), "peak_memory_gib": peak.item()}
+    return {"measured_s": statistics.median(per_step.tolist()), "peak_memory_gib": peak,
+            "allocated_before_gib": before}
+
+
+def _max_over_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
 def _sync(device: torch.device) -> None:
