@@ -48,11 +48,10 @@ TORCHTITAN_SOURCE = "pytorch/torchtitan docs/performance.md, Llama 3 on 64 A100 
 TITAN_H100 = [("eager", 5762), ("fused", 6667)]
 TITAN_H100_SOURCE = ("pytorch/torchtitan benchmarks/llama3_h100_202412_torchtitan.md Table 1 "
                      "(FSDP; FSDP + torch.compile)")
-# Our own runs (benchmarks/results/gpu_speed_eager.md, gpu_speed_compiled.md, hand-written side): the reference GPT
-# on one H100 SXM, bf16 autocast over fp32 parameters, fused AdamW, cuDNN SDPA. name, (hidden, layers, heads, seq,
-# batch), step ms eager, step ms compiled
-OWN = [("gpt-1.4b", (2048, 24, 16, 2048, 8), 385.4, 270.3), ("gpt-2b", (4096, 8, 32, 4096, 2), 225.9, 185.4)]
-OWN_SOURCE = "benchmarks/results/gpu_speed_eager.md and gpu_speed_compiled.md (one H100 SXM, hand-written side)"
+# Our own runs (benchmarks/results/gpu_speed_eager.json, gpu_speed_compiled.json, hand-written side): the
+# reference GPT (RoPE, LayerNorm, GELU) on one H100 SXM, bf16 autocast over fp32 parameters, fused AdamW, SDPA.
+OWN = ("gpu_speed_eager.json", "gpu_speed_compiled.json")
+OWN_SOURCE = "benchmarks/results/gpu_speed_eager.json and gpu_speed_compiled.json (one H100 SXM, hand-written side)"
 # Megatron-LM keeps a contiguous gradient buffer for the whole step (persistent_grads)
 # Megatron keeps 16-bit parameters with fp32 copies in the optimizer and recomputes the attention core
 OPTIONS = CostOptions(flash_attention=False, dropout=True, overlap_grad_reduce=False, overlap_param_gather=False,
@@ -174,15 +173,19 @@ def _own() -> list[dict]:
     """The reference GPT on one H100: step time predicted vs measured, eager (autocast) and compiled."""
     out = []
     cluster = load_cluster("8xH100", gpus_per_node=1)
-    for name, (hidden, layers, heads, seq, batch), eager_ms, compiled_ms in OWN:
-        spec = ModelSpec.from_config({"name": name, "layers": layers, "hidden": hidden, "heads": heads, "vocab": 50304,
-                                      "seq_len": seq, "activation": "gelu", "norm": "layernorm", "bias": False,
-                                      "position": "learned"})
-        plan = Plan.uniform(layers, global_batch_size=batch, num_micro_batches=1)
-        fused = cost_plan(plan, spec, cluster, CostOptions()).step_time_s * 1e3
-        eager = cost_plan(plan, spec, cluster, CostOptions(elementwise="autocast")).step_time_s * 1e3
-        out.append(_row("C", f"{name} eager", "autocast", eager_ms, "ms", eager, fused))
-        out.append(_row("C", f"{name} compiled", "fused", compiled_ms, "ms", fused, fused))
+    for path in OWN:
+        for case in json.loads((OUT / path).read_text())["results"]:
+            cfg, compiled = case["config"], case["compiled"]
+            spec = ModelSpec.from_config({"name": case["case"], **{k: cfg[k] for k in (
+                "layers", "hidden", "heads", "kv_heads", "vocab", "seq_len", "activation", "norm", "bias", "position",
+                "ffn_hidden")}})
+            plan = Plan.uniform(cfg["layers"], global_batch_size=case["batch"], num_micro_batches=1)
+            fused = cost_plan(plan, spec, cluster, CostOptions()).step_time_s * 1e3
+            eager = cost_plan(plan, spec, cluster, CostOptions(elementwise="autocast")).step_time_s * 1e3
+            measured = round(case["sides"]["hand-written"]["median_step_s"] * 1e3, 1)
+            run = f"{case['case']} {'compiled' if compiled else 'eager'}"
+            out.append(_row("C", run, "fused" if compiled else "autocast", measured, "ms",
+                            fused if compiled else eager, fused))
     return out
 
 
