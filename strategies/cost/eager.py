@@ -87,8 +87,14 @@ def layer_norm(x: int, compute: int) -> Traffic:
     return _cast(x, compute) + _op(2 * compute, 5 * compute, kf=1, kb=2)
 
 
-def _norm(layer: LayerSpec, residual: int, compute: int) -> Traffic:
-    return rms_norm(residual) if layer.norm == "rmsnorm" else layer_norm(residual, compute)
+def _norm(layer: LayerSpec, residual: int, compute: int, autocast: bool) -> Traffic:
+    """The block's norm. RMSNorm is PyTorch's composite ops on the ``eager`` stack (torchtitan's own
+    ``RMSNorm``; ``nn.RMSNorm`` before torch 2.8) and ``F.rms_norm``'s fused kernel on the ``autocast``
+    stack (the native runtime on current PyTorch: one kernel each way, as fast as ``layer_norm``;
+    benchmarks/results/norm_kernels.json)."""
+    if layer.norm == "rmsnorm" and not autocast:
+        return rms_norm(residual)
+    return layer_norm(residual, compute)
 
 
 def block_traffic(layer: LayerSpec, s: LayerStrategy, stack: str, act: int) -> Traffic:
@@ -99,7 +105,7 @@ def block_traffic(layer: LayerSpec, s: LayerStrategy, stack: str, act: int) -> T
     autocast = stack == "autocast"
     res = 4 if autocast else act
     hr = layer.hidden / (s.tp if s.sp else 1)
-    total = _norm(layer, res, 4 if autocast else act).scaled(hr, 2) + _residual(res, act).scaled(hr, 2)
+    total = _norm(layer, res, 4 if autocast else act, autocast).scaled(hr, 2) + _residual(res, act).scaled(hr, 2)
     total += _input_grads(layer, res, act).scaled(hr)
     if layer.heads:
         total += _attention_ops(layer, s, act, autocast)
