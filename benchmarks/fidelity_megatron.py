@@ -39,10 +39,12 @@ SOURCE = ("Korthikanti et al. 2022, Reducing Activation Recomputation in Large T
 OUT = Path(__file__).parent / "results"
 # Extra check points, reported beside (not in) the Megatron error, each with its stack's CostOptions.elementwise
 # and the fused stack's prediction (what the model said before eager kernels were modelled) beside it.
-# torchtitan docs/performance.md (pytorch/torchtitan, "Llama 3 performance numbers"): FSDP2 on 64 A100 80GB,
-# local batch 1 at 8192 tokens, eager PyTorch. model, recompute (8B: selective op AC, 70B: full AC), tok/s/GPU
-TORCHTITAN = [("llama3-8b", "selective", 2973), ("llama3-70b", "full", 331)]
-TORCHTITAN_SOURCE = "pytorch/torchtitan docs/performance.md, Llama 3 on 64 A100 80GB with FSDP2 (local batch 1)"
+# torchtitan docs/performance.md (pytorch/torchtitan, "Llama 3 / Llama 2 performance numbers"): FSDP2 on 64 A100
+# 80GB, eager PyTorch, Llama 3 at 8192 tokens, Llama 2 at 4096. model, recompute (selective: op AC), local batch,
+# tok/s/GPU. The "selective layer" rows (full AC on every other block) are left out.
+TORCHTITAN = [("llama3-8b", "selective", 1, 2973), ("llama3-70b", "full", 1, 331), ("llama2-13b", "none", 2, 2162),
+              ("llama2-13b", "selective", 2, 1904), ("llama2-70b", "selective", 1, 355), ("llama2-70b", "full", 2, 353)]
+TORCHTITAN_SOURCE = "pytorch/torchtitan docs/performance.md, Llama 3 and Llama 2 on 64 A100 80GB with FSDP2"
 # torchtitan benchmarks/llama3_h100_202412_torchtitan.md Table 1: Llama 3.1 8B, FSDP on 8 H100 (Grand Teton:
 # 96 GB HBM2e at 2.4 TB/s, default 500 W power limit), local batch 2 x 8192, selective (op) AC. stack, TPS/GPU
 TITAN_H100 = [("eager", 5762), ("fused", 6667)]
@@ -141,12 +143,12 @@ def _torchtitan() -> list[dict]:
     """torchtitan's FSDP2 runs on 64 A100: throughput per GPU predicted vs published."""
     out = []
     cluster = load_cluster("64xA100-80GB")
-    for model, recompute, published in TORCHTITAN:
+    for model, recompute, local_batch, published in TORCHTITAN:
         spec = ModelSpec.from_config(model)
-        plan = Plan.uniform(spec.num_blocks, global_batch_size=64, num_micro_batches=1, dp=64, zero=3,
+        plan = Plan.uniform(spec.num_blocks, global_batch_size=64 * local_batch, num_micro_batches=1, dp=64, zero=3,
                             recompute=recompute)
         tps = [cost_plan(plan, spec, cluster, titan_options(e)).tokens_per_s / 64 for e in ("eager", "fused")]
-        out.append(_row("A", f"{model} {recompute} AC", "eager", published, "tok/s/GPU", *tps))
+        out.append(_row("A", f"{model} lbs {local_batch} {recompute} AC", "eager", published, "tok/s/GPU", *tps))
     return out
 
 
