@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     spec = ModelSpec.from_config(args.model)
     cluster = cmd_simulate.load_cluster_arg(args.cluster)
-    cmd_simulate.apply_backend(args)
+    cmd_simulate.apply_backend(args, cluster)
     result = cmd_simulate.run_search(args, spec, cluster)
     cmd_simulate.emit(args, list(result.top), result.search_time_s, result.plans_costed, spec, cluster)
     if args.out:

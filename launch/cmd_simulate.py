@@ -5,6 +5,7 @@ plan; ``--plan FILE`` costs a plan file; with neither it searches and reports th
 for the K best). ``--json`` prints one JSON object. ``--backend NAME`` costs plans as that backend
 runs them (its kernels, master weights, selective recomputation: ``galvatron.backends``) and
 searches only plans it executes; without it, the cost model's default stack and every plan.
+``--attention-kernel flash2`` costs attention on that kernel instead of the GPU's default.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=BACKENDS,
                         help="cost plans as this backend runs them and search only plans it executes "
                              "(docs/backends.md); default: the cost model's default stack, every plan")
+    parser.add_argument("--attention-kernel", metavar="NAME",
+                        help="fused attention kernel to cost (a key of the GPU's attention_kernels in "
+                             "configs/hardware: cudnn, flash2, flash3...); default: the GPU's, what PyTorch's "
+                             "SDPA picks there today (FlashAttention-2 on Hopper before torch 2.10)")
     plan = parser.add_argument_group("plan (uniform; leave all out to search)")
     plan.add_argument("--plan", metavar="FILE", help="cost this plan file")
     for flag in ("tp", "pp", "dp", "cp", "ep", "vpp"):
@@ -56,21 +61,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     space.add_argument("--cp-kinds", help="comma-separated context-parallel kinds to try (default: all)")
 
 
-def apply_backend(args: argparse.Namespace) -> None:
-    """``--backend``: that backend's cost options and search restrictions on ``args``."""
-    if not getattr(args, "backend", None):
-        return
+def apply_backend(args: argparse.Namespace, cluster: Any = None) -> None:
+    """``--backend``: that backend's cost options and search restrictions on ``args``;
+    ``--attention-kernel``: that kernel in the cost options (checked against ``cluster``'s GPU)."""
+    import dataclasses
+
     from galvatron.strategies.cost import CostOptions
 
-    caps = capabilities(args.backend)
-    args.restrict, args.uniform = {"capabilities": caps.features}, args.uniform or caps.uniform
-    args.cost_options = CostOptions(**caps.cost_options())
+    if getattr(args, "backend", None):
+        caps = capabilities(args.backend)
+        args.restrict, args.uniform = {"capabilities": caps.features}, args.uniform or caps.uniform
+        args.cost_options = CostOptions(**caps.cost_options())
+    kernel = getattr(args, "attention_kernel", None)
+    if kernel:
+        if cluster is not None:
+            cluster.gpu.attention_efficiency(False, 128, kernel)  # ConfigError naming the GPU's kernels
+        base = getattr(args, "cost_options", None) or CostOptions()
+        args.cost_options = dataclasses.replace(base, attention_kernel=kernel)
 
 
 def run(args: argparse.Namespace) -> int:
     spec = ModelSpec.from_config(args.model)
     cluster = load_cluster_arg(args.cluster)
-    apply_backend(args)
+    apply_backend(args, cluster)
     if args.plan or any(getattr(args, f) not in (None, False) for f in _PLAN_FLAGS):
         return _simulate_one(args, spec, cluster)
     result = run_search(args, spec, cluster)

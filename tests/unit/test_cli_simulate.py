@@ -65,3 +65,18 @@ def test_simulate_costs_a_plan_as_the_backend_runs_it(capsys: pytest.CaptureFixt
         out[backend] = json.loads(capsys.readouterr().out)
     assert out["native"]["step_time_s"] > out["megatron"]["step_time_s"]  # unfused kernels, elementwise redone
     assert out["native"]["peak_memory_gib"] < out["megatron"]["peak_memory_gib"]  # keeps only GEMM outputs
+
+
+def test_simulate_attention_kernel(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--attention-kernel`` costs attention on that kernel (FlashAttention-2 runs at about half cuDNN's
+    rate on an H100); a kernel the GPU's database entry lacks is a clear error."""
+    flags = ["simulate", "--model", "llama3-8b", "--cluster", "8xH100", "--zero", "3", "--recompute", "selective",
+             "--global-batch", "16", "--json"]
+    times = {}
+    for kernel in (None, "cudnn", "flash2"):
+        assert main(flags + (["--attention-kernel", kernel] if kernel else [])) == 0
+        times[kernel] = json.loads(capsys.readouterr().out)["step_time_s"]
+    assert times[None] == times["cudnn"] < times["flash2"]
+    assert main(["simulate", "--model", "llama3-8b", "--cluster", "8xA100-80GB", "--attention-kernel", "cudnn"]) == 1
+    err = capsys.readouterr().err
+    assert "no attention kernel 'cudnn'" in err and "flash2" in err and "Traceback" not in err
