@@ -197,6 +197,10 @@ def search_plan(spec: ModelSpec, world: int, example_batch: Any = None, options:
 
     stack = CostOptions(**capabilities(backend).cost_options())  # how the backend runs a plan
     cluster = local_cluster(world)
+    if torch.cuda.is_available() and backend == "native":  # the attention kernel SDPA picks on this machine
+        kernel = sdpa_kernel(torch.__version__, torch.backends.cudnn.version(), torch.cuda.get_device_capability())
+        if kernel in cluster.gpu.attention_kernels:
+            stack = dataclasses.replace(stack, attention_kernel=kernel)
     if options is not None:
         return search(spec, cluster, options, stack, world_size=world).best.plan
     native = capabilities("native").features
@@ -224,6 +228,17 @@ def search_plan(spec: ModelSpec, world: int, example_batch: Any = None, options:
 _CP_EP = frozenset({"ep", "etp", "cp:ulysses", "cp:ring", "cp:striped", "cp:hybrid"})
 """What the native runtime runs only without a pipeline: context and expert parallelism (with MoE
 Parallel Folding, ``etp``)."""
+
+
+def sdpa_kernel(torch_version: str, cudnn_version: int | None, capability: tuple[int, int]) -> str:
+    """The fused kernel ``F.scaled_dot_product_attention`` runs for bf16 training on a GPU of this
+    compute ``capability`` (hardware-database kernel names): cuDNN's on Hopper and Blackwell from
+    torch 2.10 with cuDNN >= 9.15 (PyTorch's ``check_prefer_cudnn_attention``), FlashAttention-2
+    otherwise."""
+    major_minor = tuple(int(p) for p in torch_version.split("+")[0].split(".")[:2])
+    if capability[0] in (9, 10) and major_minor >= (2, 10) and (cudnn_version or 0) >= 91500:
+        return "cudnn"
+    return "flash2"
 
 
 def local_cluster(world: int) -> Any:

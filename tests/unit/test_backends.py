@@ -306,3 +306,13 @@ def test_native_one_stage_search_offers_expert_tp_the_runtime_accepts() -> None:
                   world_size=4).best.plan
     assert {(g.strategy.sp, g.strategy.etp) for g in plan.groups()} == {(True, 1)}, plan.describe()
     check_supported(model, plan, spec, None)
+
+
+def test_native_search_costs_the_attention_kernel_sdpa_picks() -> None:
+    from galvatron.runtime.apply import sdpa_kernel
+
+    assert sdpa_kernel("2.11.0+cu130", 91900, (9, 0)) == "cudnn"  # the GPU machines here
+    assert sdpa_kernel("2.6.0.dev20241204+cu124", 90100, (9, 0)) == "flash2"  # torchtitan's Dec 2024 runs
+    assert sdpa_kernel("2.11.0", 90800, (9, 0)) == "flash2"  # cuDNN too old for PyTorch to prefer it
+    assert sdpa_kernel("2.11.0", 91900, (8, 0)) == "flash2"  # Ampere
+    assert sdpa_kernel("2.12.0a0+git1234", 91900, (10, 0)) == "cudnn"
