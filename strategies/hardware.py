@@ -62,6 +62,12 @@ class GPU:
     sms: int = 0
     """Streaming multiprocessors (compute units): GEMM output tiles run in waves over them (0: unknown,
     no wave quantisation)."""
+    persistent_gemms: bool = False
+    """cuBLAS runs persistent, warp-specialized GEMM kernels here (Hopper, Blackwell): no wave
+    quantisation and the output written while later tiles compute (``DatasheetPerf.gemm_time``)."""
+    gemm_accumulate_slowdown: float = 1.0
+    """A GEMM adding into an fp32 output reads and writes it after its tiles at this many times the
+    streaming time (1: at the streaming rate; measured where the entry says so)."""
     unaligned_matmul_tflops: Mapping[str, float] = field(default_factory=dict)
     """Measured 16-bit GEMM TFLOP/s when a dimension is not a multiple of 8 elements (cuBLAS cannot
     use its 16-byte-aligned tensor-core kernels at full rate), ``forward`` and ``backward``; empty:
@@ -164,6 +170,8 @@ def load_gpu(name_or_path: str) -> GPU:
     data.setdefault("sms", 0)
     data.setdefault("unaligned_matmul_tflops", {})
     data.setdefault("attention_kernel", "")
+    data.setdefault("persistent_gemms", False)
+    data.setdefault("gemm_accumulate_slowdown", 1.0)
     missing = sorted(_GPU_KEYS - {"kind"} - set(data))
     if missing:
         raise ConfigError(f"GPU {name_or_path}: missing key(s) {', '.join(missing)}")

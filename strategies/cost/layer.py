@@ -311,10 +311,10 @@ def _shared_expert_overlap(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy
 def _gemm_times(ctx: LayerContext, gemms: list[Gemm], flops: float) -> tuple[float, float, float]:
     """Forward, input-gradient and weight-gradient time of ``gemms`` (whose forward FLOPs the spec
     counts as ``flops``). Input gradients are (m x n) by (n x k); weight gradients (k x m) by (m x n),
-    accumulated into the fp32 main gradient (read and written: Megatron's gradient-accumulation
-    fusion). Eager stacks run odd-sized GEMMs (a vocabulary like 50257) unpadded. Without shapes,
-    or on a Perf without ``gemm_time`` (a measured profile), FLOPs at the Perf's GEMM rate for four
-    kernels each way."""
+    added into the fp32 main gradient where the stack does (``CostOptions.wgrad_fp32_accumulation``,
+    Megatron's gradient-accumulation fusion) or written in 16 bits. Eager stacks run odd-sized GEMMs
+    (a vocabulary like 50257) unpadded. Without shapes, or on a Perf without ``gemm_time`` (a measured
+    profile), FLOPs at the Perf's GEMM rate for four kernels each way."""
     perf, dt = ctx.perf, ctx.dtype.value
     gemm = getattr(perf, "gemm_time", None)
     total = sum(2 * m * n * k * count for m, n, k, count in gemms)
@@ -323,11 +323,13 @@ def _gemm_times(ctx: LayerContext, gemms: list[Gemm], flops: float) -> tuple[flo
         return t, t, t
     # eager stacks write 16-bit weight gradients (cast or copied out: eager.param_traffic)
     fused = ctx.options.elementwise == "fused"
-    acc = 2 * ctx.options.grad_bytes if fused else _act_bytes(ctx)
+    acc = ctx.options.wgrad_fp32_accumulation
+    acc = fused if acc is None else acc
     scale = flops / total
     fwd = sum(gemm(m, n, k, dt, count, padded=fused) for m, n, k, count in gemms)
     dgrad = sum(gemm(m, k, n, dt, count, padded=fused, backward=True) for m, n, k, count in gemms)
-    wgrad = sum(gemm(k, n, m, dt, count, out_bytes=acc, padded=fused, backward=True) for m, n, k, count in gemms)
+    wgrad = sum(gemm(k, n, m, dt, count, out_bytes=_act_bytes(ctx), padded=fused, backward=True, accumulate=acc)
+                for m, n, k, count in gemms)
     return scale * fwd, scale * dgrad, scale * wgrad
 
 

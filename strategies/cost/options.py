@@ -76,6 +76,11 @@ class CostOptions:
     parameters (galvatron's native runtime, the reference GPT), with an fp32 residual stream and
     casts before every GEMM. Eager stacks pay one kernel per ATen op, each reading its inputs and
     writing its output, op by op as ``strategies.cost.eager`` lists them."""
+    wgrad_fp32_accumulation: bool | None = None
+    """Weight-gradient GEMMs add into the fp32 gradient (Megatron's ``gradient_accumulation_fusion``,
+    Transformer Engine's ``fuse_wgrad_accumulation``): they read and write it (``DatasheetPerf.gemm_time``
+    ``accumulate``). False: they write a 16-bit gradient the stack then casts or adds (eager PyTorch,
+    FSDP2, ``torch.compile``). None: True exactly on the ``fused`` stack (Megatron's kernels)."""
     grad_bytes: int = 4
     """Bytes per gradient element kept and reduced (fp32 main grads in Megatron, FSDP2 reduce_dtype)."""
     cpu_adam_params_per_s: float = 1e9

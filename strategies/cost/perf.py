@@ -124,32 +124,48 @@ class DatasheetPerf:
         return flops / (self.peak_flops(dtype) * eff) + kernels * gpu.kernel_overhead_us * 1e-6
 
     def gemm_time(self, m: float, n: float, k: float, dtype: str, count: int = 1, out_bytes: float = 2.0,
-                  padded: bool = True, backward: bool = False) -> float:
-        """``count`` GEMMs of (m x k) by (k x n) in one (grouped) kernel. The SMs take the
-        ``GEMM_TILE`` output tiles in waves, so a last partial wave runs at its fill fraction (NVIDIA
-        "Matrix Multiplication Background" guide, wave quantisation); within a wave tiles run at the
-        measured achievable rate (MAMF, a large-K figure); the epilogue writes (or, ``out_bytes`` 8,
-        accumulates into fp32) the output at the streaming HBM rate, which makes small-K GEMMs
-        slower per FLOP; plus the kernel's fixed cost. A 16-bit GEMM with a dimension that is not a
-        multiple of 8 elements runs at the GPU's measured ``unaligned_matmul_tflops`` (forward or
-        ``backward``) unless the stack ``padded`` it (torch.compile's padding, Megatron's padded
-        vocabulary)."""
+                  padded: bool = True, backward: bool = False, accumulate: bool = False) -> float:
+        """``count`` GEMMs of (m x k) by (k x n) in one (grouped) kernel writing ``out_bytes`` per output
+        element, or, ``accumulate``, adding into an fp32 output (Megatron's weight-gradient
+        accumulation into ``main_grad``). The FLOPs run at the measured achievable rate (MAMF).
+
+        On a GPU with ``persistent_gemms`` (cuBLAS's warp-specialized persistent kernels on Hopper and
+        later) tiles balance across the SMs and the output is written while later tiles compute: the
+        time is the FLOPs' or the bytes' (inputs and output at the streaming HBM rate), whichever is
+        longer, plus the kernel's fixed cost. Elsewhere the SMs take ``GEMM_TILE`` output tiles in
+        waves, a last partial wave running at its fill fraction (NVIDIA "Matrix Multiplication
+        Background" guide, wave quantisation: what makes tensor-parallel GEMMs of 2-3 waves slow),
+        and the output is written after the tiles compute. Accumulating into fp32 reads and writes
+        the output after the tiles everywhere, the GPU's ``gemm_accumulate_slowdown`` times slower
+        than streaming. Measured on one H100 (device kernel time, calls back to back;
+        benchmarks/results/gemm_epilogue.json): 16-bit outputs within 2.8-4.1% mean absolute (72
+        GEMMs of 22B-1T tensor-parallel blocks, Mixtral, a 1.4B GPT), accumulation 5.0% (24).
+
+        A 16-bit GEMM with a dimension that is not a multiple of 8 elements runs at the GPU's measured
+        ``unaligned_matmul_tflops`` (forward or ``backward``) unless the stack ``padded`` it
+        (torch.compile's padding, Megatron's padded vocabulary)."""
         if m <= 0 or n <= 0 or k <= 0:
             return 0.0
         gpu = self.cluster.gpu
         flops = 2.0 * m * n * k * count
+        stream = gpu.hbm_gbps * 1e9 * gpu.memory_efficiency
+        overhead = gpu.kernel_overhead_us * 1e-6
+        output = count * m * n * (8 * gpu.gemm_accumulate_slowdown if accumulate else out_bytes) / stream
         rate = gpu.unaligned_matmul_tflops.get("backward" if backward else "forward")
         if not padded and rate and dtype in ("bf16", "fp16") and any(float(d) % 8 for d in (m, n, k)):
-            write = count * m * n * out_bytes / (gpu.hbm_gbps * 1e9 * gpu.memory_efficiency)
-            return flops / (rate * 1e12) + write + gpu.kernel_overhead_us * 1e-6
+            return flops / (rate * 1e12) + output + overhead
         eff = gpu.matmul_efficiency_fp8 if dtype == "fp8" else gpu.matmul_efficiency
+        compute = flops / (self.peak_flops(dtype) * eff)
+        if gpu.persistent_gemms:
+            if accumulate:
+                return compute + output + overhead
+            return max(compute, count * (m * k + k * n) * 2 / stream + output) + overhead
         fill = 1.0
         if gpu.sms:
             tm, tn = GEMM_TILE
             tiles = count * min(math.ceil(m / tm) * math.ceil(n / tn), math.ceil(m / tn) * math.ceil(n / tm))
             fill = tiles / (math.ceil(tiles / gpu.sms) * gpu.sms)
-        write = count * m * n * out_bytes / (gpu.hbm_gbps * 1e9 * gpu.memory_efficiency)
-        return flops / (self.peak_flops(dtype) * eff * fill) + write + gpu.kernel_overhead_us * 1e-6
+        return compute / fill + output + overhead
 
     def attention_time(self, flops: float, backward: bool, shape: AttentionShape | None = None,
                        kernel: str | None = None) -> float:
