@@ -15,6 +15,7 @@ GEMM rate without the model's other kernels in between). What the cost model's t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -67,8 +68,10 @@ def linears(tokens: int, hidden: int, vocab: int, iters: int = 10) -> list[dict]
     return out
 
 
-def breakdown(case_name: str, steps: int = 3) -> dict:
+def breakdown(case_name: str, steps: int = 3, batch: int | None = None, gemms: bool = True) -> dict:
     case = CASES[case_name]
+    if batch:
+        case = dataclasses.replace(case, batch=batch)
     torch.manual_seed(0)
     device = torch.device("cuda")
     model = GPT(case.cfg).to(device)
@@ -115,7 +118,7 @@ def breakdown(case_name: str, steps: int = 3) -> dict:
                                "calls_per_step": len(kernels[n]) / steps} for n in top],
               "ops": [{"op": k, "ms_per_step": v[0], "kernels_per_step": v[1], "calls_per_step": v[2]}
                       for k, v in sorted(ops.items(), key=lambda kv: -kv[1][0])[:80]],
-              "linears": linears(case.batch * case.cfg.seq_len, case.cfg.hidden, case.cfg.vocab)}
+              "linears": linears(case.batch * case.cfg.seq_len, case.cfg.hidden, case.cfg.vocab) if gemms else []}
     print(f"{case_name}: wall {result['wall_ms']:.1f} ms/step, kernels {result['kernel_ms']:.1f} ms: "
           + ", ".join(f"{k} {v:.1f}" for k, v in result["categories_ms"].items()), flush=True)
     del side, model
@@ -127,13 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON path")
     parser.add_argument("--case", nargs="+", default=["gpt-1.4b", "gpt-2b"], choices=sorted(CASES))
+    parser.add_argument("--batch", type=int, nargs="+", help="samples per step instead of the case's (one run each)")
+    parser.add_argument("--no-linears", action="store_true", help="skip the back-to-back linear-layer GEMMs")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
-    results = [breakdown(c) for c in args.case]
+    results = [breakdown(c, batch=b, gemms=not args.no_linears) for c in args.case for b in (args.batch or [None])]
     args.out.write_text(json.dumps({"command": "python benchmarks/step_breakdown.py --out ... --case "
-                                    + " ".join(args.case), "date": time.strftime("%Y-%m-%d"),
+                                    + " ".join(args.case) + (" --batch " + " ".join(map(str, args.batch))
+                                                             if args.batch else "")
+                                    + (" --no-linears" if args.no_linears else ""), "date": time.strftime("%Y-%m-%d"),
                                     "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                     "cases": results}, indent=2) + "\n")
     return 0
