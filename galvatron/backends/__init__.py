@@ -49,6 +49,10 @@ class Capabilities:
     """How its memory-bound ops run (``CostOptions.elementwise``): the native runtime runs the user's
     module eagerly under autocast (unless the user compiles it), DeepSpeed eagerly on 16-bit
     parameters; Megatron-Core fuses."""
+    host_us_per_kernel: float = 33.0
+    """Host time per kernel issued (``CostOptions.host_us_per_kernel``): eager PyTorch under the native
+    runtime and DeepSpeed, as measured on one H100's host; 0 for Megatron-Core (fused kernels; its
+    large runs are device-bound)."""
     loss_bytes_per_logit: float = 12.0
     """The loss's peak bytes per logit (``CostOptions.loss_bytes_per_logit``): the user's eager
     ``F.cross_entropy(logits.float(), y)`` under the native runtime and DeepSpeed; Megatron-Core's
@@ -58,7 +62,7 @@ class Capabilities:
         """``CostOptions`` keyword arguments that describe how this backend runs a plan."""
         return {"persistent_grads": self.persistent_grads, "master_weights": self.master_weights,
                 "selective": self.selective, "elementwise": self.elementwise,
-                "loss_bytes_per_logit": self.loss_bytes_per_logit}
+                "loss_bytes_per_logit": self.loss_bytes_per_logit, "host_us_per_kernel": self.host_us_per_kernel}
 
     def search_options(self) -> dict[str, Any]:
         """``SearchOptions`` keyword arguments that restrict the search to this backend."""
@@ -88,7 +92,7 @@ CAPABILITIES: dict[str, Capabilities] = {
         dtypes=frozenset({DType.FP32, DType.BF16, DType.FP16}),
         per_layer=frozenset({"cp_kind", "cp_ulysses", "recompute"}), uniform=True, gpu_only=True,
         persistent_grads=True, master_weights="optimizer", selective="megatron", elementwise="fused",
-        loss_bytes_per_logit=6.0),
+        loss_bytes_per_logit=6.0, host_us_per_kernel=0.0),
 }
 """Per backend, the plan features it executes (docs/backends.md has the same table in words)."""
 

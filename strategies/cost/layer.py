@@ -185,6 +185,8 @@ def _block(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     if s.recompute is Recompute.SELECTIVE:
         redo = _selective_redo(ctx, layer, s, attn_fwd, ew, t_mm)
     measured = _measured(ctx, layer, s)
+    if measured is None and ctx.options.host_us_per_kernel and ctx.options.elementwise != "fused":
+        c.host_fwd, c.host_bwd = _host_issue(ctx, layer, s)
     if measured is not None:
         _host_times(c, measured)
         scale = measured.backward / (bwd_compute + redo)
@@ -223,6 +225,36 @@ def _measured(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> Any:
     if hook is None:
         return None
     return hook(layer, ctx.micro_batch / s.dp, ctx.seq_len, s.recompute, tp=s.tp, cp=s.cp)
+
+
+def _host_issue(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> tuple[float, float]:
+    """Host seconds to issue a block's forward and backward kernels on an eager stack
+    (``CostOptions.host_us_per_kernel`` each): its memory-bound ops (:mod:`strategies.cost.eager`),
+    each linear layer's GEMM and weight cast (q, k and v apart, as Hugging Face and torchtitan write
+    them; two GEMMs and a gradient cast backward), the attention kernel with its memset (four
+    backward). Megatron's module-level ``selective`` issues the memory-bound ops again in backward;
+    full and op-level selective checkpointing (the native runtime's, torchtitan's) cost their
+    measured multiples (``RECOMPUTE_HOST_FACTOR``)."""
+    ops = eager.block_traffic(layer, s, ctx.options.elementwise, _act_bytes(ctx))
+    linears = (5 + eager.up_projections(layer)) if layer.heads else 1 + eager.up_projections(layer)
+    fwd = ops.kernels_fwd + 2 * linears + (2 if layer.heads else 0)
+    bwd = ops.kernels_bwd + 3 * linears + (4 if layer.heads else 0)
+    us = ctx.options.host_us_per_kernel * 1e-6
+    op_level = s.recompute is Recompute.SELECTIVE and ctx.options.selective in ("matmuls", "torchtitan")
+    if s.recompute is Recompute.FULL or op_level:
+        f, b = RECOMPUTE_HOST_FACTOR[s.recompute]
+        return fwd * us * f, bwd * us * b
+    redo = ops.kernels_fwd if s.recompute is Recompute.SELECTIVE else 0
+    return fwd * us, (bwd + redo) * us
+
+
+RECOMPUTE_HOST_FACTOR = {Recompute.SELECTIVE: (3.0, 2.6), Recompute.FULL: (1.5, 2.0)}
+"""Host time of a block's forward and backward under recomputation over the same block without:
+op-level selective checkpointing (``torch.utils.checkpoint`` with a policy: a dispatch mode sees
+every op, in the forward and again in the recomputation) and full checkpointing (the wrapper, and
+the forward issued again in backward). Medians over the profiled configurations of the GPT-3 XL and
+Llama 3.2 1B blocks on one H100 host: selective forward 3.03 / 3.04, backward 2.44 / 2.80; full 1.54 /
+1.43 and 2.04 / 1.94 (benchmarks/results/profile_fidelity*.profile.yaml)."""
 
 
 def _host_times(c: LayerCost, measured: Any) -> None:

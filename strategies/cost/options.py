@@ -81,6 +81,14 @@ class CostOptions:
     Transformer Engine's ``fuse_wgrad_accumulation``): they read and write it (``DatasheetPerf.gemm_time``
     ``accumulate``). False: they write a 16-bit gradient the stack then casts or adds (eager PyTorch,
     FSDP2, ``torch.compile``). None: True exactly on the ``fused`` stack (Megatron's kernels)."""
+    host_us_per_kernel: float = 0.0
+    """Host microseconds to issue one kernel of an eager stack (Python, dispatcher, autograd, launch):
+    a pass then lasts as long as the slower of the device and the host issuing its kernels
+    (``strategies.cost.step.device_or_host``), which small micro-batches hit. 0: the host is never
+    the bottleneck (the datasheet model's default; a profile measures host time itself). Measured:
+    33 us (the 1.4B reference GPT eager under autocast at one sample per step on one H100 and its
+    host: 80.2 ms per step for 2400 kernels while the device was busy 65.9 ms;
+    benchmarks/results/step_breakdown_small.json); the native and DeepSpeed backends declare it."""
     grad_bytes: int = 4
     """Bytes per gradient element kept and reduced (fp32 main grads in Megatron, FSDP2 reduce_dtype)."""
     cpu_adam_params_per_s: float = 1e9
