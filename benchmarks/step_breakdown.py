@@ -24,10 +24,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from gpu_breakdown import kernel_times
-from gpu_speed import CASES, Side, loss_fn
+from gpu_speed import CASES as SPEED_CASES
+from gpu_speed import Case, Side, loss_fn
 from torch.profiler import ProfilerActivity, profile
 
-from galvatron.models import GPT
+from galvatron.models import GPT, GPTConfig
+
+CASES = {**SPEED_CASES, "gpt3-xl": Case("gpt3-xl", GPTConfig(  # configs/models/gpt3-1.3b.yaml
+    vocab=50257, seq_len=2048, layers=24, hidden=2048, heads=16, bias=True, position="learned",
+    tied_embeddings=True), 2)}
 
 CATEGORIES = (  # first match wins, on the lower-cased kernel name
     ("attention", ("sdpa", "flash", "fmha", "dot_do_o", "convert_dq")),
