@@ -14,17 +14,13 @@ the model's prediction for 2-byte and 8-byte (read + write fp32) outputs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
-from galvatron.strategies.cost import DatasheetPerf
-from galvatron.strategies.hardware import load_cluster
-from gpu_breakdown import kernel_times
+from gpu_breakdown import kernel_times, one_gpu_benchmark
 
 # (name, tokens per micro-batch on the rank's GEMMs, hidden, tensor-parallel degree): Korthikanti et al.
 # 2022 Table 3 (seq 2048; 22B micro-batch 4, the others 1; TP 8), Mixtral 8x22B's attention (TP 2, seq 4096),
@@ -40,14 +36,10 @@ def linears(hidden: int, tp: int) -> list[tuple[str, int, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="JSON path")
-    parser.add_argument("--gpu", default="H100-SXM", help="hardware database entry to predict with")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+    setup = one_gpu_benchmark(__doc__, argv)
+    if setup is None:
         return 2
-    perf = DatasheetPerf(load_cluster({"gpu": args.gpu, "gpus_per_node": 1, "nodes": 1, "name": "one"}))
+    args, perf = setup
     bf16, fp32 = torch.bfloat16, torch.float32
     rows = []
     for case, tokens, hidden, tp in CASES:

@@ -11,7 +11,6 @@ compared with ``DatasheetPerf.gemm_time`` for the GPU in the hardware database.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -20,8 +19,8 @@ from pathlib import Path
 import torch
 from galvatron.strategies.cost import DatasheetPerf
 from galvatron.strategies.cost.layer import _block_gemms
-from galvatron.strategies.hardware import load_cluster
 from gemm_alignment import linear_gemms  # the three GEMMs of a linear layer, timed
+from gpu_breakdown import one_gpu_benchmark
 
 from galvatron import ModelSpec
 from galvatron.plan import LayerStrategy
@@ -41,14 +40,10 @@ def _predict(perf: DatasheetPerf, m: int, n: int, k: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="JSON path")
-    parser.add_argument("--gpu", default="H100-SXM", help="hardware database entry to predict with")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+    setup = one_gpu_benchmark(__doc__, argv)
+    if setup is None:
         return 2
-    perf = DatasheetPerf(load_cluster({"gpu": args.gpu, "gpus_per_node": 1, "nodes": 1, "name": "one"}))
+    args, perf = setup
     rows = []
     for name, config, tokens in CASES:
         spec = ModelSpec.from_config(config)

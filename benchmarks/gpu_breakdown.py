@@ -12,10 +12,28 @@ import argparse
 import json
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def one_gpu_benchmark(doc: str, argv: list[str] | None) -> tuple[argparse.Namespace, object] | None:
+    """``--out`` and ``--gpu`` of a one-GPU benchmark that compares with the cost model: the parsed
+    arguments and a ``DatasheetPerf`` for one GPU of that hardware-database entry, or None (with a
+    message) without CUDA."""
+    from galvatron.strategies.cost import DatasheetPerf
+    from galvatron.strategies.hardware import load_cluster
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON path")
+    parser.add_argument("--gpu", default="H100-SXM", help="hardware database entry to predict with")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return None
+    return args, DatasheetPerf(load_cluster({"gpu": args.gpu, "gpus_per_node": 1, "nodes": 1, "name": "one"}))
 
 
 def kernel_times(fn, iters: int = 10) -> tuple[float, dict[str, float]]:
