@@ -130,16 +130,17 @@ class DatasheetPerf:
         accumulation into ``main_grad``). The FLOPs run at the measured achievable rate (MAMF).
 
         On a GPU with ``persistent_gemms`` (cuBLAS's warp-specialized persistent kernels on Hopper and
-        later) tiles balance across the SMs and the output is written while later tiles compute: the
-        time is the FLOPs' or the bytes' (inputs and output at the streaming HBM rate), whichever is
-        longer, plus the kernel's fixed cost. Elsewhere the SMs take ``GEMM_TILE`` output tiles in
-        waves, a last partial wave running at its fill fraction (NVIDIA "Matrix Multiplication
-        Background" guide, wave quantisation: what makes tensor-parallel GEMMs of 2-3 waves slow),
-        and the output is written after the tiles compute. Accumulating into fp32 reads and writes
-        the output after the tiles everywhere, the GPU's ``gemm_accumulate_slowdown`` times slower
-        than streaming. Measured on one H100 (device kernel time, calls back to back;
-        benchmarks/results/gemm_epilogue.json): 16-bit outputs within 2.8-4.1% mean absolute (72
-        GEMMs of 22B-1T tensor-parallel blocks, Mixtral, a 1.4B GPT), accumulation 5.0% (24).
+        later) tiles balance across the SMs (only fewer tiles than SMs leave some idle) and the output
+        is written while later tiles compute: the time is the FLOPs' or the bytes' (inputs and output
+        at the streaming HBM rate), whichever is longer, plus the kernel's fixed cost. Elsewhere the
+        SMs take ``GEMM_TILE`` output tiles in waves, a last partial wave running at its fill fraction
+        (NVIDIA "Matrix Multiplication Background" guide, wave quantisation: what makes
+        tensor-parallel GEMMs of 2-3 waves slow), and the output is written after the tiles compute.
+        Accumulating into fp32 reads and writes the output after the tiles everywhere, the GPU's
+        ``gemm_accumulate_slowdown`` times slower than streaming. Measured on one H100 (device kernel
+        time, calls back to back; benchmarks/results/gemm_epilogue.json): 16-bit outputs within
+        2.8-4.1% mean absolute (72 GEMMs of 22B-1T tensor-parallel blocks, Mixtral, a 1.4B GPT),
+        accumulation 5.0% (24).
 
         A 16-bit GEMM with a dimension that is not a multiple of 8 elements runs at the GPU's measured
         ``unaligned_matmul_tflops`` (forward or ``backward``) unless the stack ``padded`` it
@@ -156,15 +157,16 @@ class DatasheetPerf:
             return flops / (rate * 1e12) + output + overhead
         eff = gpu.matmul_efficiency_fp8 if dtype == "fp8" else gpu.matmul_efficiency
         compute = flops / (self.peak_flops(dtype) * eff)
-        if gpu.persistent_gemms:
-            if accumulate:
-                return compute + output + overhead
-            return max(compute, count * (m * k + k * n) * 2 / stream + output) + overhead
-        fill = 1.0
+        tiles = 0
         if gpu.sms:
             tm, tn = GEMM_TILE
             tiles = count * min(math.ceil(m / tm) * math.ceil(n / tn), math.ceil(m / tn) * math.ceil(n / tm))
-            fill = tiles / (math.ceil(tiles / gpu.sms) * gpu.sms)
+        if gpu.persistent_gemms:
+            compute /= min(1.0, tiles / gpu.sms) if tiles else 1.0  # fewer tiles than SMs leave SMs idle
+            if accumulate:
+                return compute + output + overhead
+            return max(compute, count * (m * k + k * n) * 2 / stream + output) + overhead
+        fill = tiles / (math.ceil(tiles / gpu.sms) * gpu.sms) if tiles else 1.0
         return compute / fill + output + overhead
 
     def attention_time(self, flops: float, backward: bool, shape: AttentionShape | None = None,
