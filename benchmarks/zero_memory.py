@@ -48,7 +48,8 @@ def plan_of(name: str, batch: int) -> Plan:
 def predicted(plan: Plan) -> dict[str, float]:
     """The cost model's peak and its parts (MiB per rank) for ``plan`` as the native runtime runs it."""
     spec = ModelSpec.from_config(CONFIG.to_model_config())
-    cost = cost_plan(plan, spec, local_cluster(plan.world_size), CostOptions(**capabilities("native").cost_options()))
+    stack = CostOptions(**capabilities("native").cost_options(accelerator=False))  # CPU workers
+    cost = cost_plan(plan, spec, local_cluster(plan.world_size), stack)
     return {k: v * 1024 for k, v in cost.stages[0].memory_gib.items()}
 
 

@@ -77,7 +77,8 @@ def search_plan(spec: ModelSpec, world_size: int, *, cluster: object, global_bat
     runnable = frozenset(c for c in ALL_CAPABILITIES if not c.startswith(RUNTIME_LACKS))
     options = SearchOptions(global_batch=global_batch, dtype=dtype, fixed=dict(fixed or {}),
                             capabilities=runnable - frozenset(exclude))
-    native = CostOptions(**capabilities("native").cost_options())  # how the native runtime runs a plan
+    # how the native runtime runs a plan (CPU workers: the nominal "cpu" GPU of local_cpu_cluster)
+    native = CostOptions(**capabilities("native").cost_options(accelerator=cluster.gpu.name != "cpu"))
     result = search(spec, cluster, options, native, world_size=world_size)
     return PlanChoice(plan=result.best.plan, source="search", predicted_step_s=result.best.step_time_s)
 

@@ -58,11 +58,13 @@ class Capabilities:
     ``F.cross_entropy(logits.float(), y)`` under the native runtime and DeepSpeed; Megatron-Core's
     fused vocab-parallel cross-entropy."""
 
-    def cost_options(self) -> dict[str, Any]:
-        """``CostOptions`` keyword arguments that describe how this backend runs a plan."""
+    def cost_options(self, accelerator: bool = True) -> dict[str, Any]:
+        """``CostOptions`` keyword arguments that describe how this backend runs a plan; on CPU
+        workers (not ``accelerator``) the host is the device, so no separate host side."""
         return {"persistent_grads": self.persistent_grads, "master_weights": self.master_weights,
                 "selective": self.selective, "elementwise": self.elementwise,
-                "loss_bytes_per_logit": self.loss_bytes_per_logit, "host_us_per_kernel": self.host_us_per_kernel}
+                "loss_bytes_per_logit": self.loss_bytes_per_logit,
+                "host_us_per_kernel": self.host_us_per_kernel if accelerator else 0.0}
 
     def search_options(self) -> dict[str, Any]:
         """``SearchOptions`` keyword arguments that restrict the search to this backend."""

@@ -195,7 +195,7 @@ def search_plan(spec: ModelSpec, world: int, example_batch: Any = None, options:
     from galvatron.backends import capabilities
     from galvatron.strategies.cost import CostOptions
 
-    stack = CostOptions(**capabilities(backend).cost_options())  # how the backend runs a plan
+    stack = CostOptions(**capabilities(backend).cost_options(torch.cuda.is_available()))  # how the backend runs a plan
     cluster = local_cluster(world)
     if torch.cuda.is_available() and backend == "native":  # the attention kernel SDPA picks on this machine
         kernel = sdpa_kernel(torch.__version__, torch.backends.cudnn.version(), torch.cuda.get_device_capability())

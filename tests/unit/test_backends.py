@@ -302,8 +302,8 @@ def test_native_one_stage_search_offers_expert_tp_the_runtime_accepts() -> None:
     spec = describe(model, torch.zeros(8, 64, dtype=torch.long), keep_seq_len=True)
     options = SearchOptions(global_batch=8, dtype=DType.FP32, capabilities=capabilities("native").features | _CP_EP,
                             uniform=True, fixed={"pp": 1, "tp": 2, "offload": False})
-    plan = search(spec, local_cluster(4), options, CostOptions(**capabilities("native").cost_options()),
-                  world_size=4).best.plan
+    stack = CostOptions(**capabilities("native").cost_options(accelerator=False))
+    plan = search(spec, local_cluster(4), options, stack, world_size=4).best.plan
     assert {(g.strategy.sp, g.strategy.etp) for g in plan.groups()} == {(True, 1)}, plan.describe()
     check_supported(model, plan, spec, None)
 
@@ -316,3 +316,9 @@ def test_native_search_costs_the_attention_kernel_sdpa_picks() -> None:
     assert sdpa_kernel("2.11.0", 90800, (9, 0)) == "flash2"  # cuDNN too old for PyTorch to prefer it
     assert sdpa_kernel("2.11.0", 91900, (8, 0)) == "flash2"  # Ampere
     assert sdpa_kernel("2.12.0a0+git1234", 91900, (10, 0)) == "cudnn"
+
+
+def test_eager_backends_declare_a_host_side_on_accelerators_only() -> None:
+    assert capabilities("native").cost_options()["host_us_per_kernel"] > 0
+    assert capabilities("native").cost_options(accelerator=False)["host_us_per_kernel"] == 0
+    assert capabilities("megatron").cost_options()["host_us_per_kernel"] == 0
