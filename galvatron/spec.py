@@ -63,6 +63,9 @@ class LayerSpec:
     a chain of elementwise ops (the cost model's ``CostOptions.elementwise``)."""
     rope: bool = False
     """Rotary position embedding applied to q and k inside the block."""
+    bias: bool = False
+    """The block's linear layers carry biases (eager backward reduces each output gradient over the
+    tokens for them)."""
 
     @property
     def is_block(self) -> bool:

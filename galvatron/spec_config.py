@@ -126,7 +126,7 @@ class _Arch:
 
     def _shape(self) -> dict[str, Any]:
         return {"hidden": self.h, "heads": self.heads, "kv_heads": self.kv, "head_dim": self.hd,
-                "norm": "layernorm" if self.layernorm else "rmsnorm", "rope": not self.learned_pos}
+                "norm": "layernorm" if self.layernorm else "rmsnorm", "rope": not self.learned_pos, "bias": self.bias}
 
     def embedding(self) -> LayerSpec:
         params = self.vocab * self.h + (self.seq * self.h if self.learned_pos else 0)

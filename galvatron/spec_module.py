@@ -318,6 +318,7 @@ def _block_layer(block: nn.Module, name: str, params: int, flops: float, attn_fl
         head_dim=hidden // heads if heads and hidden else 0,
         experts=experts, top_k=top_k,
         expert_params=expert_params, norm=_norm_kind(block),
+        bias=any(isinstance(m, nn.Linear) and m.bias is not None for m in block.modules()),
     )
 
 

@@ -109,3 +109,24 @@ def test_options_backends_and_specs_declare_the_stack() -> None:
     cfg = GPTConfig(norm="rmsnorm")
     spec = ModelSpec.from_module(GPT(cfg), torch.zeros(2, cfg.seq_len, dtype=torch.long))
     assert spec.blocks[0].norm == "rmsnorm"
+
+
+def test_bias_gradients_read_each_linear_output_once() -> None:
+    """GPT-3 XL's biased linears (q, k, v, out, up, down): backward reads each output gradient once
+    more for its bias, one reduction kernel each; a module with biases is described as such."""
+    import dataclasses as dc
+
+    block = ModelSpec.from_config("gpt3-1.3b").blocks[0]
+    assert block.bias
+    with_bias = eager.block_traffic(block, LayerStrategy(), "autocast", 2)
+    without = eager.block_traffic(dc.replace(block, bias=False), LayerStrategy(), "autocast", 2)
+    h = 2048
+    assert with_bias.bwd - without.bwd == pytest.approx(2 * (3 * h + h + 4 * h + h))
+    assert (with_bias.fwd, with_bias.kernels_bwd - without.kernels_bwd) == (without.fwd, 6)
+    import torch
+
+    from galvatron.runtime.apply import describe
+
+    for bias in (True, False):
+        model = GPT(GPTConfig(vocab=64, seq_len=16, layers=2, hidden=32, heads=4, bias=bias))
+        assert describe(model, torch.zeros(2, 16, dtype=torch.long), keep_seq_len=True).blocks[0].bias is bias
