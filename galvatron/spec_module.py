@@ -319,7 +319,20 @@ def _block_layer(block: nn.Module, name: str, params: int, flops: float, attn_fl
         experts=experts, top_k=top_k,
         expert_params=expert_params, norm=_norm_kind(block),
         bias=any(isinstance(m, nn.Linear) and m.bias is not None for m in block.modules()),
+        rope=bool(heads) and _rope(config),
     )
+
+
+def _rope(config: Any) -> bool:
+    """Whether the model's attention rotates q and k (RoPE), from its config: galvatron's
+    ``GPTConfig.position``, or a rotary base or scaling as Hugging Face configs carry (Llama,
+    Mistral, Mixtral, Qwen: ``rope_theta``; GPT-NeoX: ``rotary_emb_base``)."""
+    if config is None:
+        return False
+    position = getattr(config, "position", None)
+    if isinstance(position, str):
+        return position == "rope"
+    return any(getattr(config, n, None) is not None for n in ("rope_theta", "rotary_emb_base", "rope_scaling"))
 
 
 def _norm_kind(block: nn.Module) -> str:

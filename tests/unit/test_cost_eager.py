@@ -113,7 +113,7 @@ def test_options_backends_and_specs_declare_the_stack() -> None:
 
 def test_bias_gradients_read_each_linear_output_once() -> None:
     """GPT-3 XL's biased linears (q, k, v, out, up, down): backward reads each output gradient once
-    more for its bias, one reduction kernel each; a module with biases is described as such."""
+    more for its bias, one reduction kernel each; a module with biases (and RoPE) is described as such."""
     import dataclasses as dc
 
     block = ModelSpec.from_config("gpt3-1.3b").blocks[0]
@@ -127,6 +127,14 @@ def test_bias_gradients_read_each_linear_output_once() -> None:
 
     from galvatron.runtime.apply import describe
 
-    for bias in (True, False):
-        model = GPT(GPTConfig(vocab=64, seq_len=16, layers=2, hidden=32, heads=4, bias=bias))
-        assert describe(model, torch.zeros(2, 16, dtype=torch.long), keep_seq_len=True).blocks[0].bias is bias
+    for bias, position in ((True, "learned"), (False, "rope")):
+        model = GPT(GPTConfig(vocab=64, seq_len=16, layers=2, hidden=32, heads=4, bias=bias, position=position))
+        block = describe(model, torch.zeros(2, 16, dtype=torch.long), keep_seq_len=True).blocks[0]
+        assert (block.bias, block.rope) == (bias, position == "rope")
+
+
+def test_rope_read_from_hugging_face_configs() -> None:
+    transformers = pytest.importorskip("transformers")
+    from galvatron.spec_module import _rope
+
+    assert _rope(transformers.LlamaConfig()) and not _rope(transformers.GPT2Config())
