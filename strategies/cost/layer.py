@@ -176,7 +176,9 @@ def _block(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     mm = layer.flops_per_token * tok / s.tp
     load = moe_load(ctx, layer, s, tok)
     grouped = ctx.options.moe_grouped_gemm
-    nominal, gemms = _block_gemms(layer, s, tok, 1.0, grouped), _block_gemms(layer, s, tok, load, grouped)
+    separate = ctx.options.elementwise != "fused"  # eager models' own q/k/v and gate/up linears
+    nominal = _block_gemms(layer, s, tok, 1.0, grouped, separate)
+    gemms = _block_gemms(layer, s, tok, load, grouped, separate)
     t_mm, dgrad, wgrad = _gemm_times(ctx, gemms, mm * _gemm_flops(gemms) / (_gemm_flops(nominal) or 1.0))
     attn_fwd, attn_bwd, attn_exposed = _attention(ctx, layer, s, tok)
     ew, ew_bwd = _elementwise_times(ctx, layer, s, tok)
@@ -288,22 +290,28 @@ def moe_load(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float) 
 
 
 def _block_gemms(layer: LayerSpec, s: LayerStrategy, tok: float, load: float = 1.0,
-                 grouped: bool = True) -> list[Gemm]:
+                 grouped: bool = True, separate: bool = False) -> list[Gemm]:
     """A block's forward GEMMs on one rank (Megatron column/row split over ``tp``): QKV, output
     projection, FFN up(+gate) and down; routed experts over the rank's ``experts / ep`` experts split
     over ``etp`` (:attr:`LayerStrategy.expert_tp`), each receiving ``load * c * tok * ep * top_k /
     experts`` tokens (``c``: rows computed per token, :func:`expert_share`; ``load``: the busiest
     rank's share over the mean, :func:`moe_load`), as one grouped GEMM per projection or, not
     ``grouped``, one GEMM per expert (``CostOptions.moe_grouped_gemm``). Empty when the spec lacks
-    the shapes (the caller then uses FLOPs alone)."""
+    the shapes (the caller then uses FLOPs alone). ``separate``: q, k and v, and a gated unit's gate
+    and up projections, are GEMMs of their own (Hugging Face and torchtitan models, run eagerly; the
+    narrow k and v of GQA can fill fewer tiles than the GPU has SMs) instead of Megatron's fused ones."""
     h, q, kv, f = layer.hidden, layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim, layer.ffn_hidden
     up = _up_width(layer)
     if not (h and q and f) or up <= 0:
         return []
     tp = s.tp
-    out: list[Gemm] = [(tok, (q + 2 * kv) / tp, h, 1), (tok, h, q / tp, 1)]
+    attention: list[Gemm] = [(tok, q / tp, h, 1), (tok, kv / tp, h, 1), (tok, kv / tp, h, 1)] if separate else [
+        (tok, (q + 2 * kv) / tp, h, 1)]
+    out: list[Gemm] = [*attention, (tok, h, q / tp, 1)]
     if not layer.experts:
-        return [*out, (tok, up / tp, h, 1), (tok, h, f / tp, 1)]
+        gated = separate and eager.up_projections(layer) == 2
+        ups: list[Gemm] = [(tok, up / 2 / tp, h, 1)] * 2 if gated else [(tok, up / tp, h, 1)]
+        return [*out, *ups, (tok, h, f / tp, 1)]
     local, etp = max(layer.experts // s.ep, 1), s.expert_tp
     per_expert = load * expert_share(s)[1] * tok * s.ep * layer.top_k / layer.experts
     experts = [(per_expert, up / etp, h, local), (per_expert, h, f / etp, local)]

@@ -1,0 +1,198 @@
+"""The ``eager`` stack of the cost model against a torchtitan-style Llama step on one GPU.
+
+torchtitan (2024) writes Llama with its own composite ``RMSNorm`` (``x.float()``, ``pow``, ``mean``,
+``rsqrt``, ``type_as``, ``* weight``), complex rotary embeddings (``view_as_complex(x.float()) *
+freqs_cis``), ``repeat_kv`` copies for GQA, SwiGLU, SDPA, and trains it under FSDP2 with bf16
+parameters for compute (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``) and
+``F.cross_entropy(logits.float(), y)``. This builds that model (Llama 3.2 1B's shape with an untied
+head), wraps every block and the whole model with ``fully_shard`` on a one-rank process group, and
+times training steps (wall and device kernel time by category, as ``step_breakdown`` does) next to
+``cost_plan`` with ``CostOptions(elementwise="eager", wgrad_fp32_accumulation=False)`` for the same plan.
+
+    python benchmarks/titan_eager.py --out benchmarks/results/titan_eager.json
+    python benchmarks/titan_eager.py --compare benchmarks/results/titan_eager.json    # no GPU: the model's terms
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from step_breakdown import category
+from torch.profiler import ProfilerActivity, profile
+
+DIM, LAYERS, HEADS, KV_HEADS, FFN, VOCAB, SEQ, BATCH = 2048, 16, 32, 8, 8192, 128256, 2048, 2
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_f = x.float()
+        return (x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    x_c = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(x_c * freqs).flatten(3).type_as(x)
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        hd = DIM // HEADS
+        self.wq, self.wk = nn.Linear(DIM, HEADS * hd, bias=False), nn.Linear(DIM, KV_HEADS * hd, bias=False)
+        self.wv, self.wo = nn.Linear(DIM, KV_HEADS * hd, bias=False), nn.Linear(HEADS * hd, DIM, bias=False)
+        self.w1, self.w2 = nn.Linear(DIM, FFN, bias=False), nn.Linear(FFN, DIM, bias=False)
+        self.w3 = nn.Linear(DIM, FFN, bias=False)
+        self.attention_norm, self.ffn_norm = RMSNorm(DIM), RMSNorm(DIM)
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        h = self.attention_norm(x)
+        q = rope(self.wq(h).view(b, s, HEADS, -1), freqs)
+        k = rope(self.wk(h).view(b, s, KV_HEADS, -1), freqs)
+        v = self.wv(h).view(b, s, KV_HEADS, -1)
+        rep = HEADS // KV_HEADS  # repeat_kv
+        k = k[:, :, :, None].expand(b, s, KV_HEADS, rep, k.shape[-1]).reshape(b, s, HEADS, -1)
+        v = v[:, :, :, None].expand(b, s, KV_HEADS, rep, v.shape[-1]).reshape(b, s, HEADS, -1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        x = x + self.wo(out.transpose(1, 2).reshape(b, s, -1))
+        h = self.ffn_norm(x)
+        return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+
+
+class Llama(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(VOCAB, DIM)
+        self.layers = nn.ModuleList(Block() for _ in range(LAYERS))
+        self.norm, self.output = RMSNorm(DIM), nn.Linear(DIM, VOCAB, bias=False)
+        hd = DIM // HEADS
+        angles = torch.outer(torch.arange(SEQ).float(), 1.0 / 500000 ** (torch.arange(0, hd, 2).float() / hd))
+        self.register_buffer("freqs", torch.polar(torch.ones_like(angles), angles)[None, :, None, :], persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer(x, self.freqs)
+        return self.output(self.norm(x))
+
+
+def compare(measured: Path) -> int:
+    """The eager stack's prediction for the measured step, in total and by term (GEMMs, attention, the
+    rest: each term's share found by costing the step without it)."""
+    import dataclasses
+
+    from galvatron.strategies.cost import CostOptions, DatasheetPerf, cost_plan
+    from galvatron.strategies.hardware import load_cluster
+
+    from galvatron.plan import Plan
+    from galvatron.spec import ModelSpec
+
+    data = json.loads(measured.read_text())
+    spec = ModelSpec.from_config({"name": "titan-llama", "layers": LAYERS, "hidden": DIM, "heads": HEADS,
+                                  "kv_heads": KV_HEADS, "ffn_hidden": FFN, "vocab": VOCAB, "seq_len": SEQ,
+                                  "activation": "swiglu", "norm": "rmsnorm", "bias": False, "position": "rope"})
+    plan = Plan.uniform(LAYERS, global_batch_size=BATCH, num_micro_batches=1)
+    options = CostOptions(elementwise="eager", wgrad_fp32_accumulation=False)
+    cluster = load_cluster({"gpu": "H100-SXM", "gpus_per_node": 1, "nodes": 1, "name": "one"})
+
+    @dataclasses.dataclass(frozen=True)
+    class Without(DatasheetPerf):
+        term: str = ""
+
+        def gemm_time(self, *a, **k):
+            return 0.0 if self.term == "gemm" else super().gemm_time(*a, **k)
+
+        def attention_time(self, *a, **k):
+            return 0.0 if self.term == "attention" else super().attention_time(*a, **k)
+
+    def ms(term: str = "") -> float:
+        return cost_plan(plan, spec, Without(cluster, term=term), options).step_time_s * 1e3
+
+    total = ms()
+    gemm, attention = total - ms("gemm"), total - ms("attention")
+    cats = data["categories_ms"]
+    rest = data["kernel_ms"] - cats.get("gemm", 0.0) - cats.get("attention", 0.0)
+    print(f"measured: wall {data['wall_ms']:.1f} ms, kernels {data['kernel_ms']:.1f} (GEMMs {cats.get('gemm', 0):.1f}, "
+          f"attention {cats.get('attention', 0):.1f}, the rest {rest:.1f})")
+    print(f"predicted: {total:.1f} ms (GEMMs {gemm:.1f}, attention {attention:.1f}, the rest "
+          f"{total - gemm - attention:.1f}); {total / data['wall_ms'] - 1:+.1%} of the wall time")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="JSON path (measure, needs CUDA)")
+    parser.add_argument("--compare", type=Path, help="a JSON written by --out: print the model's terms beside it")
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args(argv)
+    if args.compare:
+        return compare(args.compare)
+    if not args.out:
+        parser.error("--out or --compare is required")
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29512")
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    torch.manual_seed(0)
+    model = Llama().cuda()
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), device="cuda")
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    walls = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - start)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    cats: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
+            cats[category(e.name)] = cats.get(category(e.name), 0.0) + e.time_range.elapsed_us() * 1e-3
+    result = {"command": f"python benchmarks/titan_eager.py --out {args.out}", "date": time.strftime("%Y-%m-%d"),
+              "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "shape": {"dim": DIM, "layers": LAYERS, "heads": HEADS, "kv_heads": KV_HEADS, "ffn": FFN, "vocab": VOCAB,
+                        "seq": SEQ, "batch": BATCH},
+              "wall_ms": sorted(walls)[len(walls) // 2] * 1e3, "kernel_ms": sum(cats.values()),
+              "categories_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1]))}
+    print(json.dumps(result, indent=1), flush=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
