@@ -175,20 +175,31 @@ def main(argv: list[str] | None = None) -> int:
         step()
         torch.cuda.synchronize()
         walls.append(time.perf_counter() - start)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         step()
         torch.cuda.synchronize()
     cats: dict[str, float] = {}
+    ops: dict[str, list[float]] = {}
+    seen: set[tuple[str, int]] = set()
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
+        key = (e.name, e.time_range.start)
+        if (e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+                and e.name != "Command Buffer Full" and key not in seen):
+            seen.add(key)
             cats[category(e.name)] = cats.get(category(e.name), 0.0) + e.time_range.elapsed_us() * 1e-3
+        elif e.device_type == torch.autograd.DeviceType.CPU and e.kernels and e.name.startswith("aten::"):
+            entry = ops.setdefault(f"{e.name} {e.input_shapes}"[:160], [0.0, 0.0])
+            entry[0] += sum(k.duration for k in e.kernels) * 1e-3
+            entry[1] += 1
     result = {"command": f"python benchmarks/titan_eager.py --out {args.out}", "date": time.strftime("%Y-%m-%d"),
               "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "shape": {"dim": DIM, "layers": LAYERS, "heads": HEADS, "kv_heads": KV_HEADS, "ffn": FFN, "vocab": VOCAB,
                         "seq": SEQ, "batch": BATCH},
               "wall_ms": sorted(walls)[len(walls) // 2] * 1e3, "kernel_ms": sum(cats.values()),
-              "categories_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1]))}
-    print(json.dumps(result, indent=1), flush=True)
+              "categories_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+              "ops": [{"op": k, "ms": v[0], "calls": v[1]}
+                      for k, v in sorted(ops.items(), key=lambda kv: -kv[1][0])[:60]]}
+    print(json.dumps({k: v for k, v in result.items() if k != "ops"}, indent=1), flush=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     dist.destroy_process_group()
     return 0
