@@ -127,6 +127,9 @@ class Cluster:
 
 
 _GPU_KEYS = {f.name for f in dataclasses.fields(GPU)} | {"kind"}
+_GPU_REQUIRED = {f.name for f in dataclasses.fields(GPU)
+                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+"""GPU keys without a default in :class:`GPU` (the others may be left out of a YAML entry)."""
 _CLUSTER_KEYS = {"name", "gpu", "gpus_per_node", "nodes", "intra_node", "inter_node", "nics_per_node",
                  "inter_node_gbps", "intra_node_gbps", "memory_gib"}
 
@@ -167,15 +170,10 @@ def load_gpu(name_or_path: str) -> GPU:
         raise ConfigError(f"unknown GPU key {unknown[0]!r} in {name_or_path}")
     data.pop("kind", None)
     data.setdefault("matmul_efficiency_fp8", data.get("matmul_efficiency"))
-    data.setdefault("sms", 0)
-    data.setdefault("unaligned_matmul_tflops", {})
-    data.setdefault("attention_kernel", "")
-    data.setdefault("persistent_gemms", False)
-    data.setdefault("gemm_accumulate_slowdown", 1.0)
-    missing = sorted(_GPU_KEYS - {"kind"} - set(data))
+    missing = sorted(_GPU_REQUIRED - set(data))
     if missing:
         raise ConfigError(f"GPU {name_or_path}: missing key(s) {', '.join(missing)}")
-    _check_attention(name_or_path, data["attention_kernels"], data["attention_kernel"])
+    _check_attention(name_or_path, data["attention_kernels"], data.get("attention_kernel", ""))
     return GPU(**data)
 
 

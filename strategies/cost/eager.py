@@ -123,8 +123,13 @@ def _bias_grads(layer: LayerSpec, s: LayerStrategy, act: int) -> Traffic:
     Measured in the GPT-3 XL step: 120 ``sum`` kernels, 1.9 ms of 114 (step_breakdown_gpt3xl.json)."""
     h, q, kv = layer.hidden, layer.heads * layer.head_dim / s.tp, layer.kv_heads * layer.head_dim / s.tp
     widths = (q + 2 * kv + h if layer.heads else 0) + layer.ffn_hidden * up_projections(layer) / s.tp + h
-    linears = (3 if layer.heads else 0) + (1 if layer.heads else 0) + up_projections(layer) + 1
-    return _op(0, act * widths / linears, kf=0, kb=1).scaled(1, linears)
+    return _op(0, act * widths, kf=0, kb=linears(layer))
+
+
+def linears(layer: LayerSpec) -> int:
+    """A block's linear layers as eager models write them: q, k, v and the output projection, then
+    the up (and gate) and down projections, each its own module."""
+    return (4 if layer.heads else 0) + up_projections(layer) + 1
 
 
 def _residual(res: int, act: int) -> Traffic:
@@ -176,9 +181,8 @@ def _attention_ops(layer: LayerSpec, s: LayerStrategy, act: int, autocast: bool)
     """Rotary embedding of q and k, and ``repeat_kv``'s copies of k and v to every query head under
     GQA (read kv, write q; backward sums them back). The rotation: torchtitan's complex form on the
     ``eager`` stack (cast to fp32 ``6``, broadcast complex multiply ``8``, cast back ``6``, the same
-    backward);
-    Hugging Face's rotate-half form on the ``autocast`` stack (the models the native runtime wraps,
-    the reference GPT included: :func:`_rotate_half_rope`)."""
+    backward); Hugging Face's rotate-half form on the ``autocast`` stack (the models the native
+    runtime wraps, the reference GPT included: :func:`_rotate_half_rope`)."""
     q, kv = layer.heads * layer.head_dim / s.tp, layer.kv_heads * layer.head_dim / s.tp
     out = Traffic()
     if layer.rope:

@@ -238,7 +238,7 @@ def _host_issue(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> tuple[
     full and op-level selective checkpointing (the native runtime's, torchtitan's) cost their
     measured multiples (``RECOMPUTE_HOST_FACTOR``)."""
     ops = eager.block_traffic(layer, s, ctx.options.elementwise, _act_bytes(ctx))
-    linears = (5 + eager.up_projections(layer)) if layer.heads else 1 + eager.up_projections(layer)
+    linears = eager.linears(layer)
     fwd = ops.kernels_fwd + 2 * linears + (2 if layer.heads else 0)
     bwd = ops.kernels_bwd + 3 * linears + (4 if layer.heads else 0)
     us = ctx.options.host_us_per_kernel * 1e-6
