@@ -51,6 +51,35 @@ def category(name: str) -> str:
     return next((cat for cat, keys in CATEGORIES if any(k in low for k in keys)), "other")
 
 
+def profiled_kernels(prof, steps: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """From a ``torch.profiler`` run of ``steps`` steps with CPU and CUDA activity and shapes: each
+    kernel's durations (ms) by name, every kernel once (GPU-side user annotations are not kernels),
+    and per ATen op and input shapes [kernel ms, kernels, calls] per step."""
+    ops: dict[str, list[float]] = {}
+    kernels: dict[str, list[float]] = {}
+    seen: set[tuple[str, int]] = set()
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CPU and e.kernels and e.name.startswith("aten::"):
+            entry = ops.setdefault(f"{e.name} {e.input_shapes}"[:160], [0.0, 0.0, 0.0])
+            entry[0] += sum(k.duration for k in e.kernels) * 1e-3 / steps
+            entry[1] += len(e.kernels) / steps
+            entry[2] += 1 / steps
+        annotation = getattr(e, "is_user_annotation", False) or e.name == "Command Buffer Full"
+        key = (e.name, e.time_range.start)
+        if e.device_type == torch.autograd.DeviceType.CUDA and not annotation and key not in seen:
+            seen.add(key)
+            kernels.setdefault(e.name, []).append(e.time_range.elapsed_us() * 1e-3)
+    return kernels, ops
+
+
+def categories(kernels: dict[str, list[float]], steps: int) -> dict[str, float]:
+    """Kernel ms per step by :func:`category`."""
+    cats: dict[str, float] = {}
+    for name, times in kernels.items():
+        cats[category(name)] = cats.get(category(name), 0.0) + sum(times) / steps
+    return cats
+
+
 def linears(tokens: int, hidden: int, vocab: int, iters: int = 10) -> list[dict]:
     """Each linear layer of a block (q/k/v, output, MLP up and down) and the head: forward and both
     backward GEMMs in bf16, back to back, device kernel time per call."""
@@ -96,25 +125,8 @@ def breakdown(case_name: str, steps: int = 3, batch: int | None = None, gemms: b
         for _ in range(steps):
             side.step(x, y)
         torch.cuda.synchronize()
-    ops: dict[str, list[float]] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CPU and e.kernels and e.name.startswith("aten::"):
-            key = f"{e.name} {e.input_shapes}"[:160]
-            entry = ops.setdefault(key, [0.0, 0.0, 0.0])
-            entry[0] += sum(k.duration for k in e.kernels) * 1e-3 / steps
-            entry[1] += len(e.kernels) / steps
-            entry[2] += 1 / steps
-    kernels: dict[str, list[float]] = {}
-    seen: set[tuple[str, int]] = set()  # a kernel once; GPU-side user annotations are not kernels
-    for e in prof.events():
-        annotation = getattr(e, "is_user_annotation", False) or e.name == "Command Buffer Full"
-        key = (e.name, e.time_range.start)
-        if e.device_type == torch.autograd.DeviceType.CUDA and not annotation and key not in seen:
-            seen.add(key)
-            kernels.setdefault(e.name, []).append(e.time_range.elapsed_us() * 1e-3)
-    cats: dict[str, float] = {}
-    for name, times in kernels.items():
-        cats[category(name)] = cats.get(category(name), 0.0) + sum(times) / steps
+    kernels, ops = profiled_kernels(prof, steps)
+    cats = categories(kernels, steps)
     top = sorted(kernels, key=lambda n: -sum(kernels[n]))[:40]
     result = {"case": case_name, "batch": case.batch, "seq": case.cfg.seq_len, "layers": case.cfg.layers,
               "hidden": case.cfg.hidden, "heads": case.cfg.heads, "wall_ms": sorted(walls)[len(walls) // 2] * 1e3,

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from step_breakdown import category
+from step_breakdown import categories, profiled_kernels
 from torch.profiler import ProfilerActivity, profile
 
 DIM, LAYERS, HEADS, KV_HEADS, FFN, VOCAB, SEQ, BATCH = 2048, 16, 32, 8, 8192, 128256, 2048, 2
@@ -178,26 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         step()
         torch.cuda.synchronize()
-    cats: dict[str, float] = {}
-    ops: dict[str, list[float]] = {}
-    seen: set[tuple[str, int]] = set()
-    for e in prof.events():
-        key = (e.name, e.time_range.start)
-        if (e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
-                and e.name != "Command Buffer Full" and key not in seen):
-            seen.add(key)
-            cats[category(e.name)] = cats.get(category(e.name), 0.0) + e.time_range.elapsed_us() * 1e-3
-        elif e.device_type == torch.autograd.DeviceType.CPU and e.kernels and e.name.startswith("aten::"):
-            entry = ops.setdefault(f"{e.name} {e.input_shapes}"[:160], [0.0, 0.0])
-            entry[0] += sum(k.duration for k in e.kernels) * 1e-3
-            entry[1] += 1
+    kernels, ops = profiled_kernels(prof, 1)
+    cats = categories(kernels, 1)
     result = {"command": f"python benchmarks/titan_eager.py --out {args.out}", "date": time.strftime("%Y-%m-%d"),
               "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "shape": {"dim": DIM, "layers": LAYERS, "heads": HEADS, "kv_heads": KV_HEADS, "ffn": FFN, "vocab": VOCAB,
                         "seq": SEQ, "batch": BATCH},
               "wall_ms": sorted(walls)[len(walls) // 2] * 1e3, "kernel_ms": sum(cats.values()),
               "categories_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
-              "ops": [{"op": k, "ms": v[0], "calls": v[1]}
+              "ops": [{"op": k, "ms": v[0], "calls": v[2]}
                       for k, v in sorted(ops.items(), key=lambda kv: -kv[1][0])[:60]]}
     print(json.dumps({k: v for k, v in result.items() if k != "ops"}, indent=1), flush=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
