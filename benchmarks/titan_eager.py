@@ -16,6 +16,7 @@ times training steps (wall and device kernel time by category, as ``step_breakdo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -28,7 +29,34 @@ import torch.nn.functional as F
 from step_breakdown import categories, profiled_kernels
 from torch.profiler import ProfilerActivity, profile
 
-DIM, LAYERS, HEADS, KV_HEADS, FFN, VOCAB, SEQ, BATCH = 2048, 16, 32, 8, 8192, 128256, 2048, 2
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A torchtitan Llama's shape (torchtitan ``ModelArgs``: ``ffn`` already rounded to ``multiple_of``)."""
+
+    dim: int = 2048
+    layers: int = 16
+    heads: int = 32
+    kv_heads: int = 8
+    ffn: int = 8192
+    vocab: int = 128256
+    seq: int = 2048
+    rope_theta: float = 500000.0
+
+
+LLAMA_1B = Shape()  # Llama 3.2 1B's shape, untied head
+LLAMA3_8B = Shape(dim=4096, layers=32, ffn=14336, seq=8192)  # Llama 3.1 8B (torchtitan llama3_8b.toml)
+BATCH = 2
+
+
+def model_spec(shape: Shape) -> object:
+    """The cost model's ``ModelSpec`` of a torchtitan Llama of this shape."""
+    from galvatron.spec import ModelSpec
+
+    return ModelSpec.from_config({"name": "titan-llama", "layers": shape.layers, "hidden": shape.dim,
+                                  "heads": shape.heads, "kv_heads": shape.kv_heads, "ffn_hidden": shape.ffn,
+                                  "vocab": shape.vocab, "seq_len": shape.seq, "activation": "swiglu",
+                                  "norm": "rmsnorm", "bias": False, "position": "rope"})
 
 
 class RMSNorm(nn.Module):
@@ -47,24 +75,24 @@ def rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, shape: Shape = LLAMA_1B) -> None:
         super().__init__()
-        hd = DIM // HEADS
-        self.wq, self.wk = nn.Linear(DIM, HEADS * hd, bias=False), nn.Linear(DIM, KV_HEADS * hd, bias=False)
-        self.wv, self.wo = nn.Linear(DIM, KV_HEADS * hd, bias=False), nn.Linear(HEADS * hd, DIM, bias=False)
-        self.w1, self.w2 = nn.Linear(DIM, FFN, bias=False), nn.Linear(FFN, DIM, bias=False)
-        self.w3 = nn.Linear(DIM, FFN, bias=False)
-        self.attention_norm, self.ffn_norm = RMSNorm(DIM), RMSNorm(DIM)
+        d, hd, self.heads, self.kv_heads = shape.dim, shape.dim // shape.heads, shape.heads, shape.kv_heads
+        self.wq, self.wk = nn.Linear(d, shape.heads * hd, bias=False), nn.Linear(d, shape.kv_heads * hd, bias=False)
+        self.wv, self.wo = nn.Linear(d, shape.kv_heads * hd, bias=False), nn.Linear(shape.heads * hd, d, bias=False)
+        self.w1, self.w2 = nn.Linear(d, shape.ffn, bias=False), nn.Linear(shape.ffn, d, bias=False)
+        self.w3 = nn.Linear(d, shape.ffn, bias=False)
+        self.attention_norm, self.ffn_norm = RMSNorm(d), RMSNorm(d)
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         h = self.attention_norm(x)
-        q = rope(self.wq(h).view(b, s, HEADS, -1), freqs)
-        k = rope(self.wk(h).view(b, s, KV_HEADS, -1), freqs)
-        v = self.wv(h).view(b, s, KV_HEADS, -1)
-        rep = HEADS // KV_HEADS  # repeat_kv
-        k = k[:, :, :, None].expand(b, s, KV_HEADS, rep, k.shape[-1]).reshape(b, s, HEADS, -1)
-        v = v[:, :, :, None].expand(b, s, KV_HEADS, rep, v.shape[-1]).reshape(b, s, HEADS, -1)
+        q = rope(self.wq(h).view(b, s, self.heads, -1), freqs)
+        k = rope(self.wk(h).view(b, s, self.kv_heads, -1), freqs)
+        v = self.wv(h).view(b, s, self.kv_heads, -1)
+        rep = self.heads // self.kv_heads  # repeat_kv
+        k = k[:, :, :, None].expand(b, s, self.kv_heads, rep, k.shape[-1]).reshape(b, s, self.heads, -1)
+        v = v[:, :, :, None].expand(b, s, self.kv_heads, rep, v.shape[-1]).reshape(b, s, self.heads, -1)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         x = x + self.wo(out.transpose(1, 2).reshape(b, s, -1))
         h = self.ffn_norm(x)
@@ -72,14 +100,20 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, shape: Shape = LLAMA_1B) -> None:
         super().__init__()
-        self.tok_embeddings = nn.Embedding(VOCAB, DIM)
-        self.layers = nn.ModuleList(Block() for _ in range(LAYERS))
-        self.norm, self.output = RMSNorm(DIM), nn.Linear(DIM, VOCAB, bias=False)
-        hd = DIM // HEADS
-        angles = torch.outer(torch.arange(SEQ).float(), 1.0 / 500000 ** (torch.arange(0, hd, 2).float() / hd))
-        self.register_buffer("freqs", torch.polar(torch.ones_like(angles), angles)[None, :, None, :], persistent=False)
+        self.shape = shape
+        self.tok_embeddings = nn.Embedding(shape.vocab, shape.dim)
+        self.layers = nn.ModuleList(Block(shape) for _ in range(shape.layers))
+        self.norm, self.output = RMSNorm(shape.dim), nn.Linear(shape.dim, shape.vocab, bias=False)
+        self.register_buffer("freqs", self.rope_table(), persistent=False)
+
+    def rope_table(self) -> torch.Tensor:
+        """The complex rotary table ``(1, seq, 1, head_dim / 2)`` (torchtitan ``precompute_freqs_cis``)."""
+        s = self.shape
+        hd = s.dim // s.heads
+        angles = torch.outer(torch.arange(s.seq).float(), 1.0 / s.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
+        return torch.polar(torch.ones_like(angles), angles)[None, :, None, :]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.tok_embeddings(tokens)
@@ -91,19 +125,14 @@ class Llama(nn.Module):
 def compare(measured: Path) -> int:
     """The eager stack's prediction for the measured step, in total and by term (GEMMs, attention, the
     rest: each term's share found by costing the step without it)."""
-    import dataclasses
-
     from galvatron.strategies.cost import CostOptions, DatasheetPerf, cost_plan
     from galvatron.strategies.hardware import load_cluster
 
     from galvatron.plan import Plan
-    from galvatron.spec import ModelSpec
 
     data = json.loads(measured.read_text())
-    spec = ModelSpec.from_config({"name": "titan-llama", "layers": LAYERS, "hidden": DIM, "heads": HEADS,
-                                  "kv_heads": KV_HEADS, "ffn_hidden": FFN, "vocab": VOCAB, "seq_len": SEQ,
-                                  "activation": "swiglu", "norm": "rmsnorm", "bias": False, "position": "rope"})
-    plan = Plan.uniform(LAYERS, global_batch_size=BATCH, num_micro_batches=1)
+    spec = model_spec(LLAMA_1B)
+    plan = Plan.uniform(LLAMA_1B.layers, global_batch_size=BATCH, num_micro_batches=1)
     options = CostOptions(elementwise="eager", wgrad_fp32_accumulation=False)
     cluster = load_cluster({"gpu": "H100-SXM", "gpus_per_node": 1, "nodes": 1, "name": "one"})
 
@@ -157,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), device="cuda")
+    tokens = torch.randint(0, LLAMA_1B.vocab, (BATCH, LLAMA_1B.seq + 1), device="cuda")
     x, y = tokens[:, :-1], tokens[:, 1:]
 
     def step() -> None:
@@ -182,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     cats = categories(kernels, 1)
     result = {"command": f"python benchmarks/titan_eager.py --out {args.out}", "date": time.strftime("%Y-%m-%d"),
               "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "shape": {"dim": DIM, "layers": LAYERS, "heads": HEADS, "kv_heads": KV_HEADS, "ffn": FFN, "vocab": VOCAB,
-                        "seq": SEQ, "batch": BATCH},
+              "shape": {**dataclasses.asdict(LLAMA_1B), "batch": BATCH},
               "wall_ms": sorted(walls)[len(walls) // 2] * 1e3, "kernel_ms": sum(cats.values()),
               "categories_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
               "ops": [{"op": k, "ms": v[0], "calls": v[2]}

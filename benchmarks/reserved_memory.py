@@ -1,0 +1,209 @@
+"""Allocated and reserved memory of real training steps, with the caching allocator's event trace.
+
+The cost model predicts allocated bytes; a GPU runs out of memory on *reserved* bytes (the segments the
+PyTorch caching allocator holds), and torchtitan publishes ``max_reserved``. This script measures both
+for two kinds of run, each case in its own process (the allocator's mode is fixed at CUDA start-up),
+under the default allocator and under ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``:
+
+* ``titan8b-w8`` / ``titan8b-w128``: torchtitan's published Llama 3.1 8B FSDP runs (Dec 2024,
+  ``benchmarks/llama3_h100_202412_torchtitan.md`` Tables 1 and 3: local batch 2, seq 8192, per-op
+  selective activation checkpointing, FSDP2 bf16/fp32 mixed precision, foreach AdamW, gradient
+  clipping, ``F.cross_entropy(pred.float())``) as rank 0 of 8 or 128 ranks sees them: one process
+  on a fake process group (collectives move no data; every allocation is the real one, on the real
+  streams). FlashAttention-2 is forced, the SDPA kernel of that date (torchtitan's AC policy saves its
+  output).
+* ``native-*``: Llama 3.2 1B through ``galvatron.wrap`` on one GPU (the configurations of
+  ``profile_fidelity_llama.json``).
+
+Each case writes peaks (``max_memory_allocated``/``max_memory_reserved`` over the whole run, and over
+the steps after the first), reserved bytes per stream from ``torch.cuda.memory_snapshot()`` and the
+allocator's whole event trace (``torch.cuda.memory._record_memory_history``: alloc / free / segment
+events with address, size, stream), so the allocator simulator (``strategies.cost.allocator``) can
+be checked against the real allocator event by event.
+
+    python benchmarks/reserved_memory.py --measure titan --out-dir DIR    # GPU (>= 96 GB for titan8b-w8)
+    python benchmarks/reserved_memory.py --measure native --out-dir DIR   # GPU
+    python benchmarks/reserved_memory.py --case titan8b-w8 --out FILE     # one case in this process
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+GIB = 2**30
+TITAN_CASES = {"titan8b-w8": 8, "titan8b-w128": 128}
+NATIVE_CASES = {f"native-mb{mb}-{mode}": (mb, mode)
+                for mb, mode in ((1, "none"), (2, "none"), (2, "selective"), (4, "full"), (8, "full"))}
+TRACE_ACTIONS = ("alloc", "free_completed", "segment_alloc", "segment_free", "segment_map", "segment_unmap")
+
+
+# ------------------------------------------------------------------------------- torchtitan 8B
+def titan_ac_context() -> Any:
+    """torchtitan's per-op selective AC (``apply_ac``, op mode, Dec 2024): save the outputs of SDPA and
+    of every other ``mm`` (the 1st, 3rd, ... of a block, counted separately in forward and recompute)."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    save = {torch.ops.aten.mm.default, torch.ops.aten._scaled_dot_product_efficient_attention.default,
+            torch.ops.aten._scaled_dot_product_flash_attention.default,
+            torch.ops._c10d_functional.reduce_scatter_tensor.default}
+    meta: dict[str, int] = defaultdict(int)
+
+    def policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        key = f"{'recompute' if ctx.is_recompute else 'forward'}_mm_count"
+        if func == torch.ops.aten.mm.default:
+            meta[key] += 1
+        keep = func in save and not (func == torch.ops.aten.mm.default and meta[key] % 2 == 0)
+        return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def titan_trainer(world: int, batch: int = 2) -> Any:
+    """torchtitan's Llama 3.1 8B training step as rank 0 of ``world`` FSDP ranks sees it."""
+    import torch.distributed as dist
+    from titan_eager import LLAMA3_8B, Llama
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    mesh = init_device_mesh("cuda", (world,))
+    with torch.device("meta"):
+        model = Llama(LLAMA3_8B)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for i, layer in enumerate(model.layers):  # torchtitan parallelize_llama: apply_ac, then apply_fsdp
+        model.layers[i] = checkpoint_wrapper(layer, context_fn=titan_ac_context, preserve_rng_state=False)
+        fully_shard(model.layers[i], mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(model.layers) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    model.to_empty(device="cuda")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            local.fill_(1.0) if "norm" in name else local.normal_(0.0, 0.02)
+        model.freqs.copy_(model.rope_table())
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    tokens = torch.randint(0, LLAMA3_8B.vocab, (batch, LLAMA3_8B.seq + 1), device="cuda")
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    def step() -> None:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            pred = model(x)
+            loss = F.cross_entropy(pred.flatten(0, 1).float(), y.flatten(0, 1))
+            del pred  # torchtitan train.py: "need to free to before bwd to avoid peaking memory"
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0, foreach=True)
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+# ------------------------------------------------------------------------------ galvatron.wrap
+def native_trainer(micro_batch: int, mode: str, seq: int = 2048) -> Any:
+    """Llama 3.2 1B through ``galvatron.wrap`` on one GPU, as ``profile_fidelity.py`` trains it."""
+    from profile_fidelity import Trainer, setup
+
+    s = setup(argparse.Namespace(model="llama3.2-1b", smoke=False, steps=2, warmup=1))
+    trainer = Trainer(s, mode, "wrap")
+    tokens = torch.randint(0, s.cfg.vocab, (micro_batch, seq + 1), device=s.device)
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    return lambda: trainer.step(x, y)
+
+
+# ---------------------------------------------------------------------------------- one case
+def run_case(case: str, out: Path, steps: int = 3) -> dict[str, Any]:
+    """Train ``steps`` steps of ``case`` recording the allocator's trace; write the JSON (and trace)."""
+    torch.cuda.memory._record_memory_history(max_entries=4_000_000, context=None, stacks="python")
+    if case in TITAN_CASES:
+        step = titan_trainer(TITAN_CASES[case])
+    else:
+        step = native_trainer(*NATIVE_CASES[case])
+    step()
+    torch.cuda.synchronize()
+    after_first = {"allocated_gib": torch.cuda.max_memory_allocated() / GIB,
+                   "reserved_gib": torch.cuda.max_memory_reserved() / GIB}
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(steps - 1):
+        step()
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    by_stream: dict[str, float] = defaultdict(float)
+    for seg in snap["segments"]:
+        by_stream[str(seg["stream"])] += seg["total_size"] / GIB
+    trace = [[e["action"], e["addr"], e["size"], e["stream"]] for e in snap["device_traces"][0]
+             if e["action"] in TRACE_ACTIONS]
+    trace_path = out.with_suffix(".trace.json.gz")
+    with gzip.open(trace_path, "wt") as f:
+        json.dump(trace, f)
+    result = {"case": case, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "steps": steps,
+              "first_step": after_first,
+              "steady_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
+              "steady_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
+              "reserved_by_stream_gib": dict(by_stream), "trace": trace_path.name, "trace_events": len(trace)}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def measure(kind: str, out_dir: Path) -> int:
+    """Every case of ``kind`` under both allocator modes, each in a fresh process."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cases = TITAN_CASES if kind == "titan" else NATIVE_CASES
+    failed = 0
+    for mode, conf in (("default", None), ("expandable", "expandable_segments:True")):
+        for case in cases:
+            env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+            if conf:
+                env["PYTORCH_CUDA_ALLOC_CONF"] = conf
+            out = out_dir / f"{case}.{mode}.json"
+            start = time.perf_counter()
+            proc = subprocess.run([sys.executable, __file__, "--case", case, "--out", str(out)], env=env,
+                                  capture_output=True, text=True)
+            print(f"{case} [{mode}] rc={proc.returncode} {time.perf_counter() - start:.0f}s", flush=True)
+            if proc.returncode:
+                failed += 1
+                print(proc.stdout[-2000:], proc.stderr[-4000:], flush=True)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--measure", choices=["titan", "native"], help="run every case of a kind (GPU)")
+    parser.add_argument("--out-dir", type=Path, help="where --measure writes one JSON and trace per case")
+    parser.add_argument("--case", choices=[*TITAN_CASES, *NATIVE_CASES], help="one case in this process (GPU)")
+    parser.add_argument("--out", type=Path, help="the JSON --case writes (the trace goes beside it)")
+    args = parser.parse_args(argv)
+    if (args.measure or args.case) and not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if args.measure:
+        if not args.out_dir:
+            parser.error("--measure needs --out-dir")
+        return measure(args.measure, args.out_dir)
+    if args.case:
+        if not args.out:
+            parser.error("--case needs --out")
+        run_case(args.case, args.out)
+        return 0
+    parser.error("give --measure or --case")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
