@@ -24,6 +24,11 @@ be checked against the real allocator event by event.
     python benchmarks/reserved_memory.py --measure titan --out-dir DIR    # GPU (>= 96 GB for titan8b-w8)
     python benchmarks/reserved_memory.py --measure native --out-dir DIR   # GPU
     python benchmarks/reserved_memory.py --case titan8b-w8 --out FILE     # one case in this process
+    python benchmarks/reserved_memory.py --replay DIR    # no GPU: each trace through the simulator
+
+``--replay`` writes ``DIR/replay.json`` and ``replay.md``: per case the measured peaks, the reserved peak
+of the trace replayed through ``strategies.cost.allocator`` (the simulator's error), and the least
+memory the trace runs in (``allocator.min_capacity``) under either allocator mode.
 """
 
 from __future__ import annotations
@@ -182,13 +187,59 @@ def measure(kind: str, out_dir: Path) -> int:
     return 1 if failed else 0
 
 
+def replay_dir(directory: Path) -> int:
+    """Replay every case's trace through the allocator simulator; write ``replay.json`` and ``.md``."""
+    from galvatron.strategies.cost.allocator import events_from_snapshot, min_capacity, replay
+
+    rows = []
+    for path in sorted(directory.glob("*.json")):
+        if path.name.startswith("replay"):
+            continue
+        case = json.loads(path.read_text())
+        with gzip.open(directory / case["trace"], "rt") as f:
+            trace = [dict(zip(("action", "addr", "size", "stream"), e, strict=True)) for e in json.load(f)]
+        events = events_from_snapshot(trace)
+        expandable = "expandable_segments:True" in case["alloc_conf"]
+        sim = replay(events, expandable_segments=expandable)
+        measured = max(case["first_step"]["reserved_gib"], case["steady_reserved_gib"])
+        rows.append({"case": case["case"], "allocator": "expandable" if expandable else "default",
+                     "allocated_gib": case["steady_allocated_gib"], "reserved_gib": measured,
+                     "simulated_reserved_gib": sim.reserved_peak / GIB,
+                     "min_capacity_gib": min_capacity(events, expandable_segments=expandable) / GIB})
+    errors = [abs(r["simulated_reserved_gib"] / r["reserved_gib"] - 1) for r in rows]
+    result = {"command": f"python benchmarks/reserved_memory.py --replay {directory}",
+              "date": time.strftime("%Y-%m-%d"), "simulator_mean_abs_error": sum(errors) / len(errors),
+              "simulator_max_abs_error": max(errors), "rows": rows}
+    (directory / "replay.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["# Reserved memory: measured, and replayed through the allocator simulator", "",
+             f"`{result['command']}` ({result['date']}). Measured on one H200 (see README.md). Simulated: the "
+             "recorded trace through `strategies.cost.allocator.replay`; least memory: "
+             "`allocator.min_capacity` (the smallest device the trace runs in).", "",
+             "| case | allocator | allocated GiB | reserved GiB | simulated reserved (err) "
+             "| least memory GiB (over allocated) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        sim = r["simulated_reserved_gib"]
+        lines.append(f"| {r['case']} | {r['allocator']} | {r['allocated_gib']:.2f} | {r['reserved_gib']:.2f} | "
+                     f"{sim:.2f} ({sim / r['reserved_gib'] - 1:+.2%}) | "
+                     f"{r['min_capacity_gib']:.2f} ({r['min_capacity_gib'] / r['allocated_gib'] - 1:+.1%}) |")
+    lines += ["", f"Simulator: mean absolute error {result['simulator_mean_abs_error']:.2%}, max "
+              f"{result['simulator_max_abs_error']:.2%}."]
+    (directory / "replay.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--measure", choices=["titan", "native"], help="run every case of a kind (GPU)")
     parser.add_argument("--out-dir", type=Path, help="where --measure writes one JSON and trace per case")
     parser.add_argument("--case", choices=[*TITAN_CASES, *NATIVE_CASES], help="one case in this process (GPU)")
     parser.add_argument("--out", type=Path, help="the JSON --case writes (the trace goes beside it)")
+    parser.add_argument("--replay", type=Path, metavar="DIR", help="replay the traces of DIR (no GPU)")
     args = parser.parse_args(argv)
+    if args.replay:
+        return replay_dir(args.replay)
     if (args.measure or args.case) and not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -201,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--case needs --out")
         run_case(args.case, args.out)
         return 0
-    parser.error("give --measure or --case")
+    parser.error("give --measure, --case or --replay")
     return 2
 
 

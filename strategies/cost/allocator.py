@@ -40,7 +40,7 @@ where the device's would.
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -426,3 +426,22 @@ def events_from_snapshot(trace: Iterable[Mapping[str, Any]]) -> list[tuple[str, 
     which :func:`replay` rounds as the allocator does."""
     actions = {"alloc": "alloc", "free_completed": "free"}
     return [(actions[e["action"]], e["addr"], e["size"], e["stream"]) for e in trace if e["action"] in actions]
+
+
+def min_capacity(events: Sequence[tuple[str, int, int, int]], *, expandable_segments: bool = False,
+                 tolerance: int = 64 << 20) -> int:
+    """The least device memory (bytes, within ``tolerance``) a recorded trace runs in without an
+    out-of-memory error: between its allocated peak (no allocator needs less) and its reserved peak
+    (where the allocator never had to release a cached segment), by bisection. Above the allocated
+    peak it is what fragmentation inside segments costs: cached free blocks of a segment that still
+    holds a live block cannot be released to make room."""
+    free_run = replay(events, expandable_segments=expandable_segments)
+    low, high = free_run.allocated_peak, free_run.reserved_peak
+    while high - low > tolerance:
+        mid = (low + high) // 2
+        try:
+            replay(events, expandable_segments=expandable_segments, capacity=mid)
+            high = mid
+        except AllocatorOutOfMemory:
+            low = mid
+    return high

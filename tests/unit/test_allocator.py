@@ -8,6 +8,7 @@ from galvatron.strategies.cost.allocator import (
     AllocatorOutOfMemory,
     CachingAllocator,
     events_from_snapshot,
+    min_capacity,
     replay,
     round_size,
 )
@@ -186,3 +187,17 @@ def test_events_from_snapshot_keeps_allocs_and_completed_frees():
     ]
     assert events_from_snapshot(trace) == [
         ("alloc", 0x100, 1000, 0), ("alloc", 0x400, 1000, 0), ("free", 0x100, 1000, 0)]
+
+
+def test_min_capacity_lies_between_allocated_and_reserved_and_runs():
+    # two 30 MiB tensors, the first freed while a 1 MiB block shares its segment: a 40 MiB request
+    # then needs a new segment that the pinned one cannot make room for
+    events = [("alloc", 1, 30 * MiB, 0), ("alloc", 2, 30 * MiB, 0), ("free", 1, 0, 0),
+              ("alloc", 3, 2 * MiB, 0), ("alloc", 4, 40 * MiB, 0)]
+    stats = replay(events)
+    need = min_capacity(events, tolerance=MiB)
+    assert stats.allocated_peak <= need <= stats.reserved_peak
+    replay(events, capacity=need)  # runs
+    with pytest.raises(AllocatorOutOfMemory):
+        replay(events, capacity=need - 2 * MiB)
+    assert need > stats.allocated_peak + 20 * MiB  # the 28 MiB hole left in the first segment is lost
