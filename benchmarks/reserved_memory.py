@@ -75,8 +75,9 @@ def titan_ac_context() -> Any:
     return create_selective_checkpoint_contexts(policy)
 
 
-def titan_trainer(world: int, batch: int = 2) -> Any:
-    """torchtitan's Llama 3.1 8B training step as rank 0 of ``world`` FSDP ranks sees it."""
+def titan_trainer(world: int, batch: int = 2, compile_blocks: bool = False) -> Any:
+    """torchtitan's Llama 3.1 8B training step as rank 0 of ``world`` FSDP ranks sees it (``compile_blocks``:
+    each block under ``torch.compile(fullgraph=True)`` after AC, as torchtitan's ``apply_compile``)."""
     import torch.distributed as dist
     from titan_eager import LLAMA3_8B, Llama
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -92,6 +93,8 @@ def titan_trainer(world: int, batch: int = 2) -> Any:
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for i, layer in enumerate(model.layers):  # torchtitan parallelize_llama: apply_ac, then apply_fsdp
         model.layers[i] = checkpoint_wrapper(layer, context_fn=titan_ac_context, preserve_rng_state=False)
+        if compile_blocks:
+            model.layers[i] = torch.compile(model.layers[i], fullgraph=True)
         fully_shard(model.layers[i], mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(model.layers) - 1)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
     model.to_empty(device="cuda")

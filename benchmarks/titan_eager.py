@@ -122,19 +122,10 @@ class Llama(nn.Module):
         return self.output(self.norm(x))
 
 
-def compare(measured: Path) -> int:
-    """The eager stack's prediction for the measured step, in total and by term (GEMMs, attention, the
-    rest: each term's share found by costing the step without it)."""
-    from galvatron.strategies.cost import CostOptions, DatasheetPerf, cost_plan
-    from galvatron.strategies.hardware import load_cluster
-
-    from galvatron.plan import Plan
-
-    data = json.loads(measured.read_text())
-    spec = model_spec(LLAMA_1B)
-    plan = Plan.uniform(LLAMA_1B.layers, global_batch_size=BATCH, num_micro_batches=1)
-    options = CostOptions(elementwise="eager", wgrad_fp32_accumulation=False)
-    cluster = load_cluster({"gpu": "H100-SXM", "gpus_per_node": 1, "nodes": 1, "name": "one"})
+def predicted_terms(plan: object, spec: object, cluster: object, options: object) -> dict[str, float]:
+    """The cost model's step (ms) in total and by term: GEMMs, attention and the rest, each term's
+    share found by costing the step without it."""
+    from galvatron.strategies.cost import DatasheetPerf, cost_plan
 
     @dataclasses.dataclass(frozen=True)
     class Without(DatasheetPerf):
@@ -151,12 +142,32 @@ def compare(measured: Path) -> int:
 
     total = ms()
     gemm, attention = total - ms("gemm"), total - ms("attention")
-    cats = data["categories_ms"]
-    rest = data["kernel_ms"] - cats.get("gemm", 0.0) - cats.get("attention", 0.0)
-    print(f"measured: wall {data['wall_ms']:.1f} ms, kernels {data['kernel_ms']:.1f} (GEMMs {cats.get('gemm', 0):.1f}, "
-          f"attention {cats.get('attention', 0):.1f}, the rest {rest:.1f})")
-    print(f"predicted: {total:.1f} ms (GEMMs {gemm:.1f}, attention {attention:.1f}, the rest "
-          f"{total - gemm - attention:.1f}); {total / data['wall_ms'] - 1:+.1%} of the wall time")
+    return {"total": total, "gemm": gemm, "attention": attention, "rest": total - gemm - attention}
+
+
+def measured_terms(categories_ms: dict[str, float]) -> dict[str, float]:
+    """A profiled step's kernel ms by the same terms as :func:`predicted_terms`."""
+    gemm, attention = categories_ms.get("gemm", 0.0), categories_ms.get("attention", 0.0)
+    total = sum(categories_ms.values())
+    return {"total": total, "gemm": gemm, "attention": attention, "rest": total - gemm - attention}
+
+
+def compare(measured: Path) -> int:
+    """The eager stack's prediction for the measured step, in total and by term."""
+    from galvatron.strategies.cost import CostOptions
+    from galvatron.strategies.hardware import load_cluster
+
+    from galvatron.plan import Plan
+
+    data = json.loads(measured.read_text())
+    plan = Plan.uniform(LLAMA_1B.layers, global_batch_size=BATCH, num_micro_batches=1)
+    options = CostOptions(elementwise="eager", wgrad_fp32_accumulation=False)
+    cluster = load_cluster({"gpu": "H100-SXM", "gpus_per_node": 1, "nodes": 1, "name": "one"})
+    p, m = predicted_terms(plan, model_spec(LLAMA_1B), cluster, options), measured_terms(data["categories_ms"])
+    print(f"measured: wall {data['wall_ms']:.1f} ms, kernels {m['total']:.1f} (GEMMs {m['gemm']:.1f}, "
+          f"attention {m['attention']:.1f}, the rest {m['rest']:.1f})")
+    print(f"predicted: {p['total']:.1f} ms (GEMMs {p['gemm']:.1f}, attention {p['attention']:.1f}, the rest "
+          f"{p['rest']:.1f}); {p['total'] / data['wall_ms'] - 1:+.1%} of the wall time")
     return 0
 
 
