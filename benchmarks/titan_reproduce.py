@@ -48,8 +48,13 @@ def run_variant(variant: str, steps: int = 6, warmup: int = 3) -> dict:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         step()
         torch.cuda.synchronize()
-    kernels, _ = profiled_kernels(prof, 1)
-    return {"categories_ms": categories(kernels, 1), "variant": variant, "device": torch.cuda.get_device_name(),
+    kernels, ops = profiled_kernels(prof, 1)
+    top = sorted(ops.items(), key=lambda kv: -kv[1][0])[:50]
+    return {"categories_ms": categories(kernels, 1),
+            "ops": [{"op": k, "ms": v[0], "kernels": v[1], "calls": v[2]} for k, v in top],
+            "kernels": [{"kernel": k[:120], "ms": sum(v), "count": len(v)}
+                        for k, v in sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:40]],
+            "variant": variant, "device": torch.cuda.get_device_name(),
             "torch": torch.__version__,
             "step_s": median, "step_times_s": times, "tokens_per_s_per_gpu": LOCAL_BATCH * SEQ / median,
             "allocated_gib": torch.cuda.max_memory_allocated() / GIB,
