@@ -74,6 +74,13 @@ def test_worker_env() -> None:
     env = worker_env(choice, peak_flops=1e10, checkpoint_dir="ckpt", checkpoint_interval=5)
     assert float(env[ENV_PREDICTED_STEP]) == 0.25 and float(env[ENV_PEAK_FLOPS]) == 1e10
     assert Path(env[ENV_CHECKPOINT_DIR]).is_absolute()
+
+
+def test_worker_env_allocator(monkeypatch) -> None:
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    assert worker_env(None) == {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")  # the user's choice stands
     assert worker_env(None) == {}
 
 
