@@ -125,6 +125,7 @@ def main() -> int:
               for r in extra]
     lines.append("\nSources: " + "; ".join(f"{k}: {v}" for k, v in (("A", TORCHTITAN_SOURCE), ("B", TITAN_H100_SOURCE),
                                                                        ("C", OWN_SOURCE))) + ".")
+    lines.append("\n" + _titan_reproduced())
     (OUT / "fidelity_megatron.md").write_text("\n".join(lines) + "\n")
     return 0
 
@@ -171,6 +172,19 @@ def _titan_h100() -> list[dict]:
         run = "llama3.1-8b FSDP" + (" + compile" if elementwise == "fused" else "")
         out.append(_row("B", run, elementwise, published, "tok/s/GPU", tps, fused))
     return out
+
+
+def _titan_reproduced() -> str:
+    """B's step reproduced on one 700 W H100 SXM (benchmarks/titan_reproduce.py) against the model."""
+    from titan_reproduce import predictions
+
+    rows = predictions(OUT / "titan_reproduce.json")
+    published = dict(zip(("eager", "compiled"), (tps for _, tps in TITAN_H100), strict=True))
+    parts = [f"{r['variant']} {r['tokens_per_s_per_gpu']:,.0f} tok/s/GPU (predicted "
+             f"{r['predicted_tokens_per_s_per_gpu'] / r['tokens_per_s_per_gpu'] - 1:+.1%}; published / measured "
+             f"{published[r['variant']] / r['tokens_per_s_per_gpu']:.2f})" for r in rows]
+    return ("B reproduced as rank 0 on one 700 W H100 SXM with HBM3 (benchmarks/results/titan_reproduce.md): "
+            + ", ".join(parts) + ". B's 96 GB HBM2e is modelled, its 500 W power limit is not.")
 
 
 def _own() -> list[dict]:

@@ -75,8 +75,9 @@ def measure(out: Path) -> int:
     return 0 if len(rows) == len(VARIANTS) else 1
 
 
-def compare(path: Path) -> int:
-    """The cost model's tokens per second per GPU for each measured variant, on the database's GPU."""
+def predictions(path: Path) -> list[dict]:
+    """Each measured variant with the cost model's tokens per second per GPU on the database's GPU and
+    its step by term (``titan_eager.predicted_terms``)."""
     from fidelity_megatron import titan_options
     from galvatron.strategies.cost import cost_plan
     from galvatron.strategies.hardware import load_cluster
@@ -88,20 +89,28 @@ def compare(path: Path) -> int:
     spec = ModelSpec.from_config("llama3-8b")  # seq_len 8192, torchtitan's
     plan = Plan.uniform(spec.num_blocks, global_batch_size=LOCAL_BATCH * WORLD, num_micro_batches=1, dp=WORLD,
                         zero=3, recompute="selective")
+    out = []
     for row in json.loads(path.read_text())["rows"]:
         gpu = next(db for key, db in GPUS if key in row["device"])
         cluster = load_cluster({"gpu": gpu, "gpus_per_node": 8, "nodes": 1, "name": f"8x{gpu}"})
-        stack = "fused" if row["variant"] == "compiled" else "eager"
-        predicted = cost_plan(plan, spec, cluster, titan_options(stack, "flash2")).tokens_per_s / WORLD
-        measured = row["tokens_per_s_per_gpu"]
-        print(f"{row['variant']:8s} on {row['device']}: measured {measured:,.0f} tok/s/GPU, predicted {predicted:,.0f} "
-              f"({predicted / measured - 1:+.1%}); memory {row['allocated_gib']:.1f} GiB allocated, "
-              f"{row['reserved_gib']:.1f} reserved")
-        if "categories_ms" in row:
-            p = predicted_terms(plan, spec, cluster, titan_options(stack, "flash2"))
-            m = measured_terms(row["categories_ms"])
-            print("   ms per step: " + ", ".join(f"{k} {m[k]:.0f} measured / {p[k]:.0f} predicted" for k in p)
-                  + f" (wall {row['step_s'] * 1e3:.0f})")
+        options = titan_options("fused" if row["variant"] == "compiled" else "eager", "flash2")
+        tps = cost_plan(plan, spec, cluster, options).tokens_per_s / WORLD
+        out.append({**row, "predicted_tokens_per_s_per_gpu": tps,
+                    "predicted_ms": predicted_terms(plan, spec, cluster, options),
+                    "measured_ms": measured_terms(row["categories_ms"])})
+    return out
+
+
+def compare(path: Path) -> int:
+    """Print :func:`predictions` beside the measurements."""
+    for r in predictions(path):
+        measured, predicted = r["tokens_per_s_per_gpu"], r["predicted_tokens_per_s_per_gpu"]
+        print(f"{r['variant']:8s} on {r['device']}: measured {measured:,.0f} tok/s/GPU, predicted {predicted:,.0f} "
+              f"({predicted / measured - 1:+.1%}); memory {r['allocated_gib']:.1f} GiB allocated, "
+              f"{r['reserved_gib']:.1f} reserved")
+        m, p = r["measured_ms"], r["predicted_ms"]
+        print("   ms per step: " + ", ".join(f"{k} {m[k]:.0f} measured / {p[k]:.0f} predicted" for k in p)
+              + f" (wall {r['step_s'] * 1e3:.0f})")
     return 0
 
 
