@@ -3,7 +3,9 @@
 ``galvatron profile model --model gpt3-1.3b [--micro-batches 1,2,4] [--seq-lens 512,1024,2048]
 [--out model_profile.yaml]`` measures one block of each kind on this device;
 ``galvatron profile cluster [--nproc N] [--out cluster_profile.yaml]`` measures collectives over this
-machine's GPUs (or, under torchrun, over every rank) and lists the GPUs and links NVML reports.
+machine's GPUs (or, under torchrun, over every rank) and lists the GPUs and links NVML reports;
+``galvatron profile memory SNAPSHOT`` replays a recorded CUDA allocator trace through the allocator
+simulator: peaks and the least memory the run needs, under either allocator mode.
 """
 
 from __future__ import annotations
@@ -57,12 +59,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--no-overlap", action="store_true", help="skip the matmul/all-reduce interference test")
     c.add_argument("--out", default="cluster_profile.yaml", help="where to write the profile (YAML)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    text = ("replay a CUDA allocator trace (torch.cuda.memory._record_memory_history() from the process start, "
+            "then torch.cuda.memory._dump_snapshot(SNAPSHOT)): allocated and reserved peaks and the least memory "
+            "the run needs, with the default allocator and with expandable segments; no GPU needed")
+    mem = sub.add_parser("memory", help=text, description=text)
+    mem.add_argument("snapshot", help="the pickle _dump_snapshot wrote")
+    mem.add_argument("--device", type=int, default=0, help="which device's trace (default 0)")
+    mem.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.profile_command == "model":
         return _run_model(args)
+    if args.profile_command == "memory":
+        return _run_memory(args)
     return _run_cluster(args)
+
+
+# ---------------------------------------------------------------------------------- memory
+def _run_memory(args: argparse.Namespace) -> int:
+    import json
+    import pickle
+
+    from galvatron.strategies.cost.allocator import events_from_snapshot, min_capacity, replay
+
+    try:
+        with open(args.snapshot, "rb") as f:
+            traces = pickle.load(f)["device_traces"]
+        trace = traces[args.device]
+    except (OSError, pickle.UnpicklingError, KeyError, IndexError, TypeError) as err:
+        raise ConfigError(f"{args.snapshot}: not a CUDA memory snapshot with a trace of device {args.device} "
+                          f"({type(err).__name__}: {err})") from err
+    events = events_from_snapshot(trace)
+    if not events:
+        raise ConfigError(f"{args.snapshot}: device {args.device}'s trace holds no allocations (was "
+                          "_record_memory_history() on?)")
+    allocated = {addr for action, addr, _, _ in events if action == "alloc"}
+    unknown = sum(1 for action, addr, _, _ in events if action == "free" and addr not in allocated)
+    gib = 1 << 30
+    out: dict[str, Any] = {"events": len(events), "frees_of_earlier_blocks": unknown}
+    for mode, expandable in (("default", False), ("expandable_segments", True)):
+        stats = replay(events, expandable_segments=expandable)
+        out[mode] = {"allocated_peak_gib": stats.allocated_peak / gib, "reserved_peak_gib": stats.reserved_peak / gib,
+                     "least_memory_gib": min_capacity(events, expandable_segments=expandable) / gib}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{args.snapshot}, device {args.device}: {len(events)} allocator events")
+    for mode in ("default", "expandable_segments"):
+        r = out[mode]
+        print(f"  {mode:20s} allocated peak {r['allocated_peak_gib']:7.2f} GiB  reserved peak "
+              f"{r['reserved_peak_gib']:7.2f} GiB  least memory to run {r['least_memory_gib']:7.2f} GiB")
+    if unknown:
+        print(f"  warning: {unknown} frees of blocks allocated before the trace began; the trace did not start on "
+              "an empty allocator, so these numbers are lower bounds")
+    return 0
 
 
 # ----------------------------------------------------------------------------------- model
