@@ -24,7 +24,7 @@ with ``persistent_grads=True`` (Megatron's main-grad buffers), the rule before i
 3. The same two torchtitan runs reproduced as rank 0 of 8 and 128 ranks on one H200
    (``benchmarks/reserved_memory.py``: a fake process group, every allocation the real one): their
    reserved peak beside the published one, their allocated peak beside the cost model's, and the
-   least memory each step runs in (``strategies.cost.allocator.min_capacity`` over its trace).
+   least memory each step runs in (``strategies.cost.allocator.memory_needs`` over its trace).
 
 Run: ``python benchmarks/fidelity_memory.py``; writes ``benchmarks/results/fidelity_memory.json`` and ``.md``.
 """
@@ -114,9 +114,11 @@ REPRODUCED = RESULTS / "reserved_memory"
 def titan_reproduced(titan: list[dict]) -> list[dict]:
     """torchtitan's two rows against their reproduction (default allocator, as published: the
     reproduction's reserved peak matches the published one, not the expandable-segments run's)."""
+    from reserved_memory import TITAN_CASES
+
     replay = {(r["case"], r["allocator"]): r for r in json.loads((REPRODUCED / "replay.json").read_text())["rows"]}
     rows = []
-    for row, (case, world) in zip(titan, (("titan8b-w8", 8), ("titan8b-w128", 128)), strict=True):
+    for row, (case, world) in zip(titan, TITAN_CASES.items(), strict=True):
         default, expandable = replay[(case, "default")], replay[(case, "expandable")]
         rows.append({"run": f"llama3.1-8b FSDP{world}", "published_reserved_gib": row["measured_gib"],
                      "reproduced_reserved_gib": default["reserved_gib"],

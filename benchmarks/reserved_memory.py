@@ -28,7 +28,7 @@ be checked against the real allocator event by event.
 
 ``--replay`` writes ``DIR/replay.json`` and ``replay.md``: per case the measured peaks, the reserved peak
 of the trace replayed through ``strategies.cost.allocator`` (the simulator's error), and the least
-memory the trace runs in (``allocator.min_capacity``) under either allocator mode.
+memory the trace runs in (``allocator.memory_needs``) under either allocator mode.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def measure(kind: str, out_dir: Path) -> int:
 
 def replay_dir(directory: Path) -> int:
     """Replay every case's trace through the allocator simulator; write ``replay.json`` and ``.md``."""
-    from galvatron.strategies.cost.allocator import events_from_snapshot, min_capacity, replay
+    from galvatron.strategies.cost.allocator import events_from_snapshot, memory_needs
 
     rows = []
     for path in sorted(directory.glob("*.json")):
@@ -203,12 +203,12 @@ def replay_dir(directory: Path) -> int:
             trace = [dict(zip(("action", "addr", "size", "stream"), e, strict=True)) for e in json.load(f)]
         events = events_from_snapshot(trace)
         expandable = "expandable_segments:True" in case["alloc_conf"]
-        sim = replay(events, expandable_segments=expandable)
+        sim, least = memory_needs(events, expandable_segments=expandable)
         measured = max(case["first_step"]["reserved_gib"], case["steady_reserved_gib"])
         rows.append({"case": case["case"], "allocator": "expandable" if expandable else "default",
                      "allocated_gib": case["steady_allocated_gib"], "reserved_gib": measured,
                      "simulated_reserved_gib": sim.reserved_peak / GIB,
-                     "min_capacity_gib": min_capacity(events, expandable_segments=expandable) / GIB})
+                     "min_capacity_gib": least / GIB})
     errors = [abs(r["simulated_reserved_gib"] / r["reserved_gib"] - 1) for r in rows]
     result = {"command": f"python benchmarks/reserved_memory.py --replay {directory}",
               "date": time.strftime("%Y-%m-%d"), "simulator_mean_abs_error": sum(errors) / len(errors),
@@ -217,7 +217,7 @@ def replay_dir(directory: Path) -> int:
     lines = ["# Reserved memory: measured, and replayed through the allocator simulator", "",
              f"`{result['command']}` ({result['date']}). Measured on one H200 (see README.md). Simulated: the "
              "recorded trace through `strategies.cost.allocator.replay`; least memory: "
-             "`allocator.min_capacity` (the smallest device the trace runs in).", "",
+             "`allocator.memory_needs` (the smallest device the trace runs in).", "",
              "| case | allocator | allocated GiB | reserved GiB | simulated reserved (err) "
              "| least memory GiB (over allocated) |",
              "|---|---|---|---|---|---|"]

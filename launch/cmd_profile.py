@@ -81,7 +81,7 @@ def _run_memory(args: argparse.Namespace) -> int:
     import json
     import pickle
 
-    from galvatron.strategies.cost.allocator import events_from_snapshot, min_capacity, replay
+    from galvatron.strategies.cost.allocator import events_from_snapshot, memory_needs
 
     try:
         with open(args.snapshot, "rb") as f:
@@ -94,19 +94,18 @@ def _run_memory(args: argparse.Namespace) -> int:
     if not events:
         raise ConfigError(f"{args.snapshot}: device {args.device}'s trace holds no allocations (was "
                           "_record_memory_history() on?)")
-    allocated = {addr for action, addr, _, _ in events if action == "alloc"}
-    unknown = sum(1 for action, addr, _, _ in events if action == "free" and addr not in allocated)
     gib = 1 << 30
-    out: dict[str, Any] = {"events": len(events), "frees_of_earlier_blocks": unknown}
-    for mode, expandable in (("default", False), ("expandable_segments", True)):
-        stats = replay(events, expandable_segments=expandable)
-        out[mode] = {"allocated_peak_gib": stats.allocated_peak / gib, "reserved_peak_gib": stats.reserved_peak / gib,
-                     "least_memory_gib": min_capacity(events, expandable_segments=expandable) / gib}
+    needs = {mode: memory_needs(events, expandable_segments=expandable)
+             for mode, expandable in (("default", False), ("expandable_segments", True))}
+    unknown = needs["default"].stats.unpaired_frees
+    out: dict[str, Any] = {"events": len(events), "frees_of_earlier_blocks": unknown, **{
+        mode: {"allocated_peak_gib": n.stats.allocated_peak / gib, "reserved_peak_gib": n.stats.reserved_peak / gib,
+               "least_memory_gib": n.least_memory / gib} for mode, n in needs.items()}}
     if args.json:
         print(json.dumps(out))
         return 0
     print(f"{args.snapshot}, device {args.device}: {len(events)} allocator events")
-    for mode in ("default", "expandable_segments"):
+    for mode in needs:
         r = out[mode]
         print(f"  {mode:20s} allocated peak {r['allocated_peak_gib']:7.2f} GiB  reserved peak "
               f"{r['reserved_peak_gib']:7.2f} GiB  least memory to run {r['least_memory_gib']:7.2f} GiB")

@@ -41,8 +41,8 @@ from __future__ import annotations
 
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
 
 MIN_BLOCK_SIZE = 512  # kMinBlockSize
 SMALL_SIZE = 1 << 20  # kSmallSize: the largest small-pool request
@@ -93,6 +93,9 @@ class AllocatorStats:
     """Segments held: cudaMalloc'd ones, or virtual expandable ones."""
     reserved_by_stream: dict[int, int]
     """Peak of each stream's reserved bytes."""
+    unpaired_frees: int = 0
+    """:func:`replay`: frees of blocks allocated before the trace began (0: it started on an empty
+    allocator, and its numbers are the run's; otherwise they are lower bounds)."""
 
 
 class _Segment:
@@ -406,16 +409,20 @@ def replay(events: Iterable[tuple[str, int, int, int]], *, expandable_segments: 
 
     ``action`` is "alloc" or "free"; other actions are skipped. ``addr`` is the recorded address,
     used only to pair a free with its alloc; a free of a block allocated before the trace began is
-    skipped, so a trace should start on an empty allocator (recording from the process start, or
-    after ``torch.cuda.empty_cache()`` with no live tensors)."""
+    skipped and counted (``unpaired_frees``), so a trace should start on an empty allocator
+    (recording from the process start, or after ``torch.cuda.empty_cache()`` with no live tensors)."""
     allocator = CachingAllocator(expandable_segments=expandable_segments, capacity=capacity)
     handles: dict[int, int] = {}
+    unpaired = 0
     for action, addr, size, stream in events:
         if action == "alloc":
             handles[addr] = allocator.malloc(size, stream)
-        elif action == "free" and addr in handles:
-            allocator.free(handles.pop(addr))
-    return allocator.stats
+        elif action == "free":
+            if addr in handles:
+                allocator.free(handles.pop(addr))
+            else:
+                unpaired += 1
+    return replace(allocator.stats, unpaired_frees=unpaired)
 
 
 def events_from_snapshot(trace: Iterable[Mapping[str, Any]]) -> list[tuple[str, int, int, int]]:
@@ -428,13 +435,22 @@ def events_from_snapshot(trace: Iterable[Mapping[str, Any]]) -> list[tuple[str, 
     return [(actions[e["action"]], e["addr"], e["size"], e["stream"]) for e in trace if e["action"] in actions]
 
 
-def min_capacity(events: Sequence[tuple[str, int, int, int]], *, expandable_segments: bool = False,
-                 tolerance: int = 64 << 20) -> int:
-    """The least device memory (bytes, within ``tolerance``) a recorded trace runs in without an
-    out-of-memory error: between its allocated peak (no allocator needs less) and its reserved peak
-    (where the allocator never had to release a cached segment), by bisection. Above the allocated
-    peak it is what fragmentation inside segments costs: cached free blocks of a segment that still
-    holds a live block cannot be released to make room."""
+class MemoryNeeds(NamedTuple):
+    """What a recorded trace needs under one allocator mode (:func:`memory_needs`)."""
+
+    stats: AllocatorStats
+    """Its replay on an unbounded device: the allocated and reserved peaks."""
+    least_memory: int
+    """The least device memory (bytes) it runs in without an out-of-memory error."""
+
+
+def memory_needs(events: Sequence[tuple[str, int, int, int]], *, expandable_segments: bool = False,
+                 tolerance: int = 64 << 20) -> MemoryNeeds:
+    """A trace's replay and the least device memory it runs in (within ``tolerance`` bytes): between
+    its allocated peak (no allocator needs less) and its reserved peak (where the allocator never had
+    to release a cached segment), by bisection. Above the allocated peak it is what fragmentation
+    inside segments costs: cached free blocks of a segment that still holds a live block cannot be
+    released to make room."""
     free_run = replay(events, expandable_segments=expandable_segments)
     low, high = free_run.allocated_peak, free_run.reserved_peak
     while high - low > tolerance:
@@ -444,4 +460,4 @@ def min_capacity(events: Sequence[tuple[str, int, int, int]], *, expandable_segm
             high = mid
         except AllocatorOutOfMemory:
             low = mid
-    return high
+    return MemoryNeeds(free_run, high)

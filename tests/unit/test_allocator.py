@@ -8,7 +8,7 @@ from galvatron.strategies.cost.allocator import (
     AllocatorOutOfMemory,
     CachingAllocator,
     events_from_snapshot,
-    min_capacity,
+    memory_needs,
     replay,
     round_size,
 )
@@ -175,6 +175,12 @@ def test_replay_pairs_frees_with_allocs_by_recorded_address():
         ("alloc", 0x100, 12 * MiB, 0),
     ])
     assert (stats.allocated, stats.allocated_peak, stats.reserved_peak) == (28 * MiB, 28 * MiB, 28 * MiB)
+    assert stats.unpaired_frees == 1
+
+
+def test_replay_counts_frees_of_earlier_blocks_even_where_the_address_is_reused():
+    stats = replay([("free", 0x300, MiB, 0), ("alloc", 0x300, MiB, 0), ("free", 0x300, MiB, 0)])
+    assert (stats.unpaired_frees, stats.allocated) == (1, 0)
 
 
 def test_events_from_snapshot_keeps_allocs_and_completed_frees():
@@ -189,13 +195,13 @@ def test_events_from_snapshot_keeps_allocs_and_completed_frees():
         ("alloc", 0x100, 1000, 0), ("alloc", 0x400, 1000, 0), ("free", 0x100, 1000, 0)]
 
 
-def test_min_capacity_lies_between_allocated_and_reserved_and_runs():
+def test_least_memory_lies_between_allocated_and_reserved_and_runs():
     # two 30 MiB tensors, the first freed while a 1 MiB block shares its segment: a 40 MiB request
     # then needs a new segment that the pinned one cannot make room for
     events = [("alloc", 1, 30 * MiB, 0), ("alloc", 2, 30 * MiB, 0), ("free", 1, 0, 0),
               ("alloc", 3, 2 * MiB, 0), ("alloc", 4, 40 * MiB, 0)]
-    stats = replay(events)
-    need = min_capacity(events, tolerance=MiB)
+    stats, need = memory_needs(events, tolerance=MiB)
+    assert stats == replay(events)
     assert stats.allocated_peak <= need <= stats.reserved_peak
     replay(events, capacity=need)  # runs
     with pytest.raises(AllocatorOutOfMemory):
