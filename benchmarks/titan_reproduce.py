@@ -25,7 +25,6 @@ from pathlib import Path
 
 LOCAL_BATCH, SEQ, WORLD = 2, 8192, 8
 VARIANTS = {"eager": False, "compiled": True}
-GPUS = (("H200", "H200"), ("H100", "H100-SXM"))  # device name -> hardware database entry
 
 
 def run_variant(variant: str, steps: int = 6, warmup: int = 3) -> dict:
@@ -81,6 +80,7 @@ def predictions(path: Path) -> list[dict]:
     from fidelity_megatron import titan_options
     from galvatron.strategies.cost import cost_plan
     from galvatron.strategies.hardware import load_cluster
+    from profile_fidelity import GPU_FAMILIES
     from titan_eager import measured_terms, predicted_terms
 
     from galvatron.plan import Plan
@@ -91,7 +91,7 @@ def predictions(path: Path) -> list[dict]:
                         zero=3, recompute="selective")
     out = []
     for row in json.loads(path.read_text())["rows"]:
-        gpu = next(db for key, db in GPUS if key in row["device"])
+        gpu = next(db for key, db in GPU_FAMILIES if key in row["device"])
         cluster = load_cluster({"gpu": gpu, "gpus_per_node": 8, "nodes": 1, "name": f"8x{gpu}"})
         options = titan_options("fused" if row["variant"] == "compiled" else "eager", "flash2")
         tps = cost_plan(plan, spec, cluster, options).tokens_per_s / WORLD

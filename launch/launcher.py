@@ -35,6 +35,7 @@ ENV_CHECKPOINT_DIR = "GALVATRON_CHECKPOINT_DIR"
 ENV_CHECKPOINT_INTERVAL = "GALVATRON_CHECKPOINT_INTERVAL"
 """Steps between checkpoints."""
 ENV_RESTART = "GALVATRON_RESTART"
+"""How many times the workers have been restarted after a failure (0 on the first start)."""
 ENV_ALLOC_CONF = "PYTORCH_ALLOC_CONF"
 """PyTorch's allocator settings (torch >= 2.9; ``PYTORCH_CUDA_ALLOC_CONF`` is its older name)."""
 WORKER_ALLOC_CONF = "expandable_segments:True"
@@ -42,7 +43,6 @@ WORKER_ALLOC_CONF = "expandable_segments:True"
 segments the least memory a step runs in stays within 0.3-4.7% of its allocated peak (what the cost
 model predicts and the search fits), against 3.6-23.3% more with the default allocator
 (benchmarks/results/reserved_memory/replay.md: Llama 3.2 1B and torchtitan's Llama 3.1 8B FSDP step)."""
-"""How many times the workers have been restarted after a failure (0 on the first start)."""
 
 
 class LaunchError(GalvatronError, RuntimeError):

@@ -708,10 +708,9 @@ def _param_kernels(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, params
     """Forward and backward seconds of an eager stack's kernels over the rank's copy of the weights
     of a block or the head (the embedding's lookup and the norm run on their weights as they are).
     They depend on the ZeRO stage, so they belong to the ZeRO part, which the search keys by it; a
-    fully recomputed block's second forward casts again, which is not charged. A fused stack pays
-    only ZeRO-3's copies, which run outside compiled or fused regions."""
-    fused_dense = ctx.options.elementwise == "fused" and not (s.zero == 3 and s.dp * s.cp > 1)
-    if fused_dense or layer.kind in (LayerKind.EMBEDDING, LayerKind.NORM):
+    fully recomputed block's second forward casts again, which is not charged. Which kernels a stack
+    runs is :func:`strategies.cost.eager.param_traffic`'s (a fused stack: ZeRO-3's copies only)."""
+    if layer.kind in (LayerKind.EMBEDDING, LayerKind.NORM):
         return 0.0, 0.0
     if _measured(ctx, layer, s) is not None:
         return 0.0, 0.0  # a profile's layer time includes them
