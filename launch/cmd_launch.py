@@ -25,6 +25,7 @@ from galvatron.launch.launcher import (
     PlanChoice,
     cpu_peak_flops,
     local_cpu_cluster,
+    local_cpu_perf,
     plan_from_file,
     say,
     search_plan,
@@ -94,13 +95,17 @@ def _plan(args: argparse.Namespace, world: int) -> tuple[PlanChoice | None, Mode
 
 
 def _search_target(args: argparse.Namespace, world: int) -> dict:
-    """Where and how to search."""
+    """Where and how to search: on ``--cluster``, or on CPU workers: as profiled here (the model, and
+    gloo among ``world`` local processes) when the workers run on this machine, else nominal."""
     target = {"global_batch": args.global_batch}
     if args.cluster:
         from galvatron.strategies.hardware import load_cluster
 
         return {**target, "cluster": load_cluster(args.cluster)}
-    return {**target, "cluster": local_cpu_cluster(world), "fixed": CPU_FIXED}
+    if args.nnodes != "1" or args.ray_address:  # workers on other machines: this one cannot measure them
+        return {**target, "cluster": local_cpu_cluster(world), "fixed": CPU_FIXED}
+    return {**target, "cluster": local_cpu_perf(ModelSpec.from_config(args.model), world, model=args.model),
+            "fixed": CPU_FIXED}
 
 
 def _run_ray(args: argparse.Namespace, choice: PlanChoice | None, spec: ModelSpec | None, env: dict) -> int:

@@ -1,10 +1,10 @@
 """``galvatron demo``: search a plan for local CPU workers and train the reference GPT through Ray.
 
-Runs on any machine with CPUs: starts a local Ray bound to 127.0.0.1, measures this machine for
-the cost model, searches the fastest plan for ``--workers`` workers, prints it with its predicted
-step time and trains :class:`galvatron.models.GPT` in the ``gpt-demo`` shape on Python
-standard-library source code as bytes (vocabulary 256), printing step time, tokens/s, MFU and
-memory as it goes.
+Runs on any machine with CPUs: starts a local Ray bound to 127.0.0.1, profiles the model and gloo
+on this machine for the cost model (:func:`galvatron.launch.launcher.local_cpu_perf`), searches
+the fastest plan for ``--workers`` workers, prints it with its predicted step time and trains
+:class:`galvatron.models.GPT` in the ``gpt-demo`` shape on Python standard-library source code as
+bytes (vocabulary 256), printing step time, tokens/s, MFU and memory as it goes.
 
 The worker side, :func:`train`, is also the reference training loop of the launcher tests:
 batches depend only on the step number (never on the rank count or on restarts), so runs under
@@ -29,8 +29,7 @@ from galvatron.launch.checkpoints import Checkpointer
 from galvatron.launch.launcher import (
     CPU_FIXED,
     PlanChoice,
-    cpu_peak_flops,
-    local_cpu_cluster,
+    local_cpu_perf,
     search_plan,
     worker_env,
 )
@@ -171,9 +170,9 @@ def run_demo(config: TrainConfig, *, workers: int = 4, checkpoint_dir: str | Non
     spec = ModelSpec.from_config(config.model)
     print(f"galvatron demo: {spec.summary()}; {workers} CPU workers, global batch {config.global_batch} x "
           f"{spec.seq_len} tokens, {config.steps} steps", flush=True)
-    peak = cpu_peak_flops(workers)
-    choice = search_plan(spec, workers, cluster=local_cpu_cluster(workers), global_batch=config.global_batch,
-                         fixed=CPU_FIXED)
+    perf = local_cpu_perf(spec, workers, model=config.model)
+    choice = search_plan(spec, workers, cluster=perf, global_batch=config.global_batch, fixed=CPU_FIXED)
+    peak = perf.peak_flops("fp32")
     print(choice.describe(), flush=True)
     env = worker_env(choice, peak_flops=peak, checkpoint_dir=checkpoint_dir,
                      checkpoint_interval=config.checkpoint_interval if checkpoint_dir else None)

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +85,23 @@ def search_plan(spec: ModelSpec, world_size: int, *, cluster: object, global_bat
     runnable = frozenset(c for c in ALL_CAPABILITIES if not c.startswith(RUNTIME_LACKS))
     options = SearchOptions(global_batch=global_batch, dtype=dtype, fixed=dict(fixed or {}),
                             capabilities=runnable - frozenset(exclude))
-    # how the native runtime runs a plan (CPU workers: the nominal "cpu" GPU of local_cpu_cluster)
-    native = CostOptions(**capabilities("native").cost_options(accelerator=cluster.gpu.name != "cpu"))
+    # how the native runtime runs a plan (CPU workers: the "cpu" device of local_cpu_cluster)
+    native = CostOptions(**capabilities("native").cost_options(accelerator=_device_of(cluster).name != "cpu"))
+    if hasattr(cluster, "measured_options"):  # a profiled Perf: what it measured replaces the defaults
+        native = cluster.measured_options(native)
     result = search(spec, cluster, options, native, world_size=world_size)
     return PlanChoice(plan=result.best.plan, source="search", predicted_step_s=result.best.step_time_s)
+
+
+def _device_of(cluster: Any) -> Any:
+    """The hardware-database device of a ``Cluster``, or of the cluster a ``Perf`` measures (a
+    ``ProfiledPerf`` over a ``DatasheetPerf``)."""
+    while not hasattr(cluster, "gpu"):
+        inner = getattr(cluster, "base", None) or getattr(cluster, "cluster", None)
+        if inner is None:
+            raise TypeError(f"{type(cluster).__name__} names no device (neither a Cluster nor a Perf over one)")
+        cluster = inner
+    return cluster.gpu
 
 
 RUNTIME_LACKS = ("cp:", "ep", "etp")
@@ -115,6 +129,91 @@ def local_cpu_cluster(workers: int, *, tflops: float | None = None, gloo_gbps: f
     loopback = Link(name="loopback-gloo", gbps=gloo_gbps, efficiency=1.0, latency_us=gloo_latency_us)
     return Cluster(name=f"{workers}xCPU", gpu=cpu, gpus_per_node=workers, nodes=1, intra=loopback, inter=loopback,
                    nics_per_node=1)
+
+
+def local_cpu_perf(spec: ModelSpec, workers: int, *, model: str | None = None, progress: bool = True,
+                   max_profile_s: float = 120.0) -> object:
+    """The cost model's view of ``workers`` CPU workers on this machine, measured rather than assumed
+    (a ``galvatron.profiler.ProfiledPerf`` over :func:`local_cpu_cluster`):
+
+    - the model: ``model`` (a preset or model YAML, built as the reference GPT with one block of
+      each kind) profiled here on one thread, fp32, at ``spec``'s sequence length and micro-batches
+      1, 2, 4, 8; its times stretched by ``workers / cores`` when the workers outnumber the cores
+      (they then share them). Skipped, with a message, when ``model`` is None or the profile would
+      take longer than about ``max_profile_s`` (the datasheet-style GEMM rate then stands);
+    - gloo: every collective among ``workers`` processes started here (over the loopback device),
+      1 KiB to 1 MiB, latency and bandwidth. On a shared machine those are far from nominal: with
+      4 workers on 2 cores an all-reduce takes milliseconds whatever its size.
+
+    Progress goes to stderr."""
+    from galvatron.profiler.calibrate import profiled_perf
+
+    cluster = local_cpu_cluster(workers)
+    cores = len(os.sched_getaffinity(0))
+    model_profile = None
+    if model is not None:
+        estimate = _profile_estimate_s(spec, cluster)
+        if estimate > max_profile_s:
+            say(f"not profiling {model}: about {estimate:.0f} s on this CPU (over {max_profile_s:.0f} s); "
+                "costing it from the measured GEMM rate")
+        else:
+            model_profile = _profile_cpu_model(model, spec.seq_len, progress)
+    cluster_profile = _profile_gloo(workers, progress) if workers > 1 else None
+    return profiled_perf(cluster, model_profile=model_profile, cluster_profile=cluster_profile, spec=spec,
+                         compute_scale=max(1.0, workers / cores))
+
+
+CPU_PROFILE_MICRO_BATCHES = (1, 2, 4, 8)
+"""Micro-batch sizes :func:`local_cpu_perf` profiles (the fit is linear in tokens beyond them)."""
+
+
+def _profile_estimate_s(spec: ModelSpec, cluster: Any) -> float:
+    """Rough seconds to profile ``spec`` on one thread here: its profiled blocks' and edges' training
+    FLOPs over every micro-batch, recompute mode and timed run, at the measured GEMM rate."""
+    from galvatron.profiler.model import ProfileOptions
+
+    options = ProfileOptions(micro_batches=CPU_PROFILE_MICRO_BATCHES)
+    blocks = max(1, sum(layer.is_block for layer in spec.layers))
+    share = min(1.0, 3 / blocks)  # ~2 blocks (one of each kind) + the embedding and head
+    runs = (options.warmup + options.repeats) * (len(options.recompute) + 1)  # recomputation adds a forward
+    flops = spec.flops_per_token() * spec.seq_len * sum(options.micro_batches) * share * runs
+    alone = cluster.gpu.peak_tflops["fp32"] * 1e12 / min(1.0, len(os.sched_getaffinity(0)) / cluster.gpus_per_node)
+    return flops / alone  # the workers' share of the rate undone: the profile runs alone
+
+
+@lru_cache(maxsize=4)
+def _profile_cpu_model(model: str, seq_len: int, progress: bool) -> Any:
+    """One profile per model and sequence length (a re-search after workers are lost reuses it)."""
+    from galvatron.launch.cmd_profile import build_model
+    from galvatron.profiler.model import ProfileOptions, profile_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker runs
+    try:
+        say(f"profiling {model} on this CPU (one thread) ...")
+        start = time.perf_counter()
+        module, name, _ = build_model(model, device=torch.device("cpu"))
+        options = ProfileOptions(micro_batches=CPU_PROFILE_MICRO_BATCHES, seq_lens=(seq_len,))
+        profile = profile_model(module, options=options, device="cpu", name=name, progress=progress)
+        say(f"profiled {model} in {time.perf_counter() - start:.1f} s")
+        return profile
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _profile_gloo(workers: int, progress: bool) -> Any:
+    import tempfile
+
+    from galvatron.profiler.cluster import ClusterOptions, spawn_local
+
+    say(f"profiling gloo among {workers} local processes ...")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="galvatron-gloo-") as tmp:
+        # 20 timed runs per point: on shared cores a handoff's wait for its peer varies run to run
+        profile = spawn_local(workers, ClusterOptions(iters=20), os.path.join(tmp, "cluster.yaml"),
+                              progress=progress, cpu=True)
+    say(f"profiled gloo in {time.perf_counter() - start:.1f} s")
+    return profile
 
 
 def cpu_peak_flops(workers: int) -> float:

@@ -204,6 +204,14 @@ class ProfiledPerf:
     rates: Rates | None = None
     model: ModelProfile | None = None
     cluster: ClusterProfile | None = None
+    compute_scale: float = 1.0
+    """How many times longer the profiled compute (fitted rates, layer and optimizer times) takes in
+    the run than when it was profiled: CPU workers that share cores (``workers / cores`` when there
+    are more workers than cores; the profile ran alone on one thread)."""
+
+    def __post_init__(self) -> None:
+        if not self.compute_scale > 0:
+            raise ProfileError(f"compute_scale must be positive, got {self.compute_scale}")
 
     @property
     def gpus_per_node(self) -> int:
@@ -216,6 +224,14 @@ class ProfiledPerf:
     def peak_flops(self, dtype: str) -> float:
         return self.base.peak_flops(dtype)
 
+    def measured_options(self, options: CostOptions) -> CostOptions:
+        """``options`` with what the cluster profile measured in their place: the compute lost to
+        communication beside it (``overlap_interference``, from the profile's overlap test)."""
+        overlap = self.cluster.overlap if self.cluster is not None else None
+        if overlap is None or overlap.interference is None:
+            return options
+        return dataclasses.replace(options, overlap_interference=overlap.interference)
+
     def _scale(self, dtype: str) -> float:
         """Other dtypes than the profiled one run at the datasheet ratio of peaks."""
         if self.rates is None or dtype == self.rates.dtype.value:
@@ -227,7 +243,7 @@ class ProfiledPerf:
             return self.base.matmul_time(flops, dtype, kernels)
         if flops <= 0:
             return 0.0
-        return flops * self.rates.matmul * self._scale(dtype) + kernels * self.rates.kernel
+        return (flops * self.rates.matmul * self._scale(dtype) + kernels * self.rates.kernel) * self.compute_scale
 
     def attention_time(self, flops: float, backward: bool, shape: Any = None, kernel: str | None = None) -> float:
         """The profile's fitted seconds per attention FLOP (measured at the profiled shapes and kernel)."""
@@ -236,12 +252,12 @@ class ProfiledPerf:
         if flops <= 0:
             return 0.0
         per_flop = self.rates.attention_bwd if backward else self.rates.attention_fwd
-        return flops * per_flop + self.rates.kernel
+        return (flops * per_flop + self.rates.kernel) * self.compute_scale
 
     def memory_time(self, nbytes: float) -> float:
         if self.rates is None:
             return self.base.memory_time(nbytes)
-        return nbytes * self.rates.memory
+        return nbytes * self.rates.memory * self.compute_scale
 
     def collective_time(self, op: str, nbytes: float, group: Group) -> float:
         if group.size <= 1 or nbytes <= 0:
@@ -273,7 +289,8 @@ class ProfiledPerf:
             return None
         opt = self.model.optimizer
         total = sum(layer.params * layer.count for layer in self.model.layers)
-        return opt.seconds_per_param * params + (opt.intercept_s * params / total if total else opt.intercept_s)
+        seconds = opt.seconds_per_param * params + (opt.intercept_s * params / total if total else opt.intercept_s)
+        return seconds * self.compute_scale
 
     def layer_times(self, layer: LayerSpec, micro_batch: float, seq_len: int, recompute: Recompute | str,
                     tp: int = 1, cp: int = 1) -> PhaseTimes | None:
@@ -284,6 +301,15 @@ class ProfiledPerf:
         the GEMMs and heads, context parallelism the queries). Where the profile timed host and
         device apart, ``forward``/``backward`` are the device's and ``host_forward``/``host_backward``
         the host's (the cost model charges each pass the slower of the two summed over the layers)."""
+        times = self._profiled_times(layer, micro_batch, seq_len, recompute, tp, cp)
+        k = self.compute_scale
+        if times is None or k == 1.0:
+            return times
+        return PhaseTimes(forward=times.forward * k, backward=times.backward * k,
+                          host_forward=times.host_forward * k, host_backward=times.host_backward * k)
+
+    def _profiled_times(self, layer: LayerSpec, micro_batch: float, seq_len: int, recompute: Recompute | str,
+                        tp: int, cp: int) -> PhaseTimes | None:
         if self.model is None:
             return None
         try:
@@ -320,14 +346,16 @@ def _split(coef: tuple[float, float, float], micro_batch: float, seq_len: int, w
 
 def profiled_perf(cluster: Cluster | Perf, *, model_profile: ModelProfile | None = None,
                   cluster_profile: ClusterProfile | None = None, spec: ModelSpec | None = None,
-                  options: CostOptions | None = None) -> ProfiledPerf:
+                  options: CostOptions | None = None, compute_scale: float = 1.0) -> ProfiledPerf:
     """The ``Perf`` to hand ``cost_plan``/``search`` instead of a cluster: measured where a profile
     is given, the datasheet (``cluster``) elsewhere. ``spec``: the model the plans are for (the
-    calibration then weighs each layer by how often the model holds it)."""
+    calibration then weighs each layer by how often the model holds it); ``compute_scale``: see
+    :attr:`ProfiledPerf.compute_scale`."""
     from galvatron.strategies.cost import as_perf
 
     rates = fit_rates(model_profile, spec, options) if model_profile is not None else None
-    return ProfiledPerf(base=as_perf(cluster), rates=rates, model=model_profile, cluster=cluster_profile)
+    return ProfiledPerf(base=as_perf(cluster), rates=rates, model=model_profile, cluster=cluster_profile,
+                        compute_scale=compute_scale)
 
 
 def calibrated_spec(spec: ModelSpec, profile: ModelProfile) -> ModelSpec:

@@ -16,7 +16,7 @@ import socket
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -83,9 +83,7 @@ def profile_cluster(options: ClusterOptions | None = None, *, progress: bool = T
                               topology=topology, seconds=time.perf_counter() - started, notes=tuple(notes))
     runner = _Runner(options, progress)
     collectives = runner.collectives()
-    overlap = runner.overlap() if options.overlap and runner.cuda else None
-    if options.overlap and not runner.cuda:
-        notes.append("compute/communication overlap is measured on GPUs only")
+    overlap = runner.overlap() if options.overlap else None
     return ClusterProfile(
         backend=str(dist.get_backend()), world_size=runner.world, nodes=runner.nodes,
         ranks_per_node=runner.per_node, collectives=tuple(collectives), overlap=overlap, gpus=gpus,
@@ -103,7 +101,8 @@ def summary(profile: ClusterProfile) -> str:
         lines.append(table(["collective", "ranks", "placement", "latency", "busbw GB/s", "largest"], rows))
     if profile.overlap:
         o = profile.overlap
-        lines.append(f"beside an all-reduce a matmul runs {o.compute_slowdown:.2f}x slower; "
+        lost = "" if o.interference is None else f" (loses {o.interference:.2f} s of compute per s of communication)"
+        lines.append(f"beside an all-reduce a matmul runs {o.compute_slowdown:.2f}x slower{lost}; "
                      f"the all-reduce {o.comm_slowdown:.2f}x")
     for gpu in profile.gpus:
         lines.append(f"GPU {gpu.index}: {gpu.name}, {human_bytes(gpu.memory_bytes)}, {gpu.nvlinks} NVLink(s), "
@@ -117,6 +116,21 @@ def summary(profile: ClusterProfile) -> str:
 
 
 # ---------------------------------------------------------------------------------- collectives
+def merge_collectives(per_rank: Iterable[Iterable[CollectiveProfile]]) -> list[CollectiveProfile]:
+    """One curve per (op, group size, placement) from every rank's: groups of one size measure at
+    once, so the slower group's time is kept at each message size."""
+    seen: dict[tuple, CollectiveProfile] = {}
+    for curves in per_rank:
+        for c in curves:
+            key = (c.op, c.group_size, c.placement)
+            if key in seen:
+                points = zip(seen[key].points, c.points, strict=True)
+                c = CollectiveProfile(op=c.op, group_size=c.group_size, placement=c.placement,  # fits the max anew
+                                      points=tuple(max(a, b, key=lambda p: p.time_s) for a, b in points))
+            seen[key] = c
+    return list(seen.values())
+
+
 class _Runner:
     """The measurements of one rank; every rank runs them in the same order."""
 
@@ -138,27 +152,44 @@ class _Runner:
         self.bar = Progress(units, "profile cluster", enabled=progress and self.rank == 0)
 
     def _groups(self) -> list[tuple[list[int], str, Any]]:
-        """(ranks, placement, process group) for every group measured; created on every rank."""
+        """(ranks, placement, process group) of this rank for every group size measured (ranks empty
+        where it is in no group of that size); every group is created on every rank. Intra-node
+        groups partition node 0's ranks and measure at once, as a step's data- or tensor-parallel
+        groups communicate together (on CPU workers that share cores, idle neighbours would hide
+        the competition for them)."""
         local = [r for r in range(self.world) if self.node_of[r] == 0]
         powers = tuple(2**i for i in range(1, int(math.log2(len(local))) + 1))
         sizes = self.options.group_sizes or (*powers, len(local))
-        specs = [(local[:k], Placement.INTRA) for k in sorted(set(sizes)) if 2 <= k <= len(local)]
+        specs = [([local[i:i + k] for i in range(0, len(local) - k + 1, k)], Placement.INTRA)
+                 for k in sorted(set(sizes)) if 2 <= k <= len(local)]
         if self.nodes > 1:
             leaders = [next(r for r in range(self.world) if self.node_of[r] == n) for n in range(self.nodes)]
-            specs += [(leaders, Placement.INTER), (list(range(self.world)), Placement.INTER)]
+            specs += [([leaders], Placement.INTER), ([list(range(self.world))], Placement.INTER)]
         out = []
-        for ranks, placement in specs:
-            group = None if len(ranks) == self.world else dist.new_group(ranks)
-            out.append((ranks, placement, group))
+        for parts, placement in specs:
+            mine: tuple[list[int], Any] = ([], None)
+            for ranks in parts:
+                group = None if len(ranks) == self.world else dist.new_group(ranks)
+                if self.rank in ranks:
+                    mine = (ranks, group)
+            out.append((mine[0], placement, mine[1]))
         return out
 
-    def _pairs(self) -> list[tuple[int, int, str]]:
-        pairs = []
+    def _pairs(self) -> list[tuple[list[tuple[int, int]], str]]:
+        """The rank pairs that ping at once, per placement. Intra-node: every node's ranks in
+        consecutive pairs, all at once, as a pipeline's stages hand off together (on CPU workers
+        that share cores, a handoff waits for the peer to be scheduled, which an idle machine hides).
+        Inter-node: rank 0 and the first rank of node 1."""
+        out = []
         if self.per_node >= 2:
-            pairs.append((0, next(r for r in range(1, self.world) if self.node_of[r] == 0), Placement.INTRA))
+            pairs = []
+            for node in range(self.nodes):
+                ranks = [r for r in range(self.world) if self.node_of[r] == node]
+                pairs += [(ranks[i], ranks[i + 1]) for i in range(0, len(ranks) - 1, 2)]
+            out.append((pairs, Placement.INTRA))
         if self.nodes > 1:
-            pairs.append((0, next(r for r in range(self.world) if self.node_of[r] == 1), Placement.INTER))
-        return pairs
+            out.append(([(0, next(r for r in range(self.world) if self.node_of[r] == 1))], Placement.INTER))
+        return out
 
     def collectives(self) -> list[CollectiveProfile]:
         out = []
@@ -197,12 +228,16 @@ class _Runner:
         return float(elapsed.item())
 
     def _p2p(self) -> list[CollectiveProfile]:
-        """Ping-pong between two ranks: one-way time is half the round trip."""
+        """Ping-pong within each pair of :meth:`_pairs`: one-way time is half the round trip; the
+        slowest pair's is kept."""
         out = []
-        for a, b, placement in self._pairs():
+        for pairs, placement in self._pairs():
+            mine = next(((a, b) for a, b in pairs if self.rank in (a, b)), None)
             points = []
             for nbytes in self.sizes:
-                if self.rank in (a, b):
+                seconds = 0.0
+                if mine is not None:
+                    a, b = mine
                     buf = torch.empty(max(nbytes // 4, 1), dtype=torch.float32, device=self.device)
                     peer = b if self.rank == a else a
 
@@ -210,13 +245,16 @@ class _Runner:
                         for send in (first, not first):
                             (dist.send if send else dist.recv)(buf, peer)
 
-                    points.append(CommPoint(bytes=nbytes, time_s=self._pair_time(ping, a, b) / 2))
+                    seconds = self._pair_time(ping) / 2
+                slowest = torch.tensor([seconds], device=self.device)
+                dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+                points.append(CommPoint(bytes=nbytes, time_s=float(slowest.item())))
                 self.bar.step(f"p2p {placement} {human_bytes(nbytes)}")
-            if points:
+            if self.rank == 0:
                 out.append(CollectiveProfile(op="p2p", group_size=2, placement=placement, points=tuple(points)))
         return out
 
-    def _pair_time(self, ping: Callable[[], None], a: int, b: int) -> float:
+    def _pair_time(self, ping: Callable[[], None]) -> float:
         for _ in range(self.options.warmup):
             ping()
         self._sync()
@@ -230,14 +268,7 @@ class _Runner:
         """Every rank's measurements, gathered so each rank returns the whole profile."""
         everyone: list[Any] = [None] * self.world
         dist.all_gather_object(everyone, [c.to_dict() for c in mine])
-        seen: dict[tuple, CollectiveProfile] = {}
-        for rank_list in everyone:
-            for data in rank_list:
-                c = CollectiveProfile.from_dict(data)
-                key = (c.op, c.group_size, c.placement)
-                # p2p: the initiating rank (0) is in every pair and its timing is kept
-                seen.setdefault(key, c)
-        return list(seen.values())
+        return merge_collectives([CollectiveProfile.from_dict(d) for d in rank_list] for rank_list in everyone)
 
     def _sync(self) -> None:
         if self.cuda:
@@ -245,13 +276,16 @@ class _Runner:
 
     # ------------------------------------------------------------------------------ overlap
     def overlap(self) -> Overlap | None:
-        """A bf16 matmul stream beside an all-reduce stream on the largest intra-node group, each
-        timed alone and together."""
+        """Matmuls beside all-reduces on the largest intra-node group, each timed alone and together:
+        on GPUs a bf16 matmul stream beside an all-reduce stream; on CPUs fp32 matmuls on this thread
+        beside asynchronous gloo all-reduces (whose threads copy and reduce on the same cores)."""
         ranks, _, group = max((g for g in self.groups if g[1] == Placement.INTRA), key=lambda g: len(g[0]),
                               default=(list(range(self.world)), Placement.INTRA, None))
         if len(ranks) < 2 or self.rank not in ranks:
             dist.barrier()
             return None
+        if not self.cuda:
+            return self._cpu_overlap(ranks, group)
         n, message = 8192, 256 << 20
         a = torch.randn(n, n, device=self.device, dtype=torch.bfloat16)
         c = torch.empty_like(a)
@@ -276,11 +310,60 @@ class _Runner:
         alone_ar = _stream_time(comm, lambda: reduces(jobs))
         dist.barrier(group=group)
         both_mm, both_ar = _together(compute, lambda: matmuls(k), comm, lambda: reduces(jobs))
-        result = torch.tensor([both_mm / alone_mm, both_ar / alone_ar], device=self.device)
+        return self._overlap_result(ranks, group, (alone_mm, alone_ar, both_mm, both_ar), n, message)
+
+    def _cpu_overlap(self, ranks: list[int], group: Any) -> Overlap:
+        n, message = 256, 1 << 20
+        a = torch.randn(n, n)
+        c = torch.empty_like(a)
+        buf = torch.zeros(message // 4)
+
+        def matmuls(k: int) -> None:
+            for _ in range(k):
+                torch.mm(a, a, out=c)
+
+        def reduces(j: int) -> list[Any]:
+            return [dist.all_reduce(buf, group=group, async_op=True) for _ in range(j)]
+
+        def timed(work: Callable[[], None]) -> float:
+            dist.barrier(group=group)
+            start = time.perf_counter()
+            work()
+            return time.perf_counter() - start
+
+        one_mm = statistics.median(timed(lambda: matmuls(10)) for _ in range(3)) / 10
+        one_ar = statistics.median(timed(lambda: [w.wait() for w in reduces(1)]) for _ in range(3))
+        k = max(10, round(0.1 / max(one_mm, 1e-9)))  # about 0.1 s of matmuls
+        j = torch.tensor([max(1, round(k * one_mm / max(one_ar, 1e-9)))])
+        dist.all_reduce(j, op=dist.ReduceOp.MAX, group=group)
+        jobs = int(j.item())
+
+        def together() -> tuple[float, float]:
+            dist.barrier(group=group)
+            start = time.perf_counter()
+            works = reduces(jobs)
+            matmuls(k)
+            both_mm = time.perf_counter() - start
+            for w in works:
+                w.wait()
+            return both_mm, time.perf_counter() - start
+
+        runs = [(timed(lambda: matmuls(k)), timed(lambda: [w.wait() for w in reduces(jobs)]), *together())
+                for _ in range(self.options.iters)]  # medians: time-shared cores are noisy
+        times = tuple(statistics.median(run[i] for run in runs) for i in range(4))
+        return self._overlap_result(ranks, group, times, n, message)
+
+    def _overlap_result(self, ranks: list[int], group: Any, times: tuple[float, float, float, float], n: int,
+                        message: int) -> Overlap:
+        """The group's worst rank's slowdowns and interference from (matmuls alone, all-reduces alone,
+        matmuls beside all-reduces, all-reduces beside matmuls)."""
+        alone_mm, alone_ar, both_mm, both_ar = times
+        result = torch.tensor([both_mm / alone_mm, both_ar / alone_ar, max(both_mm - alone_mm, 0.0) / alone_ar],
+                              device=self.device)
         dist.all_reduce(result, op=dist.ReduceOp.MAX, group=group)
         dist.barrier()
         return Overlap(compute_slowdown=float(result[0]), comm_slowdown=float(result[1]), matmul_size=n,
-                       message_bytes=message, group_size=len(ranks))
+                       message_bytes=message, group_size=len(ranks), interference=float(result[2]))
 
 
 def _collective(op: str, nbytes: int, n: int, group: Any, device: torch.device) -> Callable[[], None]:
@@ -415,26 +498,30 @@ def _link_name(nvml: Any, handles: Sequence[Any], links: Sequence[dict[str, int]
 
 # ------------------------------------------------------------------------------ local launch
 def spawn_local(nproc: int, options: ClusterOptions, out: str, *, progress: bool = True,
-                timeout: float = 600.0) -> ClusterProfile:
-    """Start ``nproc`` processes on this machine (one per GPU with NCCL, else gloo on CPU), profile them
-    together and return the profile (also written to ``out``)."""
+                timeout: float = 600.0, cpu: bool = False) -> ClusterProfile:
+    """Start ``nproc`` processes on this machine (one per GPU with NCCL; gloo on CPU without GPUs or
+    with ``cpu``), profile them together and return the profile (also written to ``out``). gloo binds
+    to the loopback device unless ``GLOO_SOCKET_IFNAME`` is set."""
     import torch.multiprocessing as mp
 
     if nproc < 2:
         raise ProfileError("spawn_local needs at least 2 processes")
-    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+    if not cpu and torch.cuda.is_available() and nproc > torch.cuda.device_count():
         raise ProfileError(f"{nproc} processes but only {torch.cuda.device_count()} GPU(s) visible")
     with tempfile.TemporaryDirectory(prefix="galvatron-cluster-") as tmp:
-        mp.start_processes(_spawned, args=(nproc, os.path.join(tmp, "store"), options, out, progress, timeout),
+        mp.start_processes(_spawned, args=(nproc, os.path.join(tmp, "store"), options, out, progress, timeout, cpu),
                            nprocs=nproc, start_method="spawn", join=True)
     return ClusterProfile.load(out)
 
 
 def _spawned(rank: int, nproc: int, store_path: str, options: ClusterOptions, out: str, progress: bool,
-             timeout: float) -> None:
-    cuda = torch.cuda.is_available()
+             timeout: float, cpu: bool = False) -> None:
+    cuda = torch.cuda.is_available() and not cpu
     if cuda:
         torch.cuda.set_device(rank)
+    else:
+        torch.set_num_threads(1)
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # every process is on this machine
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc))
     store = dist.FileStore(store_path, nproc)
     dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=nproc,

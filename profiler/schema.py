@@ -485,6 +485,10 @@ class Overlap:
     matmul_size: int
     message_bytes: int
     group_size: int
+    interference: float | None = None
+    """Compute seconds lost per second of communication beside it (``(together - alone)`` of the
+    matmuls over the all-reduces' time alone): ``CostOptions.overlap_interference`` as measured.
+    None in profiles from before this field."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -53,6 +53,11 @@ class Capabilities:
     """Host time per kernel issued (``CostOptions.host_us_per_kernel``): eager PyTorch under the native
     runtime and DeepSpeed, as measured on one H100's host; 0 for Megatron-Core (fused kernels; its
     large runs are device-bound)."""
+    zero1_reduce: str = "reduce_scatter"
+    """How its ZeRO-1 syncs gradients (``CostOptions.zero1_reduce``)."""
+    overlap_param_gather: bool = True
+    """Whether its ZeRO-1 parameter all-gather hides behind the next forward
+    (``CostOptions.overlap_param_gather``)."""
     loss_bytes_per_logit: float = 12.0
     """The loss's peak bytes per logit (``CostOptions.loss_bytes_per_logit``): the user's eager
     ``F.cross_entropy(logits.float(), y)`` under the native runtime and DeepSpeed; Megatron-Core's
@@ -63,7 +68,8 @@ class Capabilities:
         workers (not ``accelerator``) the host is the device, so no separate host side."""
         return {"persistent_grads": self.persistent_grads, "master_weights": self.master_weights,
                 "selective": self.selective, "elementwise": self.elementwise,
-                "loss_bytes_per_logit": self.loss_bytes_per_logit,
+                "loss_bytes_per_logit": self.loss_bytes_per_logit, "zero1_reduce": self.zero1_reduce,
+                "overlap_param_gather": self.overlap_param_gather,
                 "host_us_per_kernel": self.host_us_per_kernel if accelerator else 0.0}
 
     def search_options(self) -> dict[str, Any]:
@@ -79,7 +85,8 @@ CAPABILITIES: dict[str, Capabilities] = {
         features=frozenset({"pp", "tp", "sp", "zero1", "zero2", "zero3", "offload", "schedule:1f1b",
                             "schedule:interleaved-1f1b", "schedule:zero-bubble"}) | _RECOMPUTE,
         dtypes=frozenset({DType.FP32, DType.BF16, DType.FP16}),
-        per_layer=frozenset({"dp", "tp", "sp", "zero", "recompute", "offload"}), uniform=False, gpu_only=False),
+        per_layer=frozenset({"dp", "tp", "sp", "zero", "recompute", "offload"}), uniform=False, gpu_only=False,
+        zero1_reduce="all_reduce", overlap_param_gather=False),
     "deepspeed": Capabilities(
         name="deepspeed",
         # schedule:1f1b: the search gives one-stage plans the default schedule, which runs no pipeline

@@ -738,10 +738,12 @@ def _zero_part(ctx: LayerContext, s: LayerStrategy, acc: dict[str, float], param
     if z == 0:
         acc["sync"] += perf.collective_time(Collective.ALL_REDUCE, grads, group)
     elif z == 1:
-        acc["sync"] += perf.collective_time(Collective.REDUCE_SCATTER, grads, group)
-    if z in (1, 2):
-        gather = perf.collective_time(Collective.ALL_GATHER, gathered, group)
-        acc["post"] += 0.0 if opts.overlap_param_gather else gather
+        reduce = Collective.ALL_REDUCE if opts.zero1_reduce == "all_reduce" else Collective.REDUCE_SCATTER
+        acc["sync"] += perf.collective_time(reduce, grads, group)
+    if z == 1 and not opts.overlap_param_gather:
+        # the updated slices in the parameters' own dtype: fp32 where they are the master weights
+        acc["post"] += perf.collective_time(Collective.ALL_GATHER, 4 * params if opts.master_weights == "params"
+                                            else gathered, group)
     if z >= 2:
         # ZeRO-2 reduce-scatters gradients every micro-batch; ZeRO-3 also gathers parameters before
         # forward and backward (and holds a gathered copy for the backward and the next layer's prefetch)

@@ -20,7 +20,7 @@ from galvatron.strategies.cost.step import (
 )
 from galvatron.strategies.hardware import Cluster
 
-from galvatron.plan import LayerStrategy, Plan, Schedule
+from galvatron.plan import DType, LayerStrategy, Plan, Schedule
 from galvatron.spec import LayerKind, LayerSpec, ModelSpec
 
 GIB = 2**30
@@ -108,8 +108,9 @@ def cost_plan(plan: Plan, spec: ModelSpec, cluster: Cluster | Perf, options: Cos
 def p2p_time(ctx: LayerContext, hidden: int, sender: LayerStrategy) -> float:
     """Activation send forward plus gradient receive backward at a stage's output, per micro-batch,
     charged to the earlier stage: each TP rank moves its 1/tp share (Megatron's scatter/gather
-    optimisation, Narayanan et al. SC'21 §4.1; sequence-parallel layouts are sharded already)."""
-    nbytes = tokens_per_rank(ctx, sender) * hidden * 2 / sender.tp
+    optimisation, Narayanan et al. SC'21 §4.1; sequence-parallel layouts are sharded already), in
+    the plan's activation dtype."""
+    nbytes = tokens_per_rank(ctx, sender) * hidden * (4 if ctx.dtype is DType.FP32 else 2) / sender.tp
     inter = ctx.stage_devices >= ctx.perf.gpus_per_node
     return 2 * ctx.perf.p2p_time(nbytes, inter)
 

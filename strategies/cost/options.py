@@ -35,7 +35,15 @@ class CostOptions:
     overlap_grad_reduce: bool = True
     """Data-parallel gradient reduction overlapped with the last micro-batch's backward."""
     overlap_param_gather: bool = True
-    """ZeRO-1/2 parameter all-gather after the optimizer overlapped with the next forward."""
+    """ZeRO-1's parameter all-gather after the optimizer overlapped with the next forward (Megatron's
+    ``--overlap-param-gather``). False: the step waits for it (galvatron's native ZeRO-1 gathers the
+    updated slices inside ``optimizer.step()``). ZeRO-2's gather (FSDP2 unsharding the parameters
+    before the next forward, prefetched) is always taken as hidden."""
+    zero1_reduce: str = "reduce_scatter"
+    """The collective that syncs ZeRO-1's gradients (:data:`ZERO1_REDUCES`). ``reduce_scatter``: each
+    rank receives the gradient slice it updates (Megatron's distributed optimizer, ZeRO paper §5.1).
+    ``all_reduce``: every rank receives every gradient, twice the traffic (galvatron's native
+    runtime, whose buckets all-reduce whatever the ZeRO stage, and then update their slice)."""
     overlap_tp_backward: bool = True
     """Tensor-parallel input-gradient collectives overlapped with weight-gradient GEMMs (Megatron's
     asynchronous grad all-reduce, Korthikanti et al. 2022 §6.2)."""
@@ -120,6 +128,9 @@ class CostOptions:
         if self.elementwise not in ELEMENTWISE_STACKS:
             raise ValueError(f"CostOptions.elementwise={self.elementwise!r}: expected one of "
                              f"{', '.join(ELEMENTWISE_STACKS)}")
+        if self.zero1_reduce not in ZERO1_REDUCES:
+            raise ValueError(f"CostOptions.zero1_reduce={self.zero1_reduce!r}: expected one of "
+                             f"{', '.join(ZERO1_REDUCES)}")
         if self.selective not in SELECTIVE_POLICIES:
             raise ValueError(f"CostOptions.selective={self.selective!r}: expected one of "
                              f"{', '.join(SELECTIVE_POLICIES)}")
@@ -129,5 +140,7 @@ ELEMENTWISE_STACKS = ("fused", "eager", "autocast")
 """How a stack runs memory-bound ops (``CostOptions.elementwise``; ``strategies.cost.eager``)."""
 SELECTIVE_POLICIES = ("matmuls", "megatron", "torchtitan")
 """Selective-recomputation policies the cost model knows (``CostOptions.selective``)."""
+ZERO1_REDUCES = ("reduce_scatter", "all_reduce")
+"""How ZeRO-1 syncs gradients (``CostOptions.zero1_reduce``)."""
 MASTER_WEIGHTS = ("params", "optimizer")
 """Where fp32 master weights live (``CostOptions.master_weights``)."""

@@ -37,7 +37,9 @@ def test_two_gloo_ranks(profiles: list[ClusterProfile], tmp_path: Path) -> None:
         assert c.group_size == 2 and c.placement == "intra"
         assert [p.bytes for p in c.points] == [1 << 10, 1 << 12, 1 << 14, 1 << 16]
         assert all(p.time_s > 0 for p in c.points) and c.busbw_gbps > 0
-    assert first.overlap is None and any("GPUs only" in n for n in first.notes)
+    # on CPU the overlap test runs gloo beside matmuls on this thread: a slowdown and lost compute
+    assert first.overlap is not None and first.overlap.group_size == 2 and first.overlap.interference >= 0
+    assert first.overlap.compute_slowdown > 0 and first.overlap.comm_slowdown > 0
     assert ClusterProfile.load(first.save(tmp_path / "cluster.yaml")) == first
 
 

@@ -45,6 +45,27 @@ def test_zero_stages_shrink_static_memory_in_order() -> None:
     assert static == sorted(static, reverse=True) and static[0] > 2 * static[3]
 
 
+def test_zero1_sync_as_the_stack_runs_it() -> None:
+    """Megatron's distributed optimizer reduce-scatters and gathers behind the next forward; the native
+    runtime all-reduces its buckets (as ZeRO-0 does) and gathers inside optimizer.step(), exposed."""
+    cluster = load_cluster("8xA100-80GB")
+
+    def dp_comm(zero: int, **options: object) -> float:
+        plan = Plan.uniform(SPEC.num_blocks, global_batch_size=8, dp=8, zero=zero)
+        return cost_plan(plan, SPEC, cluster, CostOptions(overlap_grad_reduce=False, **options)).stages[0].comm_s["dp"]
+
+    zero0, megatron = dp_comm(0), dp_comm(1)
+    all_reduced = dp_comm(1, zero1_reduce="all_reduce")
+    native = dp_comm(1, zero1_reduce="all_reduce", overlap_param_gather=False)
+    assert megatron < 0.6 * zero0 and all_reduced == pytest.approx(zero0)
+    gather = DatasheetPerf(cluster).collective_time(Collective.ALL_GATHER, 4 * SPEC.params, Group(size=8, per_node=8))
+    assert native - all_reduced == pytest.approx(gather, rel=0.05)  # per-layer calls add their latencies
+    # ZeRO-2 (FSDP2) gathers before the next forward, prefetched: nothing charged after the step
+    assert dp_comm(2, overlap_param_gather=False) == dp_comm(2) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="zero1_reduce"):
+        CostOptions(zero1_reduce="broadcast")
+
+
 def test_recompute_trades_time_for_activation_memory() -> None:
     none, full = _cost(zero=3, recompute="none"), _cost(zero=3, recompute="full")
     assert full.step_time_s > none.step_time_s

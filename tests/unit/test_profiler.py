@@ -325,6 +325,39 @@ class TestCalibration:
         kept = calibrated_spec(spec, dense_profile).blocks[0].activation_bytes_per_token
         assert kept == pytest.approx(dense_profile.layer("attention").activation_bytes(2, 16) / 32 / 2)
 
+    def test_shared_cores_stretch_the_measured_compute(self, dense_profile: ModelProfile) -> None:
+        spec = ModelSpec.from_config(DENSE.to_model_config())
+        alone = profiled_perf(load_cluster("8xH100"), model_profile=dense_profile, spec=spec)
+        shared = profiled_perf(load_cluster("8xH100"), model_profile=dense_profile, spec=spec, compute_scale=2.0)
+        one, two = alone.layer_times(spec.blocks[0], 2, 16, "none"), shared.layer_times(spec.blocks[0], 2, 16, "none")
+        assert two.forward == pytest.approx(2 * one.forward) and two.backward == pytest.approx(2 * one.backward)
+        assert two.host_forward == pytest.approx(2 * one.host_forward)
+        assert shared.optimizer_step_time(1e6) == pytest.approx(2 * alone.optimizer_step_time(1e6))
+        assert shared.matmul_time(1e12, "fp32") == pytest.approx(2 * alone.matmul_time(1e12, "fp32"))
+        assert shared.memory_time(1e9) == pytest.approx(2 * alone.memory_time(1e9))
+        # communication is measured as it runs: not stretched
+        g = Group(size=2, per_node=8)
+        assert shared.collective_time("all_reduce", 1 << 20, g) == alone.collective_time("all_reduce", 1 << 20, g)
+        plan = Plan.uniform(spec.num_blocks, global_batch_size=2, dtype="fp32")
+        assert cost_plan(plan, spec, shared).step_time_s == pytest.approx(2 * cost_plan(plan, spec, alone).step_time_s,
+                                                                       rel=1e-6)
+        with pytest.raises(ProfileError, match="compute_scale"):
+            ProfiledPerf(base=alone.base, compute_scale=0.0)
+
+    def test_measured_interference_replaces_the_default(self) -> None:
+        from galvatron.profiler.schema import Overlap
+        from galvatron.strategies.cost import CostOptions
+
+        overlap = Overlap(compute_slowdown=1.9, comm_slowdown=2.0, matmul_size=256, message_bytes=1 << 20,
+                          group_size=4, interference=0.9)
+        cluster = ClusterProfile(backend="gloo", world_size=4, nodes=1, ranks_per_node=4, overlap=overlap)
+        options = CostOptions()
+        assert profiled_perf(load_cluster("8xH100"), cluster_profile=cluster).measured_options(
+            options).overlap_interference == 0.9
+        old = dataclasses.replace(cluster, overlap=dataclasses.replace(overlap, interference=None))
+        assert profiled_perf(load_cluster("8xH100"), cluster_profile=old).measured_options(options) == options
+        assert profiled_perf(load_cluster("8xH100")).measured_options(options) == options
+
     def test_search_accepts_a_profile(self, dense_profile: ModelProfile) -> None:
         from galvatron.strategies.search import search
 
@@ -332,6 +365,32 @@ class TestCalibration:
         perf = profiled_perf(load_cluster("8xH100"), model_profile=dense_profile)
         result = search(spec, perf, world_size=1)
         assert result.best.step_time_s > 0
+
+
+# ------------------------------------------------------------------------------ cluster runner
+def test_pipeline_pairs_ping_at_once() -> None:
+    from types import SimpleNamespace
+
+    from galvatron.profiler.cluster import _Runner
+
+    one_node = SimpleNamespace(per_node=4, nodes=1, world=4, node_of=[0, 0, 0, 0])
+    assert _Runner._pairs(one_node) == [([(0, 1), (2, 3)], "intra")]
+    two_nodes = SimpleNamespace(per_node=3, nodes=2, world=6, node_of=[0, 0, 0, 1, 1, 1])
+    assert _Runner._pairs(two_nodes) == [([(0, 1), (3, 4)], "intra"), ([(0, 3)], "inter")]
+    alone = SimpleNamespace(per_node=1, nodes=2, world=2, node_of=[0, 1])
+    assert _Runner._pairs(alone) == [([(0, 1)], "inter")]
+
+
+def test_groups_measured_at_once_keep_the_slower_time() -> None:
+    from galvatron.profiler.cluster import merge_collectives
+
+    def curve(op: str, size: int, *times: float) -> CollectiveProfile:
+        points = tuple(CommPoint(bytes=1 << (10 + 2 * i), time_s=t) for i, t in enumerate(times))
+        return CollectiveProfile(op=op, group_size=size, placement="intra", points=points)
+
+    merged = merge_collectives([[curve("all_reduce", 2, 1.0, 5.0), curve("all_reduce", 4, 3.0, 3.0)],
+                                [curve("all_reduce", 2, 2.0, 4.0)], []])
+    assert merged == [curve("all_reduce", 2, 2.0, 5.0), curve("all_reduce", 4, 3.0, 3.0)]
 
 
 # ------------------------------------------------------------------------------------- NVML, CLI
