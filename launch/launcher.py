@@ -77,20 +77,34 @@ def search_plan(spec: ModelSpec, world_size: int, *, cluster: object, global_bat
     ``galvatron.strategies.hardware.Cluster`` or a measured ``Perf``), with ``fixed`` values pinned
     and the ``exclude`` capabilities left out (see ``SearchOptions.fixed`` and ``capabilities``).
     """
-    from galvatron.strategies.cost import CostOptions
+    best = search_runnable(spec, world_size, cluster=cluster, global_batch=global_batch, dtype=dtype, fixed=fixed,
+                           exclude=exclude).best
+    return PlanChoice(plan=best.plan, source="search", predicted_step_s=best.step_time_s)
+
+
+def search_runnable(spec: ModelSpec, world_size: int, *, cluster: object, global_batch: int | None = None,
+                    dtype: DType = DType.FP32, fixed: Mapping[str, Any] | None = None, exclude: Sequence[str] = (),
+                    top_k: int = 1) -> Any:
+    """The ``SearchResult`` behind :func:`search_plan`, with the ``top_k`` best plans: the space
+    the native runtime runs, costed as it runs them."""
     from galvatron.strategies.search import ALL_CAPABILITIES, SearchOptions, search
 
-    from galvatron.backends import capabilities
 
     runnable = frozenset(c for c in ALL_CAPABILITIES if not c.startswith(RUNTIME_LACKS))
     options = SearchOptions(global_batch=global_batch, dtype=dtype, fixed=dict(fixed or {}),
-                            capabilities=runnable - frozenset(exclude))
-    # how the native runtime runs a plan (CPU workers: the "cpu" device of local_cpu_cluster)
+                            capabilities=runnable - frozenset(exclude), top_k=top_k)
+    return search(spec, cluster, options, native_cost_options(cluster), world_size=world_size)
+
+
+def native_cost_options(cluster: object) -> Any:
+    """``CostOptions`` of the native runtime on ``cluster`` (CPU workers: the "cpu" device of
+    :func:`local_cpu_cluster`; the host is the device), with what a profiled ``Perf`` measured."""
+    from galvatron.strategies.cost import CostOptions
+
+    from galvatron.backends import capabilities
+
     native = CostOptions(**capabilities("native").cost_options(accelerator=_device_of(cluster).name != "cpu"))
-    if hasattr(cluster, "measured_options"):  # a profiled Perf: what it measured replaces the defaults
-        native = cluster.measured_options(native)
-    result = search(spec, cluster, options, native, world_size=world_size)
-    return PlanChoice(plan=result.best.plan, source="search", predicted_step_s=result.best.step_time_s)
+    return cluster.measured_options(native) if hasattr(cluster, "measured_options") else native
 
 
 def _device_of(cluster: Any) -> Any:

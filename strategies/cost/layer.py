@@ -744,6 +744,9 @@ def _zero_part(ctx: LayerContext, s: LayerStrategy, acc: dict[str, float], param
         # the updated slices in the parameters' own dtype: fp32 where they are the master weights
         acc["post"] += perf.collective_time(Collective.ALL_GATHER, 4 * params if opts.master_weights == "params"
                                             else gathered, group)
+    elif z in (1, 2):
+        # hidden behind the next forward, but not free: it takes its share of the compute beside it
+        acc["post"] += opts.overlap_interference * perf.collective_time(Collective.ALL_GATHER, gathered, group)
     if z >= 2:
         # ZeRO-2 reduce-scatters gradients every micro-batch; ZeRO-3 also gathers parameters before
         # forward and backward (and holds a gathered copy for the backward and the next layer's prefetch)

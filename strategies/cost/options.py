@@ -38,7 +38,8 @@ class CostOptions:
     """ZeRO-1's parameter all-gather after the optimizer overlapped with the next forward (Megatron's
     ``--overlap-param-gather``). False: the step waits for it (galvatron's native ZeRO-1 gathers the
     updated slices inside ``optimizer.step()``). ZeRO-2's gather (FSDP2 unsharding the parameters
-    before the next forward, prefetched) is always taken as hidden."""
+    before the next forward, prefetched) is always taken as hidden. A hidden gather still costs
+    ``overlap_interference`` of its time."""
     zero1_reduce: str = "reduce_scatter"
     """The collective that syncs ZeRO-1's gradients (:data:`ZERO1_REDUCES`). ``reduce_scatter``: each
     rank receives the gradient slice it updates (Megatron's distributed optimizer, ZeRO paper §5.1).
