@@ -23,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
     spec = ModelSpec.from_config(args.model)
     cluster = cmd_simulate.load_cluster_arg(args.cluster)
     cmd_simulate.apply_backend(args, cluster)
+    cmd_simulate.apply_profiles(args, spec, cluster)
     result = cmd_simulate.run_search(args, spec, cluster)
     cmd_simulate.emit(args, list(result.top), result.search_time_s, result.plans_costed, spec, cluster)
     if args.out:

@@ -6,6 +6,8 @@ for the K best). ``--json`` prints one JSON object. ``--backend NAME`` costs pla
 runs them (its kernels, master weights, selective recomputation: ``galvatron.backends``) and
 searches only plans it executes; without it, the cost model's default stack and every plan.
 ``--attention-kernel flash2`` costs attention on that kernel instead of the GPU's default.
+``--model-profile FILE`` / ``--cluster-profile FILE`` (written by ``galvatron profile model`` /
+``profile cluster``) put measured layer times and collectives in place of the datasheet's.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fused attention kernel to cost (a key of the GPU's attention_kernels in "
                              "configs/hardware: cudnn, flash2, flash3...); default: the GPU's, what PyTorch's "
                              "SDPA picks there today (FlashAttention-2 on Hopper before torch 2.10)")
+    measured = parser.add_argument_group("measurements (in place of the datasheet)")
+    measured.add_argument("--model-profile", metavar="FILE",
+                          help="per-layer times from `galvatron profile model` (this model's layers, on the GPU of "
+                               "--cluster)")
+    measured.add_argument("--cluster-profile", metavar="FILE",
+                          help="collectives, p2p and overlap from `galvatron profile cluster`")
     plan = parser.add_argument_group("plan (uniform; leave all out to search)")
     plan.add_argument("--plan", metavar="FILE", help="cost this plan file")
     for flag in ("tp", "pp", "dp", "cp", "ep", "vpp"):
@@ -80,10 +88,29 @@ def apply_backend(args: argparse.Namespace, cluster: Any = None) -> None:
         args.cost_options = dataclasses.replace(base, attention_kernel=kernel)
 
 
+def apply_profiles(args: argparse.Namespace, spec: ModelSpec, cluster: Any) -> None:
+    """``--model-profile`` / ``--cluster-profile``: ``args.perf``, a ``ProfiledPerf`` over ``cluster``
+    answering with the measurements (None without either), and the cost options with what the
+    cluster profile measured (the overlap's interference)."""
+    args.perf = None
+    if not (getattr(args, "model_profile", None) or getattr(args, "cluster_profile", None)):
+        return
+    from galvatron.profiler.calibrate import profiled_perf
+    from galvatron.profiler.schema import ClusterProfile, ModelProfile
+    from galvatron.strategies.cost import CostOptions
+
+    model = ModelProfile.load(args.model_profile) if args.model_profile else None
+    measured = ClusterProfile.load(args.cluster_profile) if args.cluster_profile else None
+    options = getattr(args, "cost_options", None) or CostOptions()
+    args.perf = profiled_perf(cluster, model_profile=model, cluster_profile=measured, spec=spec, options=options)
+    args.cost_options = args.perf.measured_options(options)
+
+
 def run(args: argparse.Namespace) -> int:
     spec = ModelSpec.from_config(args.model)
     cluster = load_cluster_arg(args.cluster)
     apply_backend(args, cluster)
+    apply_profiles(args, spec, cluster)
     if args.plan or any(getattr(args, f) not in (None, False) for f in _PLAN_FLAGS):
         return _simulate_one(args, spec, cluster)
     result = run_search(args, spec, cluster)
@@ -102,7 +129,8 @@ def _simulate_one(args: argparse.Namespace, spec: ModelSpec, cluster: Any) -> in
     from galvatron.strategies.cost import cost_plan
 
     plan = Plan.load(args.plan) if args.plan else plan_from_flags(args, spec, cluster.world_size)
-    cost = cost_plan(plan, spec, cluster, getattr(args, "cost_options", None))
+    plan.validate(cluster.world_size, spec)
+    cost = cost_plan(plan, spec, getattr(args, "perf", None) or cluster, getattr(args, "cost_options", None))
     emit(args, [cost], None, 1, spec, cluster)
     if not cost.fits:
         raise MemoryBudgetError(over_memory_message(cost))
@@ -152,7 +180,8 @@ def run_search(args: argparse.Namespace, spec: ModelSpec, cluster: Any) -> Any:
     options = SearchOptions(global_batch=args.global_batch, max_tp=args.max_tp, max_pp=1 if args.no_pp else args.max_pp,
                             uniform=args.uniform, cp_kinds=kinds, dtype=DType(args.dtype), top_k=max(args.top, 1),
                             fixed=pinned(args), progress=progress, **getattr(args, "restrict", {}))
-    return search(spec, cluster, options, cost_options=getattr(args, "cost_options", None))
+    target = getattr(args, "perf", None) or cluster
+    return search(spec, target, options, getattr(args, "cost_options", None), world_size=cluster.world_size)
 
 
 def pinned(args: argparse.Namespace) -> dict[str, Any]:

@@ -4,6 +4,7 @@ reference models and a Hugging Face model, the calibration the cost model consum
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -445,6 +446,28 @@ def test_cli_profile_model_and_cluster(tmp_path: Path, capsys: pytest.CaptureFix
     cluster = tmp_path / "c.yaml"
     assert main(["profile", "cluster", "--nproc", "1", "--quiet", "--out", str(cluster)]) == 0
     assert ClusterProfile.load(cluster).collectives == ()
+    capsys.readouterr()
+    # simulate and search take the profiles in place of the datasheet
+    plan_flags = ["--model", "gpt-tiny", "--cluster", "8xH100", "--dp", "8", "--global-batch", "8", "--json"]
+    assert main(["simulate", *plan_flags]) == 0
+    datasheet = json.loads(capsys.readouterr().out)
+    assert main(["simulate", *plan_flags, "--model-profile", str(out)]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    spec = ModelSpec.from_config("gpt-tiny")
+    plan = Plan.from_dict(measured["plan"])
+    expected = cost_plan(plan, spec, profiled_perf(load_cluster("8xH100"), model_profile=profile, spec=spec))
+    assert measured["step_time_s"] == pytest.approx(expected.step_time_s) != datasheet["step_time_s"]
+    points = tuple(CommPoint(bytes=b, time_s=1e-3 + b / 1e9) for b in (1 << 10, 1 << 20))
+    slow = ClusterProfile(backend="nccl", world_size=8, nodes=1, ranks_per_node=8, collectives=tuple(
+        CollectiveProfile(op=op, group_size=8, placement="intra", points=points)
+        for op in ("all_reduce", "all_gather", "reduce_scatter")))
+    slow.save(cluster)
+    assert main(["search", "--model", "gpt-tiny", "--cluster", "8xH100", "--global-batch", "8", "--json",
+                 "--cluster-profile", str(cluster), "--out", str(tmp_path / "plan.yaml")]) == 0
+    found = json.loads(capsys.readouterr().out)
+    slow_perf = profiled_perf(load_cluster("8xH100"), cluster_profile=slow)
+    assert found["step_time_s"] == pytest.approx(cost_plan(Plan.load(tmp_path / "plan.yaml"), spec,
+                                                           slow_perf).step_time_s)
     assert main(["profile", "model", "--model", "no-such-model", "--out", str(out)]) == 1
     assert "unknown model preset" in capsys.readouterr().err
 
