@@ -170,15 +170,17 @@ def seconds_of(text: str) -> float:
 
 
 def read_smi(path: Path) -> list[dict[str, float]]:
-    """nvidia-smi CSV rows as {time (s), sm_mhz, power_w, temp_c, reasons}."""
+    """nvidia-smi CSV rows as {time (s), sm_mhz, power_w, reasons}, columns found by their header."""
     rows = []
     with path.open() as f:
-        for rec in csv.reader(f, skipinitialspace=True):
-            if not rec or rec[0].startswith("timestamp"):
-                continue
+        records = csv.reader(f, skipinitialspace=True)
+        header = next(records, [])
+        col = {key: next(i for i, name in enumerate(header) if name.startswith(prefix))
+               for key, prefix in (("sm", "clocks.current.sm"), ("power", "power.draw"), ("reasons", "clocks_"))}
+        for rec in records:
             try:
-                rows.append({"time": seconds_of(rec[0]), "sm_mhz": float(rec[1].split()[0]),
-                             "power_w": float(rec[2].split()[0]), "temp_c": float(rec[3]), "reasons": int(rec[4], 16)})
+                rows.append({"time": seconds_of(rec[0]), "sm_mhz": float(rec[col["sm"]].split()[0]),
+                             "power_w": float(rec[col["power"]].split()[0]), "reasons": int(rec[col["reasons"]], 16)})
             except (ValueError, IndexError):
                 continue
     return rows
@@ -230,6 +232,9 @@ def compare(path: Path) -> dict[str, Any]:
         spent = {w: n * p["sustained_s"][w] for w, n in calls.items()}
         fractions = {w: t / sum(spent.values()) for w, t in spent.items()}
         mixes[name] = {"fractions": fractions, "measured_mhz": measured[name]["sm_mhz"],
+                       "power_w": measured[name]["power_w"],
+                       # each workload's rate in the settled mix over its burst rate
+                       "rate_vs_burst": {w: p["burst_s"][w] / p["sustained_s"][w] for w in calls},
                        **{f"predicted_mhz_alpha{a:g}": mix_clock(fractions, measured, idle_w, cap, boost, a)
                           for a in ALPHAS}}
     result = {"device": data["device"], "power_limit_w": cap, "idle_w": idle_w, "boost_mhz": boost,
@@ -273,11 +278,13 @@ def markdown(r: dict[str, Any], command: str) -> str:
         rate = r["rates"][w]
         lines.append(f"| {w} | {c['sm_mhz']:.0f} | {c['power_w']:.0f} | {c['power_capped']:.0%} | "
                      f"{rate['burst']:.0f} {rate['unit']} | {rate['sustained']:.0f} {rate['unit']} |")
-    lines += ["", "| mix (time fractions) | measured MHz | predicted, alpha 3 | alpha 2 |", "|---|---:|---:|---:|"]
+    lines += ["", "| mix (time fractions) | measured MHz | power W | predicted, alpha 3 | alpha 2 | rate in the mix / "
+              "burst |", "|---|---:|---:|---:|---:|---|"]
     for name, m in r["mixes"].items():
         fr = ", ".join(f"{w} {x:.0%}" for w, x in m["fractions"].items())
-        lines.append(f"| {name} ({fr}) | {m['measured_mhz']:.0f} | {m['predicted_mhz_alpha3']:.0f} | "
-                     f"{m['predicted_mhz_alpha2']:.0f} |")
+        ratio = ", ".join(f"{w} {x:.2f}" for w, x in m["rate_vs_burst"].items())
+        lines.append(f"| {name} ({fr}) | {m['measured_mhz']:.0f} | {m['power_w']:.0f} | "
+                     f"{m['predicted_mhz_alpha3']:.0f} | {m['predicted_mhz_alpha2']:.0f} | {ratio} |")
     t = r.get("titan_step")
     if t:
         lines += ["", f"torchtitan Llama 3.1 8B step (`titan_reproduce.md`), clock sampled beside it: median "
