@@ -32,7 +32,12 @@ from galvatron.models import GPT, GPTConfig
 
 CASES = {**SPEED_CASES, "gpt3-xl": Case("gpt3-xl", GPTConfig(  # configs/models/gpt3-1.3b.yaml
     vocab=50257, seq_len=2048, layers=24, hidden=2048, heads=16, bias=True, position="learned",
-    tied_embeddings=True), 2)}
+    tied_embeddings=True), 2),
+    # Llama 2 7B's blocks (configs/models/llama2-7b.yaml) at one dp2 rank's share of benchmarks/multi_gpu/plans.py
+    # (4 x 2048 tokens), 8 of its 32 blocks so one GPU holds the step
+    "llama2-7b-8l": Case("llama2-7b-8l", GPTConfig(
+        vocab=32000, seq_len=2048, layers=8, hidden=4096, heads=32, ffn_hidden=11008, activation="swiglu",
+        norm="rmsnorm", bias=False, position="rope"), 4)}
 
 CATEGORIES = (  # first match wins, on the lower-cased kernel name
     ("attention", ("sdpa", "flash", "fmha", "dot_do_o", "convert_dq")),

@@ -239,7 +239,7 @@ def compare(path: Path) -> dict[str, Any]:
                           for a in ALPHAS}}
     result = {"device": data["device"], "power_limit_w": cap, "idle_w": idle_w, "boost_mhz": boost,
               "alone": {w: measured[w] for w in SINGLE}, "rates": rates, "mixes": mixes}
-    titan = _titan_step(measured, idle_w, cap, boost)
+    titan = _titan_step(measured, idle_w, cap, boost) if "H100" in data["device"] else None  # where it ran
     if titan:
         result["titan_step"] = titan
     return result

@@ -13,6 +13,10 @@ would leave the others waiting in a collective).
     torchrun --standalone --nproc-per-node 2 benchmarks/multi_gpu/plans.py --model llama2-7b \\
         --global-batch 8 --seq 2048 --out benchmarks/results/multi_gpu/plans_llama2-7b_2gpu.json
     torchrun --standalone --nproc-per-node 2 benchmarks/multi_gpu/plans.py --smoke --out /tmp/plans.json  # CPU
+    python benchmarks/multi_gpu/plans.py --replay benchmarks/results/multi_gpu/plans_llama2-7b_2gpu.json
+
+``--replay`` (no GPU) costs the measured plans again with today's cost model and rewrites the file's
+predictions and its table (the measurements stay); the command that measured them is kept.
 """
 
 from __future__ import annotations
@@ -104,16 +108,65 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def main(argv: list[str] | None = None) -> int:
+def replay(path: Path) -> int:
+    """Re-cost a result file's plans (the ``plan_dict`` of each row; files from before that field: the
+    grid's plan of that name, the searched plan as the grid plan it equals) and rewrite it."""
+    from galvatron.strategies.hardware import load_cluster
+
+    data = json.loads(path.read_text())
+    args = argparse.Namespace(**_arguments(data["command"]))
+    env = data["env"]
+    gpu = next(db for name, db in (("H200", "H200"), ("H100", "H100-SXM"), ("A100", "A100-80GB"))
+               if name in env["device"])
+    cluster = load_cluster({"gpu": gpu, "gpus_per_node": env["world"], "nodes": 1, "name": "replay"})
+    config = {**load_model_config(args.model), "seq_len": args.seq}
+    spec = ModelSpec.from_config(config)
+    plans = grid(spec.num_blocks, env["world"], args.global_batch, "bf16")
+    native = CostOptions(**capabilities("native").cost_options())
+    for row in data["rows"]:
+        if "plan_dict" in row:
+            plan = Plan.from_dict(row["plan_dict"])
+        else:
+            plan = plans.get(row["plan"]) or next(p for p in plans.values() if p.describe() == row["describe"])
+        predicted = cost_plan(plan, spec, cluster, native)
+        row.update(predicted_s=predicted.step_time_s, predicted_peak_gib=predicted.peak_memory_gib)
+        if "measured_s" in row:
+            row["time_error"] = row["predicted_s"] / row["measured_s"] - 1
+            if row.get("peak_memory_gib"):
+                row["memory_error"] = row["predicted_peak_gib"] / row["peak_memory_gib"] - 1
+    args.out = str(path)
+    _write(args, data["rows"], env["world"], data["summary"]["search_s"], torch.device("cuda"), env=env,
+           command=data["command"])
+    return 0
+
+
+def _arguments(command: str) -> dict[str, Any]:
+    """The measuring run's options, from its command line."""
+    parser = _parser()
+    known, _ = parser.parse_known_args(command.split("plans.py", 1)[1].split())
+    return vars(known)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="JSON path (rank 0 writes it and a .md beside it)")
+    parser.add_argument("--out", help="JSON path (rank 0 writes it and a .md beside it)")
+    parser.add_argument("--replay", metavar="JSON", help="re-cost a measured file's plans (no GPU)")
     parser.add_argument("--model", default="llama2-7b", help="model preset or YAML (reference GPT architecture)")
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU (gloo): checks the script")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
+    if args.replay:
+        return replay(Path(args.replay))
+    if not args.out:
+        parser.error("--out is required")
     device = init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
     if args.smoke:
@@ -149,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, plan in plans.items():
         predicted = cost_plan(plan, spec, cluster, native)
-        row: dict[str, Any] = {"plan": name, "describe": plan.describe(), "predicted_s": predicted.step_time_s,
-                               "predicted_peak_gib": predicted.peak_memory_gib}
+        row: dict[str, Any] = {"plan": name, "describe": plan.describe(), "plan_dict": plan.to_dict(),
+                               "predicted_s": predicted.step_time_s, "predicted_peak_gib": predicted.peak_memory_gib}
         if predicted.peak_memory_gib > 0.92 * predicted.memory_limit_gib:
             row["skipped"] = f"predicted {predicted.peak_memory_gib:.1f} GiB of {predicted.memory_limit_gib:.1f}"
         else:
@@ -168,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write(args: argparse.Namespace, rows: list[dict[str, Any]], world: int, search_s: float,
-           device: torch.device) -> None:
+           device: torch.device, env: dict[str, Any] | None = None, command: str | None = None) -> None:
     measured = sorted((r for r in rows if "measured_s" in r), key=lambda r: r["measured_s"])
     searched = next((r for r in rows if r["plan"] == "searched"), {"describe": "(search failed)"})
     same = [r for r in rows if r["plan"] != "searched" and r["describe"] == searched["describe"]]
@@ -183,14 +236,18 @@ def _write(args: argparse.Namespace, rows: list[dict[str, Any]], world: int, sea
                                                       if "memory_error" in r) if device.type == "cuda" else None),
         "search_s": search_s,
     }
-    env = {"torch": torch.__version__, "world": world, "device": torch.cuda.get_device_name() if
-           device.type == "cuda" else "cpu", "nccl": ".".join(map(str, torch.cuda.nccl.version()))
-           if device.type == "cuda" else None}
-    command = "torchrun --standalone --nproc-per-node {} benchmarks/multi_gpu/plans.py {}".format(
+    env = env or {"torch": torch.__version__, "world": world, "device": torch.cuda.get_device_name() if
+                  device.type == "cuda" else "cpu", "nccl": ".".join(map(str, torch.cuda.nccl.version()))
+                  if device.type == "cuda" else None}
+    command = command or "torchrun --standalone --nproc-per-node {} benchmarks/multi_gpu/plans.py {}".format(
         world, " ".join(sys.argv[1:]))
-    Path(args.out).write_text(json.dumps({"command": command, "env": env, "summary": summary, "rows": rows},
-                                         indent=2) + "\n")
+    record = {"command": command, "env": env, "summary": summary, "rows": rows}
+    if getattr(args, "replay", None):
+        record["predictions"] = f"replayed {time.strftime('%Y-%m-%d')}: python benchmarks/multi_gpu/plans.py --replay"
+    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     lines = [f"Command: `{command}`", "", f"Environment: {json.dumps(env)}", "",
+             *([f"Predictions {record['predictions']} (the measurements are the command's).", ""]
+               if "predictions" in record else []),
              "| plan | measured s/step | predicted (err) | peak GiB measured | predicted (err) |",
              "|---|---|---|---|---|"]
     for r in rows:
