@@ -89,7 +89,6 @@ def search_runnable(spec: ModelSpec, world_size: int, *, cluster: object, global
     the native runtime runs, costed as it runs them."""
     from galvatron.strategies.search import ALL_CAPABILITIES, SearchOptions, search
 
-
     runnable = frozenset(c for c in ALL_CAPABILITIES if not c.startswith(RUNTIME_LACKS))
     options = SearchOptions(global_batch=global_batch, dtype=dtype, fixed=dict(fixed or {}),
                             capabilities=runnable - frozenset(exclude), top_k=top_k)
@@ -146,7 +145,7 @@ def local_cpu_cluster(workers: int, *, tflops: float | None = None, gloo_gbps: f
 
 
 def local_cpu_perf(spec: ModelSpec, workers: int, *, model: str | None = None, progress: bool = True,
-                   max_profile_s: float = 120.0) -> object:
+                   max_profile_s: float = 120.0) -> Any:
     """The cost model's view of ``workers`` CPU workers on this machine, measured rather than assumed
     (a ``galvatron.profiler.ProfiledPerf`` over :func:`local_cpu_cluster`):
 
@@ -156,8 +155,10 @@ def local_cpu_perf(spec: ModelSpec, workers: int, *, model: str | None = None, p
       (they then share them). Skipped, with a message, when ``model`` is None or the profile would
       take longer than about ``max_profile_s`` (the datasheet-style GEMM rate then stands);
     - gloo: every collective among ``workers`` processes started here (over the loopback device),
-      1 KiB to 1 MiB, latency and bandwidth. On a shared machine those are far from nominal: with
-      4 workers on 2 cores an all-reduce takes milliseconds whatever its size.
+      1 KiB to 1 MiB, latency and bandwidth, and the compute that communication beside it takes
+      (``measured_options`` puts it in the cost options). On a shared machine those are far from
+      nominal: with 4 workers on 2 cores an all-reduce takes milliseconds whatever its size, and
+      hiding it behind compute saves nothing.
 
     Progress goes to stderr."""
     from galvatron.profiler.calibrate import profiled_perf
