@@ -226,19 +226,28 @@ def compare(path: Path) -> dict[str, Any]:
         unit = 1e12 if data["flops"][w] else 1e9
         rates[w] = {"burst": work / p["burst_s"][w] / unit, "sustained": work / p["sustained_s"][w] / unit,
                     "unit": "TFLOP/s" if data["flops"][w] else "GB/s"}
+    # energy per unit of work (J per FLOP or per byte) above idle, from each workload alone at the cap
+    work = {w: data["flops"][w] or data["memory_bytes"] for w in SINGLE}
+    energy = {w: (measured[w]["power_w"] - idle_w) * phases[w]["sustained_s"][w] / work[w] for w in SINGLE}
     mixes = {}
     for name, calls in MIXES.items():
         p = phases[name]
+        burst_sum = sum(n * p["burst_s"][w] for w, n in calls.items())
+        # the energy roofline: a loop lasts at least its energy over the power the cap leaves above idle
+        energy_bound = sum(n * work[w] * energy[w] for w, n in calls.items()) / (cap - idle_w)
         spent = {w: n * p["sustained_s"][w] for w, n in calls.items()}
         fractions = {w: t / sum(spent.values()) for w, t in spent.items()}
         mixes[name] = {"fractions": fractions, "measured_mhz": measured[name]["sm_mhz"],
-                       "power_w": measured[name]["power_w"],
+                       "power_w": measured[name]["power_w"], "iteration_s": p["iteration_s"],
+                       "burst_sum_s": burst_sum, "energy_bound_s": energy_bound,
+                       "energy_roofline_error": max(burst_sum, energy_bound) / p["iteration_s"] - 1,
                        # each workload's rate in the settled mix over its burst rate
                        "rate_vs_burst": {w: p["burst_s"][w] / p["sustained_s"][w] for w in calls},
                        **{f"predicted_mhz_alpha{a:g}": mix_clock(fractions, measured, idle_w, cap, boost, a)
                           for a in ALPHAS}}
     result = {"device": data["device"], "power_limit_w": cap, "idle_w": idle_w, "boost_mhz": boost,
-              "alone": {w: measured[w] for w in SINGLE}, "rates": rates, "mixes": mixes}
+              "alone": {w: measured[w] for w in SINGLE}, "rates": rates, "energy_per_unit_j": energy,
+              "mixes": mixes}
     titan = _titan_step(measured, idle_w, cap, boost) if "H100" in data["device"] else None  # where it ran
     if titan:
         result["titan_step"] = titan
@@ -285,6 +294,16 @@ def markdown(r: dict[str, Any], command: str) -> str:
         ratio = ", ".join(f"{w} {x:.2f}" for w, x in m["rate_vs_burst"].items())
         lines.append(f"| {name} ({fr}) | {m['measured_mhz']:.0f} | {m['power_w']:.0f} | "
                      f"{m['predicted_mhz_alpha3']:.0f} | {m['predicted_mhz_alpha2']:.0f} | {ratio} |")
+    e = r["energy_per_unit_j"]
+    lines += ["", "Energy roofline: each workload alone at the cap spends "
+              + ", ".join(f"{w} {e[w] * (1e12 if w != 'memory' else 1e9):.2f} {'pJ/FLOP' if w != 'memory' else 'nJ/B'}"
+                          for w in e)
+              + " above idle; a loop lasts the longer of its calls at burst rates and its energy over "
+              "(cap - idle).", "", "| mix | measured ms | burst sum | energy bound | roofline error |",
+              "|---|---:|---:|---:|---:|"]
+    for name, m in r["mixes"].items():
+        lines.append(f"| {name} | {m['iteration_s'] * 1e3:.2f} | {m['burst_sum_s'] * 1e3:.2f} | "
+                     f"{m['energy_bound_s'] * 1e3:.2f} | {m['energy_roofline_error']:+.1%} |")
     t = r.get("titan_step")
     if t:
         lines += ["", f"torchtitan Llama 3.1 8B step (`titan_reproduce.md`), clock sampled beside it: median "
