@@ -49,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="--search: model preset or YAML")
     parser.add_argument("--cluster", help="--search: cluster preset or YAML (default: this machine's CPUs)")
     parser.add_argument("--global-batch", type=int, help="--search: sequences per step")
+    parser.add_argument("--model-profile", metavar="FILE",
+                        help="--search --cluster: per-layer times (`galvatron profile model`) for the datasheet's")
+    parser.add_argument("--cluster-profile", metavar="FILE",
+                        help="--search --cluster: collectives (`galvatron profile cluster`) for the datasheet's")
     parser.add_argument("--checkpoint-dir", help="checkpoint folder the workers save to and resume from")
     parser.add_argument("--checkpoint-interval", type=int, help="steps between checkpoints")
     parser.add_argument("--max-restarts", type=int, default=0, help="restarts after lost workers (default 0)")
@@ -101,7 +105,16 @@ def _search_target(args: argparse.Namespace, world: int) -> dict:
     if args.cluster:
         from galvatron.strategies.hardware import load_cluster
 
-        return {**target, "cluster": load_cluster(args.cluster)}
+        cluster = load_cluster(args.cluster)
+        if args.model_profile or args.cluster_profile:
+            from galvatron.launch.cmd_simulate import apply_profiles
+
+            apply_profiles(args, ModelSpec.from_config(args.model), cluster)
+            cluster = args.perf
+        return {**target, "cluster": cluster}
+    if args.model_profile or args.cluster_profile:
+        raise ConfigError("--model-profile / --cluster-profile go with --cluster (on this machine's CPUs the "
+                          "launcher profiles the model and gloo itself)")
     if args.nnodes != "1" or args.ray_address:  # workers on other machines: this one cannot measure them
         return {**target, "cluster": local_cpu_cluster(world), "fixed": CPU_FIXED}
     return {**target, "cluster": local_cpu_perf(ModelSpec.from_config(args.model), world, model=args.model),

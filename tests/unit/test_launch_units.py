@@ -56,6 +56,32 @@ def test_launch_search_needs_model(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--search needs --model" in capsys.readouterr().err
 
 
+def test_launch_search_with_profiles(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--model-profile / --cluster-profile reach the search on --cluster; without --cluster they are refused."""
+    import argparse
+
+    from galvatron.launch import cmd_launch
+    from galvatron.profiler.schema import ClusterProfile, CollectiveProfile, CommPoint, Overlap
+
+    points = tuple(CommPoint(bytes=b, time_s=1e-3 + b / 1e9) for b in (1 << 10, 1 << 20))
+    profile = ClusterProfile(backend="nccl", world_size=8, nodes=1, ranks_per_node=8, collectives=tuple(
+        CollectiveProfile(op=op, group_size=8, placement="intra", points=points) for op in ("all_reduce", "all_gather")),
+        overlap=Overlap(compute_slowdown=1.5, comm_slowdown=1.5, matmul_size=8192, message_bytes=1 << 28,
+                        group_size=8, interference=0.5))
+    path = profile.save(tmp_path / "cluster.yaml")
+    parser = argparse.ArgumentParser()
+    cmd_launch.add_arguments(parser)
+    args = parser.parse_args(["--workers", "8", "--search", "--model", "gpt-tiny", "--cluster", "8xH100",
+                              "--cluster-profile", str(path), "train.py"])
+    target = cmd_launch._search_target(args, 8)
+    assert target["cluster"].cluster == profile  # the profiled Perf over the preset
+    choice = search_plan(ModelSpec.from_config("gpt-tiny"), 8, **target)
+    choice.plan.validate(8)
+    assert main(["launch", "--workers", "2", "--search", "--model", "gpt-tiny", "--cluster-profile", str(path),
+                 "train.py"]) == 1
+    assert "go with --cluster" in capsys.readouterr().err
+
+
 def test_launch_rejects_plan_of_other_world(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     plan = tmp_path / "plan.yaml"
     dp_plan( 4, 8).save(plan)
