@@ -64,8 +64,9 @@ def test_launch_search_with_profiles(tmp_path: Path, capsys: pytest.CaptureFixtu
     from galvatron.profiler.schema import ClusterProfile, CollectiveProfile, CommPoint, Overlap
 
     points = tuple(CommPoint(bytes=b, time_s=1e-3 + b / 1e9) for b in (1 << 10, 1 << 20))
-    profile = ClusterProfile(backend="nccl", world_size=8, nodes=1, ranks_per_node=8, collectives=tuple(
-        CollectiveProfile(op=op, group_size=8, placement="intra", points=points) for op in ("all_reduce", "all_gather")),
+    curves = tuple(CollectiveProfile(op=op, group_size=8, placement="intra", points=points)
+                   for op in ("all_reduce", "all_gather"))
+    profile = ClusterProfile(backend="nccl", world_size=8, nodes=1, ranks_per_node=8, collectives=curves,
         overlap=Overlap(compute_slowdown=1.5, comm_slowdown=1.5, matmul_size=8192, message_bytes=1 << 28,
                         group_size=8, interference=0.5))
     path = profile.save(tmp_path / "cluster.yaml")
