@@ -37,12 +37,13 @@ MIB = 2**20
 CONFIG = GPTConfig(layers=4, hidden=512, heads=8, ffn_hidden=1376, vocab=8192, seq_len=128, activation="swiglu",
                    norm="rmsnorm", position="rope")
 PLANS = {"dp1": (1, {}), "dp2-zero0": (2, {"zero": 0}), "dp2-zero1": (2, {"zero": 1}),
-         "dp2-zero2": (2, {"zero": 2}), "dp2-zero3": (2, {"zero": 3})}
+         "dp2-zero2": (2, {"zero": 2}), "dp2-zero3": (2, {"zero": 3}), "tp2": (2, {"dp": 1, "tp": 2}),
+         "tp2-sp": (2, {"dp": 1, "tp": 2, "sp": True})}
 
 
-def plan_of(name: str, batch: int) -> Plan:
+def plan_of(name: str, batch: int, dtype: str = "fp32") -> Plan:
     world, strategy = PLANS[name]
-    return Plan.uniform(CONFIG.layers, global_batch_size=batch, dtype="fp32", dp=world, **strategy)
+    return Plan.uniform(CONFIG.layers, global_batch_size=batch, dtype=dtype, **{"dp": world, **strategy})
 
 
 def predicted(plan: Plan) -> dict[str, float]:
@@ -53,13 +54,13 @@ def predicted(plan: Plan) -> dict[str, float]:
     return {k: v * 1024 for k, v in cost.stages[0].memory_gib.items()}
 
 
-def measure(name: str, batch: int, steps: int) -> dict[str, Any]:
+def measure(name: str, batch: int, steps: int, dtype: str = "fp32") -> dict[str, Any]:
     """One rank's live bytes (:class:`galvatron.testing.LiveBytes`) at the end of each phase of the
     last step, the peak within each phase, and what stays allocated after the model and optimizer
     are deleted."""
     import galvatron
 
-    plan = plan_of(name, batch)
+    plan = plan_of(name, batch, dtype)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, CONFIG.vocab, (batch, CONFIG.seq_len + 1), generator=gen)
     out: dict[str, int] = {}
@@ -102,12 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plans", nargs="+", default=list(PLANS), choices=list(PLANS))
     parser.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
     parser.add_argument("--steps", type=int, default=2, help="steps; the peak is the last one's")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="the plan's compute dtype (bf16: autocast on CPU over fp32 parameters)")
     args = parser.parse_args(argv)
     rows = []
     for name in args.plans:
         world = PLANS[name][0]
-        ranks = run_ranks(measure, world, name, args.batch, args.steps, timeout=600)
-        rows.append({"plan": name, "predicted": predicted(plan_of(name, args.batch)), "ranks": ranks})
+        ranks = run_ranks(measure, world, name, args.batch, args.steps, args.dtype, timeout=600)
+        rows.append({"plan": name, "predicted": predicted(plan_of(name, args.batch, args.dtype)), "ranks": ranks})
         print(json.dumps(rows[-1]), flush=True)
     lines = _table(rows, args)
     print("\n".join(lines))
@@ -121,7 +124,7 @@ def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
     command = "python benchmarks/zero_memory.py " + " ".join(sys.argv[1:])
     lines = [f"Command: `{command}` (torch {torch.__version__}, CPU, gloo)", "",
              f"Model: {CONFIG}, {params / 1e6:.1f} M parameters ({params * 4 / MIB:.0f} MiB fp32); "
-             f"global batch {args.batch}, AdamW, fp32; the last of {args.steps} steps. MiB per rank. "
+             f"global batch {args.batch}, AdamW, {args.dtype}; the last of {args.steps} steps. MiB per rank. "
              "Phases: forward (to the loss), backward (with the gradient reduction: the end of "
              "`train_step`), step (`opt.step()`), zero_grad; `live/peak` is the live bytes at the "
              "phase's end / the most within it; 'del': live after the model and optimizer are deleted.", "",
