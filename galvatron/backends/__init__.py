@@ -65,12 +65,14 @@ class Capabilities:
 
     def cost_options(self, accelerator: bool = True) -> dict[str, Any]:
         """``CostOptions`` keyword arguments that describe how this backend runs a plan; on CPU
-        workers (not ``accelerator``) the host is the device, so no separate host side."""
+        workers (not ``accelerator``) the host is the device, so no separate host side, and gloo's
+        pipeline sends and receives block both ends."""
         return {"persistent_grads": self.persistent_grads, "master_weights": self.master_weights,
                 "selective": self.selective, "elementwise": self.elementwise,
                 "loss_bytes_per_logit": self.loss_bytes_per_logit, "zero1_reduce": self.zero1_reduce,
                 "overlap_param_gather": self.overlap_param_gather,
-                "host_us_per_kernel": self.host_us_per_kernel if accelerator else 0.0}
+                "host_us_per_kernel": self.host_us_per_kernel if accelerator else 0.0,
+                "blocking_p2p": not accelerator}
 
     def search_options(self) -> dict[str, Any]:
         """``SearchOptions`` keyword arguments that restrict the search to this backend."""

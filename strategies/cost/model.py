@@ -97,6 +97,8 @@ def cost_plan(plan: Plan, spec: ModelSpec, cluster: Cluster | Perf, options: Cos
             group.add(tied_copy(ctx, spec, edge, holder=j > 0))
         if j + 1 < len(plan.stages):
             group.p2p += p2p_time(ctx, spec.hidden, plan.stages[j].groups[-1].strategy)
+        if j > 0 and options.blocking_p2p:  # the receiving side's handoffs, at its own input's size
+            group.p2p += p2p_time(ctx, spec.hidden, plan.stages[j].groups[0].strategy)
     zb = plan.pipeline.schedule is Schedule.ZERO_BUBBLE
     persist = grads_persist(options, m)
     totals = [a.totals(in_flight(plan.pipeline.schedule, pp, v, m, g), zb, options, persist)

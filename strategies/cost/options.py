@@ -40,6 +40,12 @@ class CostOptions:
     updated slices inside ``optimizer.step()``). ZeRO-2's gather (FSDP2 unsharding the parameters
     before the next forward, prefetched) is always taken as hidden. A hidden gather still costs
     ``overlap_interference`` of its time."""
+    blocking_p2p: bool = False
+    """Pipeline sends and receives block the process on both ends (gloo on CPU workers: a send
+    returns once the peer has the data, a receive waits for the peer to be scheduled), so every stage
+    pays each handoff, not only the sender's side as with NCCL's asynchronous p2p, whose waits the
+    schedule's bubbles already hold. The receiving stage's handoffs are priced at its own input's
+    size (the search keeps stages independent)."""
     zero1_reduce: str = "reduce_scatter"
     """The collective that syncs ZeRO-1's gradients (:data:`ZERO1_REDUCES`). ``reduce_scatter``: each
     rank receives the gradient slice it updates (Megatron's distributed optimizer, ZeRO paper §5.1).

@@ -182,6 +182,8 @@ class StageTable:
         if last:
             vec, work = vec + self.tail[0][pick], np.maximum(work, self.tail[1][pick])
         p2p = np.zeros(len(vec)) if last else self.p2p[pick]
+        if a > 0 and self.ctx.options.blocking_p2p:  # as cost_plan: the receiving side pays too
+            p2p = p2p + self.p2p[pick]
         return vec, work, p2p
 
     def stage_memory(self, a: int, b: int, lower: Recompute, inflight: float, rows: np.ndarray) -> np.ndarray:

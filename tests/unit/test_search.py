@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 
 import pytest
@@ -55,6 +56,35 @@ def test_search_matches_brute_force(uniform: bool) -> None:
     assert truth, "the budget must leave some plans"
     assert found.best.step_time_s == pytest.approx(truth[0].step_time_s, rel=1e-9)
     assert found.best.fits
+
+
+def test_search_matches_brute_force_with_blocking_p2p() -> None:
+    """CPU workers' blocking pipeline handoffs (both stages pay): the search ranks pipelines as
+    cost_plan prices them, and the handoffs cost more than on one side."""
+    from galvatron.strategies.cost import CostOptions
+
+    @dataclasses.dataclass(frozen=True)
+    class SlowHandoffs(DatasheetPerf):  # gloo-like: where a 100 us handoff is paid changes the ranking
+        def p2p_time(self, nbytes: float, inter_node: bool) -> float:
+            return 1e-4 if nbytes > 0 else 0.0
+
+    def perf(gib: float) -> SlowHandoffs:
+        return SlowHandoffs(with_memory(_perf(4), gib).cluster)
+
+    spec = ModelSpec.from_config(TINY)
+    options = _options(zero_stages=(0,), cp_kinds=(), top_k=8)
+    blocking = CostOptions(blocking_p2p=True)
+    every = brute_force(spec, perf(1e9), options, world=4, cost_options=blocking)
+    # a budget just under the leanest plan without a pipeline: the answer is a pipeline
+    budget = 0.999 * min(c.peak_memory_gib for c in every if c.plan.pp == 1)
+    truth = [c for c in every if c.peak_memory_gib <= budget]
+    found = search(spec, perf(budget), options, blocking, world_size=4)
+    assert found.best.plan.pp > 1 and found.best.step_time_s == pytest.approx(truth[0].step_time_s, rel=1e-9)
+    times = [c.step_time_s for c in found.top]
+    assert times == sorted(times) and times[1] == pytest.approx(truth[1].step_time_s, rel=1e-9)
+    one_side = cost_plan(found.best.plan, spec, perf(1e9))
+    both = cost_plan(found.best.plan, spec, perf(1e9), blocking)
+    assert sum(s.comm_s["pp"] for s in both.stages) > sum(s.comm_s["pp"] for s in one_side.stages)
 
 
 def test_search_matches_brute_force_on_mixed_moe_blocks() -> None:
