@@ -161,10 +161,9 @@ def local_cpu_perf(spec: ModelSpec, workers: int, *, model: str | None = None, p
       hiding it behind compute saves nothing.
 
     Progress goes to stderr."""
-    from galvatron.profiler.calibrate import profiled_perf
+    from galvatron.profiler.calibrate import profiled_perf, shared_cores_scale
 
     cluster = local_cpu_cluster(workers)
-    cores = len(os.sched_getaffinity(0))
     model_profile = None
     if model is not None:
         estimate = _profile_estimate_s(spec, cluster)
@@ -175,7 +174,7 @@ def local_cpu_perf(spec: ModelSpec, workers: int, *, model: str | None = None, p
             model_profile = _profile_cpu_model(model, spec.seq_len, progress)
     cluster_profile = _profile_gloo(workers, progress) if workers > 1 else None
     return profiled_perf(cluster, model_profile=model_profile, cluster_profile=cluster_profile, spec=spec,
-                         compute_scale=max(1.0, workers / cores))
+                         compute_scale=shared_cores_scale(workers))
 
 
 CPU_PROFILE_MICRO_BATCHES = (1, 2, 4, 8)
@@ -219,14 +218,12 @@ def _profile_cpu_model(model: str, seq_len: int, progress: bool) -> Any:
 def _profile_gloo(workers: int, progress: bool) -> Any:
     import tempfile
 
-    from galvatron.profiler.cluster import ClusterOptions, spawn_local
+    from galvatron.profiler.cluster import GLOO_PROFILE, spawn_local
 
     say(f"profiling gloo among {workers} local processes ...")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="galvatron-gloo-") as tmp:
-        # 20 timed runs per point: on shared cores a handoff's wait for its peer varies run to run
-        profile = spawn_local(workers, ClusterOptions(iters=20), os.path.join(tmp, "cluster.yaml"),
-                              progress=progress, cpu=True)
+        profile = spawn_local(workers, GLOO_PROFILE, os.path.join(tmp, "cluster.yaml"), progress=progress, cpu=True)
     say(f"profiled gloo in {time.perf_counter() - start:.1f} s")
     return profile
 

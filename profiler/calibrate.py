@@ -358,6 +358,14 @@ def profiled_perf(cluster: Cluster | Perf, *, model_profile: ModelProfile | None
                         compute_scale=compute_scale)
 
 
+def shared_cores_scale(workers_here: int) -> float:
+    """``ProfiledPerf.compute_scale`` for ``workers_here`` CPU workers on this machine, each on one
+    thread, profiled alone: ``workers / cores`` when they outnumber the cores they share, else 1."""
+    import os
+
+    return max(1.0, workers_here / len(os.sched_getaffinity(0)))
+
+
 def calibrated_spec(spec: ModelSpec, profile: ModelProfile) -> ModelSpec:
     """``spec`` with each block's ``activation_bytes_per_token`` replaced by the measured bytes kept
     without recomputation (at the spec's sequence length where measured, else the fit; per token of

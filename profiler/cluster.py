@@ -71,6 +71,11 @@ class ClusterOptions:
         return out
 
 
+GLOO_PROFILE = ClusterOptions(iters=20)
+"""How CPU workers' gloo is profiled for a search (the launcher's and ``wrap(plan="auto")``'s): 20
+timed runs per point, as on shared cores a collective's wait for its peers varies run to run."""
+
+
 def profile_cluster(options: ClusterOptions | None = None, *, progress: bool = True) -> ClusterProfile:
     """Profile the default process group; every rank must call it and gets the whole profile back."""
     options = options or ClusterOptions()

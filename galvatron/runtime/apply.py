@@ -145,6 +145,10 @@ def describe(model: nn.Module, example_batch: Any = None, *, keep_seq_len: bool 
     return dataclasses.replace(spec, seq_len=0 if guessed and not keep_seq_len else spec.seq_len)
 
 
+PROFILE_ENV = "GALVATRON_PROFILE"
+"""``0``: ``plan="auto"`` on CPU workers costs plans on the nominal CPU of :func:`local_cluster` instead
+of profiling gloo and the model first (:func:`measured_cpu_perf`): the same plan on every run."""
+
 PLAN_ENV = "GALVATRON_PLAN"
 """Environment variable naming a plan YAML that ``plan="auto"`` runs instead of searching (what
 ``galvatron launch`` exports to its workers)."""
@@ -162,12 +166,16 @@ def resolve_plan(plan: Plan | str | Path | None, model: nn.Module, spec: ModelSp
     if os.environ.get(PLAN_ENV):
         return Plan.load(os.environ[PLAN_ENV])
     outcome: list[Any] = [None]
+    if spec.seq_len == 0:  # described from a guessed batch: the search needs the length
+        spec = describe(model, example_batch, keep_seq_len=True)
+    measured = None
+    if (not torch.cuda.is_available() and dist.get_world_size() > 1 and search_options is None
+            and backend == "native" and os.environ.get(PROFILE_ENV, "1") != "0"):
+        measured = measured_cpu_perf(model, spec)  # every rank: gloo is profiled on the default group
     if dist.get_rank() == 0:
         try:
-            if spec.seq_len == 0:  # described from a guessed batch: the search needs the length
-                spec = describe(model, example_batch, keep_seq_len=True)
             found = search_plan(spec, dist.get_world_size(), example_batch, search_options, backend=backend,
-                                model=model)
+                                model=model, perf=measured)
             outcome[0] = ("plan", found.to_dict())
         except Exception as err:  # every rank must learn of it, or the others wait in the broadcast
             outcome[0] = ("error", f"{type(err).__name__}: {err}")
@@ -180,13 +188,61 @@ def resolve_plan(plan: Plan | str | Path | None, model: nn.Module, spec: ModelSp
     return Plan.from_dict(value)
 
 
+def measured_cpu_perf(model: nn.Module, spec: ModelSpec, max_profile_s: float = 60.0) -> Any:
+    """What ``plan="auto"`` costs plans on for CPU workers: gloo among the live ranks, profiled on the
+    default group (every rank calls this; ``galvatron.profiler.cluster.GLOO_PROFILE``), and, on rank
+    0, ``model`` itself on one thread at ``spec``'s sequence length (skipped when that would take
+    over about ``max_profile_s``, or when the profiler cannot run the model: the nominal compute
+    stands), its times stretched by the local workers sharing the cores. A
+    ``galvatron.profiler.ProfiledPerf`` over :func:`local_cluster` on rank 0, None elsewhere."""
+    import sys
+    import time
+
+    from galvatron.profiler.calibrate import profiled_perf, shared_cores_scale
+    from galvatron.profiler.cluster import GLOO_PROFILE, profile_cluster
+    from galvatron.profiler.model import ProfileOptions, profile_model
+    from galvatron.profiler.schema import ProfileError
+
+    start = time.perf_counter()
+    measured = profile_cluster(GLOO_PROFILE, progress=False)
+    if dist.get_rank() != 0:
+        return None
+    options = ProfileOptions(micro_batches=(1, 2, 4, 8), seq_lens=(spec.seq_len,))
+    blocks = max(1, spec.num_blocks)
+    runs = (options.warmup + options.repeats) * (len(options.recompute) + 1)
+    work = spec.flops_per_token() * spec.seq_len * sum(options.micro_batches) * min(1.0, 3 / blocks) * runs
+    profile, note = None, ""
+    if work / _ONE_THREAD_FLOPS > max_profile_s:
+        note = f"; the model not profiled (about {work / _ONE_THREAD_FLOPS:.0f} s on one thread)"
+    else:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the workers run
+        try:
+            profile = profile_model(model, options=options, device="cpu", progress=False)
+        except (ProfileError, RuntimeError, TypeError, ValueError) as err:
+            note = f"; the model not profiled ({type(err).__name__}: {err})"
+        finally:
+            torch.set_num_threads(threads)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    print(f"galvatron: plan='auto' on CPU workers: profiled gloo among {dist.get_world_size()} ranks"
+          + ("" if profile is None else " and the model") + f" in {time.perf_counter() - start:.1f} s{note}",
+          file=sys.stderr, flush=True)
+    return profiled_perf(local_cluster(dist.get_world_size()), model_profile=profile, cluster_profile=measured,
+                         spec=spec, compute_scale=shared_cores_scale(local))
+
+
+_ONE_THREAD_FLOPS = 2e10
+"""A low guess of one CPU thread's fp32 rate, for :func:`measured_cpu_perf`'s profiling-time bound."""
+
+
 def search_plan(spec: ModelSpec, world: int, example_batch: Any = None, options: Any = None,
-                backend: str = "native", model: nn.Module | None = None) -> Plan:
+                backend: str = "native", model: nn.Module | None = None, perf: Any = None) -> Plan:
     """The search's fastest plan for ``spec`` on ``world`` local devices, costed as ``backend`` runs
     a plan; the global batch is ``example_batch``'s. Without ``options``: among the plans this
     runtime runs, and, given the ``model``, also among one-stage uniform plans with context or
     expert parallelism (which the runtime runs without a pipeline), kept when faster and accepted
-    by :func:`check_supported` for this model's attention and experts."""
+    by :func:`check_supported` for this model's attention and experts. ``perf``: a measured
+    ``ProfiledPerf`` (:func:`measured_cpu_perf`) to cost plans on instead of :func:`local_cluster`."""
     try:
         from galvatron.strategies.search import SearchOptions, search
     except ImportError as err:
@@ -196,7 +252,9 @@ def search_plan(spec: ModelSpec, world: int, example_batch: Any = None, options:
     from galvatron.strategies.cost import CostOptions
 
     stack = CostOptions(**capabilities(backend).cost_options(torch.cuda.is_available()))  # how the backend runs a plan
-    cluster = local_cluster(world)
+    cluster = perf if perf is not None else local_cluster(world)
+    if hasattr(cluster, "measured_options"):
+        stack = cluster.measured_options(stack)
     if torch.cuda.is_available() and backend == "native":  # the attention kernel SDPA picks on this machine
         kernel = sdpa_kernel(torch.__version__, torch.backends.cudnn.version(), torch.cuda.get_device_capability())
         if kernel in cluster.gpu.attention_kernels:

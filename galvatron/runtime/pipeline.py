@@ -421,10 +421,13 @@ class PipelineRunner:
         multi-stage schedules' set-up)."""
         if pp > 1:
             stages = [PipelineStage(c, c.stage_index, c.num_stages, self.device, group=pp_group) for c in self.chunks]
-            target = stages[0] if plan.pipeline.schedule in _SINGLE_STAGE_SCHEDULES else stages
-            self.schedule = _SCHEDULES[plan.pipeline.schedule](
-                target, plan.num_micro_batches, loss_fn=self._loss, scale_grads=False
-            )
+            schedule = plan.pipeline.schedule
+            if schedule is Schedule.ONE_F_ONE_B and plan.num_micro_batches < pp:
+                # torch's Schedule1F1B wants as many micro-batches as stages; with fewer, 1F1B runs every
+                # forward and then every backward, which is GPipe (and what the cost model charges)
+                schedule = Schedule.GPIPE
+            target = stages[0] if schedule in _SINGLE_STAGE_SCHEDULES else stages
+            self.schedule = _SCHEDULES[schedule](target, plan.num_micro_batches, loss_fn=self._loss, scale_grads=False)
 
     def _find_tied_peer(self, pp: int) -> int | None:
         """Global rank holding the other copy of this rank's tied weights, or None."""

@@ -21,10 +21,10 @@ MICRO = 4
 
 
 def pipeline(world: int, *, pp: int = 2, v: int = 1, schedule: str = "1f1b", split: list[int] | None = None,
-             **strategy: Any) -> Plan:
+             micro: int = MICRO, **strategy: Any) -> Plan:
     """A uniform pipeline plan over ``world`` ranks; dp fills each stage."""
     dp = world // pp // strategy.get("tp", 1)
-    return Plan.uniform(LAYERS, global_batch_size=BATCH, num_micro_batches=MICRO, pp=pp, virtual_stages=v,
+    return Plan.uniform(LAYERS, global_batch_size=BATCH, num_micro_batches=micro, pp=pp, virtual_stages=v,
                         schedule=schedule, layer_split=split, dtype="fp32", dp=dp, **strategy)
 
 
@@ -38,6 +38,7 @@ def _cases(world: int) -> list[Case]:
     cases = [
         Case("gpt-gpipe", "gpt", pipeline(world, schedule="gpipe")),
         Case("gpt-1f1b-uneven", "gpt", pipeline(world, split=[3, 1])),
+        Case("gpt-1f1b-one-micro-batch", "gpt", pipeline(world, micro=1)),  # fewer than the stages: GPipe
         Case("gpt-interleaved", "gpt", pipeline(world, v=2, schedule="interleaved-1f1b")),
         Case("gpt-zero-bubble", "gpt", pipeline(world, v=2, schedule="zero-bubble")),
         Case("gpt-tied-1f1b", "gpt-tied", pipeline(world)),
