@@ -150,8 +150,8 @@ def local_cpu_perf(spec: ModelSpec, workers: int, *, model: str | None = None, p
     (a ``galvatron.profiler.ProfiledPerf`` over :func:`local_cpu_cluster`):
 
     - the model: ``model`` (a preset or model YAML, built as the reference GPT with one block of
-      each kind) profiled here on one thread, fp32, at ``spec``'s sequence length and micro-batches
-      1, 2, 4, 8; its times stretched by ``workers / cores`` when the workers outnumber the cores
+      each kind) profiled here on one thread, fp32 (``galvatron.profiler.model.cpu_worker_options``
+      at ``spec``'s sequence length); its times stretched by ``workers / cores`` when the workers outnumber the cores
       (they then share them). Skipped, with a message, when ``model`` is None or the profile would
       take longer than about ``max_profile_s`` (the datasheet-style GEMM rate then stands);
     - gloo: every collective among ``workers`` processes started here (over the loopback device),
@@ -177,42 +177,26 @@ def local_cpu_perf(spec: ModelSpec, workers: int, *, model: str | None = None, p
                          compute_scale=shared_cores_scale(workers))
 
 
-CPU_PROFILE_MICRO_BATCHES = (1, 2, 4, 8)
-"""Micro-batch sizes :func:`local_cpu_perf` profiles (the fit is linear in tokens beyond them)."""
-
-
 def _profile_estimate_s(spec: ModelSpec, cluster: Any) -> float:
-    """Rough seconds to profile ``spec`` on one thread here: its profiled blocks' and edges' training
-    FLOPs over every micro-batch, recompute mode and timed run, at the measured GEMM rate."""
-    from galvatron.profiler.model import ProfileOptions
+    """Rough seconds to profile ``spec`` on one thread here, at the measured GEMM rate."""
+    from galvatron.profiler.model import cpu_worker_options, profile_flops
 
-    options = ProfileOptions(micro_batches=CPU_PROFILE_MICRO_BATCHES)
-    blocks = max(1, sum(layer.is_block for layer in spec.layers))
-    share = min(1.0, 3 / blocks)  # ~2 blocks (one of each kind) + the embedding and head
-    runs = (options.warmup + options.repeats) * (len(options.recompute) + 1)  # recomputation adds a forward
-    flops = spec.flops_per_token() * spec.seq_len * sum(options.micro_batches) * share * runs
     alone = cluster.gpu.peak_tflops["fp32"] * 1e12 / min(1.0, len(os.sched_getaffinity(0)) / cluster.gpus_per_node)
-    return flops / alone  # the workers' share of the rate undone: the profile runs alone
+    return profile_flops(spec, cpu_worker_options(spec.seq_len)) / alone  # the workers' share undone: it runs alone
 
 
 @lru_cache(maxsize=4)
 def _profile_cpu_model(model: str, seq_len: int, progress: bool) -> Any:
     """One profile per model and sequence length (a re-search after workers are lost reuses it)."""
     from galvatron.launch.cmd_profile import build_model
-    from galvatron.profiler.model import ProfileOptions, profile_model
+    from galvatron.profiler.model import cpu_worker_options, profile_on_one_thread
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each worker runs
-    try:
-        say(f"profiling {model} on this CPU (one thread) ...")
-        start = time.perf_counter()
-        module, name, _ = build_model(model, device=torch.device("cpu"))
-        options = ProfileOptions(micro_batches=CPU_PROFILE_MICRO_BATCHES, seq_lens=(seq_len,))
-        profile = profile_model(module, options=options, device="cpu", name=name, progress=progress)
-        say(f"profiled {model} in {time.perf_counter() - start:.1f} s")
-        return profile
-    finally:
-        torch.set_num_threads(threads)
+    say(f"profiling {model} on this CPU (one thread) ...")
+    start = time.perf_counter()
+    module, name, _ = build_model(model, device=torch.device("cpu"))
+    profile = profile_on_one_thread(module, cpu_worker_options(seq_len), name=name, progress=progress)
+    say(f"profiled {model} in {time.perf_counter() - start:.1f} s")
+    return profile
 
 
 def _profile_gloo(workers: int, progress: bool) -> Any:

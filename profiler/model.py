@@ -87,6 +87,39 @@ class ProfileOptions:
             raise ProfileError(f"warmup must be >= 0 and repeats >= 1, got {self.warmup}, {self.repeats}")
 
 
+CPU_WORKER_MICRO_BATCHES = (1, 2, 4, 8)
+"""Micro-batch sizes :func:`cpu_worker_options` profiles (the fit is linear in tokens beyond them)."""
+
+
+def cpu_worker_options(seq_len: int) -> ProfileOptions:
+    """How a model is profiled for a search over CPU workers (the launcher's and ``wrap(plan="auto")``'s):
+    at the run's sequence length, micro-batches :data:`CPU_WORKER_MICRO_BATCHES`, every recompute mode."""
+    return ProfileOptions(micro_batches=CPU_WORKER_MICRO_BATCHES, seq_lens=(seq_len,))
+
+
+def profile_flops(spec: ModelSpec, options: ProfileOptions) -> float:
+    """Roughly the training FLOPs a profile of ``spec`` under ``options`` runs (at its first sequence
+    length, else ``spec``'s): about two blocks (one of each kind) and the embedding and head, at every
+    micro-batch, recompute mode (recomputation adds a forward) and warm-up or timed run. Over a
+    rate, how long the profile will take."""
+    seq = options.seq_lens[0] if options.seq_lens else spec.seq_len
+    share = min(1.0, 3 / max(1, spec.num_blocks))
+    runs = (options.warmup + options.repeats) * (len(options.recompute) + 1)
+    return spec.flops_per_token() * seq * sum(options.micro_batches) * share * runs
+
+
+def profile_on_one_thread(model: nn.Module, options: ProfileOptions, *, name: str | None = None,
+                          progress: bool = False) -> ModelProfile:
+    """:func:`profile_model` on CPU with one intra-op thread, as each CPU worker runs (the setting
+    is restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return profile_model(model, options=options, device="cpu", name=name, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def profile_model(model: nn.Module, *, options: ProfileOptions | None = None,
                   device: str | torch.device | None = None, name: str | None = None,
                   progress: bool = True) -> ModelProfile:

@@ -113,11 +113,13 @@ def replay(path: Path) -> int:
     grid's plan of that name, the searched plan as the grid plan it equals) and rewrite it."""
     from galvatron.strategies.hardware import load_cluster
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from profile_fidelity import GPU_FAMILIES
+
     data = json.loads(path.read_text())
     args = argparse.Namespace(**_arguments(data["command"]))
     env = data["env"]
-    gpu = next(db for name, db in (("H200", "H200"), ("H100", "H100-SXM"), ("A100", "A100-80GB"))
-               if name in env["device"])
+    gpu = next(db for key, db in GPU_FAMILIES if key in env["device"])
     cluster = load_cluster({"gpu": gpu, "gpus_per_node": env["world"], "nodes": 1, "name": "replay"})
     config = {**load_model_config(args.model), "seq_len": args.seq}
     spec = ModelSpec.from_config(config)

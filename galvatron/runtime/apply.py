@@ -166,14 +166,17 @@ def resolve_plan(plan: Plan | str | Path | None, model: nn.Module, spec: ModelSp
     if os.environ.get(PLAN_ENV):
         return Plan.load(os.environ[PLAN_ENV])
     outcome: list[Any] = [None]
-    if spec.seq_len == 0:  # described from a guessed batch: the search needs the length
-        spec = describe(model, example_batch, keep_seq_len=True)
-    measured = None
+    gloo = None
     if (not torch.cuda.is_available() and dist.get_world_size() > 1 and search_options is None
             and backend == "native" and os.environ.get(PROFILE_ENV, "1") != "0"):
-        measured = measured_cpu_perf(model, spec)  # every rank: gloo is profiled on the default group
+        from galvatron.profiler.cluster import GLOO_PROFILE, profile_cluster
+
+        gloo = profile_cluster(GLOO_PROFILE, progress=False)  # every rank takes part, on the default group
     if dist.get_rank() == 0:
         try:
+            if spec.seq_len == 0:  # described from a guessed batch: the search needs the length
+                spec = describe(model, example_batch, keep_seq_len=True)
+            measured = measured_cpu_perf(model, spec, gloo) if gloo is not None else None
             found = search_plan(spec, dist.get_world_size(), example_batch, search_options, backend=backend,
                                 model=model, perf=measured)
             outcome[0] = ("plan", found.to_dict())
@@ -188,47 +191,39 @@ def resolve_plan(plan: Plan | str | Path | None, model: nn.Module, spec: ModelSp
     return Plan.from_dict(value)
 
 
-def measured_cpu_perf(model: nn.Module, spec: ModelSpec, max_profile_s: float = 60.0) -> Any:
-    """What ``plan="auto"`` costs plans on for CPU workers: gloo among the live ranks, profiled on the
-    default group (every rank calls this; ``galvatron.profiler.cluster.GLOO_PROFILE``), and, on rank
-    0, ``model`` itself on one thread at ``spec``'s sequence length (skipped when that would take
-    over about ``max_profile_s``, or when the profiler cannot run the model: the nominal compute
-    stands), its times stretched by the local workers sharing the cores. A
-    ``galvatron.profiler.ProfiledPerf`` over :func:`local_cluster` on rank 0, None elsewhere."""
+def measured_cpu_perf(model: nn.Module, spec: ModelSpec, gloo: Any, max_profile_s: float = 60.0) -> Any:
+    """What ``plan="auto"`` costs plans on for CPU workers (rank 0): ``gloo``, the profile of the live
+    ranks' collectives (``galvatron.profiler.cluster.GLOO_PROFILE``, on the default group, every rank
+    taking part), and ``model`` itself profiled here on one thread at ``spec``'s sequence length
+    (``galvatron.profiler.model.cpu_worker_options``; skipped when that would take over about
+    ``max_profile_s``, or when the profiler cannot run the model: the nominal compute stands), its
+    times stretched by the local workers sharing the cores: a ``galvatron.profiler.ProfiledPerf``
+    over :func:`local_cluster`."""
     import sys
     import time
 
     from galvatron.profiler.calibrate import profiled_perf, shared_cores_scale
-    from galvatron.profiler.cluster import GLOO_PROFILE, profile_cluster
-    from galvatron.profiler.model import ProfileOptions, profile_model
+    from galvatron.profiler.model import cpu_worker_options, profile_flops, profile_on_one_thread
     from galvatron.profiler.schema import ProfileError
 
     start = time.perf_counter()
-    measured = profile_cluster(GLOO_PROFILE, progress=False)
-    if dist.get_rank() != 0:
-        return None
-    options = ProfileOptions(micro_batches=(1, 2, 4, 8), seq_lens=(spec.seq_len,))
-    blocks = max(1, spec.num_blocks)
-    runs = (options.warmup + options.repeats) * (len(options.recompute) + 1)
-    work = spec.flops_per_token() * spec.seq_len * sum(options.micro_batches) * min(1.0, 3 / blocks) * runs
+    options = cpu_worker_options(spec.seq_len)
+    seconds = profile_flops(spec, options) / _ONE_THREAD_FLOPS
     profile, note = None, ""
-    if work / _ONE_THREAD_FLOPS > max_profile_s:
-        note = f"; the model not profiled (about {work / _ONE_THREAD_FLOPS:.0f} s on one thread)"
+    if seconds > max_profile_s:
+        note = f"; the model not profiled (about {seconds:.0f} s on one thread)"
     else:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # as the workers run
         try:
-            profile = profile_model(model, options=options, device="cpu", progress=False)
+            profile = profile_on_one_thread(model, options)
         except (ProfileError, RuntimeError, TypeError, ValueError) as err:
             note = f"; the model not profiled ({type(err).__name__}: {err})"
-        finally:
-            torch.set_num_threads(threads)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
-    print(f"galvatron: plan='auto' on CPU workers: profiled gloo among {dist.get_world_size()} ranks"
-          + ("" if profile is None else " and the model") + f" in {time.perf_counter() - start:.1f} s{note}",
-          file=sys.stderr, flush=True)
-    return profiled_perf(local_cluster(dist.get_world_size()), model_profile=profile, cluster_profile=measured,
-                         spec=spec, compute_scale=shared_cores_scale(local))
+    world = dist.get_world_size()
+    print(f"galvatron: plan='auto' on CPU workers: profiled gloo among {world} ranks"
+          + ("" if profile is None else " and the model")
+          + f" in {gloo.seconds + time.perf_counter() - start:.1f} s{note}", file=sys.stderr, flush=True)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return profiled_perf(local_cluster(world), model_profile=profile, cluster_profile=gloo, spec=spec,
+                         compute_scale=shared_cores_scale(local))
 
 
 _ONE_THREAD_FLOPS = 2e10
