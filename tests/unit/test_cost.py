@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -345,9 +346,12 @@ def test_attention_time_follows_the_measured_kernels() -> None:
 
 
 def test_gemm_time_follows_the_measured_kernels() -> None:
-    """The GEMM term against the committed H100 kernel timings (benchmarks/results/gemm_epilogue.json):
-    16-bit outputs within 6% mean absolute (persistent kernels: no waves, no serial epilogue), fp32
-    accumulation within 8%, and accumulation slower than a 16-bit output, as measured."""
+    """The GEMM term against the committed H100 kernel timings (benchmarks/results/gemm_epilogue.json,
+    each GEMM timed in a short burst): across shapes, 16-bit outputs within 6% mean absolute of their
+    mean offset (persistent kernels: no waves, no serial epilogue), fp32 accumulation within 8%, and
+    accumulation slower than a 16-bit output, as measured. The offset itself is the database's choice
+    of rate: GEMMs inside a power-capped training step run 5-12% below short bursts
+    (benchmarks/results/gemm_in_step.md), and the H100 entry holds the in-step rate."""
     data = json.loads((Path(__file__).parents[2] / "benchmarks/results/gemm_epilogue.json").read_text())
     perf = DatasheetPerf(load_cluster({"gpu": "H100-SXM", "gpus_per_node": 1, "nodes": 1}))
     errors: dict[str, list[float]] = {"16-bit": [], "accumulate": []}
@@ -359,5 +363,7 @@ def test_gemm_time_follows_the_measured_kernels() -> None:
             predicted = perf.gemm_time(m, n, k, "bf16", accumulate=accumulate)
             errors["accumulate" if accumulate else "16-bit"].append(predicted / (r[gemm]["ms"] * 1e-3) - 1)
         assert perf.gemm_time(d_out, d_in, t, "bf16", accumulate=True) > perf.gemm_time(d_out, d_in, t, "bf16")
-    assert sum(map(abs, errors["16-bit"])) / len(errors["16-bit"]) < 0.06
-    assert sum(map(abs, errors["accumulate"])) / len(errors["accumulate"]) < 0.08
+    offset = statistics.mean(errors["16-bit"])
+    assert 0.05 < offset < 0.12
+    for kind, limit in (("16-bit", 0.06), ("accumulate", 0.08)):
+        assert statistics.mean(abs(e - offset) for e in errors[kind]) < limit
