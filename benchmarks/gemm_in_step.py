@@ -38,7 +38,7 @@ from typing import Any
 
 from sustained_clocks import SMI_FIELDS, _power_limit, _window, clock_of, read_smi, stamp
 
-TOKENS, HIDDEN, FFN, BLOCKS, VOCAB = 8192, 4096, 11008, 8, 32000
+TOKENS, HIDDEN, HEADS, FFN, BLOCKS, VOCAB = 8192, 4096, 32, 11008, 8, 32000
 LINEARS = (("q", HIDDEN, HIDDEN, "attn_in"), ("k", HIDDEN, HIDDEN, "attn_in"), ("v", HIDDEN, HIDDEN, "attn_in"),
            ("o", HIDDEN, HIDDEN, "o_in"), ("gate", HIDDEN, FFN, "mlp_in"), ("up", HIDDEN, FFN, "mlp_in"),
            ("down", FFN, HIDDEN, "down_in"))
@@ -58,35 +58,60 @@ def _block(torch: Any, width: dict[str, int]) -> dict[str, Any]:
     return t
 
 
-def step_gemms(torch: Any) -> list[tuple[str, tuple[int, int, int], Any]]:
-    """The step's GEMMs in order: (class, (m, k, n), thunk)."""
+def step_gemms(torch: Any, attention: tuple[str, int] | None = None) -> list[tuple[str, float, Any]]:
+    """The step's GEMMs in order: (class, FLOPs, thunk); with ``attention`` = (kernel, sequence
+    length), each block's causal attention core too (forward after q, k and v; backward after the
+    output projection's gradients), over the same tokens."""
     widths = {"attn_in": HIDDEN, "o_in": HIDDEN, "mlp_in": HIDDEN, "down_in": FFN}
     blocks = [_block(torch, widths) for _ in range(BLOCKS)]
     head = {"x": torch.randn(TOKENS, HIDDEN, device="cuda", dtype=torch.bfloat16),
             "w": torch.randn(VOCAB, HIDDEN, device="cuda", dtype=torch.bfloat16) * HIDDEN ** -0.5,
             "g": torch.randn(TOKENS, VOCAB, device="cuda", dtype=torch.bfloat16) * 1e-4}
+    cores = [attention_core(torch, *attention) for _ in blocks] if attention else []
 
-    def fwd(x: Any, w: Any) -> Any:
-        return lambda: torch.mm(x, w.t())
+    def mm(m: int, k: int, n: int, a: Any, b: Any) -> tuple[float, Any]:
+        return 2.0 * m * k * n, lambda: torch.mm(a, b)
 
-    def dgrad(g: Any, w: Any) -> Any:
-        return lambda: torch.mm(g, w)
-
-    def wgrad(g: Any, x: Any) -> Any:
-        return lambda: torch.mm(g.t(), x)
-
-    seq: list[tuple[str, tuple[int, int, int], Any]] = []
-    for b in blocks:
+    seq: list[tuple[str, float, Any]] = []
+    for i, b in enumerate(blocks):
         for name, d_in, d_out, src in LINEARS:
-            seq.append((f"fwd {d_in}->{d_out}", (TOKENS, d_in, d_out), fwd(b[src], b["w_" + name])))
-    seq.append((f"fwd {HIDDEN}->{VOCAB}", (TOKENS, HIDDEN, VOCAB), fwd(head["x"], head["w"])))
-    seq.append((f"dgrad {HIDDEN}->{VOCAB}", (TOKENS, VOCAB, HIDDEN), dgrad(head["g"], head["w"])))
-    seq.append((f"wgrad {HIDDEN}->{VOCAB}", (VOCAB, TOKENS, HIDDEN), wgrad(head["g"], head["x"])))
-    for b in reversed(blocks):
+            seq.append((f"fwd {d_in}->{d_out}", *mm(TOKENS, d_in, d_out, b[src], b["w_" + name].t())))
+            if cores and name == "v":
+                seq.append(cores[i][0])
+    seq.append((f"fwd {HIDDEN}->{VOCAB}", *mm(TOKENS, HIDDEN, VOCAB, head["x"], head["w"].t())))
+    seq.append((f"dgrad {HIDDEN}->{VOCAB}", *mm(TOKENS, VOCAB, HIDDEN, head["g"], head["w"])))
+    seq.append((f"wgrad {HIDDEN}->{VOCAB}", *mm(VOCAB, TOKENS, HIDDEN, head["g"].t(), head["x"])))
+    for i, b in reversed(list(enumerate(blocks))):
         for name, d_in, d_out, src in reversed(LINEARS):
-            seq.append((f"dgrad {d_in}->{d_out}", (TOKENS, d_out, d_in), dgrad(b["g_" + name], b["w_" + name])))
-            seq.append((f"wgrad {d_in}->{d_out}", (d_out, TOKENS, d_in), wgrad(b["g_" + name], b[src])))
+            seq.append((f"dgrad {d_in}->{d_out}", *mm(TOKENS, d_out, d_in, b["g_" + name], b["w_" + name])))
+            seq.append((f"wgrad {d_in}->{d_out}", *mm(d_out, TOKENS, d_in, b["g_" + name].t(), b[src])))
+            if cores and name == "o":
+                seq.append(cores[i][1])
     return seq
+
+
+def attention_core(torch: Any, kernel: str, seq_len: int) -> tuple[tuple[str, float, Any], tuple[str, float, Any]]:
+    """One block's causal attention over the step's tokens (32 heads of 128) on SDPA's ``kernel``
+    (``cudnn`` or ``flash2``): the forward item keeps its output for the backward item.
+    FLOPs: forward ``4 B H S^2 D / 2`` (causal), backward 2.5 times that."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash2": SDPBackend.FLASH_ATTENTION}[kernel]
+    shape = (TOKENS // seq_len, HEADS, seq_len, HIDDEN // HEADS)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    g = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 1e-3
+    held: list[Any] = []
+
+    def fwd() -> None:
+        with sdpa_kernel(backend):
+            held.append(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    def bwd() -> None:
+        torch.autograd.grad(held.pop(), (q, k, v), g)
+
+    flops = 2.0 * shape[0] * HEADS * seq_len * seq_len * (HIDDEN // HEADS)
+    return (f"attn fwd s{seq_len}", flops, fwd), (f"attn bwd s{seq_len}", 2.5 * flops, bwd)
 
 
 def _timed(torch: Any, fn: Any, before: Any = None, after: Any = None) -> tuple[Any, Any]:
@@ -128,8 +153,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={SMI_FIELDS}", "--format=csv", "-lms", "20"],
                            stdout=smi_path.open("w"), stderr=subprocess.DEVNULL)
     seq = step_gemms(torch)
-    classes = {cls: (shape, fn) for cls, shape, fn in seq}  # one instance of each class
-    flops = {cls: 2.0 * shape[0] * shape[1] * shape[2] for cls, (shape, _) in classes.items()}
+    classes = {cls: fn for cls, _, fn in seq}  # one instance of each class
+    flops = {cls: f for cls, f, _ in seq}
     phases: list[dict[str, Any]] = []
     src, dst = (torch.empty(2**30, dtype=torch.uint8, device="cuda") for _ in range(2))
     flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
@@ -140,6 +165,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     streams = {cls: (None, copies(cls)) for cls in flops}
     flushes = {cls: (flush.zero_, None) for cls in flops}
+    no_extra = (None, None)
 
     def phase(name: str, times: dict[str, list[float]], begin: str) -> None:
         phases.append({"name": name, "start": begin, "end": stamp(),
@@ -153,13 +179,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(args.idle)
 
     try:
-        for _, fn in classes.values():  # pick and load every kernel once
+        for fn in classes.values():  # pick and load every kernel once
             fn()
         streams[seq[0][0]][1]()
         idle()
         begin = stamp()
         burst: dict[str, list[float]] = {}
-        for cls, (_, fn) in classes.items():
+        for cls, fn in classes.items():
             pairs = [_timed(torch, fn) for _ in range(10)]
             torch.cuda.synchronize()
             burst[cls] = [a.elapsed_time(b) / 1e3 for a, b in pairs[2:]]
@@ -167,13 +193,33 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         idle()
         begin = stamp()
         sustained: dict[str, list[float]] = {}
-        for cls, (_, fn) in classes.items():
+        for cls, fn in classes.items():
             sustained[cls] = run_sequence(torch, [(cls, None, fn)], args.sustain)[cls]
         phase("sustained", sustained, begin)
         for name, extra in (("sequence", None), ("sequence+stream", streams.get), ("sequence+flush", flushes.get)):
             idle()
             begin = stamp()
             phase(name, run_sequence(torch, seq, args.seconds, extra), begin)
+        for kernel in args.attention:
+            for seq_len in (2048, 8192):
+                step = step_gemms(torch, (kernel, seq_len))
+                attn = [item for item in step if item[0].startswith("attn")]
+                core = [attn[0], attn[-1]]  # the first block's forward and backward
+                flops.update({cls: f for cls, f, _ in core})
+                for _, _, fn in core:  # pick and load the kernels once
+                    fn()
+                idle()
+                begin = stamp()
+                pairs = [[_timed(torch, fn) for _, _, fn in core] for _ in range(10)]
+                torch.cuda.synchronize()
+                phase(f"attention {kernel} s{seq_len}",
+                      {cls: [p[i][0].elapsed_time(p[i][1]) / 1e3 for p in pairs[2:]] for i, (cls, _, _) in
+                       enumerate(core)}, begin)
+                idle()
+                begin = stamp()
+                phase(f"step-like {kernel} s{seq_len}",
+                      run_sequence(torch, step, args.seconds, lambda c: streams.get(c, no_extra)), begin)
+                del step, core
     finally:
         smi.terminate()
         smi.wait()
@@ -189,8 +235,8 @@ def report(r: dict[str, Any], smi_path: Path) -> str:
     lines = [f"# GEMMs of an eager Llama 2 7B step, alone and in sequence ({r['device']}, torch {r['torch']})", "",
              "| GEMM (linear in -> out) | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for cls, f in r["flops"].items():
-        rates = [f / p["median_s"][cls] / 1e12 for p in r["phases"]]
-        lines.append(f"| {cls} | " + " | ".join(f"{x:.0f}" for x in rates) + " |")
+        rates = [f / p["median_s"][cls] / 1e12 if cls in p["median_s"] else None for p in r["phases"]]
+        lines.append(f"| {cls} | " + " | ".join("-" if x is None else f"{x:.0f}" for x in rates) + " |")
     totals = []
     for p in r["phases"]:
         work = sum(r["flops"][c] * p["calls"][c] for c in p["calls"])
@@ -215,6 +261,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=6.0, help="each sequence variant's loop")
     parser.add_argument("--sustain", type=float, default=1.5, help="each GEMM's loop alone")
     parser.add_argument("--idle", type=float, default=4.0, help="idle pause before each variant")
+    parser.add_argument("--attention", nargs="*", default=[], choices=("cudnn", "flash2"),
+                        help="also time attention kernels in bursts and in a step-like loop")
     parser.add_argument("--report", action="store_true", help="print the table of an existing --out file")
     args = parser.parse_args()
     out = Path(args.out)

@@ -56,6 +56,10 @@ class GPU:
     attention_kernel: str = ""
     """The kernel PyTorch's ``scaled_dot_product_attention`` picks on this GPU (the first of
     ``attention_kernels`` when empty)."""
+    attention_in_step: float = 1.0
+    """Inside a training step (the power cap's clock, shared with GEMMs and memory-bound kernels) the
+    fused attention kernels run at this fraction of the short-burst rates ``attention_kernels`` hold
+    (1: not measured; ``attention_efficiency`` includes it)."""
     memory_efficiency: float
     kernel_overhead_us: float
     intra_node: str
@@ -76,20 +80,21 @@ class GPU:
 
     def attention_efficiency(self, backward: bool, head_dim: int = 128, kernel: str | None = None) -> float:
         """Fraction of the 16-bit peak the fused attention ``kernel`` (None: this GPU's default) reaches
-        on long sequences, forward or ``backward``, at ``head_dim``."""
+        on long sequences inside a training step, forward or ``backward``, at ``head_dim``: the
+        kernel's burst rate times ``attention_in_step``."""
         name = kernel or self.attention_kernel or next(iter(self.attention_kernels))
         if name not in self.attention_kernels:
             raise ConfigError(f"{self.name}: no attention kernel {name!r} in the hardware database (has: "
                               f"{', '.join(self.attention_kernels)})")
         value = self.attention_kernels[name]["backward" if backward else "forward"]
         if not isinstance(value, Mapping):
-            return float(value)
+            return float(value) * self.attention_in_step
         dims = sorted(value)
         if head_dim <= dims[0] or head_dim >= dims[-1]:
-            return float(value[dims[0] if head_dim <= dims[0] else dims[-1]])
+            return float(value[dims[0] if head_dim <= dims[0] else dims[-1]]) * self.attention_in_step
         hi = next(d for d in dims if d >= head_dim)
         lo = dims[dims.index(hi) - 1]
-        return float(value[lo] + (value[hi] - value[lo]) * (head_dim - lo) / (hi - lo))
+        return float(value[lo] + (value[hi] - value[lo]) * (head_dim - lo) / (hi - lo)) * self.attention_in_step
 
     def peak_flops(self, dtype: str) -> float:
         """Dense peak FLOP/s for a compute dtype; raises ConfigError where the GPU has no such unit."""
@@ -174,6 +179,9 @@ def load_gpu(name_or_path: str) -> GPU:
     if missing:
         raise ConfigError(f"GPU {name_or_path}: missing key(s) {', '.join(missing)}")
     _check_attention(name_or_path, data["attention_kernels"], data.get("attention_kernel", ""))
+    in_step = data.get("attention_in_step", 1.0)
+    if not isinstance(in_step, (int, float)) or not 0 < in_step <= 1:
+        raise ConfigError(f"GPU {name_or_path}: attention_in_step must be a fraction in (0, 1], got {in_step!r}")
     return GPU(**data)
 
 

@@ -324,11 +324,13 @@ def test_expert_tp_inside_folding_gathers_rows_over_adjacent_ranks() -> None:
 
 
 def test_attention_time_follows_the_measured_kernels() -> None:
-    """The attention term against the committed H100 kernel timings (benchmarks/results/attention_kernels.json):
-    each backend's forward + backward within 8% mean absolute over its 60 shapes; short sequences with few
-    heads run far below the long-sequence rate, as measured."""
+    """The attention term against the committed H100 kernel timings (benchmarks/results/attention_kernels.json,
+    short bursts, so without the entry's in-step fraction): each backend's forward + backward within 8%
+    mean absolute over its 60 shapes; short sequences with few heads run far below the long-sequence rate,
+    as measured."""
     data = json.loads((Path(__file__).parents[2] / "benchmarks/results/attention_kernels.json").read_text())
-    perf = DatasheetPerf(load_cluster({"gpu": "H100-SXM", "gpus_per_node": 1, "nodes": 1}))
+    cluster = load_cluster({"gpu": "H100-SXM", "gpus_per_node": 1, "nodes": 1})
+    perf = DatasheetPerf(dataclasses.replace(cluster, gpu=dataclasses.replace(cluster.gpu, attention_in_step=1.0)))
     errors: dict[str, list[float]] = {}
     for r in data["rows"]:
         flops = 4.0 * r["batch"] * r["seq"] ** 2 * r["heads"] * r["head_dim"] / (2 if r["causal"] else 1)

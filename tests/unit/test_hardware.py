@@ -63,12 +63,16 @@ def test_attention_efficiency_by_kernel_and_head_dim() -> None:
     assert h100.attention_efficiency(True, 128, "flash2") < 0.7 * h100.attention_efficiency(True, 128)
     with pytest.raises(ConfigError, match="no attention kernel 'flash9'"):
         h100.attention_efficiency(False, 128, "flash9")
+    # the step's rate: the burst-rate entry times the measured in-step fraction
+    assert 0 < h100.attention_in_step < 1
+    assert cudnn_128 == pytest.approx(h100.attention_kernels["cudnn"]["forward"][128] * h100.attention_in_step)
 
 
 def test_bad_attention_kernels_raise_config_error(tmp_path: Path) -> None:
     data = yaml.safe_load((config_root() / "hardware" / "A100-80GB.yaml").read_text())
     for bad, match in ((dict(data, attention_kernels={"flash2": {"forward": 1.5, "backward": 0.6}}), "fraction"),
-                       (dict(data, attention_kernel="cudnn"), "not in attention_kernels")):
+                       (dict(data, attention_kernel="cudnn"), "not in attention_kernels"),
+                       (dict(data, attention_in_step=1.2), "attention_in_step")):
         path = tmp_path / "gpu.yaml"
         path.write_text(yaml.safe_dump(bad))
         with pytest.raises(ConfigError, match=match):
