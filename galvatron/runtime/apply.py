@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import inspect
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from galvatron.errors import GalvatronError, ModelSpecError, PlanError
-from galvatron.plan import CPKind, DType, LayerStrategy, Plan
+from galvatron.plan import CPKind, DType, LayerStrategy, Plan, Recompute, Schedule
 from galvatron.runtime import data, optim, tensor
 from galvatron.runtime.mesh import Layout, ParallelDims, has_expert_layout, pipeline_groups
 from galvatron.runtime.recompute import apply_recompute
@@ -239,7 +239,7 @@ def search_plan(spec: ModelSpec, world: int, example_batch: Any = None, options:
     by :func:`check_supported` for this model's attention and experts. ``perf``: a measured
     ``ProfiledPerf`` (:func:`measured_cpu_perf`) to cost plans on instead of :func:`local_cluster`."""
     try:
-        from galvatron.strategies.search import SearchOptions, search
+        from galvatron.strategies.search import search
     except ImportError as err:
         raise GalvatronError(f"the strategy search (galvatron.strategies.search) is not available: {err}; "
                              "pass a Plan or a plan YAML") from err
@@ -256,15 +256,14 @@ def search_plan(spec: ModelSpec, world: int, example_batch: Any = None, options:
             stack = dataclasses.replace(stack, attention_kernel=kernel)
     if options is not None:
         return search(spec, cluster, options, stack, world_size=world).best.plan
-    native = capabilities("native").features
-    gpu = torch.cuda.is_available()
     batch = first_batch_size((example_batch,), {}) if example_batch is not None else None
-    base = dict(global_batch=batch, dtype=DType.BF16 if gpu else DType.FP32)
-    fixed = {} if gpu else {"offload": False}
-    best = search(spec, cluster, SearchOptions(**base, capabilities=native, fixed=fixed), stack, world_size=world).best
-    if model is None or backend != "native" or world == 1:
+    runnable, wide = auto_searches(batch, torch.cuda.is_available())
+    if model is None or backend != "native":
+        return search(spec, cluster, runnable, stack, world_size=world).best.plan
+    top = search(spec, cluster, dataclasses.replace(runnable, top_k=AUTO_CANDIDATES), stack, world_size=world).top
+    best = _first_supported(model, spec, top)
+    if world == 1:
         return best.plan
-    wide = SearchOptions(**base, capabilities=native | _CP_EP, uniform=True, fixed={**fixed, "pp": 1})
     try:
         other = search(spec, cluster, wide, stack, world_size=world).best
     except GalvatronError:  # nothing fits without a pipeline
@@ -276,6 +275,40 @@ def search_plan(spec: ModelSpec, world: int, example_batch: Any = None, options:
     except (PlanError, ModelSpecError):
         return best.plan
     return other.plan
+
+
+AUTO_CANDIDATES = 16
+"""How many of the search's best plans ``plan="auto"`` tries, fastest first, until this runtime
+accepts one for the model (:func:`check_supported`: the search does not see, for one, that tied
+embeddings need the first and last pipeline stages laid out alike)."""
+
+
+def _first_supported(model: nn.Module, spec: ModelSpec, top: Sequence[Any]) -> Any:
+    """The fastest of the search's ``top`` candidates that :func:`check_supported` accepts for
+    ``model``; a ``PlanError`` saying why the fastest is refused when none is accepted."""
+    first: PlanError | ModelSpecError | None = None
+    for candidate in top:
+        try:
+            check_supported(model, candidate.plan, spec, None)
+            return candidate
+        except (PlanError, ModelSpecError) as err:
+            first = first or err
+    raise PlanError("plan", f"none of the search's {len(top)} best plans runs on this model; the fastest is refused: "
+                    f"{first}; pass a plan instead") from first
+
+
+def auto_searches(global_batch: int | None, gpu: bool) -> tuple[Any, Any]:
+    """The ``SearchOptions`` of :func:`search_plan`'s two searches for ``global_batch`` samples on
+    GPUs or (not ``gpu``) CPU workers: the plans this runtime runs, and one-stage uniform plans with
+    context or expert parallelism."""
+    from galvatron.backends import capabilities
+    from galvatron.strategies.search import SearchOptions
+
+    native = capabilities("native").features
+    base = dict(global_batch=global_batch, dtype=DType.BF16 if gpu else DType.FP32)
+    fixed = {} if gpu else {"offload": False}
+    return (SearchOptions(**base, capabilities=native, fixed=fixed),
+            SearchOptions(**base, capabilities=native | _CP_EP, uniform=True, fixed={**fixed, "pp": 1}))
 
 
 _CP_EP = frozenset({"ep", "etp", "cp:ulysses", "cp:ring", "cp:striped", "cp:hybrid"})
@@ -334,6 +367,7 @@ def check_supported(model: nn.Module, plan: Plan, spec: ModelSpec,
     _check_context(model, plan, strategies)
     if plan.pp > 1:
         pipeline_groups(plan)
+        _check_split_backward(plan, strategies)
     _check_edges(model, plan, spec)
     blocks = model.get_submodule(spec.block_path)
     hf_plan = tensor.hf_block_plan(model, spec.block_path)
@@ -375,6 +409,18 @@ def _check_expert(blocks: nn.ModuleList, group: Any, plan: Plan, path: str) -> N
         if not find_moe_layers(blocks[index]):
             raise PlanError(f"{path}.ep", f"no MoE layer recognised in block {index} ({type(blocks[index]).__name__}):"
                             " expert parallelism needs galvatron's MoE or a transformers 5 sparse-MoE block")
+
+
+def _check_split_backward(plan: Plan, strategies: list[tuple[str, LayerStrategy]]) -> None:
+    """Zero bubble's split backward (input gradients, then weight gradients) runs each block's
+    backward twice; PyTorch's selective checkpointing allows one."""
+    if plan.pipeline.schedule is not Schedule.ZERO_BUBBLE:
+        return
+    for path, s in strategies:
+        if s.recompute is Recompute.SELECTIVE:
+            raise PlanError(f"{path}.recompute", f"selective recomputation under the zero-bubble schedule is "
+                            f"{_NATIVE_TODO}: its split backward runs each block's backward twice, which PyTorch's "
+                            "selective checkpointing refuses; use full or none, or another schedule")
 
 
 def _check_context(model: nn.Module, plan: Plan, strategies: list[tuple[str, LayerStrategy]]) -> None:

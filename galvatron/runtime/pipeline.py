@@ -376,6 +376,23 @@ def split_stages(model: nn.Module, block_path: str, plan: Plan, stage_index: int
 
 
 # ------------------------------------------------------------------ the runner
+class _Stage(PipelineStage):
+    """A ``PipelineStage`` whose shape-inference forward (torch's dynamic metadata inference, on
+    the first step) runs on zeros instead of uninitialised memory where a stage's input exists
+    only as metadata. The values must agree across the ranks of a tensor-parallel group: a MoE
+    block routes tokens by them and sizes its expert all-reduces by that routing, so different
+    garbage on two TP ranks made their collectives disagree (gloo aborts, now and then). torch 2.11
+    zero-fills these inputs itself (``torch.zeros_like`` in ``_shape_inference``; no ``_to_tensor``
+    to override); later versions materialise them with ``torch.empty``."""
+
+    def _to_tensor(self, arg: Any) -> torch.Tensor:
+        t = super()._to_tensor(arg)
+        if not isinstance(arg, torch.Tensor):  # materialised from metadata: torch.empty
+            with torch.no_grad():
+                t.zero_()
+        return t
+
+
 class _MicroBatchMean:
     """``loss_fn / n``: the sum over ``n`` equal micro-batches is then the batch mean."""
 
@@ -420,7 +437,7 @@ class PipelineRunner:
         run micro-batch after micro-batch (gloo in torch 2.11 cannot send to itself in the
         multi-stage schedules' set-up)."""
         if pp > 1:
-            stages = [PipelineStage(c, c.stage_index, c.num_stages, self.device, group=pp_group) for c in self.chunks]
+            stages = [_Stage(c, c.stage_index, c.num_stages, self.device, group=pp_group) for c in self.chunks]
             schedule = plan.pipeline.schedule
             if schedule is Schedule.ONE_F_ONE_B and plan.num_micro_batches < pp:
                 # torch's Schedule1F1B wants as many micro-batches as stages; with fewer, 1F1B runs every

@@ -29,7 +29,7 @@ from galvatron.spec import ModelSpec
 def all_plans(spec: ModelSpec, world: int, gpus_per_node: int, options: SearchOptions) -> Iterator[Plan]:
     """Every plan of the space, in no particular order."""
     global_batch = options.global_batch or default_global_batch(spec, world)
-    lower, allow_full = recompute_modes(options)
+    _, allow_full = recompute_modes(options)
     for pp in pp_candidates(spec, world, options):
         devices = world // pp
         cands = strategies(spec, devices, gpus_per_node, options)
@@ -38,6 +38,7 @@ def all_plans(spec: ModelSpec, world: int, gpus_per_node: int, options: SearchOp
             for schedule in options.schedules:
                 if not options.can(f"schedule:{schedule.value}"):
                     continue
+                lower = recompute_modes(options, schedule)[0]
                 yield from _plans(spec, pp, m, schedule, usable, lower, allow_full, global_batch, devices, options)
 
 

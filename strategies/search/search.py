@@ -122,7 +122,8 @@ class _Search:
             ctx = LayerContext(perf=self.perf, options=self.cost, dtype=self.options.dtype, seq_len=self.spec.seq_len,
                                causal=self.spec.causal, micro_batch=micro_batch, stage_devices=devices,
                                micro_batches=max(self.global_batch // micro_batch, 1))
-            modes = [*self.lower, Recompute.FULL]
+            # a fully recomputed stage's blocks run at none below full (summed zero times, but summed)
+            modes = list(dict.fromkeys([*self.lower, *([Recompute.NONE] if self.allow_full else []), Recompute.FULL]))
             self.tables[key] = StageTable(self.spec, ctx, usable, modes, self.cache, pipelined=devices < self.world)
         return self.tables[key]
 
@@ -188,7 +189,8 @@ class _Search:
         bounds = [sum(counts[:i]) for i in range(len(counts) + 1)]
         zb = config.schedule is Schedule.ZERO_BUBBLE
         L = self.spec.num_blocks
-        for mode in [*self.lower, *([Recompute.FULL] if self.allow_full else [])]:
+        levels = recompute_modes(self.options, config.schedule)[0]
+        for mode in [*levels, *([Recompute.FULL] if self.allow_full else [])]:
             lower = Recompute.NONE if mode is Recompute.FULL else mode
             t, b, e = (np.empty((pp, table.size)) for _ in range(3))
             fits = np.ones(table.size, dtype=bool)
@@ -274,7 +276,8 @@ class _Search:
             return cache[key]
         limit = self.bound() / m
         found = []
-        lowers: list[Recompute | None] = list(self.lower) or ([None] if self.allow_full else [])
+        lower_levels = recompute_modes(self.options, Schedule.ZERO_BUBBLE if zb else None)[0]
+        lowers: list[Recompute | None] = list(lower_levels) or ([None] if self.allow_full else [])
         for lower in lowers:
             rows = np.nonzero((b - a) * table.block_floor[lower or Recompute.FULL] < limit)[0]
             if not rows.size:

@@ -9,7 +9,8 @@ Claimed space (the search is exact over it with respect to :func:`strategies.cos
   Ulysses degree), ep and expert TP (MoE blocks: ``etp`` 0, i.e. the layer's tp, or 1 with SP when
   tp > 1, MoE Parallel Folding; another divisor of tp when pinned), ZeRO stage, optimizer offload;
   recomputation per block: the stage's first ``k`` blocks fully recomputed and the rest at one
-  lower level (none or selective), any ``k`` (Megatron's ``--recompute-num-layers``);
+  lower level (none or selective; none under zero bubble), any ``k`` (Megatron's
+  ``--recompute-num-layers``);
 - the number of micro-batches (any divisor of the global batch) at a fixed global batch.
 """
 
@@ -194,11 +195,16 @@ def _zero_variants(base: LayerStrategy, spec: ModelSpec, options: SearchOptions)
                 yield dataclasses.replace(base, sp=sp, zero=z, offload=True)
 
 
-def recompute_modes(options: SearchOptions) -> tuple[list[Recompute], bool]:
+def recompute_modes(options: SearchOptions, schedule: Schedule | None = None) -> tuple[list[Recompute], bool]:
     """The lower recompute levels a stage may use for its non-fully-recomputed blocks, and whether
-    full recomputation of a stage's first blocks is allowed."""
+    full recomputation of a stage's first blocks is allowed, under ``schedule``. Zero bubble takes
+    no selective level: its split backward (input gradients, then weight gradients) runs each
+    block's backward twice, which selective checkpointing (PyTorch's, the native runtime's)
+    refuses."""
     fixed = options.fixed.get("recompute")
     allowed = [Recompute(fixed)] if fixed is not None else list(options.recompute)
     allowed = [r for r in allowed if r is Recompute.NONE or options.can(f"recompute:{r.value}")]
+    if schedule is Schedule.ZERO_BUBBLE:
+        allowed = [r for r in allowed if r is not Recompute.SELECTIVE]
     lower = [r for r in allowed if r is not Recompute.FULL]
     return lower, Recompute.FULL in allowed

@@ -62,7 +62,7 @@ def _cases(world: int) -> list[Case]:
 CASES = {world: _cases(world) for world in (2, 4)}
 
 
-def _train(case: Case) -> dict[str, Any]:
+def train(case: Case) -> dict[str, Any]:
     """``harness.train`` plus where each expert parameter's slice lies in the full parameter, and the
     ranks of each MoE layer's EP, expert TP and expert-gradient groups."""
     import torch.distributed as dist
@@ -96,8 +96,9 @@ def _train(case: Case) -> dict[str, Any]:
     return result
 
 
-def _rank_main(cases: list[Case]) -> dict[str, Any]:
-    return {case.name: _train(case) for case in cases}
+def rank_main(cases: list[Case]) -> dict[str, Any]:
+    """Every case on this rank: ``harness.train``'s results plus where expert parameters lie."""
+    return harness.train_each(cases, train)
 
 
 def _expected(name: str, full: torch.Tensor, where: tuple[int, int, int, int] | None) -> torch.Tensor:
@@ -124,7 +125,7 @@ def results(world: int, backend: str = "gloo", cases: list[Case] | None = None) 
     key = (world, backend, tuple(c.name for c in cases))
     if key not in _RESULTS:
         refs = {(c.model, c.adam): harness.reference(c.model, c.adam) for c in cases}
-        _RESULTS[key] = refs, run_ranks(_rank_main, world, cases, timeout=600, backend=backend)
+        _RESULTS[key] = refs, run_ranks(rank_main, world, cases, timeout=600, backend=backend)
     return _RESULTS[key]
 
 
@@ -132,6 +133,11 @@ def mismatches(world: int, case: Case, backend: str = "gloo", scale: float = 1.0
                cases: list[Case] | None = None) -> list[str]:
     """What differs from single-process training on any rank (``scale`` widens the tolerances)."""
     refs, ranks = results(world, backend, cases)
+    return compare(refs, ranks, case, scale)
+
+
+def compare(refs: dict, ranks: list[dict[str, Any]], case: Case, scale: float = 1.0) -> list[str]:
+    """:func:`mismatches` of per-rank results from :func:`rank_main` (``ranks``) against ``refs``."""
     ref_losses, ref_params = refs[case.model, case.adam]
     problems, held = [], set()
     atol = (1e-5 if case.adam else 1e-6) * scale

@@ -36,6 +36,9 @@ REFUSED = {
             "dtype: fp8 is not supported by the native runtime"),
     "tied-edges-differ": (Plan.from_dict({**uniform(2).to_dict(), "head": {"tp": 2}}), "gpt-tied",
                           "head: the model ties its input and output embeddings"),
+    "zero-bubble-selective": (Plan.uniform(LAYERS, global_batch_size=BATCH, num_micro_batches=2, pp=2,
+                                           schedule="zero-bubble", recompute="selective"), "gpt",
+                              "stages[0].layers[0:2].recompute: selective recomputation under the zero-bubble"),
 }
 
 

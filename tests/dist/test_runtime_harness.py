@@ -5,7 +5,8 @@ A case trains one tiny model under one plan for three steps of SGD with momentum
 proportional to the gradient, so a gradient off by any factor shows) on forked gloo ranks; the
 loss of every step and every parameter on every rank afterwards must equal single-process
 training of the same initial weights on the same batches. All cases of one world size run in
-one launch; references are computed once per model in the parent.
+one launch; references are computed once per model in the parent. What pipeline shape inference
+leaves uninitialised holds different values on every rank (:func:`garbage_per_rank`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import nn
 
 from galvatron.models.gpt import GPT, GPTConfig
 from galvatron.plan import Plan
-from galvatron.testing import run_ranks
+from galvatron.testing import RankFailure, run_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_pipeline_split import MODELS as HF_MODELS  # tiny GPT-2 / Llama / Mixtral, shared fixtures
@@ -165,21 +166,59 @@ def checkpoint_path(root: str | Path, case: Any) -> Path:
     return Path(root) / (f"{case.name}.pt" if case.full else case.name)
 
 
-def _rank_main(cases: list[Case]) -> dict[str, Any]:
-    return {case.name: train(case) for case in cases}
+def garbage_per_rank() -> None:
+    """Fill the inputs torch's pipeline shape inference materialises from metadata (uninitialised
+    memory, which may hold anything) with values that differ by rank, so that a stage whose
+    collectives depend on them (a MoE block's routing under TP) fails every time, not now and then."""
+    from torch.distributed.pipelining import _utils
+
+    if not hasattr(_utils, "_TensorMeta"):  # torch <= 2.11: shape inference runs on torch.zeros_like
+        return
+    to_tensor = _utils._TensorMeta.to_tensor
+
+    def garbage(meta: Any, device: Any) -> torch.Tensor:
+        t = to_tensor(meta, device)
+        if t.is_floating_point():
+            with torch.no_grad():
+                t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(dist.get_rank())))
+        return t
+
+    _utils._TensorMeta.to_tensor = garbage
 
 
-_RESULTS: dict[tuple[str, int], tuple[dict[tuple[str, bool], Any], list[dict[str, Any]]]] = {}
+def train_each(cases: list[Case], train_case: Callable[[Case], dict[str, Any]] = train) -> dict[str, Any]:
+    """``train_case`` of every case on this rank, by name, with :func:`garbage_per_rank`. An error
+    names its case: it fails every case of the launch."""
+    garbage_per_rank()
+    out = {}
+    for case in cases:
+        try:
+            out[case.name] = train_case(case)
+        except Exception as err:
+            err.add_note(f"in case {case.name!r}")
+            raise
+    return out
+
+
+_RESULTS: dict[tuple[str, int], tuple[dict[tuple[str, bool], Any], list[dict[str, Any]]] | RankFailure] = {}
 
 
 def results(key: str, world: int, cases: list[Case], backend: str = "gloo",
+            rank_main: Callable[[list[Case]], dict[str, Any]] = train_each,
             ) -> tuple[dict[tuple[str, bool], Any], list[dict[str, Any]]]:
     """(references by (model, adam), per-rank results by case name): one launch per key and world
-    (``backend="nccl"``: one GPU per rank; the references stay single-process CPU runs)."""
+    (``backend="nccl"``: one GPU per rank; the references stay single-process CPU runs), running
+    ``rank_main(cases)`` on every rank. A failed launch fails every case of it, without another."""
     if (key, world) not in _RESULTS:
         refs = {(c.model, c.adam): reference(c.model, c.adam) for c in cases}
-        _RESULTS[key, world] = refs, run_ranks(_rank_main, world, cases, timeout=600, backend=backend)
-    return _RESULTS[key, world]
+        try:
+            _RESULTS[key, world] = refs, run_ranks(rank_main, world, cases, timeout=600, backend=backend)
+        except RankFailure as err:
+            _RESULTS[key, world] = err
+    found = _RESULTS[key, world]
+    if isinstance(found, RankFailure):
+        raise RankFailure(str(found))
+    return found
 
 
 def mismatches(refs: dict[tuple[str, bool], Any], ranks: list[dict[str, Any]], case: Case,

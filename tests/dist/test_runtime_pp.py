@@ -55,6 +55,7 @@ def _cases(world: int) -> list[Case]:
                 devices=2, embedding={"tp": 2}, head={"tp": 1})),
             Case("gpt2-dp-zero1", "gpt2", pipeline(4, zero=1)),
             Case("mixtral-tp", "mixtral", pipeline(4, tp=2)),
+            Case("moe-tp-interleaved", "gpt-moe", pipeline(4, v=2, schedule="interleaved-1f1b", tp=2)),
         ]
     return cases
 

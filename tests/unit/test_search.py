@@ -154,6 +154,35 @@ def test_restrictions_are_respected() -> None:
     assert all(p.pipeline.schedule is Schedule.ONE_F_ONE_B for p in all_plans(spec, 4, 2, options))
 
 
+@pytest.mark.parametrize("recompute", [(Recompute.FULL,), (Recompute.SELECTIVE, Recompute.FULL)])
+def test_search_matches_brute_force_without_plain_blocks(recompute: tuple[Recompute, ...]) -> None:
+    """Full recomputation allowed but no block left plain (``fixed={"recompute": "full"}`` among
+    them): the search matches brute force instead of failing on the stage table it never filled."""
+    spec = ModelSpec.from_config(TINY)
+    options = _options(recompute=recompute, schedules=(Schedule.ONE_F_ONE_B,))
+    perf, truth = _binding(spec, options)
+    found = search(spec, perf, options, world_size=4)
+    assert found.best.step_time_s == pytest.approx(truth[0].step_time_s, rel=1e-9)
+    pinned = search(spec, _perf(4), _options(fixed={"recompute": "full"}), world_size=4).best.plan
+    assert {g.strategy.recompute for g in pinned.groups()} == {Recompute.FULL}
+
+
+def test_zero_bubble_takes_no_selective_recomputation() -> None:
+    """The native runtime cannot run selective recomputation under zero bubble (its split backward
+    runs each block's backward twice): neither the search nor brute force offers it, and the search
+    still matches brute force where selective recomputation is all that fits without full."""
+    spec = ModelSpec.from_config(TINY)
+    options = _options(recompute=(Recompute.NONE, Recompute.SELECTIVE), schedules=(Schedule.ZERO_BUBBLE,),
+                       fixed={"pp": 2}, top_k=8)
+    perf, truth = _binding(spec, options)
+    found = search(spec, perf, options, world_size=4)
+    assert found.best.step_time_s == pytest.approx(truth[0].step_time_s, rel=1e-9)
+    plans = [c.plan for c in found.top] + list(all_plans(spec, 4, 2, options))
+    assert all(g.strategy.recompute is not Recompute.SELECTIVE for p in plans for g in p.groups())
+    one_f_one_b = all_plans(spec, 4, 2, dataclasses.replace(options, schedules=(Schedule.ONE_F_ONE_B,)))
+    assert any(g.strategy.recompute is Recompute.SELECTIVE for p in one_f_one_b for g in p.groups())
+
+
 def test_nothing_fits_says_how_much_memory() -> None:
     spec = ModelSpec.from_config(TINY)
     with pytest.raises(MemoryBudgetError, match="GiB per GPU"):
