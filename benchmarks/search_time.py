@@ -1,5 +1,5 @@
-"""Search time on this machine: llama2-7b on 8xA100-80GB and llama3-70b on 1024xH100, every dimension
-of the space enabled (``SearchOptions()``: pp, tp, sp, every cp kind, ep, ZeRO 0-3, offload, every
+"""Search time on this machine: llama2-7b on 8xA100-80GB, llama3-70b and gpt3-175b (tied embeddings)
+on 1024xH100, every dimension of the space enabled (``SearchOptions()``: pp, tp, sp, every cp kind, ep, ZeRO 0-3, offload, every
 recompute level, 1F1B / interleaved / zero-bubble, any micro-batch count).
 
 Run: ``python benchmarks/search_time.py [--repeat 3]``; prints the median search time of each case, the
@@ -24,7 +24,8 @@ from galvatron.strategies.search import SearchOptions, search
 
 from galvatron import ModelSpec
 
-CASES = [("llama2-7b", "8xA100-80GB", 1.0), ("llama3-70b", "1024xH100", 30.0)]
+CASES = [("llama2-7b", "8xA100-80GB", 1.0), ("llama3-70b", "1024xH100", 30.0),
+         ("gpt3-175b", "1024xH100", 30.0)]  # tied embeddings: pipelines pair their first and last stages
 OUT = Path(__file__).parent / "results" / "search_time.json"
 
 

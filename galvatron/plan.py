@@ -133,6 +133,14 @@ class LayerStrategy:
             raise PlanError("cp_ulysses", f"{self.cp_ulysses!r} is not a non-negative integer")
 
     @property
+    def weight_layout(self) -> tuple[int, int, int, bool]:
+        """(dp, tp, zero, offload): what decides how a weight, its gradient and its optimizer
+        states are split over the ranks. Tied input and output embeddings need one layout at both
+        ends (on one stage they are one parameter; across pipeline stages the two copies' gradient
+        shards are added rank by rank)."""
+        return self.dp, self.tp, self.zero, self.offload
+
+    @property
     def devices(self) -> int:
         """Devices one copy of the layer occupies: ``dp * tp * cp``."""
         return self.dp * self.tp * self.cp

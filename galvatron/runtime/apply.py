@@ -279,8 +279,8 @@ def search_plan(spec: ModelSpec, world: int, example_batch: Any = None, options:
 
 AUTO_CANDIDATES = 16
 """How many of the search's best plans ``plan="auto"`` tries, fastest first, until this runtime
-accepts one for the model (:func:`check_supported`: the search does not see, for one, that tied
-embeddings need the first and last pipeline stages laid out alike)."""
+accepts one for the model (:func:`check_supported`: the search sees the model's shape, not its
+modules, e.g. whether a vocabulary-sized ``nn.Embedding`` exists to shard)."""
 
 
 def _first_supported(model: nn.Module, spec: ModelSpec, top: Sequence[Any]) -> Any:
@@ -412,15 +412,18 @@ def _check_expert(blocks: nn.ModuleList, group: Any, plan: Plan, path: str) -> N
 
 
 def _check_split_backward(plan: Plan, strategies: list[tuple[str, LayerStrategy]]) -> None:
-    """Zero bubble's split backward (input gradients, then weight gradients) runs each block's
-    backward twice; PyTorch's selective checkpointing allows one."""
+    """Zero bubble's split backward runs one backward pass for the input gradients and then one per
+    group of weights (``torch.distributed.pipelining``'s ``stage_backward_weight``); a checkpointed
+    block recomputes its forward in each (a 4-block GPT ran each block's forward 6-10 times per
+    micro-batch, not 2), and PyTorch's selective checkpointing refuses the second."""
     if plan.pipeline.schedule is not Schedule.ZERO_BUBBLE:
         return
     for path, s in strategies:
-        if s.recompute is Recompute.SELECTIVE:
-            raise PlanError(f"{path}.recompute", f"selective recomputation under the zero-bubble schedule is "
-                            f"{_NATIVE_TODO}: its split backward runs each block's backward twice, which PyTorch's "
-                            "selective checkpointing refuses; use full or none, or another schedule")
+        if s.recompute is not Recompute.NONE:
+            raise PlanError(f"{path}.recompute", f"{s.recompute.value} recomputation under the zero-bubble schedule "
+                            f"is {_NATIVE_TODO}: its split backward runs one backward pass for the input gradients "
+                            "and one per group of weights, and checkpointing recomputes the forward in each; use "
+                            "recompute none, or the interleaved-1f1b schedule")
 
 
 def _check_context(model: nn.Module, plan: Plan, strategies: list[tuple[str, LayerStrategy]]) -> None:
@@ -463,16 +466,9 @@ def _check_edges(model: nn.Module, plan: Plan, spec: ModelSpec) -> None:
             kind = "nn.Embedding" if name == "embedding" else "nn.Linear"
             raise PlanError(f"{name}.tp", f"no vocabulary-sized {kind} found outside the blocks to make vocabulary "
                             f"parallel; use tp 1 for the {name}")
-        vocab = module.num_embeddings if name == "embedding" else module.out_features
-        if vocab % s.tp:
-            raise PlanError(f"{name}.tp", f"{s.tp} does not divide the vocabulary of {vocab}")
-    if _tied_groups(before + after):
-        fields = ("dp", "tp", "zero", "offload")
-        if any(getattr(emb, f) != getattr(head, f) for f in fields):
-            raise PlanError("head", "the model ties its input and output embeddings: the head needs the embedding's "
-                            "dp, tp, zero and offload")
-        if plan.pp > 1 and (emb.tp > 1 or emb.zero > 1):
-            raise PlanError("embedding", "tied embeddings across pipeline stages need tp 1 and zero <= 1 at the ends")
+    if _tied_groups(before + after) and emb.weight_layout != head.weight_layout:
+        raise PlanError("head", "the model ties its input and output embeddings: the head needs the embedding's "
+                        "dp, tp, zero and offload")
 
 
 def _edge_modules(model: nn.Module, block_path: str) -> tuple[list[nn.Module], list[nn.Module]]:

@@ -43,6 +43,7 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
 )
+from torch.distributed.tensor import DTensor
 
 from galvatron.errors import PlanError
 from galvatron.plan import Plan, Schedule
@@ -221,6 +222,11 @@ def _tied_names(
     return list(tied), list(tied.values())
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t``: the local shard of a DTensor (its storage, under no_grad), else ``t``."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 # ------------------------------------------------------------------ the chunk
 class StageChunk(nn.Module):
     """One pipeline stage of a user's model: blocks ``layer_range`` (plus the embedding on the first
@@ -251,8 +257,14 @@ class StageChunk(nn.Module):
         self._suffix = list(suffix) if self.is_last else []
         for path in (*self._block_paths(), *(prefix if self.is_first else ()), *self._suffix):
             _attach(self, path, model.get_submodule(path))
-        self.tied_parameters = [self.get_parameter(name) for name in tied]
-        """Parameters this chunk shares with the other end of the pipeline (tied embeddings)."""
+        self.tied_names = list(tied)
+        """Names of the parameters this chunk shares with the other end of the pipeline (tied embeddings)."""
+
+    @property
+    def tied_parameters(self) -> list[nn.Parameter]:
+        """The parameters named ``tied_names``, looked up now: TP and FSDP replace a module's
+        parameters after the split."""
+        return [self.get_parameter(name) for name in self.tied_names]
 
     @property
     def is_first(self) -> bool:
@@ -448,7 +460,7 @@ class PipelineRunner:
 
     def _find_tied_peer(self, pp: int) -> int | None:
         """Global rank holding the other copy of this rank's tied weights, or None."""
-        ends = [c for c in self.chunks if c.tied_parameters and (c.is_first or c.is_last)]
+        ends = [c for c in self.chunks if c.tied_names and (c.is_first or c.is_last)]
         if not ends or pp == 1:
             return None
         return dist.get_global_rank(self.group, pp - 1 if ends[0].is_first else 0)
@@ -499,15 +511,27 @@ class PipelineRunner:
             losses.append(loss)
 
     def _sync_tied_grads(self) -> None:
-        """Sum the gradients of tied weights between the first and last stage."""
+        """Sum the gradients of tied weights between the first and last stage.
+
+        Both ends hold the weights in one layout (``LayerStrategy.weight_layout``: vocabulary
+        shards under TP, FSDP shards under ZeRO-2/3), and the peer is the rank at the same place in
+        the other end's stage, so each rank adds the peer's local gradient shard to its own."""
         if self._tied_peer is None:
             return
-        params = next(c for c in self.chunks if c.tied_parameters).tied_parameters
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        received = [torch.empty_like(g) for g in grads]
-        ops = [dist.P2POp(dist.isend, g, self._tied_peer, self.group) for g in grads]
-        ops += [dist.P2POp(dist.irecv, r, self._tied_peer, self.group) for r in received]
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
-        for p, g, r in zip(params, grads, received):
-            p.grad = g + r
+        params = next(c for c in self.chunks if c.tied_names).tied_parameters
+        with torch.no_grad():
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                elif isinstance(p, DTensor) and p.grad.placements != p.placements:
+                    # a vocabulary-parallel embedding's backward leaves its gradient replicated
+                    p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+            local = [_local(p.grad) for p in params]
+            sent = [g.to(self.device) for g in local]  # offloaded gradients travel from the device
+            received = [torch.empty_like(g) for g in sent]
+            ops = [dist.P2POp(dist.isend, g, self._tied_peer, self.group) for g in sent]
+            ops += [dist.P2POp(dist.irecv, r, self._tied_peer, self.group) for r in received]
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+            for g, r in zip(local, received):
+                g.add_(r.to(g.device))

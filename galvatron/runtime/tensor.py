@@ -251,11 +251,13 @@ def find_vocab_modules(edges: list[nn.Module], vocab: int | None) -> tuple[nn.Em
 
 
 def apply_vocab_parallel_embedding(embedding: nn.Embedding, tp_mesh: Any) -> None:
-    """Shard the embedding table over the vocabulary; the output is replicated."""
+    """Shard the embedding table over the vocabulary (as ``torch.chunk``: uneven shards where tp
+    does not divide it); the output is replicated."""
     parallelize_module(embedding, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
 
 
 def apply_vocab_parallel_head(head: nn.Linear, tp_mesh: Any) -> None:
-    """Shard the LM head over the vocabulary; its logits are a DTensor sharded on the last dim,
+    """Shard the LM head over the vocabulary (uneven shards where tp does not divide it, as the
+    embedding's); its logits are a DTensor sharded on the last dim,
     which a loss under ``torch.distributed.tensor.parallel.loss_parallel()`` never gathers."""
     parallelize_module(head, tp_mesh, ColwiseParallel(output_layouts=Shard(-1), use_local_output=False))

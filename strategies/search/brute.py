@@ -29,7 +29,6 @@ from galvatron.spec import ModelSpec
 def all_plans(spec: ModelSpec, world: int, gpus_per_node: int, options: SearchOptions) -> Iterator[Plan]:
     """Every plan of the space, in no particular order."""
     global_batch = options.global_batch or default_global_batch(spec, world)
-    _, allow_full = recompute_modes(options)
     for pp in pp_candidates(spec, world, options):
         devices = world // pp
         cands = strategies(spec, devices, gpus_per_node, options)
@@ -38,7 +37,7 @@ def all_plans(spec: ModelSpec, world: int, gpus_per_node: int, options: SearchOp
             for schedule in options.schedules:
                 if not options.can(f"schedule:{schedule.value}"):
                     continue
-                lower = recompute_modes(options, schedule)[0]
+                lower, allow_full = recompute_modes(options, schedule)
                 yield from _plans(spec, pp, m, schedule, usable, lower, allow_full, global_batch, devices, options)
 
 
@@ -67,6 +66,8 @@ def _plans(spec: ModelSpec, pp: int, m: int, schedule: Schedule, usable: list, l
         bounds = [sum(split[:i]) for i in range(pp + 1)]
         per_stage = [list(_stage_choices(usable, lower, allow_full, bounds[i + 1] - bounds[i])) for i in range(pp)]
         for picks in itertools.product(*per_stage):
+            if spec.tied_embeddings and picks[0].strategy.weight_layout != picks[-1].strategy.weight_layout:
+                continue  # tied embeddings: both ends in one weight layout (the runtime needs it)
             yield make([(bounds[i], bounds[i + 1], picks[i]) for i in range(pp)], 1)
 
 

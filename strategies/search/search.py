@@ -11,7 +11,10 @@ tail): the step time ``m * max t + (sum b - max b) + max e`` grows with each, so
 dropped. Per stage the candidates are every strategy with the fewest fully recomputed blocks that
 fit the memory (time grows with each recomputed block), Pareto-filtered in (t, b, e). A branch whose
 lower bound (its own terms plus the fastest conceivable blocks left) already reaches the K-th best
-plan found is cut; so is a strategy whose blocks alone are too slow.
+plan found is cut; so is a strategy whose blocks alone are too slow. For a model with tied input
+and output embeddings the first and last stages share one weight layout (the runtime needs it:
+``LayerStrategy.weight_layout``): partial pipelines carry their first stage's layout, are
+Pareto-filtered per layout, and end in a last stage of that layout.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from galvatron.strategies.cost.layer import LayerContext
@@ -77,13 +81,19 @@ class _Options:
 
 @dataclass
 class _Front:
-    """Partial pipelines ending at one block: (sum b, max t, max b, max e) and their stages."""
+    """Partial pipelines ending at one block: (sum b, max t, max b, max e), the weight layout tag
+    of their first stage (tied embeddings; else 0) and their stages."""
 
     sb: np.ndarray
     mt: np.ndarray
     mb: np.ndarray
     me: np.ndarray
+    tag: np.ndarray
     paths: list[tuple]
+
+    def subset(self, keep: np.ndarray) -> _Front:
+        return _Front(self.sb[keep], self.mt[keep], self.mb[keep], self.me[keep], self.tag[keep],
+                      [self.paths[i] for i in keep])
 
 
 class _Search:
@@ -189,8 +199,8 @@ class _Search:
         bounds = [sum(counts[:i]) for i in range(len(counts) + 1)]
         zb = config.schedule is Schedule.ZERO_BUBBLE
         L = self.spec.num_blocks
-        levels = recompute_modes(self.options, config.schedule)[0]
-        for mode in [*levels, *([Recompute.FULL] if self.allow_full else [])]:
+        levels, allow_full = recompute_modes(self.options, config.schedule)
+        for mode in [*levels, *([Recompute.FULL] if allow_full else [])]:
             lower = Recompute.NONE if mode is Recompute.FULL else mode
             t, b, e = (np.empty((pp, table.size)) for _ in range(3))
             fits = np.ones(table.size, dtype=bool)
@@ -220,13 +230,17 @@ class _Search:
 
     # ---------------------------------------------------------------- non-uniform pipelines
     def _pipeline_dp(self, config: _Config, table: StageTable) -> None:
-        L, pp, m = self.spec.num_blocks, config.pp, config.m
+        """The DP over (stage, first block). Tied embeddings: the first stage's options are taken
+        per weight layout, each partial pipeline carries its layout's tag (Pareto sets are kept
+        per tag), and the last stage takes only options of its pipeline's tag."""
+        L, pp, m = table.num_blocks, config.pp, config.m
         if self._config_floor(pp, m, table) >= self.bound():
             return
         zb = config.schedule is Schedule.ZERO_BUBBLE
         floor = self._floor(table)
-        frontier = {0: _Front(*(np.zeros(1) for _ in range(4)), paths=[()])}
-        cache: dict[tuple, _Options] = {}
+        layouts = _tied_ends(self.spec, table)
+        cache: dict[tuple, Any] = {}
+        frontier = {0: _Front(*(np.zeros(1) for _ in range(4)), tag=np.zeros(1, dtype=int), paths=[()])}
         for i in range(pp):
             inflight = in_flight(config.schedule, pp, 1, m, i)
             left = pp - i - 1
@@ -238,9 +252,17 @@ class _Search:
                     t_floor = math.ceil(rest / left) * floor if left else 0.0
                     if m * max((b - a) * floor, t_floor) >= self.bound():
                         continue
-                    opts = self._stage_options(table, a, b, inflight, zb, cache, m)
-                    if opts.t.size:
-                        self._extend(front, opts, a, b, m, t_floor, 0.0 if zb else rest * floor, nxt)
+                    b_floor = 0.0 if zb else rest * floor
+                    if layouts is None or 0 < a < b < L:
+                        opts = self._stage_options(table, a, b, inflight, zb, cache, m)
+                        if opts.t.size:
+                            self._extend(front, opts, a, b, m, t_floor, b_floor, nxt)
+                        continue
+                    for tag, mask in layouts:
+                        part = front if a == 0 else front.subset(np.nonzero(front.tag == tag)[0])
+                        opts = self._stage_options(table, a, b, inflight, zb, cache, m, (tag, mask))
+                        if opts.t.size and part.tag.size:
+                            self._extend(part, opts, a, b, m, t_floor, b_floor, nxt, tag if a == 0 else None)
             frontier = {b: _pareto_front(parts) for b, parts in nxt.items()}
         done = frontier.get(L)
         if done is None:
@@ -251,10 +273,10 @@ class _Search:
                 self.offer(float(step[i]), config, done.paths[i])
 
     def _extend(self, front: _Front, opts: _Options, a: int, b: int, m: int, t_floor: float, b_floor: float,
-                out: dict[int, list]) -> None:
+                out: dict[int, list], tag: int | None = None) -> None:
         """Partial pipelines ``front`` followed by each stage option on [a, b), those that can still
         beat the bound: the final max t is at least ``t_floor``, and the remaining stages add at least
-        min(b_floor, max b) to (sum b - max b)."""
+        min(b_floor, max b) to (sum b - max b). They keep their tag, or take ``tag``."""
         sb = front.sb[:, None] + opts.b[None, :]
         mt = np.maximum(front.mt[:, None], opts.t[None, :])
         mb = np.maximum(front.mb[:, None], opts.b[None, :])
@@ -262,38 +284,53 @@ class _Search:
         low = m * np.maximum(mt, t_floor) + sb - mb + np.minimum(b_floor, mb) + me
         ei, oi = np.nonzero(low < self.bound())
         if ei.size:
-            out.setdefault(b, []).append((sb[ei, oi], mt[ei, oi], mb[ei, oi], me[ei, oi],
+            tags = front.tag[ei] if tag is None else np.full(ei.size, tag)
+            out.setdefault(b, []).append((sb[ei, oi], mt[ei, oi], mb[ei, oi], me[ei, oi], tags,
                                           [(*front.paths[x], (a, b, opts.choices[y])) for x, y in zip(ei, oi)]))
 
     def _stage_options(self, table: StageTable, a: int, b: int, inflight: float, zb: bool,
-                       cache: dict[tuple, _Options], m: int) -> _Options:
+                       cache: dict[tuple, Any], m: int, only: tuple[int, np.ndarray] | None = None) -> _Options:
         """Pareto-best (t, b, e) stage candidates for blocks [a, b): per strategy and lower recompute
         level, the fewest fully recomputed leading blocks that fit. Strategies whose blocks alone
-        already take longer than the K-th best plan allows are skipped."""
-        L = self.spec.num_blocks
-        key = ((b - a, a == 0, b == L) if table.homogeneous else (a, b), inflight)
+        already take longer than the K-th best plan allows are skipped; with ``only`` (tag, mask
+        over the table's rows), strategies outside the mask too (the candidates are costed once
+        for every mask: only the Pareto filter runs per mask)."""
+        shape = (b - a, a == 0, b == table.num_blocks) if table.homogeneous else (a, b)
+        key = (shape, inflight, None if only is None else only[0])
         if key in cache:
             return cache[key]
+        raw = (shape, inflight, "candidates")
+        if raw not in cache:
+            cache[raw] = self._stage_candidates(table, a, b, inflight, zb, m)
+        cache[key] = _stage_pareto(cache[raw], None if only is None else only[1])
+        return cache[key]
+
+    def _stage_candidates(self, table: StageTable, a: int, b: int, inflight: float, zb: bool, m: int
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[StageChoice]]:
+        """Every stage candidate of :meth:`_stage_options`, unfiltered: arrays t, b, e, the table
+        row of each, and the choices."""
         limit = self.bound() / m
         found = []
-        lower_levels = recompute_modes(self.options, Schedule.ZERO_BUBBLE if zb else None)[0]
-        lowers: list[Recompute | None] = list(lower_levels) or ([None] if self.allow_full else [])
+        lower_levels, allow_full = recompute_modes(self.options, Schedule.ZERO_BUBBLE if zb else None)
+        lowers: list[Recompute | None] = list(lower_levels) or ([None] if allow_full else [])
         for lower in lowers:
             rows = np.nonzero((b - a) * table.block_floor[lower or Recompute.FULL] < limit)[0]
             if not rows.size:
                 continue
-            rows, k = self._fewest_full(table, a, b, lower, inflight, rows)
+            rows, k = self._fewest_full(table, a, b, lower, inflight, rows, allow_full)
             if not rows.size:
                 continue
             vec, work, p2p = table.stage_sums(a, b, lower or Recompute.NONE, k, rows)
             tot = totals(table, vec, work, p2p, inflight, zb)
             found.append((tot.t, tot.b, tot.e, [StageChoice(table.strategies[r], lower or Recompute.NONE, int(x))
-                                                for r, x in zip(rows, k)]))
-        cache[key] = _stage_pareto(found)
-        return cache[key]
+                                                for r, x in zip(rows, k)], rows))
+        if not found:
+            return np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, dtype=int), []
+        t, b_, e = (np.concatenate([np.broadcast_to(f[i], np.shape(f[0])) for f in found]) for i in range(3))
+        return t, b_, e, np.concatenate([f[4] for f in found]), [c for f in found for c in f[3]]
 
     def _fewest_full(self, table: StageTable, a: int, b: int, lower: Recompute | None, inflight: float,
-                     rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                     rows: np.ndarray, allow_full: bool) -> tuple[np.ndarray, np.ndarray]:
         """Rows that fit with some number of fully recomputed leading blocks, and that least number.
         Homogeneous blocks: memory falls monotonically from one recomputed block on, so a bisection
         per row finds it; otherwise every count is tried."""
@@ -302,7 +339,7 @@ class _Search:
             k = np.full(rows.size, n)
             ok = self._memory(table, a, b, Recompute.NONE, k, inflight, rows) <= self.budget
             return rows[ok], k[ok]
-        if not self.allow_full:
+        if not allow_full:
             k = np.zeros(rows.size, dtype=int)
             ok = self._memory(table, a, b, lower, k, inflight, rows) <= self.budget
             return rows[ok], k[ok]
@@ -365,20 +402,35 @@ def _pareto_mask(points: np.ndarray) -> np.ndarray:
     return np.array(kept, dtype=int)
 
 
-def _stage_pareto(found: list[tuple]) -> _Options:
-    if not found:
+def _stage_pareto(found: tuple, mask: np.ndarray | None = None) -> _Options:
+    """The Pareto-best of stage candidates (t, b, e, rows, choices), of those whose table row is
+    in ``mask`` when given."""
+    t, b, e, rows, choices = found
+    candidates = np.arange(t.size) if mask is None else np.nonzero(mask[rows])[0]
+    if not candidates.size:
         return _Options(np.zeros(0), np.zeros(0), np.zeros(0), [])
-    t, b, e = (np.concatenate([np.broadcast_to(f[i], np.shape(f[0])) for f in found]) for i in range(3))
-    choices = [c for f in found for c in f[3]]
-    keep = _pareto_mask(np.stack([t, b, e], axis=1))
+    keep = candidates[_pareto_mask(np.stack([t[candidates], b[candidates], e[candidates]], axis=1))]
     return _Options(t[keep], b[keep], e[keep], [choices[i] for i in keep])
 
 
 def _pareto_front(parts: list[tuple]) -> _Front:
-    sb, mt, mb, me = (np.concatenate([p[i] for p in parts]) for i in range(4))
-    paths = [path for p in parts for path in p[4]]
-    keep = _pareto_mask(np.stack([sb, mt, mb, me], axis=1))
-    return _Front(sb[keep], mt[keep], mb[keep], me[keep], [paths[i] for i in keep])
+    """The partial pipelines of ``parts`` not dominated by one of the same tag."""
+    sb, mt, mb, me, tag = (np.concatenate([p[i] for p in parts]) for i in range(5))
+    paths = [path for p in parts for path in p[5]]
+    points = np.stack([sb, mt, mb, me], axis=1)
+    groups = [np.arange(tag.size)] if (tag == tag[0]).all() else [np.nonzero(tag == t)[0] for t in np.unique(tag)]
+    keep = np.concatenate([g[_pareto_mask(points[g])] for g in groups])
+    return _Front(sb, mt, mb, me, tag, paths).subset(keep)
+
+
+def _tied_ends(spec: ModelSpec, table: StageTable) -> list[tuple[int, np.ndarray]] | None:
+    """For tied embeddings, each weight layout (``LayerStrategy.weight_layout``) the first and
+    last stages of a pipeline may share, with a mask of its rows of ``table`` (the runtime adds
+    the two copies' gradient shards rank by rank); None for untied ones."""
+    if not spec.tied_embeddings:
+        return None
+    layouts = [s.weight_layout for s in table.strategies]
+    return [(tag, np.array([x == layout for x in layouts])) for tag, layout in enumerate(dict.fromkeys(layouts))]
 
 
 def _groups(spec: ModelSpec, a: int, b: int, choice: StageChoice) -> tuple[LayerGroup, ...]:

@@ -198,13 +198,13 @@ def _zero_variants(base: LayerStrategy, spec: ModelSpec, options: SearchOptions)
 def recompute_modes(options: SearchOptions, schedule: Schedule | None = None) -> tuple[list[Recompute], bool]:
     """The lower recompute levels a stage may use for its non-fully-recomputed blocks, and whether
     full recomputation of a stage's first blocks is allowed, under ``schedule``. Zero bubble takes
-    no selective level: its split backward (input gradients, then weight gradients) runs each
-    block's backward twice, which selective checkpointing (PyTorch's, the native runtime's)
-    refuses."""
+    no recomputation: its split backward (``torch.distributed.pipelining``) runs one backward pass
+    for the input gradients and one per group of weights, a checkpointed block recomputes its forward
+    in each, and selective checkpointing refuses the second."""
     fixed = options.fixed.get("recompute")
     allowed = [Recompute(fixed)] if fixed is not None else list(options.recompute)
     allowed = [r for r in allowed if r is Recompute.NONE or options.can(f"recompute:{r.value}")]
     if schedule is Schedule.ZERO_BUBBLE:
-        allowed = [r for r in allowed if r is not Recompute.SELECTIVE]
+        allowed = [r for r in allowed if r is Recompute.NONE]
     lower = [r for r in allowed if r is not Recompute.FULL]
     return lower, Recompute.FULL in allowed

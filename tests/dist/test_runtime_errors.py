@@ -39,6 +39,9 @@ REFUSED = {
     "zero-bubble-selective": (Plan.uniform(LAYERS, global_batch_size=BATCH, num_micro_batches=2, pp=2,
                                            schedule="zero-bubble", recompute="selective"), "gpt",
                               "stages[0].layers[0:2].recompute: selective recomputation under the zero-bubble"),
+    "zero-bubble-full": (Plan.uniform(LAYERS, global_batch_size=BATCH, num_micro_batches=2, pp=2,
+                                      schedule="zero-bubble", recompute="full"), "gpt",
+                         "stages[0].layers[0:2].recompute: full recomputation under the zero-bubble schedule"),
 }
 
 

@@ -39,7 +39,8 @@ BATCH, STEPS, LR, MOMENTUM, LAYERS, ADAM_EPS = 8, 3, 0.2, 0.9, 4, 1e-4
 def _gpt(**overrides: Any) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         torch.manual_seed(0)
-        return GPT(GPTConfig(layers=LAYERS, hidden=32, heads=4, vocab=VOCAB, seq_len=SEQ, ffn_hidden=64, **overrides))
+        return GPT(GPTConfig(**{"layers": LAYERS, "hidden": 32, "heads": 4, "vocab": VOCAB, "seq_len": SEQ,
+                                "ffn_hidden": 64, **overrides}))
 
     return build
 
@@ -52,6 +53,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "gpt": _gpt(),
     "gpt-swiglu-gqa": _gpt(activation="swiglu", norm="rmsnorm", kv_heads=2),
     "gpt-tied": _gpt(tied_embeddings=True, position="learned"),
+    "gpt-tied-odd-vocab": _gpt(tied_embeddings=True, position="learned", vocab=VOCAB + 1),  # tp 2 splits it 33 / 32
     "gpt-moe": _gpt(experts=4, top_k=2, shared_experts=1, moe_every=2),
     "gpt2": _hf("gpt2"),
     "llama": _hf("llama"),

@@ -54,6 +54,11 @@ def _cases(world: int) -> list[Case]:
                 [{"range": [2, 3], "tp": 2, "zero": 3}, {"range": [3, 4], "zero": 1, "recompute": "selective"}]],
                 devices=2, embedding={"tp": 2}, head={"tp": 1})),
             Case("gpt2-dp-zero1", "gpt2", pipeline(4, zero=1)),
+            # tied embeddings across the stages: vocabulary-parallel ends, and FSDP-sharded ends
+            Case("gpt-tied-tp-sp", "gpt-tied", pipeline(4, tp=2, sp=True)),
+            Case("odd-vocab-tied-tp", "gpt-tied-odd-vocab", pipeline(4, tp=2)),
+            Case("gpt-tied-zero3", "gpt-tied", pipeline(4, zero=3), adam=True),
+            Case("gpt-tied-zero2-interleaved", "gpt-tied", pipeline(4, v=2, schedule="interleaved-1f1b", zero=2)),
             Case("mixtral-tp", "mixtral", pipeline(4, tp=2)),
             Case("moe-tp-interleaved", "gpt-moe", pipeline(4, v=2, schedule="interleaved-1f1b", tp=2)),
         ]

@@ -12,7 +12,7 @@ search (one-stage context and expert parallelism, kept where ``check_supported``
 Two tiers: without processes, the runtime must accept every plan found; then distinct plans, up
 to a cap per world size taken in turns from every corner (new combinations of features first,
 then new shapes), train in one launch per world size, each case named after its model and plan
-shape. Known gap: tied embeddings across pipeline stages (``TIED_ENDS``).
+shape.
 """
 
 from __future__ import annotations
@@ -208,15 +208,7 @@ def _rank_main(cases: list[Case]) -> dict[str, Any]:
     return train_each(cases, announced)
 
 
-TIED_ENDS = ("the search offers tied-embedding pipelines whose ends the runtime refuses: tp > 1 or ZeRO-2/3 "
-             "at the ends, or first and last stages that differ in dp / tp / zero (its stage-by-stage "
-             "programme cannot pair the two ends); wrap(plan=\"auto\") takes the fastest plan the runtime "
-             "accepts (tests/unit/test_auto_plan.py)")
-
-
-@pytest.mark.parametrize("model,world", [
-    pytest.param(m, w, marks=pytest.mark.xfail(strict=True, reason=TIED_ENDS) if (m, w) == ("gpt-tied", 4) else ())
-    for m in SEARCHED for w in WORLDS])
+@pytest.mark.parametrize("model,world", [(m, w) for m in SEARCHED for w in WORLDS])
 def test_the_runtime_accepts_every_searched_plan(model: str, world: int) -> None:
     refused = [f"{corner}: {shape(p)}: {why}" for corner, plans in searched(model, world).items() for p in plans
                if (why := refusal(model, p)) is not None]

@@ -28,6 +28,8 @@ def _cases(world: int) -> list[Case]:
         Case("gpt-tp-sp-zero2-adam", "gpt", uniform(world, tp=2, sp=True, zero=2), adam=True),
         Case("gpt-tp-attention-only", "gpt", uniform(world, tp=2), tp_plan=ATTENTION_ONLY),
         Case("moe-tp-sp", "gpt-moe", uniform(world, tp=2, sp=True)),
+        Case("odd-vocab-tp-sp", "gpt-tied-odd-vocab", uniform(world, tp=2, sp=True)),
+        Case("odd-vocab-tp-plain-backward", "gpt-tied-odd-vocab", uniform(world, tp=2), plain=True),
         Case("gpt-tp-replicated-edges", "gpt",
              plan_dict(world, [{"range": [0, 4], "tp": 2}], embedding={"tp": 1}, head={"tp": 1})),
     ]

@@ -167,23 +167,43 @@ def test_search_matches_brute_force_without_plain_blocks(recompute: tuple[Recomp
     assert {g.strategy.recompute for g in pinned.groups()} == {Recompute.FULL}
 
 
-def test_zero_bubble_takes_no_selective_recomputation() -> None:
-    """The native runtime cannot run selective recomputation under zero bubble (its split backward
-    runs each block's backward twice): neither the search nor brute force offers it, and the search
-    still matches brute force where selective recomputation is all that fits without full."""
+def test_zero_bubble_takes_no_recomputation() -> None:
+    """The native runtime cannot run recomputation under zero bubble (its split backward recomputes
+    a checkpointed block's forward once per backward pass, one per group of weights; selective
+    checkpointing refuses the second): neither the search nor brute force offers it, and with
+    zero bubble next to 1F1B the search still matches brute force where memory binds."""
     spec = ModelSpec.from_config(TINY)
-    options = _options(recompute=(Recompute.NONE, Recompute.SELECTIVE), schedules=(Schedule.ZERO_BUBBLE,),
-                       fixed={"pp": 2}, top_k=8)
+    options = _options(schedules=(Schedule.ZERO_BUBBLE, Schedule.ONE_F_ONE_B), fixed={"pp": 2}, top_k=8)
     perf, truth = _binding(spec, options)
     found = search(spec, perf, options, world_size=4)
     assert found.best.step_time_s == pytest.approx(truth[0].step_time_s, rel=1e-9)
     plans = [c.plan for c in found.top] + list(all_plans(spec, 4, 2, options))
-    assert all(g.strategy.recompute is not Recompute.SELECTIVE for p in plans for g in p.groups())
-    one_f_one_b = all_plans(spec, 4, 2, dataclasses.replace(options, schedules=(Schedule.ONE_F_ONE_B,)))
-    assert any(g.strategy.recompute is Recompute.SELECTIVE for p in one_f_one_b for g in p.groups())
+    zero_bubble = [p for p in plans if p.pipeline.schedule is Schedule.ZERO_BUBBLE]
+    assert zero_bubble and all(g.strategy.recompute is Recompute.NONE for p in zero_bubble for g in p.groups())
+    one_f_one_b = [p for p in plans if p.pipeline.schedule is Schedule.ONE_F_ONE_B]
+    assert {g.strategy.recompute for p in one_f_one_b for g in p.groups()} == set(Recompute)
 
 
 def test_nothing_fits_says_how_much_memory() -> None:
     spec = ModelSpec.from_config(TINY)
     with pytest.raises(MemoryBudgetError, match="GiB per GPU"):
         search(spec, with_memory(_perf(4), 1e-6), _options(), world_size=4)
+
+
+@pytest.mark.parametrize("budget", ["median", "loose"])
+def test_tied_embeddings_share_one_weight_layout_at_both_ends(budget: str) -> None:
+    """Tied input and output embeddings across pipeline stages: every plan the search keeps gives
+    the first and last stages one weight layout (dp, tp, zero, offload; the runtime adds the two
+    copies' gradient shards rank by rank), and its best is brute force's best under that rule."""
+    spec = ModelSpec.from_config({**TINY, "tied_embeddings": True})
+    options = _options(top_k=16, fixed={"pp": 2}, zero_stages=(0, 1, 2, 3))
+    if budget == "median":
+        perf, truth = _binding(spec, options)
+    else:
+        perf = with_memory(_perf(4), 1e9)
+        truth = brute_force(spec, perf, options, world=4)
+    found = search(spec, perf, options, world_size=4)
+    assert found.best.step_time_s == pytest.approx(truth[0].step_time_s, rel=1e-9)
+    assert len(found.top) == 16
+    for c in found.top:
+        assert c.plan.embedding_strategy.weight_layout == c.plan.head_strategy.weight_layout, c.plan.describe()
