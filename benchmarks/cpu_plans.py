@@ -108,6 +108,7 @@ def main() -> int:
         "model": args.model, "workers": args.workers, "global_batch": args.global_batch,
         "profile_s": profile_s, "compute_scale": profiled.compute_scale,
         "overlap_interference": overlap.interference if overlap else None,
+        "pipeline_action_s": profiled.cluster.pipeline_action_s if profiled.cluster else None,
         "rows": rows,
         "mean_abs_error": statistics.mean(abs(r["error"]) for r in rows),
         "nominal_mean_abs_error": statistics.mean(abs(r["nominal_error"]) for r in rows),
@@ -126,7 +127,8 @@ def _markdown(r: dict[str, Any]) -> str:
              f"({r['machine']['cpu']}, torch {r['machine']['torch']}), global batch {r['global_batch']}. "
              f"Profiled in {r['profile_s']:.1f} s (model on one thread, stretched x{r['compute_scale']:.1f}; gloo "
              f"among the workers; compute lost per second of communication beside it: "
-             f"{r['overlap_interference'] or 0:.2f}). 'nominal': the model the launcher used before "
+             f"{r['overlap_interference'] or 0:.2f}; pipeline schedule host time per chunk pass: "
+             f"{(r.get('pipeline_action_s') or 0) * 1e3:.2f} ms). 'nominal': the model the launcher used before "
              "(one GEMM rate, gloo assumed at 2 GB/s and 50 us).", "",
              "| plan | measured s/step | predicted | error | nominal predicted | error |",
              "|---|---:|---:|---:|---:|---:|"]

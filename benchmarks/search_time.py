@@ -1,6 +1,7 @@
 """Search time on this machine: llama2-7b on 8xA100-80GB, llama3-70b and gpt3-175b (tied embeddings)
-on 1024xH100, every dimension of the space enabled (``SearchOptions()``: pp, tp, sp, every cp kind, ep, ZeRO 0-3, offload, every
-recompute level, 1F1B / interleaved / zero-bubble, any micro-batch count).
+on 1024xH100, every dimension of the space enabled (``SearchOptions()``: pp, tp, sp, every cp kind,
+ep, ZeRO 0-3, offload, every recompute level, 1F1B / interleaved / zero-bubble, any micro-batch
+count).
 
 Run: ``python benchmarks/search_time.py [--repeat 3]``; prints the median search time of each case, the
 candidates costed and the best plan, and writes ``benchmarks/results/search_time.json`` (with the load

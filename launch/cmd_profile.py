@@ -57,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--iters", type=int, default=5)
     c.add_argument("--warmup", type=int, default=2)
     c.add_argument("--no-overlap", action="store_true", help="skip the matmul/all-reduce interference test")
+    c.add_argument("--no-pipeline", action="store_true",
+                   help="skip timing the pipeline schedule's host time per action (gloo only)")
     c.add_argument("--out", default="cluster_profile.yaml", help="where to write the profile (YAML)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     text = ("replay a CUDA allocator trace (torch.cuda.memory._record_memory_history() from the process start, "
@@ -203,7 +205,8 @@ def _run_cluster(args: argparse.Namespace) -> int:
     from galvatron.profiler.schema import COLLECTIVES
 
     options = ClusterOptions(ops=args.ops or COLLECTIVES, min_bytes=args.min_bytes, max_bytes=args.max_bytes,
-                             iters=args.iters, warmup=args.warmup, overlap=not args.no_overlap)
+                             iters=args.iters, warmup=args.warmup, overlap=not args.no_overlap,
+                             pipeline=not args.no_pipeline)
     progress = not args.quiet
     started_here = False
     if not dist.is_initialized() and "RANK" in os.environ and "WORLD_SIZE" in os.environ:

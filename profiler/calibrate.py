@@ -226,11 +226,16 @@ class ProfiledPerf:
 
     def measured_options(self, options: CostOptions) -> CostOptions:
         """``options`` with what the cluster profile measured in their place: the compute lost to
-        communication beside it (``overlap_interference``, from the profile's overlap test)."""
-        overlap = self.cluster.overlap if self.cluster is not None else None
-        if overlap is None or overlap.interference is None:
+        communication beside it (``overlap_interference``, from the profile's overlap test) and the
+        pipeline schedule's host time per action (``pipeline_action_s``, CPU workers)."""
+        if self.cluster is None:
             return options
-        return dataclasses.replace(options, overlap_interference=overlap.interference)
+        overlap, action = self.cluster.overlap, self.cluster.pipeline_action_s
+        if overlap is not None and overlap.interference is not None:
+            options = dataclasses.replace(options, overlap_interference=overlap.interference)
+        if action is not None:
+            options = dataclasses.replace(options, pipeline_action_s=action)
+        return options
 
     def _scale(self, dtype: str) -> float:
         """Other dtypes than the profiled one run at the datasheet ratio of peaks."""

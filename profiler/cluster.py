@@ -53,7 +53,9 @@ class ClusterOptions:
     warmup: int = 2
     iters: int = 5
     overlap: bool = True
-    """Measure matmul/all-reduce interference (GPU only)."""
+    """Measure matmul/all-reduce interference."""
+    pipeline: bool = True
+    """Measure the pipeline schedule's host time per action (gloo only: on GPUs the host runs ahead)."""
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.ops) - set(COLLECTIVES))
@@ -89,9 +91,11 @@ def profile_cluster(options: ClusterOptions | None = None, *, progress: bool = T
     runner = _Runner(options, progress)
     collectives = runner.collectives()
     overlap = runner.overlap() if options.overlap else None
+    action = runner.pipeline_action(collectives) if options.pipeline and not runner.cuda else None
     return ClusterProfile(
         backend=str(dist.get_backend()), world_size=runner.world, nodes=runner.nodes,
-        ranks_per_node=runner.per_node, collectives=tuple(collectives), overlap=overlap, gpus=gpus,
+        ranks_per_node=runner.per_node, collectives=tuple(collectives), overlap=overlap,
+        pipeline_action_s=action, gpus=gpus,
         topology=topology, seconds=time.perf_counter() - started, notes=tuple(notes),
     )
 
@@ -109,6 +113,8 @@ def summary(profile: ClusterProfile) -> str:
         lost = "" if o.interference is None else f" (loses {o.interference:.2f} s of compute per s of communication)"
         lines.append(f"beside an all-reduce a matmul runs {o.compute_slowdown:.2f}x slower{lost}; "
                      f"the all-reduce {o.comm_slowdown:.2f}x")
+    if profile.pipeline_action_s is not None:
+        lines.append(f"pipeline schedule: {human_seconds(profile.pipeline_action_s)} of host time per chunk pass")
     for gpu in profile.gpus:
         lines.append(f"GPU {gpu.index}: {gpu.name}, {human_bytes(gpu.memory_bytes)}, {gpu.nvlinks} NVLink(s), "
                      f"PCIe gen {gpu.pcie_gen} x{gpu.pcie_width}")
@@ -278,6 +284,54 @@ class _Runner:
     def _sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
+
+    # ------------------------------------------------------------------------------ pipeline
+    PIPELINE_CHUNKS = (1, 4)
+    """Chunks per rank of the two pipelines :meth:`pipeline_action` times (same blocks, same work)."""
+
+    def pipeline_action(self, collectives: Sequence[CollectiveProfile]) -> float | None:
+        """Host seconds per pipeline action besides compute and handoffs: galvatron's runtime runs a
+        model with almost no compute (8 blocks of width 8) as a 2-stage pipeline over every rank
+        (pp 2 x dp world/2), 4 micro-batches, with 1 and with 4 chunks per rank: the same blocks and
+        work, 24 more actions per rank (8 -> 32 chunk passes). The step-time difference, less the
+        handoffs the extra chunk boundaries add as the cost model prices them (6 more boundary ends
+        per micro-batch and rank, each an activation and a gradient at the smallest measured p2p
+        time), over 24. None with an odd number of ranks."""
+        if self.world % 2:
+            return None
+        import galvatron
+        from galvatron.models.gpt import GPT, GPTConfig
+        from galvatron.plan import Plan
+
+        p2p = next((c.points[0].time_s for c in collectives if c.op == "p2p"), 0.0)
+        dp, m, layers = self.world // 2, 4, 8
+        times = []
+        for v in self.PIPELINE_CHUNKS:
+            torch.manual_seed(0)
+            net = GPT(GPTConfig(layers=layers, hidden=8, heads=1, vocab=16, seq_len=4, ffn_hidden=8))
+            plan = Plan.uniform(layers, global_batch_size=m * dp, num_micro_batches=m, pp=2, virtual_stages=v,
+                                schedule="interleaved-1f1b" if v > 1 else "1f1b", dtype="fp32", dp=dp)
+            model = galvatron.wrap(net, plan)
+            tokens = torch.randint(0, 16, (m * dp, 5), generator=torch.Generator().manual_seed(0))
+            batch = model.shard_batch((tokens[:, :-1], tokens[:, 1:]))
+
+            def step(model: Any = model, batch: Any = batch) -> None:
+                model.train_step(batch, lambda out, y: torch.nn.functional.cross_entropy(out.flatten(0, 1),
+                                                                                          y.flatten()))
+                model.zero_grad(set_to_none=True)
+
+            runs = []
+            for _ in range(self.options.warmup + max(self.options.iters // 2, 3)):
+                dist.barrier()
+                start = time.perf_counter()
+                step()
+                runs.append(time.perf_counter() - start)
+            times.append(statistics.median(runs[self.options.warmup:]))
+        extra = torch.tensor([times[1] - times[0]])
+        dist.all_reduce(extra, op=dist.ReduceOp.MAX)
+        actions = 2 * m * (self.PIPELINE_CHUNKS[1] - self.PIPELINE_CHUNKS[0])
+        handoffs = 6 * m * 2 * p2p
+        return max(float(extra.item()) - handoffs, 0.0) / actions
 
     # ------------------------------------------------------------------------------ overlap
     def overlap(self) -> Overlap | None:

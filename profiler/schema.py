@@ -514,6 +514,10 @@ class ClusterProfile:
     ranks_per_node: int
     collectives: tuple[CollectiveProfile, ...] = ()
     overlap: Overlap | None = None
+    pipeline_action_s: float | None = None
+    """Host seconds per pipeline schedule action (one chunk's forward or backward of one micro-batch)
+    besides compute and handoffs, measured on CPU workers (``CostOptions.pipeline_action_s``); None
+    where not measured (GPUs, an odd number of ranks, profiles from before this field)."""
     gpus: tuple[GPUInfo, ...] = ()
     topology: tuple[tuple[str, ...], ...] = ()
     """``nvidia-smi topo -m`` style matrix between the node's GPUs: ``X``, ``NV<links>``, ``PIX``,
@@ -537,6 +541,7 @@ class ClusterProfile:
             "seconds": self.seconds, "notes": list(self.notes),
             "gpus": [_plain(g) for g in self.gpus], "topology": [list(row) for row in self.topology],
             "overlap": _plain(self.overlap) if self.overlap else None,
+            "pipeline_action_s": self.pipeline_action_s,
             "collectives": [c.to_dict() for c in self.collectives],
         }
 

@@ -95,6 +95,8 @@ def cost_plan(plan: Plan, spec: ModelSpec, cluster: Cluster | Perf, options: Cos
         if pp > 1 and j in (0, len(plan.stages) - 1):
             edge = plan.embedding_strategy if j == 0 else plan.head_strategy
             group.add(tied_copy(ctx, spec, edge, holder=j > 0))
+        if pp > 1:
+            group.p2p += schedule_overhead(options)
         if j + 1 < len(plan.stages):
             group.p2p += p2p_time(ctx, spec.hidden, plan.stages[j].groups[-1].strategy)
         if j > 0 and options.blocking_p2p:  # the receiving side's handoffs, at its own input's size
@@ -105,6 +107,12 @@ def cost_plan(plan: Plan, spec: ModelSpec, cluster: Cluster | Perf, options: Cos
               for g, a in enumerate(acc)]
     step = step_time(totals, m, v)
     return _report(plan, spec, perf, acc, totals, step)
+
+
+def schedule_overhead(options: CostOptions) -> float:
+    """Per micro-batch, the pipeline schedule's host time for one chunk: its forward and its backward
+    action (``CostOptions.pipeline_action_s`` each)."""
+    return 2 * options.pipeline_action_s
 
 
 def p2p_time(ctx: LayerContext, hidden: int, sender: LayerStrategy) -> float:

@@ -46,6 +46,14 @@ class CostOptions:
     pays each handoff, not only the sender's side as with NCCL's asynchronous p2p, whose waits the
     schedule's bubbles already hold. The receiving stage's handoffs are priced at its own input's
     size (the search keeps stages independent)."""
+    pipeline_action_s: float = 0.0
+    """Host seconds the pipeline schedule spends per action, one chunk's forward or backward of one
+    micro-batch, besides its kernels and handoffs (``torch.distributed.pipelining``'s Python: the
+    action's dispatch, its send/receive set-up, the loss wrapper), charged serially to every chunk
+    pass of a plan with ``pp > 1``, twice per chunk and micro-batch. 0: not modelled (GPUs, whose
+    host runs ahead of the device unless passes are tiny). CPU workers measure it in their gloo
+    profile (``profiler.schema.ClusterProfile.pipeline_action_s``): about 1-2.5 ms with 4 workers on
+    2 cores (benchmarks/results/cpu_plans.md)."""
     zero1_reduce: str = "reduce_scatter"
     """The collective that syncs ZeRO-1's gradients (:data:`ZERO1_REDUCES`). ``reduce_scatter``: each
     rank receives the gradient slice it updates (Megatron's distributed optimizer, ZeRO paper §5.1).

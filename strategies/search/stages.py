@@ -24,7 +24,7 @@ from galvatron.strategies.cost.layer import (
     zero_exposed,
     zero_terms,
 )
-from galvatron.strategies.cost.model import p2p_time
+from galvatron.strategies.cost.model import p2p_time, schedule_overhead
 from galvatron.strategies.cost.step import (
     ACT,
     FB,
@@ -137,6 +137,8 @@ class StageTable:
             for edge, holder in ((self.embedding, False), (self.tail, True)):
                 edge[0][:] += np.array([tied_copy(ctx, spec, x, holder).vector() for x in self.strategies])
         self.p2p = np.array([p2p_time(ctx, spec.hidden, s) for s in self.strategies])
+        self.overhead = schedule_overhead(ctx.options) if pipelined else 0.0
+        """The pipeline schedule's host time per chunk and micro-batch (0 without a pipeline)."""
         self.block_floor = {mode: v[:, :, FB].min(axis=0) for mode, v in self.vec.items()}
         """Per mode: the cheapest block's per-micro-batch time under each strategy."""
 
@@ -184,7 +186,7 @@ class StageTable:
         p2p = np.zeros(len(vec)) if last else self.p2p[pick]
         if a > 0 and self.ctx.options.blocking_p2p:  # as cost_plan: the receiving side pays too
             p2p = p2p + self.p2p[pick]
-        return vec, work, p2p
+        return vec, work, p2p + self.overhead
 
     def stage_memory(self, a: int, b: int, lower: Recompute, inflight: float, rows: np.ndarray) -> np.ndarray:
         """Peak memory (k = 0..b-a, rows) of stage [a, b) with its first k blocks fully recomputed."""

@@ -88,6 +88,19 @@ def test_bubble_follows_narayanan_formula_for_uniform_stages() -> None:
     assert cost.step_time_s > busy * (1 + 3 / 8) * 0.9
 
 
+@pytest.mark.parametrize(("pp", "v", "m"), [(2, 1, 4), (2, 4, 4), (4, 2, 8), (1, 1, 4)])
+def test_schedule_overhead_is_charged_per_chunk_pass(pp: int, v: int, m: int) -> None:
+    """``pipeline_action_s`` adds its time to each chunk's forward and backward of each micro-batch:
+    with equal stages the step grows by ``2 a (m v + pp - 1)`` (the bottleneck group's m micro-batches
+    over its v chunks, and the fill and drain); one device group runs no schedule."""
+    plan = Plan.uniform(SPEC.num_blocks, global_batch_size=8 * m, num_micro_batches=m, pp=pp, virtual_stages=v,
+                        schedule="interleaved-1f1b" if v > 1 else "1f1b", dp=8 // pp)
+    cluster, a = load_cluster("8xA100-80GB"), 1e-3
+    plain = cost_plan(plan, SPEC, cluster, CostOptions(overlap_grad_reduce=False)).step_time_s
+    charged = cost_plan(plan, SPEC, cluster, CostOptions(overlap_grad_reduce=False, pipeline_action_s=a)).step_time_s
+    assert charged - plain == pytest.approx(2 * a * (m * v + pp - 1) if pp > 1 else 0.0, rel=1e-6, abs=1e-12)
+
+
 def test_in_flight_micro_batches_per_schedule() -> None:
     assert in_flight(Schedule.GPIPE, 4, 1, 8, 0) == 8
     assert [in_flight(Schedule.ONE_F_ONE_B, 4, 1, 8, g) for g in range(4)] == [4, 3, 2, 1]

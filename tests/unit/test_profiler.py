@@ -357,6 +357,9 @@ class TestCalibration:
             options).overlap_interference == 0.9
         old = dataclasses.replace(cluster, overlap=dataclasses.replace(overlap, interference=None))
         assert profiled_perf(load_cluster("8xH100"), cluster_profile=old).measured_options(options) == options
+        timed = dataclasses.replace(old, pipeline_action_s=1.5e-3)
+        assert profiled_perf(load_cluster("8xH100"), cluster_profile=timed).measured_options(
+            options) == dataclasses.replace(options, pipeline_action_s=1.5e-3)
         assert profiled_perf(load_cluster("8xH100")).measured_options(options) == options
 
     def test_search_accepts_a_profile(self, dense_profile: ModelProfile) -> None:

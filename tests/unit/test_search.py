@@ -123,18 +123,21 @@ def test_search_matches_brute_force_with_expert_tp() -> None:
         assert t == pytest.approx(cost_plan(plan, spec, perf).step_time_s, rel=1e-9)
 
 
-@pytest.mark.parametrize(("config", "fixed"), [(TINY, {}), (MOE, {}), ({**TINY, "tied_embeddings": True}, {"pp": 2})])
-def test_search_estimate_equals_cost_plan(config: dict, fixed: dict) -> None:
+@pytest.mark.parametrize(("config", "fixed", "cost"), [
+    (TINY, {}, CostOptions()), (MOE, {}, CostOptions()), ({**TINY, "tied_embeddings": True}, {"pp": 2}, CostOptions()),
+    (TINY, {"pp": 2}, CostOptions(pipeline_action_s=2e-4, blocking_p2p=True))])
+def test_search_estimate_equals_cost_plan(config: dict, fixed: dict, cost: CostOptions) -> None:
     """What the search optimises internally is what cost_plan reports, for every plan it keeps
-    (tied embeddings across pipeline stages included)."""
+    (tied embeddings across pipeline stages, and CPU workers' schedule overhead and blocking
+    handoffs, included)."""
     spec = ModelSpec.from_config(config)
     options = _options(top_k=8, fixed=fixed)
-    s = _Search(spec, _perf(4), 4, options, CostOptions())
+    s = _Search(spec, _perf(4), 4, options, cost)
     s.run()
     found = s.results()
     assert len(found) == 8
     for t, plan in found:
-        assert t == pytest.approx(cost_plan(plan, spec, _perf(4)).step_time_s, rel=1e-9)
+        assert t == pytest.approx(cost_plan(plan, spec, _perf(4), cost).step_time_s, rel=1e-9)
 
 
 def test_top_k_matches_brute_force_order() -> None:
