@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -73,6 +74,8 @@ class TrainResult:
     """Step training started from (non-zero after resuming from a checkpoint)."""
     losses: list[tuple[int, float]] = field(default_factory=list)
     """(step, mean loss over ranks) at every printed step."""
+    step_seconds: list[float] = field(default_factory=list)
+    """Wall time of each step this worker ran after the learning-rate warm-up (optimizer included)."""
     model_state: dict[str, torch.Tensor] | None = None
     optimizer_state: dict | None = None
 
@@ -124,6 +127,7 @@ def train(config: TrainConfig) -> TrainResult:
                       flops_per_token=ModelSpec.from_config(config.model).flops_per_token(), every=config.print_every)
     result = TrainResult(rank=torch.distributed.get_rank(), start_step=start)
     for step in range(start, config.steps):
+        started = time.perf_counter()
         for group in optimizer.param_groups:  # a function of the step alone: restarts need no scheduler state
             group["lr"] = config.lr * min(1.0, (step + 1) / max(config.warmup, 1))
         inputs, targets = global_batch(step, config, gpt)
@@ -131,6 +135,8 @@ def train(config: TrainConfig) -> TrainResult:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         stats = meter.step(step, loss)
+        if step >= config.warmup:
+            result.step_seconds.append(time.perf_counter() - started)
         if stats is not None:
             result.losses.append((stats.step, stats.loss))
         if checkpointer:
@@ -159,6 +165,8 @@ class DemoResult:
     losses: list[tuple[int, float]]
     wall_s: float
     restarts: int
+    step_seconds: list[float] = field(default_factory=list)
+    """Rank 0's step times after the warm-up."""
 
 
 def run_demo(config: TrainConfig, *, workers: int = 4, checkpoint_dir: str | None = None,
@@ -178,8 +186,8 @@ def run_demo(config: TrainConfig, *, workers: int = 4, checkpoint_dir: str | Non
                      checkpoint_interval=config.checkpoint_interval if checkpoint_dir else None)
     launcher = RayLauncher(RayConfig(workers=workers, plan=choice.plan, env=env, max_restarts=max_restarts))
     results = launcher.run(train, config)
-    losses = results[0].losses
-    return DemoResult(choice=choice, losses=losses, wall_s=time.perf_counter() - start, restarts=launcher.restarts)
+    return DemoResult(choice=choice, losses=results[0].losses, wall_s=time.perf_counter() - start,
+                      restarts=launcher.restarts, step_seconds=results[0].step_seconds)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -208,6 +216,11 @@ def run(args: argparse.Namespace) -> int:
     verdict = "decreased" if last < first else "did NOT decrease"
     print(f"galvatron demo: loss {first:.3f} -> {last:.3f} over {config.steps} steps ({verdict}); "
           f"{result.wall_s:.0f} s in all, {result.restarts} restart(s)", flush=True)
+    predicted = result.choice.predicted_step_s
+    if result.step_seconds and predicted:
+        measured = statistics.median(result.step_seconds)
+        print(f"galvatron demo: median step {measured:.3f} s after the warm-up, {predicted:.3f} s predicted "
+              f"({predicted / measured - 1:+.1%})", flush=True)
     return 0 if last < first else 1
 
 
