@@ -21,7 +21,12 @@ autograd calls ``mm``) in bf16 under five conditions, timing every GEMM with CUD
 Each variant reports every GEMM class's median time and rate over the second half of its loop (the
 clock has settled), its median SM clock and power, and the share of samples the power cap throttled.
 
+With ``--dtype fp8`` the same shapes run as Transformer Engine's fp8 GEMMs (``torch._scaled_mm`` of
+e4m3 operands); the copies between them keep their bf16 size, as a step's other kernels do not get
+faster when its GEMMs do.
+
     python benchmarks/gemm_in_step.py --out $OUT/gemm_in_step.json      # needs CUDA
+    python benchmarks/gemm_in_step.py --dtype fp8 --out $OUT/gemm_in_step_fp8.json
 """
 
 from __future__ import annotations
@@ -58,10 +63,14 @@ def _block(torch: Any, width: dict[str, int]) -> dict[str, Any]:
     return t
 
 
-def step_gemms(torch: Any, attention: tuple[str, int] | None = None) -> list[tuple[str, float, Any]]:
+def step_gemms(torch: Any, attention: tuple[str, int] | None = None, fp8: bool = False) -> list[tuple[str, float, Any]]:
     """The step's GEMMs in order: (class, FLOPs, thunk); with ``attention`` = (kernel, sequence
     length), each block's causal attention core too (forward after q, k and v; backward after the
-    output projection's gradients), over the same tokens."""
+    output projection's gradients), over the same tokens. ``fp8``: every GEMM as Transformer
+    Engine runs it, ``torch._scaled_mm`` of e4m3 operands (row-major A, column-major B, per-tensor
+    scales, bf16 out), each call on its own operands of its shape (TE's cast-transposes make them)."""
+    if fp8:
+        return _fp8_gemms(torch, step_gemms(torch))
     widths = {"attn_in": HIDDEN, "o_in": HIDDEN, "mlp_in": HIDDEN, "down_in": FFN}
     blocks = [_block(torch, widths) for _ in range(BLOCKS)]
     head = {"x": torch.randn(TOKENS, HIDDEN, device="cuda", dtype=torch.bfloat16),
@@ -88,6 +97,25 @@ def step_gemms(torch: Any, attention: tuple[str, int] | None = None) -> list[tup
             if cores and name == "o":
                 seq.append(cores[i][1])
     return seq
+
+
+def _fp8_gemms(torch: Any, bf16: list[tuple[str, float, Any]]) -> list[tuple[str, float, Any]]:
+    """The bf16 sequence's GEMMs (by class and FLOPs) as fp8 ``_scaled_mm`` calls of the same shapes."""
+    shapes = {f"fwd {HIDDEN}->{VOCAB}": (TOKENS, HIDDEN, VOCAB), f"dgrad {HIDDEN}->{VOCAB}": (TOKENS, VOCAB, HIDDEN),
+              f"wgrad {HIDDEN}->{VOCAB}": (VOCAB, TOKENS, HIDDEN)}
+    for _, d_in, d_out, _ in LINEARS:
+        shapes.update({f"fwd {d_in}->{d_out}": (TOKENS, d_in, d_out), f"dgrad {d_in}->{d_out}": (TOKENS, d_out, d_in),
+                       f"wgrad {d_in}->{d_out}": (d_out, TOKENS, d_in)})
+    one = torch.ones((), device="cuda")
+    out = []
+    for cls, flops, _ in bf16:
+        m, k, n = shapes[cls]
+        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16).to(torch.float8_e4m3fn)
+        b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16).to(torch.float8_e4m3fn).t()
+        out.append((cls, flops, lambda a=a, b=b: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16)))
+    del bf16
+    torch.cuda.empty_cache()
+    return out
 
 
 def attention_core(torch: Any, kernel: str, seq_len: int) -> tuple[tuple[str, float, Any], tuple[str, float, Any]]:
@@ -152,7 +180,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     smi_path = out.with_name(out.stem + "_smi.csv")
     smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={SMI_FIELDS}", "--format=csv", "-lms", "20"],
                            stdout=smi_path.open("w"), stderr=subprocess.DEVNULL)
-    seq = step_gemms(torch)
+    seq = step_gemms(torch, fp8=args.dtype == "fp8")
     classes = {cls: fn for cls, _, fn in seq}  # one instance of each class
     flops = {cls: f for cls, f, _ in seq}
     phases: list[dict[str, Any]] = []
@@ -223,7 +251,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         smi.terminate()
         smi.wait()
-    return {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
+    return {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "dtype": args.dtype,
             "device": torch.cuda.get_device_name(), "torch": torch.__version__, "power_limit_w": _power_limit(),
             "stream_share": STREAM_SHARE, "flops": flops, "smi": smi_path.name, "phases": phases}
 
@@ -232,7 +260,8 @@ def report(r: dict[str, Any], smi_path: Path) -> str:
     """A table: each GEMM class's rate (TFLOP/s) per variant, and each variant's clock and power."""
     samples = read_smi(smi_path) if smi_path.exists() else []
     names = [p["name"] for p in r["phases"]]
-    lines = [f"# GEMMs of an eager Llama 2 7B step, alone and in sequence ({r['device']}, torch {r['torch']})", "",
+    lines = [f"# {r.get('dtype', 'bf16')} GEMMs of an eager Llama 2 7B step, alone and in sequence ({r['device']}, "
+             f"torch {r['torch']})", "",
              "| GEMM (linear in -> out) | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for cls, f in r["flops"].items():
         rates = [f / p["median_s"][cls] / 1e12 if cls in p["median_s"] else None for p in r["phases"]]
@@ -263,8 +292,12 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=4.0, help="idle pause before each variant")
     parser.add_argument("--attention", nargs="*", default=[], choices=("cudnn", "flash2"),
                         help="also time attention kernels in bursts and in a step-like loop")
+    parser.add_argument("--dtype", choices=("bf16", "fp8"), default="bf16",
+                        help="fp8: the same GEMM shapes as torch._scaled_mm of e4m3 operands (no attention)")
     parser.add_argument("--report", action="store_true", help="print the table of an existing --out file")
     args = parser.parse_args()
+    if args.dtype == "fp8" and args.attention:
+        parser.error("--attention runs with --dtype bf16 only")
     out = Path(args.out)
     if not args.report:
         out.write_text(json.dumps(measure(args), indent=1))
