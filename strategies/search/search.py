@@ -82,14 +82,15 @@ class _Options:
 @dataclass
 class _Front:
     """Partial pipelines ending at one block: (sum b, max t, max b, max e), the weight layout tag
-    of their first stage (tied embeddings; else 0) and their stages."""
+    of their first stage (tied embeddings; else 0) and their stages, each a linked path
+    ``(previous path, (a, b, choice))`` (None: no stage yet; :func:`_unroll` makes it a tuple)."""
 
     sb: np.ndarray
     mt: np.ndarray
     mb: np.ndarray
     me: np.ndarray
     tag: np.ndarray
-    paths: list[tuple]
+    paths: list[Any]
 
     def subset(self, keep: np.ndarray) -> _Front:
         return _Front(self.sb[keep], self.mt[keep], self.mb[keep], self.me[keep], self.tag[keep],
@@ -240,7 +241,7 @@ class _Search:
         floor = self._floor(table)
         layouts = _tied_ends(self.spec, table)
         cache: dict[tuple, Any] = {}
-        frontier = {0: _Front(*(np.zeros(1) for _ in range(4)), tag=np.zeros(1, dtype=int), paths=[()])}
+        frontier = {0: _Front(*(np.zeros(1) for _ in range(4)), tag=np.zeros(1, dtype=int), paths=[None])}
         for i in range(pp):
             inflight = in_flight(config.schedule, pp, 1, m, i)
             left = pp - i - 1
@@ -270,7 +271,7 @@ class _Search:
         step = m * done.mt + done.sb - done.mb + done.me
         for i in np.argsort(step)[:self.options.top_k]:
             if step[i] < self.bound():
-                self.offer(float(step[i]), config, done.paths[i])
+                self.offer(float(step[i]), config, _unroll(done.paths[i]))
 
     def _extend(self, front: _Front, opts: _Options, a: int, b: int, m: int, t_floor: float, b_floor: float,
                 out: dict[int, list], tag: int | None = None) -> None:
@@ -285,8 +286,12 @@ class _Search:
         ei, oi = np.nonzero(low < self.bound())
         if ei.size:
             tags = front.tag[ei] if tag is None else np.full(ei.size, tag)
-            out.setdefault(b, []).append((sb[ei, oi], mt[ei, oi], mb[ei, oi], me[ei, oi], tags,
-                                          [(*front.paths[x], (a, b, opts.choices[y])) for x, y in zip(ei, oi)]))
+            paths, choices = front.paths, opts.choices
+
+            def make(picked: np.ndarray) -> list[Any]:  # paths only for the candidates the Pareto filter keeps
+                return [(paths[ei[j]], (a, b, choices[oi[j]])) for j in picked]
+
+            out.setdefault(b, []).append((sb[ei, oi], mt[ei, oi], mb[ei, oi], me[ei, oi], tags, make))
 
     def _stage_options(self, table: StageTable, a: int, b: int, inflight: float, zb: bool,
                        cache: dict[tuple, Any], m: int, only: tuple[int, np.ndarray] | None = None) -> _Options:
@@ -414,13 +419,25 @@ def _stage_pareto(found: tuple, mask: np.ndarray | None = None) -> _Options:
 
 
 def _pareto_front(parts: list[tuple]) -> _Front:
-    """The partial pipelines of ``parts`` not dominated by one of the same tag."""
+    """The partial pipelines of ``parts`` (sb, mt, mb, me, tags, make: the paths of the picked
+    candidates) not dominated by one of the same tag; paths are made for those kept only."""
     sb, mt, mb, me, tag = (np.concatenate([p[i] for p in parts]) for i in range(5))
-    paths = [path for p in parts for path in p[5]]
     points = np.stack([sb, mt, mb, me], axis=1)
     groups = [np.arange(tag.size)] if (tag == tag[0]).all() else [np.nonzero(tag == t)[0] for t in np.unique(tag)]
-    keep = np.concatenate([g[_pareto_mask(points[g])] for g in groups])
-    return _Front(sb, mt, mb, me, tag, paths).subset(keep)
+    keep = np.sort(np.concatenate([g[_pareto_mask(points[g])] for g in groups]))
+    starts = np.cumsum([0] + [len(p[0]) for p in parts])
+    owner = np.searchsorted(starts, keep, side="right") - 1
+    paths = [path for k, p in enumerate(parts) if (owner == k).any() for path in p[5](keep[owner == k] - starts[k])]
+    return _Front(sb[keep], mt[keep], mb[keep], me[keep], tag[keep], paths)
+
+
+def _unroll(path: Any) -> tuple:
+    """The stages of a linked path of :class:`_Front`, first to last."""
+    stages = []
+    while path is not None:
+        path, stage = path
+        stages.append(stage)
+    return tuple(reversed(stages))
 
 
 def _tied_ends(spec: ModelSpec, table: StageTable) -> list[tuple[int, np.ndarray]] | None:

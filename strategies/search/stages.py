@@ -135,7 +135,12 @@ class StageTable:
         self.tail = self._edge((LayerKind.NORM, LayerKind.HEAD), cache)
         if pipelined and spec.tied_embeddings:
             for edge, holder in ((self.embedding, False), (self.tail, True)):
-                edge[0][:] += np.array([tied_copy(ctx, spec, x, holder).vector() for x in self.strategies])
+                copies: dict[tuple, np.ndarray] = {}  # a function of the weight's layout (and cp, ZeRO's span)
+                for row, x in enumerate(self.strategies):
+                    key = (*x.weight_layout, x.cp)
+                    if key not in copies:
+                        copies[key] = tied_copy(ctx, spec, x, holder).vector()
+                    edge[0][row] += copies[key]
         self.p2p = np.array([p2p_time(ctx, spec.hidden, s) for s in self.strategies])
         self.overhead = schedule_overhead(ctx.options) if pipelined else 0.0
         """The pipeline schedule's host time per chunk and micro-batch (0 without a pipeline)."""
