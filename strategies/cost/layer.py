@@ -633,33 +633,48 @@ def _selective_kept(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> fl
     return _act_bytes(ctx) * (h / sp_div + kept)
 
 
+QKV_LINEARS = 3
+"""Linear layers that read the attention's normalised input: q, k and v apart, as galvatron's
+reference GPT and Hugging Face's Llama-family attention project them (GPT-2's fused ``c_attn``
+would be 1)."""
+
+
 def _activation(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, mode: Recompute) -> float:
     """Bytes per token kept for backward on one rank (Korthikanti et al. 2022 Table 2): the norm and
     GEMM inputs ``8h`` (``4h`` without attention) are replicated over TP unless SP; the rest is split
     over TP; unfused attention adds ``5as`` (scores, softmax, dropout mask) unless selectively
     recomputed (``CostOptions.selective = "megatron"``); full recomputation keeps the layer input
     ``2h``; the op-level selective policies keep what :func:`_selective_kept` counts. Eager stacks
-    (``CostOptions.elementwise``) keep more: autocast's fp32 residual stream doubles the two norm
-    inputs (``+4h``), and an unfused SwiGLU keeps SiLU's output too (``+2f``)."""
+    (``CostOptions.elementwise``) keep more: under autocast (16-bit plans) the fp32 residual stream
+    doubles the two norm inputs (``+4h``), autocast casts the attention's and a dense MLP's input once per linear that
+    reads it (q, k, v: :data:`QKV_LINEARS`; gate and up) and each keeps its copy (``+2h`` per extra
+    reader; benchmarks/results/saved_activations.md: 48.5 h kept per token where the one-copy count
+    gave 44.0 h on one H100), and an unfused SwiGLU keeps SiLU's output too (``+2f``). Under SP only
+    Megatron's fused stack re-gathers the GEMM inputs in backward; the others (DTensor's sequence
+    parallelism) keep them gathered, ``1/tp`` of them only for the norm inputs."""
     scale = _act_bytes(ctx) / 2
     sp_div = s.tp if s.sp else 1
     if mode is Recompute.FULL:
         return scale * 2 * layer.hidden / sp_div
     if mode is Recompute.SELECTIVE and ctx.options.selective != "megatron":
         return min(_selective_kept(ctx, layer, s), _activation(ctx, layer, s, Recompute.NONE))
-    replicated = (8 if layer.heads else 4) * layer.hidden + (2 * layer.hidden if ctx.options.dropout else 0)
-    sharded = layer.activation_bytes_per_token - 8 * layer.hidden if layer.heads else (
-        layer.activation_bytes_per_token - 4 * layer.hidden)
+    h = layer.hidden
+    inputs = (4 if layer.heads else 2) * h  # one 16-bit copy of the attention's and the MLP's input
+    norms = inputs + (2 * h if ctx.options.dropout else 0)  # the norms' inputs (and dropout masks) as much
+    sharded = layer.activation_bytes_per_token - 2 * inputs
     scores = 0.0
     if layer.heads and not ctx.options.flash_attention and mode is Recompute.NONE:
         scores = (5 if ctx.options.dropout else 4) * layer.heads * ctx.seq_len
     stack = ctx.options.elementwise
-    if stack == "autocast":  # the residual stream stays fp32: both norms keep 4-byte inputs
-        replicated += 4 * layer.hidden
-    if stack != "fused" and layer.ffn_hidden and eager.up_projections(layer) == 2:
+    up = eager.up_projections(layer) if layer.ffn_hidden else 1
+    if stack == "autocast" and ctx.dtype is not DType.FP32:  # autocast runs (fp32 plans run without it)
+        norms += 4 * h  # the residual stream stays fp32: both norms keep 4-byte inputs
+        inputs += 2 * h * ((QKV_LINEARS - 1 if layer.heads else 0) + (up - 1 if not layer.experts else 0))
+    if stack != "fused" and up == 2:
         # eager silu(gate) * up keeps silu's output for the product's backward besides gate and up
         sharded += 2 * layer.ffn_hidden * (layer.top_k + layer.shared_experts if layer.experts else 1)
-    return scale * (replicated / sp_div + (max(sharded, 0.0) + scores) / s.tp)
+    inputs_div = sp_div if stack == "fused" else 1
+    return scale * (norms / sp_div + inputs / inputs_div + (max(sharded, 0.0) + scores) / s.tp)
 
 
 # ------------------------------------------------------------------ ZeRO and optimizer

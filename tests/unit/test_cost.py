@@ -19,12 +19,19 @@ from galvatron.strategies.cost import (
     cost_plan,
     layer_cost,
 )
-from galvatron.strategies.cost.layer import _block_gemms, expert_groups, moe_load, tokens_per_rank, zero_terms
+from galvatron.strategies.cost.layer import (
+    _activation,
+    _block_gemms,
+    expert_groups,
+    moe_load,
+    tokens_per_rank,
+    zero_terms,
+)
 from galvatron.strategies.cost.step import in_flight
 from galvatron.strategies.hardware import load_cluster
 
 from galvatron.errors import PlanError
-from galvatron.plan import DType, LayerStrategy, Plan, Schedule
+from galvatron.plan import DType, LayerStrategy, Plan, Recompute, Schedule
 from galvatron.spec import LayerKind, LayerSpec, ModelSpec
 from galvatron.spec_config import load_model_config
 
@@ -382,3 +389,21 @@ def test_gemm_time_follows_the_measured_kernels() -> None:
     assert 0.05 < offset < 0.12
     for kind, limit in (("16-bit", 0.06), ("accumulate", 0.08)):
         assert statistics.mean(abs(e - offset) for e in errors[kind]) < limit
+
+
+def test_autocast_keeps_a_cast_input_per_linear() -> None:
+    """Under autocast the attention's input is cast once for each of q, k and v and the MLP's once
+    for gate and up, and each copy is kept for backward, besides the fp32 residual stream's norm
+    inputs (benchmarks/results/saved_activations.md); an fp32 plan runs without autocast. Under SP
+    the norm inputs split over TP while the cast copies stay gathered (DTensor), 2h each."""
+    layer, h = SPEC.blocks[0], SPEC.hidden
+
+    def kept(stack: str, dtype: DType = DType.BF16, **strategy: object) -> float:
+        ctx = LayerContext(perf=DatasheetPerf(load_cluster("8xH100")), options=CostOptions(elementwise=stack),
+                           dtype=dtype, seq_len=SPEC.seq_len, causal=True, micro_batch=1, stage_devices=8,
+                           micro_batches=1)
+        return _activation(ctx, layer, LayerStrategy(**strategy), Recompute.NONE)  # type: ignore[arg-type]
+
+    assert kept("autocast") - kept("eager") == pytest.approx(4 * h + 2 * h * (2 + 1))
+    assert kept("autocast", DType.FP32) == kept("eager", DType.FP32)
+    assert kept("autocast", tp=2, sp=True) - kept("eager", tp=2, sp=True) == pytest.approx(4 * h / 2 + 2 * h * (2 + 1))
