@@ -666,7 +666,7 @@ def _activation(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, mode: Rec
     if layer.heads and not ctx.options.flash_attention and mode is Recompute.NONE:
         scores = (5 if ctx.options.dropout else 4) * layer.heads * ctx.seq_len
     stack = ctx.options.elementwise
-    up = eager.up_projections(layer) if layer.ffn_hidden else 1
+    up = eager.up_projections(layer) if layer.ffn_hidden and stack != "fused" else 1
     if stack == "autocast" and ctx.dtype is not DType.FP32:  # autocast runs (fp32 plans run without it)
         norms += 4 * h  # the residual stream stays fp32: both norms keep 4-byte inputs
         inputs += 2 * h * ((QKV_LINEARS - 1 if layer.heads else 0) + (up - 1 if not layer.experts else 0))
