@@ -22,14 +22,19 @@ from typing import Any
 import torch
 
 
-def saved_per_block(device: str, hidden: int, heads: int, ffn: int, seq: int, batch: int) -> list[dict[str, Any]]:
-    """Per block, every saved tensor (shape, dtype, bytes), counted once per storage."""
+def saved_per_block(device: str, hidden: int, heads: int, ffn: int, seq: int, batch: int,
+                    fsdp: bool = False, norm: str = "rmsnorm") -> list[dict[str, Any]]:
+    """Per block, every saved tensor (shape, dtype, bytes), counted once per storage. ``fsdp``: each
+    block an FSDP2 unit with 16-bit parameters, as the native runtime runs ZeRO-2/3 (on a one-rank
+    mesh: the sharding does not change what autograd keeps)."""
     from galvatron.models.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(layers=2, hidden=hidden, heads=heads, ffn_hidden=ffn, vocab=256, seq_len=seq,
-                          activation="swiglu", norm="rmsnorm")).to(device)
+                          activation="swiglu", norm=norm)).to(device)  # type: ignore[arg-type]
     blocks = [m for m in model.modules() if type(m).__name__ == "Block"]
+    if fsdp:
+        _fully_shard(model, blocks, device)
     current: dict[str, Any] = {"i": None}
     store: list[dict[int, tuple]] = [{} for _ in blocks]
     for i, block in enumerate(blocks):
@@ -50,6 +55,27 @@ def saved_per_block(device: str, hidden: int, heads: int, ffn: int, seq: int, ba
     return [{"tensors": sorted(d.values()), "bytes": sum(v[2] for v in d.values())} for d in store]
 
 
+def _fully_shard(model: torch.nn.Module, blocks: list[torch.nn.Module], device: str) -> None:
+    """The native runtime's ZeRO-2 wrapping (``runtime.data.apply_fsdp``, bf16 compute) of each block,
+    the rest under an FSDP2 root, on a one-rank process group bound to 127.0.0.1."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from galvatron.plan import DType
+    from galvatron.runtime.data import apply_fsdp, apply_fsdp_root
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=0, world_size=1)
+    mesh = init_device_mesh(device.split(":")[0], (1,))
+    apply_fsdp(blocks, mesh, reshard_after_forward=False, offload=False, dtype=DType.BF16)
+    apply_fsdp([model.tok_embeddings], mesh, reshard_after_forward=False, offload=False, dtype=DType.BF16)
+    apply_fsdp_root(model, mesh)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -58,6 +84,9 @@ def main() -> int:
     parser.add_argument("--ffn", type=int, default=2816)
     parser.add_argument("--seq", type=int, default=384)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--fsdp", action="store_true",
+                        help="wrap each block in FSDP2 with bf16 parameters, as the native runtime runs ZeRO-2/3")
+    parser.add_argument("--norm", choices=["rmsnorm", "layernorm"], default="rmsnorm")
     parser.add_argument("--out", help="JSON path")
     args = parser.parse_args()
     from galvatron.strategies.cost import CostOptions
@@ -69,18 +98,20 @@ def main() -> int:
     from galvatron.plan import DType, LayerStrategy, Recompute
     from galvatron.spec import ModelSpec
 
-    blocks = saved_per_block(args.device, args.hidden, args.heads, args.ffn, args.seq, args.batch)
+    blocks = saved_per_block(args.device, args.hidden, args.heads, args.ffn, args.seq, args.batch, args.fsdp, args.norm)
     spec = ModelSpec.from_config({"name": "probe", "layers": 2, "hidden": args.hidden, "heads": args.heads,
                                   "ffn_hidden": args.ffn, "vocab": 256, "seq_len": args.seq, "activation": "swiglu",
-                                  "norm": "rmsnorm"})
+                                  "norm": args.norm})
     options = CostOptions(**capabilities("native").cost_options(args.device != "cpu"))
     ctx = LayerContext(perf=as_perf(load_cluster("8xH100")), options=options, dtype=DType.BF16, seq_len=args.seq,
                        causal=True, micro_batch=args.batch, stage_devices=1, micro_batches=1)
     tokens = args.batch * args.seq
-    model_per_token = _activation(ctx, spec.blocks[1], LayerStrategy(), Recompute.NONE)
+    # FSDP2 on one rank stands for ZeRO-2 over replicas: the model is asked for dp2 ZeRO-2 (per token)
+    strategy = LayerStrategy(dp=2, zero=2) if args.fsdp else LayerStrategy()
+    model_per_token = _activation(ctx, spec.blocks[1], strategy, Recompute.NONE)
     measured = blocks[1]["bytes"] / tokens
     result = {"command": "python " + " ".join(sys.argv), "device": args.device, "torch": torch.__version__,
-              "hidden": args.hidden, "measured_bytes_per_token": measured, "model_bytes_per_token": model_per_token,
+              "hidden": args.hidden, "fsdp": args.fsdp, "norm": args.norm, "measured_bytes_per_token": measured, "model_bytes_per_token": model_per_token,
               "saved": blocks[1]["tensors"]}
     print(f"block 1: {measured:.0f} bytes/token kept ({measured / args.hidden:.1f} h), model {model_per_token:.0f} "
           f"({model_per_token / args.hidden:.1f} h): {measured / model_per_token - 1:+.1%}")

@@ -17,13 +17,22 @@ would leave the others waiting in a collective).
 
 ``--replay`` (no GPU) costs the measured plans again with today's cost model and rewrites the file's
 predictions and its table (the measurements stay); the command that measured them is kept.
+
+``--fake-world N`` (one GPU, no torchrun) runs the plans without a pipeline as rank 0 of N on a fake
+process group: collectives move no data, every allocation and kernel of the rank is the real one. Its
+peak memory is what rank 0 of N GPUs holds; its step time is the computation alone, so the predictions
+beside it cost no communication either (``NoCommPerf``).
+
+    python benchmarks/multi_gpu/plans.py --fake-world 8 --model llama2-7b --global-batch 8 --out plans_fake8.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -34,7 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from galvatron.launch.cmd_profile import gpt_config
-from galvatron.strategies.cost import CostOptions, cost_plan
+from galvatron.strategies.cost import CostOptions, DatasheetPerf, cost_plan
 
 from galvatron.backends import capabilities
 from galvatron.errors import GalvatronError
@@ -47,6 +56,27 @@ from galvatron.spec_config import load_model_config
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+@dataclasses.dataclass(frozen=True)
+class NoCommPerf(DatasheetPerf):
+    """The hardware entry's costs with free collectives and p2p: what a fake process group measures."""
+
+    def collective_time(self, op: str, nbytes: float, group: Any) -> float:
+        return 0.0
+
+    def p2p_time(self, nbytes: float, inter_node: bool) -> float:
+        return 0.0
+
+
+def _init_fake(world: int) -> torch.device:
+    """Rank 0 of ``world`` on a fake process group over this process's GPU (one node of ``world``)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    os.environ["LOCAL_WORLD_SIZE"] = str(world)
+    torch.cuda.set_device(0)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    return torch.device("cuda", 0)
 
 
 def grid(layers: int, world: int, batch: int, dtype: str) -> dict[str, Plan]:
@@ -121,6 +151,7 @@ def replay(path: Path) -> int:
     env = data["env"]
     gpu = next(db for key, db in GPU_FAMILIES if key in env["device"])
     cluster = load_cluster({"gpu": gpu, "gpus_per_node": env["world"], "nodes": 1, "name": "replay"})
+    perf = NoCommPerf(cluster) if args.fake_world else cluster
     config = {**load_model_config(args.model), "seq_len": args.seq}
     spec = ModelSpec.from_config(config)
     plans = grid(spec.num_blocks, env["world"], args.global_batch, "bf16")
@@ -130,7 +161,7 @@ def replay(path: Path) -> int:
             plan = Plan.from_dict(row["plan_dict"])
         else:
             plan = plans.get(row["plan"]) or next(p for p in plans.values() if p.describe() == row["describe"])
-        predicted = cost_plan(plan, spec, cluster, native)
+        predicted = cost_plan(plan, spec, perf, native)
         row.update(predicted_s=predicted.step_time_s, predicted_peak_gib=predicted.peak_memory_gib)
         if "measured_s" in row:
             row["time_error"] = row["predicted_s"] / row["measured_s"] - 1
@@ -159,6 +190,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU (gloo): checks the script")
+    parser.add_argument("--fake-world", type=int, metavar="N",
+                        help="one GPU as rank 0 of N on a fake process group: real memory, computation-only time")
     return parser
 
 
@@ -169,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         return replay(Path(args.replay))
     if not args.out:
         parser.error("--out is required")
-    device = init_distributed()
+    device = _init_fake(args.fake_world) if args.fake_world else init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
     if args.smoke:
         torch.set_num_threads(1)
@@ -183,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens = torch.randint(0, cfg.vocab, (args.global_batch, cfg.seq_len + 1), generator=gen)
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
     cluster = local_cluster(world)
+    perf = NoCommPerf(cluster) if args.fake_world else cluster
     native = CostOptions(**capabilities("native").cost_options())
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -201,9 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     plans = grid(spec.num_blocks, world, args.global_batch, dtype)
     if holder[0] is not None:
         plans = {"searched": Plan.from_dict(holder[0]), **plans}
+    if args.fake_world:  # a fake group's p2p delivers nothing a pipeline could run on
+        plans = {name: plan for name, plan in plans.items() if plan.pp == 1}
     rows = []
     for name, plan in plans.items():
-        predicted = cost_plan(plan, spec, cluster, native)
+        predicted = cost_plan(plan, spec, perf, native)
         row: dict[str, Any] = {"plan": name, "describe": plan.describe(), "plan_dict": plan.to_dict(),
                                "predicted_s": predicted.step_time_s, "predicted_peak_gib": predicted.peak_memory_gib}
         if predicted.peak_memory_gib > 0.92 * predicted.memory_limit_gib:
@@ -238,9 +274,12 @@ def _write(args: argparse.Namespace, rows: list[dict[str, Any]], world: int, sea
                                                       if "memory_error" in r) if device.type == "cuda" else None),
         "search_s": search_s,
     }
-    env = env or {"torch": torch.__version__, "world": world, "device": torch.cuda.get_device_name() if
+    env = env or {"torch": torch.__version__, "world": world,
+                  "fake_process_group": bool(getattr(args, "fake_world", 0)), "device": torch.cuda.get_device_name() if
                   device.type == "cuda" else "cpu", "nccl": ".".join(map(str, torch.cuda.nccl.version()))
                   if device.type == "cuda" else None}
+    if command is None and getattr(args, "fake_world", None):
+        command = "python benchmarks/multi_gpu/plans.py " + " ".join(sys.argv[1:])
     command = command or "torchrun --standalone --nproc-per-node {} benchmarks/multi_gpu/plans.py {}".format(
         world, " ".join(sys.argv[1:]))
     record = {"command": command, "env": env, "summary": summary, "rows": rows}

@@ -216,16 +216,20 @@ def loss_traffic(stack: str) -> Traffic:
     return _op(6 + 16, 4 + 16 + 6, kf=3, kb=4)
 
 
-def param_traffic(stack: str, act: int, grad: int, zero3: bool) -> Traffic:
+def param_traffic(stack: str, act: int, grad: int, zero: int, fsdp2: bool = True) -> Traffic:
     """Bytes per parameter of the rank's compute copy per micro-batch, outside the optimizer.
     ``autocast``: each weight cast to 16 bits in forward (read 4, write ``act``) and its gradient back
-    to fp32 in backward. ``eager`` or ``fused`` with FSDP2 (ZeRO-3): the all-gather output copied out
-    into the unsharded parameters before the forward and again before the backward (read and write
-    ``act`` each), and the gradient copied into the reduce-scatter buffer in the ``grad`` reduce dtype;
-    these copies run outside ``torch.compile``'d blocks too (torchtitan's compiled Llama 3.1 8B step:
+    to fp32 in backward. ``eager`` or ``fused`` with FSDP2 (``fsdp2``) at ZeRO-3: the all-gather
+    output copied out into the unsharded parameters before the forward and again before the backward
+    (read and write ``act`` each), and the gradient copied into the reduce-scatter buffer in the
+    ``grad`` reduce dtype; at ZeRO-2 the parameters stay unsharded from the forward to the backward,
+    so they are copied out once. ZeRO-3 on another stack (DeepSpeed's) copies as FSDP2's ZeRO-3 does.
+    These copies run outside ``torch.compile``'d blocks too (torchtitan's compiled Llama 3.1 8B step:
     50 ms of ``split_with_sizes_copy`` and ``chunk_cat`` on one H100, benchmarks/results/titan_reproduce.json)."""
     if stack == "autocast":
         return _op(4 + act, 4 + act, kf=0, kb=0)
-    if stack in ("eager", "fused") and zero3:
+    if stack in ("eager", "fused") and zero == 3:
         return _op(2 * act, 2 * act + act + grad, kf=0, kb=0)
+    if stack in ("eager", "fused") and zero == 2 and fsdp2:
+        return _op(2 * act, act + grad, kf=0, kb=0)
     return Traffic()

@@ -141,6 +141,23 @@ def _param_bytes(ctx: LayerContext) -> int:
     return 4 if ctx.dtype is DType.FP32 else 2
 
 
+def fsdp_compute(ctx: LayerContext, s: LayerStrategy) -> bool:
+    """Whether the layer computes with FSDP2's 16-bit unsharded parameters: ZeRO-2/3 over more than
+    one replica of a 16-bit plan on a stack whose parameters are the fp32 master weights
+    (``CostOptions.master_weights = "params"``; ``MixedPrecisionPolicy(param_dtype=bf16)``)."""
+    return (s.zero >= 2 and s.dp * s.cp > 1 and ctx.dtype is not DType.FP32
+            and ctx.options.master_weights == "params")
+
+
+def block_stack(ctx: LayerContext, s: LayerStrategy) -> str:
+    """The stack a layer's memory-bound ops run on (``CostOptions.elementwise``), but ``eager`` in 16
+    bits for an ``autocast`` layer that FSDP2 holds (:func:`fsdp_compute`): its parameters are 16-bit
+    and FSDP2 casts the unit's floating-point inputs to them (``cast_forward_inputs``), so the
+    residual stream is 16-bit and autocast casts nothing (benchmarks/results/saved_activations.md)."""
+    stack = ctx.options.elementwise
+    return "eager" if stack == "autocast" and fsdp_compute(ctx, s) else stack
+
+
 def _dense_expert_params(layer: LayerSpec, s: LayerStrategy) -> tuple[float, float]:
     """Parameters per rank outside and inside the routed experts (TP splits the rest; expert TP and
     EP split the experts)."""
@@ -237,7 +254,7 @@ def _host_issue(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> tuple[
     backward). Megatron's module-level ``selective`` issues the memory-bound ops again in backward;
     full and op-level selective checkpointing (the native runtime's, torchtitan's) cost their
     measured multiples (``RECOMPUTE_HOST_FACTOR``)."""
-    ops = eager.block_traffic(layer, s, ctx.options.elementwise, _act_bytes(ctx))
+    ops = eager.block_traffic(layer, s, block_stack(ctx, s), _act_bytes(ctx))
     linears = eager.linears(layer)
     fwd = ops.kernels_fwd + 2 * linears + (2 if layer.heads else 0)
     bwd = ops.kernels_bwd + 3 * linears + (4 if layer.heads else 0)
@@ -439,7 +456,7 @@ def _elementwise_times(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, to
     """Forward and backward seconds of a block's memory-bound kernels: the fused stack's bytes
     (backward twice the forward), or an eager stack's op by op (:mod:`strategies.cost.eager`) with
     the fixed cost of each kernel, plus the per-parameter casts and FSDP2 copies of its weights."""
-    stack = ctx.options.elementwise
+    stack = block_stack(ctx, s)
     if stack == "fused":
         ew = ctx.perf.memory_time(_elementwise_bytes(ctx, layer, s) * tok)
         return ew, 2 * ew
@@ -447,8 +464,9 @@ def _elementwise_times(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, to
 
 
 def _param_traffic(ctx: LayerContext, s: LayerStrategy, params: float) -> eager.Traffic:
-    zero3 = s.zero == 3 and s.dp * s.cp > 1
-    return eager.param_traffic(ctx.options.elementwise, _act_bytes(ctx), ctx.options.grad_bytes, zero3).scaled(params)
+    zero = s.zero if s.dp * s.cp > 1 else 0
+    fsdp2 = ctx.options.master_weights == "params"
+    return eager.param_traffic(block_stack(ctx, s), _act_bytes(ctx), ctx.options.grad_bytes, zero, fsdp2).scaled(params)
 
 
 def _traffic_times(ctx: LayerContext, t: eager.Traffic) -> tuple[float, float]:
@@ -665,7 +683,7 @@ def _activation(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, mode: Rec
     scores = 0.0
     if layer.heads and not ctx.options.flash_attention and mode is Recompute.NONE:
         scores = (5 if ctx.options.dropout else 4) * layer.heads * ctx.seq_len
-    stack = ctx.options.elementwise
+    stack = block_stack(ctx, s)
     up = eager.up_projections(layer) if layer.ffn_hidden and stack != "fused" else 1
     if stack == "autocast" and ctx.dtype is not DType.FP32:  # autocast runs (fp32 plans run without it)
         norms += 4 * h  # the residual stream stays fp32: both norms keep 4-byte inputs

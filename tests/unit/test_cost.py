@@ -407,3 +407,9 @@ def test_autocast_keeps_a_cast_input_per_linear() -> None:
     assert kept("autocast") - kept("eager") == pytest.approx(4 * h + 2 * h * (2 + 1))
     assert kept("autocast", DType.FP32) == kept("eager", DType.FP32)
     assert kept("autocast", tp=2, sp=True) - kept("eager", tp=2, sp=True) == pytest.approx(4 * h / 2 + 2 * h * (2 + 1))
+    # FSDP2 (ZeRO-2/3 over replicas) computes with 16-bit parameters and casts the block's input: the
+    # residual stream is 16-bit and autocast casts nothing, so the block keeps what eager bf16 keeps
+    for zero in (2, 3):
+        assert kept("autocast", dp=2, zero=zero) == kept("eager", dp=2, zero=zero)
+    assert kept("autocast", dp=2, zero=1) == kept("autocast")
+    assert kept("autocast", dp=1, zero=3) == kept("autocast")  # one replica: no FSDP2 unit

@@ -90,14 +90,16 @@ def test_eager_stack_slows_a_whole_plan_and_its_loss() -> None:
     assert eager.loss_traffic("eager").fwd > eager.loss_traffic("fused").fwd == 12
 
 
-def test_fsdp2_copies_only_under_zero3_and_autocast_casts_always() -> None:
-    assert eager.param_traffic("eager", 2, 4, zero3=False).fwd == 0
-    assert (eager.param_traffic("eager", 2, 4, zero3=True).bwd, eager.param_traffic("autocast", 2, 4, False).fwd) == (
-        10, 6)
-    # FSDP2's copies run outside compiled blocks: a fused stack pays them under ZeRO-3 only
-    assert eager.param_traffic("fused", 2, 4, zero3=True) == eager.param_traffic("eager", 2, 4, zero3=True)
-    assert eager.param_traffic("fused", 2, 4, zero3=False).fwd == 0
-    # ... so a block's eager-over-fused time is the same with ZeRO-3 as without (both pay the copies)
+def test_fsdp2_copies_under_zero2_and_zero3_and_autocast_casts_always() -> None:
+    assert eager.param_traffic("eager", 2, 4, zero=0).fwd == eager.param_traffic("eager", 2, 4, zero=1).fwd == 0
+    assert (eager.param_traffic("eager", 2, 4, zero=3).bwd, eager.param_traffic("autocast", 2, 4, 0).fwd) == (10, 6)
+    # ZeRO-2 keeps FSDP2's unsharded parameters to the backward: one copy-out, then the gradient's copy-in
+    assert (eager.param_traffic("eager", 2, 4, zero=2).fwd, eager.param_traffic("eager", 2, 4, zero=2).bwd) == (4, 6)
+    assert eager.param_traffic("eager", 2, 4, zero=2, fsdp2=False).fwd == 0  # DeepSpeed's ZeRO-2 copies nothing
+    # FSDP2's copies run outside compiled blocks: a fused stack pays them as an eager one
+    assert eager.param_traffic("fused", 2, 4, zero=3) == eager.param_traffic("eager", 2, 4, zero=3)
+    assert eager.param_traffic("fused", 2, 4, zero=1).fwd == 0
+    # ... so a block's eager-over-fused time is the same with ZeRO-3 as with ZeRO-2 (both pay the copies)
     gaps = [_block_times(LLAMA, "eager", zero=z)[0] - _block_times(LLAMA, "fused", zero=z)[0] for z in (2, 3)]
     assert gaps[1] == pytest.approx(gaps[0], rel=1e-6)
 

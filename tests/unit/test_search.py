@@ -87,6 +87,27 @@ def test_search_matches_brute_force_with_blocking_p2p() -> None:
     assert sum(s.comm_s["pp"] for s in both.stages) > sum(s.comm_s["pp"] for s in one_side.stages)
 
 
+def test_search_matches_brute_force_on_the_native_stack() -> None:
+    """The native runtime's costs: blocks that FSDP2 holds (ZeRO-2/3) run their elementwise ops and
+    keep activations in 16 bits, the others under autocast, so the search's per-layer cache must tell
+    them apart."""
+    from galvatron.backends import capabilities
+
+    native = CostOptions(**capabilities("native").cost_options())
+    spec = ModelSpec.from_config(TINY)
+    options = _options(zero_stages=(0, 1, 2, 3), cp_kinds=(), max_vpp=1, capabilities=frozenset(
+        {"pp", "tp", "sp", "zero1", "zero2", "zero3", "recompute:full", "schedule:1f1b"}),
+        recompute=(Recompute.NONE, Recompute.FULL))
+    every = brute_force(spec, with_memory(_perf(4), 1e9), options, world=4, cost_options=native)
+    budget = statistics.median(c.peak_memory_gib for c in every)
+    truth = [c for c in every if c.peak_memory_gib <= budget]
+    found = search(spec, with_memory(_perf(4), budget), options, native, world_size=4)
+    assert found.best.step_time_s == pytest.approx(truth[0].step_time_s, rel=1e-9)
+    again = cost_plan(found.best.plan, spec, with_memory(_perf(4), budget), native)
+    assert (found.best.step_time_s, found.best.peak_memory_gib) == pytest.approx(
+        (again.step_time_s, again.peak_memory_gib), rel=1e-9)
+
+
 def test_search_matches_brute_force_on_mixed_moe_blocks() -> None:
     """Blocks that differ (a dense first block, then MoE) take the non-homogeneous path; ep is searched."""
     spec = ModelSpec.from_config(MOE)
