@@ -111,7 +111,8 @@ def main() -> int:
     model_per_token = _activation(ctx, spec.blocks[1], strategy, Recompute.NONE)
     measured = blocks[1]["bytes"] / tokens
     result = {"command": "python " + " ".join(sys.argv), "device": args.device, "torch": torch.__version__,
-              "hidden": args.hidden, "fsdp": args.fsdp, "norm": args.norm, "measured_bytes_per_token": measured, "model_bytes_per_token": model_per_token,
+              "hidden": args.hidden, "fsdp": args.fsdp, "norm": args.norm, "measured_bytes_per_token": measured,
+              "model_bytes_per_token": model_per_token,
               "saved": blocks[1]["tensors"]}
     print(f"block 1: {measured:.0f} bytes/token kept ({measured / args.hidden:.1f} h), model {model_per_token:.0f} "
           f"({model_per_token / args.hidden:.1f} h): {measured / model_per_token - 1:+.1%}")

@@ -93,9 +93,10 @@ def grid(layers: int, world: int, batch: int, dtype: str) -> dict[str, Plan]:
 
 
 def measure(cfg: GPTConfig, plan: Plan, tokens: torch.Tensor, targets: torch.Tensor, warmup: int,
-            steps: int, device: torch.device) -> dict[str, float]:
+            steps: int, device: torch.device, profile: bool = False) -> dict[str, Any]:
     """Slowest rank's median step seconds, the largest peak memory over ranks, and the most any rank
-    had allocated before the plan's model was built (what earlier plans left behind)."""
+    had allocated before the plan's model was built (what earlier plans left behind); ``profile``:
+    this rank's kernels of two more steps by category and the costliest kernels and ATen ops."""
     import galvatron
 
     before = _max_over_ranks(torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else 0.0, device)
@@ -119,12 +120,36 @@ def measure(cfg: GPTConfig, plan: Plan, tokens: torch.Tensor, targets: torch.Ten
     per_step = torch.tensor(times[warmup:], dtype=torch.float64, device=device)
     dist.all_reduce(per_step, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
     peak = _max_over_ranks(torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0, device)
+    kernels = _profile(wrapped, opt, (x, y), 2) if profile and device.type == "cuda" else {}
     del wrapped, model, opt
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"measured_s": statistics.median(per_step.tolist()), "peak_memory_gib": peak,
-            "allocated_before_gib": before}
+            "allocated_before_gib": before, **kernels}
+
+
+def _profile(wrapped: Any, opt: Any, batch: tuple[torch.Tensor, torch.Tensor], steps: int) -> dict[str, Any]:
+    """Kernel milliseconds per step of ``steps`` training steps under ``torch.profiler``: by category
+    (``step_breakdown.category``), the 30 costliest kernels and the 40 costliest ATen ops."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from step_breakdown import categories, category, profiled_kernels
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for _ in range(steps):
+            wrapped.train_step(batch, lm_loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    kernels, ops = profiled_kernels(prof, steps)
+    cats = categories(kernels, steps)
+    top = sorted(kernels, key=lambda n: -sum(kernels[n]))[:30]
+    return {"kernel_ms": sum(cats.values()), "categories_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [{"name": n[:120], "category": category(n), "ms_per_step": sum(kernels[n]) / steps,
+                             "calls_per_step": len(kernels[n]) / steps} for n in top],
+            "ops": [{"op": k, "ms_per_step": v[0], "kernels_per_step": v[1], "calls_per_step": v[2]}
+                    for k, v in sorted(ops.items(), key=lambda kv: -kv[1][0])[:40]]}
 
 
 def _max_over_ranks(value: float, device: torch.device) -> float:
@@ -190,6 +215,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU (gloo): checks the script")
+    parser.add_argument("--profile", action="store_true",
+                        help="also record rank 0's kernels of two more steps per plan (by category, costliest)")
     parser.add_argument("--fake-world", type=int, metavar="N",
                         help="one GPU as rank 0 of N on a fake process group: real memory, computation-only time")
     return parser
@@ -210,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         config = {**load_model_config(args.model), "seq_len": args.seq}
     cfg = gpt_config(config)
-    spec = ModelSpec.from_config(config)
+    # the reference GPT's block list, which the runtime checks the search's plans against
+    spec = dataclasses.replace(ModelSpec.from_config(config), block_path="blocks")
     dtype = "bf16" if device.type == "cuda" else "fp32"
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab, (args.global_batch, cfg.seq_len + 1), generator=gen)
@@ -245,13 +273,14 @@ def main(argv: list[str] | None = None) -> int:
         if predicted.peak_memory_gib > 0.92 * predicted.memory_limit_gib:
             row["skipped"] = f"predicted {predicted.peak_memory_gib:.1f} GiB of {predicted.memory_limit_gib:.1f}"
         else:
-            row.update(measure(cfg, plan, x, y, args.warmup, args.steps, device))
+            row.update(measure(cfg, plan, x, y, args.warmup, args.steps, device, args.profile))
             row["time_error"] = row["predicted_s"] / row["measured_s"] - 1
             if row["peak_memory_gib"]:
                 row["memory_error"] = row["predicted_peak_gib"] / row["peak_memory_gib"] - 1
         rows.append(row)
         if rank == 0:
-            print(json.dumps({k: v for k, v in row.items() if k != "describe"}), flush=True)
+            bulky = ("describe", "plan_dict", "top_kernels", "ops")
+            print(json.dumps({k: v for k, v in row.items() if k not in bulky}), flush=True)
     if rank == 0:
         _write(args, rows, world, search_s, device)
     dist.barrier()

@@ -55,6 +55,9 @@ class Capabilities:
     large runs are device-bound)."""
     zero1_reduce: str = "reduce_scatter"
     """How its ZeRO-1 syncs gradients (``CostOptions.zero1_reduce``)."""
+    bucket_copies: bool = False
+    """Whether its ZeRO-0/1 copy gradients into flat buckets and parameters out of them
+    (``CostOptions.bucket_copies``)."""
     overlap_param_gather: bool = True
     """Whether its ZeRO-1 parameter all-gather hides behind the next forward
     (``CostOptions.overlap_param_gather``)."""
@@ -70,7 +73,7 @@ class Capabilities:
         return {"persistent_grads": self.persistent_grads, "master_weights": self.master_weights,
                 "selective": self.selective, "elementwise": self.elementwise,
                 "loss_bytes_per_logit": self.loss_bytes_per_logit, "zero1_reduce": self.zero1_reduce,
-                "overlap_param_gather": self.overlap_param_gather,
+                "overlap_param_gather": self.overlap_param_gather, "bucket_copies": self.bucket_copies,
                 "host_us_per_kernel": self.host_us_per_kernel if accelerator else 0.0,
                 "blocking_p2p": not accelerator}
 
@@ -88,7 +91,7 @@ CAPABILITIES: dict[str, Capabilities] = {
                             "schedule:interleaved-1f1b", "schedule:zero-bubble"}) | _RECOMPUTE,
         dtypes=frozenset({DType.FP32, DType.BF16, DType.FP16}),
         per_layer=frozenset({"dp", "tp", "sp", "zero", "recompute", "offload"}), uniform=False, gpu_only=False,
-        zero1_reduce="all_reduce", overlap_param_gather=False),
+        zero1_reduce="all_reduce", overlap_param_gather=False, bucket_copies=True),
     "deepspeed": Capabilities(
         name="deepspeed",
         # schedule:1f1b: the search gives one-stage plans the default schedule, which runs no pipeline

@@ -14,7 +14,6 @@ rank's slices back from one: the checkpoint format is the plain optimizer's, und
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -175,19 +174,47 @@ class _ZeroOneMixin:
                     p.grad.zero_()
 
 
+class _ByKindMixin:
+    """Steps each parameter group as one group per tensor kind (:func:`_tensor_kind`): PyTorch's
+    multi-tensor (``foreach``, the CUDA default) and ``fused`` paths run one kernel over a list of
+    tensors and refuse lists that mix plain tensors and DTensors (tensor parallelism shards linear
+    weights but leaves norm weights whole; FSDP2 shards only some layer ranges) or DTensors of
+    different meshes. The split lasts for the step only: ``param_groups`` stay as built, for LR
+    schedulers and checkpoints under any plan."""
+
+    def step(self, closure: Any = None) -> Any:
+        groups = self.param_groups  # type: ignore[has-type]
+        self.param_groups = [{**g, "params": part} for g in groups for part in _by_kind(g["params"])]
+        try:
+            return super().step(closure)  # type: ignore[misc]
+        finally:
+            self.param_groups = groups
+
+
+def _by_kind(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    parts: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+    for p in params:
+        parts.setdefault(_tensor_kind(p), []).append(p)
+    return list(parts.values())
+
+
 def build_optimizer(model: nn.Module, optimizer_cls: type[torch.optim.Optimizer], sync: GradientSync,
                     **kwargs: Any) -> torch.optim.Optimizer:
     """An ``optimizer_cls`` over ``model``'s parameters whose ZeRO-1 layer ranges keep states
-    for this rank's slice only. The result is an instance of ``optimizer_cls`` (LR schedulers
-    and ``state_dict`` work as usual)."""
+    for this rank's slice only, and whose steps run each kind of parameter tensor apart
+    (:class:`_ByKindMixin`) where they mix. The result is an instance of ``optimizer_cls`` (LR
+    schedulers and ``state_dict`` work as usual)."""
     shards = [_Shard(b) for b in sync.buckets if b.zero1 and b.size > 1]
     sharded = {id(p) for s in shards for p in s.bucket.params}
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in sharded]
     params += [piece.shard for s in shards for piece in s.pieces]
-    kwargs = _single_tensor_path_if_mixed(params, optimizer_cls, kwargs)
-    if not shards:
+    bases: tuple[type, ...] = (_ByKindMixin,) if len({_tensor_kind(p) for p in params}) > 1 else ()
+    if shards:
+        bases = (_ZeroOneMixin, *bases)
+    if not bases:
         return optimizer_cls(params, **kwargs)
-    cls = type(f"ZeroOne{optimizer_cls.__name__}", (_ZeroOneMixin, optimizer_cls), {})
+    prefix = "ZeroOne" if shards else "ByKind"
+    cls = type(f"{prefix}{optimizer_cls.__name__}", (*bases, optimizer_cls), {})
     optimizer = cls(params, **kwargs)
     optimizer._galvatron_shards = shards
     optimizer._galvatron_base = optimizer_cls
@@ -199,25 +226,6 @@ def _tensor_kind(p: torch.Tensor) -> tuple[Any, ...]:
     if not hasattr(p, "placements"):
         return ()
     return (id(p.device_mesh), tuple(p.placements))
-
-
-def _single_tensor_path_if_mixed(params: list[torch.Tensor], optimizer_cls: type[torch.optim.Optimizer],
-                                 kwargs: dict[str, Any]) -> dict[str, Any]:
-    """PyTorch's multi-tensor (``foreach``, the CUDA default) and ``fused`` optimizer paths run one
-    kernel over a list of tensors and refuse lists that mix plain tensors and DTensors (tensor
-    parallelism shards linear weights but leaves norm weights whole; FSDP2 shards only some layer
-    ranges) or DTensors of different meshes. For such parameter sets the optimizer takes its
-    per-parameter path, unless the caller chose a path; a requested ``fused`` or ``foreach`` path
-    falls back with a warning."""
-    if len({_tensor_kind(p) for p in params}) <= 1:
-        return kwargs
-    asked = [k for k in ("fused", "foreach") if kwargs.get(k)]
-    if asked:
-        warnings.warn(f"{optimizer_cls.__name__}({asked[0]}=True) cannot run over this plan's mix of plain and "
-                      "distributed (DTensor) parameters; using its per-parameter path", stacklevel=3)
-    out = {k: v for k, v in kwargs.items() if k != "fused"}
-    out["foreach"] = False
-    return out
 
 
 def is_zero_one(optimizer: torch.optim.Optimizer) -> bool:

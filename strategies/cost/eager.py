@@ -19,7 +19,9 @@ stacks:
   ``layer_norm`` is on autocast's fp32 list; every ``Linear`` casts its fp32 input to bf16 (the
   q, k, v and up projections each cast the same norm output again: only leaf tensors are cached);
   each weight is cast to bf16 once per forward (autocast's weight cache) and its gradient back to
-  fp32 in backward.
+  fp32 in backward. Blocks that FSDP2 holds (the native runtime's ZeRO-2/3) run the same ops over
+  16-bit parameters and a 16-bit residual stream: no weight casts, ``rms_norm`` in 16 bits, and only
+  ``layer_norm`` (on autocast's fp32 list) casts its input up and its output back per linear.
 
 Per op: (forward bytes, backward bytes, forward kernels, backward kernels) per element of its width.
 The backward of ``y = op(x)`` reads the incoming gradient and what the formula saved and writes the
@@ -97,16 +99,20 @@ def _norm(layer: LayerSpec, residual: int, compute: int, autocast: bool) -> Traf
     return layer_norm(residual, compute)
 
 
-def block_traffic(layer: LayerSpec, s: LayerStrategy, stack: str, act: int) -> Traffic:
+def block_traffic(layer: LayerSpec, s: LayerStrategy, stack: str, act: int, res: int | None = None,
+                  norm: int | None = None) -> Traffic:
     """Bytes per token (and kernels) of one block's memory-bound ops on one rank under the eager
-    ``stack`` (``eager`` or ``autocast``) with ``act``-byte activations; the attention core and the
-    GEMMs are costed elsewhere. Widths per rank: the residual stream ``h`` (over TP with SP), ``q``,
-    ``kv`` and the FFN width over TP."""
+    ``stack`` (``eager`` or ``autocast``) with ``act``-byte activations, a ``res``-byte residual stream
+    and ``norm``-byte norm outputs (default: fp32 both under ``autocast``, ``act`` on ``eager``; a
+    block FSDP2 holds under autocast has a 16-bit stream: ``strategies.cost.layer.stream_bytes``); the
+    attention core and the GEMMs are costed elsewhere. Widths per rank: the residual stream ``h``
+    (over TP with SP), ``q``, ``kv`` and the FFN width over TP."""
     autocast = stack == "autocast"
-    res = 4 if autocast else act
+    res = res if res is not None else 4 if autocast else act
+    norm = norm if norm is not None else 4 if autocast else act
     hr = layer.hidden / (s.tp if s.sp else 1)
-    total = _norm(layer, res, 4 if autocast else act, autocast).scaled(hr, 2) + _residual(res, act).scaled(hr, 2)
-    total += _input_grads(layer, res, act).scaled(hr)
+    total = _norm(layer, res, norm, autocast).scaled(hr, 2) + _residual(res, act).scaled(hr, 2)
+    total += _input_grads(layer, norm, act).scaled(hr)
     if layer.heads:
         total += _attention_ops(layer, s, act, autocast)
     total += _mlp_ops(layer, s, act)
@@ -140,13 +146,13 @@ def _residual(res: int, act: int) -> Traffic:
     return _op(res + act + res, 3 * res + cast, kf=1, kb=2 if cast else 1)
 
 
-def _input_grads(layer: LayerSpec, res: int, act: int) -> Traffic:
-    """Linears reading the same norm output (q, k, v; up, or gate and up): under autocast each casts
-    the fp32 input to 16 bits itself (and casts its input gradient back); autograd adds their input
-    gradients (``n - 1`` adds of ``3 x res``)."""
+def _input_grads(layer: LayerSpec, norm: int, act: int) -> Traffic:
+    """Linears reading the same ``norm``-byte norm output (q, k, v; up, or gate and up): under autocast
+    each casts an fp32 input to 16 bits itself (and casts its input gradient back); autograd adds their
+    input gradients (``n - 1`` adds of ``3 x norm``)."""
     out = Traffic()
     for n in ([3] if layer.heads else []) + [up_projections(layer)]:
-        out += _cast(res, act).scaled(1, n) + _op(0, 3 * res, kf=0, kb=1).scaled(1, n - 1)
+        out += _cast(norm, act).scaled(1, n) + _op(0, 3 * norm, kf=0, kb=1).scaled(1, n - 1)
     return out
 
 
@@ -216,20 +222,23 @@ def loss_traffic(stack: str) -> Traffic:
     return _op(6 + 16, 4 + 16 + 6, kf=3, kb=4)
 
 
-def param_traffic(stack: str, act: int, grad: int, zero: int, fsdp2: bool = True) -> Traffic:
+def param_traffic(stack: str, act: int, grad: int, zero: int, fsdp2: bool = True, shards: int = 1) -> Traffic:
     """Bytes per parameter of the rank's compute copy per micro-batch, outside the optimizer.
     ``autocast``: each weight cast to 16 bits in forward (read 4, write ``act``) and its gradient back
-    to fp32 in backward. ``eager`` or ``fused`` with FSDP2 (``fsdp2``) at ZeRO-3: the all-gather
-    output copied out into the unsharded parameters before the forward and again before the backward
-    (read and write ``act`` each), and the gradient copied into the reduce-scatter buffer in the
-    ``grad`` reduce dtype; at ZeRO-2 the parameters stay unsharded from the forward to the backward,
-    so they are copied out once. ZeRO-3 on another stack (DeepSpeed's) copies as FSDP2's ZeRO-3 does.
-    These copies run outside ``torch.compile``'d blocks too (torchtitan's compiled Llama 3.1 8B step:
-    50 ms of ``split_with_sizes_copy`` and ``chunk_cat`` on one H100, benchmarks/results/titan_reproduce.json)."""
+    to fp32 in backward. ``eager`` or ``fused`` with FSDP2 (``fsdp2``) at ZeRO-3: before the forward
+    and again before the backward, this rank's fp32 shard (one of ``shards``) cast into the
+    all-gather's input (read 4, write ``act``) and the gathered output copied out into the unsharded
+    parameters (read and write ``act``), and the gradient copied into the reduce-scatter buffer in
+    the ``grad`` reduce dtype; at ZeRO-2 the parameters stay unsharded from the forward to the
+    backward, so they are gathered once. ZeRO-3 on another stack (DeepSpeed's) copies out as FSDP2's
+    ZeRO-3 does. These copies run outside ``torch.compile``'d blocks too (torchtitan's compiled Llama
+    3.1 8B step: 50 ms of ``split_with_sizes_copy`` and ``chunk_cat`` on one H100,
+    benchmarks/results/titan_reproduce.json)."""
     if stack == "autocast":
         return _op(4 + act, 4 + act, kf=0, kb=0)
+    gather = 2 * act + ((4 + act) / shards if fsdp2 else 0.0)
     if stack in ("eager", "fused") and zero == 3:
-        return _op(2 * act, 2 * act + act + grad, kf=0, kb=0)
+        return _op(gather, gather + act + grad, kf=0, kb=0)
     if stack in ("eager", "fused") and zero == 2 and fsdp2:
-        return _op(2 * act, act + grad, kf=0, kb=0)
+        return _op(gather, act + grad, kf=0, kb=0)
     return Traffic()

@@ -149,13 +149,18 @@ def fsdp_compute(ctx: LayerContext, s: LayerStrategy) -> bool:
             and ctx.options.master_weights == "params")
 
 
-def block_stack(ctx: LayerContext, s: LayerStrategy) -> str:
-    """The stack a layer's memory-bound ops run on (``CostOptions.elementwise``), but ``eager`` in 16
-    bits for an ``autocast`` layer that FSDP2 holds (:func:`fsdp_compute`): its parameters are 16-bit
-    and FSDP2 casts the unit's floating-point inputs to them (``cast_forward_inputs``), so the
-    residual stream is 16-bit and autocast casts nothing (benchmarks/results/saved_activations.md)."""
-    stack = ctx.options.elementwise
-    return "eager" if stack == "autocast" and fsdp_compute(ctx, s) else stack
+def stream_bytes(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> tuple[int, int]:
+    """Bytes per element of a block's residual stream and of its norms' output on an eager stack.
+    Autocast over fp32 parameters (16-bit plans) keeps the stream fp32 and every norm computes in
+    fp32; a block that FSDP2 holds (:func:`fsdp_compute`) has 16-bit parameters and FSDP2 casts its
+    inputs to them (``cast_forward_inputs``), so its stream is 16-bit, and so is ``rms_norm``'s output,
+    while ``layer_norm``, on autocast's fp32 list, still casts its input up and returns fp32
+    (benchmarks/results/saved_activations.md). Elsewhere both are the activations' width."""
+    act = _act_bytes(ctx)
+    if ctx.options.elementwise != "autocast" or ctx.dtype is DType.FP32:
+        return act, act
+    res = act if fsdp_compute(ctx, s) else 4
+    return res, 4 if res == 4 or layer.norm == "layernorm" else act
 
 
 def _dense_expert_params(layer: LayerSpec, s: LayerStrategy) -> tuple[float, float]:
@@ -254,7 +259,7 @@ def _host_issue(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> tuple[
     backward). Megatron's module-level ``selective`` issues the memory-bound ops again in backward;
     full and op-level selective checkpointing (the native runtime's, torchtitan's) cost their
     measured multiples (``RECOMPUTE_HOST_FACTOR``)."""
-    ops = eager.block_traffic(layer, s, block_stack(ctx, s), _act_bytes(ctx))
+    ops = eager.block_traffic(layer, s, ctx.options.elementwise, _act_bytes(ctx), *stream_bytes(ctx, layer, s))
     linears = eager.linears(layer)
     fwd = ops.kernels_fwd + 2 * linears + (2 if layer.heads else 0)
     bwd = ops.kernels_bwd + 3 * linears + (4 if layer.heads else 0)
@@ -456,17 +461,24 @@ def _elementwise_times(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, to
     """Forward and backward seconds of a block's memory-bound kernels: the fused stack's bytes
     (backward twice the forward), or an eager stack's op by op (:mod:`strategies.cost.eager`) with
     the fixed cost of each kernel, plus the per-parameter casts and FSDP2 copies of its weights."""
-    stack = block_stack(ctx, s)
+    stack = ctx.options.elementwise
     if stack == "fused":
         ew = ctx.perf.memory_time(_elementwise_bytes(ctx, layer, s) * tok)
         return ew, 2 * ew
-    return _traffic_times(ctx, eager.block_traffic(layer, s, stack, _act_bytes(ctx)).scaled(tok))
+    traffic = eager.block_traffic(layer, s, stack, _act_bytes(ctx), *stream_bytes(ctx, layer, s))
+    return _traffic_times(ctx, traffic.scaled(tok))
 
 
 def _param_traffic(ctx: LayerContext, s: LayerStrategy, params: float) -> eager.Traffic:
+    """Per-parameter kernels of the rank's weights: autocast's casts where it runs over fp32 parameters
+    (not in fp32 plans, nor on FSDP2's 16-bit ones), FSDP2's copies under ZeRO-2/3."""
     zero = s.zero if s.dp * s.cp > 1 else 0
+    stack = ctx.options.elementwise
+    if stack == "autocast" and (ctx.dtype is DType.FP32 or fsdp_compute(ctx, s)):
+        stack = "eager"
     fsdp2 = ctx.options.master_weights == "params"
-    return eager.param_traffic(block_stack(ctx, s), _act_bytes(ctx), ctx.options.grad_bytes, zero, fsdp2).scaled(params)
+    return eager.param_traffic(stack, _act_bytes(ctx), ctx.options.grad_bytes, zero, fsdp2,
+                               s.dp * s.cp).scaled(params)
 
 
 def _traffic_times(ctx: LayerContext, t: eager.Traffic) -> tuple[float, float]:
@@ -663,11 +675,13 @@ def _activation(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, mode: Rec
     over TP; unfused attention adds ``5as`` (scores, softmax, dropout mask) unless selectively
     recomputed (``CostOptions.selective = "megatron"``); full recomputation keeps the layer input
     ``2h``; the op-level selective policies keep what :func:`_selective_kept` counts. Eager stacks
-    (``CostOptions.elementwise``) keep more: under autocast (16-bit plans) the fp32 residual stream
-    doubles the two norm inputs (``+4h``), autocast casts the attention's and a dense MLP's input once per linear that
-    reads it (q, k, v: :data:`QKV_LINEARS`; gate and up) and each keeps its copy (``+2h`` per extra
-    reader; benchmarks/results/saved_activations.md: 48.5 h kept per token where the one-copy count
-    gave 44.0 h on one H100), and an unfused SwiGLU keeps SiLU's output too (``+2f``). Under SP only
+    (``CostOptions.elementwise``) keep more: where autocast's norms compute in fp32 (16-bit plans over
+    fp32 parameters, and LayerNorm on FSDP2's 16-bit ones: :func:`stream_bytes`) the two norm inputs
+    are kept in fp32 (``+4h``), and autocast casts the attention's and a dense MLP's input once per
+    linear that reads it (q, k, v: :data:`QKV_LINEARS`; gate and up) and each keeps its copy (``+2h``
+    per extra reader; benchmarks/results/saved_activations.md: 48.5 h kept per token where the
+    one-copy count gave 44.0 h on one H100; under FSDP2 with RMSNorm, 38.3 h), and an unfused SwiGLU
+    keeps SiLU's output too (``+2f``). Under SP only
     Megatron's fused stack re-gathers the GEMM inputs in backward; the others (DTensor's sequence
     parallelism) keep them gathered, ``1/tp`` of them only for the norm inputs."""
     scale = _act_bytes(ctx) / 2
@@ -683,10 +697,10 @@ def _activation(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, mode: Rec
     scores = 0.0
     if layer.heads and not ctx.options.flash_attention and mode is Recompute.NONE:
         scores = (5 if ctx.options.dropout else 4) * layer.heads * ctx.seq_len
-    stack = block_stack(ctx, s)
+    stack = ctx.options.elementwise
     up = eager.up_projections(layer) if layer.ffn_hidden and stack != "fused" else 1
-    if stack == "autocast" and ctx.dtype is not DType.FP32:  # autocast runs (fp32 plans run without it)
-        norms += 4 * h  # the residual stream stays fp32: both norms keep 4-byte inputs
+    if stream_bytes(ctx, layer, s)[1] > _act_bytes(ctx):  # autocast's norms compute in fp32 (not in fp32 plans)
+        norms += 4 * h  # both norms keep 4-byte inputs (the fp32 stream, or layer_norm's cast of a 16-bit one)
         inputs += 2 * h * ((QKV_LINEARS - 1 if layer.heads else 0) + (up - 1 if not layer.experts else 0))
     if stack != "fused" and up == 2:
         # eager silu(gate) * up keeps silu's output for the product's backward besides gate and up
@@ -773,6 +787,10 @@ def _zero_part(ctx: LayerContext, s: LayerStrategy, acc: dict[str, float], param
     elif z == 1:
         reduce = Collective.ALL_REDUCE if opts.zero1_reduce == "all_reduce" else Collective.REDUCE_SCATTER
         acc["sync"] += perf.collective_time(reduce, grads, group)
+    if z <= 1 and d > 1 and opts.bucket_copies:
+        master = 4 if opts.master_weights == "params" else pb  # the parameters' own dtype
+        copies = 4 * gb * params + (2 * master * (shard + params) if z == 1 else 0.0)
+        acc["post"] += perf.memory_time(copies)
     if z == 1 and not opts.overlap_param_gather:
         # the updated slices in the parameters' own dtype: fp32 where they are the master weights
         acc["post"] += perf.collective_time(Collective.ALL_GATHER, 4 * params if opts.master_weights == "params"

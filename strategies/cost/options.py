@@ -54,6 +54,16 @@ class CostOptions:
     host runs ahead of the device unless passes are tiny). CPU workers measure it in their gloo
     profile (``profiler.schema.ClusterProfile.pipeline_action_s``): about 1-2.5 ms with 4 workers on
     2 cores (benchmarks/results/cpu_plans.md)."""
+    bucket_copies: bool = False
+    """Local copies around ZeRO-0/1's gradient sync, once per step, exposed after the backward:
+    each bucket's gradients copied into a flat buffer before its all-reduce and averaged in place
+    after (read and write ``grad_bytes`` per parameter, twice), and ZeRO-1's updated slices gathered
+    through a flat buffer and copied back into the parameters (read and write the parameters' bytes
+    per parameter of the slice, then per parameter). galvatron's native runtime
+    (``runtime.data.GradientSync``, ``runtime.optim``: 70 ms of ``cat``, ``div_`` and ``copy_`` per
+    step for Llama 2 7B at dp2 ZeRO-1 on one H200, benchmarks/results/multi_gpu/plans_llama2-7b_fake2.json);
+    False: a stack whose gradients accumulate into the communication buffer (Megatron's contiguous
+    grad buffer, DDP's bucket views)."""
     zero1_reduce: str = "reduce_scatter"
     """The collective that syncs ZeRO-1's gradients (:data:`ZERO1_REDUCES`). ``reduce_scatter``: each
     rank receives the gradient slice it updates (Megatron's distributed optimizer, ZeRO paper §5.1).

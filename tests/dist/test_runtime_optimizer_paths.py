@@ -1,7 +1,8 @@
 """``model.optimizer(...)`` over parameters that mix plain tensors and DTensors (tensor parallelism
-shards linear weights, not norm weights): PyTorch's multi-tensor and fused paths refuse such lists
-(on CUDA they are the default), so the optimizer takes its per-parameter path; a requested
-``foreach=True`` falls back with a warning and gives the same numbers."""
+shards linear weights, not norm weights): PyTorch's multi-tensor and fused paths run one kernel per
+list and refuse lists that mix them, so each step runs every kind of tensor apart; a requested
+``foreach=True`` is kept (its multi-tensor kernels run), gives the per-parameter path's numbers, and
+leaves the optimizer's parameter groups as built."""
 
 from __future__ import annotations
 
@@ -21,21 +22,38 @@ from test_runtime_harness import MODELS, batches, loss_fn, uniform
 pytestmark = pytest.mark.slow
 
 
-def _train(plan_kw: dict[str, Any], opt_kw: dict[str, Any]) -> tuple[list[float], dict[str, torch.Tensor], list[str]]:
+def _train(plan_kw: dict[str, Any], opt_kw: dict[str, Any]) -> dict[str, Any]:
+    import torch.optim.sgd as sgd
+
     import galvatron
+    from galvatron.runtime.optim import _tensor_kind
 
     model = galvatron.wrap(MODELS["gpt"](), uniform(2, **plan_kw))
+    calls = {"multi": 0}
+    multi = sgd._multi_tensor_sgd
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls["multi"] += 1
+        return multi(*args, **kwargs)
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt = model.optimizer(torch.optim.SGD, lr=0.1, momentum=0.9, **opt_kw)
-    losses = []
-    for tokens, targets in batches()[:2]:
-        losses.append(model.train_step(model.shard_batch((tokens, targets)), loss_fn).item())
-        opt.step()
-        opt.zero_grad()
+        sgd._multi_tensor_sgd = counted
+        try:
+            losses = []
+            for tokens, targets in batches()[:2]:
+                losses.append(model.train_step(model.shard_batch((tokens, targets)), loss_fn).item())
+                opt.step()
+                opt.zero_grad()
+        finally:
+            sgd._multi_tensor_sgd = multi
     params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
               for n, p in model.named_parameters()}
-    return losses, params, [str(w.message) for w in caught]
+    return {"losses": losses, "params": params, "warnings": [str(w.message) for w in caught],
+            "multi_tensor_calls": calls["multi"], "groups": len(opt.param_groups),
+            "types": len({type(p).__name__ for g in opt.param_groups for p in g["params"]}),
+            "kinds": len({_tensor_kind(p) for g in opt.param_groups for p in g["params"]})}
 
 
 def _rank(_: None) -> dict[str, Any]:
@@ -45,14 +63,18 @@ def _rank(_: None) -> dict[str, Any]:
     return out
 
 
-def test_mixed_parameters_take_the_per_parameter_path() -> None:
+def test_mixed_parameters_keep_the_requested_path() -> None:
     ranks = run_ranks(_rank, 2, None, timeout=180)
     for result in ranks:
         tp_default, tp_foreach = result["tp2"]["default"], result["tp2"]["foreach"]
-        assert tp_foreach[0] == tp_default[0]
-        for name, value in tp_default[1].items():
-            torch.testing.assert_close(tp_foreach[1][name], value, rtol=0, atol=0)
-        assert any("per-parameter path" in w for w in tp_foreach[2])
-        assert not tp_default[2]
-        dp_default, dp_foreach = result["dp2"]["default"], result["dp2"]["foreach"]  # one kind: foreach kept
-        assert not dp_foreach[2] and dp_foreach[0] == dp_default[0]
+        assert tp_foreach["losses"] == tp_default["losses"]
+        for name, value in tp_default["params"].items():
+            torch.testing.assert_close(tp_foreach["params"][name], value, rtol=0, atol=0)
+        assert not tp_foreach["warnings"] and not tp_default["warnings"]
+        # two steps, each over every kind apart (plain; DTensors by placement); the CPU default runs per parameter
+        assert tp_foreach["kinds"] >= 2 and tp_default["multi_tensor_calls"] == 0
+        assert tp_foreach["multi_tensor_calls"] == 2 * tp_foreach["kinds"]
+        assert (tp_foreach["groups"], tp_foreach["types"]) == (1, 2)  # the groups as built: one, of both types
+        dp_default, dp_foreach = result["dp2"]["default"], result["dp2"]["foreach"]  # one kind
+        assert not dp_foreach["warnings"] and dp_foreach["losses"] == dp_default["losses"]
+        assert dp_foreach["multi_tensor_calls"] == 2

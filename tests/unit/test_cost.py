@@ -409,7 +409,36 @@ def test_autocast_keeps_a_cast_input_per_linear() -> None:
     assert kept("autocast", tp=2, sp=True) - kept("eager", tp=2, sp=True) == pytest.approx(4 * h / 2 + 2 * h * (2 + 1))
     # FSDP2 (ZeRO-2/3 over replicas) computes with 16-bit parameters and casts the block's input: the
     # residual stream is 16-bit and autocast casts nothing, so the block keeps what eager bf16 keeps
+    # (RMSNorm then computes in 16 bits; LayerNorm, on autocast's fp32 list, still keeps fp32 inputs and
+    # a cast copy per linear)
     for zero in (2, 3):
         assert kept("autocast", dp=2, zero=zero) == kept("eager", dp=2, zero=zero)
     assert kept("autocast", dp=2, zero=1) == kept("autocast")
     assert kept("autocast", dp=1, zero=3) == kept("autocast")  # one replica: no FSDP2 unit
+    ln = dataclasses.replace(layer, norm="layernorm")
+    ctx = LayerContext(perf=DatasheetPerf(load_cluster("8xH100")), options=CostOptions(elementwise="autocast"),
+                       dtype=DType.BF16, seq_len=SPEC.seq_len, causal=True, micro_batch=1, stage_devices=8,
+                       micro_batches=1)
+    assert _activation(ctx, ln, LayerStrategy(dp=2, zero=3), Recompute.NONE) == _activation(
+        ctx, ln, LayerStrategy(), Recompute.NONE)
+
+
+def test_bucket_copies_charge_the_native_gradient_sync_once_per_step() -> None:
+    """The native runtime's ZeRO-0/1 copy each bucket's gradients into a flat buffer and average them
+    in place (16 bytes per fp32 gradient), and ZeRO-1 gathers its slices through a flat buffer back into
+    the fp32 parameters (8 bytes per parameter of the slice, 8 per parameter), after the backward;
+    FSDP2's ZeRO-2/3 have no buckets."""
+    perf = DatasheetPerf(load_cluster("8xH100"))
+    params = sum(layer.params for layer in SPEC.layers)
+
+    def step(zero: int, copies: bool) -> float:
+        plan = Plan.uniform(SPEC.num_blocks, global_batch_size=16, num_micro_batches=2, dp=8, zero=zero)
+        return cost_plan(plan, SPEC, perf, CostOptions(bucket_copies=copies, zero1_reduce="all_reduce",
+                                                       overlap_param_gather=False)).step_time_s
+
+    assert step(0, True) - step(0, False) == pytest.approx(perf.memory_time(16 * params), rel=1e-6)
+    assert step(1, True) - step(1, False) == pytest.approx(perf.memory_time((16 + 8 / 8 + 8) * params), rel=1e-6)
+    assert step(2, True) == step(2, False)
+    from galvatron.backends import capabilities
+
+    assert capabilities("native").cost_options()["bucket_copies"]
