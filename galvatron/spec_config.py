@@ -112,9 +112,11 @@ class _Arch:
 
     def attention_activation(self) -> float:
         """Korthikanti Table 2 attention terms, GQA-sized K/V, no dropout mask, flash attention:
-        norm input 2h, QKV input 2h, Q/K/V 2(q+2kv), attention output 2q + softmax stats, out-proj input 2q."""
+        norm input 2h, QKV input 2h, Q/K/V 2(q+2kv), softmax stats, and the attention output 2q, which
+        the kernel keeps for its backward and the output projection as its input (one tensor:
+        benchmarks/results/saved_activations.md)."""
         q, kv = self.heads * self.hd, self.kv * self.hd
-        return 2 * self.h + 2 * self.h + 2 * (q + 2 * kv) + 2 * q + 4 * self.heads + 2 * q
+        return 2 * self.h + 2 * self.h + 2 * (q + 2 * kv) + 4 * self.heads + 2 * q
 
     def mlp_activation(self, ffn: int) -> float:
         """Norm input 2h, up-projection input 2h, activation input 2f (SwiGLU: gate and up 4f),

@@ -442,3 +442,22 @@ def test_bucket_copies_charge_the_native_gradient_sync_once_per_step() -> None:
     from galvatron.backends import capabilities
 
     assert capabilities("native").cost_options()["bucket_copies"]
+
+
+@pytest.mark.parametrize("name", ["autocast", "fsdp", "layernorm", "fsdp_layernorm"])
+def test_block_activations_match_the_saved_tensors_measured_on_h200(name: str) -> None:
+    """What a 1024-wide reference-GPT block kept for backward on one H200 (saved tensors by storage;
+    benchmarks/saved_activations.py), under autocast over fp32 parameters and under FSDP2's bf16
+    parameters, with RMSNorm and LayerNorm: the model within 1.5% (it leaves out RoPE's cos/sin tables)."""
+    from galvatron.backends import capabilities
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / f"saved_activations_{name}_h200.json"
+    run = json.loads(path.read_text())
+    spec = ModelSpec.from_config({"name": "probe", "layers": 2, "hidden": run["hidden"], "heads": 8, "ffn_hidden": 2816,
+                                  "vocab": 256, "seq_len": 384, "activation": "swiglu", "norm": run["norm"]})
+    native = CostOptions(**capabilities("native").cost_options())
+    ctx = LayerContext(perf=DatasheetPerf(load_cluster("8xH200")), options=native, dtype=DType.BF16, seq_len=384,
+                       causal=True, micro_batch=2, stage_devices=2, micro_batches=1)
+    strategy = LayerStrategy(dp=2, zero=2) if run["fsdp"] else LayerStrategy()
+    model = _activation(ctx, spec.blocks[1], strategy, Recompute.NONE)
+    assert model == pytest.approx(run["measured_bytes_per_token"], rel=0.015)
