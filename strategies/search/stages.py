@@ -20,7 +20,7 @@ from galvatron.strategies.cost.layer import (
     LayerContext,
     ZeroTerms,
     core_cost,
-    fsdp_compute,
+    stream_bytes,
     tied_copy,
     zero_exposed,
     zero_terms,
@@ -71,7 +71,7 @@ class LayerCache:
         at recompute ``mode``."""
         ep, etp = (s.ep, s.etp) if layer.experts else (1, 0)  # a dense block of a MoE stage: neither
         key = (sig, ctx.micro_batch / s.dp * ctx.seq_len / s.cp, s.tp, s.sp, s.cp, s.cp_kind, s.cp_ulysses, ep, etp,
-               mode, fsdp_compute(ctx, s))
+               mode, stream_bytes(ctx, layer, s))
         found = self._core.get(key)
         if found is None:
             own = s if (s.recompute, s.ep, s.etp) == (mode, ep, etp) else dataclasses.replace(
