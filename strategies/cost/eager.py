@@ -222,6 +222,19 @@ def loss_traffic(stack: str) -> Traffic:
     return _op(6 + 16, 4 + 16 + 6, kf=3, kb=4)
 
 
+FSDP_COPY_IN_SLOWDOWN = 2.9
+"""How much longer than its bytes at the streaming rate FSDP2's all-gather copy-in takes
+(``torch._foreach_copy_`` casting each fp32 shard into the gather's 16-bit input, many tensors per
+call): 0.80 TB/s in torchtitan's Llama 3.1 8B step on one H100 (benchmarks/results/titan_reproduce.json)
+and 1.18 TB/s in Llama 2 7B at dp2 ZeRO-2 on one H200 (benchmarks/results/multi_gpu/plans_llama2-7b_fake2.json),
+where streaming kernels run 2.53 and 3.09 TB/s in step: 3.2x and 2.6x."""
+
+REDUCE_COPY_SLOWDOWN = 1.5
+"""The same for FSDP2's reduce-scatter copy-in (``_chunk_cat``: the 16-bit gradients chunked into the
+fp32 reduce-scatter input): 1.80 TB/s on the H100 and 1.92 TB/s on the H200 in the same steps (1.4x
+and 1.6x). The all-gather copy-out (``split_with_sizes_copy``) streams (2.85 / 3.95 TB/s)."""
+
+
 def param_traffic(stack: str, act: int, grad: int, zero: int, fsdp2: bool = True, shards: int = 1) -> Traffic:
     """Bytes per parameter of the rank's compute copy per micro-batch, outside the optimizer.
     ``autocast``: each weight cast to 16 bits in forward (read 4, write ``act``) and its gradient back
@@ -236,9 +249,10 @@ def param_traffic(stack: str, act: int, grad: int, zero: int, fsdp2: bool = True
     benchmarks/results/titan_reproduce.json)."""
     if stack == "autocast":
         return _op(4 + act, 4 + act, kf=0, kb=0)
-    gather = 2 * act + ((4 + act) / shards if fsdp2 else 0.0)
+    gather = 2 * act + (FSDP_COPY_IN_SLOWDOWN * (4 + act) / shards if fsdp2 else 0.0)
+    reduce = REDUCE_COPY_SLOWDOWN * (act + grad) if fsdp2 else act + grad
     if stack in ("eager", "fused") and zero == 3:
-        return _op(gather, gather + act + grad, kf=0, kb=0)
+        return _op(gather, gather + reduce, kf=0, kb=0)
     if stack in ("eager", "fused") and zero == 2 and fsdp2:
-        return _op(gather, act + grad, kf=0, kb=0)
+        return _op(gather, reduce, kf=0, kb=0)
     return Traffic()

@@ -92,14 +92,16 @@ def test_eager_stack_slows_a_whole_plan_and_its_loss() -> None:
 
 def test_fsdp2_copies_under_zero2_and_zero3_and_autocast_casts_always() -> None:
     assert eager.param_traffic("eager", 2, 4, zero=0).fwd == eager.param_traffic("eager", 2, 4, zero=1).fwd == 0
-    # ZeRO-3 gathers before forward and backward: the fp32 shard cast in (6 bytes over 2 shards), the
-    # 16-bit parameters copied out (4); the backward also copies the gradient into the fp32 reduce-scatter
-    assert eager.param_traffic("eager", 2, 4, zero=3, shards=2).fwd == 3 + 4
-    assert (eager.param_traffic("eager", 2, 4, zero=3, shards=2).bwd, eager.param_traffic("autocast", 2, 4, 0).fwd) == (
-        3 + 4 + 6, 6)
+    # ZeRO-3 gathers before forward and backward: the fp32 shard cast in (6 bytes over 2 shards, at the
+    # copy-in's measured slowdown), the 16-bit parameters copied out (4); the backward also copies the
+    # gradient into the fp32 reduce-scatter input (6, at its slowdown)
+    cast_in, reduce = eager.FSDP_COPY_IN_SLOWDOWN * 3, eager.REDUCE_COPY_SLOWDOWN * 6
+    assert eager.param_traffic("eager", 2, 4, zero=3, shards=2).fwd == pytest.approx(cast_in + 4)
+    assert eager.param_traffic("eager", 2, 4, zero=3, shards=2).bwd == pytest.approx(cast_in + 4 + reduce)
+    assert eager.param_traffic("autocast", 2, 4, 0).fwd == 6
     # ZeRO-2 keeps FSDP2's unsharded parameters to the backward: one gather, then the gradient's copy-in
-    assert (eager.param_traffic("eager", 2, 4, zero=2, shards=2).fwd,
-            eager.param_traffic("eager", 2, 4, zero=2, shards=2).bwd) == (7, 6)
+    z2 = eager.param_traffic("eager", 2, 4, zero=2, shards=2)
+    assert (z2.fwd, z2.bwd) == pytest.approx((cast_in + 4, reduce))
     assert eager.param_traffic("eager", 2, 4, zero=2, fsdp2=False).fwd == 0  # DeepSpeed's ZeRO-2 copies nothing
     assert eager.param_traffic("eager", 2, 4, zero=3, fsdp2=False).fwd == 4  # nor casts into a gather
     # FSDP2's copies run outside compiled blocks: a fused stack pays them as an eager one
