@@ -66,6 +66,11 @@ class LayerSpec:
     bias: bool = False
     """The block's linear layers carry biases (eager backward reduces each output gradient over the
     tokens for them)."""
+    fused_qkv: bool = False
+    """q, k and v come from one linear layer (GPT-2's ``c_attn``, ``qkv_proj``, ``query_key_value``)
+    rather than three: one GEMM, and under autocast one cast copy of the attention's input."""
+    fused_gate_up: bool = False
+    """A gated MLP's gate and up projections are one linear layer (``gate_up_proj``)."""
 
     @property
     def is_block(self) -> bool:

@@ -320,7 +320,35 @@ def _block_layer(block: nn.Module, name: str, params: int, flops: float, attn_fl
         expert_params=expert_params, norm=_norm_kind(block),
         bias=any(isinstance(m, nn.Linear) and m.bias is not None for m in block.modules()),
         rope=bool(heads) and _rope(config),
+        **_fused_projections(block, hidden, heads, kv_heads),
     )
+
+
+def _linear_shapes(block: nn.Module) -> list[tuple[int, int]]:
+    """(in, out) features of the block's linear layers: ``nn.Linear`` and transformers' ``Conv1D``
+    (GPT-2's, weight stored as (in, out) with an ``nf`` output width)."""
+    shapes = []
+    for m in block.modules():
+        if isinstance(m, nn.Linear):
+            shapes.append((m.in_features, m.out_features))
+        elif type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None:
+            shapes.append((m.weight.shape[0], m.nf))
+    return shapes
+
+
+def _fused_projections(block: nn.Module, hidden: int, heads: int, kv_heads: int) -> dict[str, bool]:
+    """Whether one linear layer computes q, k and v together (out = q + 2 kv widths from the hidden
+    size), and one the gate and up projections of a gated MLP (out = twice the down projection's
+    input)."""
+    if not hidden:
+        return {}
+    shapes = _linear_shapes(block)
+    head_dim = hidden // heads if heads else 0
+    qkv = (heads + 2 * kv_heads) * head_dim
+    fused_qkv = bool(heads) and any(i == hidden and o == qkv for i, o in shapes)
+    downs = {i for i, o in shapes if o == hidden and i != hidden}
+    fused_gate_up = any(i == hidden and o % 2 == 0 and o // 2 in downs for i, o in shapes)
+    return {"fused_qkv": fused_qkv, "fused_gate_up": fused_gate_up}
 
 
 def _rope(config: Any) -> bool:

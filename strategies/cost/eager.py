@@ -133,9 +133,19 @@ def _bias_grads(layer: LayerSpec, s: LayerStrategy, act: int) -> Traffic:
 
 
 def linears(layer: LayerSpec) -> int:
-    """A block's linear layers as eager models write them: q, k, v and the output projection, then
-    the up (and gate) and down projections, each its own module."""
-    return (4 if layer.heads else 0) + up_projections(layer) + 1
+    """A block's linear layers as eager models write them: q, k, v (or one fused projection) and the
+    output projection, then the up (and gate, or one fused gate-up) and down projections."""
+    return (qkv_linears(layer) + 1 if layer.heads else 0) + input_readers(layer) + 1
+
+
+def qkv_linears(layer: LayerSpec) -> int:
+    """Linear layers reading the attention's input: q, k and v apart (3) or fused (1)."""
+    return 1 if layer.fused_qkv else 3
+
+
+def input_readers(layer: LayerSpec) -> int:
+    """Linear layers reading the MLP's input: the up projection, gate and up apart, or one fused."""
+    return 1 if layer.fused_gate_up else up_projections(layer)
 
 
 def _residual(res: int, act: int) -> Traffic:
@@ -151,7 +161,7 @@ def _input_grads(layer: LayerSpec, norm: int, act: int) -> Traffic:
     each casts an fp32 input to 16 bits itself (and casts its input gradient back); autograd adds their
     input gradients (``n - 1`` adds of ``3 x norm``)."""
     out = Traffic()
-    for n in ([3] if layer.heads else []) + [up_projections(layer)]:
+    for n in ([qkv_linears(layer)] if layer.heads else []) + [input_readers(layer)]:
         out += _cast(norm, act).scaled(1, n) + _op(0, 3 * norm, kf=0, kb=1).scaled(1, n - 1)
     return out
 

@@ -327,11 +327,12 @@ def _block_gemms(layer: LayerSpec, s: LayerStrategy, tok: float, load: float = 1
     if not (h and q and f) or up <= 0:
         return []
     tp = s.tp
-    attention: list[Gemm] = [(tok, q / tp, h, 1), (tok, kv / tp, h, 1), (tok, kv / tp, h, 1)] if separate else [
+    qkv_apart = separate and not layer.fused_qkv
+    attention: list[Gemm] = [(tok, q / tp, h, 1), (tok, kv / tp, h, 1), (tok, kv / tp, h, 1)] if qkv_apart else [
         (tok, (q + 2 * kv) / tp, h, 1)]
     out: list[Gemm] = [*attention, (tok, h, q / tp, 1)]
     if not layer.experts:
-        gated = separate and eager.up_projections(layer) == 2
+        gated = separate and not layer.fused_gate_up and eager.up_projections(layer) == 2
         ups: list[Gemm] = [(tok, up / 2 / tp, h, 1)] * 2 if gated else [(tok, up / tp, h, 1)]
         return [*out, *ups, (tok, h, f / tp, 1)]
     local, etp = max(layer.experts // s.ep, 1), s.expert_tp
@@ -663,12 +664,6 @@ def _selective_kept(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> fl
     return _act_bytes(ctx) * (h / sp_div + kept)
 
 
-QKV_LINEARS = 3
-"""Linear layers that read the attention's normalised input: q, k and v apart, as galvatron's
-reference GPT and Hugging Face's Llama-family attention project them (GPT-2's fused ``c_attn``
-would be 1)."""
-
-
 def _activation(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, mode: Recompute) -> float:
     """Bytes per token kept for backward on one rank (Korthikanti et al. 2022 Table 2): the norm and
     GEMM inputs ``8h`` (``4h`` without attention) are replicated over TP unless SP; the rest is split
@@ -678,9 +673,10 @@ def _activation(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, mode: Rec
     (``CostOptions.elementwise``) keep more: where autocast's norms compute in fp32 (16-bit plans over
     fp32 parameters, and LayerNorm on FSDP2's 16-bit ones: :func:`stream_bytes`) the two norm inputs
     are kept in fp32 (``+4h``), and autocast casts the attention's and a dense MLP's input once per
-    linear that reads it (q, k, v: :data:`QKV_LINEARS`; gate and up) and each keeps its copy (``+2h``
-    per extra reader; benchmarks/results/saved_activations.md: 48.5 h kept per token where the
-    one-copy count gave 44.0 h on one H100; under FSDP2 with RMSNorm, 38.3 h), and an unfused SwiGLU
+    linear that reads it (q, k and v, or one fused projection: ``LayerSpec.fused_qkv``; gate and up)
+    and each keeps its copy (``+2h`` per extra reader; benchmarks/results/saved_activations.md: 48.5 h
+    kept per token where the one-copy count gave 44.0 h on one H100; under FSDP2 with RMSNorm, 38.3 h),
+    and an unfused SwiGLU
     keeps SiLU's output too (``+2f``). Under SP only
     Megatron's fused stack re-gathers the GEMM inputs in backward; the others (DTensor's sequence
     parallelism) keep them gathered, ``1/tp`` of them only for the norm inputs."""
@@ -701,7 +697,9 @@ def _activation(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, mode: Rec
     up = eager.up_projections(layer) if layer.ffn_hidden and stack != "fused" else 1
     if stream_bytes(ctx, layer, s)[1] > _act_bytes(ctx):  # autocast's norms compute in fp32 (not in fp32 plans)
         norms += 4 * h  # both norms keep 4-byte inputs (the fp32 stream, or layer_norm's cast of a 16-bit one)
-        inputs += 2 * h * ((QKV_LINEARS - 1 if layer.heads else 0) + (up - 1 if not layer.experts else 0))
+        readers = (eager.qkv_linears(layer) - 1 if layer.heads else 0) + (
+            eager.input_readers(layer) - 1 if not layer.experts else 0)
+        inputs += 2 * h * readers
     if stack != "fused" and up == 2:
         # eager silu(gate) * up keeps silu's output for the product's backward besides gate and up
         sharded += 2 * layer.ffn_hidden * (layer.top_k + layer.shared_experts if layer.experts else 1)

@@ -153,3 +153,43 @@ def test_rope_read_from_hugging_face_configs() -> None:
     from galvatron.spec_module import _rope
 
     assert _rope(transformers.LlamaConfig()) and not _rope(transformers.GPT2Config())
+
+
+def test_fused_projections_read_from_the_module_and_costed_as_one_linear() -> None:
+    """GPT-2's ``c_attn`` (a ``Conv1D``) computes q, k and v at once and a ``gate_up_proj`` both halves
+    of a gated MLP: one GEMM and, under autocast, one cast copy of the input each (2h fewer bytes kept
+    per token for each reader saved), one linear fewer to issue. The reference GPT projects apart."""
+    import torch
+    from galvatron.strategies.cost.layer import _activation
+
+    from galvatron.plan import Recompute
+    from galvatron.runtime.apply import describe
+
+    transformers = pytest.importorskip("transformers")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64,
+                                                                n_positions=16))
+    block = describe(gpt2, torch.zeros(2, 16, dtype=torch.long), keep_seq_len=True).blocks[0]
+    assert (block.fused_qkv, block.fused_gate_up) == (True, False)
+    ours = describe(GPT(GPTConfig(vocab=64, seq_len=16, layers=2, hidden=32, heads=4, activation="swiglu",
+                                  norm="rmsnorm")), torch.zeros(2, 16, dtype=torch.long), keep_seq_len=True).blocks[0]
+    assert (ours.fused_qkv, ours.fused_gate_up) == (False, False)
+
+    class GateUp(torch.nn.Module):  # a Phi-3-style MLP
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_up_proj, self.down_proj = torch.nn.Linear(32, 2 * 48), torch.nn.Linear(48, 32)
+
+    from galvatron.spec_module import _fused_projections
+
+    assert _fused_projections(GateUp(), 32, 0, 0) == {"fused_qkv": False, "fused_gate_up": True}
+
+    layer = LLAMA.blocks[0]
+    h = layer.hidden
+    ctx = LayerContext(perf=DatasheetPerf(load_cluster("8xH100")), options=CostOptions(elementwise="autocast"),
+                       dtype=DType.BF16, seq_len=LLAMA.seq_len, causal=True, micro_batch=1, stage_devices=8)
+    fused = dataclasses.replace(layer, fused_qkv=True, fused_gate_up=True)
+    kept = [_activation(ctx, x, LayerStrategy(), Recompute.NONE) for x in (layer, fused)]
+    assert kept[0] - kept[1] == pytest.approx(2 * h * (2 + 1))
+    assert eager.linears(layer) - eager.linears(fused) == 3
+    assert eager.block_traffic(fused, LayerStrategy(), "autocast", 2).fwd < eager.block_traffic(
+        layer, LayerStrategy(), "autocast", 2).fwd
