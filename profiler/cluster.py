@@ -293,10 +293,13 @@ class _Runner:
         """Host seconds per pipeline action besides compute and handoffs: galvatron's runtime runs a
         model with almost no compute (8 blocks of width 8) as a 2-stage pipeline over every rank
         (pp 2 x dp world/2), 4 micro-batches, with 1 and with 4 chunks per rank: the same blocks and
-        work, 24 more actions per rank (8 -> 32 chunk passes). The step-time difference, less the
-        handoffs the extra chunk boundaries add as the cost model prices them (6 more boundary ends
-        per micro-batch and rank, each an activation and a gradient at the smallest measured p2p
-        time), over 24. None with an odd number of ranks."""
+        work, 24 more actions per rank (8 -> 32 chunk passes). The two run alternately, a step of
+        each per round, and the median of the rounds' differences is taken (on shared cores the
+        step times drift by more than the difference: two medians taken one after the other gave
+        0.35 to 2.3 ms per action over three profiles), less the handoffs the extra chunk boundaries
+        add as the cost model prices them (6 more boundary ends per micro-batch and rank, each an
+        activation and a gradient at the smallest measured p2p time), over 24. None with an odd
+        number of ranks."""
         if self.world % 2:
             return None
         import galvatron
@@ -305,7 +308,7 @@ class _Runner:
 
         p2p = next((c.points[0].time_s for c in collectives if c.op == "p2p"), 0.0)
         dp, m, layers = self.world // 2, 4, 8
-        times = []
+        steps = []
         for v in self.PIPELINE_CHUNKS:
             torch.manual_seed(0)
             net = GPT(GPTConfig(layers=layers, hidden=8, heads=1, vocab=16, seq_len=4, ffn_hidden=8))
@@ -320,14 +323,20 @@ class _Runner:
                                                                                           y.flatten()))
                 model.zero_grad(set_to_none=True)
 
-            runs = []
-            for _ in range(self.options.warmup + max(self.options.iters // 2, 3)):
+            steps.append(step)
+        for _ in range(self.options.warmup):
+            for step in steps:
+                step()
+        diffs = []
+        for _ in range(max(self.options.iters, 10)):
+            elapsed = []
+            for step in steps:
                 dist.barrier()
                 start = time.perf_counter()
                 step()
-                runs.append(time.perf_counter() - start)
-            times.append(statistics.median(runs[self.options.warmup:]))
-        extra = torch.tensor([times[1] - times[0]])
+                elapsed.append(time.perf_counter() - start)
+            diffs.append(elapsed[1] - elapsed[0])
+        extra = torch.tensor([statistics.median(diffs)])
         dist.all_reduce(extra, op=dist.ReduceOp.MAX)
         actions = 2 * m * (self.PIPELINE_CHUNKS[1] - self.PIPELINE_CHUNKS[0])
         handoffs = 6 * m * 2 * p2p
