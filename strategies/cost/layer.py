@@ -676,10 +676,9 @@ def _activation(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, mode: Rec
     linear that reads it (q, k and v, or one fused projection: ``LayerSpec.fused_qkv``; gate and up)
     and each keeps its copy (``+2h`` per extra reader; benchmarks/results/saved_activations.md: 48.5 h
     kept per token where the one-copy count gave 44.0 h on one H100; under FSDP2 with RMSNorm, 38.3 h),
-    and an unfused SwiGLU
-    keeps SiLU's output too (``+2f``). Under SP only
-    Megatron's fused stack re-gathers the GEMM inputs in backward; the others (DTensor's sequence
-    parallelism) keep them gathered, ``1/tp`` of them only for the norm inputs."""
+    and an unfused SwiGLU keeps SiLU's output too (``+2f``). Under SP only Megatron's fused stack
+    re-gathers the GEMM inputs in backward; the others (DTensor's sequence parallelism) keep them
+    gathered, ``1/tp`` of them only for the norm inputs."""
     scale = _act_bytes(ctx) / 2
     sp_div = s.tp if s.sp else 1
     if mode is Recompute.FULL:
