@@ -266,3 +266,12 @@ def param_traffic(stack: str, act: int, grad: int, zero: int, fsdp2: bool = True
     if stack in ("eager", "fused") and zero == 2 and fsdp2:
         return _op(gather, reduce, kf=0, kb=0)
     return Traffic()
+
+
+def accumulate_traffic(new: int, held: int) -> Traffic:
+    """Bytes per parameter of adding one micro-batch's weight gradient into the gradient kept across
+    micro-batches, where the weight-gradient GEMM writes a fresh tensor instead of accumulating
+    itself (``CostOptions.wgrad_fp32_accumulation`` False): autograd's ``AccumulateGrad`` adds it in
+    place (``grad += new``: read ``new`` and ``held`` bytes, write ``held``), on every micro-batch
+    after the first (the first one's tensor is kept as the gradient). Backward only."""
+    return _op(0, new + 2 * held, kf=0, kb=0)

@@ -386,8 +386,7 @@ def _gemm_times(ctx: LayerContext, gemms: list[Gemm], flops: float) -> tuple[flo
         return t, t, t
     # eager stacks write 16-bit weight gradients (cast or copied out: eager.param_traffic)
     fused = ctx.options.elementwise == "fused"
-    acc = ctx.options.wgrad_fp32_accumulation
-    acc = fused if acc is None else acc
+    acc = wgrad_accumulates(ctx)
     scale = flops / total
     fwd = sum(gemm(m, n, k, dt, count, padded=fused) for m, n, k, count in gemms)
     dgrad = sum(gemm(m, k, n, dt, count, padded=fused, backward=True) for m, n, k, count in gemms)
@@ -478,8 +477,39 @@ def _param_traffic(ctx: LayerContext, s: LayerStrategy, params: float) -> eager.
     if stack == "autocast" and (ctx.dtype is DType.FP32 or fsdp_compute(ctx, s)):
         stack = "eager"
     fsdp2 = ctx.options.master_weights == "params"
-    return eager.param_traffic(stack, _act_bytes(ctx), ctx.options.grad_bytes, zero, fsdp2,
-                               s.dp * s.cp).scaled(params)
+    traffic = eager.param_traffic(stack, _act_bytes(ctx), ctx.options.grad_bytes, zero, fsdp2, s.dp * s.cp)
+    return (traffic + _accumulate_traffic(ctx, zero, fsdp2)).scaled(params)
+
+
+def accumulated_micro_batches(ctx: LayerContext) -> int:
+    """Micro-batches whose weight gradients autograd adds up outside the GEMMs: the step's, on a stack
+    whose weight-gradient GEMMs do not accumulate themselves (``CostOptions.wgrad_fp32_accumulation``),
+    else 1. The search keys a layer's ZeRO part by it."""
+    return 1 if wgrad_accumulates(ctx) else ctx.micro_batches
+
+
+def wgrad_accumulates(ctx: LayerContext) -> bool:
+    """Whether the weight-gradient GEMMs add into the fp32 gradient (``CostOptions.wgrad_fp32_accumulation``;
+    None: exactly on the ``fused`` stack)."""
+    acc = ctx.options.wgrad_fp32_accumulation
+    return ctx.options.elementwise == "fused" if acc is None else acc
+
+
+def _accumulate_traffic(ctx: LayerContext, zero: int, fsdp2: bool) -> eager.Traffic:
+    """Gradient accumulation over a step's micro-batches where the weight-gradient GEMMs do not add
+    into the gradient themselves (:func:`strategies.cost.eager.accumulate_traffic`), averaged over
+    the micro-batches (the first one's gradient is kept as it is). The gradient is held unsharded
+    (ZeRO-0/1; FSDP2 at ZeRO-2/3 adds each micro-batch's reduce-scattered shard, 1/dp of it, which
+    is not charged), in fp32 where the parameters are fp32 (autocast casts each gradient back before
+    it is added), else in ``CostOptions.grad_bytes`` (Megatron-LM 2021's fp16 gradients)."""
+    m = accumulated_micro_batches(ctx)
+    if m <= 1 or (zero >= 2 and fsdp2):
+        return eager.Traffic()
+    fp32_params = ctx.options.master_weights == "params"
+    new = 4 if fp32_params else _act_bytes(ctx)
+    held = 4 if fp32_params else ctx.options.grad_bytes
+    t = eager.accumulate_traffic(new, held)
+    return eager.Traffic(t.fwd, t.bwd * (m - 1) / m, t.kernels_fwd, t.kernels_bwd)
 
 
 def _traffic_times(ctx: LayerContext, t: eager.Traffic) -> tuple[float, float]:
@@ -729,6 +759,8 @@ class ZeroTerms:
     weight casts, FSDP2's copy-out of all-gathered parameters: :func:`strategies.cost.eager.param_traffic`),
     compute time of the layer; 0 for fused stacks and for layers a profile measured."""
     param_bwd: float = 0.0
+    """The same in the backward: gradient casts, FSDP2's reduce-scatter copy-in, and the adds of
+    gradient accumulation over micro-batches where the weight-gradient GEMMs do not accumulate."""
 
 
 def zero_terms(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> ZeroTerms:
@@ -753,7 +785,9 @@ def _param_kernels(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, params
     of a block or the head (the embedding's lookup and the norm run on their weights as they are).
     They depend on the ZeRO stage, so they belong to the ZeRO part, which the search keys by it; a
     fully recomputed block's second forward casts again, which is not charged. Which kernels a stack
-    runs is :func:`strategies.cost.eager.param_traffic`'s (a fused stack: ZeRO-3's copies only)."""
+    runs is :func:`strategies.cost.eager.param_traffic`'s (a fused stack: ZeRO-3's copies only), plus
+    the gradient-accumulation adds of a stack whose weight-gradient GEMMs do not accumulate
+    (:func:`_accumulate_traffic`)."""
     if layer.kind in (LayerKind.EMBEDDING, LayerKind.NORM):
         return 0.0, 0.0
     if _measured(ctx, layer, s) is not None:

@@ -19,6 +19,7 @@ import numpy as np
 from galvatron.strategies.cost.layer import (
     LayerContext,
     ZeroTerms,
+    accumulated_micro_batches,
     core_cost,
     stream_bytes,
     tied_copy,
@@ -83,7 +84,7 @@ class LayerCache:
 
     def zero(self, ctx: LayerContext, layer: LayerSpec, sig: tuple, s: LayerStrategy) -> ZeroTerms:
         ep, etp = (s.ep, s.etp) if layer.experts else (1, 0)  # a dense block of a MoE stage: neither
-        key = (sig, s.dp, s.cp, s.tp, ep, etp, s.zero, s.offload)
+        key = (sig, s.dp, s.cp, s.tp, ep, etp, s.zero, s.offload, accumulated_micro_batches(ctx))
         found = self._zero.get(key)
         if found is None:
             own = s if (s.ep, s.etp) == (ep, etp) else dataclasses.replace(s, ep=ep, etp=etp)

@@ -193,3 +193,33 @@ def test_fused_projections_read_from_the_module_and_costed_as_one_linear() -> No
     assert eager.linears(layer) - eager.linears(fused) == 3
     assert eager.block_traffic(fused, LayerStrategy(), "autocast", 2).fwd < eager.block_traffic(
         layer, LayerStrategy(), "autocast", 2).fwd
+
+
+@pytest.mark.parametrize(("options", "zero", "per_param"), [
+    (CostOptions(elementwise="autocast"), 0, 4 + 2 * 4),  # fp32 gradient: the cast-back output added in
+    (CostOptions(elementwise="autocast"), 1, 4 + 2 * 4),
+    (CostOptions(elementwise="fused", wgrad_fp32_accumulation=False, master_weights="optimizer", grad_bytes=2),
+     0, 2 + 2 * 2),  # Megatron-LM 2021: fp16 gradients added in fp16
+    (CostOptions(elementwise="fused"), 0, 0),  # the GEMMs accumulate into main_grad themselves
+    (CostOptions(elementwise="autocast", wgrad_fp32_accumulation=True), 0, 0),
+    (CostOptions(elementwise="autocast"), 3, 0),  # FSDP2 adds the reduce-scattered shard: not charged
+])
+def test_gradient_accumulation_adds_are_charged_per_micro_batch(options: CostOptions, zero: int,
+                                                                 per_param: int) -> None:
+    """Micro-batches after the first add their weight gradients into the kept gradient (autograd's
+    AccumulateGrad) unless the GEMMs accumulate: (m - 1) / m of the add per micro-batch, on the backward."""
+    from galvatron.strategies.cost.layer import zero_terms
+
+    layer = LLAMA.blocks[0]
+    s = LayerStrategy(dp=8, zero=zero)
+    perf = DatasheetPerf(load_cluster("8xH100"))
+
+    def terms(m: int):
+        ctx = LayerContext(perf=perf, options=options, dtype=DType.BF16, seq_len=LLAMA.seq_len, causal=True,
+                           micro_batch=8, stage_devices=8, micro_batches=m)
+        return zero_terms(ctx, layer, s)
+
+    one, four = terms(1), terms(4)
+    assert four.param_fwd == pytest.approx(one.param_fwd)
+    params = layer.params
+    assert four.param_bwd - one.param_bwd == pytest.approx(perf.memory_time(per_param * params * 3 / 4), abs=1e-12)

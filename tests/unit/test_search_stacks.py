@@ -37,3 +37,19 @@ def test_search_estimate_equals_cost_plan_for_each_stack(stack: CostOptions) -> 
     assert {p.stages[0].groups[0].strategy.zero for _, p in found} >= {0, 3}  # both ends of ZeRO compared
     for t, plan in found:
         assert t == pytest.approx(cost_plan(plan, spec, _perf(), stack).step_time_s, rel=1e-9), plan.describe()
+
+
+def test_search_keys_zero_parts_by_accumulated_micro_batches() -> None:
+    """Under autocast every micro-batch after the first adds its weight gradients into the kept ones, so
+    a layer's ZeRO part depends on the step's micro-batch count: the search's cache must tell them apart
+    (without the key, 49 of 65 plans here were mis-costed)."""
+    spec = ModelSpec.from_config(TINY)
+    stack = STACKS[1]
+    options = SearchOptions(global_batch=8, cp_kinds=(), zero_stages=(0, 1), max_vpp=1, recompute=(Recompute.NONE,),
+                            top_k=200)
+    s = _Search(spec, _perf(), 4, options, stack)
+    s.run()
+    found = s.results()
+    assert {p.num_micro_batches for _, p in found} >= {1, 2, 4, 8}
+    for t, plan in found:
+        assert t == pytest.approx(cost_plan(plan, spec, _perf(), stack).step_time_s, rel=1e-9), plan.describe()
