@@ -4,7 +4,10 @@ Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
 configurations and Table 5 iteration times (full recompute without SP vs selective recompute + SP),
 plus §6.3's 530B run with 8-way data parallelism (39.15 s, gradient all-reduce not overlapped).
 The software options are what the paper states: no flash attention (2022), dropout, no overlap of
-the gradient all-reduce. Run: ``python benchmarks/fidelity_megatron.py``; writes
+the gradient all-reduce. Also Narayanan et al. SC'21 Table 1 (weak scaling, 1.7B to 1T on 32 to 3072
+A100s, published as TFLOP/s per GPU by the paper's Eq. 3), each run as Megatron-LM's
+``examples/sc21/run_table_1.sh`` and ``CONFIG.sh`` launch it, costed with the 2021 stack's options
+(:data:`NARAYANAN_OPTIONS`). Run: ``python benchmarks/fidelity_megatron.py``; writes
 ``benchmarks/results/fidelity_megatron.json`` and ``.md``, with the errors of the model before the
 physics changes of issue #3 (``BEFORE``, measured at commit 7a4f10e with this same script) beside them.
 """
@@ -34,6 +37,24 @@ RUNS = [
 BEFORE = {("22B", "selective+SP"): 0.92, ("22B", "full recompute"): 1.35, ("175B", "selective+SP"): 11.38,
           ("175B", "full recompute"): 16.42, ("530B", "selective+SP"): 31.97, ("530B", "full recompute"): 44.44,
           ("1T", "selective+SP"): 63.09, ("1T", "full recompute"): 87.00, ("530B-dp8", "selective+SP"): 32.59}
+# Narayanan et al. SC'21 ("Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM"),
+# Table 1, with each run's launch settings from NVIDIA/Megatron-LM examples/sc21/run_table_1.sh (micro-batch,
+# virtual stages as layers per virtual stage, DDP implementation) and CONFIG.sh (--fp16, sequence 2048,
+# vocabulary 51200 as the paper states, full recomputation: --recompute-method uniform).
+# name, heads, hidden, layers, tp, pp, GPUs, global batch, micro-batch, virtual stages, DDP, TFLOP/s per GPU
+NARAYANAN = [("1.7B", 24, 2304, 24, 1, 1, 32, 512, 16, 1, "torch", 137),
+             ("3.6B", 32, 3072, 30, 2, 1, 64, 512, 16, 1, "torch", 138),
+             ("7.5B", 32, 4096, 36, 4, 1, 128, 512, 16, 1, "torch", 142),
+             ("18B", 48, 6144, 40, 8, 1, 256, 1024, 8, 1, "torch", 135),
+             ("39B", 64, 8192, 48, 8, 2, 512, 1536, 4, 1, "local", 138),
+             ("76B", 80, 10240, 60, 8, 4, 1024, 1792, 2, 3, "local", 140),
+             ("145B", 96, 12288, 80, 8, 8, 1536, 2304, 2, 2, "local", 148),
+             ("310B", 128, 16384, 96, 8, 16, 1920, 2160, 1, 2, "local", 155),
+             ("530B", 128, 20480, 105, 8, 35, 2520, 2520, 1, 3, "local", 163),
+             ("1T", 160, 25600, 128, 8, 64, 3072, 3072, 1, 1, "local", 163)]
+NARAYANAN_SOURCE = ("Narayanan et al. SC'21, Efficient Large-Scale Language Model Training on GPU Clusters Using "
+                    "Megatron-LM, Table 1; launch settings from NVIDIA/Megatron-LM examples/sc21/run_table_1.sh "
+                    "and CONFIG.sh")
 SOURCE = ("Korthikanti et al. 2022, Reducing Activation Recomputation in Large Transformer Models, "
           "Table 3 (configurations) and Table 5 (iteration times), §6.3 (530B with data parallelism 8)")
 OUT = Path(__file__).parent / "results"
@@ -59,6 +80,15 @@ OWN_SOURCE = "benchmarks/results/gpu_speed_eager.json and gpu_speed_compiled.jso
 OPTIONS = CostOptions(flash_attention=False, dropout=True, overlap_grad_reduce=False, overlap_param_gather=False,
                       persistent_grads=True, master_weights="optimizer", selective="megatron")
 TITAN_OPTIONS = CostOptions(selective="torchtitan")  # torchtitan's per-op AC: every other GEMM output kept
+# Megatron-LM as the SC'21 runs used it (early 2021), where it differs from the 2022 stack of OPTIONS: fp16
+# gradients (2 bytes kept and all-reduced: no --accumulate-allreduce-grads-in-fp32 in CONFIG.sh) that
+# autograd adds up over micro-batches (the fused fp32 weight-gradient accumulation came later), flattened
+# into buckets for the all-reduce and copied back (bucket copies), and tensor-parallel all-reduces that
+# wait for the backward GEMMs (the asynchronous input-gradient all-reduce is Korthikanti et al. 2022's).
+# The gradient all-reduce overlaps the backward under PyTorch DDP (the runs without pipelining) and follows
+# it under Megatron's local DDP (per run below).
+NARAYANAN_OPTIONS = dataclasses.replace(OPTIONS, grad_bytes=2, wgrad_fp32_accumulation=False, bucket_copies=True,
+                                        overlap_tp_backward=False)
 
 
 def titan_options(elementwise: str, attention_kernel: str | None = None) -> CostOptions:
@@ -101,11 +131,22 @@ def main() -> int:
     now, then = summary["error"], summary["error_before"]
     print(f"\niteration time: mean absolute error {now['mae']:.1%} (before {then['mae']:.1%}), max {now['max']:.1%} "
           f"(before {then['max']:.1%}), mean signed {now['mean_signed']:+.1%} over {len(rows)} runs")
+    weak = _narayanan()
+    both = [r["error"] for r in rows] + [r["error"] for r in weak]
+    summary["narayanan"] = {"mae": sum(abs(r["error"]) for r in weak) / len(weak),
+                            "max": max(abs(r["error"]) for r in weak),
+                            "mean_signed": sum(r["error"] for r in weak) / len(weak)}
+    summary["both"] = {"mae": sum(map(abs, both)) / len(both), "max": max(map(abs, both)),
+                       "mean_signed": sum(both) / len(both), "runs": len(both)}
+    nar, all_ = summary["narayanan"], summary["both"]
+    print(f"Narayanan Table 1: mean absolute error {nar['mae']:.1%}, max {nar['max']:.1%}, mean signed "
+          f"{nar['mean_signed']:+.1%}; both papers: {all_['mae']:.1%} over {all_['runs']} runs")
     extra = _torchtitan() + _titan_h100() + _own()
     command = "python benchmarks/fidelity_megatron.py"
     (OUT / "fidelity_megatron.json").write_text(json.dumps(
         {"command": command, "date": time.strftime("%Y-%m-%d"), "source": SOURCE, "cluster": "selene (A100 80GB, "
          "NVLink3, 8 HDR NICs per node)", "cost_options": str(OPTIONS), "summary": summary, "runs": rows,
+         "narayanan_source": NARAYANAN_SOURCE, "narayanan_cost_options": str(NARAYANAN_OPTIONS), "narayanan": weak,
          "extra_sources": [TORCHTITAN_SOURCE, TITAN_H100_SOURCE, OWN_SOURCE], "extra": extra},
         indent=2) + "\n")
     lines = [f"# Predicted vs published Megatron-LM iteration times\n\n`{command}` ({time.strftime('%Y-%m-%d')}). "
@@ -115,6 +156,21 @@ def main() -> int:
               f"{r['error']:+.1%} | {r['error_before']:+.1%} |" for r in rows]
     lines.append(f"\nMean absolute error {now['mae']:.1%} (before {then['mae']:.1%}), max {now['max']:.1%} "
                  f"(before {then['max']:.1%}), mean signed {now['mean_signed']:+.1%}.\n")
+    lines += ["## Narayanan et al. SC'21 Table 1 (weak scaling, fp16, full recomputation)\n",
+              f"Source: {NARAYANAN_SOURCE}. Published TFLOP/s per GPU turned into seconds per iteration with the "
+              "paper's Eq. 3 (96 B s l h^2 (1 + s/6h + V/16lh) FLOPs, recomputation counted). Costed with "
+              "`NARAYANAN_OPTIONS` (the 2021 stack: fp16 gradients added up by autograd and all-reduced in "
+              "fp16 through flattened buckets, no asynchronous tensor-parallel all-reduce) and the gradient "
+              "all-reduce overlapped only under PyTorch DDP.\n",
+              "| run | GPUs | tp | pp | vpp | dp | micro-batches | DDP | published TFLOP/s | published s | "
+              "predicted s | error |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['gpus']} | {r['tp']} | {r['pp']} | {r['vpp']} | {r['dp']} | {r['micro_batches']} | "
+              f"{r['ddp']} | {r['published_tflops']} | {r['published_s']:.2f} | {r['predicted_s']:.2f} | "
+              f"{r['error']:+.1%} |" for r in weak]
+    lines.append(f"\nMean absolute error {nar['mae']:.1%}, max {nar['max']:.1%}, mean signed "
+                 f"{nar['mean_signed']:+.1%}. Both papers together: {all_['mae']:.1%} mean absolute over "
+                 f"{all_['runs']} runs, mean signed {all_['mean_signed']:+.1%}.\n")
+    lines += _same_replica(rows, weak)
     lines += ["Extra check points (error > 0: the prediction is too fast), each costed with its stack's "
               "`CostOptions.elementwise`; *fused* is what the model predicts for the same run with fused kernels "
               "(the prediction before eager kernels were modelled).\n",
@@ -140,6 +196,49 @@ def _row(source: str, run: str, elementwise: str, published: float, unit: str, p
           f"fused {fused:.0f} ({err_fused:+.1%})")
     return {"source": source, "run": run, "elementwise": elementwise, "published": published, "unit": unit,
             "predicted": predicted, "error": err, "predicted_fused": fused, "error_fused": err_fused}
+
+
+def _narayanan() -> list[dict]:
+    """Narayanan et al. SC'21 Table 1: seconds per iteration, predicted vs published."""
+    out = []
+    for name, heads, h, layers, tp, pp, gpus, gbs, mbs, v, ddp, tflops in NARAYANAN:
+        dp, s, vocab = gpus // (tp * pp), 2048, 51200
+        flops = 96 * gbs * s * layers * h * h * (1 + s / (6 * h) + vocab / (16 * layers * h))  # Eq. 3
+        published = flops / (tflops * 1e12 * gpus)
+        m = gbs // (mbs * dp)
+        plan = Plan.uniform(layers, global_batch_size=gbs, num_micro_batches=m, pp=pp, virtual_stages=v,
+                            schedule="interleaved-1f1b" if v > 1 else "1f1b", dp=dp, tp=tp, recompute="full",
+                            dtype="fp16")
+        options = dataclasses.replace(NARAYANAN_OPTIONS, overlap_grad_reduce=ddp == "torch")
+        cost = cost_plan(plan, gpt(h, layers, heads), load_cluster("selene", nodes=gpus // 8), options)
+        row = {"run": name, "gpus": gpus, "tp": tp, "pp": pp, "vpp": v, "dp": dp, "global_batch": gbs,
+               "micro_batch": mbs, "micro_batches": m, "ddp": ddp, "published_tflops": tflops,
+               "published_s": published, "predicted_s": cost.step_time_s, "error": cost.step_time_s / published - 1,
+               "peak_memory_gib": cost.peak_memory_gib}
+        print(f"{name:10} {'SC21 Table 1':22} {published:11.2f} {cost.step_time_s:11.2f} {row['error']:+7.1%} "
+              f"{'':>7} {cost.peak_memory_gib:8.1f}")
+        out.append(row)
+    return out
+
+
+def _same_replica(korthikanti: list[dict], narayanan: list[dict]) -> list[str]:
+    """The runs both papers made with the same work per data-parallel replica (same model, tp, pp,
+    virtual stages, micro-batch and micro-batches; full recomputation): published times side by side."""
+    lines = []
+    for k in korthikanti:
+        if k["mode"] != "full recompute":
+            continue
+        for n in narayanan:
+            if (n["run"], n["tp"], n["pp"], n["vpp"], n["micro_batch"]) == (k["run"], k["tp"], k["pp"], k["vpp"],
+                                                                          k["micro_batch"]) and \
+                    n["micro_batches"] == k["global_batch"] // (k["micro_batch"] * k["dp"]):
+                lines.append(f"- {k['run']}: the same pipeline per replica ran {k['published_s']:.2f} s in 2022 "
+                             f"(dp {k['dp']}) and {n['published_s']:.2f} s in 2021 (dp {n['dp']}, "
+                             f"{n['published_s'] / k['published_s'] - 1:+.1%}); predicted {k['predicted_s']:.2f} "
+                             f"and {n['predicted_s']:.2f} s with each year's stack.")
+    if lines:
+        lines = ["Runs with the same work per replica in both papers:\n", *lines, ""]
+    return lines
 
 
 def _torchtitan() -> list[dict]:
