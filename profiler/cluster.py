@@ -338,9 +338,7 @@ class _Runner:
             diffs.append(elapsed[1] - elapsed[0])
         extra = torch.tensor([statistics.median(diffs)])
         dist.all_reduce(extra, op=dist.ReduceOp.MAX)
-        actions = 2 * m * (self.PIPELINE_CHUNKS[1] - self.PIPELINE_CHUNKS[0])
-        handoffs = 6 * m * 2 * p2p
-        return max(float(extra.item()) - handoffs, 0.0) / actions
+        return pipeline_action_seconds(float(extra.item()), p2p, m, self.PIPELINE_CHUNKS)
 
     # ------------------------------------------------------------------------------ overlap
     def overlap(self) -> Overlap | None:
@@ -600,3 +598,17 @@ def _spawned(rank: int, nproc: int, store_path: str, options: ClusterOptions, ou
             profile.save(out)
     finally:
         dist.destroy_process_group()
+
+
+def pipeline_action_seconds(extra_s: float, p2p_s: float, micro_batches: int, chunks: tuple[int, int]) -> float:
+    """Host seconds per pipeline action from the step-time difference ``extra_s`` between a pipeline
+    of ``chunks[1]`` and one of ``chunks[0]`` chunks per rank (:meth:`_Runner.pipeline_action`): less
+    the handoffs the extra chunk boundaries add as the cost model prices them (per micro-batch and
+    rank, two boundary ends per extra chunk, each an activation and a gradient at ``p2p_s``), over the
+    extra actions (a forward and a backward per extra chunk and micro-batch). 0 when the handoffs take
+    all of it (on a loaded machine the difference can drown in noise)."""
+    extra_chunks = chunks[1] - chunks[0]
+    actions = 2 * micro_batches * extra_chunks
+    handoffs = 2 * extra_chunks * micro_batches * 2 * p2p_s
+    return max(extra_s - handoffs, 0.0) / actions
+

@@ -40,8 +40,9 @@ def test_two_gloo_ranks(profiles: list[ClusterProfile], tmp_path: Path) -> None:
     # on CPU the overlap test runs gloo beside matmuls on this thread: a slowdown and lost compute
     assert first.overlap is not None and first.overlap.group_size == 2 and first.overlap.interference >= 0
     assert first.overlap.compute_slowdown > 0 and first.overlap.comm_slowdown > 0
-    # a 2-stage pipeline with 1 and 4 chunks per rank: host time per action, the same on both ranks
-    assert first.pipeline_action_s is not None and 0 < first.pipeline_action_s < 0.05
+    # a 2-stage pipeline with 1 and 4 chunks per rank: host time per action, the same on both ranks (0
+    # where noise on shared cores drowns it: pipeline_action_seconds, unit-tested)
+    assert first.pipeline_action_s is not None and 0 <= first.pipeline_action_s < 0.05
     assert second.pipeline_action_s == first.pipeline_action_s
     assert ClusterProfile.load(first.save(tmp_path / "cluster.yaml")) == first
 

@@ -492,3 +492,14 @@ def test_presets_build_the_reference_gpt_they_describe(preset: str) -> None:
 def test_architectures_the_reference_gpt_lacks_are_refused() -> None:
     with pytest.raises(ConfigError, match="first_dense"):
         gpt_config(load_model_config("deepseek-moe-16b"))
+
+
+def test_pipeline_action_seconds_removes_the_extra_handoffs() -> None:
+    """1 -> 4 chunks per rank over 4 micro-batches: 24 more actions and, per micro-batch, 6 more boundary
+    ends each passing an activation and a gradient (48 p2p times) in the step-time difference; a
+    difference the handoffs take whole is 0."""
+    from galvatron.profiler.cluster import pipeline_action_seconds
+
+    assert pipeline_action_seconds(0.03, 1e-4, 4, (1, 4)) == pytest.approx((0.03 - 48e-4) / 24)
+    assert pipeline_action_seconds(0.03, 0.0, 2, (1, 3)) == pytest.approx(0.03 / 8)
+    assert pipeline_action_seconds(0.004, 1e-4, 4, (1, 4)) == 0.0
