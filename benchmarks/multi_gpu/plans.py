@@ -80,11 +80,14 @@ def _init_fake(world: int) -> torch.device:
 
 
 def grid(layers: int, world: int, batch: int, dtype: str) -> dict[str, Plan]:
-    """Uniform plans over ``world`` devices: DP x ZeRO 1/2/3, TP + SP, a 1F1B pipeline, DP x TP."""
+    """Uniform plans over ``world`` devices: DP x ZeRO 1/2/3, DP x ZeRO-1 with one sample per rank per
+    micro-batch (gradient accumulation), TP + SP, a 1F1B pipeline, DP x TP."""
     def uniform(**kw: Any) -> Plan:
         return Plan.uniform(layers, global_batch_size=batch, dtype=dtype, **kw)
 
     plans = {f"dp{world} zero{z}": uniform(dp=world, zero=z) for z in (1, 2, 3)}
+    if batch // world > 1:
+        plans[f"dp{world} zero1 x{batch // world}"] = uniform(dp=world, zero=1, num_micro_batches=batch // world)
     plans[f"tp{world}+sp"] = uniform(tp=world, sp=True)
     plans[f"pp{world} 1f1b"] = uniform(pp=world, num_micro_batches=min(batch, 2 * world))
     if world >= 4:
@@ -217,6 +220,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU (gloo): checks the script")
     parser.add_argument("--profile", action="store_true",
                         help="also record rank 0's kernels of two more steps per plan (by category, costliest)")
+    parser.add_argument("--plans", nargs="+", metavar="NAME",
+                        help="run only these plans of the grid (names as in the table; 'searched' for the search's)")
     parser.add_argument("--fake-world", type=int, metavar="N",
                         help="one GPU as rank 0 of N on a fake process group: real memory, computation-only time")
     return parser
@@ -261,7 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     holder = [searched.to_dict() if searched is not None else None]
     dist.broadcast_object_list(holder, src=0)
     plans = grid(spec.num_blocks, world, args.global_batch, dtype)
-    if holder[0] is not None:
+    if args.plans:
+        unknown = sorted(set(args.plans) - set(plans) - {"searched"})
+        if unknown:
+            parser.error(f"--plans: no plan named {', '.join(unknown)} (the grid: {', '.join(plans)}, searched)")
+        plans = {name: plan for name, plan in plans.items() if name in args.plans}
+    if holder[0] is not None and (not args.plans or "searched" in args.plans):
         plans = {"searched": Plan.from_dict(holder[0]), **plans}
     if args.fake_world:  # a fake group's p2p delivers nothing a pipeline could run on
         plans = {name: plan for name, plan in plans.items() if plan.pp == 1}
@@ -290,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
 def _write(args: argparse.Namespace, rows: list[dict[str, Any]], world: int, search_s: float,
            device: torch.device, env: dict[str, Any] | None = None, command: str | None = None) -> None:
     measured = sorted((r for r in rows if "measured_s" in r), key=lambda r: r["measured_s"])
-    searched = next((r for r in rows if r["plan"] == "searched"), {"describe": "(search failed)"})
+    searched = next((r for r in rows if r["plan"] == "searched"), {"describe": "(not measured)"})
     same = [r for r in rows if r["plan"] != "searched" and r["describe"] == searched["describe"]]
     fastest = measured[0] if measured else None
     summary = {
