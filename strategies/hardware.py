@@ -61,6 +61,10 @@ class GPU:
     fused attention kernels run at this fraction of the short-burst rates ``attention_kernels`` hold
     (1: not measured; ``attention_efficiency`` includes it)."""
     memory_efficiency: float
+    streaming_efficiency: float = 0.0
+    """Fraction of HBM bandwidth one large same-dtype elementwise kernel streams at (an in-place add
+    of whole fp32 gradients: STREAM's add), which the step-wide ``memory_efficiency`` of many smaller
+    and dtype-converting kernels falls below (0: not measured, ``memory_efficiency``)."""
     kernel_overhead_us: float
     intra_node: str
     sms: int = 0

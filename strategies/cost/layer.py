@@ -477,8 +477,8 @@ def _param_traffic(ctx: LayerContext, s: LayerStrategy, params: float) -> eager.
     if stack == "autocast" and (ctx.dtype is DType.FP32 or fsdp_compute(ctx, s)):
         stack = "eager"
     fsdp2 = ctx.options.master_weights == "params"
-    traffic = eager.param_traffic(stack, _act_bytes(ctx), ctx.options.grad_bytes, zero, fsdp2, s.dp * s.cp)
-    return (traffic + _accumulate_traffic(ctx, zero, fsdp2)).scaled(params)
+    return eager.param_traffic(stack, _act_bytes(ctx), ctx.options.grad_bytes, zero, fsdp2,
+                               s.dp * s.cp).scaled(params)
 
 
 def accumulated_micro_batches(ctx: LayerContext) -> int:
@@ -501,7 +501,11 @@ def _accumulate_traffic(ctx: LayerContext, zero: int, fsdp2: bool) -> eager.Traf
     the micro-batches (the first one's gradient is kept as it is). The gradient is held unsharded
     (ZeRO-0/1; FSDP2 at ZeRO-2/3 adds each micro-batch's reduce-scattered shard, 1/dp of it, which
     is not charged), in fp32 where the parameters are fp32 (autocast casts each gradient back before
-    it is added), else in ``CostOptions.grad_bytes`` (Megatron-LM 2021's fp16 gradients)."""
+    it is added), else in ``CostOptions.grad_bytes`` (Megatron-LM 2021's fp16 gradients). Each add is
+    one large kernel at the streaming rate (``DatasheetPerf.streaming_time``): 4.27 TB/s (0.89 of HBM)
+    for Llama 2 7B's weight-shaped fp32 adds inside a step at four micro-batches on one H200
+    (benchmarks/results/multi_gpu/plans_llama2-7b_fake2_accumulation.json), where the step's
+    memory-bound kernels average 0.64."""
     m = accumulated_micro_batches(ctx)
     if m <= 1 or (zero >= 2 and fsdp2):
         return eager.Traffic()
@@ -792,7 +796,11 @@ def _param_kernels(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, params
         return 0.0, 0.0
     if _measured(ctx, layer, s) is not None:
         return 0.0, 0.0  # a profile's layer time includes them
-    return _traffic_times(ctx, _param_traffic(ctx, s, params))
+    fwd, bwd = _traffic_times(ctx, _param_traffic(ctx, s, params))
+    zero = s.zero if s.dp * s.cp > 1 else 0
+    adds = _accumulate_traffic(ctx, zero, ctx.options.master_weights == "params").scaled(params)
+    streaming = getattr(ctx.perf, "streaming_time", ctx.perf.memory_time)  # a measured profile has none
+    return fwd, bwd + (streaming(adds.bwd) if adds.bwd else 0.0)
 
 
 def _zero_part(ctx: LayerContext, s: LayerStrategy, acc: dict[str, float], params: float, group: Group,

@@ -190,6 +190,12 @@ class DatasheetPerf:
         gpu = self.cluster.gpu
         return nbytes / (gpu.hbm_gbps * 1e9 * gpu.memory_efficiency)
 
+    def streaming_time(self, nbytes: float) -> float:
+        """One large same-dtype elementwise kernel (gradient accumulation's in-place add): bytes at the
+        GPU's ``streaming_efficiency`` of HBM (``memory_efficiency`` where not measured)."""
+        gpu = self.cluster.gpu
+        return nbytes / (gpu.hbm_gbps * 1e9 * (gpu.streaming_efficiency or gpu.memory_efficiency))
+
     def collective_time(self, op: str, nbytes: float, group: Group) -> float:
         """Ring/tree collectives in the alpha-beta model with NCCL's bus-bandwidth factors
         (nccl-tests doc/PERFORMANCE.md: all-reduce moves 2(n-1)/n of the data, reduce-scatter and
