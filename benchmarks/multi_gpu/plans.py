@@ -124,6 +124,8 @@ def measure(cfg: GPTConfig, plan: Plan, tokens: torch.Tensor, targets: torch.Ten
     dist.all_reduce(per_step, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
     peak = _max_over_ranks(torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0, device)
     kernels = _profile(wrapped, opt, (x, y), 2) if profile and device.type == "cuda" else {}
+    if profile and device.type == "cuda":
+        kernels["phases_s"] = _phases(wrapped, opt, (x, y), steps, device)
     del wrapped, model, opt
     gc.collect()
     if device.type == "cuda":
@@ -134,7 +136,8 @@ def measure(cfg: GPTConfig, plan: Plan, tokens: torch.Tensor, targets: torch.Ten
 
 def _profile(wrapped: Any, opt: Any, batch: tuple[torch.Tensor, torch.Tensor], steps: int) -> dict[str, Any]:
     """Kernel milliseconds per step of ``steps`` training steps under ``torch.profiler``: by category
-    (``step_breakdown.category``), the 30 costliest kernels and the 40 costliest ATen ops."""
+    (``step_breakdown.category``), the 30 costliest kernels and the 40 costliest ATen ops; and the 25
+    host operations with the most self CPU time (Python-side work shows as gaps between them)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from step_breakdown import categories, category, profiled_kernels
     from torch.profiler import ProfilerActivity, profile
@@ -152,7 +155,26 @@ def _profile(wrapped: Any, opt: Any, batch: tuple[torch.Tensor, torch.Tensor], s
             "top_kernels": [{"name": n[:120], "category": category(n), "ms_per_step": sum(kernels[n]) / steps,
                              "calls_per_step": len(kernels[n]) / steps} for n in top],
             "ops": [{"op": k, "ms_per_step": v[0], "kernels_per_step": v[1], "calls_per_step": v[2]}
-                    for k, v in sorted(ops.items(), key=lambda kv: -kv[1][0])[:40]]}
+                    for k, v in sorted(ops.items(), key=lambda kv: -kv[1][0])[:40]],
+            "host_ops": [{"op": e.key, "self_cpu_ms_per_step": e.self_cpu_time_total * 1e-3 / steps,
+                          "calls_per_step": e.count / steps}
+                         for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:25]]}
+
+
+def _phases(wrapped: Any, opt: Any, batch: tuple[torch.Tensor, torch.Tensor], steps: int,
+            device: torch.device) -> dict[str, float]:
+    """Median wall seconds of each phase of a step, the device synchronised around each: where a phase
+    lasts longer than its kernels (``ops``), the host held the device back."""
+    times: dict[str, list[float]] = {"train_step": [], "optimizer_step": [], "zero_grad": []}
+    for _ in range(steps):
+        for name, run in (("train_step", lambda: wrapped.train_step(batch, lm_loss)), ("optimizer_step", opt.step),
+                          ("zero_grad", lambda: opt.zero_grad(set_to_none=True))):
+            _sync(device)
+            start = time.perf_counter()
+            run()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _max_over_ranks(value: float, device: torch.device) -> float:
@@ -219,7 +241,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU (gloo): checks the script")
     parser.add_argument("--profile", action="store_true",
-                        help="also record rank 0's kernels of two more steps per plan (by category, costliest)")
+                        help="also record rank 0's kernels of two more steps per plan (by category, costliest) "
+                             "and time each phase of a step (train step, optimizer step, zero_grad) apart")
     parser.add_argument("--plans", nargs="+", metavar="NAME",
                         help="run only these plans of the grid (names as in the table; 'searched' for the search's)")
     parser.add_argument("--fake-world", type=int, metavar="N",
@@ -289,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["memory_error"] = row["predicted_peak_gib"] / row["peak_memory_gib"] - 1
         rows.append(row)
         if rank == 0:
-            bulky = ("describe", "plan_dict", "top_kernels", "ops")
+            bulky = ("describe", "plan_dict", "top_kernels", "ops", "host_ops")
             print(json.dumps({k: v for k, v in row.items() if k not in bulky}), flush=True)
     if rank == 0:
         _write(args, rows, world, search_s, device)
