@@ -203,6 +203,8 @@ def replay(path: Path) -> int:
     cluster = load_cluster({"gpu": gpu, "gpus_per_node": env["world"], "nodes": 1, "name": "replay"})
     perf = NoCommPerf(cluster) if args.fake_world else cluster
     config = {**load_model_config(args.model), "seq_len": args.seq}
+    if getattr(args, "layers", None):
+        config["layers"] = args.layers
     spec = ModelSpec.from_config(config)
     plans = grid(spec.num_blocks, env["world"], args.global_batch, "bf16")
     native = CostOptions(**capabilities("native").cost_options())
@@ -235,6 +237,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="JSON path (rank 0 writes it and a .md beside it)")
     parser.add_argument("--replay", metavar="JSON", help="re-cost a measured file's plans (no GPU)")
     parser.add_argument("--model", default="llama2-7b", help="model preset or YAML (reference GPT architecture)")
+    parser.add_argument("--layers", type=int, help="blocks of the model (default: the preset's), to fit smaller GPUs")
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=4)
@@ -264,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         config = {"name": "gpt-smoke", "layers": 4, "hidden": 64, "heads": 4, "vocab": 128, "seq_len": 32}
     else:
         config = {**load_model_config(args.model), "seq_len": args.seq}
+        if args.layers:
+            config["layers"] = args.layers
     cfg = gpt_config(config)
     # the reference GPT's block list, which the runtime checks the search's plans against
     spec = dataclasses.replace(ModelSpec.from_config(config), block_path="blocks")
