@@ -40,7 +40,7 @@ from galvatron.profiler.calibrate import overlapped_step_time, profile_step_time
 from galvatron.profiler.model import ProfileOptions, lm_loss, profile_model, summary
 from galvatron.profiler.schema import ModelProfile
 from galvatron.strategies.cost import CostOptions, cost_plan
-from galvatron.strategies.hardware import load_cluster
+from galvatron.strategies.hardware import DEVICE_NAMES, gpu_for_device, load_cluster
 
 from galvatron.backends import capabilities
 from galvatron.errors import GalvatronError
@@ -57,8 +57,6 @@ CONFIGS = [
     (1, 2048, "full"), (4, 2048, "full"), (8, 2048, "full"), (16, 512, "full"),
 ]
 SMOKE_CONFIGS = [(1, 32, "none"), (2, 16, "none"), (2, 32, "full"), (3, 32, "selective")]
-GPU_FAMILIES = (("H200", "H200"), ("H100 PCIe", "H100-PCIe"), ("H100", "H100-SXM"), ("A100-SXM4-40GB", "A100-40GB"),
-                ("A100", "A100-80GB"), ("B200", "B200"), ("L40S", "L40S"), ("MI300X", "MI300X"))
 
 
 NATIVE = CostOptions(**capabilities("native").cost_options())
@@ -91,7 +89,7 @@ def setup(args: argparse.Namespace) -> Setup:
     cfg = gpt_config(load_model_config(args.model))
     options = ProfileOptions(micro_batches=(1, 2, 4, 8), seq_lens=(512, 1024, 2048), warmup=2, repeats=5)
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
-    gpu = next((db for key, db in GPU_FAMILIES if key in name), "H100-SXM")
+    gpu = gpu_for_device(name) if any(key in name for key, _ in DEVICE_NAMES) else "H100-SXM"
     return Setup(cfg=cfg, name=args.model, options=options, configs=CONFIGS, device=device, steps=args.steps,
                  warmup=args.warmup, gpu=gpu)
 

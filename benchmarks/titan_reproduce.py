@@ -79,8 +79,7 @@ def predictions(path: Path) -> list[dict]:
     its step by term (``titan_eager.predicted_terms``)."""
     from fidelity_megatron import titan_options
     from galvatron.strategies.cost import cost_plan
-    from galvatron.strategies.hardware import load_cluster
-    from profile_fidelity import GPU_FAMILIES
+    from galvatron.strategies.hardware import gpu_for_device, load_cluster
     from titan_eager import measured_terms, predicted_terms
 
     from galvatron.plan import Plan
@@ -91,7 +90,7 @@ def predictions(path: Path) -> list[dict]:
                         zero=3, recompute="selective")
     out = []
     for row in json.loads(path.read_text())["rows"]:
-        gpu = next(db for key, db in GPU_FAMILIES if key in row["device"])
+        gpu = gpu_for_device(row["device"])
         cluster = load_cluster({"gpu": gpu, "gpus_per_node": 8, "nodes": 1, "name": f"8x{gpu}"})
         options = titan_options("fused" if row["variant"] == "compiled" else "eager", "flash2")
         tps = cost_plan(plan, spec, cluster, options).tokens_per_s / WORLD

@@ -170,6 +170,23 @@ def gpu_names() -> list[str]:
     return sorted(p.stem for p in (config_root() / "hardware").glob("*.yaml") if p.stem != "interconnects")
 
 
+DEVICE_NAMES: tuple[tuple[str, str], ...] = (
+    ("H200", "H200"), ("H100 PCIe", "H100-PCIe"), ("H100", "H100-SXM"), ("A100-SXM4-40GB", "A100-40GB"),
+    ("A100-PCIE-40GB", "A100-40GB"), ("A100", "A100-80GB"), ("B200", "B200"), ("L40S", "L40S"), ("MI300X", "MI300X"))
+"""(part of a device name as ``torch.cuda.get_device_name`` reports it, database entry), the more
+specific first: "NVIDIA H100 80GB HBM3" is the SXM part, "NVIDIA H100 PCIe" the PCIe card (the same
+memory, so memory cannot tell them apart), "NVIDIA A100-SXM4-40GB" the 40 GB A100."""
+
+
+def gpu_for_device(device: str) -> str:
+    """The database entry for a CUDA device name (``torch.cuda.get_device_name()``); ConfigError when
+    the database has none."""
+    for part, name in DEVICE_NAMES:
+        if part in device:
+            return name
+    raise ConfigError(f"{device} is not in the hardware database ({', '.join(gpu_names())})")
+
+
 @cache
 def load_gpu(name_or_path: str) -> GPU:
     """A GPU by database name (``H100-SXM``) or from a YAML file with the same keys."""

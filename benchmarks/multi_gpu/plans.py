@@ -191,15 +191,14 @@ def _sync(device: torch.device) -> None:
 def replay(path: Path) -> int:
     """Re-cost a result file's plans (the ``plan_dict`` of each row; files from before that field: the
     grid's plan of that name, the searched plan as the grid plan it equals) and rewrite it."""
-    from galvatron.strategies.hardware import load_cluster
+    from galvatron.strategies.hardware import gpu_for_device, load_cluster
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from profile_fidelity import GPU_FAMILIES
 
     data = json.loads(path.read_text())
     args = argparse.Namespace(**_arguments(data["command"]))
     env = data["env"]
-    gpu = next(db for key, db in GPU_FAMILIES if key in env["device"])
+    gpu = gpu_for_device(env["device"])
     cluster = load_cluster({"gpu": gpu, "gpus_per_node": env["world"], "nodes": 1, "name": "replay"})
     perf = NoCommPerf(cluster) if args.fake_world else cluster
     config = {**load_model_config(args.model), "seq_len": args.seq}

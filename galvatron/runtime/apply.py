@@ -330,16 +330,11 @@ def sdpa_kernel(torch_version: str, cudnn_version: int | None, capability: tuple
 def local_cluster(world: int) -> Any:
     """The live machines for the cost model: the hardware database's entry for this GPU, or a
     nominal CPU worker (gloo over loopback) without CUDA."""
-    from galvatron.strategies.hardware import GPU, Cluster, Link, gpu_names, load_cluster, load_gpu
+    from galvatron.strategies.hardware import GPU, Cluster, Link, gpu_for_device, load_cluster
 
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or world))
     if torch.cuda.is_available():
-        device = torch.cuda.get_device_name()
-        memory = torch.cuda.get_device_properties(0).total_memory / 2**30
-        known = [n for n in gpu_names() if n.split("-")[0] in device]
-        if not known:
-            raise GalvatronError(f"{device} is not in the hardware database ({', '.join(gpu_names())})")
-        name = min(known, key=lambda n: abs(load_gpu(n).memory_gib - memory))
+        name = gpu_for_device(torch.cuda.get_device_name())
         return load_cluster({"gpu": name, "gpus_per_node": per_node, "nodes": max(world // per_node, 1)})
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     cpu = GPU(name="cpu", peak_tflops={"fp32": 0.05, "bf16": 0.05, "fp16": 0.05}, memory_gib=ram / world,

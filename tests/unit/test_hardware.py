@@ -77,3 +77,26 @@ def test_bad_attention_kernels_raise_config_error(tmp_path: Path) -> None:
         path.write_text(yaml.safe_dump(bad))
         with pytest.raises(ConfigError, match=match):
             load_gpu(str(path))
+
+
+@pytest.mark.parametrize(("device", "entry"), [
+    ("NVIDIA H100 80GB HBM3", "H100-SXM"),  # the same memory as the PCIe card: the name must decide
+    ("NVIDIA H100 PCIe", "H100-PCIe"),
+    ("NVIDIA H200", "H200"),
+    ("NVIDIA A100-SXM4-40GB", "A100-40GB"),
+    ("NVIDIA A100-SXM4-80GB", "A100-80GB"),
+    ("NVIDIA A100 80GB PCIe", "A100-80GB"),
+    ("NVIDIA B200", "B200"),
+])
+def test_gpu_for_device_names_the_form_factor(device: str, entry: str) -> None:
+    from galvatron.strategies.hardware import gpu_for_device, load_gpu
+
+    assert gpu_for_device(device) == entry
+    assert load_gpu(entry).name == entry
+
+
+def test_gpu_for_unknown_device_says_what_the_database_has() -> None:
+    from galvatron.strategies.hardware import gpu_for_device
+
+    with pytest.raises(ConfigError, match="not in the hardware database.*H100-SXM"):
+        gpu_for_device("NVIDIA GeForce RTX 4090")
