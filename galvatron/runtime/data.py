@@ -57,6 +57,9 @@ class Bucket:
     ready: int = 0
     work: Any = None
     buffer: torch.Tensor | None = field(default=None, repr=False)
+    complete: bool = True
+    """Every parameter had a local gradient when the bucket launched: then every one has a reduced
+    gradient, and the ranks' counts need not be read back (a device sync per bucket)."""
 
     @property
     def size(self) -> int:
@@ -154,6 +157,7 @@ class GradientSync:
                 parts.append(grad.reshape(-1))
                 flags.append(1.0)
         flag = torch.tensor(flags, dtype=parts[0].dtype, device=parts[0].device)
+        bucket.complete = all(flags)
         bucket.buffer = torch.cat([*parts, flag])
         for p, grad, part in zip(bucket.params, _views(bucket), parts, strict=True):
             if p.grad is not None and part.dtype == grad.dtype:
@@ -166,7 +170,9 @@ class GradientSync:
         if bucket.work is not None:
             bucket.work.wait()
         n = len(bucket.params)
-        counts = bucket.buffer[-n:].tolist()
+        # the ranks' counts only matter for parameters without a local gradient; reading them back
+        # waits for the device, which would leave it idle while the host unpacks the next bucket
+        counts = [1.0] * n if bucket.complete else bucket.buffer[-n:].tolist()
         bucket.buffer[:-n].div_(bucket.divisor)
         for p, grad, count in zip(bucket.params, _views(bucket), counts, strict=True):
             if count == 0:

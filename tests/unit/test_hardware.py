@@ -98,5 +98,5 @@ def test_gpu_for_device_names_the_form_factor(device: str, entry: str) -> None:
 def test_gpu_for_unknown_device_says_what_the_database_has() -> None:
     from galvatron.strategies.hardware import gpu_for_device
 
-    with pytest.raises(ConfigError, match="not in the hardware database.*H100-SXM"):
+    with pytest.raises(ConfigError, match=r"not in the hardware database.*H100-SXM"):
         gpu_for_device("NVIDIA GeForce RTX 4090")

@@ -75,3 +75,23 @@ def test_deleted_model_is_freed(group: dist.ProcessGroup) -> None:
     del model, sync
     gc.collect()
     assert alive() is None
+
+
+def test_complete_buckets_do_not_read_counts_back(group: dist.ProcessGroup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every parameter with a local gradient: the reduction reads nothing back from the device (on a GPU
+    a read-back per bucket idled it while the host unpacked the next); a bucket with an unused parameter
+    reads the ranks' counts, and the parameter no rank has a gradient for keeps ``grad = None``."""
+    model, sync = _model(group, hooks=False)
+    _loss(model).backward()
+    reads = []
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.numel()) or original(t))
+    sync.reduce()
+    assert reads == []
+    model[1].bias.grad = None  # as if unused on every rank
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad = p.grad.clone()
+    sync.reduce()
+    assert reads == [2]  # the one incomplete bucket's counts (weight, bias)
+    assert model[1].bias.grad is None and model[1].weight.grad is not None
