@@ -156,8 +156,11 @@ class GradientSync:
             else:
                 parts.append(grad.reshape(-1))
                 flags.append(1.0)
-        flag = torch.tensor(flags, dtype=parts[0].dtype, device=parts[0].device)
         bucket.complete = all(flags)
+        # a blocking host-to-device copy waits for the device: the common complete bucket fills on it
+        dtype, device = parts[0].dtype, parts[0].device
+        flag = (torch.ones(len(flags), dtype=dtype, device=device) if bucket.complete else
+                torch.tensor(flags, dtype=dtype).to(device, non_blocking=True))
         bucket.buffer = torch.cat([*parts, flag])
         for p, grad, part in zip(bucket.params, _views(bucket), parts, strict=True):
             if p.grad is not None and part.dtype == grad.dtype:

@@ -95,3 +95,22 @@ def test_complete_buckets_do_not_read_counts_back(group: dist.ProcessGroup, monk
     sync.reduce()
     assert reads == [2]  # the one incomplete bucket's counts (weight, bias)
     assert model[1].bias.grad is None and model[1].weight.grad is not None
+
+
+@pytest.mark.gpu
+def test_reduce_does_not_synchronise_the_device(group: dist.ProcessGroup) -> None:
+    """Unpacking complete buckets enqueues work and returns: no read-back, no blocking host-to-device
+    copy (the flags), so the device never idles while the host moves to the next bucket."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS))).cuda()
+    sync = GradientSync()
+    sync.hooks_enabled = False
+    for layer in model:
+        sync.add(list(layer.parameters()), group, divide=2)
+    model(torch.ones(8, WIDTH, device="cuda")).square().sum().backward()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sync.reduce()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(p.grad is not None for p in model.parameters())
