@@ -61,9 +61,21 @@ def test_autocast_gpt_block_bytes_hand_counted() -> None:
 def test_rms_norm_and_tensor_parallel_widths() -> None:
     assert (eager.rms_norm(2).fwd, eager.rms_norm(2).bwd) == (36, 92)
     assert eager.layer_norm(2, 2).fwd == 4
-    full = eager.block_traffic(LLAMA.blocks[0], LayerStrategy(), "eager", 2)
-    sp = eager.block_traffic(LLAMA.blocks[0], LayerStrategy(tp=4, sp=True), "eager", 2)
-    assert sp.fwd == pytest.approx(full.fwd / 4) and sp.kernels_fwd == full.kernels_fwd
+    layer = LLAMA.blocks[0]
+    for stack, act in (("eager", 2), ("autocast", 2)):
+        full = eager.block_traffic(layer, LayerStrategy(), stack, act)
+        sp = eager.block_traffic(layer, LayerStrategy(tp=4, sp=True), stack, act)
+        # under SP the norms, residuals and per-head ops split four ways; the linears still read (and
+        # autocast still casts) the gathered input, and DTensor rearranges each collective's tensor
+        norm = 4 if stack == "autocast" else act
+        gathered = eager._input_grads(layer, norm, act).scaled(layer.hidden)
+        copies = eager.sequence_parallel_copies(layer, norm, act)
+        assert copies.fwd == copies.bwd == 2 * (norm + act) * 2 * layer.hidden  # attention and MLP
+        for part in ("fwd", "bwd"):
+            expected = (getattr(full, part) - getattr(gathered, part)) / 4 + getattr(gathered, part) + \
+                getattr(copies, part)
+            assert getattr(sp, part) == pytest.approx(expected), (stack, part)
+        assert sp.kernels_fwd == full.kernels_fwd + 4
 
 
 def _block_times(spec: ModelSpec, elementwise: str, **kw: object) -> tuple[float, float]:
