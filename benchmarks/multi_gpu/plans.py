@@ -69,14 +69,76 @@ class NoCommPerf(DatasheetPerf):
         return 0.0
 
 
-def _init_fake(world: int) -> torch.device:
-    """Rank 0 of ``world`` on a fake process group over this process's GPU (one node of ``world``)."""
+def _init_fake(world: int, values: bool = True) -> torch.device:
+    """Rank 0 of ``world`` on a fake process group over this process's GPU (one node of ``world``);
+    ``values``: its gathers and scatters write the local data (:func:`_fake_values`)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     os.environ["LOCAL_WORLD_SIZE"] = str(world)
     torch.cuda.set_device(0)
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    if values:
+        _fake_values()
     return torch.device("cuda", 0)
+
+
+class _Done:
+    """A finished collective's work handle."""
+
+    def wait(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+def _fake_values() -> None:
+    """Make the fake group's all-gathers and reduce-scatters write real values: a gather repeats the
+    local input, a scatter keeps the local input's first chunk, each written by one copy where NCCL
+    would write its output. On torch 2.11 a fake group's reduce-scatter writes nothing (its all-gather
+    does repeat the input: checked on CUDA), so sequence-parallel blocks would add stale memory into
+    the residual stream, and GEMMs run faster on some data than on others under the power cap
+    (benchmarks/results/gemm_data_power.json: zeros 892 against random 774 TFLOP/s on an H100).
+    All-reduces keep the local values."""
+    import torch.distributed._functional_collectives as funcol
+
+    from galvatron.runtime import optim, relayout
+
+    def size(group: Any) -> int:
+        if isinstance(group, tuple):  # (DeviceMesh, mesh dim), as DTensor passes it
+            return group[0].size(group[1])
+        if isinstance(group, str):
+            group = dist.distributed_c10d._resolve_process_group(group)
+        return dist.get_world_size(group)
+
+    def gather(self: torch.Tensor, gather_dim: int, group: Any, tag: str = "") -> torch.Tensor:
+        n = size(group)
+        out = torch.cat([self.contiguous()] * n, dim=0)
+        return out if gather_dim == 0 else torch.cat(torch.chunk(out, n, dim=0), dim=gather_dim)
+
+    def scatter(self: torch.Tensor, reduceOp: str, scatter_dim: int, group: Any, tag: str = "") -> torch.Tensor:
+        n = size(group)
+        x = self if scatter_dim == 0 else torch.cat(torch.chunk(self, n, dim=scatter_dim), dim=0)
+        return x.narrow(0, 0, x.shape[0] // n).clone()
+
+    def gather_into(out: torch.Tensor, x: torch.Tensor, group: Any = None, async_op: bool = False) -> Any:
+        out.view(-1, x.numel()).copy_(x.reshape(1, -1).expand(out.numel() // x.numel(), -1))
+        return _Done() if async_op else None
+
+    def scatter_into(out: torch.Tensor, x: torch.Tensor, op: Any = None, group: Any = None,
+                     async_op: bool = False) -> Any:
+        out.copy_(x.reshape(-1)[: out.numel()].view_as(out))
+        return _Done() if async_op else None
+
+    for name in ("all_gather_single", "all_gather_tensor"):
+        if hasattr(funcol, name):
+            setattr(funcol, name, gather)
+    for name in ("reduce_scatter_single", "reduce_scatter_tensor"):
+        if hasattr(funcol, name):
+            setattr(funcol, name, scatter)
+    dist.all_gather_into_tensor = gather_into
+    dist.reduce_scatter_tensor = scatter_into
+    relayout._all_gather_single = optim._all_gather_single = gather_into
 
 
 def grid(layers: int, world: int, batch: int, dtype: str) -> dict[str, Plan]:
@@ -247,6 +309,9 @@ def _parser() -> argparse.ArgumentParser:
                              "and time each phase of a step (train step, optimizer step, zero_grad) apart")
     parser.add_argument("--plans", nargs="+", metavar="NAME",
                         help="run only these plans of the grid (names as in the table; 'searched' for the search's)")
+    parser.add_argument("--fake-stale", action="store_true",
+                        help="with --fake-world: leave the fake collectives' outputs unwritten (before 2026-11-24 "
+                             "the only behaviour; tensor-parallel GEMMs then run on stale memory)")
     parser.add_argument("--fake-world", type=int, metavar="N",
                         help="one GPU as rank 0 of N on a fake process group: real memory, computation-only time")
     return parser
@@ -259,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         return replay(Path(args.replay))
     if not args.out:
         parser.error("--out is required")
-    device = _init_fake(args.fake_world) if args.fake_world else init_distributed()
+    device = _init_fake(args.fake_world, not args.fake_stale) if args.fake_world else init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
     if args.smoke:
         torch.set_num_threads(1)
