@@ -121,13 +121,15 @@ def _fake_values() -> None:
         x = self if scatter_dim == 0 else torch.cat(torch.chunk(self, n, dim=scatter_dim), dim=0)
         return x.narrow(0, 0, x.shape[0] // n).clone()
 
-    def gather_into(out: torch.Tensor, x: torch.Tensor, group: Any = None, async_op: bool = False) -> Any:
-        out.view(-1, x.numel()).copy_(x.reshape(1, -1).expand(out.numel() // x.numel(), -1))
+    def gather_into(output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any = None,
+                    async_op: bool = False) -> Any:  # torch.distributed's signature, keywords included
+        n = output_tensor.numel() // input_tensor.numel()
+        output_tensor.view(n, -1).copy_(input_tensor.reshape(1, -1).expand(n, -1))
         return _Done() if async_op else None
 
-    def scatter_into(out: torch.Tensor, x: torch.Tensor, op: Any = None, group: Any = None,
+    def scatter_into(output: torch.Tensor, input: torch.Tensor, op: Any = None, group: Any = None,
                      async_op: bool = False) -> Any:
-        out.copy_(x.reshape(-1)[: out.numel()].view_as(out))
+        output.copy_(input.reshape(-1)[: output.numel()].view_as(output))
         return _Done() if async_op else None
 
     for name in ("all_gather_single", "all_gather_tensor"):
