@@ -19,9 +19,11 @@ would leave the others waiting in a collective).
 predictions and its table (the measurements stay); the command that measured them is kept.
 
 ``--fake-world N`` (one GPU, no torchrun) runs the plans without a pipeline as rank 0 of N on a fake
-process group: collectives move no data, every allocation and kernel of the rank is the real one. Its
-peak memory is what rank 0 of N GPUs holds; its step time is the computation alone, so the predictions
-beside it cost no communication either (``NoCommPerf``).
+process group: collectives move no data between GPUs (gathers and scatters write the local values,
+all-reduces keep them), every allocation and kernel of the rank is the real one. Its peak memory is
+what rank 0 of N GPUs holds; its step time is the computation alone, so the predictions beside it cost
+no communication either (``NoCommPerf``). Tensor-parallel plans' GEMMs run at a higher clock there
+than data-parallel ones (``results/multi_gpu/README.md``: not explained).
 
     python benchmarks/multi_gpu/plans.py --fake-world 8 --model llama2-7b --global-batch 8 --out plans_fake8.json
 """
