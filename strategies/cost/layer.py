@@ -512,8 +512,7 @@ def _accumulate_traffic(ctx: LayerContext, zero: int, fsdp2: bool) -> eager.Traf
     fp32_params = ctx.options.master_weights == "params"
     new = 4 if fp32_params else _act_bytes(ctx)
     held = 4 if fp32_params else ctx.options.grad_bytes
-    t = eager.accumulate_traffic(new, held)
-    return eager.Traffic(t.fwd, t.bwd * (m - 1) / m, t.kernels_fwd, t.kernels_bwd)
+    return eager.accumulate_traffic(new, held).scaled((m - 1) / m)
 
 
 def _traffic_times(ctx: LayerContext, t: eager.Traffic) -> tuple[float, float]:
