@@ -40,10 +40,10 @@ from galvatron.profiler.calibrate import overlapped_step_time, profile_step_time
 from galvatron.profiler.model import ProfileOptions, lm_loss, profile_model, summary
 from galvatron.profiler.schema import ModelProfile
 from galvatron.strategies.cost import CostOptions, cost_plan
-from galvatron.strategies.hardware import DEVICE_NAMES, gpu_for_device, load_cluster
+from galvatron.strategies.hardware import gpu_for_device, load_cluster
 
 from galvatron.backends import capabilities
-from galvatron.errors import GalvatronError
+from galvatron.errors import ConfigError, GalvatronError
 from galvatron.models import GPT, GPTConfig
 from galvatron.plan import Plan, Recompute
 from galvatron.runtime.recompute import apply_recompute
@@ -89,7 +89,10 @@ def setup(args: argparse.Namespace) -> Setup:
     cfg = gpt_config(load_model_config(args.model))
     options = ProfileOptions(micro_batches=(1, 2, 4, 8), seq_lens=(512, 1024, 2048), warmup=2, repeats=5)
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
-    gpu = gpu_for_device(name) if any(key in name for key, _ in DEVICE_NAMES) else "H100-SXM"
+    try:
+        gpu = gpu_for_device(name)
+    except ConfigError:  # a CPU run, or a GPU the database lacks: cost it as the H100 SXM
+        gpu = "H100-SXM"
     return Setup(cfg=cfg, name=args.model, options=options, configs=CONFIGS, device=device, steps=args.steps,
                  warmup=args.warmup, gpu=gpu)
 
