@@ -58,6 +58,9 @@ class Capabilities:
     bucket_copies: bool = False
     """Whether its ZeRO-0/1 copy gradients into flat buckets and parameters out of them
     (``CostOptions.bucket_copies``)."""
+    sequence_parallel_copies: bool = False
+    """Whether its sequence parallelism copies around each collective
+    (``CostOptions.sequence_parallel_copies``): the native runtime's token shards need no copies."""
     overlap_param_gather: bool = True
     """Whether its ZeRO-1 parameter all-gather hides behind the next forward
     (``CostOptions.overlap_param_gather``)."""
@@ -74,6 +77,7 @@ class Capabilities:
                 "selective": self.selective, "elementwise": self.elementwise,
                 "loss_bytes_per_logit": self.loss_bytes_per_logit, "zero1_reduce": self.zero1_reduce,
                 "overlap_param_gather": self.overlap_param_gather, "bucket_copies": self.bucket_copies,
+                "sequence_parallel_copies": self.sequence_parallel_copies,
                 "host_us_per_kernel": self.host_us_per_kernel if accelerator else 0.0,
                 "blocking_p2p": not accelerator}
 

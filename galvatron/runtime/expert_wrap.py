@@ -42,7 +42,7 @@ from galvatron.runtime.expert import (
     load_balancing_loss,
     routed_experts,
 )
-from galvatron.runtime.relayout import GatherFromSequenceParallel, ScatterToSequenceParallel, own_part
+from galvatron.runtime.relayout import GatherFromSequenceParallel, ScatterToSequenceParallel, own_tokens
 
 
 class MoEKind(enum.StrEnum):
@@ -66,8 +66,8 @@ class ExpertParallelState:
     aux_group: Group
     tp_group: Group
     sequence_group: Group
-    """MoE Parallel Folding: ranks that hold the same tokens, each routing its chunk of the sequence
-    (dim 1; ``None``: this rank routes all of them)."""
+    """MoE Parallel Folding: ranks that hold the same tokens, each routing its chunk of them
+    (``relayout.own_tokens``; ``None``: this rank routes all of them)."""
     capacity_factor: float | None
     drop_policy: DropPolicy
 
@@ -349,7 +349,7 @@ def _routed(module: nn.Module, shape: torch.Size, tokens: torch.Tensor, index: t
     def chunk(t: torch.Tensor) -> torch.Tensor:  # backward gathers the gradient: TP peers keep it whole
         return ScatterToSequenceParallel.apply(t.view(*shape[:2], -1), group).flatten(0, 1)
 
-    out = routed(chunk(tokens), own_part(index.view(*shape[:2], -1), 1, group).flatten(0, 1), chunk(weights))
+    out = routed(chunk(tokens), own_tokens(index.view(*shape[:2], -1), group).flatten(0, 1), chunk(weights))
     return GatherFromSequenceParallel.apply(out.view(shape[0], -1, shape[2]), group).flatten(0, 1)
 
 

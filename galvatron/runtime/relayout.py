@@ -75,32 +75,64 @@ class SplitBatch(torch.autograd.Function):
         return all_gather(grad, 0, ctx.group) / dist.get_world_size(ctx.group), None
 
 
+def own_tokens(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """This rank's sequence-parallel shard of ``x`` (``[d0, d1, ...]``, batch-first ``[batch, seq, ...]``):
+    the group-rank'th of ``k`` contiguous chunks of its ``d0 * d1`` tokens (the first two dimensions
+    flattened), shaped ``[d0, d1 / k, ...]`` (a copy, as :func:`own_part`).
+
+    Megatron shards its sequence-first ``[seq, batch, hidden]`` stream on dimension 0, so every
+    sequence-parallel collective moves whole contiguous buffers. Batch-first sequence chunks
+    (``[batch, seq / k, hidden]``) would need a chunk-and-concatenate copy around each all-gather and
+    reduce-scatter (DTensor's ``Shard(1)``); chunks of the flattened tokens need none, and the ops of a
+    sequence-parallel region (norms, residual adds, dropout) are token-wise, so which tokens a rank
+    holds does not matter to them. The local shape stays that of a sequence chunk."""
+    k = dist.get_world_size(group)
+    if k == 1:
+        return x
+    if x.dim() < 2 or x.shape[1] % k:
+        raise ValueError(f"a tensor of shape {tuple(x.shape)} does not split its dimension 1 over {k} ranks")
+    size = x.shape[0] * x.shape[1] // k
+    part = x.flatten(0, 1).narrow(0, dist.get_rank(group) * size, size)
+    return part.clone(memory_format=torch.contiguous_format).view(x.shape[0], x.shape[1] // k, *x.shape[2:])
+
+
+def gather_tokens(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """The whole ``[d0, d1 * k, ...]`` tensor from every rank's :func:`own_tokens` shard ``x``: one
+    all-gather into a contiguous buffer, no copy after it."""
+    k = dist.get_world_size(group)
+    if k == 1:
+        return x
+    out = x.new_empty((k * x.shape[0] * x.shape[1], *x.shape[2:]))
+    _all_gather_single(out, x.contiguous().flatten(0, 1), group=group)
+    return out.view(x.shape[0], x.shape[1] * k, *x.shape[2:])
+
+
 class ScatterToSequenceParallel(torch.autograd.Function):
-    """Megatron's entry into a sequence-parallel region: keep this rank's part of the sequence
-    (dim 1); backward all-gathers the gradient."""
+    """Megatron's entry into a sequence-parallel region: keep this rank's tokens (:func:`own_tokens`);
+    backward all-gathers the gradient."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         ctx.group = group
-        return own_part(x, 1, group)
+        return own_tokens(x, group)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return all_gather(grad, 1, ctx.group), None
+        return gather_tokens(grad, ctx.group), None
 
 
 class GatherFromSequenceParallel(torch.autograd.Function):
     """Megatron's exit from a sequence-parallel region into replicated compute: all-gather the
-    sequence (dim 1); backward keeps this rank's part (the gradient is already full)."""
+    tokens (:func:`gather_tokens`); backward keeps this rank's part (the gradient is already full)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         ctx.group = group
-        return all_gather(x, 1, group)
+        return gather_tokens(x, group)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return own_part(grad, 1, ctx.group), None
+        return own_tokens(grad, ctx.group), None
 
 
 def batch_relayout(dims: ParallelDims, src: Layout, dst: Layout) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -14,8 +14,13 @@ Modules the plan does not cover (norms, routers) compute replicated.
 Each direct child of a block sits on the residual stream. A child whose parameters are all
 covered by the plan (attention, MLP) receives its input as one replicated DTensor, so its
 column-parallel projections share one backward reduction (reduce-scatter with SP). Any other
-child with parameters runs replicated on plain tensors (gathered from the sequence shards
-under SP). SDPA and everything between the projections see local tensors.
+child with parameters runs replicated on plain tensors (gathered from the token shards under
+SP). SDPA and everything between the projections see local tensors.
+
+Under SP a rank holds a contiguous chunk of the flattened ``[batch x seq]`` tokens, shaped
+``[batch, seq / tp, ...]`` (``relayout.own_tokens``): batch-first, those chunks gather and
+reduce-scatter as whole contiguous buffers, where sequence chunks would need a copy around every
+collective.
 """
 
 from __future__ import annotations
@@ -146,13 +151,14 @@ class ShardedProjection(ParallelStyle):
     Column-parallel: weight and bias split on the output features (``parts`` > 1: each part
     of the weight split, ``_StridedShard``, and the bias replicated), input replicated, output
     the local slice. Row-parallel: weight
-    split on the input features, input the local slice, output summed into ``output``
-    (``Replicate()``, or ``Shard(1)`` for sequence parallelism), returned as a local tensor.
+    split on the input features, input the local slice, output summed: all-reduced, or with
+    ``sequence_parallel`` reduce-scattered into this rank's token shard
+    (:func:`galvatron.runtime.relayout.own_tokens`), returned as a local tensor.
     """
 
-    def __init__(self, style: str, parts: int = 1, output: Placement | None = None) -> None:
+    def __init__(self, style: str, parts: int = 1, sequence_parallel: bool = False) -> None:
         super().__init__()
-        self.style, self.parts, self.output = style, parts, output or Replicate()
+        self.style, self.parts, self.sequence_parallel = style, parts, sequence_parallel
 
     def _placements(self, module: nn.Module) -> tuple[Placement, Placement]:
         out_dim, in_dim = (0, 1) if isinstance(module, nn.Linear) else (1, 0)
@@ -180,14 +186,19 @@ class ShardedProjection(ParallelStyle):
         return (x, *inputs[1:])
 
     def _output(self, module: nn.Module, out: DTensor, mesh: Any) -> torch.Tensor:
-        if self.style == "rowwise":
-            out = out.redistribute(mesh, [self.output])
-        return out.to_local()
+        if self.style != "rowwise":
+            return out.to_local()
+        if not self.sequence_parallel:
+            return out.redistribute(mesh, [Replicate()]).to_local()
+        shape = out.shape  # [d0, d1, ...]: reduce-scatter the flattened tokens, contiguous
+        local = out.flatten(0, 1).redistribute(mesh, [Shard(0)]).to_local()
+        return local.view(shape[0], shape[1] // mesh.size(), *shape[2:])
 
 
 def apply_tensor_parallel(block: nn.Module, plan: Mapping[str, str], tp_mesh: Any, sp: bool) -> None:
     """Shard ``block`` over the 1-D ``tp_mesh`` by ``plan``; with ``sp`` its input and output
-    are sequence shards (dim 1) and its norms run on them."""
+    are token shards (:func:`galvatron.runtime.relayout.own_tokens`, shaped as sequence chunks) and
+    its norms run on them."""
     tp = tp_mesh.size()
     for child_name, child in block.named_children():
         names = {n: s for n, s in plan.items() if n.split(".", 1)[0] == child_name}
@@ -195,8 +206,7 @@ def apply_tensor_parallel(block: nn.Module, plan: Mapping[str, str], tp_mesh: An
             f"{child_name}.{n}" in plan or not any(True for _ in m.parameters(recurse=False))
             for n, m in child.named_modules() if n
         )
-        output = Shard(1) if sp and covered else Replicate()
-        styles = {n.split(".", 1)[1]: ShardedProjection(s, _parts(n) if s == "packed_colwise" else 1, output)
+        styles = {n.split(".", 1)[1]: ShardedProjection(s, _parts(n) if s == "packed_colwise" else 1, sp and covered)
                   for n, s in names.items()}
         if styles:
             parallelize_module(child, tp_mesh, styles)
@@ -226,12 +236,18 @@ def _scale_split_sizes(block: nn.Module, name: str, tp: int) -> None:
 
 
 def _dtensor_entry(tp_mesh: Any, sp: bool) -> Any:
-    placement = Shard(1) if sp else Replicate()
+    """A covered child's input as one replicated DTensor; under ``sp`` all-gathered from the token
+    shards (:func:`galvatron.runtime.relayout.own_tokens`) along the flattened tokens, so the gather
+    and its backward reduce-scatter work on contiguous buffers."""
 
     def to_replicated(x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, DTensor):
             return x
-        return DTensor.from_local(x, tp_mesh, [placement], run_check=False).redistribute(tp_mesh, [Replicate()])
+        if not sp:
+            return DTensor.from_local(x, tp_mesh, [Replicate()], run_check=False)
+        shape = (x.shape[0], x.shape[1] * tp_mesh.size(), *x.shape[2:])
+        tokens = DTensor.from_local(x.flatten(0, 1), tp_mesh, [Shard(0)], run_check=False)
+        return tokens.redistribute(tp_mesh, [Replicate()]).view(shape)
 
     return lambda module, args, kwargs: map_hidden(args, kwargs, to_replicated)
 

@@ -100,14 +100,15 @@ def _norm(layer: LayerSpec, residual: int, compute: int, autocast: bool) -> Traf
 
 
 def block_traffic(layer: LayerSpec, s: LayerStrategy, stack: str, act: int, res: int | None = None,
-                  norm: int | None = None) -> Traffic:
+                  norm: int | None = None, *, sp_copies: bool = True) -> Traffic:
     """Bytes per token (and kernels) of one block's memory-bound ops on one rank under the eager
     ``stack`` (``eager`` or ``autocast``) with ``act``-byte activations, a ``res``-byte residual stream
     and ``norm``-byte norm outputs (default: fp32 both under ``autocast``, ``act`` on ``eager``; a
     block FSDP2 holds under autocast has a 16-bit stream: ``strategies.cost.layer.stream_bytes``); the
     attention core and the GEMMs are costed elsewhere. Widths per rank: the residual stream ``h``
     (over TP with SP: the norms and residual adds run on the sequence shard, the linears' input casts
-    on the gathered sequence), ``q``, ``kv`` and the FFN width over TP."""
+    on the gathered sequence), ``q``, ``kv`` and the FFN width over TP; ``sp_copies``: SP's collectives
+    copy their tensors whole (``CostOptions.sequence_parallel_copies``)."""
     autocast = stack == "autocast"
     res = res if res is not None else 4 if autocast else act
     norm = norm if norm is not None else 4 if autocast else act
@@ -121,7 +122,7 @@ def block_traffic(layer: LayerSpec, s: LayerStrategy, stack: str, act: int, res:
         total += _bias_grads(layer, s, act)
     if layer.experts:  # token permutation (gather, scatter, weighting) per routed row
         total += _op(8, 16, kf=3, kb=3).scaled(layer.hidden * layer.top_k)
-    if s.sp and s.tp > 1:
+    if sp_copies and s.sp and s.tp > 1:
         total += sequence_parallel_copies(layer, norm, act)
     return total
 
@@ -133,8 +134,9 @@ def sequence_parallel_copies(layer: LayerSpec, norm: int, act: int) -> Traffic:
     and concatenated whole (``funcol.all_gather_single`` / ``reduce_scatter_single``: read and write the
     full tensor). Per region (attention, MLP): forward the gathered ``norm``-byte norm output and the
     reduce-scattered ``act``-byte projection output, backward the gradients of both. Megatron's
-    sequence-first layout gathers dimension 0 and has none of these (the fused stack). Measured in
-    galvatron's tp2+sp step (Llama 2 7B, 8 x 2048 tokens per rank, one H200):
+    sequence-first layout gathers dimension 0 and has none of these (the fused stack), nor has galvatron's
+    native runtime since it shards the flattened tokens (``CostOptions.sequence_parallel_copies``).
+    Measured in its tp2+sp step before (Llama 2 7B, 8 x 2048 tokens per rank, one H200):
     8 such ``cat`` kernels per block, 36 ms per step (benchmarks/results/multi_gpu/plans_llama2-7b_fake2.json)."""
     regions = (1 if layer.heads else 0) + (1 if layer.ffn_hidden else 0)
     per_pass = 2 * (norm + act) * regions

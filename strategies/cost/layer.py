@@ -259,7 +259,8 @@ def _host_issue(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> tuple[
     backward). Megatron's module-level ``selective`` issues the memory-bound ops again in backward;
     full and op-level selective checkpointing (the native runtime's, torchtitan's) cost their
     measured multiples (``RECOMPUTE_HOST_FACTOR``)."""
-    ops = eager.block_traffic(layer, s, ctx.options.elementwise, _act_bytes(ctx), *stream_bytes(ctx, layer, s))
+    ops = eager.block_traffic(layer, s, ctx.options.elementwise, _act_bytes(ctx), *stream_bytes(ctx, layer, s),
+                              sp_copies=ctx.options.sequence_parallel_copies)
     linears = eager.linears(layer)
     fwd = ops.kernels_fwd + 2 * linears + (2 if layer.heads else 0)
     bwd = ops.kernels_bwd + 3 * linears + (4 if layer.heads else 0)
@@ -465,7 +466,8 @@ def _elementwise_times(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, to
     if stack == "fused":
         ew = ctx.perf.memory_time(_elementwise_bytes(ctx, layer, s) * tok)
         return ew, 2 * ew
-    traffic = eager.block_traffic(layer, s, stack, _act_bytes(ctx), *stream_bytes(ctx, layer, s))
+    traffic = eager.block_traffic(layer, s, stack, _act_bytes(ctx), *stream_bytes(ctx, layer, s),
+                                  sp_copies=ctx.options.sequence_parallel_copies)
     return _traffic_times(ctx, traffic.scaled(tok))
 
 

@@ -122,6 +122,15 @@ class CostOptions:
     33 us (the 1.4B reference GPT eager under autocast at one sample per step on one H100 and its
     host: 80.2 ms per step for 2400 kernels while the device was busy 65.9 ms;
     benchmarks/results/step_breakdown_small.json); the native and DeepSpeed backends declare it."""
+    sequence_parallel_copies: bool = True
+    """Sequence parallelism on an eager stack copies every collective's tensor whole: DTensor's
+    ``Shard(1)`` over batch-first ``[batch, seq, hidden]`` activations (torchtitan's
+    ``SequenceParallel``) gathers and scatters dimension 1 through collectives on dimension 0, so each
+    all-gather's output and reduce-scatter's input is chunked and concatenated
+    (``strategies.cost.eager.sequence_parallel_copies``). False: the collectives move contiguous
+    buffers: Megatron's sequence-first layout, or galvatron's native runtime, whose ranks hold
+    contiguous chunks of the flattened tokens (``galvatron.runtime.relayout.own_tokens``). The fused
+    stack prices its memory-bound ops as a whole and ignores this."""
     grad_bytes: int = 4
     """Bytes per gradient element kept and reduced (fp32 main grads in Megatron, FSDP2 reduce_dtype)."""
     cpu_adam_params_per_s: float = 1e9

@@ -444,6 +444,23 @@ def test_bucket_copies_charge_the_native_gradient_sync_once_per_step() -> None:
     assert capabilities("native").cost_options()["bucket_copies"]
 
 
+def test_sequence_parallel_copies_cost_only_tp_sp_plans_on_eager_stacks() -> None:
+    """DTensor's batch-first SP copies are priced where they happen: TP+SP blocks of an eager stack that
+    shards the sequence dimension (torchtitan), not the native runtime's token shards."""
+    perf = DatasheetPerf(load_cluster("8xH100"))
+
+    def step(copies: bool, **strategy: object) -> float:
+        plan = Plan.uniform(SPEC.num_blocks, global_batch_size=16, num_micro_batches=2, **strategy)
+        return cost_plan(plan, SPEC, perf, CostOptions(elementwise="autocast", sequence_parallel_copies=copies,
+                                                       flash_attention=True)).step_time_s
+
+    assert step(True, dp=2, tp=4, sp=True) > step(False, dp=2, tp=4, sp=True)
+    assert step(True, dp=2, tp=4) == step(False, dp=2, tp=4)
+    from galvatron.backends import capabilities
+
+    assert not capabilities("native").cost_options()["sequence_parallel_copies"]
+
+
 @pytest.mark.parametrize("name", ["autocast", "fsdp", "layernorm", "fsdp_layernorm"])
 def test_block_activations_match_the_saved_tensors_measured_on_h200(name: str) -> None:
     """What a 1024-wide reference-GPT block kept for backward on one H200 (saved tensors by storage;

@@ -76,6 +76,10 @@ def test_rms_norm_and_tensor_parallel_widths() -> None:
                 getattr(copies, part)
             assert getattr(sp, part) == pytest.approx(expected), (stack, part)
         assert sp.kernels_fwd == full.kernels_fwd + 4
+        # contiguous collectives (Megatron's layout, the native runtime's token shards): no copies
+        contiguous = eager.block_traffic(layer, LayerStrategy(tp=4, sp=True), stack, act, sp_copies=False)
+        assert (contiguous.fwd, contiguous.bwd) == pytest.approx((sp.fwd - copies.fwd, sp.bwd - copies.bwd))
+        assert contiguous.kernels_fwd == full.kernels_fwd
 
 
 def _block_times(spec: ModelSpec, elementwise: str, **kw: object) -> tuple[float, float]:

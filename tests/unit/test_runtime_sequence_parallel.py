@@ -1,0 +1,84 @@
+"""Sequence parallelism's token shards (``relayout.own_tokens``): the collectives of a TP+SP block move
+contiguous buffers, with no copy around them. One process as rank 0 of 2 on torch's fake process
+group (collectives keep their shapes and move nothing), so only op counts are checked here; the
+numbers of TP+SP training are checked against single-process training in tests/dist/test_runtime_tp.py."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from galvatron.models.gpt import GPT, GPTConfig
+from galvatron.runtime.relayout import gather_tokens, own_tokens
+from galvatron.runtime.tensor import apply_tensor_parallel, derive_block_plan
+
+BATCH, SEQ, HIDDEN = 2, 8, 16
+
+
+@contextmanager
+def fake_group(world: int) -> Iterator[None]:
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def block_ops(sp: bool) -> Counter[str]:
+    """ATen ops (by packet) of one GPT block's forward and backward under tp 2, as rank 0 sees them."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.manual_seed(0)
+    block = GPT(GPTConfig(layers=1, hidden=HIDDEN, heads=4, vocab=32, seq_len=SEQ, ffn_hidden=32,
+                          activation="swiglu", norm="rmsnorm")).blocks[0]
+    apply_tensor_parallel(block, derive_block_plan(block), init_device_mesh("cpu", (2,)), sp)
+    x = torch.randn(BATCH, SEQ // 2 if sp else SEQ, HIDDEN, requires_grad=True)
+    with OpCounter() as counter:
+        out = block(x)
+        (out[0] if isinstance(out, tuple) else out).sum().backward()
+    return counter.ops
+
+
+def test_sequence_parallel_collectives_copy_nothing() -> None:
+    """SP adds its collectives (an all-gather and a reduce-scatter per attention and MLP, forward and
+    backward) and nothing else: with batch-first sequence chunks DTensor concatenated around each one
+    (8 ``cat`` per block)."""
+    with fake_group(2):
+        plain, sp = block_ops(sp=False), block_ops(sp=True)
+    assert sp["aten.cat"] == plain["aten.cat"]
+    gathers = sum(n for op, n in sp.items() if "all_gather" in op)
+    scatters = sum(n for op, n in sp.items() if "reduce_scatter" in op)
+    assert (gathers, scatters) == (4, 4), sp
+    assert sum(n for op, n in plain.items() if "reduce_scatter" in op or "all_gather" in op) == 0
+
+
+def test_token_shards_are_contiguous_chunks_of_the_flattened_tokens() -> None:
+    with fake_group(4):
+        x = torch.arange(2 * 8 * 3).view(2, 8, 3)
+        part = own_tokens(x, dist.group.WORLD)
+        assert part.shape == (2, 2, 3) and part.is_contiguous()
+        assert torch.equal(part.flatten(0, 1), x.flatten(0, 1)[:4])  # rank 0: the first 4 of 16 tokens
+        assert gather_tokens(part, dist.group.WORLD).shape == x.shape
+        with pytest.raises(ValueError, match="does not split its dimension 1 over 4 ranks"):
+            own_tokens(torch.zeros(4, 6, 3), dist.group.WORLD)
