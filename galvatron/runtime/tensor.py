@@ -238,18 +238,36 @@ def _scale_split_sizes(block: nn.Module, name: str, tp: int) -> None:
 def _dtensor_entry(tp_mesh: Any, sp: bool) -> Any:
     """A covered child's input as one replicated DTensor; under ``sp`` all-gathered from the token
     shards (:func:`galvatron.runtime.relayout.own_tokens`) along the flattened tokens, so the gather
-    and its backward reduce-scatter work on contiguous buffers."""
+    and its backward reduce-scatter work on contiguous buffers, and cast to autocast's dtype first
+    (:func:`autocast_input`)."""
 
     def to_replicated(x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, DTensor):
             return x
         if not sp:
             return DTensor.from_local(x, tp_mesh, [Replicate()], run_check=False)
+        x = autocast_input(x)
         shape = (x.shape[0], x.shape[1] * tp_mesh.size(), *x.shape[2:])
         tokens = DTensor.from_local(x.flatten(0, 1), tp_mesh, [Shard(0)], run_check=False)
         return tokens.redistribute(tp_mesh, [Replicate()]).view(shape)
 
     return lambda module, args, kwargs: map_hidden(args, kwargs, to_replicated)
+
+
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in autocast's 16-bit dtype where autocast is on for its device and ``x`` is fp32, else ``x``.
+
+    Under sequence parallelism a covered module's input (the norm's output: fp32 on autocast's fp32
+    residual stream) is cast on the token shard before the all-gather, as Megatron gathers 16-bit
+    activations. Its linears compute on the same values as if each cast the gathered input itself
+    (autocast casts once per linear: three full-width copies for q, k and v), which they then need
+    not do, so they share one gathered copy; the all-gather moves half the bytes; in backward the
+    linears' input gradients are summed and reduce-scattered in 16 bits, then cast up on the shard."""
+    kind = x.device.type
+    if x.dtype != torch.float32 or not torch.is_autocast_enabled(kind):
+        return x
+    dtype = torch.get_autocast_dtype(kind)
+    return x.to(dtype) if dtype in (torch.bfloat16, torch.float16) else x
 
 
 def _is_norm(module: nn.Module) -> bool:

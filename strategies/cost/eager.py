@@ -100,7 +100,7 @@ def _norm(layer: LayerSpec, residual: int, compute: int, autocast: bool) -> Traf
 
 
 def block_traffic(layer: LayerSpec, s: LayerStrategy, stack: str, act: int, res: int | None = None,
-                  norm: int | None = None, *, sp_copies: bool = True) -> Traffic:
+                  norm: int | None = None, *, sp_copies: bool = True, cast_first: bool = False) -> Traffic:
     """Bytes per token (and kernels) of one block's memory-bound ops on one rank under the eager
     ``stack`` (``eager`` or ``autocast``) with ``act``-byte activations, a ``res``-byte residual stream
     and ``norm``-byte norm outputs (default: fp32 both under ``autocast``, ``act`` on ``eager``; a
@@ -108,13 +108,20 @@ def block_traffic(layer: LayerSpec, s: LayerStrategy, stack: str, act: int, res:
     attention core and the GEMMs are costed elsewhere. Widths per rank: the residual stream ``h``
     (over TP with SP: the norms and residual adds run on the sequence shard, the linears' input casts
     on the gathered sequence), ``q``, ``kv`` and the FFN width over TP; ``sp_copies``: SP's collectives
-    copy their tensors whole (``CostOptions.sequence_parallel_copies``)."""
+    copy their tensors whole (``CostOptions.sequence_parallel_copies``); ``cast_first``: SP gathers the
+    modules' inputs cast to ``act`` bytes on the shard (``CostOptions.cast_before_gather``)."""
     autocast = stack == "autocast"
     res = res if res is not None else 4 if autocast else act
     norm = norm if norm is not None else 4 if autocast else act
     hr = layer.hidden / (s.tp if s.sp else 1)
     total = _norm(layer, res, norm, autocast).scaled(hr, 2) + _residual(res, act).scaled(hr, 2)
-    total += _input_grads(layer, norm, act).scaled(layer.hidden)  # the linears read the gathered input
+    sp = s.sp and s.tp > 1
+    if sp and cast_first:  # one cast per module on the shard; the linears share the 16-bit gathered input
+        regions = (1 if layer.heads else 0) + (1 if layer.ffn_hidden else 0)
+        total += _cast(norm, act).scaled(hr, regions) + _input_grads(layer, act, act).scaled(layer.hidden)
+        norm = act  # what the collectives carry
+    else:
+        total += _input_grads(layer, norm, act).scaled(layer.hidden)  # the linears read the gathered input
     if layer.heads:
         total += _attention_ops(layer, s, act, autocast)
     total += _mlp_ops(layer, s, act)
@@ -122,7 +129,7 @@ def block_traffic(layer: LayerSpec, s: LayerStrategy, stack: str, act: int, res:
         total += _bias_grads(layer, s, act)
     if layer.experts:  # token permutation (gather, scatter, weighting) per routed row
         total += _op(8, 16, kf=3, kb=3).scaled(layer.hidden * layer.top_k)
-    if sp_copies and s.sp and s.tp > 1:
+    if sp_copies and sp:
         total += sequence_parallel_copies(layer, norm, act)
     return total
 

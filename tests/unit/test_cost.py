@@ -398,8 +398,9 @@ def test_autocast_keeps_a_cast_input_per_linear() -> None:
     the norm inputs split over TP while the cast copies stay gathered (DTensor), 2h each."""
     layer, h = SPEC.blocks[0], SPEC.hidden
 
-    def kept(stack: str, dtype: DType = DType.BF16, **strategy: object) -> float:
-        ctx = LayerContext(perf=DatasheetPerf(load_cluster("8xH100")), options=CostOptions(elementwise=stack),
+    def kept(stack: str, dtype: DType = DType.BF16, cast_first: bool = False, **strategy: object) -> float:
+        ctx = LayerContext(perf=DatasheetPerf(load_cluster("8xH100")),
+                           options=CostOptions(elementwise=stack, cast_before_gather=cast_first),
                            dtype=dtype, seq_len=SPEC.seq_len, causal=True, micro_batch=1, stage_devices=8,
                            micro_batches=1)
         return _activation(ctx, layer, LayerStrategy(**strategy), Recompute.NONE)  # type: ignore[arg-type]
@@ -407,6 +408,9 @@ def test_autocast_keeps_a_cast_input_per_linear() -> None:
     assert kept("autocast") - kept("eager") == pytest.approx(4 * h + 2 * h * (2 + 1))
     assert kept("autocast", DType.FP32) == kept("eager", DType.FP32)
     assert kept("autocast", tp=2, sp=True) - kept("eager", tp=2, sp=True) == pytest.approx(4 * h / 2 + 2 * h * (2 + 1))
+    # cast before the SP gather (the native runtime): the linears share one 16-bit copy of their input
+    assert kept("autocast", tp=2, sp=True, cast_first=True) - kept("eager", tp=2, sp=True) == pytest.approx(4 * h / 2)
+    assert kept("autocast", cast_first=True) == kept("autocast")  # no SP: nothing is gathered
     # FSDP2 (ZeRO-2/3 over replicas) computes with 16-bit parameters and casts the block's input: the
     # residual stream is 16-bit and autocast casts nothing, so the block keeps what eager bf16 keeps
     # (RMSNorm then computes in 16 bits; LayerNorm, on autocast's fp32 list, still keeps fp32 inputs and

@@ -80,6 +80,17 @@ def test_rms_norm_and_tensor_parallel_widths() -> None:
         contiguous = eager.block_traffic(layer, LayerStrategy(tp=4, sp=True), stack, act, sp_copies=False)
         assert (contiguous.fwd, contiguous.bwd) == pytest.approx((sp.fwd - copies.fwd, sp.bwd - copies.bwd))
         assert contiguous.kernels_fwd == full.kernels_fwd
+    # autocast with the cast before the gather (the native runtime): one cast per module on the shard
+    # (fp32 -> bf16, backward back), where each linear cast the gathered input; adds in 16 bits
+    s = LayerStrategy(tp=4, sp=True)
+    each = eager.block_traffic(layer, s, "autocast", 2, sp_copies=False)
+    first = eager.block_traffic(layer, s, "autocast", 2, sp_copies=False, cast_first=True)
+    h = layer.hidden
+    readers = eager.qkv_linears(layer) + eager.input_readers(layer)  # 3 + 2
+    assert each.kernels_fwd - first.kernels_fwd == readers - 2
+    assert each.fwd - first.fwd == pytest.approx(readers * 6 * h - 2 * 6 * h / 4)
+    adds = readers - 2  # the input gradients of the linears reading one input, summed
+    assert each.bwd - first.bwd == pytest.approx(readers * 6 * h - 2 * 6 * h / 4 + adds * 3 * (4 - 2) * h)
 
 
 def _block_times(spec: ModelSpec, elementwise: str, **kw: object) -> tuple[float, float]:

@@ -36,17 +36,24 @@ def fake_group(world: int) -> Iterator[None]:
 
 
 class OpCounter(TorchDispatchMode):
+    """ATen ops by packet, and the ``(op, shape, dtype)`` of each op's first tensor argument."""
+
     def __init__(self) -> None:
         super().__init__()
         self.ops: Counter[str] = Counter()
+        self.inputs: Counter[tuple[str, tuple[int, ...], torch.dtype]] = Counter()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.ops[str(func.overloadpacket)] += 1
+        op = str(func.overloadpacket)
+        self.ops[op] += 1
+        if args and isinstance(args[0], torch.Tensor):
+            self.inputs[op, tuple(args[0].shape), args[0].dtype] += 1
         return func(*args, **(kwargs or {}))
 
 
-def block_ops(sp: bool) -> Counter[str]:
-    """ATen ops (by packet) of one GPT block's forward and backward under tp 2, as rank 0 sees them."""
+def block_ops(sp: bool, autocast: bool = False) -> OpCounter:
+    """ATen ops of one GPT block's forward and backward under tp 2 (fp32 parameters and input, under
+    CPU autocast to bf16 if ``autocast``), as rank 0 sees them."""
     from torch.distributed.device_mesh import init_device_mesh
 
     torch.manual_seed(0)
@@ -55,9 +62,10 @@ def block_ops(sp: bool) -> Counter[str]:
     apply_tensor_parallel(block, derive_block_plan(block), init_device_mesh("cpu", (2,)), sp)
     x = torch.randn(BATCH, SEQ // 2 if sp else SEQ, HIDDEN, requires_grad=True)
     with OpCounter() as counter:
-        out = block(x)
-        (out[0] if isinstance(out, tuple) else out).sum().backward()
-    return counter.ops
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = block(x)
+        (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+    return counter
 
 
 def test_sequence_parallel_collectives_copy_nothing() -> None:
@@ -65,7 +73,7 @@ def test_sequence_parallel_collectives_copy_nothing() -> None:
     backward) and nothing else: with batch-first sequence chunks DTensor concatenated around each one
     (8 ``cat`` per block)."""
     with fake_group(2):
-        plain, sp = block_ops(sp=False), block_ops(sp=True)
+        plain, sp = block_ops(sp=False).ops, block_ops(sp=True).ops
     assert sp["aten.cat"] == plain["aten.cat"]
     gathers = sum(n for op, n in sp.items() if "all_gather" in op)
     scatters = sum(n for op, n in sp.items() if "reduce_scatter" in op)
@@ -82,3 +90,27 @@ def test_token_shards_are_contiguous_chunks_of_the_flattened_tokens() -> None:
         assert gather_tokens(part, dist.group.WORLD).shape == x.shape
         with pytest.raises(ValueError, match="does not split its dimension 1 over 4 ranks"):
             own_tokens(torch.zeros(4, 6, 3), dist.group.WORLD)
+
+
+def test_under_autocast_sequence_parallelism_gathers_16_bit_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attention's and the MLP's fp32 input is cast once on the token shard and gathered in bf16,
+    so no linear casts the gathered input (autocast would, once per linear: q, k, v, gate, up, and cast
+    each input gradient back)."""
+    import galvatron.runtime.tensor as tensor
+
+    def casts(counter: OpCounter) -> dict[tuple[str, str], int]:
+        width = {(BATCH, SEQ, HIDDEN): "full", (BATCH, SEQ // 2, HIDDEN): "shard"}
+        return {(width[shape], str(dtype)): n for (op, shape, dtype), n in counter.inputs.items()
+                if op == "aten._to_copy" and shape in width}
+
+    with fake_group(2):
+        cast_first = block_ops(sp=True, autocast=True)
+        monkeypatch.setattr(tensor, "autocast_input", lambda x: x)
+        cast_each = block_ops(sp=True, autocast=True)
+    before, after = casts(cast_each), casts(cast_first)
+    assert before[("full", "torch.float32")] == before[("full", "torch.bfloat16")] == 5  # forward, backward
+    assert ("full", "torch.float32") not in after and ("full", "torch.bfloat16") not in after
+    assert after[("shard", "torch.float32")] == before.get(("shard", "torch.float32"), 0) + 2
+    assert after[("shard", "torch.bfloat16")] == before.get(("shard", "torch.bfloat16"), 0) + 2
+    assert {dtype for (op, _, dtype) in cast_first.inputs if "all_gather" in op} == {torch.bfloat16}
+    assert {dtype for (op, _, dtype) in cast_each.inputs if "all_gather" in op} == {torch.float32, torch.bfloat16}
