@@ -61,9 +61,9 @@ class Capabilities:
     sequence_parallel_copies: bool = False
     """Whether its sequence parallelism copies around each collective
     (``CostOptions.sequence_parallel_copies``): the native runtime's token shards need no copies."""
-    cast_before_gather: bool = False
-    """Whether its sequence parallelism casts module inputs to 16 bits before gathering them
-    (``CostOptions.cast_before_gather``): the native runtime does (``runtime.tensor.autocast_input``)."""
+    cast_inputs_once: bool = False
+    """Whether it casts each attention's and MLP's input to 16 bits once under autocast
+    (``CostOptions.cast_inputs_once``): the native runtime does (``runtime.tensor.autocast_input``)."""
     overlap_param_gather: bool = True
     """Whether its ZeRO-1 parameter all-gather hides behind the next forward
     (``CostOptions.overlap_param_gather``)."""
@@ -81,7 +81,7 @@ class Capabilities:
                 "loss_bytes_per_logit": self.loss_bytes_per_logit, "zero1_reduce": self.zero1_reduce,
                 "overlap_param_gather": self.overlap_param_gather, "bucket_copies": self.bucket_copies,
                 "sequence_parallel_copies": self.sequence_parallel_copies,
-                "cast_before_gather": self.cast_before_gather,
+                "cast_inputs_once": self.cast_inputs_once,
                 "host_us_per_kernel": self.host_us_per_kernel if accelerator else 0.0,
                 "blocking_p2p": not accelerator}
 
@@ -99,7 +99,7 @@ CAPABILITIES: dict[str, Capabilities] = {
                             "schedule:interleaved-1f1b", "schedule:zero-bubble"}) | _RECOMPUTE,
         dtypes=frozenset({DType.FP32, DType.BF16, DType.FP16}),
         per_layer=frozenset({"dp", "tp", "sp", "zero", "recompute", "offload"}), uniform=False, gpu_only=False,
-        zero1_reduce="all_reduce", overlap_param_gather=False, bucket_copies=True, cast_before_gather=True),
+        zero1_reduce="all_reduce", overlap_param_gather=False, bucket_copies=True, cast_inputs_once=True),
     "deepspeed": Capabilities(
         name="deepspeed",
         # schedule:1f1b: the search gives one-stage plans the default schedule, which runs no pipeline

@@ -602,6 +602,8 @@ def apply_layer_group(blocks: list[nn.Module], s: LayerStrategy, next_layout: La
     for i, block in enumerate(blocks):
         if s.tp > 1:
             tensor.apply_tensor_parallel(block, block_plans[i], mesh["tp"], s.sp)
+        elif rt.plan.dtype in _AUTOCAST:
+            tensor.apply_input_casts(block)
         apply_expert(block, s, rt)
         apply_recompute(block, s.recompute)
     sp_group = mesh["tp"].get_group() if s.sp else None

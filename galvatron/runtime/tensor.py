@@ -202,10 +202,7 @@ def apply_tensor_parallel(block: nn.Module, plan: Mapping[str, str], tp_mesh: An
     tp = tp_mesh.size()
     for child_name, child in block.named_children():
         names = {n: s for n, s in plan.items() if n.split(".", 1)[0] == child_name}
-        covered = bool(names) and all(
-            f"{child_name}.{n}" in plan or not any(True for _ in m.parameters(recurse=False))
-            for n, m in child.named_modules() if n
-        )
+        covered = _covered(child_name, child, plan)
         styles = {n.split(".", 1)[1]: ShardedProjection(s, _parts(n) if s == "packed_colwise" else 1, sp and covered)
                   for n, s in names.items()}
         if styles:
@@ -226,6 +223,33 @@ def apply_tensor_parallel(block: nn.Module, plan: Mapping[str, str], tp_mesh: An
                 lambda m, a, out, g=group: map_output(out, lambda x: ScatterToSequenceParallel.apply(x, g)))
 
 
+def _covered(child_name: str, child: nn.Module, plan: Mapping[str, str]) -> bool:
+    """Whether the plan holds every parameterised module of the block's child ``child_name``."""
+    return any(n.split(".", 1)[0] == child_name for n in plan) and all(
+        f"{child_name}.{n}" in plan or not any(True for _ in m.parameters(recurse=False))
+        for n, m in child.named_modules() if n)
+
+
+def apply_input_casts(block: nn.Module) -> None:
+    """Under autocast, cast the input of each of ``block``'s children whose parameters are all
+    projections that the names of :func:`derive_block_plan` place (attention, MLP) to 16 bits once,
+    at the child's entry (:func:`autocast_input`), as tensor parallelism's entry does: its linears
+    compute on the same values and share that copy, where autocast casts the input once per linear and
+    each keeps its copy. A child whose hidden states cannot be found is left alone."""
+    plan = derive_block_plan(block)
+    for child_name, child in block.named_children():
+        if _covered(child_name, child, plan) and any(
+                n.split(".", 1)[0] == child_name and style != "rowwise" for n, style in plan.items()):
+            child.register_forward_pre_hook(_cast_entry, with_kwargs=True)
+
+
+def _cast_entry(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    try:
+        return map_hidden(args, kwargs, autocast_input)
+    except TypeError:
+        return args, kwargs
+
+
 def _scale_split_sizes(block: nn.Module, name: str, tp: int) -> None:
     """A parent that splits a packed projection's (now local) output by a stored part size."""
     parent = block.get_submodule(name.rsplit(".", 1)[0])
@@ -238,15 +262,15 @@ def _scale_split_sizes(block: nn.Module, name: str, tp: int) -> None:
 def _dtensor_entry(tp_mesh: Any, sp: bool) -> Any:
     """A covered child's input as one replicated DTensor; under ``sp`` all-gathered from the token
     shards (:func:`galvatron.runtime.relayout.own_tokens`) along the flattened tokens, so the gather
-    and its backward reduce-scatter work on contiguous buffers, and cast to autocast's dtype first
+    and its backward reduce-scatter work on contiguous buffers; cast to autocast's dtype first
     (:func:`autocast_input`)."""
 
     def to_replicated(x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, DTensor):
             return x
+        x = autocast_input(x)
         if not sp:
             return DTensor.from_local(x, tp_mesh, [Replicate()], run_check=False)
-        x = autocast_input(x)
         shape = (x.shape[0], x.shape[1] * tp_mesh.size(), *x.shape[2:])
         tokens = DTensor.from_local(x.flatten(0, 1), tp_mesh, [Shard(0)], run_check=False)
         return tokens.redistribute(tp_mesh, [Replicate()]).view(shape)
@@ -257,12 +281,13 @@ def _dtensor_entry(tp_mesh: Any, sp: bool) -> Any:
 def autocast_input(x: torch.Tensor) -> torch.Tensor:
     """``x`` in autocast's 16-bit dtype where autocast is on for its device and ``x`` is fp32, else ``x``.
 
-    Under sequence parallelism a covered module's input (the norm's output: fp32 on autocast's fp32
-    residual stream) is cast on the token shard before the all-gather, as Megatron gathers 16-bit
-    activations. Its linears compute on the same values as if each cast the gathered input itself
-    (autocast casts once per linear: three full-width copies for q, k and v), which they then need
-    not do, so they share one gathered copy; the all-gather moves half the bytes; in backward the
-    linears' input gradients are summed and reduce-scattered in 16 bits, then cast up on the shard."""
+    A module whose parameters are all projections (attention, MLP) gets its input (the norm's output:
+    fp32 on autocast's fp32 residual stream) cast once at its entry; under sequence parallelism on the
+    token shard before the all-gather, as Megatron gathers 16-bit activations. Its linears compute on
+    the same values as if each cast the input itself (autocast casts once per linear: three full-width
+    copies for q, k and v, each kept for backward), so they share one copy; the all-gather, or without
+    SP the backward all-reduce, moves half the bytes; in backward the linears' input gradients are summed
+    (and reduced over TP) in 16 bits, then cast up once."""
     kind = x.device.type
     if x.dtype != torch.float32 or not torch.is_autocast_enabled(kind):
         return x

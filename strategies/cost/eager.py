@@ -108,15 +108,15 @@ def block_traffic(layer: LayerSpec, s: LayerStrategy, stack: str, act: int, res:
     attention core and the GEMMs are costed elsewhere. Widths per rank: the residual stream ``h``
     (over TP with SP: the norms and residual adds run on the sequence shard, the linears' input casts
     on the gathered sequence), ``q``, ``kv`` and the FFN width over TP; ``sp_copies``: SP's collectives
-    copy their tensors whole (``CostOptions.sequence_parallel_copies``); ``cast_first``: SP gathers the
-    modules' inputs cast to ``act`` bytes on the shard (``CostOptions.cast_before_gather``)."""
+    copy their tensors whole (``CostOptions.sequence_parallel_copies``); ``cast_first``: each module's
+    input is cast to ``act`` bytes once (on the shard under SP; ``CostOptions.cast_inputs_once``)."""
     autocast = stack == "autocast"
     res = res if res is not None else 4 if autocast else act
     norm = norm if norm is not None else 4 if autocast else act
     hr = layer.hidden / (s.tp if s.sp else 1)
     total = _norm(layer, res, norm, autocast).scaled(hr, 2) + _residual(res, act).scaled(hr, 2)
     sp = s.sp and s.tp > 1
-    if sp and cast_first:  # one cast per module on the shard; the linears share the 16-bit gathered input
+    if cast_first:  # one cast per module (on the shard under SP); the linears share the 16-bit input
         regions = (1 if layer.heads else 0) + (1 if layer.ffn_hidden else 0)
         total += _cast(norm, act).scaled(hr, regions) + _input_grads(layer, act, act).scaled(layer.hidden)
         norm = act  # what the collectives carry

@@ -261,7 +261,7 @@ def _host_issue(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> tuple[
     measured multiples (``RECOMPUTE_HOST_FACTOR``)."""
     ops = eager.block_traffic(layer, s, ctx.options.elementwise, _act_bytes(ctx), *stream_bytes(ctx, layer, s),
                               sp_copies=ctx.options.sequence_parallel_copies,
-                              cast_first=ctx.options.cast_before_gather)
+                              cast_first=ctx.options.cast_inputs_once)
     linears = eager.linears(layer)
     fwd = ops.kernels_fwd + 2 * linears + (2 if layer.heads else 0)
     bwd = ops.kernels_bwd + 3 * linears + (4 if layer.heads else 0)
@@ -469,7 +469,7 @@ def _elementwise_times(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, to
         return ew, 2 * ew
     traffic = eager.block_traffic(layer, s, stack, _act_bytes(ctx), *stream_bytes(ctx, layer, s),
                                   sp_copies=ctx.options.sequence_parallel_copies,
-                                  cast_first=ctx.options.cast_before_gather)
+                                  cast_first=ctx.options.cast_inputs_once)
     return _traffic_times(ctx, traffic.scaled(tok))
 
 
@@ -711,8 +711,8 @@ def _activation(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, mode: Rec
     fp32 parameters, and LayerNorm on FSDP2's 16-bit ones: :func:`stream_bytes`) the two norm inputs
     are kept in fp32 (``+4h``), and autocast casts the attention's and a dense MLP's input once per
     linear that reads it (q, k and v, or one fused projection: ``LayerSpec.fused_qkv``; gate and up)
-    and each keeps its copy (``+2h`` per extra reader, unless SP casts before gathering:
-    ``CostOptions.cast_before_gather``; benchmarks/results/saved_activations.md: 48.5 h
+    and each keeps its copy (``+2h`` per extra reader, unless the stack casts each module's input once:
+    ``CostOptions.cast_inputs_once``; benchmarks/results/saved_activations.md: 48.5 h
     kept per token where the one-copy count gave 44.0 h on one H100; under FSDP2 with RMSNorm, 38.3 h),
     and an unfused SwiGLU keeps SiLU's output too (``+2f``). Under SP only Megatron's fused stack
     re-gathers the GEMM inputs in backward; the others (DTensor's sequence parallelism) keep them
@@ -736,7 +736,7 @@ def _activation(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, mode: Rec
         norms += 4 * h  # both norms keep 4-byte inputs (the fp32 stream, or layer_norm's cast of a 16-bit one)
         readers = (eager.qkv_linears(layer) - 1 if layer.heads else 0) + (
             eager.input_readers(layer) - 1 if not layer.experts else 0)
-        if not (s.sp and s.tp > 1 and ctx.options.cast_before_gather):  # else they share one copy
+        if not ctx.options.cast_inputs_once:  # else they share one 16-bit copy
             inputs += 2 * h * readers
     if stack != "fused" and up == 2:
         # eager silu(gate) * up keeps silu's output for the product's backward besides gate and up

@@ -131,13 +131,13 @@ class CostOptions:
     buffers: Megatron's sequence-first layout, or galvatron's native runtime, whose ranks hold
     contiguous chunks of the flattened tokens (``galvatron.runtime.relayout.own_tokens``). The fused
     stack prices its memory-bound ops as a whole and ignores this."""
-    cast_before_gather: bool = False
-    """Under autocast over an fp32 residual stream (``elementwise = "autocast"``), sequence parallelism
-    casts each attention's and MLP's input to 16 bits on the token shard and gathers that (galvatron's
-    native runtime, as Megatron gathers 16-bit activations): one cast at the shard's width per module,
-    and the linears reading the gathered input share one 16-bit copy, in memory too, and add their
-    input gradients in 16 bits. False: each linear casts the gathered fp32 input itself and keeps its
-    copy (PyTorch autocast over DTensor's ``SequenceParallel``)."""
+    cast_inputs_once: bool = False
+    """Under autocast over an fp32 residual stream (``elementwise = "autocast"``) each attention's and
+    MLP's input is cast to 16 bits once, at the module's entry (galvatron's native runtime; under
+    sequence parallelism on the token shard before the all-gather, as Megatron gathers 16-bit
+    activations): the linears reading it share that copy, in memory too, and add their input
+    gradients in 16 bits. False: plain autocast, where each linear casts the fp32 input itself and
+    keeps its own copy."""
     grad_bytes: int = 4
     """Bytes per gradient element kept and reduced (fp32 main grads in Megatron, FSDP2 reduce_dtype)."""
     cpu_adam_params_per_s: float = 1e9

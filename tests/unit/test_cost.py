@@ -400,7 +400,7 @@ def test_autocast_keeps_a_cast_input_per_linear() -> None:
 
     def kept(stack: str, dtype: DType = DType.BF16, cast_first: bool = False, **strategy: object) -> float:
         ctx = LayerContext(perf=DatasheetPerf(load_cluster("8xH100")),
-                           options=CostOptions(elementwise=stack, cast_before_gather=cast_first),
+                           options=CostOptions(elementwise=stack, cast_inputs_once=cast_first),
                            dtype=dtype, seq_len=SPEC.seq_len, causal=True, micro_batch=1, stage_devices=8,
                            micro_batches=1)
         return _activation(ctx, layer, LayerStrategy(**strategy), Recompute.NONE)  # type: ignore[arg-type]
@@ -408,9 +408,9 @@ def test_autocast_keeps_a_cast_input_per_linear() -> None:
     assert kept("autocast") - kept("eager") == pytest.approx(4 * h + 2 * h * (2 + 1))
     assert kept("autocast", DType.FP32) == kept("eager", DType.FP32)
     assert kept("autocast", tp=2, sp=True) - kept("eager", tp=2, sp=True) == pytest.approx(4 * h / 2 + 2 * h * (2 + 1))
-    # cast before the SP gather (the native runtime): the linears share one 16-bit copy of their input
+    # each module's input cast once (the native runtime): the linears share one 16-bit copy of it
     assert kept("autocast", tp=2, sp=True, cast_first=True) - kept("eager", tp=2, sp=True) == pytest.approx(4 * h / 2)
-    assert kept("autocast", cast_first=True) == kept("autocast")  # no SP: nothing is gathered
+    assert kept("autocast", cast_first=True) - kept("eager") == pytest.approx(4 * h)
     # FSDP2 (ZeRO-2/3 over replicas) computes with 16-bit parameters and casts the block's input: the
     # residual stream is 16-bit and autocast casts nothing, so the block keeps what eager bf16 keeps
     # (RMSNorm then computes in 16 bits; LayerNorm, on autocast's fp32 list, still keeps fp32 inputs and
@@ -476,9 +476,53 @@ def test_block_activations_match_the_saved_tensors_measured_on_h200(name: str) -
     run = json.loads(path.read_text())
     spec = ModelSpec.from_config({"name": "probe", "layers": 2, "hidden": run["hidden"], "heads": 8, "ffn_hidden": 2816,
                                   "vocab": 256, "seq_len": 384, "activation": "swiglu", "norm": run["norm"]})
-    native = CostOptions(**capabilities("native").cost_options())
+    # measured on the bare model under autocast, where each linear casts its input itself
+    native = CostOptions(**{**capabilities("native").cost_options(), "cast_inputs_once": False})
     ctx = LayerContext(perf=DatasheetPerf(load_cluster("8xH200")), options=native, dtype=DType.BF16, seq_len=384,
                        causal=True, micro_batch=2, stage_devices=2, micro_batches=1)
     strategy = LayerStrategy(dp=2, zero=2) if run["fsdp"] else LayerStrategy()
     model = _activation(ctx, spec.blocks[1], strategy, Recompute.NONE)
     assert model == pytest.approx(run["measured_bytes_per_token"], rel=0.015)
+
+
+def test_casting_each_module_input_once_saves_the_linears_copies() -> None:
+    """What a reference-GPT block keeps for backward under CPU autocast, counted by storage, with and
+    without the native runtime's cast at each module's entry (``runtime.tensor.apply_input_casts``):
+    the linears' extra copies of their input (q, k, v: two; gate, up: one) are what the cost model drops."""
+    import torch
+
+    from galvatron.models.gpt import GPT, GPTConfig
+    from galvatron.runtime.tensor import apply_input_casts
+
+    hidden, batch, seq = 64, 2, 24
+
+    def saved_bytes_per_token(cast_once: bool) -> float:
+        torch.manual_seed(0)
+        block = GPT(GPTConfig(layers=1, hidden=hidden, heads=4, ffn_hidden=96, vocab=32, seq_len=seq,
+                              activation="swiglu", norm="rmsnorm")).blocks[0]
+        if cast_once:
+            apply_input_casts(block)
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if {seq, batch * seq} & set(t.shape):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        x = torch.randn(batch, seq, hidden, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            block(x)
+        return sum(storages.values()) / (batch * seq)
+
+    spec = ModelSpec.from_config({"name": "probe", "layers": 1, "hidden": hidden, "heads": 4, "ffn_hidden": 96,
+                                  "vocab": 32, "seq_len": seq, "activation": "swiglu", "norm": "rmsnorm"})
+
+    def modelled(cast_once: bool) -> float:
+        ctx = LayerContext(perf=DatasheetPerf(load_cluster("8xH200")),
+                           options=CostOptions(elementwise="autocast", cast_inputs_once=cast_once), dtype=DType.BF16,
+                           seq_len=seq, causal=True, micro_batch=batch, stage_devices=1, micro_batches=1)
+        return _activation(ctx, spec.blocks[0], LayerStrategy(), Recompute.NONE)
+
+    measured = saved_bytes_per_token(False) - saved_bytes_per_token(True)
+    assert measured == 2 * hidden * 3
+    assert modelled(False) - modelled(True) == pytest.approx(measured)

@@ -114,3 +114,35 @@ def test_under_autocast_sequence_parallelism_gathers_16_bit_inputs(monkeypatch: 
     assert after[("shard", "torch.bfloat16")] == before.get(("shard", "torch.bfloat16"), 0) + 2
     assert {dtype for (op, _, dtype) in cast_first.inputs if "all_gather" in op} == {torch.bfloat16}
     assert {dtype for (op, _, dtype) in cast_each.inputs if "all_gather" in op} == {torch.float32, torch.bfloat16}
+
+
+def test_without_tensor_parallelism_each_module_input_is_cast_once() -> None:
+    """16-bit plans without TP cast the attention's and the MLP's fp32 input once at their entry
+    (``apply_input_casts``): no linear casts it again, the gradients reaching the input match autocast's
+    own to bf16 rounding, and a child that is not all projections (a norm) is left alone."""
+    from galvatron.runtime.tensor import apply_input_casts
+
+    def run(cast_once: bool) -> tuple[OpCounter, torch.Tensor, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        block = GPT(GPTConfig(layers=1, hidden=HIDDEN, heads=4, vocab=32, seq_len=SEQ, ffn_hidden=32,
+                              activation="swiglu", norm="rmsnorm")).blocks[0]
+        if cast_once:
+            apply_input_casts(block)
+        x = torch.randn(BATCH, SEQ, HIDDEN, requires_grad=True)
+        with OpCounter() as counter:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = block(x)
+            (out[0] if isinstance(out, tuple) else out).float().square().sum().backward()
+        return counter, x.grad, {n: p.grad for n, p in block.named_parameters()}
+
+    (each, grad_each, params_each), (once, grad_once, params_once) = run(False), run(True)
+
+    def casts(counter: OpCounter) -> int:
+        return sum(n for (op, shape, dtype), n in counter.inputs.items()
+                   if op == "aten._to_copy" and shape == (BATCH, SEQ, HIDDEN) and dtype == torch.float32)
+
+    assert casts(each) - casts(once) == 5 - 2  # q, k, v, gate, up each cast it; now attention and MLP once
+    assert torch.allclose(grad_once, grad_each, rtol=0.02, atol=1e-3)
+    for name, grad in params_each.items():
+        assert torch.allclose(params_once[name], grad, rtol=0.02, atol=1e-3), name
+    assert not torch.equal(grad_once, grad_each)  # the input gradients were summed in bf16
