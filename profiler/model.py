@@ -43,6 +43,7 @@ from torch.utils._pytree import tree_map
 
 from galvatron.plan import DType, Recompute
 from galvatron.runtime.recompute import apply_recompute
+from galvatron.runtime.tensor import apply_input_casts
 from galvatron.spec import LayerKind, LayerSpec, ModelSpec
 from galvatron.spec_module import find_blocks
 
@@ -286,6 +287,15 @@ class _Job:
 
     # ---------------------------------------------------------------- blocks
     def _block(self, block: nn.Module, call: _BlockCall, mode: Recompute, mb: int, s: int) -> Measurement:
+        # as the native runtime runs a 16-bit block: each module's input cast once (tensor.apply_input_casts)
+        casts = apply_input_casts(block) if self.dtype in (DType.BF16, DType.FP16) else []
+        try:
+            return self._block_measure(block, call, mode, mb, s)
+        finally:
+            for handle in casts:
+                handle.remove()
+
+    def _block_measure(self, block: nn.Module, call: _BlockCall, mode: Recompute, mb: int, s: int) -> Measurement:
         runner = _Call(block)
         apply_recompute(runner, mode)
         x = call.hidden.detach().clone().normal_().requires_grad_(True)

@@ -230,17 +230,18 @@ def _covered(child_name: str, child: nn.Module, plan: Mapping[str, str]) -> bool
         for n, m in child.named_modules() if n)
 
 
-def apply_input_casts(block: nn.Module) -> None:
+def apply_input_casts(block: nn.Module) -> list[Any]:
     """Under autocast, cast the input of each of ``block``'s children whose parameters are all
     projections that the names of :func:`derive_block_plan` place (attention, MLP) to 16 bits once,
     at the child's entry (:func:`autocast_input`), as tensor parallelism's entry does: its linears
     compute on the same values and share that copy, where autocast casts the input once per linear and
-    each keeps its copy. A child whose hidden states cannot be found is left alone."""
+    each keeps its copy. A child whose hidden states cannot be found is left alone. Returns the hooks'
+    handles (the profiler removes them after measuring)."""
     plan = derive_block_plan(block)
-    for child_name, child in block.named_children():
-        if _covered(child_name, child, plan) and any(
-                n.split(".", 1)[0] == child_name and style != "rowwise" for n, style in plan.items()):
-            child.register_forward_pre_hook(_cast_entry, with_kwargs=True)
+    return [child.register_forward_pre_hook(_cast_entry, with_kwargs=True)
+            for child_name, child in block.named_children()
+            if _covered(child_name, child, plan) and any(
+                n.split(".", 1)[0] == child_name and style != "rowwise" for n, style in plan.items())]
 
 
 def _cast_entry(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
