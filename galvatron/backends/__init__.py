@@ -61,6 +61,11 @@ class Capabilities:
     sequence_parallel_copies: bool = False
     """Whether its sequence parallelism copies around each collective
     (``CostOptions.sequence_parallel_copies``): the native runtime's token shards need no copies."""
+    tensor_parallel_host_us: float = 0.0
+    """Host time its TP adds per linear layer and pass (``CostOptions.tensor_parallel_host_us``): the
+    native runtime's DTensor TP, 900 us on one H100's host, the middle of the values (755-1052 us)
+    that match each of seven host-bound TP steps of a 16-block Llama 2 7B on a fake process group
+    (benchmarks/results/multi_gpu/host_bound_tp/); 0 on CPU workers, as ``host_us_per_kernel``."""
     cast_inputs_once: bool = False
     """Whether it casts each attention's and MLP's input to 16 bits once under autocast
     (``CostOptions.cast_inputs_once``): the native runtime does (``runtime.tensor.autocast_input``)."""
@@ -82,6 +87,7 @@ class Capabilities:
                 "overlap_param_gather": self.overlap_param_gather, "bucket_copies": self.bucket_copies,
                 "sequence_parallel_copies": self.sequence_parallel_copies,
                 "cast_inputs_once": self.cast_inputs_once,
+                "tensor_parallel_host_us": self.tensor_parallel_host_us if accelerator else 0.0,
                 "host_us_per_kernel": self.host_us_per_kernel if accelerator else 0.0,
                 "blocking_p2p": not accelerator}
 
@@ -99,7 +105,8 @@ CAPABILITIES: dict[str, Capabilities] = {
                             "schedule:interleaved-1f1b", "schedule:zero-bubble"}) | _RECOMPUTE,
         dtypes=frozenset({DType.FP32, DType.BF16, DType.FP16}),
         per_layer=frozenset({"dp", "tp", "sp", "zero", "recompute", "offload"}), uniform=False, gpu_only=False,
-        zero1_reduce="all_reduce", overlap_param_gather=False, bucket_copies=True, cast_inputs_once=True),
+        zero1_reduce="all_reduce", overlap_param_gather=False, bucket_copies=True, cast_inputs_once=True,
+        tensor_parallel_host_us=900.0),
     "deepspeed": Capabilities(
         name="deepspeed",
         # schedule:1f1b: the search gives one-stage plans the default schedule, which runs no pipeline

@@ -258,7 +258,8 @@ def _host_issue(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> tuple[
     them; two GEMMs and a gradient cast backward), the attention kernel with its memset (four
     backward). Megatron's module-level ``selective`` issues the memory-bound ops again in backward;
     full and op-level selective checkpointing (the native runtime's, torchtitan's) cost their
-    measured multiples (``RECOMPUTE_HOST_FACTOR``)."""
+    measured multiples (``RECOMPUTE_HOST_FACTOR``). Under TP each linear layer adds
+    ``CostOptions.tensor_parallel_host_us`` per pass."""
     ops = eager.block_traffic(layer, s, ctx.options.elementwise, _act_bytes(ctx), *stream_bytes(ctx, layer, s),
                               sp_copies=ctx.options.sequence_parallel_copies,
                               cast_first=ctx.options.cast_inputs_once)
@@ -266,12 +267,13 @@ def _host_issue(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> tuple[
     fwd = ops.kernels_fwd + 2 * linears + (2 if layer.heads else 0)
     bwd = ops.kernels_bwd + 3 * linears + (4 if layer.heads else 0)
     us = ctx.options.host_us_per_kernel * 1e-6
+    tp = linears * ctx.options.tensor_parallel_host_us * 1e-6 if s.tp > 1 else 0.0
     op_level = s.recompute is Recompute.SELECTIVE and ctx.options.selective in ("matmuls", "torchtitan")
     if s.recompute is Recompute.FULL or op_level:
         f, b = RECOMPUTE_HOST_FACTOR[s.recompute]
-        return fwd * us * f, bwd * us * b
+        return (fwd * us + tp) * f, (bwd * us + tp) * b
     redo = ops.kernels_fwd if s.recompute is Recompute.SELECTIVE else 0
-    return fwd * us, (bwd + redo) * us
+    return fwd * us + tp, (bwd + redo) * us + tp
 
 
 RECOMPUTE_HOST_FACTOR = {Recompute.SELECTIVE: (3.0, 2.6), Recompute.FULL: (1.5, 2.0)}

@@ -138,6 +138,11 @@ class CostOptions:
     activations): the linears reading it share that copy, in memory too, and add their input
     gradients in 16 bits. False: plain autocast, where each linear casts the fp32 input itself and
     keeps its own copy."""
+    tensor_parallel_host_us: float = 0.0
+    """Host microseconds tensor parallelism adds per linear layer of a ``tp > 1`` block and pass, beyond
+    issuing its kernels (``host_us_per_kernel``): DTensor's Python dispatch (sharding propagation, the
+    redistributions and the conversions between local tensors and DTensors). 0: TP costs no host time
+    of its own (Megatron's plain tensors)."""
     grad_bytes: int = 4
     """Bytes per gradient element kept and reduced (fp32 main grads in Megatron, FSDP2 reduce_dtype)."""
     cpu_adam_params_per_s: float = 1e9

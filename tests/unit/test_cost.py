@@ -526,3 +526,24 @@ def test_casting_each_module_input_once_saves_the_linears_copies() -> None:
     measured = saved_bytes_per_token(False) - saved_bytes_per_token(True)
     assert measured == 2 * hidden * 3
     assert modelled(False) - modelled(True) == pytest.approx(measured)
+
+
+def test_tensor_parallel_host_time_bounds_small_tp_steps() -> None:
+    """DTensor's host time per TP linear layer and pass (``CostOptions.tensor_parallel_host_us``) makes a
+    small TP step host-bound: each pass costs at least its linears' host time, data-parallel plans pay
+    nothing, and only accelerators' options carry it (CPU workers measure host and device as one)."""
+    from galvatron.backends import capabilities
+
+    perf = DatasheetPerf(load_cluster("8xH100"))
+    spec = ModelSpec.from_config({**load_model_config("llama2-7b"), "layers": 4, "seq_len": 512})
+
+    def step(us: float, **strategy: object) -> float:
+        plan = Plan.uniform(spec.num_blocks, global_batch_size=8, dtype="bf16", **strategy)
+        options = CostOptions(**{**capabilities("native").cost_options(), "tensor_parallel_host_us": us})
+        return cost_plan(plan, spec, perf, options).step_time_s
+
+    linears = 7 * spec.num_blocks  # q, k, v, o, gate, up, down
+    assert step(900, dp=4, tp=2, sp=True) - step(0, dp=4, tp=2, sp=True) > 0.9 * 2 * linears * 900e-6
+    assert step(900, dp=8) == step(0, dp=8)
+    assert capabilities("native").cost_options()["tensor_parallel_host_us"] == 900
+    assert capabilities("native").cost_options(accelerator=False)["tensor_parallel_host_us"] == 0
