@@ -125,8 +125,8 @@ def _fake_values() -> None:
 
     def gather_into(output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any = None,
                     async_op: bool = False) -> Any:  # torch.distributed's signature, keywords included
-        n = output_tensor.numel() // input_tensor.numel()
-        output_tensor.view(n, -1).copy_(input_tensor.reshape(1, -1).expand(n, -1))
+        n = output_tensor.numel() // input_tensor.numel()  # one cat, as the functional gather's (no broadcast)
+        torch.cat([input_tensor.reshape(-1)] * n, out=output_tensor.view(-1))
         return _Done() if async_op else None
 
     def scatter_into(output: torch.Tensor, input: torch.Tensor, op: Any = None, group: Any = None,
@@ -143,6 +143,7 @@ def _fake_values() -> None:
     dist.all_gather_into_tensor = gather_into
     dist.reduce_scatter_tensor = scatter_into
     relayout._all_gather_single = optim._all_gather_single = gather_into
+    relayout._reduce_scatter_single = scatter_into
 
 
 def grid(layers: int, world: int, batch: int, dtype: str) -> dict[str, Plan]:

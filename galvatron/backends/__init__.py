@@ -63,9 +63,10 @@ class Capabilities:
     (``CostOptions.sequence_parallel_copies``): the native runtime's token shards need no copies."""
     tensor_parallel_host_us: float = 0.0
     """Host time its TP adds per linear layer and pass (``CostOptions.tensor_parallel_host_us``): the
-    native runtime's DTensor TP, 900 us on one H100's host, the middle of the values (755-1052 us)
-    that match each of seven host-bound TP steps of a 16-block Llama 2 7B on a fake process group
-    (benchmarks/results/multi_gpu/host_bound_tp/); 0 on CPU workers, as ``host_us_per_kernel``."""
+    native runtime's projections on local views of DTensor parameters, 400 us on one H100's host, the
+    middle of the values (296-507 us) that match three host-bound TP steps of a 16-block Llama 2 7B on
+    a fake process group (benchmarks/results/multi_gpu/local_tp/; 900 while the activations were
+    DTensors: host_bound_tp/); 0 on CPU workers, as ``host_us_per_kernel``."""
     cast_inputs_once: bool = False
     """Whether it casts each attention's and MLP's input to 16 bits once under autocast
     (``CostOptions.cast_inputs_once``): the native runtime does (``runtime.tensor.autocast_input``)."""
@@ -106,7 +107,7 @@ CAPABILITIES: dict[str, Capabilities] = {
         dtypes=frozenset({DType.FP32, DType.BF16, DType.FP16}),
         per_layer=frozenset({"dp", "tp", "sp", "zero", "recompute", "offload"}), uniform=False, gpu_only=False,
         zero1_reduce="all_reduce", overlap_param_gather=False, bucket_copies=True, cast_inputs_once=True,
-        tensor_parallel_host_us=900.0),
+        tensor_parallel_host_us=400.0),
     "deepspeed": Capabilities(
         name="deepspeed",
         # schedule:1f1b: the search gives one-stage plans the default schedule, which runs no pipeline

@@ -22,6 +22,7 @@ from torch import nn
 from galvatron.runtime.mesh import Layout, ParallelDims, batch_groups, relayout_steps
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def all_gather(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
@@ -105,6 +106,75 @@ def gather_tokens(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     out = x.new_empty((k * x.shape[0] * x.shape[1], *x.shape[2:]))
     _all_gather_single(out, x.contiguous().flatten(0, 1), group=group)
     return out.view(x.shape[0], x.shape[1] * k, *x.shape[2:])
+
+
+def reduce_scatter_tokens(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """The sum of every rank's ``x`` (``[d0, d1, ...]``), this rank's :func:`own_tokens` shard of it: one
+    reduce-scatter of the contiguous flattened tokens."""
+    k = dist.get_world_size(group)
+    if k == 1:
+        return x
+    if x.shape[1] % k:
+        raise ValueError(f"a tensor of shape {tuple(x.shape)} does not split its dimension 1 over {k} ranks")
+    out = x.new_empty((x.shape[0] * x.shape[1] // k, *x.shape[2:]))
+    _reduce_scatter_single(out, x.contiguous().flatten(0, 1), group=group)
+    return out.view(x.shape[0], x.shape[1] // k, *x.shape[2:])
+
+
+class EnterTensorParallel(torch.autograd.Function):
+    """Megatron's entry into a tensor-parallel module (``f``): forward the input as it is, or under
+    sequence parallelism all-gather the token shards (:func:`gather_tokens`); backward sums the
+    ranks' partial input gradients: all-reduce, or reduce-scatter into the token shards."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup, sequence_parallel: bool) -> torch.Tensor:
+        ctx.group, ctx.sequence_parallel = group, sequence_parallel
+        return gather_tokens(x, group) if sequence_parallel else x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        if ctx.sequence_parallel:
+            return reduce_scatter_tokens(grad, ctx.group), None, None
+        grad = grad.contiguous()
+        if dist.get_world_size(ctx.group) > 1:
+            dist.all_reduce(grad, group=ctx.group)
+        return grad, None, None
+
+
+class LeaveTensorParallel(torch.autograd.Function):
+    """Megatron's exit from a tensor-parallel module (``g``): sum the ranks' partial outputs, all-reduced,
+    or under sequence parallelism reduce-scattered into the token shards; backward passes the gradient
+    on (all-gathered from the token shards under SP)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup, sequence_parallel: bool) -> torch.Tensor:
+        ctx.group, ctx.sequence_parallel = group, sequence_parallel
+        if sequence_parallel:
+            return reduce_scatter_tokens(x, group)
+        out = x.contiguous().clone() if dist.get_world_size(group) > 1 else x.view_as(x)
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return (gather_tokens(grad, ctx.group) if ctx.sequence_parallel else grad), None, None
+
+
+class SumGradients(torch.autograd.Function):
+    """Identity forward; backward all-reduces the gradient: a replicated parameter each rank uses on
+    different tokens (a row-parallel bias under sequence parallelism) gets the whole gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 class ScatterToSequenceParallel(torch.autograd.Function):

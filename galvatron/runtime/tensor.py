@@ -12,7 +12,7 @@ replicated), or from the layer names (attention ``q/k/v`` and MLP ``up/gate`` co
 Modules the plan does not cover (norms, routers) compute replicated.
 
 Each direct child of a block sits on the residual stream. A child whose parameters are all
-covered by the plan (attention, MLP) receives its input as one replicated DTensor, so its
+covered by the plan (attention, MLP) receives its input whole once, at its entry, so its
 column-parallel projections share one backward reduction (reduce-scatter with SP). Any other
 child with parameters runs replicated on plain tensors (gathered from the token shards under
 SP). SDPA and everything between the projections see local tensors.
@@ -30,8 +30,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -42,7 +43,15 @@ from torch.distributed.tensor.parallel import (
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from galvatron.errors import PlanError
-from galvatron.runtime.relayout import GatherFromSequenceParallel, ScatterToSequenceParallel, map_hidden, map_output
+from galvatron.runtime.relayout import (
+    EnterTensorParallel,
+    GatherFromSequenceParallel,
+    LeaveTensorParallel,
+    ScatterToSequenceParallel,
+    SumGradients,
+    map_hidden,
+    map_output,
+)
 
 COLWISE = frozenset({
     "q_proj", "k_proj", "v_proj", "query", "key", "value", "wq", "wk", "wv",
@@ -148,17 +157,22 @@ def check_divisible(block: nn.Module, plan: Mapping[str, str], tp: int, path: st
 class ShardedProjection(ParallelStyle):
     """A column- or row-parallel projection, for ``parallelize_module``.
 
-    Column-parallel: weight and bias split on the output features (``parts`` > 1: each part
-    of the weight split, ``_StridedShard``, and the bias replicated), input replicated, output
-    the local slice. Row-parallel: weight
-    split on the input features, input the local slice, output summed: all-reduced, or with
-    ``sequence_parallel`` reduce-scattered into this rank's token shard
-    (:func:`galvatron.runtime.relayout.own_tokens`), returned as a local tensor.
+    The parameters become DTensors over the TP mesh: column-parallel weight and bias split on the
+    output features (``parts`` > 1: each part of the weight split, ``_StridedShard``, and the bias
+    replicated), row-parallel weight split on the input features and bias replicated. The projection
+    then computes on plain local tensors (``DTensor.to_local()`` of its parameters), as Megatron's
+    layers do, so DTensor's per-op dispatch stays out of the activations' path. Column-parallel: the
+    input is whole, the output this rank's slice of the features; inside a module whose projections
+    the plan all covers (``entered``) the module's entry made the input so
+    (:class:`~galvatron.runtime.relayout.EnterTensorParallel`), otherwise the projection enters
+    itself. Row-parallel: the input is the local slice, the output summed over the group
+    (:class:`~galvatron.runtime.relayout.LeaveTensorParallel`: all-reduced, or with
+    ``sequence_parallel`` reduce-scattered into this rank's token shard), then the bias added.
     """
 
-    def __init__(self, style: str, parts: int = 1, sequence_parallel: bool = False) -> None:
+    def __init__(self, style: str, parts: int = 1, sequence_parallel: bool = False, entered: bool = False) -> None:
         super().__init__()
-        self.style, self.parts, self.sequence_parallel = style, parts, sequence_parallel
+        self.style, self.parts, self.sequence_parallel, self.entered = style, parts, sequence_parallel, entered
 
     def _placements(self, module: nn.Module) -> tuple[Placement, Placement]:
         out_dim, in_dim = (0, 1) if isinstance(module, nn.Linear) else (1, 0)
@@ -170,29 +184,42 @@ class ShardedProjection(ParallelStyle):
 
     def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
         weight, bias = self._placements(module)
+        for pname, param in list(module.named_parameters(recurse=False)):
+            placement = weight if pname == "weight" else bias
+            module.register_parameter(pname, nn.Parameter(distribute_tensor(param, device_mesh, [placement]),
+                                                          requires_grad=param.requires_grad))
+        group, rank, tp = device_mesh.get_group(), device_mesh.get_local_rank(), device_mesh.size()
+        linear = isinstance(module, nn.Linear)
+        rowwise, parts, sp, entered = self.style == "rowwise", self.parts, self.sequence_parallel, self.entered
 
-        def partition(name: str, mod: nn.Module, mesh: Any) -> None:
-            for pname, param in list(mod.named_parameters(recurse=False)):
-                placement = weight if pname == "weight" else bias
-                mod.register_parameter(pname, nn.Parameter(distribute_tensor(param, mesh, [placement]),
-                                                           requires_grad=param.requires_grad))
+        def local_bias() -> torch.Tensor | None:
+            b = module.bias.to_local() if module.bias is not None else None
+            if b is None or not ((rowwise and sp) or parts > 1):
+                return b
+            b = SumGradients.apply(b, group)  # each rank adds it to other tokens, or uses its own slices
+            if parts > 1:
+                width = b.numel() // (parts * tp)
+                b = b.view(parts, -1).narrow(1, rank * width, width).reshape(-1)
+            return b
 
-        return distribute_module(module, device_mesh, partition, self._input, self._output)
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if not rowwise and not entered:
+                x = EnterTensorParallel.apply(autocast_input(x), group, False)
+            w, b = module.weight.to_local(), local_bias()
+            if linear:
+                out = F.linear(x, w, None if rowwise else b)
+            else:  # transformers' Conv1D: weight (in, out)
+                out = (x.reshape(-1, x.shape[-1]) @ w).view(*x.shape[:-1], w.shape[1])
+                if b is not None and not rowwise:
+                    out = out + b
+            if rowwise:
+                out = LeaveTensorParallel.apply(out, group, sp)
+                if b is not None:
+                    out = out + b
+            return out
 
-    def _input(self, module: nn.Module, inputs: tuple, mesh: Any) -> tuple:
-        x = inputs[0]
-        if not isinstance(x, DTensor):
-            x = DTensor.from_local(x, mesh, [Shard(-1) if self.style == "rowwise" else Replicate()], run_check=False)
-        return (x, *inputs[1:])
-
-    def _output(self, module: nn.Module, out: DTensor, mesh: Any) -> torch.Tensor:
-        if self.style != "rowwise":
-            return out.to_local()
-        if not self.sequence_parallel:
-            return out.redistribute(mesh, [Replicate()]).to_local()
-        shape = out.shape  # [d0, d1, ...]: reduce-scatter the flattened tokens, contiguous
-        local = out.flatten(0, 1).redistribute(mesh, [Shard(0)]).to_local()
-        return local.view(shape[0], shape[1] // mesh.size(), *shape[2:])
+        module.forward = forward
+        return module
 
 
 def apply_tensor_parallel(block: nn.Module, plan: Mapping[str, str], tp_mesh: Any, sp: bool) -> None:
@@ -203,7 +230,8 @@ def apply_tensor_parallel(block: nn.Module, plan: Mapping[str, str], tp_mesh: An
     for child_name, child in block.named_children():
         names = {n: s for n, s in plan.items() if n.split(".", 1)[0] == child_name}
         covered = _covered(child_name, child, plan)
-        styles = {n.split(".", 1)[1]: ShardedProjection(s, _parts(n) if s == "packed_colwise" else 1, sp and covered)
+        styles = {n.split(".", 1)[1]: ShardedProjection(s, _parts(n) if s == "packed_colwise" else 1, sp and covered,
+                                                        covered)
                   for n, s in names.items()}
         if styles:
             parallelize_module(child, tp_mesh, styles)
@@ -211,7 +239,7 @@ def apply_tensor_parallel(block: nn.Module, plan: Mapping[str, str], tp_mesh: An
             if style == "packed_colwise":
                 _scale_split_sizes(block, name, tp)
         if covered:
-            child.register_forward_pre_hook(_dtensor_entry(tp_mesh, sp), with_kwargs=True)
+            child.register_forward_pre_hook(_entry(tp_mesh.get_group(), sp), with_kwargs=True)
         elif sp and _is_norm(child):
             parallelize_module(child, tp_mesh, SequenceParallel(use_local_output=True))
         elif sp and any(True for _ in child.parameters()):
@@ -260,23 +288,17 @@ def _scale_split_sizes(block: nn.Module, name: str, tp: int) -> None:
             setattr(parent, attr, part // tp)
 
 
-def _dtensor_entry(tp_mesh: Any, sp: bool) -> Any:
-    """A covered child's input as one replicated DTensor; under ``sp`` all-gathered from the token
-    shards (:func:`galvatron.runtime.relayout.own_tokens`) along the flattened tokens, so the gather
-    and its backward reduce-scatter work on contiguous buffers; cast to autocast's dtype first
-    (:func:`autocast_input`)."""
+def _entry(group: Any, sp: bool) -> Any:
+    """A covered child's input made whole for its column-parallel projections, once for all of them:
+    cast to autocast's dtype (:func:`autocast_input`), then under ``sp`` all-gathered from the token
+    shards (:func:`galvatron.runtime.relayout.own_tokens`) along the flattened tokens, so the gather and
+    its backward reduce-scatter work on contiguous buffers; backward sums the projections' partial
+    input gradients over the group (:class:`~galvatron.runtime.relayout.EnterTensorParallel`)."""
 
-    def to_replicated(x: torch.Tensor) -> torch.Tensor:
-        if isinstance(x, DTensor):
-            return x
-        x = autocast_input(x)
-        if not sp:
-            return DTensor.from_local(x, tp_mesh, [Replicate()], run_check=False)
-        shape = (x.shape[0], x.shape[1] * tp_mesh.size(), *x.shape[2:])
-        tokens = DTensor.from_local(x.flatten(0, 1), tp_mesh, [Shard(0)], run_check=False)
-        return tokens.redistribute(tp_mesh, [Replicate()]).view(shape)
+    def enter(x: torch.Tensor) -> torch.Tensor:
+        return EnterTensorParallel.apply(autocast_input(x), group, sp)
 
-    return lambda module, args, kwargs: map_hidden(args, kwargs, to_replicated)
+    return lambda module, args, kwargs: map_hidden(args, kwargs, enter)
 
 
 def autocast_input(x: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,14 @@ def block_ops(sp: bool, autocast: bool = False) -> OpCounter:
     return counter
 
 
+def collectives(ops: Counter[str]) -> dict[str, int]:
+    """Collective calls by kind, whether issued through c10d or functional collectives."""
+    kinds = {"all_gather": ("allgather", "all_gather"), "reduce_scatter": ("reduce_scatter",),
+             "all_reduce": ("allreduce", "all_reduce")}
+    return {kind: sum(n for op, n in ops.items() if any(name in op for name in names))
+            for kind, names in kinds.items()}
+
+
 def test_sequence_parallel_collectives_copy_nothing() -> None:
     """SP adds its collectives (an all-gather and a reduce-scatter per attention and MLP, forward and
     backward) and nothing else: with batch-first sequence chunks DTensor concatenated around each one
@@ -75,10 +83,8 @@ def test_sequence_parallel_collectives_copy_nothing() -> None:
     with fake_group(2):
         plain, sp = block_ops(sp=False).ops, block_ops(sp=True).ops
     assert sp["aten.cat"] == plain["aten.cat"]
-    gathers = sum(n for op, n in sp.items() if "all_gather" in op)
-    scatters = sum(n for op, n in sp.items() if "reduce_scatter" in op)
-    assert (gathers, scatters) == (4, 4), sp
-    assert sum(n for op, n in plain.items() if "reduce_scatter" in op or "all_gather" in op) == 0
+    assert collectives(sp) == {"all_gather": 4, "reduce_scatter": 4, "all_reduce": 0}, sp
+    assert collectives(plain) == {"all_gather": 0, "reduce_scatter": 0, "all_reduce": 4}, plain
 
 
 def test_token_shards_are_contiguous_chunks_of_the_flattened_tokens() -> None:
@@ -112,8 +118,8 @@ def test_under_autocast_sequence_parallelism_gathers_16_bit_inputs(monkeypatch: 
     assert ("full", "torch.float32") not in after and ("full", "torch.bfloat16") not in after
     assert after[("shard", "torch.float32")] == before.get(("shard", "torch.float32"), 0) + 2
     assert after[("shard", "torch.bfloat16")] == before.get(("shard", "torch.bfloat16"), 0) + 2
-    assert {dtype for (op, _, dtype) in cast_first.inputs if "all_gather" in op} == {torch.bfloat16}
-    assert {dtype for (op, _, dtype) in cast_each.inputs if "all_gather" in op} == {torch.float32, torch.bfloat16}
+    assert {dtype for (op, _, dtype) in cast_first.inputs if "allgather" in op} == {torch.bfloat16}
+    assert {dtype for (op, _, dtype) in cast_each.inputs if "allgather" in op} == {torch.float32, torch.bfloat16}
 
 
 def test_without_tensor_parallelism_each_module_input_is_cast_once() -> None:
