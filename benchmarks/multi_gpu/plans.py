@@ -126,7 +126,10 @@ def _fake_values() -> None:
     def gather_into(output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any = None,
                     async_op: bool = False) -> Any:  # torch.distributed's signature, keywords included
         n = output_tensor.numel() // input_tensor.numel()  # one cat, as the functional gather's (no broadcast)
-        torch.cat([input_tensor.reshape(-1)] * n, out=output_tensor.view(-1))
+        src, out = input_tensor.reshape(-1), output_tensor.view(-1)
+        if out.data_ptr() <= src.data_ptr() < out.data_ptr() + out.numel() * out.element_size():
+            src = src.clone()  # FSDP2 gathers in place: its input is its own chunk of the output
+        torch.cat([src] * n, out=out)
         return _Done() if async_op else None
 
     def scatter_into(output: torch.Tensor, input: torch.Tensor, op: Any = None, group: Any = None,

@@ -67,6 +67,11 @@ class Capabilities:
     middle of the values (296-507 us) that match three host-bound TP steps of a 16-block Llama 2 7B on
     a fake process group (benchmarks/results/multi_gpu/local_tp/; 900 while the activations were
     DTensors: host_bound_tp/); 0 on CPU workers, as ``host_us_per_kernel``."""
+    fsdp_host_us: tuple[float, float] = (0.0, 0.0)
+    """Host time FSDP2 adds per unit and pass under ZeRO-2 and ZeRO-3 (``CostOptions.fsdp_host_us``):
+    the native runtime's, 2000 and 3000 us on one H100's host, fitted to eight host-bound ZeRO-2/3
+    steps of a 16-block Llama 2 7B on a fake process group (benchmarks/results/multi_gpu/host_bound_fsdp/:
+    errors from -30..-57% to -13..+1%); 0 on CPU workers."""
     cast_inputs_once: bool = False
     """Whether it casts each attention's and MLP's input to 16 bits once under autocast
     (``CostOptions.cast_inputs_once``): the native runtime does (``runtime.tensor.autocast_input``)."""
@@ -89,6 +94,7 @@ class Capabilities:
                 "sequence_parallel_copies": self.sequence_parallel_copies,
                 "cast_inputs_once": self.cast_inputs_once,
                 "tensor_parallel_host_us": self.tensor_parallel_host_us if accelerator else 0.0,
+                "fsdp_host_us": self.fsdp_host_us if accelerator else (0.0, 0.0),
                 "host_us_per_kernel": self.host_us_per_kernel if accelerator else 0.0,
                 "blocking_p2p": not accelerator}
 
@@ -107,7 +113,7 @@ CAPABILITIES: dict[str, Capabilities] = {
         dtypes=frozenset({DType.FP32, DType.BF16, DType.FP16}),
         per_layer=frozenset({"dp", "tp", "sp", "zero", "recompute", "offload"}), uniform=False, gpu_only=False,
         zero1_reduce="all_reduce", overlap_param_gather=False, bucket_copies=True, cast_inputs_once=True,
-        tensor_parallel_host_us=400.0),
+        tensor_parallel_host_us=400.0, fsdp_host_us=(2000.0, 3000.0)),
     "deepspeed": Capabilities(
         name="deepspeed",
         # schedule:1f1b: the search gives one-stage plans the default schedule, which runs no pipeline

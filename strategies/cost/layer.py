@@ -149,6 +149,12 @@ def fsdp_compute(ctx: LayerContext, s: LayerStrategy) -> bool:
             and ctx.options.master_weights == "params")
 
 
+def fsdp_unit(s: LayerStrategy) -> int:
+    """The ZeRO stage (2 or 3) of a layer FSDP2 holds as a unit (ZeRO-2/3 over more than one replica),
+    else 0."""
+    return s.zero if s.zero >= 2 and s.dp * s.cp > 1 else 0
+
+
 def stream_bytes(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> tuple[int, int]:
     """Bytes per element of a block's residual stream and of its norms' output on an eager stack.
     Autocast over fp32 parameters (16-bit plans) keeps the stream fp32 and every norm computes in
@@ -259,7 +265,7 @@ def _host_issue(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> tuple[
     backward). Megatron's module-level ``selective`` issues the memory-bound ops again in backward;
     full and op-level selective checkpointing (the native runtime's, torchtitan's) cost their
     measured multiples (``RECOMPUTE_HOST_FACTOR``). Under TP each linear layer adds
-    ``CostOptions.tensor_parallel_host_us`` per pass."""
+    ``CostOptions.tensor_parallel_host_us`` per pass, and an FSDP2 unit ``CostOptions.fsdp_host_us``."""
     ops = eager.block_traffic(layer, s, ctx.options.elementwise, _act_bytes(ctx), *stream_bytes(ctx, layer, s),
                               sp_copies=ctx.options.sequence_parallel_copies,
                               cast_first=ctx.options.cast_inputs_once)
@@ -268,6 +274,8 @@ def _host_issue(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> tuple[
     bwd = ops.kernels_bwd + 3 * linears + (4 if layer.heads else 0)
     us = ctx.options.host_us_per_kernel * 1e-6
     tp = linears * ctx.options.tensor_parallel_host_us * 1e-6 if s.tp > 1 else 0.0
+    if fsdp_unit(s):
+        tp += ctx.options.fsdp_host_us[s.zero - 2] * 1e-6
     op_level = s.recompute is Recompute.SELECTIVE and ctx.options.selective in ("matmuls", "torchtitan")
     if s.recompute is Recompute.FULL or op_level:
         f, b = RECOMPUTE_HOST_FACTOR[s.recompute]

@@ -143,6 +143,11 @@ class CostOptions:
     issuing its kernels (``host_us_per_kernel``): DTensor's Python dispatch (sharding propagation, the
     redistributions and the conversions between local tensors and DTensors). 0: TP costs no host time
     of its own (Megatron's plain tensors)."""
+    fsdp_host_us: tuple[float, float] = (0.0, 0.0)
+    """Host microseconds FSDP2 adds per unit (a block of a ZeRO-2 or ZeRO-3 layer group over more than
+    one replica) and pass, beyond issuing its kernels: its pre- and post-forward and backward hooks
+    (the all-gather's copy-in and copy-out, the reduce-scatter's set-up; ZeRO-3 also reshards after the
+    forward and gathers again in backward). Per (ZeRO-2, ZeRO-3); 0: not modelled."""
     grad_bytes: int = 4
     """Bytes per gradient element kept and reduced (fp32 main grads in Megatron, FSDP2 reduce_dtype)."""
     cpu_adam_params_per_s: float = 1e9

@@ -21,6 +21,7 @@ from galvatron.strategies.cost.layer import (
     ZeroTerms,
     accumulated_micro_batches,
     core_cost,
+    fsdp_unit,
     stream_bytes,
     tied_copy,
     zero_exposed,
@@ -72,7 +73,7 @@ class LayerCache:
         at recompute ``mode``."""
         ep, etp = (s.ep, s.etp) if layer.experts else (1, 0)  # a dense block of a MoE stage: neither
         key = (sig, ctx.micro_batch / s.dp * ctx.seq_len / s.cp, s.tp, s.sp, s.cp, s.cp_kind, s.cp_ulysses, ep, etp,
-               mode, stream_bytes(ctx, layer, s))
+               mode, stream_bytes(ctx, layer, s), fsdp_unit(s))
         found = self._core.get(key)
         if found is None:
             own = s if (s.recompute, s.ep, s.etp) == (mode, ep, etp) else dataclasses.replace(

@@ -547,3 +547,20 @@ def test_tensor_parallel_host_time_bounds_small_tp_steps() -> None:
     assert step(900, dp=8) == step(0, dp=8)
     assert capabilities("native").cost_options()["tensor_parallel_host_us"] > 0
     assert capabilities("native").cost_options(accelerator=False)["tensor_parallel_host_us"] == 0
+
+
+def test_fsdp_host_time_charges_each_fsdp2_unit_per_pass() -> None:
+    """FSDP2's hooks cost host time per unit and pass (``CostOptions.fsdp_host_us``): a small ZeRO-2/3
+    step is host-bound by them, ZeRO-3 more than ZeRO-2; ZeRO-1 and one replica pay nothing."""
+    perf = DatasheetPerf(load_cluster("8xH100"))
+    spec = ModelSpec.from_config({**load_model_config("llama2-7b"), "layers": 4, "seq_len": 512})
+
+    def step(us: tuple[float, float], **strategy: object) -> float:
+        plan = Plan.uniform(spec.num_blocks, global_batch_size=8, dtype="bf16", **strategy)
+        options = CostOptions(elementwise="autocast", host_us_per_kernel=33.0, fsdp_host_us=us)
+        return cost_plan(plan, spec, perf, options).step_time_s
+
+    for zero, us in ((2, (20000.0, 0.0)), (3, (0.0, 20000.0))):
+        assert step(us, dp=8, zero=zero) - step((0.0, 0.0), dp=8, zero=zero) > 0.9 * 2 * spec.num_blocks * 0.02
+    assert step((20000.0, 20000.0), dp=8, zero=1) == step((0.0, 0.0), dp=8, zero=1)
+    assert step((20000.0, 20000.0), dp=1, zero=3) == step((0.0, 0.0), dp=1, zero=3)
