@@ -37,7 +37,6 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
     RowwiseParallel,
-    SequenceParallel,
     parallelize_module,
 )
 from torch.distributed.tensor.placement_types import _StridedShard
@@ -241,7 +240,7 @@ def apply_tensor_parallel(block: nn.Module, plan: Mapping[str, str], tp_mesh: An
         if covered:
             child.register_forward_pre_hook(_entry(tp_mesh.get_group(), sp), with_kwargs=True)
         elif sp and _is_norm(child):
-            parallelize_module(child, tp_mesh, SequenceParallel(use_local_output=True))
+            _sequence_parallel_norm(child, tp_mesh.get_group())
         elif sp and any(True for _ in child.parameters()):
             group = tp_mesh.get_group()
             child.register_forward_pre_hook(
@@ -316,6 +315,27 @@ def autocast_input(x: torch.Tensor) -> torch.Tensor:
         return x
     dtype = torch.get_autocast_dtype(kind)
     return x.to(dtype) if dtype in (torch.bfloat16, torch.float16) else x
+
+
+def _sequence_parallel_norm(norm: nn.Module, group: Any) -> None:
+    """A norm on the token shards (Megatron's sequence-parallel LayerNorm): it computes on plain local
+    tensors, and each of its parameters, which every rank applies to other tokens, enters the forward
+    through :class:`~galvatron.runtime.relayout.SumGradients`, so its gradient is summed over the TP
+    group. The swap happens at the norm's call, so it also wraps the unsharded parameters FSDP2 puts in
+    place before the block runs."""
+    names = [n for n, p in norm.named_parameters(recurse=False) if p.requires_grad]
+
+    def swap_in(module: nn.Module, args: tuple) -> None:
+        params = module._parameters
+        module._galvatron_sp_params = {n: params[n] for n in names}
+        for n in names:
+            params[n] = SumGradients.apply(params[n], group)  # type: ignore[assignment]
+
+    def swap_out(module: nn.Module, args: tuple, out: Any) -> None:
+        module._parameters.update(module.__dict__.pop("_galvatron_sp_params", {}))
+
+    norm.register_forward_pre_hook(swap_in)
+    norm.register_forward_hook(swap_out, always_call=True)
 
 
 def _is_norm(module: nn.Module) -> bool:

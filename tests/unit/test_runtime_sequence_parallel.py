@@ -78,12 +78,13 @@ def collectives(ops: Counter[str]) -> dict[str, int]:
 
 def test_sequence_parallel_collectives_copy_nothing() -> None:
     """SP adds its collectives (an all-gather and a reduce-scatter per attention and MLP, forward and
-    backward) and nothing else: with batch-first sequence chunks DTensor concatenated around each one
-    (8 ``cat`` per block)."""
+    backward; an all-reduce per norm weight) and nothing else: with batch-first sequence chunks
+    DTensor concatenated around each one (8 ``cat`` per block)."""
     with fake_group(2):
         plain, sp = block_ops(sp=False).ops, block_ops(sp=True).ops
     assert sp["aten.cat"] == plain["aten.cat"]
-    assert collectives(sp) == {"all_gather": 4, "reduce_scatter": 4, "all_reduce": 0}, sp
+    # and the two norms' weight gradients, summed over the group (each rank normed other tokens)
+    assert collectives(sp) == {"all_gather": 4, "reduce_scatter": 4, "all_reduce": 2}, sp
     assert collectives(plain) == {"all_gather": 0, "reduce_scatter": 0, "all_reduce": 4}, plain
 
 
