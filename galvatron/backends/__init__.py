@@ -72,6 +72,10 @@ class Capabilities:
     the native runtime's, 2000 and 3000 us on one H100's host, fitted to eight host-bound ZeRO-2/3
     steps of a 16-block Llama 2 7B on a fake process group (benchmarks/results/multi_gpu/host_bound_fsdp/:
     errors from -30..-57% to -13..+1%); 0 on CPU workers."""
+    overlap_tp_backward: bool = True
+    """Whether its TP input-gradient collectives hide behind weight-gradient GEMMs
+    (``CostOptions.overlap_tp_backward``): not in the native runtime, whose reduction follows the
+    module's whole backward and is needed at once by the norm before it."""
     cast_inputs_once: bool = False
     """Whether it casts each attention's and MLP's input to 16 bits once under autocast
     (``CostOptions.cast_inputs_once``): the native runtime does (``runtime.tensor.autocast_input``)."""
@@ -93,6 +97,7 @@ class Capabilities:
                 "overlap_param_gather": self.overlap_param_gather, "bucket_copies": self.bucket_copies,
                 "sequence_parallel_copies": self.sequence_parallel_copies,
                 "cast_inputs_once": self.cast_inputs_once,
+                "overlap_tp_backward": self.overlap_tp_backward,
                 "tensor_parallel_host_us": self.tensor_parallel_host_us if accelerator else 0.0,
                 "fsdp_host_us": self.fsdp_host_us if accelerator else (0.0, 0.0),
                 "host_us_per_kernel": self.host_us_per_kernel if accelerator else 0.0,
@@ -113,7 +118,7 @@ CAPABILITIES: dict[str, Capabilities] = {
         dtypes=frozenset({DType.FP32, DType.BF16, DType.FP16}),
         per_layer=frozenset({"dp", "tp", "sp", "zero", "recompute", "offload"}), uniform=False, gpu_only=False,
         zero1_reduce="all_reduce", overlap_param_gather=False, bucket_copies=True, cast_inputs_once=True,
-        tensor_parallel_host_us=400.0, fsdp_host_us=(2000.0, 3000.0)),
+        tensor_parallel_host_us=400.0, fsdp_host_us=(2000.0, 3000.0), overlap_tp_backward=False),
     "deepspeed": Capabilities(
         name="deepspeed",
         # schedule:1f1b: the search gives one-stage plans the default schedule, which runs no pipeline

@@ -608,8 +608,9 @@ def _tp_backward_exposed(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, 
     weight gradient (async grad all-reduce); ``g`` after the row-parallel GEMM is identity backward
     (Shoeybi et al. 2019 Fig. 3). With SP (Korthikanti et al. 2022 §4.2.2) the row part all-gathers
     the output gradient (exposed), the column part re-gathers its sharded input behind the input-
-    gradient GEMM and reduce-scatters the input gradient behind the weight-gradient GEMM. Hidden
-    collectives still cost ``overlap_interference`` of their time."""
+    gradient GEMM and reduce-scatters the input gradient behind the weight-gradient GEMM; stacks
+    other than the fused one keep the gathered input (``_activation``) and do not re-gather it.
+    Hidden collectives still cost ``overlap_interference`` of their time."""
     if s.tp == 1:
         return 0.0
     perf, opts = ctx.perf, ctx.options
@@ -621,7 +622,9 @@ def _tp_backward_exposed(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, 
     if s.sp:
         ag = perf.collective_time(Collective.ALL_GATHER, tensor, group)
         rs = perf.collective_time(Collective.REDUCE_SCATTER, tensor, group)
-        return parts * (ag + overlapped(ag, hide, f) + overlapped(rs, hide, f))
+        # only Megatron's fused stack re-gathers the column input in backward (the others keep it)
+        regather = overlapped(ag, hide, f) if opts.elementwise == "fused" else 0.0
+        return parts * (ag + regather + overlapped(rs, hide, f))
     return parts * overlapped(perf.collective_time(Collective.ALL_REDUCE, tensor, group), hide, f)
 
 
