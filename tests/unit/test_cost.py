@@ -22,6 +22,7 @@ from galvatron.strategies.cost import (
 from galvatron.strategies.cost.layer import (
     _activation,
     _block_gemms,
+    _group,
     expert_groups,
     moe_load,
     tokens_per_rank,
@@ -564,3 +565,25 @@ def test_fsdp_host_time_charges_each_fsdp2_unit_per_pass() -> None:
         assert step(us, dp=8, zero=zero) - step((0.0, 0.0), dp=8, zero=zero) > 0.9 * 2 * spec.num_blocks * 0.02
     assert step((20000.0, 20000.0), dp=8, zero=1) == step((0.0, 0.0), dp=8, zero=1)
     assert step((20000.0, 20000.0), dp=1, zero=3) == step((0.0, 0.0), dp=1, zero=3)
+
+
+def test_only_the_fused_stack_regathers_the_sequence_parallel_input_in_backward() -> None:
+    """Megatron's fused stack drops the gathered SP input after the forward and gathers it again for the
+    weight gradients; eager stacks (the native runtime, DTensor SP) keep it, so their backward moves one
+    all-gather and one reduce-scatter per TP module, like their forward."""
+    from galvatron.strategies.cost.layer import _tp_backward_exposed
+
+    perf = DatasheetPerf(load_cluster("8xH100"))
+    layer, s, tok = SPEC.blocks[0], LayerStrategy(tp=2, sp=True), 4096.0
+
+    def backward(stack: str) -> float:
+        ctx = LayerContext(perf=perf, options=CostOptions(elementwise=stack, overlap_tp_backward=False),
+                           dtype=DType.BF16, seq_len=SPEC.seq_len, causal=True, micro_batch=2, stage_devices=8,
+                           micro_batches=1)
+        return _tp_backward_exposed(ctx, layer, s, tok, wgrad=0.0)
+
+    ctx = LayerContext(perf=perf, options=CostOptions(), dtype=DType.BF16, seq_len=SPEC.seq_len, causal=True,
+                       micro_batch=2, stage_devices=8, micro_batches=1)
+    group = _group(ctx, 1, 2)
+    ag = perf.collective_time(Collective.ALL_GATHER, tok * layer.hidden * 2, group)
+    assert backward("fused") - backward("autocast") == pytest.approx(2 * ag)  # attention and MLP
