@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from galvatron.profiler.measure import Clock, autocast, measure_memory, storage_ptrs
+from galvatron.profiler.measure import _LOW_PRECISION, Clock, autocast, measure_memory, storage_ptrs
 from galvatron.profiler.progress import Progress, human_bytes, table
 from galvatron.profiler.schema import (
     SPLIT_FIELDS,
@@ -288,7 +288,7 @@ class _Job:
     # ---------------------------------------------------------------- blocks
     def _block(self, block: nn.Module, call: _BlockCall, mode: Recompute, mb: int, s: int) -> Measurement:
         # as the native runtime runs a 16-bit block: each module's input cast once (tensor.apply_input_casts)
-        casts = apply_input_casts(block) if self.dtype in (DType.BF16, DType.FP16) else []
+        casts = apply_input_casts(block) if self.dtype in _LOW_PRECISION else []
         try:
             return self._block_measure(block, call, mode, mb, s)
         finally:

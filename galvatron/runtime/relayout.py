@@ -151,9 +151,10 @@ class LeaveTensorParallel(torch.autograd.Function):
         ctx.group, ctx.sequence_parallel = group, sequence_parallel
         if sequence_parallel:
             return reduce_scatter_tokens(x, group)
-        out = x.contiguous().clone() if dist.get_world_size(group) > 1 else x.view_as(x)
-        if dist.get_world_size(group) > 1:
-            dist.all_reduce(out, group=group)
+        if dist.get_world_size(group) == 1:
+            return x.view_as(x)
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
         return out
 
     @staticmethod

@@ -203,7 +203,7 @@ class ShardedProjection(ParallelStyle):
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             if not rowwise and not entered:
-                x = EnterTensorParallel.apply(autocast_input(x), group, False)
+                x = _enter(x, group, False)
             w, b = module.weight.to_local(), local_bias()
             if linear:
                 out = F.linear(x, w, None if rowwise else b)
@@ -294,10 +294,13 @@ def _entry(group: Any, sp: bool) -> Any:
     its backward reduce-scatter work on contiguous buffers; backward sums the projections' partial
     input gradients over the group (:class:`~galvatron.runtime.relayout.EnterTensorParallel`)."""
 
-    def enter(x: torch.Tensor) -> torch.Tensor:
-        return EnterTensorParallel.apply(autocast_input(x), group, sp)
+    return lambda module, args, kwargs: map_hidden(args, kwargs, lambda x: _enter(x, group, sp))
 
-    return lambda module, args, kwargs: map_hidden(args, kwargs, enter)
+
+def _enter(x: torch.Tensor, group: Any, sp: bool) -> torch.Tensor:
+    """``x`` cast to autocast's dtype (:func:`autocast_input`), then made whole for column-parallel
+    projections (:class:`~galvatron.runtime.relayout.EnterTensorParallel`)."""
+    return EnterTensorParallel.apply(autocast_input(x), group, sp)
 
 
 def autocast_input(x: torch.Tensor) -> torch.Tensor:

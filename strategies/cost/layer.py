@@ -145,14 +145,20 @@ def fsdp_compute(ctx: LayerContext, s: LayerStrategy) -> bool:
     """Whether the layer computes with FSDP2's 16-bit unsharded parameters: ZeRO-2/3 over more than
     one replica of a 16-bit plan on a stack whose parameters are the fp32 master weights
     (``CostOptions.master_weights = "params"``; ``MixedPrecisionPolicy(param_dtype=bf16)``)."""
-    return (s.zero >= 2 and s.dp * s.cp > 1 and ctx.dtype is not DType.FP32
-            and ctx.options.master_weights == "params")
+    return bool(fsdp_unit(s)) and ctx.dtype is not DType.FP32 and ctx.options.master_weights == "params"
+
+
+def replica_zero(s: LayerStrategy) -> int:
+    """The ZeRO stage that applies to the layer: its own over more than one replica, else 0 (one
+    replica has nothing to shard)."""
+    return s.zero if s.dp * s.cp > 1 else 0
 
 
 def fsdp_unit(s: LayerStrategy) -> int:
     """The ZeRO stage (2 or 3) of a layer FSDP2 holds as a unit (ZeRO-2/3 over more than one replica),
     else 0."""
-    return s.zero if s.zero >= 2 and s.dp * s.cp > 1 else 0
+    zero = replica_zero(s)
+    return zero if zero >= 2 else 0
 
 
 def stream_bytes(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> tuple[int, int]:
@@ -486,7 +492,7 @@ def _elementwise_times(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, to
 def _param_traffic(ctx: LayerContext, s: LayerStrategy, params: float) -> eager.Traffic:
     """Per-parameter kernels of the rank's weights: autocast's casts where it runs over fp32 parameters
     (not in fp32 plans, nor on FSDP2's 16-bit ones), FSDP2's copies under ZeRO-2/3."""
-    zero = s.zero if s.dp * s.cp > 1 else 0
+    zero = replica_zero(s)
     stack = ctx.options.elementwise
     if stack == "autocast" and (ctx.dtype is DType.FP32 or fsdp_compute(ctx, s)):
         stack = "eager"
@@ -815,7 +821,7 @@ def _param_kernels(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, params
     if _measured(ctx, layer, s) is not None:
         return 0.0, 0.0  # a profile's layer time includes them
     fwd, bwd = _traffic_times(ctx, _param_traffic(ctx, s, params))
-    zero = s.zero if s.dp * s.cp > 1 else 0
+    zero = replica_zero(s)
     adds = _accumulate_traffic(ctx, zero, ctx.options.master_weights == "params").scaled(params)
     streaming = getattr(ctx.perf, "streaming_time", ctx.perf.memory_time)  # a measured profile has none
     return fwd, bwd + (streaming(adds.bwd) if adds.bwd else 0.0)
