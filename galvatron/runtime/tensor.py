@@ -357,8 +357,31 @@ def find_vocab_modules(edges: list[nn.Module], vocab: int | None) -> tuple[nn.Em
 
 def apply_vocab_parallel_embedding(embedding: nn.Embedding, tp_mesh: Any) -> None:
     """Shard the embedding table over the vocabulary (as ``torch.chunk``: uneven shards where tp
-    does not divide it); the output is replicated."""
-    parallelize_module(embedding, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
+    does not divide it); the output is replicated.
+
+    Megatron's ``VocabParallelEmbedding`` on plain local tensors: each rank looks up the tokens its
+    rows hold, zeros for the others, and the output is summed over the group
+    (:class:`~galvatron.runtime.relayout.LeaveTensorParallel`). DTensor's vocabulary-parallel embedding
+    computes the same, but keeps its token mask in the output's placement, which ``torch.compile``
+    carries from one trace into the next (pytorch/pytorch#160697): a compiled model with a graph break
+    failed. Embeddings with ``max_norm``, ``scale_grad_by_freq`` or ``sparse`` keep DTensor's."""
+    if embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse:
+        parallelize_module(embedding, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
+        return
+    weight = embedding.weight
+    embedding.weight = nn.Parameter(distribute_tensor(weight, tp_mesh, [Shard(0)]), requires_grad=weight.requires_grad)
+    group, vocab, padding = tp_mesh.get_group(), embedding.num_embeddings, embedding.padding_idx
+    start = -(-vocab // tp_mesh.size()) * tp_mesh.get_local_rank()
+
+    def forward(tokens: torch.Tensor) -> torch.Tensor:
+        w = embedding.weight.to_local()
+        local = tokens - start
+        outside = (local < 0) | (local >= w.shape[0])
+        pad = padding - start if padding is not None and 0 <= padding - start < w.shape[0] else None
+        out = F.embedding(local.masked_fill(outside, 0), w, pad).masked_fill(outside.unsqueeze(-1), 0.0)
+        return LeaveTensorParallel.apply(out, group, False)
+
+    embedding.forward = forward
 
 
 def apply_vocab_parallel_head(head: nn.Linear, tp_mesh: Any) -> None:

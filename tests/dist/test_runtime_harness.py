@@ -64,7 +64,8 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 @dataclass(frozen=True)
 class Case:
     """One model trained under one plan. ``plain``: call ``model(x)`` and ``loss.backward()``
-    instead of ``train_step``. ``sabotage``: drop the gradient reduction (must then fail)."""
+    instead of ``train_step``. ``compile``: a ``torch.compile`` backend; the compiled model is called
+    as ``plain`` calls the model. ``sabotage``: drop the gradient reduction (must then fail)."""
 
     name: str
     model: str
@@ -72,6 +73,7 @@ class Case:
     plain: bool = False
     adam: bool = False
     sabotage: bool = False
+    compile: str | None = None
     tp_plan: dict[str, str] | None = field(default=None, hash=False)
 
 
@@ -126,10 +128,16 @@ def _local_numel(t: torch.Tensor) -> int:
 
 
 def train(case: Case) -> dict[str, Any]:
-    """On a rank: wrap, train, and return losses, full parameters and what the rank stores."""
+    """On a rank: wrap, train, and return losses, full parameters and what the rank stores (compiled:
+    also dynamo's graph breaks and graphs)."""
     import galvatron
 
     model = galvatron.wrap(MODELS[case.model](), case.plan, tp_plan=case.tp_plan)
+    forward = model
+    if case.compile:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        forward = torch.compile(model, backend=case.compile)
     if case.sabotage:
         model._galvatron.sync.buckets.clear()
     opt = model.optimizer(torch.optim.AdamW, lr=1e-2, eps=ADAM_EPS) if case.adam else \
@@ -137,9 +145,9 @@ def train(case: Case) -> dict[str, Any]:
     losses = []
     for tokens, targets in batches():
         x, y = model.shard_batch((tokens, targets))
-        if case.plain:
+        if case.plain or case.compile:
             x, y = x.to(model._galvatron.device), y.to(model._galvatron.device)
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(forward(x), y)
             loss.backward()
             loss = loss.detach().clone()
             dist.all_reduce(loss)
@@ -151,8 +159,12 @@ def train(case: Case) -> dict[str, Any]:
         losses.append(loss.item())
     params = {n: _full(p) for n, p in model.named_parameters(remove_duplicate=False)}
     state = sum(t.numel() for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
-    return {"losses": losses, "params": params, "stored": sum(_local_numel(p) for p in model.parameters()),
-            "opt_state": state}
+    out = {"losses": losses, "params": params, "stored": sum(_local_numel(p) for p in model.parameters()),
+           "opt_state": state}
+    if case.compile:
+        counters = torch._dynamo.utils.counters
+        out.update(graph_breaks=sum(counters["graph_break"].values()), graphs=counters["stats"]["unique_graphs"])
+    return out
 
 
 def wrapped_step(model: nn.Module, opt: torch.optim.Optimizer, step: int) -> float:
