@@ -62,6 +62,7 @@ def titan_ac_context() -> Any:
 
     save = {torch.ops.aten.mm.default, torch.ops.aten._scaled_dot_product_efficient_attention.default,
             torch.ops.aten._scaled_dot_product_flash_attention.default,
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,  # a CPU (fake) run's
             torch.ops._c10d_functional.reduce_scatter_tensor.default}
     meta: dict[str, int] = defaultdict(int)
 
@@ -75,20 +76,22 @@ def titan_ac_context() -> Any:
     return create_selective_checkpoint_contexts(policy)
 
 
-def titan_trainer(world: int, batch: int = 2, compile_blocks: bool = False) -> Any:
+def titan_trainer(world: int, batch: int = 2, compile_blocks: bool = False, fake_mode: Any = None) -> Any:
     """torchtitan's Llama 3.1 8B training step as rank 0 of ``world`` FSDP ranks sees it (``compile_blocks``:
-    each block under ``torch.compile(fullgraph=True)`` after AC, as torchtitan's ``apply_compile``)."""
+    each block under ``torch.compile(fullgraph=True)`` after AC, as torchtitan's ``apply_compile``).
+    With ``fake_mode`` (a ``FakeTensorMode``) it is built on fake CPU tensors, to trace without a GPU;
+    the step then runs inside that mode."""
     import torch.distributed as dist
     from titan_eager import LLAMA3_8B, Llama
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    device = "cpu" if fake_mode is not None else "cuda"
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
-    mesh = init_device_mesh("cuda", (world,))
-    with torch.device("meta"):
+    mesh = init_device_mesh(device, (world,))
+    with fake_mode or torch.device("meta"):
         model = Llama(LLAMA3_8B)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for i, layer in enumerate(model.layers):  # torchtitan parallelize_llama: apply_ac, then apply_fsdp
@@ -97,14 +100,24 @@ def titan_trainer(world: int, batch: int = 2, compile_blocks: bool = False) -> A
             model.layers[i] = torch.compile(model.layers[i], fullgraph=True)
         fully_shard(model.layers[i], mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(model.layers) - 1)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    if fake_mode is not None:
+        with fake_mode:
+            return _titan_step(model, batch, device)
     model.to_empty(device="cuda")
     with torch.no_grad():
         for name, p in model.named_parameters():
             local = p.to_local() if hasattr(p, "to_local") else p
             local.fill_(1.0) if "norm" in name else local.normal_(0.0, 0.02)
         model.freqs.copy_(model.rope_table())
+    return _titan_step(model, batch, device)
+
+
+def _titan_step(model: torch.nn.Module, batch: int, device: str) -> Any:
+    from titan_eager import LLAMA3_8B
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
-    tokens = torch.randint(0, LLAMA3_8B.vocab, (batch, LLAMA3_8B.seq + 1), device="cuda")
+    tokens = torch.randint(0, LLAMA3_8B.vocab, (batch, LLAMA3_8B.seq + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]
 
     def step() -> None:

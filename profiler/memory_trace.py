@@ -1,0 +1,285 @@
+"""A training step's allocations, in order, from a run on fake tensors: no GPU, no memory.
+
+The cost model counts the bytes a step keeps; a GPU runs out of memory on the bytes PyTorch's caching
+allocator *reserves*, which depend on the order and sizes of every allocation and free
+(:mod:`galvatron.strategies.cost.allocator` replays such a sequence). This module records that
+sequence from the step itself: the user's model, loss and optimizer run under
+``torch._subclasses.FakeTensorMode`` (every op computes shapes only, through its meta kernel), and
+:class:`AllocationTracer` logs each new storage an op creates and the moment it is released (its
+storage is deallocated: the last tensor, view or autograd-saved reference to it is gone), which is
+when the caching allocator gets the block back.
+
+A CPU run takes CPU code paths where they differ from CUDA; :func:`cuda_kernels` routes the two that
+change what a step allocates to the ops PyTorch picks on a GPU: RMSNorm to the fused kernel
+(``aten._fused_rms_norm``, which keeps only the inverse RMS) and scaled-dot-product attention to
+the fused kernels (cuDNN or FlashAttention: output and log-sum-exp kept, no score matrix).
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._pytree import tree_leaves
+
+
+class Allocation(NamedTuple):
+    """One event of a traced step, in the form :func:`galvatron.strategies.cost.allocator.replay`
+    takes (``action``, ``handle``, ``size``, ``stream``) plus the op that created the storage."""
+
+    action: str
+    """``"alloc"`` or ``"free"``."""
+    handle: int
+    """Pairs a free with its alloc (a storage's identity while it lives)."""
+    size: int
+    """Bytes of the storage."""
+    stream: int
+    """The stream whose pool serves it (0: the default stream)."""
+    op: str
+    """The op whose output it is (``""`` for adopted storages and frees)."""
+
+
+class AllocationTracer(TorchDispatchMode):
+    """Logs the storages ops create and their release, in program order (:class:`Allocation`).
+
+    A storage an op only reads or returns a view of is not new; storages that exist before tracing
+    (parameters, optimizer states) are counted with :meth:`adopt` or ignored. Works on real tensors
+    of any device as on fake ones: the same log comes from a CUDA run, to check a fake one against."""
+
+    def __init__(self, fake_mode: FakeTensorMode | None = None, stream: int = 0) -> None:
+        super().__init__()
+        self.fake_mode = fake_mode
+        self.events: list[Allocation] = []
+        self.stream = stream
+        self._seen: set[int] = set()
+        self._live: dict[int, tuple[int, int, int]] = {}  # storage key -> (handle, size, stream)
+        self._next = 0
+        self._patches = ExitStack()
+        self._suspended = 0
+        self._closed = False
+        self._streams: dict[int, int] = {}
+
+    def adopt(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Log ``tensors``' storages as allocated now (in order), and their release when it comes."""
+        for t in tensors:
+            self._track(t.untyped_storage(), "")
+
+    def __enter__(self) -> AllocationTracer:
+        from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+        self._patches = ExitStack()
+        # FSDP2 frees and re-allocates its unsharded parameters by resizing their storage
+        # (``free_storage``, ``alloc_storage``), which no op dispatch shows.
+        self._patches.enter_context(_patch(torch.UntypedStorage, "resize_", self._traced_resize))
+        # DTensor propagates shardings on fake tensors of the active fake mode: no device memory.
+        self._patches.enter_context(
+            _patch(ShardingPropagator, "_propagate_tensor_meta_non_cached", self._untraced))
+        # Side streams (FSDP2's all-gather copy-in and reduce-scatter streams) have pools of their own
+        # on a GPU; a CPU run enters them through torch.cpu.stream, a no-op, which here also sets the
+        # stream its allocations are logged on.
+        self._patches.enter_context(_patch(torch.cpu, "stream", self._side_stream))
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._closed = True  # what is released later is not this trace's
+        self._patches.close()
+        super().__exit__(*exc)
+
+    def _traced_resize(self, resize: Any) -> Any:
+        def traced(storage: torch.UntypedStorage, size: int) -> Any:
+            key, before = storage._cdata, storage.nbytes()
+            out = resize(storage, size)
+            self._resized(key, before, int(size))
+            return out
+
+        return traced
+
+    def _untraced(self, propagate: Any) -> Any:
+        def untraced(*args: Any, **kwargs: Any) -> Any:
+            self._suspended += 1
+            try:
+                return propagate(*args, **kwargs)
+            finally:
+                self._suspended -= 1
+
+        return untraced
+
+    def _side_stream(self, cpu_stream: Any) -> Any:
+        @contextmanager
+        def stream(s: Any) -> Iterator[None]:
+            outer = self.stream
+            self.stream = self._streams.setdefault(id(s), len(self._streams) + 1)
+            try:
+                with cpu_stream(s):
+                    yield
+            finally:
+                self.stream = outer
+
+        return stream
+
+    def _resized(self, key: int, before: int, after: int) -> None:
+        if key not in self._live or before == after:
+            return
+        handle, _, stream = self._live[key]
+        if before:
+            self.events.append(Allocation("free", handle, before, stream, ""))
+        if after:
+            handle, stream = self._next, self.stream
+            self._next += 1
+            self.events.append(Allocation("alloc", handle, after, stream, "resize_"))
+        self._live[key] = (handle, after, stream)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        leaves = tree_leaves((args, kwargs))
+        if any(is_traceable_wrapper_subclass(t) for t in leaves):
+            return NotImplemented  # a DTensor: its own dispatch runs the ops on its local shards, seen here
+        for t in leaves:
+            if isinstance(t, torch.Tensor):
+                self._known(t.untyped_storage())
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and self._counts(t):
+                self._track(t.untyped_storage(), str(func))
+        return out
+
+    def _counts(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` takes device memory: not a meta tensor, nor a fake one of another mode
+        (DTensor propagates shardings on fake tensors of its own)."""
+        if self._suspended:
+            return False
+        if isinstance(t, FakeTensor):
+            return t.fake_mode is self.fake_mode
+        return t.device.type != "meta"
+
+    def _known(self, storage: torch.UntypedStorage) -> None:
+        """Mark a storage that existed before it was first seen (read by an op) as not new; forget it
+        when it goes, since a later storage may take its address, which is its key."""
+        key = storage._cdata
+        if key not in self._seen:
+            self._seen.add(key)
+            weakref.finalize(storage, self._seen.discard, key)
+
+    def _track(self, storage: torch.UntypedStorage, op: str) -> None:
+        key = storage._cdata
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        handle, size = self._next, storage.nbytes()
+        self._next += 1
+        self._live[key] = (handle, size, self.stream)
+        if size:
+            self.events.append(Allocation("alloc", handle, size, self.stream, op))
+        weakref.finalize(storage, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self._seen.discard(key)
+        handle, size, stream = self._live.pop(key)
+        if size and not self._closed:
+            self.events.append(Allocation("free", handle, size, stream, ""))
+
+
+@contextmanager
+def _patch(owner: Any, name: str, wrap: Callable[[Any], Any]) -> Iterator[None]:
+    """``owner.name`` replaced by ``wrap(owner.name)`` inside."""
+    original = getattr(owner, name)
+    setattr(owner, name, wrap(original))
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+class _FusedRMSNorm(torch.autograd.Function):
+    """What ``aten._fused_rms_norm`` allocates and keeps (the output, the fp32 inverse RMS per row;
+    backward: the input's and the weight's gradients), on fake tensors, whose values do not exist:
+    a fake run decomposes the op itself into the composite's five temporaries."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, dims: int) -> torch.Tensor:
+        rstd = x.new_empty((*x.shape[:-dims], *(1,) * dims), dtype=torch.float32)
+        ctx.save_for_backward(x, rstd, weight)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+        x, _, weight = ctx.saved_tensors
+        return torch.empty_like(x), None if weight is None else torch.empty_like(weight), None
+
+
+def _rms_norm(x: torch.Tensor, normalized_shape: Any, weight: torch.Tensor | None = None,
+              eps: float | None = None) -> torch.Tensor:
+    if not isinstance(x, FakeTensor):
+        raise TypeError("cuda_kernels() serves fake tensors only (its RMSNorm computes no values)")
+    if weight is not None and weight.dtype != x.dtype:  # the GPU takes the composite path too
+        return _COMPOSITE["rms_norm"](x, normalized_shape, weight, eps)
+    return _FusedRMSNorm.apply(x, weight, len(normalized_shape))
+
+
+def _attention(kind: str) -> Any:
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                  dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                  enable_gqa: bool = False) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
+        if attn_mask is not None or enable_gqa or dtype == torch.float32:  # where no fused kernel serves
+            return _COMPOSITE["scaled_dot_product_attention"](
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                enable_gqa=enable_gqa)
+        q, k, v = (t.to(dtype) for t in (q, k, v))
+        if kind == "cudnn":
+            return torch.ops.aten._scaled_dot_product_cudnn_attention(
+                q, k, v, None, True, dropout_p, is_causal, False, scale=scale)[0]
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False,
+                                                                  scale=scale)[0]
+
+    return attention
+
+
+_COMPOSITE = {"rms_norm": F.rms_norm, "scaled_dot_product_attention": F.scaled_dot_product_attention}
+
+
+@contextmanager
+def cuda_kernels(attention: str = "cudnn") -> Iterator[None]:
+    """Inside, a fake CPU run allocates as a GPU's: ``F.rms_norm`` allocates and keeps what the fused
+    kernel does (``aten._fused_rms_norm``, taken on CUDA when input and weight share a dtype), and
+    ``F.scaled_dot_product_attention`` without a mask runs the fused kernel ``attention`` names
+    (``"cudnn"``: what torch 2.11 picks on an H100; ``"flash"``; ``"math"``: unchanged). The
+    functions are replaced in ``torch.nn.functional`` (so recomputation in backward sees them too)."""
+    if attention not in ("cudnn", "flash", "math"):
+        raise ValueError(f"attention must be 'cudnn', 'flash' or 'math', not {attention!r}")
+    with ExitStack() as patches:
+        patches.enter_context(_patch(F, "rms_norm", lambda composite: _rms_norm))
+        if attention != "math":
+            patches.enter_context(_patch(F, "scaled_dot_product_attention", lambda composite: _attention(attention)))
+        yield
+
+
+def trace_steps(step: Callable[[], Any], fake_mode: FakeTensorMode | None, tensors: Iterable[torch.Tensor] = (),
+                steps: int = 3, attention: str | None = "cudnn") -> list[Allocation]:
+    """The allocations of ``steps`` calls of ``step`` (a whole training step: forward, backward,
+    optimizer) after ``tensors`` (what exists before the first: parameters, batch), run inside
+    ``fake_mode`` (None: on real tensors) and, unless ``attention`` is None, :func:`cuda_kernels`.
+
+    Python's cycle collector is off meanwhile and runs after each step, so that storages held in
+    reference cycles are released at the same point of every trace (a GPU run releases them whenever
+    the collector happens to run)."""
+    tracer = AllocationTracer(fake_mode)
+    tracer.adopt(tensors)
+    kernels = cuda_kernels(attention) if attention is not None else nullcontext()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with fake_mode or nullcontext(), tracer, kernels:
+            for _ in range(steps):
+                step()
+                gc.collect()
+    finally:
+        if enabled:
+            gc.enable()
+    return tracer.events

@@ -1,0 +1,142 @@
+"""The allocation tracer (``galvatron.profiler.memory_trace``): a step on fake tensors logs the same
+allocations, in the same order, as the step on real ones; storage resizes (FSDP2's), DTensor shards,
+side streams and the GPU's fused RMSNorm are counted as a GPU's allocator sees them. Its accuracy
+against real GPU runs is measured in benchmarks/results/fake_memory."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from galvatron.profiler.memory_trace import AllocationTracer, cuda_kernels, trace_steps
+from galvatron.strategies.cost.allocator import replay
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+
+def mlp_step(fake_mode: FakeTensorMode | None) -> tuple[object, list[torch.Tensor]]:
+    """A two-layer MLP's training step (SGD with momentum), built on fake tensors if ``fake_mode``."""
+    torch.manual_seed(0)
+    with fake_mode or torch.device("cpu"):
+        model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+        x = torch.randn(32, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def step() -> None:
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    return step, [*model.parameters(), x]
+
+
+def sizes(events: list) -> list[tuple[str, int, str]]:
+    return [(e.action, e.size, e.op) for e in events]
+
+
+def test_fake_step_allocates_as_the_real_one() -> None:
+    step, tensors = mlp_step(None)
+    real = trace_steps(step, None, tensors, steps=2, attention=None)
+    fake_mode = FakeTensorMode()
+    step, tensors = mlp_step(fake_mode)
+    fake = trace_steps(step, fake_mode, tensors, steps=2, attention=None)
+    assert sizes(fake) == sizes(real)
+    ops = {e.op for e in fake}
+    assert "aten.addmm.default" in ops and "aten.gelu_backward.default" in ops
+    # parameters and input adopted first (4 parameters and x), then the steps; momentum buffers stay
+    assert [e.size for e in fake[:5]] == [64 * 256 * 4, 256 * 4, 256 * 64 * 4, 64 * 4, 32 * 64 * 4]
+    stats = replay([e[:4] for e in fake])
+    params = (64 * 256 * 2 + 256 + 64) * 4
+    assert stats.allocated_peak > 3 * params  # parameters, gradients and momentum at once
+
+
+def test_a_step_traces_the_same_every_time() -> None:
+    traces = []
+    for _ in range(2):
+        fake_mode = FakeTensorMode()
+        step, tensors = mlp_step(fake_mode)
+        traces.append(sizes(trace_steps(step, fake_mode, tensors, steps=2, attention=None)))
+    assert traces[0] == traces[1]
+
+
+def test_storage_resizes_free_and_allocate() -> None:
+    t = torch.empty(1024)
+    tracer = AllocationTracer()
+    tracer.adopt([t])
+    with tracer:
+        t.untyped_storage().resize_(0)  # FSDP2's free_storage
+        t.untyped_storage().resize_(4096)  # alloc_storage
+    actions = [(e.action, e.size) for e in tracer.events]
+    assert actions == [("alloc", 4096), ("free", 4096), ("alloc", 4096)]
+
+
+def test_side_streams_keep_their_allocations() -> None:
+    tracer = AllocationTracer()
+    side = torch.cpu.Stream()
+    with tracer:
+        with torch.cpu.stream(side):
+            a = torch.ones(256)
+        b = torch.ones(256)
+        del a, b
+    streams = {(e.action, e.stream) for e in tracer.events}
+    assert streams == {("alloc", 1), ("free", 1), ("alloc", 0), ("free", 0)}
+
+
+@contextmanager
+def fake_group(world: int) -> Iterator[None]:
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dtensor_ops_allocate_their_local_shards() -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    with fake_group(4):
+        mesh = init_device_mesh("cpu", (4,))
+        d = distribute_tensor(torch.ones(64, 32), mesh, [Shard(0)])
+        with AllocationTracer() as tracer:
+            e = torch.zeros_like(d) + d
+        del e
+    allocs = [e.size for e in tracer.events if e.action == "alloc"]
+    assert allocs and all(size == 16 * 32 * 4 for size in allocs)  # the 16-row shard, never 64 rows
+
+
+def test_cuda_kernels_keep_what_the_fused_rms_norm_keeps() -> None:
+    fake_mode = FakeTensorMode()
+    with fake_mode:
+        norm = nn.RMSNorm(128)
+        x = torch.randn(8, 128, requires_grad=True)
+    with fake_mode, cuda_kernels(), AllocationTracer(fake_mode) as tracer:
+        y = norm(x)
+        y.sum().backward()
+    allocs = [(e.size, e.op) for e in tracer.events if e.action == "alloc"]
+    forward = allocs[:2]
+    assert sorted(size for size, _ in forward) == [8 * 4, 8 * 128 * 4]  # inverse RMS per row, output
+    assert not any("pow" in op or "rsqrt" in op for _, op in allocs)  # no composite temporaries
+    assert x.grad is not None and norm.weight.grad is not None
+    assert F.rms_norm is not None and F.rms_norm.__module__ == "torch.nn.functional"  # restored
+
+
+def test_cuda_kernels_route_attention_to_the_fused_kernel() -> None:
+    fake_mode = FakeTensorMode()
+    with fake_mode:
+        q = torch.randn(2, 4, 128, 32, dtype=torch.bfloat16, requires_grad=True)
+    with fake_mode, cuda_kernels("flash"), AllocationTracer(fake_mode) as tracer:
+        F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+    ops = {e.op for e in tracer.events}
+    assert "aten._scaled_dot_product_flash_attention.default" in ops
+    assert not any("softmax" in op for op in ops)  # no score matrix
+    with pytest.raises(TypeError, match="fake tensors"), cuda_kernels():
+        F.rms_norm(torch.ones(2, 4), (4,), torch.ones(4))
