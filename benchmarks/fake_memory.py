@@ -33,54 +33,12 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from galvatron.profiler.memory_trace import Allocation, trace_steps
+from galvatron.profiler.memory_trace import Allocation, AllocationTracer, trace_steps
 from galvatron.strategies.cost.allocator import memory_needs
-from reserved_memory import GIB, NATIVE_CASES, TITAN_CASES, titan_trainer
+from reserved_memory import GIB, NATIVE_CASES, PLAN_CASES, TITAN_CASES, case_trainer
 
 MEASURED = Path(__file__).resolve().parent / "results" / "reserved_memory"
 STEPS = 3  # as reserved_memory.py measured: the reserve settles in the second step
-
-
-def native_step(case: str, fake_mode: Any) -> tuple[Any, list[torch.Tensor]]:
-    """``native-*``: Llama 3.2 1B through ``galvatron.wrap`` as reserved_memory.py trains it; with
-    ``fake_mode`` built on fake CPU tensors."""
-    from galvatron.launch.cmd_profile import gpt_config
-    from galvatron.profiler.model import lm_loss
-
-    import galvatron
-    from galvatron.models.gpt import GPT
-    from galvatron.plan import Plan
-    from galvatron.spec_config import load_model_config
-
-    micro_batch, mode = NATIVE_CASES[case]
-    cfg = gpt_config(load_model_config("llama3.2-1b"))
-    device = "cpu" if fake_mode is not None else "cuda"
-    torch.manual_seed(0)
-    with fake_mode or torch.device(device):
-        model = GPT(cfg)
-    if fake_mode is not None:
-        model.to = lambda *args, **kwargs: model  # already where it runs (and fake tensors cannot swap)
-    plan = Plan.uniform(cfg.layers, global_batch_size=1, dtype="bf16", recompute=mode)
-    wrapped = galvatron.wrap(model, plan=plan)
-    opt = wrapped.optimizer(torch.optim.AdamW, lr=1e-5, fused=True)
-    with fake_mode or torch.device(device):
-        tokens = torch.randint(0, cfg.vocab, (micro_batch, 2048 + 1), device=device)
-    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-
-    def step() -> None:
-        wrapped.train_step((x, y), lm_loss)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step, [*wrapped.parameters(), *wrapped.buffers(), tokens]
-
-
-def titan_step(case: str, fake_mode: Any) -> tuple[Any, list[torch.Tensor]]:
-    step = titan_trainer(TITAN_CASES[case], fake_mode=fake_mode)
-    model = step.__closure__ and next(c.cell_contents for c in step.__closure__
-                                      if isinstance(c.cell_contents, torch.nn.Module))
-    tensors = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
-    return step, [*tensors, *model.buffers()]
 
 
 def trace(case: str) -> list[Allocation]:
@@ -90,8 +48,10 @@ def trace(case: str) -> list[Allocation]:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake_mode = FakeTensorMode()
-    step, tensors = (titan_step if case in TITAN_CASES else native_step)(case, fake_mode)
-    return trace_steps(step, fake_mode, tensors, STEPS, attention=None if case in TITAN_CASES else "cudnn")
+    tracer = AllocationTracer(fake_mode)
+    step, tensors = case_trainer(case, fake_mode, tracer)
+    return trace_steps(step, fake_mode, tensors, STEPS, attention=None if case in TITAN_CASES else "cudnn",
+                       tracer=tracer)
 
 
 def predict(case: str, out_dir: Path) -> dict[str, Any]:
@@ -108,7 +68,8 @@ def predict(case: str, out_dir: Path) -> dict[str, Any]:
             "allocated_gib": needs.stats.allocated_peak / GIB, "reserved_gib": needs.stats.reserved_peak / GIB,
             "least_memory_gib": needs.least_memory / GIB,
             "reserved_by_stream_gib": {str(k): v / GIB for k, v in needs.stats.reserved_by_stream.items()},
-            "measured_allocated_gib": measured and measured["steady_allocated_gib"],
+            "measured_allocated_gib": measured and max(measured["first_step"]["allocated_gib"],
+                                                       measured["steady_allocated_gib"]),
             "measured_reserved_gib": measured and max(measured["first_step"]["reserved_gib"],
                                                       measured["steady_reserved_gib"]),
         }
@@ -149,7 +110,7 @@ def summarize(out_dir: Path) -> None:
 
 def record(case: str, out: Path) -> None:
     """GPU: the case's real steps under the same tracer; the op log and its per-op histogram."""
-    step, tensors = (titan_step if case in TITAN_CASES else native_step)(case, None)
+    step, tensors = case_trainer(case)
     events = trace_steps(step, None, tensors, STEPS, attention=None)
     torch.cuda.synchronize()
     by_op = Counter((e.op, e.size) for e in events if e.action == "alloc")
@@ -178,7 +139,7 @@ def compare(recorded: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    cases = [*TITAN_CASES, *NATIVE_CASES]
+    cases = [*TITAN_CASES, *NATIVE_CASES, *PLAN_CASES]
     parser.add_argument("--case", choices=cases, action="append", help="only these cases (default: all)")
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/fake_memory"))
     parser.add_argument("--record", choices=cases, help="GPU: log a real run's allocations by op")

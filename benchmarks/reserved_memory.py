@@ -14,6 +14,8 @@ under the default allocator and under ``PYTORCH_CUDA_ALLOC_CONF=expandable_segme
   output).
 * ``native-*``: Llama 3.2 1B through ``galvatron.wrap`` on one GPU (the configurations of
   ``profile_fidelity_llama.json``).
+* ``plan-*``: Llama 3.2 1B through ``galvatron.wrap`` under 8-rank plans (ZeRO 1-3, TP with and without
+  SP, recomputation) as rank 0 of 8 sees them (a fake process group).
 
 Each case writes peaks (``max_memory_allocated``/``max_memory_reserved`` over the whole run, and over
 the steps after the first), reserved bytes per stream from ``torch.cuda.memory_snapshot()`` and the
@@ -41,6 +43,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +54,17 @@ GIB = 2**30
 TITAN_CASES = {"titan8b-w8": 8, "titan8b-w128": 128}
 NATIVE_CASES = {f"native-mb{mb}-{mode}": (mb, mode)
                 for mb, mode in ((1, "none"), (2, "none"), (2, "selective"), (4, "full"), (8, "full"))}
+# Llama 3.2 1B on 8 ranks through galvatron.wrap, as rank 0 sees it (a fake process group): the plan's
+# keyword arguments (2 samples of 2048 tokens per data-parallel rank)
+PLAN_CASES = {
+    "plan-dp8-zero3": {"dp": 8, "zero": 3},
+    "plan-dp8-zero2-full": {"dp": 8, "zero": 2, "recompute": "full"},
+    "plan-dp4-tp2sp-zero1": {"dp": 4, "tp": 2, "sp": True, "zero": 1},
+    "plan-dp2-tp4sp-zero3-selective": {"dp": 2, "tp": 4, "sp": True, "zero": 3, "recompute": "selective"},
+    "plan-tp8sp": {"tp": 8, "sp": True},
+    "plan-dp4-tp2-zero2": {"dp": 4, "tp": 2, "zero": 2},
+}
+PLAN_WORLD, PLAN_SAMPLES = 8, 2
 TRACE_ACTIONS = ("alloc", "free_completed", "segment_alloc", "segment_free", "segment_map", "segment_unmap")
 
 
@@ -134,25 +148,69 @@ def _titan_step(model: torch.nn.Module, batch: int, device: str) -> Any:
 
 
 # ------------------------------------------------------------------------------ galvatron.wrap
-def native_trainer(micro_batch: int, mode: str, seq: int = 2048) -> Any:
-    """Llama 3.2 1B through ``galvatron.wrap`` on one GPU, as ``profile_fidelity.py`` trains it."""
-    from profile_fidelity import Trainer, setup
+def native_trainer(micro_batch: int, mode: str, seq: int = 2048, fake_mode: Any = None, tracer: Any = None,
+                   world: int = 1, **plan: Any) -> tuple[Any, list[torch.Tensor]]:
+    """Llama 3.2 1B through ``galvatron.wrap`` under ``Plan.uniform(..., recompute=mode, **plan)`` as
+    rank 0 of ``world`` (a fake process group when ``world > 1``), trained as ``profile_fidelity.py``
+    trains it, ``micro_batch`` samples per step on this rank; with ``fake_mode`` on fake CPU tensors.
+    The step, and the tensors that exist before it (parameters, buffers, the batch). A ``tracer``
+    (``AllocationTracer``) logs the model's construction, which a GPU run makes at full size before
+    ``wrap`` shards it."""
+    import torch.distributed as dist
+    from galvatron.launch.cmd_profile import gpt_config
+    from galvatron.profiler.model import lm_loss
+    from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    s = setup(argparse.Namespace(model="llama3.2-1b", smoke=False, steps=2, warmup=1))
-    trainer = Trainer(s, mode, "wrap")
-    tokens = torch.randint(0, s.cfg.vocab, (micro_batch, seq + 1), device=s.device)
+    import galvatron
+    from galvatron.models.gpt import GPT
+    from galvatron.plan import Plan
+    from galvatron.spec_config import load_model_config
+
+    if world > 1:
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    cfg = gpt_config(load_model_config("llama3.2-1b"))
+    device = "cpu" if fake_mode is not None else "cuda"
+    torch.manual_seed(0)
+    with fake_mode or torch.device(device), tracer or nullcontext():
+        model = GPT(cfg)
+        tokens = torch.randint(0, cfg.vocab, (micro_batch, seq + 1), device=device)
+    if fake_mode is not None:
+        model.to = lambda *args, **kwargs: model  # already where it runs (and fake tensors cannot swap)
+    dp = plan.get("dp", 1)
+    layout = Plan.uniform(cfg.layers, global_batch_size=micro_batch * dp, dtype="bf16", recompute=mode, **plan)
+    wrapped = galvatron.wrap(model, plan=layout)
+    opt = wrapped.optimizer(torch.optim.AdamW, lr=1e-5, fused=True)
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-    return lambda: trainer.step(x, y)
+
+    def step() -> None:
+        wrapped.train_step((x, y), lm_loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, [*wrapped.parameters(), *wrapped.buffers(), tokens]
+
+
+def case_trainer(case: str, fake_mode: Any = None, tracer: Any = None) -> tuple[Any, list[torch.Tensor]]:
+    """Any case's step and the tensors that exist before it (real CUDA ones, or fake CPU ones); a
+    ``tracer`` logs how a ``galvatron.wrap`` case's model is built (torchtitan's is built sharded)."""
+    if case in TITAN_CASES:
+        step = titan_trainer(TITAN_CASES[case], fake_mode=fake_mode)
+        model = next(c.cell_contents for c in step.__closure__ if isinstance(c.cell_contents, torch.nn.Module))
+        return step, [*(p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()),
+                      *model.buffers()]
+    if case in NATIVE_CASES:
+        return native_trainer(*NATIVE_CASES[case], fake_mode=fake_mode, tracer=tracer)
+    plan = dict(PLAN_CASES[case])
+    return native_trainer(PLAN_SAMPLES, plan.pop("recompute", "none"), fake_mode=fake_mode, tracer=tracer,
+                          world=PLAN_WORLD, **plan)
 
 
 # ---------------------------------------------------------------------------------- one case
 def run_case(case: str, out: Path, steps: int = 3) -> dict[str, Any]:
     """Train ``steps`` steps of ``case`` recording the allocator's trace; write the JSON (and trace)."""
     torch.cuda.memory._record_memory_history(max_entries=4_000_000, context=None, stacks="python")
-    if case in TITAN_CASES:
-        step = titan_trainer(TITAN_CASES[case])
-    else:
-        step = native_trainer(*NATIVE_CASES[case])
+    step, tensors = case_trainer(case)
+    del tensors
     step()
     torch.cuda.synchronize()
     after_first = {"allocated_gib": torch.cuda.max_memory_allocated() / GIB,
@@ -185,7 +243,7 @@ def run_case(case: str, out: Path, steps: int = 3) -> dict[str, Any]:
 def measure(kind: str, out_dir: Path) -> int:
     """Every case of ``kind`` under both allocator modes, each in a fresh process."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    cases = TITAN_CASES if kind == "titan" else NATIVE_CASES
+    cases = {"titan": TITAN_CASES, "native": NATIVE_CASES, "plans": PLAN_CASES}[kind]
     failed = 0
     for mode, conf in (("default", None), ("expandable", "expandable_segments:True")):
         for case in cases:
@@ -248,9 +306,10 @@ def replay_dir(directory: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--measure", choices=["titan", "native"], help="run every case of a kind (GPU)")
+    parser.add_argument("--measure", choices=["titan", "native", "plans"], help="run every case of a kind (GPU)")
     parser.add_argument("--out-dir", type=Path, help="where --measure writes one JSON and trace per case")
-    parser.add_argument("--case", choices=[*TITAN_CASES, *NATIVE_CASES], help="one case in this process (GPU)")
+    parser.add_argument("--case", choices=[*TITAN_CASES, *NATIVE_CASES, *PLAN_CASES],
+                        help="one case in this process (GPU)")
     parser.add_argument("--out", type=Path, help="the JSON --case writes (the trace goes beside it)")
     parser.add_argument("--replay", type=Path, metavar="DIR", help="replay the traces of DIR (no GPU)")
     args = parser.parse_args(argv)

@@ -67,9 +67,14 @@ class AllocationTracer(TorchDispatchMode):
         self._streams: dict[int, int] = {}
 
     def adopt(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Log ``tensors``' storages as allocated now (in order), and their release when it comes."""
+        """Log ``tensors``' storages as allocated now (in order), and their release when it comes; a
+        DTensor's are its local shard's."""
         for t in tensors:
-            self._track(t.untyped_storage(), "")
+            if is_traceable_wrapper_subclass(t):
+                names, _ = t.__tensor_flatten__()
+                self.adopt(inner for inner in (getattr(t, name) for name in names) if isinstance(inner, torch.Tensor))
+            else:
+                self._track(t.untyped_storage(), "")
 
     def __enter__(self) -> AllocationTracer:
         from torch.distributed.tensor._sharding_prop import ShardingPropagator
@@ -88,9 +93,13 @@ class AllocationTracer(TorchDispatchMode):
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
-        self._closed = True  # what is released later is not this trace's
         self._patches.close()
         super().__exit__(*exc)
+
+    def close(self) -> list[Allocation]:
+        """End the log (what is released later is not this trace's); its events."""
+        self._closed = True
+        return self.events
 
     def _traced_resize(self, resize: Any) -> Any:
         def traced(storage: torch.UntypedStorage, size: int) -> Any:
@@ -150,13 +159,14 @@ class AllocationTracer(TorchDispatchMode):
         return out
 
     def _counts(self, t: torch.Tensor) -> bool:
-        """Whether ``t`` takes device memory: not a meta tensor, nor a fake one of another mode
-        (DTensor propagates shardings on fake tensors of its own)."""
+        """Whether ``t`` takes device memory: in a fake run, a fake tensor of its mode (DTensor
+        propagates shardings on fake tensors of its own; real CPU tensors are host memory); in a
+        real one, any but a meta tensor."""
         if self._suspended:
             return False
         if isinstance(t, FakeTensor):
             return t.fake_mode is self.fake_mode
-        return t.device.type != "meta"
+        return self.fake_mode is None and t.device.type != "meta"
 
     def _known(self, storage: torch.UntypedStorage) -> None:
         """Mark a storage that existed before it was first seen (read by an op) as not new; forget it
@@ -261,15 +271,17 @@ def cuda_kernels(attention: str = "cudnn") -> Iterator[None]:
 
 
 def trace_steps(step: Callable[[], Any], fake_mode: FakeTensorMode | None, tensors: Iterable[torch.Tensor] = (),
-                steps: int = 3, attention: str | None = "cudnn") -> list[Allocation]:
+                steps: int = 3, attention: str | None = "cudnn",
+                tracer: AllocationTracer | None = None) -> list[Allocation]:
     """The allocations of ``steps`` calls of ``step`` (a whole training step: forward, backward,
     optimizer) after ``tensors`` (what exists before the first: parameters, batch), run inside
     ``fake_mode`` (None: on real tensors) and, unless ``attention`` is None, :func:`cuda_kernels`.
+    ``tracer``: one that already logged how the model was built (its events come first).
 
     Python's cycle collector is off meanwhile and runs after each step, so that storages held in
     reference cycles are released at the same point of every trace (a GPU run releases them whenever
     the collector happens to run)."""
-    tracer = AllocationTracer(fake_mode)
+    tracer = tracer or AllocationTracer(fake_mode)
     tracer.adopt(tensors)
     kernels = cuda_kernels(attention) if attention is not None else nullcontext()
     enabled = gc.isenabled()
@@ -282,4 +294,4 @@ def trace_steps(step: Callable[[], Any], fake_mode: FakeTensorMode | None, tenso
     finally:
         if enabled:
             gc.enable()
-    return tracer.events
+    return tracer.close()

@@ -182,9 +182,15 @@ class GradientSync:
                 continue
             if p.grad is None:
                 p.grad = _like_param(p, grad if grad.dtype == p.dtype else grad.to(p.dtype))
-            elif local_view(p.grad).data_ptr() != grad.data_ptr():
+            elif not _same_memory(local_view(p.grad), grad):
                 local_view(p.grad).copy_(grad)
         bucket.ready, bucket.work, bucket.buffer = 0, None, None
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` start at the same place of the same storage (compared without data
+    pointers, which fake tensors lack)."""
+    return a.untyped_storage()._cdata == b.untyped_storage()._cdata and a.storage_offset() == b.storage_offset()
 
 
 def _call_on_grad(sync: weakref.ref[GradientSync], bucket: weakref.ref[Bucket]) -> None:
