@@ -86,6 +86,9 @@ class Capabilities:
     """The loss's peak bytes per logit (``CostOptions.loss_bytes_per_logit``): the user's eager
     ``F.cross_entropy(logits.float(), y)`` under the native runtime and DeepSpeed; Megatron-Core's
     fused vocab-parallel cross-entropy."""
+    vocab_parallel_loss_bytes_per_logit: float | None = 16.0
+    """The same under a vocabulary-parallel head (``CostOptions.vocab_parallel_loss_bytes_per_logit``):
+    the native runtime's loss runs on DTensor's ``loss_parallel``; None for Megatron-Core's fused kernel."""
 
     def cost_options(self, accelerator: bool = True) -> dict[str, Any]:
         """``CostOptions`` keyword arguments that describe how this backend runs a plan; on CPU
@@ -94,6 +97,7 @@ class Capabilities:
         return {"persistent_grads": self.persistent_grads, "master_weights": self.master_weights,
                 "selective": self.selective, "elementwise": self.elementwise,
                 "loss_bytes_per_logit": self.loss_bytes_per_logit, "zero1_reduce": self.zero1_reduce,
+                "vocab_parallel_loss_bytes_per_logit": self.vocab_parallel_loss_bytes_per_logit,
                 "overlap_param_gather": self.overlap_param_gather, "bucket_copies": self.bucket_copies,
                 "sequence_parallel_copies": self.sequence_parallel_copies,
                 "cast_inputs_once": self.cast_inputs_once,
@@ -133,7 +137,7 @@ CAPABILITIES: dict[str, Capabilities] = {
         dtypes=frozenset({DType.FP32, DType.BF16, DType.FP16}),
         per_layer=frozenset({"cp_kind", "cp_ulysses", "recompute"}), uniform=True, gpu_only=True,
         persistent_grads=True, master_weights="optimizer", selective="megatron", elementwise="fused",
-        loss_bytes_per_logit=6.0, host_us_per_kernel=0.0),
+        loss_bytes_per_logit=6.0, vocab_parallel_loss_bytes_per_logit=None, host_us_per_kernel=0.0),
 }
 """Per backend, the plan features it executes (docs/backends.md has the same table in words)."""
 

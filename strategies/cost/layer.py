@@ -955,7 +955,8 @@ def _head(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     12 bytes per logit forward, as much backward; eager: :func:`strategies.cost.eager.loss_traffic`,
     with the weight's casts or copies); with SP the input is all-gathered first. A head
     without a known width (``hidden`` 0) is costed by its FLOPs alone, with no logits. The loss's
-    transient peak is ``CostOptions.loss_bytes_per_logit`` per logit on the rank."""
+    transient peak is ``CostOptions.loss_bytes_per_logit`` per logit on the rank
+    (``vocab_parallel_loss_bytes_per_logit`` where the vocabulary is split over TP ranks)."""
     c = LayerCost()
     tok = tokens_per_rank(ctx, s)
     mm = layer.flops_per_token * tok / s.tp
@@ -981,7 +982,10 @@ def _head(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     c.flops = 3 * mm
     c.comm["tp"] = tp * (2 if s.sp else 1)
     # logits live from the loss to the head's backward only, which follow each other: transient
-    c.work = (2 * layer.hidden / (s.tp if s.sp else 1) + ctx.options.loss_bytes_per_logit * vocab / s.tp) * tok
+    loss_bytes = ctx.options.loss_bytes_per_logit
+    if s.tp > 1 and ctx.options.vocab_parallel_loss_bytes_per_logit is not None:
+        loss_bytes = ctx.options.vocab_parallel_loss_bytes_per_logit
+    c.work = (2 * layer.hidden / (s.tp if s.sp else 1) + loss_bytes * vocab / s.tp) * tok
     return c
 
 

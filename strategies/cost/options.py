@@ -100,6 +100,11 @@ class CostOptions:
     (the 16-bit logits and their fp32 copy, turned into the softmax and then the gradient in place).
     12: eager PyTorch ``F.cross_entropy(logits.float(), y)`` (torchtitan, Hugging Face): in backward the
     saved fp32 log-softmax, the incoming fp32 gradient and the fp32 input gradient are live at once."""
+    vocab_parallel_loss_bytes_per_logit: float | None = None
+    """The same where the head splits the vocabulary over TP ranks (None: ``loss_bytes_per_logit``).
+    16: eager ``F.cross_entropy`` on DTensor's ``loss_parallel`` (the shifted logits, their exponent,
+    the gradient's zeros and its sum, all fp32, at the backward's peak: the traced steps of
+    benchmarks/results/fake_memory, ``plan-*``)."""
     elementwise: str = "fused"
     """How the stack runs the memory-bound ops around the GEMMs (:data:`ELEMENTWISE_STACKS`).
     ``fused``: Megatron-LM's fused kernels or ``torch.compile``: each norm, activation and residual

@@ -119,3 +119,20 @@ def test_fp32_zero2_under_fsdp2_holds_the_shard_and_the_unsharded_parameters() -
 def test_unknown_policies_are_refused(field: str) -> None:
     with pytest.raises(ValueError, match=field):
         CostOptions(**{field: "nonsense"})
+
+
+def test_a_vocabulary_parallel_head_holds_its_own_loss_bytes() -> None:
+    """The head's transient ``work``: the loss's bytes per logit on the rank, the vocabulary-parallel
+    figure where TP splits the vocabulary, the other one without TP."""
+    spec = ModelSpec.from_config("llama3.2-1b")
+    head = spec.layers[-1]
+    vocab = head.flops_per_token / (2 * head.hidden)
+    options = CostOptions(loss_bytes_per_logit=12.0, vocab_parallel_loss_bytes_per_logit=16.0)
+    ctx = _ctx(options)
+    tokens = ctx.micro_batch * ctx.seq_len
+    tp2 = layer_cost(ctx, head, LayerStrategy(tp=2)).work
+    assert tp2 == pytest.approx((2 * head.hidden + 16.0 * vocab / 2) * tokens)
+    assert layer_cost(ctx, head, LayerStrategy()).work == pytest.approx((2 * head.hidden + 12.0 * vocab) * tokens)
+    fallback = _ctx(CostOptions(loss_bytes_per_logit=12.0))
+    expected = (2 * head.hidden + 12.0 * vocab / 2) * tokens
+    assert layer_cost(fallback, head, LayerStrategy(tp=2)).work == pytest.approx(expected)
