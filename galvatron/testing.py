@@ -4,7 +4,8 @@
 127.0.0.1, runs ``fn(*args)`` on each and returns the four results. A failure on any rank kills
 the others at once and raises with that rank's traceback; nothing hangs past ``timeout``.
 ``backend="nccl"`` spawns the ranks instead (CUDA cannot be forked), one GPU each; ``fn`` and
-its arguments must then be picklable (module-level). :class:`LiveBytes` counts the bytes of live
+its arguments must then be picklable (module-level). :func:`fake_group` makes this process rank 0 of a
+fake process group. :class:`LiveBytes` counts the bytes of live
 tensor storages on CPU, where PyTorch keeps no allocator statistics. Not imported by ``import galvatron``.
 """
 
@@ -17,7 +18,8 @@ import tempfile
 import time
 import traceback
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -131,6 +133,23 @@ def _collect(pipes: list[Any], procs: list[Any], timeout: float) -> list[Any]:
             elif not procs[rank].is_alive() and not conn.poll(0):
                 raise RankFailure(f"rank {rank} died (exit code {procs[rank].exitcode}) without a result")
     return [results[r] for r in range(len(pipes))]
+
+
+@contextmanager
+def fake_group(world: int) -> Iterator[None]:
+    """This process as rank 0 of ``world`` on PyTorch's fake process group (collectives keep their
+    shapes and move nothing), for tests that check shapes, op counts and memory, never numbers.
+    Skips the test when a process group already runs here."""
+    import pytest
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 class LiveBytes(TorchDispatchMode):

@@ -5,9 +5,6 @@ against real GPU runs is measured in benchmarks/results/fake_memory."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -16,6 +13,8 @@ from galvatron.profiler.memory_trace import AllocationTracer, cuda_kernels, trac
 from galvatron.strategies.cost.allocator import replay
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+
+from galvatron.testing import fake_group
 
 
 def mlp_step(fake_mode: FakeTensorMode | None) -> tuple[object, list[torch.Tensor]]:
@@ -86,19 +85,6 @@ def test_side_streams_keep_their_allocations() -> None:
     assert streams == {("alloc", 1), ("free", 1), ("alloc", 0), ("free", 0)}
 
 
-@contextmanager
-def fake_group(world: int) -> Iterator[None]:
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def test_dtensor_ops_allocate_their_local_shards() -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -140,3 +126,17 @@ def test_cuda_kernels_route_attention_to_the_fused_kernel() -> None:
     assert not any("softmax" in op for op in ops)  # no score matrix
     with pytest.raises(TypeError, match="fake tensors"), cuda_kernels():
         F.rms_norm(torch.ones(2, 4), (4,), torch.ones(4))
+
+
+def test_a_step_with_value_dependent_shapes_is_a_clear_error() -> None:
+    from galvatron.profiler.memory_trace import trace_plan
+
+    from galvatron.models import GPT, GPTConfig
+    from galvatron.plan import Plan
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    moe = GPTConfig(layers=2, hidden=32, heads=4, vocab=64, seq_len=16, ffn_hidden=64, experts=4, top_k=2)
+    with pytest.raises(ValueError, match="depend on values"):
+        trace_plan(lambda: GPT(moe), Plan.uniform(2, global_batch_size=2, dp=2), world=2, seq_len=16, vocab=64)
+    assert not dist.is_initialized()

@@ -6,8 +6,6 @@ numbers of TP+SP training are checked against single-process training in tests/d
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -16,23 +14,13 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from galvatron.models.gpt import GPT, GPTConfig
+from galvatron.plan import Recompute
+from galvatron.runtime.recompute import apply_recompute
 from galvatron.runtime.relayout import gather_tokens, own_tokens
 from galvatron.runtime.tensor import apply_tensor_parallel, derive_block_plan
+from galvatron.testing import fake_group
 
 BATCH, SEQ, HIDDEN = 2, 8, 16
-
-
-@contextmanager
-def fake_group(world: int) -> Iterator[None]:
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 class OpCounter(TorchDispatchMode):
@@ -51,15 +39,16 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def block_ops(sp: bool, autocast: bool = False) -> OpCounter:
+def block_ops(sp: bool, autocast: bool = False, recompute: str = "none") -> OpCounter:
     """ATen ops of one GPT block's forward and backward under tp 2 (fp32 parameters and input, under
-    CPU autocast to bf16 if ``autocast``), as rank 0 sees them."""
+    CPU autocast to bf16 if ``autocast``; recomputed as ``recompute`` says), as rank 0 sees them."""
     from torch.distributed.device_mesh import init_device_mesh
 
     torch.manual_seed(0)
     block = GPT(GPTConfig(layers=1, hidden=HIDDEN, heads=4, vocab=32, seq_len=SEQ, ffn_hidden=32,
                           activation="swiglu", norm="rmsnorm")).blocks[0]
     apply_tensor_parallel(block, derive_block_plan(block), init_device_mesh("cpu", (2,)), sp)
+    apply_recompute(block, Recompute(recompute))
     x = torch.randn(BATCH, SEQ // 2 if sp else SEQ, HIDDEN, requires_grad=True)
     with OpCounter() as counter:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -86,6 +75,17 @@ def test_sequence_parallel_collectives_copy_nothing() -> None:
     # and the two norms' weight gradients, summed over the group (each rank normed other tokens)
     assert collectives(sp) == {"all_gather": 4, "reduce_scatter": 4, "all_reduce": 2}, sp
     assert collectives(plain) == {"all_gather": 0, "reduce_scatter": 0, "all_reduce": 4}, plain
+
+
+def test_selective_recomputation_does_not_communicate_again() -> None:
+    """Selective recomputation keeps the TP/SP forward collectives' outputs: the block's backward
+    issues no collective a block without recomputation does not; full recomputation re-runs them."""
+    with fake_group(2):
+        for sp in (False, True):
+            plain = collectives(block_ops(sp).ops)
+            assert collectives(block_ops(sp, recompute="selective").ops) == plain, sp
+            full = collectives(block_ops(sp, recompute="full").ops)  # the counter sees recomputation
+            assert sum(full.values()) > sum(plain.values()), (sp, full)
 
 
 def test_token_shards_are_contiguous_chunks_of_the_flattened_tokens() -> None:
@@ -119,8 +119,10 @@ def test_under_autocast_sequence_parallelism_gathers_16_bit_inputs(monkeypatch: 
     assert ("full", "torch.float32") not in after and ("full", "torch.bfloat16") not in after
     assert after[("shard", "torch.float32")] == before.get(("shard", "torch.float32"), 0) + 2
     assert after[("shard", "torch.bfloat16")] == before.get(("shard", "torch.bfloat16"), 0) + 2
-    assert {dtype for (op, _, dtype) in cast_first.inputs if "allgather" in op} == {torch.bfloat16}
-    assert {dtype for (op, _, dtype) in cast_each.inputs if "allgather" in op} == {torch.float32, torch.bfloat16}
+    gathers = ("allgather", "all_gather")
+    assert {dtype for (op, _, dtype) in cast_first.inputs if any(g in op for g in gathers)} == {torch.bfloat16}
+    assert {dtype for (op, _, dtype) in cast_each.inputs if any(g in op for g in gathers)} == {
+        torch.float32, torch.bfloat16}
 
 
 def test_without_tensor_parallelism_each_module_input_is_cast_once() -> None:
