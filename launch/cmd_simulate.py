@@ -61,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plan.add_argument("--global-batch", type=int, help="samples per step (search: fixed to this)")
     plan.add_argument("--schedule", choices=[s.value for s in Schedule])
     plan.add_argument("--dtype", choices=["bf16", "fp16", "fp8"], default="bf16")
+    plan.add_argument("--trace-memory", action="store_true",
+                      help="also trace the plan's training steps under galvatron.wrap on fake tensors (CPU, seconds "
+                           "to a minute): rank 0's allocated and reserved peaks under PyTorch's caching allocator "
+                           "(the reference GPT of --model, no pp; compare with --backend native)")
     space = parser.add_argument_group("search space")
     space.add_argument("--max-tp", type=int)
     space.add_argument("--max-pp", type=int)
@@ -131,7 +135,8 @@ def _simulate_one(args: argparse.Namespace, spec: ModelSpec, cluster: Any) -> in
     plan = Plan.load(args.plan) if args.plan else plan_from_flags(args, spec, cluster.world_size)
     plan.validate(cluster.world_size, spec)
     cost = cost_plan(plan, spec, getattr(args, "perf", None) or cluster, getattr(args, "cost_options", None))
-    emit(args, [cost], None, 1, spec, cluster)
+    traced = trace_memory(args.model, spec, plan, cluster.world_size) if args.trace_memory else None
+    emit(args, [cost], None, 1, spec, cluster, traced)
     if not cost.fits:
         raise MemoryBudgetError(over_memory_message(cost))
     return 0
@@ -207,9 +212,32 @@ def over_memory_message(cost: Any) -> str:
             "more tensor/pipeline parallelism or a smaller micro-batch")
 
 
+def trace_memory(model: str, spec: ModelSpec, plan: Plan, world: int) -> dict[str, Any]:
+    """``--trace-memory``: the plan's steps traced on fake tensors (the reference GPT of ``model``), as
+    ``traced_memory`` of the JSON output."""
+    from galvatron.launch.cmd_profile import gpt_config
+    from galvatron.profiler.memory_trace import trace_plan
+
+    from galvatron.models import GPT
+    from galvatron.spec_config import load_model_config
+
+    cfg = gpt_config(load_model_config(model))
+    print(f"tracing the plan's steps on fake tensors as rank 0 of {world} ...", file=sys.stderr, flush=True)
+    try:
+        traced = trace_plan(lambda: GPT(cfg), plan, world=world, seq_len=spec.seq_len, vocab=cfg.vocab)
+    except ValueError as err:
+        raise ConfigError(f"--trace-memory: {err}") from None
+    gib = 1 << 30
+    return {"allocated_peak_gib": traced.allocated_peak / gib,
+            **{f"reserved_peak_gib_{mode}": v / gib for mode, v in traced.reserved_peak.items()},
+            **{f"least_memory_gib_{mode}": v / gib for mode, v in traced.least_memory.items()},
+            "events": len(traced.events), "seconds": traced.seconds}
+
+
 def emit(args: argparse.Namespace, costs: list[Any], search_time: float | None, costed: int, spec: ModelSpec,
-         cluster: Any) -> None:
-    """Print the result as JSON or as a table (and write the --report)."""
+         cluster: Any, traced: dict[str, Any] | None = None) -> None:
+    """Print the result as JSON or as a table (and write the --report); ``traced``: the plan's
+    :func:`trace_memory`."""
     if args.report:
         from galvatron.report import Report, save_report
 
@@ -220,6 +248,8 @@ def emit(args: argparse.Namespace, costs: list[Any], search_time: float | None, 
         out = _json(costs[0], search_time, costed)
         if len(costs) > 1:
             out["top"] = [_json(c, None, costed) for c in costs]
+        if traced is not None:
+            out["traced_memory"] = traced
         print(json.dumps(out, indent=2))
         return
     print(f"{spec.summary()}\n{cluster.describe()}")
@@ -231,6 +261,12 @@ def emit(args: argparse.Namespace, costs: list[Any], search_time: float | None, 
               f"of {cost.memory_limit_gib:.1f} GiB")
         print(cost.plan.describe())
         print(_table(cost))
+    if traced is not None:
+        print(f"\ntraced on fake tensors ({traced['events']} allocations, {traced['seconds']:.1f} s), rank 0: "
+              f"allocated peak {traced['allocated_peak_gib']:.2f} GiB; reserved peak "
+              f"{traced['reserved_peak_gib_default']:.2f} GiB (default allocator), "
+              f"{traced['reserved_peak_gib_expandable_segments']:.2f} GiB (expandable segments); least memory "
+              f"{traced['least_memory_gib_default']:.2f} / {traced['least_memory_gib_expandable_segments']:.2f} GiB")
 
 
 def _json(cost: Any, search_time: float | None, costed: int) -> dict[str, Any]:

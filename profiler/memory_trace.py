@@ -25,7 +25,12 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensor,
+    FakeTensorMode,
+)
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
@@ -291,7 +296,77 @@ def trace_steps(step: Callable[[], Any], fake_mode: FakeTensorMode | None, tenso
             for _ in range(steps):
                 step()
                 gc.collect()
+    except (DynamicOutputShapeException, DataDependentOutputException) as err:
+        raise ValueError(f"the step has shapes that depend on values ({err.func}, e.g. MoE routing), which fake "
+                         "tensors do not have; trace it on a GPU instead") from err
     finally:
         if enabled:
             gc.enable()
     return tracer.close()
+
+
+class TracedMemory(NamedTuple):
+    """What a traced plan's steps need on its rank 0 (:func:`trace_plan`), in bytes."""
+
+    allocated_peak: int
+    """The peak of allocated bytes (``torch.cuda.max_memory_allocated()``)."""
+    reserved_peak: dict[str, int]
+    """The caching allocator's reserved peak, by mode (``"default"``, ``"expandable_segments"``)."""
+    least_memory: dict[str, int]
+    """The least device memory the steps run in, by mode (cached segments released under pressure)."""
+    events: list[Allocation]
+    """The traced allocations."""
+    seconds: float
+    """How long tracing took."""
+
+
+def trace_plan(build: Callable[[], torch.nn.Module], plan: Any, *, world: int, seq_len: int, vocab: int,
+               steps: int = 3, attention: str = "cudnn") -> TracedMemory:
+    """The memory rank 0 of ``world`` GPUs needs to train ``build()`` (a model taking token ids)
+    under ``plan`` (a :class:`galvatron.Plan` without pipeline), traced on fake tensors on this CPU:
+    the model built at full size (as ``galvatron.wrap`` receives it), wrapped on a fake process group,
+    AdamW (fused), then ``steps`` steps of rank 0's share of the global batch, replayed through the
+    caching-allocator simulator. Starts the process group; none may run in this process already."""
+    import time
+
+    import torch.distributed as dist
+    from galvatron.strategies.cost.allocator import memory_needs
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import galvatron
+
+    if plan.pp > 1:
+        raise ValueError("memory tracing covers plans without pipeline parallelism (rank 0 of a pipeline "
+                         "would wait on the other stages)")
+    if dist.is_initialized():
+        raise RuntimeError("memory tracing starts its own (fake) process group; one is running already")
+    start = time.perf_counter()
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        fake_mode = FakeTensorMode()
+        tracer = AllocationTracer(fake_mode)
+        with fake_mode, tracer:
+            model = build()
+            tokens = torch.randint(0, vocab, (plan.global_batch_size // plan.stages[0].groups[0].strategy.dp,
+                                              seq_len + 1))
+        model.to = lambda *args, **kwargs: model  # already where it runs (and fake tensors cannot swap)
+        wrapped = galvatron.wrap(model, plan=plan)
+        opt = wrapped.optimizer(torch.optim.AdamW, lr=1e-5, fused=True)
+        x, y = tokens[:, :-1], tokens[:, 1:]
+
+        def step() -> None:
+            wrapped.train_step((x, y), lambda logits, targets: torch.nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten()))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        events = trace_steps(step, fake_mode, [*wrapped.parameters(), *wrapped.buffers()], steps, attention,
+                             tracer=tracer)
+    finally:
+        dist.destroy_process_group()
+    replay = [e[:4] for e in events]
+    needs = {mode: memory_needs(replay, expandable_segments=mode != "default")
+             for mode in ("default", "expandable_segments")}
+    return TracedMemory(needs["default"].stats.allocated_peak,
+                        {mode: n.stats.reserved_peak for mode, n in needs.items()},
+                        {mode: n.least_memory for mode, n in needs.items()}, events, time.perf_counter() - start)

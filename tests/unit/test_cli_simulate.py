@@ -80,3 +80,23 @@ def test_simulate_attention_kernel(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["simulate", "--model", "llama3-8b", "--cluster", "8xA100-80GB", "--attention-kernel", "cudnn"]) == 1
     err = capsys.readouterr().err
     assert "no attention kernel 'cudnn'" in err and "flash2" in err and "Traceback" not in err
+
+
+def test_simulate_traces_a_plans_memory_on_fake_tensors(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--trace-memory`` runs the plan's steps on fake tensors as rank 0: the allocated peak holds at
+    least the rank's parameters, gradients and Adam states; the reserve is at least the allocated peak."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    assert main(["simulate", "--model", "gpt-tiny", "--cluster", "8xA100-80GB", "--tp", "2", "--zero", "1",
+                 "--backend", "native", "--trace-memory", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    traced = out["traced_memory"]
+    static = sum(out["stages"][0]["memory_gib"][k] for k in ("params", "grads", "optimizer"))
+    assert traced["allocated_peak_gib"] > static > 0
+    assert traced["reserved_peak_gib_default"] >= traced["allocated_peak_gib"]
+    assert traced["least_memory_gib_expandable_segments"] >= traced["allocated_peak_gib"]
+    assert not dist.is_initialized()  # its fake process group is gone
+    assert main(["simulate", "--model", "gpt-tiny", "--cluster", "8xA100-80GB", "--pp", "2", "--trace-memory"]) == 1
+    assert "without pipeline parallelism" in capsys.readouterr().err
