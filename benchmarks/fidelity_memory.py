@@ -211,8 +211,8 @@ def _markdown(own: list[dict], titan: list[dict], summary: dict) -> str:
     for r in summary["plans_8"]:
         out.append(f"| {r['run']} | {r['measured_gib']:.2f} | {r['predicted_gib']:.2f} "
                    f"({r['predicted_gib'] / r['measured_gib'] - 1:+.1%}) |")
-    out += ["", "benchmarks/results/reserved_memory `plan-*`; the selective plan's activations are over-counted "
-            "(1.78 GiB predicted where the traced step keeps about 0.9)."]
+    out += ["", "benchmarks/results/reserved_memory `plan-*` (the runtime of aeac409: selective recomputation "
+            "keeps the TP/SP collectives' outputs, as the cost model's `matmuls` policy counts)."]
     return "\n".join(out) + "\n"
 
 

@@ -34,6 +34,8 @@ from torch._subclasses.fake_tensor import (
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
+_WAIT_TENSOR = torch.ops._c10d_functional.wait_tensor.default
+
 
 class Allocation(NamedTuple):
     """One event of a traced step, in the form :func:`galvatron.strategies.cost.allocator.replay`
@@ -157,6 +159,8 @@ class AllocationTracer(TorchDispatchMode):
         for t in leaves:
             if isinstance(t, torch.Tensor):
                 self._known(t.untyped_storage())
+        if func is _WAIT_TENSOR and self.fake_mode is not None:
+            return args[0]  # on a device it returns its input; a fake run's version makes a new tensor
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and self._counts(t):
