@@ -140,3 +140,19 @@ def test_a_step_with_value_dependent_shapes_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="depend on values"):
         trace_plan(lambda: GPT(moe), Plan.uniform(2, global_batch_size=2, dp=2), world=2, seq_len=16, vocab=64)
     assert not dist.is_initialized()
+
+
+def test_a_functional_collectives_wait_returns_its_input() -> None:
+    """``wait_tensor`` hands back the tensor it waited on, as on a device: one allocation per gather."""
+    import torch.distributed._functional_collectives as funcol
+
+    with fake_group(2):
+        fake_mode = FakeTensorMode()
+        with fake_mode:
+            x = torch.ones(8, 4)
+        with fake_mode, AllocationTracer(fake_mode) as tracer:
+            gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+            out = gather(x, 0, dist.group.WORLD)
+            out = out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else out
+            assert out.shape == (16, 4)
+    assert [e.size for e in tracer.events if e.action == "alloc"] == [16 * 4 * 4]
