@@ -601,7 +601,8 @@ def apply_layer_group(blocks: list[nn.Module], s: LayerStrategy, next_layout: La
     mesh = rt.dims.mesh(s)
     for i, block in enumerate(blocks):
         if s.tp > 1:
-            tensor.apply_tensor_parallel(block, block_plans[i], mesh["tp"], s.sp)
+            tensor.apply_tensor_parallel(block, block_plans[i], mesh["tp"], s.sp,
+                                         functional=s.recompute is Recompute.SELECTIVE)
         elif rt.plan.dtype in _AUTOCAST:
             tensor.apply_input_casts(block)
         apply_expert(block, s, rt)

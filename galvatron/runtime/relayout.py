@@ -107,10 +107,10 @@ def _funcol(name: str, older: str) -> Callable[..., torch.Tensor]:
     return getattr(funcol, name, None) or getattr(funcol, older)
 
 
-# In forward, inside a region that selective recomputation may run again in backward, the collectives
-# are functional (they return their output), so the recomputation policy keeps their outputs
-# (``runtime.recompute``) instead of communicating again; backward keeps c10d's in-place collectives,
-# whose host time is about a quarter of the functional ones' (9 against 37 us on a fake group).
+# ``functional``: the collective returns its output (a functional collective), which selective
+# recomputation keeps (``runtime.recompute``'s policy sees functional collectives only) instead of
+# communicating again in backward; the forward of a selectively recomputed block asks for it. Elsewhere
+# c10d's in-place collectives, with about a quarter of the host time (9 against 37 us on a fake group).
 def gather_tokens(x: torch.Tensor, group: dist.ProcessGroup, functional: bool = False) -> torch.Tensor:
     """The whole ``[d0, d1 * k, ...]`` tensor from every rank's :func:`own_tokens` shard ``x``: one
     all-gather into a contiguous buffer, no copy after it (``functional``: as a functional collective)."""
@@ -149,18 +149,19 @@ class EnterTensorParallel(torch.autograd.Function):
     ranks' partial input gradients: all-reduce, or reduce-scatter into the token shards."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup, sequence_parallel: bool) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup, sequence_parallel: bool,
+                functional: bool = False) -> torch.Tensor:
         ctx.group, ctx.sequence_parallel = group, sequence_parallel
-        return gather_tokens(x, group, functional=True) if sequence_parallel else x.view_as(x)
+        return gather_tokens(x, group, functional) if sequence_parallel else x.view_as(x)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         if ctx.sequence_parallel:
-            return reduce_scatter_tokens(grad, ctx.group), None, None
+            return reduce_scatter_tokens(grad, ctx.group), None, None, None
         grad = grad.contiguous()
         if dist.get_world_size(ctx.group) > 1:
             dist.all_reduce(grad, group=ctx.group)
-        return grad, None, None
+        return grad, None, None, None
 
 
 class LeaveTensorParallel(torch.autograd.Function):
@@ -169,17 +170,22 @@ class LeaveTensorParallel(torch.autograd.Function):
     on (all-gathered from the token shards under SP)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup, sequence_parallel: bool) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup, sequence_parallel: bool,
+                functional: bool = False) -> torch.Tensor:
         ctx.group, ctx.sequence_parallel = group, sequence_parallel
         if sequence_parallel:
-            return reduce_scatter_tokens(x, group, functional=True)
+            return reduce_scatter_tokens(x, group, functional)
         if dist.get_world_size(group) == 1:
             return x.view_as(x)
-        return _waited(funcol.all_reduce(x.contiguous(), "sum", group))
+        if functional:
+            return _waited(funcol.all_reduce(x.contiguous(), "sum", group))
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return (gather_tokens(grad, ctx.group) if ctx.sequence_parallel else grad), None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        return (gather_tokens(grad, ctx.group) if ctx.sequence_parallel else grad), None, None, None
 
 
 class SumGradients(torch.autograd.Function):
@@ -217,13 +223,13 @@ class GatherFromSequenceParallel(torch.autograd.Function):
     tokens (:func:`gather_tokens`); backward keeps this rank's part (the gradient is already full)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup, functional: bool = False) -> torch.Tensor:
         ctx.group = group
-        return gather_tokens(x, group, functional=True)
+        return gather_tokens(x, group, functional)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return own_tokens(grad, ctx.group), None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return own_tokens(grad, ctx.group), None, None
 
 
 def batch_relayout(dims: ParallelDims, src: Layout, dst: Layout) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -167,11 +167,15 @@ class ShardedProjection(ParallelStyle):
     itself. Row-parallel: the input is the local slice, the output summed over the group
     (:class:`~galvatron.runtime.relayout.LeaveTensorParallel`: all-reduced, or with
     ``sequence_parallel`` reduce-scattered into this rank's token shard), then the bias added.
+    ``functional``: its forward collectives are functional ones (a selectively recomputed block's, so
+    that recomputation keeps their outputs: :mod:`galvatron.runtime.relayout`).
     """
 
-    def __init__(self, style: str, parts: int = 1, sequence_parallel: bool = False, entered: bool = False) -> None:
+    def __init__(self, style: str, parts: int = 1, sequence_parallel: bool = False, entered: bool = False,
+                 functional: bool = False) -> None:
         super().__init__()
         self.style, self.parts, self.sequence_parallel, self.entered = style, parts, sequence_parallel, entered
+        self.functional = functional
 
     def _placements(self, module: nn.Module) -> tuple[Placement, Placement]:
         out_dim, in_dim = (0, 1) if isinstance(module, nn.Linear) else (1, 0)
@@ -190,6 +194,7 @@ class ShardedProjection(ParallelStyle):
         group, rank, tp = device_mesh.get_group(), device_mesh.get_local_rank(), device_mesh.size()
         linear = isinstance(module, nn.Linear)
         rowwise, parts, sp, entered = self.style == "rowwise", self.parts, self.sequence_parallel, self.entered
+        functional = self.functional
 
         def local_bias() -> torch.Tensor | None:
             b = module.bias.to_local() if module.bias is not None else None
@@ -212,7 +217,7 @@ class ShardedProjection(ParallelStyle):
                 if b is not None and not rowwise:
                     out = out + b
             if rowwise:
-                out = LeaveTensorParallel.apply(out, group, sp)
+                out = LeaveTensorParallel.apply(out, group, sp, functional)
                 if b is not None:
                     out = out + b
             return out
@@ -221,16 +226,18 @@ class ShardedProjection(ParallelStyle):
         return module
 
 
-def apply_tensor_parallel(block: nn.Module, plan: Mapping[str, str], tp_mesh: Any, sp: bool) -> None:
+def apply_tensor_parallel(block: nn.Module, plan: Mapping[str, str], tp_mesh: Any, sp: bool,
+                          functional: bool = False) -> None:
     """Shard ``block`` over the 1-D ``tp_mesh`` by ``plan``; with ``sp`` its input and output
     are token shards (:func:`galvatron.runtime.relayout.own_tokens`, shaped as sequence chunks) and
-    its norms run on them."""
+    its norms run on them. ``functional``: forward collectives as functional ones (for selective
+    recomputation, which then keeps their outputs)."""
     tp = tp_mesh.size()
     for child_name, child in block.named_children():
         names = {n: s for n, s in plan.items() if n.split(".", 1)[0] == child_name}
         covered = _covered(child_name, child, plan)
         styles = {n.split(".", 1)[1]: ShardedProjection(s, _parts(n) if s == "packed_colwise" else 1, sp and covered,
-                                                        covered)
+                                                        covered, functional)
                   for n, s in names.items()}
         if styles:
             parallelize_module(child, tp_mesh, styles)
@@ -238,13 +245,13 @@ def apply_tensor_parallel(block: nn.Module, plan: Mapping[str, str], tp_mesh: An
             if style == "packed_colwise":
                 _scale_split_sizes(block, name, tp)
         if covered:
-            child.register_forward_pre_hook(_entry(tp_mesh.get_group(), sp), with_kwargs=True)
+            child.register_forward_pre_hook(_entry(tp_mesh.get_group(), sp, functional), with_kwargs=True)
         elif sp and _is_norm(child):
             _sequence_parallel_norm(child, tp_mesh.get_group())
         elif sp and any(True for _ in child.parameters()):
             group = tp_mesh.get_group()
             child.register_forward_pre_hook(
-                lambda m, a, k, g=group: map_hidden(a, k, lambda x: GatherFromSequenceParallel.apply(x, g)),
+                lambda m, a, k, g=group: map_hidden(a, k, lambda x: GatherFromSequenceParallel.apply(x, g, functional)),
                 with_kwargs=True)
             child.register_forward_hook(
                 lambda m, a, out, g=group: map_output(out, lambda x: ScatterToSequenceParallel.apply(x, g)))
@@ -287,20 +294,20 @@ def _scale_split_sizes(block: nn.Module, name: str, tp: int) -> None:
             setattr(parent, attr, part // tp)
 
 
-def _entry(group: Any, sp: bool) -> Any:
+def _entry(group: Any, sp: bool, functional: bool = False) -> Any:
     """A covered child's input made whole for its column-parallel projections, once for all of them:
     cast to autocast's dtype (:func:`autocast_input`), then under ``sp`` all-gathered from the token
     shards (:func:`galvatron.runtime.relayout.own_tokens`) along the flattened tokens, so the gather and
     its backward reduce-scatter work on contiguous buffers; backward sums the projections' partial
     input gradients over the group (:class:`~galvatron.runtime.relayout.EnterTensorParallel`)."""
 
-    return lambda module, args, kwargs: map_hidden(args, kwargs, lambda x: _enter(x, group, sp))
+    return lambda module, args, kwargs: map_hidden(args, kwargs, lambda x: _enter(x, group, sp, functional))
 
 
-def _enter(x: torch.Tensor, group: Any, sp: bool) -> torch.Tensor:
+def _enter(x: torch.Tensor, group: Any, sp: bool, functional: bool = False) -> torch.Tensor:
     """``x`` cast to autocast's dtype (:func:`autocast_input`), then made whole for column-parallel
     projections (:class:`~galvatron.runtime.relayout.EnterTensorParallel`)."""
-    return EnterTensorParallel.apply(autocast_input(x), group, sp)
+    return EnterTensorParallel.apply(autocast_input(x), group, sp, functional)
 
 
 def autocast_input(x: torch.Tensor) -> torch.Tensor:

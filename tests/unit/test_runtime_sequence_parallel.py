@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from galvatron.models.gpt import GPT, GPTConfig
@@ -47,7 +48,8 @@ def block_ops(sp: bool, autocast: bool = False, recompute: str = "none") -> OpCo
     torch.manual_seed(0)
     block = GPT(GPTConfig(layers=1, hidden=HIDDEN, heads=4, vocab=32, seq_len=SEQ, ffn_hidden=32,
                           activation="swiglu", norm="rmsnorm")).blocks[0]
-    apply_tensor_parallel(block, derive_block_plan(block), init_device_mesh("cpu", (2,)), sp)
+    apply_tensor_parallel(block, derive_block_plan(block), init_device_mesh("cpu", (2,)), sp,
+                          functional=recompute == "selective")
     apply_recompute(block, Recompute(recompute))
     x = torch.randn(BATCH, SEQ // 2 if sp else SEQ, HIDDEN, requires_grad=True)
     with OpCounter() as counter:
@@ -155,3 +157,26 @@ def test_without_tensor_parallelism_each_module_input_is_cast_once() -> None:
     for name, grad in params_each.items():
         assert torch.allclose(params_once[name], grad, rtol=0.02, atol=1e-3), name
     assert not torch.equal(grad_once, grad_each)  # the input gradients were summed in bf16
+
+
+def test_wrapped_selective_plan_does_not_communicate_again() -> None:
+    """The same through ``galvatron.wrap``: a tp2+sp plan's step issues as many collectives under
+    ``recompute: selective`` as without recomputation (rank 0 of 2 on a fake group)."""
+    import galvatron
+    from galvatron.plan import Plan
+
+    counts = {}
+    for mode in ("none", "selective"):
+        with fake_group(2):
+            torch.manual_seed(0)
+            model = GPT(GPTConfig(layers=2, hidden=HIDDEN, heads=4, vocab=32, seq_len=SEQ, ffn_hidden=32,
+                                  activation="swiglu", norm="rmsnorm"))
+            wrapped = galvatron.wrap(model, plan=Plan.uniform(2, global_batch_size=BATCH, tp=2, sp=True,
+                                                                 recompute=mode))
+            tokens = torch.randint(0, 32, (BATCH, SEQ + 1))
+            with OpCounter() as counter:
+                wrapped.train_step((tokens[:, :-1], tokens[:, 1:]), lambda out, y: F.cross_entropy(
+                    out.flatten(0, 1), y.flatten()))
+            counts[mode] = collectives(counter.ops)
+    assert counts["selective"] == counts["none"], counts
+    assert counts["none"]["all_gather"] > 0
