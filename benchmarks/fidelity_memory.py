@@ -118,21 +118,23 @@ TRACED = RESULTS / "fake_memory"  # benchmarks/fake_memory.py: the step traced o
 
 
 def plans_8() -> list[dict]:
-    """Llama 3.2 1B under six 8-rank ``galvatron.wrap`` plans, rank 0 measured on one H200 with a fake
-    process group (benchmarks/results/reserved_memory ``plan-*``: the steps' allocated peak, after the
-    model's construction), beside the cost model with the native runtime's options."""
-    from reserved_memory import PLAN_CASES, PLAN_SAMPLES, PLAN_WORLD
+    """8-rank ``galvatron.wrap`` plans of Llama 3.2 1B and Llama 3 8B, rank 0 measured on one H200 with a
+    fake process group (benchmarks/results/reserved_memory ``plan-*``: the steps' allocated peak, after
+    the model's construction), beside the cost model with the native runtime's options."""
+    from reserved_memory import PLAN_CASES, PLAN_WORLD, plan_case
 
-    spec = ModelSpec.from_config({**load_model_config("llama3.2-1b"), "seq_len": 2048})
     native = CostOptions(**capabilities("native").cost_options())
     rows = []
-    for case, kwargs in PLAN_CASES.items():
-        kw = dict(kwargs)
-        recompute = kw.pop("recompute", "none")
-        plan = Plan.uniform(spec.num_blocks, global_batch_size=PLAN_SAMPLES * kw.get("dp", 1), dtype="bf16",
+    for case in PLAN_CASES:
+        measured_path = REPRODUCED / f"{case}.default.json"
+        if not measured_path.exists():
+            continue
+        model, seq, samples, recompute, kw = plan_case(case)
+        spec = ModelSpec.from_config({**load_model_config(model), "seq_len": seq})
+        plan = Plan.uniform(spec.num_blocks, global_batch_size=samples * kw.get("dp", 1), dtype="bf16",
                             recompute=recompute, **kw)
         cost = cost_plan(plan, spec, load_cluster("8xH100", nodes=PLAN_WORLD // 8), native)
-        measured = json.loads((REPRODUCED / f"{case}.default.json").read_text())["steady_allocated_gib"]
+        measured = json.loads(measured_path.read_text())["steady_allocated_gib"]
         rows.append({"run": case, "measured_gib": measured, "predicted_gib": cost.peak_memory_gib,
                      "breakdown_gib": cost.stages[0].memory_gib})
     return rows
@@ -206,8 +208,8 @@ def _markdown(own: list[dict], titan: list[dict], summary: dict) -> str:
             "blocks, the all-gather copy-in stream its outputs' blocks: 3.8 + 2.6 GiB at 8 ranks) and "
             "fragmentation of the default stream's segments; the cost model does not predict it, the traced "
             "step does (above)."]
-    out += ["", "## Llama 3.2 1B under 8-rank plans (rank 0 on one H200, fake process group; allocated peak "
-            "of the steps)", "", "| plan | measured GiB | predicted GiB (err) |", "|---|---|---|"]
+    out += ["", "## 8-rank plans of Llama 3.2 1B and Llama 3 8B (rank 0 on one H200, fake process group; "
+            "allocated peak of the steps)", "", "| plan | measured GiB | predicted GiB (err) |", "|---|---|---|"]
     for r in summary["plans_8"]:
         out.append(f"| {r['run']} | {r['measured_gib']:.2f} | {r['predicted_gib']:.2f} "
                    f"({r['predicted_gib'] / r['measured_gib'] - 1:+.1%}) |")

@@ -54,17 +54,29 @@ GIB = 2**30
 TITAN_CASES = {"titan8b-w8": 8, "titan8b-w128": 128}
 NATIVE_CASES = {f"native-mb{mb}-{mode}": (mb, mode)
                 for mb, mode in ((1, "none"), (2, "none"), (2, "selective"), (4, "full"), (8, "full"))}
-# Llama 3.2 1B on 8 ranks through galvatron.wrap, as rank 0 sees it (a fake process group): the plan's
-# keyword arguments (2 samples of 2048 tokens per data-parallel rank)
-PLAN_CASES = {
+# 8-rank plans through galvatron.wrap, as rank 0 sees them (a fake process group): the plan's keyword
+# arguments; Llama 3.2 1B with 2 samples of 2048 tokens per data-parallel rank unless "model", "seq" and
+# "samples" say otherwise
+PLAN_CASES: dict[str, dict[str, Any]] = {
     "plan-dp8-zero3": {"dp": 8, "zero": 3},
     "plan-dp8-zero2-full": {"dp": 8, "zero": 2, "recompute": "full"},
     "plan-dp4-tp2sp-zero1": {"dp": 4, "tp": 2, "sp": True, "zero": 1},
     "plan-dp2-tp4sp-zero3-selective": {"dp": 2, "tp": 4, "sp": True, "zero": 3, "recompute": "selective"},
     "plan-tp8sp": {"tp": 8, "sp": True},
     "plan-dp4-tp2-zero2": {"dp": 4, "tp": 2, "zero": 2},
+    "plan8b-dp2-tp4sp-zero1-selective": {"model": "llama3-8b", "seq": 4096, "samples": 1, "dp": 2, "tp": 4,
+                                         "sp": True, "zero": 1, "recompute": "selective"},
+    "plan8b-dp8-zero3-full": {"model": "llama3-8b", "seq": 4096, "samples": 1, "dp": 8, "zero": 3,
+                              "recompute": "full"},
 }
-PLAN_WORLD, PLAN_SAMPLES = 8, 2
+PLAN_WORLD, PLAN_SAMPLES, PLAN_MODEL, PLAN_SEQ = 8, 2, "llama3.2-1b", 2048
+
+
+def plan_case(case: str) -> tuple[str, int, int, str, dict[str, Any]]:
+    """A ``PLAN_CASES`` entry as (model, seq, samples per data-parallel rank, recompute, plan kwargs)."""
+    kw = dict(PLAN_CASES[case])
+    return (kw.pop("model", PLAN_MODEL), kw.pop("seq", PLAN_SEQ), kw.pop("samples", PLAN_SAMPLES),
+            kw.pop("recompute", "none"), kw)
 TRACE_ACTIONS = ("alloc", "free_completed", "segment_alloc", "segment_free", "segment_map", "segment_unmap")
 
 
@@ -149,8 +161,8 @@ def _titan_step(model: torch.nn.Module, batch: int, device: str) -> Any:
 
 # ------------------------------------------------------------------------------ galvatron.wrap
 def native_trainer(micro_batch: int, mode: str, seq: int = 2048, fake_mode: Any = None, tracer: Any = None,
-                   world: int = 1, **plan: Any) -> tuple[Any, list[torch.Tensor]]:
-    """Llama 3.2 1B through ``galvatron.wrap`` under ``Plan.uniform(..., recompute=mode, **plan)`` as
+                   world: int = 1, model_name: str = "llama3.2-1b", **plan: Any) -> tuple[Any, list[torch.Tensor]]:
+    """``model_name`` (Llama 3.2 1B) through ``galvatron.wrap`` under ``Plan.uniform(..., recompute=mode, **plan)`` as
     rank 0 of ``world`` (a fake process group when ``world > 1``), trained as ``profile_fidelity.py``
     trains it, ``micro_batch`` samples per step on this rank; with ``fake_mode`` on fake CPU tensors.
     The step, and the tensors that exist before it (parameters, buffers, the batch). A ``tracer``
@@ -168,7 +180,7 @@ def native_trainer(micro_batch: int, mode: str, seq: int = 2048, fake_mode: Any 
 
     if world > 1:
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
-    cfg = gpt_config(load_model_config("llama3.2-1b"))
+    cfg = gpt_config({**load_model_config(model_name), "seq_len": seq})
     device = "cpu" if fake_mode is not None else "cuda"
     torch.manual_seed(0)
     with fake_mode or torch.device(device), tracer or nullcontext():
@@ -200,9 +212,9 @@ def case_trainer(case: str, fake_mode: Any = None, tracer: Any = None) -> tuple[
                       *model.buffers()]
     if case in NATIVE_CASES:
         return native_trainer(*NATIVE_CASES[case], fake_mode=fake_mode, tracer=tracer)
-    plan = dict(PLAN_CASES[case])
-    return native_trainer(PLAN_SAMPLES, plan.pop("recompute", "none"), fake_mode=fake_mode, tracer=tracer,
-                          world=PLAN_WORLD, **plan)
+    model, seq, samples, recompute, plan = plan_case(case)
+    return native_trainer(samples, recompute, seq, fake_mode=fake_mode, tracer=tracer, world=PLAN_WORLD,
+                          model_name=model, **plan)
 
 
 # ---------------------------------------------------------------------------------- one case
