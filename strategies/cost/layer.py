@@ -827,17 +827,6 @@ def _param_kernels(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, params
     return fwd, bwd + (streaming(adds.bwd) if adds.bwd else 0.0)
 
 
-def _recasts(ctx: LayerContext, s: LayerStrategy) -> bool:
-    """Whether recomputation casts a TP layer's weights again in backward, so the forward's 16-bit casts
-    are not held: the native runtime's TP projections compute on local views of their parameters,
-    which autocast does not cache (it caches casts of leaf parameters, held until the forward's end
-    whatever is recomputed), under full recomputation and the op-level selective policies (a cast is
-    no matmul), not Megatron's attention-core recomputation (benchmarks/results/fake_memory: the traced
-    tp4+sp Llama 3 8B step holds no weight casts, the single-GPU Llama 3.2 1B steps hold all)."""
-    op_level = s.recompute is Recompute.SELECTIVE and ctx.options.selective != "megatron"
-    return s.tp > 1 and (s.recompute is Recompute.FULL or op_level)
-
-
 def _zero_part(ctx: LayerContext, s: LayerStrategy, acc: dict[str, float], params: float, group: Group,
                sizes: tuple[int, int, int]) -> None:
     perf, opts = ctx.perf, ctx.options
@@ -850,8 +839,7 @@ def _zero_part(ctx: LayerContext, s: LayerStrategy, acc: dict[str, float], param
         # until the backward: autocast's 16-bit casts (ZeRO-0/1 under a 16-bit dtype) and FSDP2's
         # unsharded ZeRO-2 parameters (16-bit or, under fp32, a second fp32 copy beside the shard)
         acc["params"] += 4 * (params / d if z >= 2 else params)
-        autocast = z <= 1 and ctx.dtype is not DType.FP32 and not _recasts(ctx, s)
-        acc["copies"] += pb * params if z == 2 or autocast else 0.0
+        acc["copies"] += pb * params if z == 2 or (z <= 1 and ctx.dtype is not DType.FP32) else 0.0
     else:
         acc["params"] += pb * (params / d if z >= 3 else params)
     acc["grads"] += gb * (params / d if z >= 2 else params)

@@ -137,24 +137,3 @@ def test_a_vocabulary_parallel_head_holds_its_own_loss_bytes() -> None:
     expected = (2 * head.hidden + 12.0 * vocab / 2) * tokens
     assert layer_cost(fallback, head, LayerStrategy(tp=2)).work == pytest.approx(expected)
 
-
-def test_recomputed_tp_layers_do_not_hold_their_weight_casts() -> None:
-    """fp32 parameters under a 16-bit plan: autocast's weight casts are held to the backward, except in
-    a TP layer that recomputes (its local weight views are cast again, never cached)."""
-    from galvatron.strategies.cost.layer import zero_terms
-
-    spec = ModelSpec.from_config("llama3.2-1b")
-    ctx = _ctx(CostOptions(master_weights="params"))
-    block = spec.blocks[0]
-
-    def copies(**kw: object) -> float:
-        return zero_terms(ctx, block, LayerStrategy(**kw)).copies
-
-    params = block.params
-    assert copies(tp=2) == pytest.approx(2 * params / 2)  # held: the 16-bit cast of the rank's half
-    assert copies(recompute="selective") == pytest.approx(2 * params)  # one rank: cached, held
-    assert copies(tp=2, recompute="selective") == 0.0
-    assert copies(tp=2, recompute="full") == 0.0
-    assert copies(tp=2, zero=2, dp=2, recompute="full") == pytest.approx(2 * params / 2)  # FSDP2's unsharded copy
-    megatron = _ctx(CostOptions(master_weights="params", selective="megatron"))
-    assert zero_terms(megatron, block, LayerStrategy(tp=2, recompute="selective")).copies == pytest.approx(params)

@@ -108,6 +108,25 @@ def test_search_matches_brute_force_on_the_native_stack() -> None:
         (again.step_time_s, again.peak_memory_gib), rel=1e-9)
 
 
+@pytest.mark.parametrize("quantile", [0.2, 0.5, 0.8])
+def test_search_matches_brute_force_on_the_native_stack_with_tp_recomputation(quantile: float) -> None:
+    """The native runtime's TP blocks that recompute do not hold autocast's weight casts
+    (``holds_casts``), which depends on each candidate's recompute mode: the search must price it
+    as cost_plan does, at budgets where it decides which plans fit."""
+    from galvatron.backends import capabilities
+
+    native = CostOptions(**capabilities("native").cost_options())
+    spec = ModelSpec.from_config(TINY)
+    options = _options(zero_stages=(0, 1), cp_kinds=(), max_vpp=1, capabilities=frozenset(
+        {"tp", "sp", "zero1", "recompute:selective", "recompute:full", "schedule:1f1b"}),
+        recompute=(Recompute.NONE, Recompute.SELECTIVE, Recompute.FULL))
+    every = brute_force(spec, with_memory(_perf(4), 1e9), options, world=4, cost_options=native)
+    budget = sorted(c.peak_memory_gib for c in every)[int(quantile * (len(every) - 1))]
+    truth = [c for c in every if c.peak_memory_gib <= budget]
+    found = search(spec, with_memory(_perf(4), budget), options, native, world_size=4)
+    assert found.best.step_time_s == pytest.approx(truth[0].step_time_s, rel=1e-9)
+
+
 def test_search_matches_brute_force_on_mixed_moe_blocks() -> None:
     """Blocks that differ (a dense first block, then MoE) take the non-homogeneous path; ep is searched."""
     spec = ModelSpec.from_config(MOE)
