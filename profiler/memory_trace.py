@@ -334,6 +334,7 @@ def trace_plan(build: Callable[[], torch.nn.Module], plan: Any, *, world: int, s
     import time
 
     import torch.distributed as dist
+    from galvatron.profiler.model import lm_loss
     from galvatron.strategies.cost.allocator import memory_needs
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -359,8 +360,7 @@ def trace_plan(build: Callable[[], torch.nn.Module], plan: Any, *, world: int, s
         x, y = tokens[:, :-1], tokens[:, 1:]
 
         def step() -> None:
-            wrapped.train_step((x, y), lambda logits, targets: torch.nn.functional.cross_entropy(
-                logits.float().flatten(0, 1), targets.flatten()))
+            wrapped.train_step((x, y), lm_loss)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
