@@ -29,7 +29,7 @@ from galvatron.strategies.cost.perf import AttentionShape, Collective, Group, Pe
 from galvatron.strategies.cost.step import overlapped
 
 from galvatron.plan import CPKind, DType, LayerStrategy, Recompute
-from galvatron.spec import LayerKind, LayerSpec, ModelSpec
+from galvatron.spec import BLOCK_KINDS, LayerKind, LayerSpec, ModelSpec
 
 # Bytes one token moves through memory-bound kernels in the forward pass, per hidden unit, outside
 # the attention core and the FFN: two norms (read + write 2h each), two residual adds (read 4h, write
@@ -102,7 +102,7 @@ def layer_cost(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCo
     """Cost of ``layer`` under strategy ``s``; embedding, norm and head layers included (recomputation
     applies to blocks only: the edges ignore ``s.recompute``, as in Megatron)."""
     c = core_cost(ctx, layer, s)
-    apply_zero(c, zero_terms(ctx, layer, s), ctx.options)
+    apply_zero(c, zero_terms(ctx, layer, s), ctx.options, recasts(ctx, layer, s.tp, s.recompute))
     return c
 
 
@@ -780,8 +780,12 @@ class ZeroTerms:
     ag: float = 0.0
     work: float = 0.0
     copies: float = 0.0
-    """16-bit compute copies of fp32 parameters held from a micro-batch's forward to its backward
-    (``CostOptions.master_weights = "params"``): counted with the activations."""
+    """FSDP2's unsharded ZeRO-2 parameters (``CostOptions.master_weights = "params"``), held from a
+    micro-batch's forward to its backward: counted with the activations."""
+    casts: float = 0.0
+    """Autocast's 16-bit casts of fp32 parameters (ZeRO-0/1 under a 16-bit dtype, ``master_weights =
+    "params"``), held from a micro-batch's forward to its backward unless the block casts them again
+    when it recomputes (:func:`recasts`): counted with the activations."""
     param_fwd: float = 0.0
     """Per-micro-batch seconds of an eager stack's per-parameter kernels in the forward (autocast's
     weight casts, FSDP2's copy-out of all-gathered parameters: :func:`strategies.cost.eager.param_traffic`),
@@ -839,7 +843,8 @@ def _zero_part(ctx: LayerContext, s: LayerStrategy, acc: dict[str, float], param
         # until the backward: autocast's 16-bit casts (ZeRO-0/1 under a 16-bit dtype) and FSDP2's
         # unsharded ZeRO-2 parameters (16-bit or, under fp32, a second fp32 copy beside the shard)
         acc["params"] += 4 * (params / d if z >= 2 else params)
-        acc["copies"] += pb * params if z == 2 or (z <= 1 and ctx.dtype is not DType.FP32) else 0.0
+        acc["copies"] += pb * params if z == 2 else 0.0
+        acc["casts"] += pb * params if z <= 1 and ctx.dtype is not DType.FP32 else 0.0
     else:
         acc["params"] += pb * (params / d if z >= 3 else params)
     acc["grads"] += gb * (params / d if z >= 2 else params)
@@ -881,8 +886,23 @@ def zero_exposed(ag: Any, rs: Any, fwd: Any, bwd_compute: Any, options: CostOpti
     return overlapped(ag, fwd, f), overlapped(ag + rs, bwd_compute, f)
 
 
-def apply_zero(c: LayerCost, z: ZeroTerms, options: CostOptions) -> None:
-    """Add the ZeRO/optimizer part ``z`` to a :func:`core_cost` result."""
+def recasts(ctx: LayerContext, layer: LayerSpec, tp: int, mode: Recompute) -> bool:
+    """Whether a block under ``tp`` and recompute ``mode`` casts its weights again in its backward, so
+    the forward's autocast casts (:attr:`ZeroTerms.casts`) are not held: the native runtime's TP
+    projections compute on local views of their parameters, which autocast does not cache (it caches
+    casts of leaf parameters, held until the forward's end whatever is recomputed), under full
+    recomputation and the op-level selective policies (a cast is no matmul), not under Megatron's
+    attention-core recomputation. Embedding, norm and head are never recomputed
+    (benchmarks/results/fake_memory: the traced tp4+sp Llama 3 8B step holds no weight casts of
+    its blocks, the single-GPU Llama 3.2 1B steps hold all)."""
+    if layer.kind not in BLOCK_KINDS or tp == 1:
+        return False
+    return mode is Recompute.FULL or (mode is Recompute.SELECTIVE and ctx.options.selective != "megatron")
+
+
+def apply_zero(c: LayerCost, z: ZeroTerms, options: CostOptions, recast: bool = False) -> None:
+    """Add the ZeRO/optimizer part ``z`` to a :func:`core_cost` result; ``recast``: the layer holds
+    no autocast casts (:func:`recasts`)."""
     c.fwd, c.bwd, c.bwd_compute = c.fwd + z.param_fwd, c.bwd + z.param_bwd, c.bwd_compute + z.param_bwd
     fwd_x, bwd_x = zero_exposed(z.ag, z.rs, c.fwd, c.bwd_compute, options)
     fwd_x, bwd_x = float(fwd_x), float(bwd_x)
@@ -894,7 +914,7 @@ def apply_zero(c: LayerCost, z: ZeroTerms, options: CostOptions) -> None:
     c.params += z.params
     c.grads += z.grads
     c.optim_states += z.optim_states
-    c.act += z.copies
+    c.act += z.copies + (0.0 if recast else z.casts)
     c.sync += z.sync
     c.post += z.post
     c.optim += z.optim
@@ -1001,7 +1021,8 @@ def tied_copy(ctx: LayerContext, spec: ModelSpec, s: LayerStrategy, holder: bool
     layer = embeddings[0]
     if holder:
         z = zero_terms(ctx, layer, s)
-        c.params, c.grads, c.optim_states, c.optim, c.act = z.params, z.grads, z.optim_states, z.optim, z.copies
+        c.params, c.grads, c.optim_states, c.optim = z.params, z.grads, z.optim_states, z.optim
+        c.act = z.copies + z.casts
     grads = layer.params / s.tp * ctx.options.grad_bytes
     inter = ctx.stage_devices >= ctx.perf.gpus_per_node
     c.post = ctx.perf.collective_time(Collective.ALL_REDUCE, grads, Group(size=2, per_node=1 if inter else 2))

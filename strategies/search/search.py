@@ -4,8 +4,9 @@
 Every candidate strategy is costed at once, as numpy columns of a
 :class:`~strategies.search.stages.StageTable` (one per stage size and micro-batch size; per-layer
 costs are computed once per distinct block, tokens per rank and strategy, and shared). Uniform
-plans come first: they are cheap and give the bound that prunes. Then, for each pipeline degree,
-micro-batch count and schedule, a dynamic programme over (stage, first block) keeps the Pareto set
+plans come first: they are cheap and give the bound that prunes. Then, for each pipeline degree
+(one too: a single stage may recompute only its first blocks fully), micro-batch count and
+schedule, a dynamic programme over (stage, first block) keeps the Pareto set
 of partial pipelines in (sum of bubble weights, max per-micro-batch time, max bubble weight, max
 tail): the step time ``m * max t + (sum b - max b) + max e`` grows with each, so nothing optimal is
 dropped. Per stage the candidates are every strategy with the fewest fully recomputed blocks that
@@ -160,8 +161,6 @@ class _Search:
         if self.options.uniform:
             return
         for pp, m, table in sorted(configs, key=lambda c: self._config_floor(*c)):
-            if pp == 1:
-                continue
             for schedule, v in self._schedules(pp, m):
                 if v == 1:
                     self._pipeline_dp(_Config(pp, m, schedule, v), table)

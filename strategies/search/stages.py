@@ -22,6 +22,7 @@ from galvatron.strategies.cost.layer import (
     accumulated_micro_batches,
     core_cost,
     fsdp_unit,
+    recasts,
     stream_bytes,
     tied_copy,
     zero_exposed,
@@ -93,12 +94,15 @@ class LayerCache:
         return found
 
 
-def _merged(ctx: LayerContext, cores: list[tuple[float, ...]], zeros: list[ZeroTerms]) -> tuple[np.ndarray, np.ndarray]:
+def _merged(ctx: LayerContext, cores: list[tuple[float, ...]], zeros: list[ZeroTerms],
+            recast: list[bool]) -> tuple[np.ndarray, np.ndarray]:
     """Cost vectors (n, VECTOR_LEN) and transient memory (n,) of core + ZeRO parts, as
-    :func:`strategies.cost.layer.apply_zero` adds them."""
+    :func:`strategies.cost.layer.apply_zero` adds them (``recast``: per strategy, whether the layer
+    holds no autocast casts at this recompute mode, :func:`strategies.cost.layer.recasts`)."""
     fwd, bwd, wgrad, bwdc, act, work, host_f, host_b = np.array(cores, dtype=float).reshape(-1, 8).T
-    z = np.array([(t.params + t.optim_states, t.sync, t.post, t.optim, t.rs, t.ag, t.work, t.grads, t.copies,
-                   t.param_fwd, t.param_bwd) for t in zeros], dtype=float).reshape(-1, 11).T
+    z = np.array([(t.params + t.optim_states, t.sync, t.post, t.optim, t.rs, t.ag, t.work, t.grads,
+                   t.copies + (0.0 if r else t.casts), t.param_fwd, t.param_bwd)
+                  for t, r in zip(zeros, recast)], dtype=float).reshape(-1, 11).T
     static, sync, post, optim, rs, ag, zwork, grads, copies, param_fwd, param_bwd = z
     fwd, bwd, bwdc = fwd + param_fwd, bwd + param_bwd, bwdc + param_bwd
     fwd_x, bwd_x = zero_exposed(ag, rs, fwd, bwdc, ctx.options)
@@ -158,7 +162,7 @@ class StageTable:
                 cache: LayerCache) -> tuple[np.ndarray, np.ndarray]:
         cores = [cache.core(self.ctx, layer, sig, s, mode) for s in self.strategies]
         zeros = [cache.zero(self.ctx, layer, sig, s) for s in self.strategies]
-        return _merged(self.ctx, cores, zeros)
+        return _merged(self.ctx, cores, zeros, [recasts(self.ctx, layer, s.tp, mode) for s in self.strategies])
 
     def _edge(self, kinds: tuple[LayerKind, ...], cache: LayerCache) -> tuple[np.ndarray, np.ndarray]:
         vec, work = np.zeros((self.size, VECTOR_LEN)), np.zeros(self.size)

@@ -8,7 +8,7 @@ from galvatron.strategies.cost import CostOptions, DatasheetPerf, LayerContext, 
 from galvatron.strategies.hardware import load_cluster
 
 from galvatron.plan import DType, LayerStrategy, Plan
-from galvatron.spec import ModelSpec
+from galvatron.spec import LayerKind, LayerSpec, ModelSpec
 
 ONE_H100 = {"gpu": "H100-SXM", "gpus_per_node": 1, "nodes": 1, "name": "1xH100"}
 
@@ -137,3 +137,28 @@ def test_a_vocabulary_parallel_head_holds_its_own_loss_bytes() -> None:
     expected = (2 * head.hidden + 12.0 * vocab / 2) * tokens
     assert layer_cost(fallback, head, LayerStrategy(tp=2)).work == pytest.approx(expected)
 
+
+
+def test_recomputed_tp_blocks_do_not_hold_their_weight_casts() -> None:
+    """fp32 parameters under a 16-bit plan: autocast's weight casts are held to the backward, except in
+    a TP block that recomputes (its local weight views are cast again, never cached). The head is
+    never recomputed, whatever its group's strategy says."""
+    from galvatron.strategies.cost.layer import core_cost
+
+    spec = ModelSpec.from_config("llama3.2-1b")
+    ctx = _ctx(CostOptions(master_weights="params"))
+    block, head = spec.blocks[0], ModelSpec.from_config("llama2-7b").layers_of(LayerKind.HEAD)[0]  # untied
+
+    def held(layer: LayerSpec, c: LayerContext = ctx, **kw: object) -> float:
+        s = LayerStrategy(**kw)
+        return layer_cost(c, layer, s).act - core_cost(c, layer, s).act
+
+    assert held(block, tp=2) == pytest.approx(2 * block.params / 2)  # the 16-bit cast of the rank's half
+    assert held(block, recompute="selective") == pytest.approx(2 * block.params)  # one rank: cached, held
+    assert held(block, tp=2, recompute="selective") == 0.0
+    assert held(block, tp=2, recompute="full") == 0.0
+    assert held(block, tp=2, zero=2, dp=2, recompute="full") == pytest.approx(2 * block.params / 2)  # FSDP2's copy
+    megatron = _ctx(CostOptions(master_weights="params", selective="megatron"))
+    assert held(block, megatron, tp=2, recompute="selective") == pytest.approx(block.params)
+    assert held(head, tp=2, recompute="full") == pytest.approx(held(head, tp=2))
+    assert held(head, tp=2) > 0

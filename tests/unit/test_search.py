@@ -111,7 +111,7 @@ def test_search_matches_brute_force_on_the_native_stack() -> None:
 @pytest.mark.parametrize("quantile", [0.2, 0.5, 0.8])
 def test_search_matches_brute_force_on_the_native_stack_with_tp_recomputation(quantile: float) -> None:
     """The native runtime's TP blocks that recompute do not hold autocast's weight casts
-    (``holds_casts``), which depends on each candidate's recompute mode: the search must price it
+    (``strategies.cost.layer.recasts``), which depends on each candidate's recompute mode: the search must price it
     as cost_plan does, at budgets where it decides which plans fit."""
     from galvatron.backends import capabilities
 
@@ -124,6 +124,22 @@ def test_search_matches_brute_force_on_the_native_stack_with_tp_recomputation(qu
     budget = sorted(c.peak_memory_gib for c in every)[int(quantile * (len(every) - 1))]
     truth = [c for c in every if c.peak_memory_gib <= budget]
     found = search(spec, with_memory(_perf(4), budget), options, native, world_size=4)
+    assert found.best.step_time_s == pytest.approx(truth[0].step_time_s, rel=1e-9)
+
+
+def test_search_recomputes_some_blocks_of_a_single_stage() -> None:
+    """Without a pipeline, a plan may recompute only its first blocks fully: at a budget between the
+    plans that recompute none and all, the search finds the fastest such plan, as brute force does."""
+    spec = ModelSpec.from_config(TINY)
+    options = _options(max_pp=1, cp_kinds=(), zero_stages=(0,), recompute=(Recompute.NONE, Recompute.FULL),
+                       capabilities=frozenset({"tp", "recompute:full", "schedule:1f1b"}))
+    every = brute_force(spec, with_memory(_perf(4), 1e9), options, world=4)
+    partial = [c for c in every if 0 < sum(g.strategy.recompute is Recompute.FULL for g in c.plan.groups()) and
+               any(g.strategy.recompute is Recompute.NONE for g in c.plan.groups())]
+    budget = min(c.peak_memory_gib for c in partial)
+    truth = [c for c in every if c.peak_memory_gib <= budget]
+    assert truth[0] in partial, "the budget must make a partly recomputed plan the fastest"
+    found = search(spec, with_memory(_perf(4), budget), options, world_size=4)
     assert found.best.step_time_s == pytest.approx(truth[0].step_time_s, rel=1e-9)
 
 
