@@ -102,7 +102,7 @@ def layer_cost(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCo
     """Cost of ``layer`` under strategy ``s``; embedding, norm and head layers included (recomputation
     applies to blocks only: the edges ignore ``s.recompute``, as in Megatron)."""
     c = core_cost(ctx, layer, s)
-    apply_zero(c, zero_terms(ctx, layer, s), ctx.options, recasts(ctx, layer, s.tp, s.recompute))
+    apply_zero(c, zero_terms(ctx, layer, s), ctx.options, recasts(ctx, layer, s.recompute))
     return c
 
 
@@ -702,10 +702,10 @@ def _selective_redo(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, attn_
 
 def _selective_kept(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> float:
     """Bytes per token an op-level selective policy keeps: the layer's input (the checkpoint's
-    argument) and the outputs it saves. ``matmuls``: every GEMM output, and each TP collective's
-    output (SP: two all-gathers of ``h`` and two reduce-scatters of ``h/tp``; else two all-reduces
-    of ``h``). ``torchtitan``: the 1st, 3rd, ... GEMM outputs, the SDPA output (``q/tp``), and
-    the SP reduce-scatters."""
+    argument, in the residual stream's width: :func:`stream_bytes`) and the outputs it saves.
+    ``matmuls``: every GEMM output, and each TP collective's output (SP: two all-gathers of ``h``
+    and two reduce-scatters of ``h/tp``; else two all-reduces of ``h``). ``torchtitan``: the 1st,
+    3rd, ... GEMM outputs, the SDPA output (``q/tp``), and the SP reduce-scatters."""
     policy, h = ctx.options.selective, layer.hidden
     sp_div = s.tp if s.sp else 1
     outputs = [o for _, o in _block_gemm_shapes(layer, s)]
@@ -717,7 +717,7 @@ def _selective_kept(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> fl
         kept = sum(outputs[0::2]) + (layer.heads * layer.head_dim / s.tp if layer.heads else 0.0)
         if s.tp > 1 and s.sp:
             kept += 2 * h / s.tp
-    return _act_bytes(ctx) * (h / sp_div + kept)
+    return stream_bytes(ctx, layer, s)[0] * h / sp_div + _act_bytes(ctx) * kept
 
 
 def _activation(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, mode: Recompute) -> float:
@@ -725,7 +725,8 @@ def _activation(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, mode: Rec
     GEMM inputs ``8h`` (``4h`` without attention) are replicated over TP unless SP; the rest is split
     over TP; unfused attention adds ``5as`` (scores, softmax, dropout mask) unless selectively
     recomputed (``CostOptions.selective = "megatron"``); full recomputation keeps the layer input
-    ``2h``; the op-level selective policies keep what :func:`_selective_kept` counts. Eager stacks
+    ``2h`` (``4h`` in an fp32 residual stream: :func:`stream_bytes`); the op-level selective
+    policies keep what :func:`_selective_kept` counts. Eager stacks
     (``CostOptions.elementwise``) keep more: where autocast's norms compute in fp32 (16-bit plans over
     fp32 parameters, and LayerNorm on FSDP2's 16-bit ones: :func:`stream_bytes`) the two norm inputs
     are kept in fp32 (``+4h``), and autocast casts the attention's and a dense MLP's input once per
@@ -738,8 +739,8 @@ def _activation(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, mode: Rec
     gathered, ``1/tp`` of them only for the norm inputs."""
     scale = _act_bytes(ctx) / 2
     sp_div = s.tp if s.sp else 1
-    if mode is Recompute.FULL:
-        return scale * 2 * layer.hidden / sp_div
+    if mode is Recompute.FULL:  # the block's input, in the residual stream's width
+        return stream_bytes(ctx, layer, s)[0] * layer.hidden / sp_div
     if mode is Recompute.SELECTIVE and ctx.options.selective != "megatron":
         return min(_selective_kept(ctx, layer, s), _activation(ctx, layer, s, Recompute.NONE))
     h = layer.hidden
@@ -886,16 +887,17 @@ def zero_exposed(ag: Any, rs: Any, fwd: Any, bwd_compute: Any, options: CostOpti
     return overlapped(ag, fwd, f), overlapped(ag + rs, bwd_compute, f)
 
 
-def recasts(ctx: LayerContext, layer: LayerSpec, tp: int, mode: Recompute) -> bool:
-    """Whether a block under ``tp`` and recompute ``mode`` casts its weights again in its backward, so
-    the forward's autocast casts (:attr:`ZeroTerms.casts`) are not held: the native runtime's TP
-    projections compute on local views of their parameters, which autocast does not cache (it caches
-    casts of leaf parameters, held until the forward's end whatever is recomputed), under full
-    recomputation and the op-level selective policies (a cast is no matmul), not under Megatron's
-    attention-core recomputation. Embedding, norm and head are never recomputed
-    (benchmarks/results/fake_memory: the traced tp4+sp Llama 3 8B step holds no weight casts of
-    its blocks, the single-GPU Llama 3.2 1B steps hold all)."""
-    if layer.kind not in BLOCK_KINDS or tp == 1:
+def recasts(ctx: LayerContext, layer: LayerSpec, mode: Recompute) -> bool:
+    """Whether a block at recompute ``mode`` frees the forward's autocast weight casts
+    (:attr:`ZeroTerms.casts`) before its backward: a cast is held only while autograd saves it for
+    a GEMM's backward or autocast's cache (cleared when the forward's autocast region exits) holds
+    it. A fully recomputed block saves only its input, an op-level selective policy only GEMM and
+    collective outputs (a cast is neither), and the backward casts again; Megatron's attention-core
+    recomputation keeps the projections' saved casts. Embedding, norm and head are never
+    recomputed. benchmarks/results/fake_memory: at their peaks the traced steps of Llama 3.2 1B on one
+    GPU (selective mb 2, full mb 4) and of the dp2 tp4+sp Llama 3 8B plan (selective) hold no block
+    weight casts, the steps without recomputation hold all."""
+    if layer.kind not in BLOCK_KINDS:
         return False
     return mode is Recompute.FULL or (mode is Recompute.SELECTIVE and ctx.options.selective != "megatron")
 

@@ -162,7 +162,7 @@ class StageTable:
                 cache: LayerCache) -> tuple[np.ndarray, np.ndarray]:
         cores = [cache.core(self.ctx, layer, sig, s, mode) for s in self.strategies]
         zeros = [cache.zero(self.ctx, layer, sig, s) for s in self.strategies]
-        return _merged(self.ctx, cores, zeros, [recasts(self.ctx, layer, s.tp, mode) for s in self.strategies])
+        return _merged(self.ctx, cores, zeros, [recasts(self.ctx, layer, mode)] * self.size)
 
     def _edge(self, kinds: tuple[LayerKind, ...], cache: LayerCache) -> tuple[np.ndarray, np.ndarray]:
         vec, work = np.zeros((self.size, VECTOR_LEN)), np.zeros(self.size)

@@ -139,10 +139,10 @@ def test_a_vocabulary_parallel_head_holds_its_own_loss_bytes() -> None:
 
 
 
-def test_recomputed_tp_blocks_do_not_hold_their_weight_casts() -> None:
+def test_recomputed_blocks_do_not_hold_their_weight_casts() -> None:
     """fp32 parameters under a 16-bit plan: autocast's weight casts are held to the backward, except in
-    a TP block that recomputes (its local weight views are cast again, never cached). The head is
-    never recomputed, whatever its group's strategy says."""
+    a block that recomputes (full or op-level selective: nothing saves them, the backward casts
+    again). The head is never recomputed, whatever its group's strategy says."""
     from galvatron.strategies.cost.layer import core_cost
 
     spec = ModelSpec.from_config("llama3.2-1b")
@@ -154,7 +154,9 @@ def test_recomputed_tp_blocks_do_not_hold_their_weight_casts() -> None:
         return layer_cost(c, layer, s).act - core_cost(c, layer, s).act
 
     assert held(block, tp=2) == pytest.approx(2 * block.params / 2)  # the 16-bit cast of the rank's half
-    assert held(block, recompute="selective") == pytest.approx(2 * block.params)  # one rank: cached, held
+    assert held(block) == pytest.approx(2 * block.params)  # saved for the GEMMs' backward
+    assert held(block, recompute="selective") == 0.0
+    assert held(block, recompute="full") == 0.0
     assert held(block, tp=2, recompute="selective") == 0.0
     assert held(block, tp=2, recompute="full") == 0.0
     assert held(block, tp=2, zero=2, dp=2, recompute="full") == pytest.approx(2 * block.params / 2)  # FSDP2's copy
@@ -162,3 +164,19 @@ def test_recomputed_tp_blocks_do_not_hold_their_weight_casts() -> None:
     assert held(block, megatron, tp=2, recompute="selective") == pytest.approx(block.params)
     assert held(head, tp=2, recompute="full") == pytest.approx(held(head, tp=2))
     assert held(head, tp=2) > 0
+
+
+def test_recomputation_keeps_the_block_input_in_the_residual_streams_width() -> None:
+    """Autocast over fp32 parameters keeps an fp32 residual stream, so a recomputed block's saved input
+    is 4 bytes per element (2 where FSDP2 holds the block and its stream is 16-bit): GPT-3 XL, full
+    keeps the input alone, the matmuls policy the input and 9h of 16-bit GEMM outputs."""
+    spec = ModelSpec.from_config("gpt3-1.3b")
+    h = spec.hidden
+    native = _ctx(CostOptions(elementwise="autocast"))  # recomputed blocks hold no weight casts, ZeRO-3 no copies
+    tokens = native.micro_batch / 2 * native.seq_len
+    per_token = {(mode, zero): layer_cost(native, spec.blocks[0], LayerStrategy(recompute=mode, zero=zero, dp=2)).act
+                 / tokens for mode in ("full", "selective") for zero in (0, 3)}
+    assert per_token[("full", 0)] == pytest.approx(4 * h)
+    assert per_token[("full", 3)] == pytest.approx(2 * h)
+    assert per_token[("selective", 0)] == pytest.approx(4 * h + 18 * h)
+    assert per_token[("selective", 3)] == pytest.approx(2 * h + 18 * h)
