@@ -35,6 +35,17 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
 from torch.utils._pytree import tree_leaves
 
 _WAIT_TENSOR = torch.ops._c10d_functional.wait_tensor.default
+_ADD = torch.ops.aten.add.Tensor
+
+
+def _gradient_sum(args: Any, out: Any) -> bool:
+    """Whether an ``add`` may be autograd summing two gradients of one tensor: two tensors of one
+    shape and dtype added with no scale while a backward pass runs."""
+    if len(args) != 2 or torch._C._current_graph_task_id() == -1 or not isinstance(out, torch.Tensor):
+        return False
+    a, b = args
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape == out.shape
+            and a.dtype == b.dtype == out.dtype)
 
 
 class Allocation(NamedTuple):
@@ -72,6 +83,9 @@ class AllocationTracer(TorchDispatchMode):
         self._suspended = 0
         self._closed = False
         self._streams: dict[int, int] = {}
+        self._accumulating: tuple[int, int, frozenset[int]] | None = None
+        """The latest gradient sum: (its handle, its storage key, its inputs' storage keys); see
+        :meth:`_fold_accumulation`."""
 
     def adopt(self, tensors: Iterable[torch.Tensor]) -> None:
         """Log ``tensors``' storages as allocated now (in order), and their release when it comes; a
@@ -165,6 +179,10 @@ class AllocationTracer(TorchDispatchMode):
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and self._counts(t):
                 self._track(t.untyped_storage(), str(func))
+        if func is _ADD and _gradient_sum(args, out):
+            key = out.untyped_storage()._cdata
+            if key in self._live:
+                self._accumulating = (self._live[key][0], key, frozenset(a.untyped_storage()._cdata for a in args))
         return out
 
     def _counts(self, t: torch.Tensor) -> bool:
@@ -200,8 +218,27 @@ class AllocationTracer(TorchDispatchMode):
     def _release(self, key: int) -> None:
         self._seen.discard(key)
         handle, size, stream = self._live.pop(key)
+        if self._fold_accumulation(key, (handle, size, stream)):
+            return
         if size and not self._closed:
             self.events.append(Allocation("free", handle, size, stream, ""))
+
+    def _fold_accumulation(self, key: int, allocation: tuple[int, int, int]) -> bool:
+        """Autograd sums two gradients of one tensor (a residual stream, a tied weight) in place into
+        one of them when nothing else holds its storage, but never while a dispatch mode such as this
+        tracer is active (``InputBuffer``'s ``can_accumulate_inplace``: ``isTensorSubclassLike``), so
+        a traced run, fake or real, allocates the sum. When an input of that sum is released right
+        after it (nothing else held it), the sum takes the input's allocation instead of a new one,
+        as in an untraced run."""
+        pending, self._accumulating = self._accumulating, None
+        if pending is None or key not in pending[2] or pending[1] not in self._live:
+            return False
+        last = self.events[-1] if self.events else None
+        if last is None or last.action != "alloc" or last.handle != pending[0]:
+            return False  # something happened in between: the sum was not the input's replacement
+        self.events.pop()
+        self._live[pending[1]] = allocation
+        return True
 
 
 @contextmanager

@@ -53,6 +53,38 @@ def test_fake_step_allocates_as_the_real_one() -> None:
     assert stats.allocated_peak > 3 * params  # parameters, gradients and momentum at once
 
 
+def test_gradient_sums_reuse_an_input_as_untraced() -> None:
+    """A residual connection and a tied embedding sum two gradients of one tensor. Untraced, autograd
+    adds them in place; under any dispatch mode (the tracer) it allocates the sum: the log folds each
+    such sum into the input it replaces, so a residual block's step logs no sum in the backward."""
+
+    def tied_step(fake_mode: FakeTensorMode | None) -> tuple[object, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        with fake_mode or torch.device("cpu"):
+            embed, inner = nn.Embedding(128, 64), nn.Linear(64, 64)
+            tokens = torch.randint(0, 128, (16, 8))
+        params = [*embed.parameters(), *inner.parameters()]
+
+        def step() -> None:
+            x = embed(tokens)
+            x = x + inner(x)  # the residual: x's gradient is a sum
+            logits = x @ embed.weight.t()  # tied: the embedding weight's gradient is a sum
+            logits.float().logsumexp(-1).mean().backward()
+            for p in params:
+                p.grad = None
+
+        return step, [*params, tokens]
+
+    step, tensors = tied_step(None)
+    real = trace_steps(step, None, tensors, steps=2, attention=None)
+    fake_mode = FakeTensorMode()
+    step, tensors = tied_step(fake_mode)
+    fake = trace_steps(step, fake_mode, tensors, steps=2, attention=None)
+    assert sizes(fake) == sizes(real)
+    adds = [e for e in fake if e.op == "aten.add.Tensor"]
+    assert len(adds) == 2, "the forward's residual add of each step, no gradient sum"
+
+
 def test_a_step_traces_the_same_every_time() -> None:
     traces = []
     for _ in range(2):
