@@ -85,11 +85,14 @@ class LayerCost:
     """Seconds the host needs to issue the forward, where a profile timed it apart from the device
     (``fwd`` is then the device's); 0: not known (the host is taken to run ahead)."""
     host_bwd: float = 0.0
+    grad_work: float = 0.0
+    """Bytes of a gradient computed while every gradient exists, before it is summed into the one it
+    adds to (:func:`tied_gradient_sum`); one layer of a stage at most, so it adds up."""
 
     def vector(self) -> tuple[float, ...]:
         """The additive fields, in a fixed order, for fast summing in the search."""
         return (self.fwd + self.bwd, self.wgrad, self.bwd_compute, self.sync, self.post, self.optim,
-                self.static, self.act, self.grads, self.fwd, self.host_fwd, self.host_bwd)
+                self.static, self.act, self.grads, self.fwd, self.host_fwd, self.host_bwd, self.grad_work)
 
     @property
     def static(self) -> float:
@@ -1028,4 +1031,21 @@ def tied_copy(ctx: LayerContext, spec: ModelSpec, s: LayerStrategy, holder: bool
     grads = layer.params / s.tp * ctx.options.grad_bytes
     inter = ctx.stage_devices >= ctx.perf.gpus_per_node
     c.post = ctx.perf.collective_time(Collective.ALL_REDUCE, grads, Group(size=2, per_node=1 if inter else 2))
+    return c
+
+
+def tied_gradient_sum(ctx: LayerContext, spec: ModelSpec, s: LayerStrategy) -> LayerCost:
+    """Tied input/output embeddings on one stage: the head's gradient of the shared weight comes
+    first, and the embedding's backward, the backward's last op, computes a whole second one
+    (``embedding_dense_backward``, in the weight's dtype, the rank's vocabulary shard) before autograd
+    sums it in place into the first: a transient on top of every gradient (``grad_work``). Not where
+    FSDP2 holds the weight (ZeRO-2/3 over more than one replica), whose gradients are reduced as they
+    come. benchmarks/results/fidelity_memory: Llama 3.2 1B at one sample with full recomputation
+    peaks there, 0.98 GiB over its gradients."""
+    c = LayerCost()
+    embeddings = spec.layers_of(LayerKind.EMBEDDING)
+    if not (spec.tied_embeddings and embeddings) or fsdp_unit(s):
+        return c
+    fp32 = ctx.dtype is DType.FP32 or ctx.options.master_weights == "params"
+    c.grad_work = embeddings[0].params / s.tp * (4 if fp32 else _param_bytes(ctx))
     return c

@@ -6,7 +6,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from galvatron.strategies.cost.layer import LayerContext, LayerCost, layer_cost, tied_copy, tokens_per_rank
+from galvatron.strategies.cost.layer import (
+    LayerContext,
+    LayerCost,
+    layer_cost,
+    tied_copy,
+    tied_gradient_sum,
+    tokens_per_rank,
+)
 from galvatron.strategies.cost.options import CostOptions
 from galvatron.strategies.cost.perf import DatasheetPerf, Perf
 from galvatron.strategies.cost.step import (
@@ -95,6 +102,8 @@ def cost_plan(plan: Plan, spec: ModelSpec, cluster: Cluster | Perf, options: Cos
         if pp > 1 and j in (0, len(plan.stages) - 1):
             edge = plan.embedding_strategy if j == 0 else plan.head_strategy
             group.add(tied_copy(ctx, spec, edge, holder=j > 0))
+        elif pp == 1:
+            group.add(tied_gradient_sum(ctx, spec, plan.embedding_strategy))
         if pp > 1:
             group.p2p += schedule_overhead(options)
         if j + 1 < len(plan.stages):

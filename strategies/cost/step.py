@@ -16,8 +16,8 @@ from galvatron.strategies.cost.options import CostOptions
 from galvatron.plan import Schedule
 
 # indices into LayerCost.vector()
-FB, WGRAD, BWD_COMPUTE, SYNC, POST, OPTIM, STATIC, ACT, GRADS, FWD, HOST_FWD, HOST_BWD = range(12)
-VECTOR_LEN = 12
+FB, WGRAD, BWD_COMPUTE, SYNC, POST, OPTIM, STATIC, ACT, GRADS, FWD, HOST_FWD, HOST_BWD, GRAD_WORK = range(13)
+VECTOR_LEN = 13
 
 
 @dataclass(frozen=True)
@@ -60,14 +60,16 @@ def grads_persist(options: CostOptions, micro_batches: int) -> bool:
     return options.persistent_grads if options.persistent_grads is not None else micro_batches > 1
 
 
-def memory_peak(static: Any, grads: Any, act: Any, work: Any, persist: bool) -> Any:
+def memory_peak(static: Any, grads: Any, act: Any, work: Any, persist: bool, grad_work: Any = 0.0) -> Any:
     """Peak bytes of a device group: parameters and optimizer states (``static``) always; held
     gradients on top of the activations in flight and the largest transient buffer (``work``).
     Gradients that live only from the backward on replace the activations as the backward frees
     them layer by layer (each layer's activations go as its gradients come), so activations plus
     gradients peak at one end: at the loss, with every activation and the largest transient (the
-    logits), or after the backward, with every gradient. Floats or numpy arrays."""
-    out = static + (act + grads + work if persist else np.maximum(act + work, grads))
+    logits), or after the backward, with every gradient and ``grad_work``, a gradient being summed
+    into one that exists (:func:`strategies.cost.layer.tied_gradient_sum`). Floats or numpy arrays."""
+    out = static + grads + np.maximum(act + work, grad_work) if persist else \
+        static + np.maximum(act + work, grads + grad_work)
     return float(out) if np.ndim(out) == 0 else out
 
 
@@ -95,7 +97,7 @@ def combine(sums: Sequence[float], work: float, p2p: float, inflight: float, zer
         exposed = sums[SYNC]
     e = exposed + sums[POST] + sums[OPTIM]
     act = inflight * sums[ACT]
-    memory = memory_peak(sums[STATIC], sums[GRADS], act, work, persist)
+    memory = memory_peak(sums[STATIC], sums[GRADS], act, work, persist, sums[GRAD_WORK])
     return GroupTotals(t=t, b=b, e=e, memory=memory, activations=act, exposed_sync=exposed)
 
 

@@ -25,6 +25,7 @@ from galvatron.strategies.cost.layer import (
     recasts,
     stream_bytes,
     tied_copy,
+    tied_gradient_sum,
     zero_exposed,
     zero_terms,
 )
@@ -32,6 +33,7 @@ from galvatron.strategies.cost.model import p2p_time, schedule_overhead
 from galvatron.strategies.cost.step import (
     ACT,
     FB,
+    GRAD_WORK,
     GRADS,
     STATIC,
     VECTOR_LEN,
@@ -107,7 +109,7 @@ def _merged(ctx: LayerContext, cores: list[tuple[float, ...]], zeros: list[ZeroT
     fwd, bwd, bwdc = fwd + param_fwd, bwd + param_bwd, bwdc + param_bwd
     fwd_x, bwd_x = zero_exposed(ag, rs, fwd, bwdc, ctx.options)
     vec = np.stack([(fwd + fwd_x) + (bwd + bwd_x), wgrad, bwdc, sync, post, optim, static, act + copies, grads,
-                    fwd + fwd_x, host_f, host_b], axis=1)
+                    fwd + fwd_x, host_f, host_b, np.zeros_like(fwd)], axis=1)  # grad_work: tied_gradient_sum
     return vec, np.maximum(work, zwork)
 
 
@@ -140,6 +142,12 @@ class StageTable:
         self.embedding = self._edge((LayerKind.EMBEDDING,), cache)
         """Vectors and transient memory of the embedding and of the tail (never recomputed)."""
         self.tail = self._edge((LayerKind.NORM, LayerKind.HEAD), cache)
+        if not pipelined and spec.tied_embeddings:
+            sums: dict[tuple, np.ndarray] = {}  # a function of the weight's layout
+            for row, x in enumerate(self.strategies):
+                if x.weight_layout not in sums:
+                    sums[x.weight_layout] = tied_gradient_sum(ctx, spec, x).vector()
+                self.embedding[0][row] += sums[x.weight_layout]
         if pipelined and spec.tied_embeddings:
             for edge, holder in ((self.embedding, False), (self.tail, True)):
                 copies: dict[tuple, np.ndarray] = {}  # a function of the weight's layout (and cp, ZeRO's span)
@@ -211,7 +219,7 @@ class StageTable:
     def memory(self, vec: np.ndarray, work: np.ndarray, inflight: float) -> np.ndarray:
         """Peak memory of stages with summed vectors ``vec`` (see ``memory_peak``)."""
         persist = grads_persist(self.ctx.options, self.ctx.micro_batches)
-        return memory_peak(vec[:, STATIC], vec[:, GRADS], inflight * vec[:, ACT], work, persist)
+        return memory_peak(vec[:, STATIC], vec[:, GRADS], inflight * vec[:, ACT], work, persist, vec[:, GRAD_WORK])
 
 
 def totals(table: StageTable, vec: np.ndarray, work: np.ndarray, p2p: np.ndarray, inflight: float,
