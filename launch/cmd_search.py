@@ -25,9 +25,10 @@ def run(args: argparse.Namespace) -> int:
     cmd_simulate.apply_backend(args, cluster)
     cmd_simulate.apply_profiles(args, spec, cluster)
     result = cmd_simulate.run_search(args, spec, cluster)
-    cmd_simulate.emit(args, list(result.top), result.search_time_s, result.plans_costed, spec, cluster)
+    costs, traced = cmd_simulate.checked_by_trace(args, spec, cluster, list(result.top))
+    cmd_simulate.emit(args, costs, result.search_time_s, result.plans_costed, spec, cluster, traced)
     if args.out:
-        result.best.plan.save(args.out)
+        costs[0].plan.save(args.out)
         if not args.json:
             print(f"\nwrote {args.out}")
     return 0

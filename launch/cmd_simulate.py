@@ -23,6 +23,8 @@ from galvatron.errors import ConfigError, MemoryBudgetError
 from galvatron.plan import CPKind, Plan, Recompute, Schedule
 from galvatron.spec import ModelSpec
 
+TRACED_CANDIDATES = 5
+"""Plans a search with ``--trace-memory`` may trace before it gives up on finding one whose reserve fits."""
 _PLAN_FLAGS = ("tp", "pp", "dp", "cp", "sp", "ep", "etp", "zero", "recompute", "micro_batch", "vpp", "schedule")
 
 
@@ -64,7 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plan.add_argument("--trace-memory", action="store_true",
                       help="also trace the plan's training steps under galvatron.wrap on fake tensors (CPU, seconds "
                            "to a minute): rank 0's allocated and reserved peaks under PyTorch's caching allocator "
-                           "(the reference GPT of --model, no pp; compare with --backend native)")
+                           "(the reference GPT of --model, no pp; compare with --backend native). Searching, the "
+                           f"best {TRACED_CANDIDATES} plans (or --top K) are traced in order until one's reserved "
+                           "peak fits the GPU, and that plan is reported first")
     space = parser.add_argument_group("search space")
     space.add_argument("--max-tp", type=int)
     space.add_argument("--max-pp", type=int)
@@ -118,8 +122,46 @@ def run(args: argparse.Namespace) -> int:
     if args.plan or any(getattr(args, f) not in (None, False) for f in _PLAN_FLAGS):
         return _simulate_one(args, spec, cluster)
     result = run_search(args, spec, cluster)
-    emit(args, [c for c in result.top], result.search_time_s, result.plans_costed, spec, cluster)
+    costs, traced = checked_by_trace(args, spec, cluster, list(result.top))
+    emit(args, costs, result.search_time_s, result.plans_costed, spec, cluster, traced)
     return 0
+
+
+def checked_by_trace(args: argparse.Namespace, spec: ModelSpec, cluster: Any,
+                     top: list[Any]) -> tuple[list[Any], dict[str, Any] | None]:
+    """``--trace-memory`` after a search: the cost model ranks plans by their allocated peak, while a
+    GPU must also hold the caching allocator's reserve. The best plans are traced in order
+    (:func:`trace_memory`) until one's reserved peak (default allocator) fits the usable memory; that
+    plan goes first, the others keep their order (``--top K`` of them). A plan that cannot be traced
+    (a pipeline, MoE routing) ends the walk: the best plan stays first. ``traced_memory`` of the
+    chosen plan gets ``candidates``: each traced plan's rank in the search, step time and reserve."""
+    if not args.trace_memory:
+        return top[:max(args.top, 1)], None
+    chosen, found, tried = 0, None, []
+    for rank, cost in enumerate(top):
+        try:
+            traced = trace_memory(args.model, spec, cost.plan, cluster.world_size)
+        except ConfigError as err:
+            print(f"not traced: plan #{rank + 1}: {err}", file=sys.stderr, flush=True)
+            break
+        fits = traced["reserved_peak_gib_default"] <= cost.memory_limit_gib
+        tried.append({"rank": rank + 1, "step_time_s": cost.step_time_s,
+                      "reserved_peak_gib_default": traced["reserved_peak_gib_default"], "fits": fits})
+        if found is None:
+            found = traced
+        if fits:
+            chosen, found = rank, traced
+            break
+        print(f"plan #{rank + 1} reserves {traced['reserved_peak_gib_default']:.1f} GiB when traced, over the "
+              f"{cost.memory_limit_gib:.1f} GiB usable; trying the next", file=sys.stderr, flush=True)
+    if found is not None:
+        found = {**found, "candidates": tried}
+        if not tried[-1]["fits"]:
+            print(f"none of the {len(tried)} traced plans fits with its reserve: reporting the best plan; try "
+                  "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, a smaller micro-batch or more memory headroom",
+                  file=sys.stderr, flush=True)
+    ordered = [top[chosen], *top[:chosen], *top[chosen + 1:]]
+    return ordered[:max(args.top, 1)], found
 
 
 def load_cluster_arg(name: str) -> Any:
@@ -183,7 +225,8 @@ def run_search(args: argparse.Namespace, spec: ModelSpec, cluster: Any) -> Any:
 
     kinds = tuple(CPKind(k.strip()) for k in args.cp_kinds.split(",")) if args.cp_kinds else tuple(CPKind)
     options = SearchOptions(global_batch=args.global_batch, max_tp=args.max_tp, max_pp=1 if args.no_pp else args.max_pp,
-                            uniform=args.uniform, cp_kinds=kinds, dtype=DType(args.dtype), top_k=max(args.top, 1),
+                            uniform=args.uniform, cp_kinds=kinds, dtype=DType(args.dtype),
+                            top_k=max(args.top, TRACED_CANDIDATES if args.trace_memory else 1),
                             fixed=pinned(args), progress=progress, **getattr(args, "restrict", {}))
     target = getattr(args, "perf", None) or cluster
     return search(spec, target, options, getattr(args, "cost_options", None), world_size=cluster.world_size)
@@ -261,6 +304,9 @@ def emit(args: argparse.Namespace, costs: list[Any], search_time: float | None, 
               f"of {cost.memory_limit_gib:.1f} GiB")
         print(cost.plan.describe())
         print(_table(cost))
+    for c in (traced or {}).get("candidates", []):
+        print(f"traced search plan #{c['rank']} ({c['step_time_s']:.3f} s/step): reserved peak "
+              f"{c['reserved_peak_gib_default']:.2f} GiB, {'fits' if c['fits'] else 'over the usable memory'}")
     if traced is not None:
         print(f"\ntraced on fake tensors ({traced['events']} allocations, {traced['seconds']:.1f} s), rank 0: "
               f"allocated peak {traced['allocated_peak_gib']:.2f} GiB; reserved peak "

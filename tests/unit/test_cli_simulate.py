@@ -100,3 +100,40 @@ def test_simulate_traces_a_plans_memory_on_fake_tensors(capsys: pytest.CaptureFi
     assert not dist.is_initialized()  # its fake process group is gone
     assert main(["simulate", "--model", "gpt-tiny", "--cluster", "8xA100-80GB", "--pp", "2", "--trace-memory"]) == 1
     assert "without pipeline parallelism" in capsys.readouterr().err
+
+
+def test_search_with_trace_memory_reports_the_best_plan_whose_reserve_fits(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``search --trace-memory`` traces the best plans in order: one whose traced reserve is over the
+    usable memory gives way to the next that fits, which is reported first and written by ``--out``."""
+    from galvatron.launch import cmd_simulate
+
+    traced_plans: list[Plan] = []
+
+    def trace(model: str, spec: object, plan: Plan, world: int) -> dict:
+        traced_plans.append(plan)
+        reserve = 1e6 if len(traced_plans) == 1 else 1.0  # the best plan's reserve is over any GPU
+        return {"allocated_peak_gib": 0.5, "reserved_peak_gib_default": reserve, "events": 1, "seconds": 0.0,
+                **{f"{k}_{m}": reserve for k in ("reserved_peak_gib", "least_memory_gib")
+                   for m in ("default", "expandable_segments")}}
+
+    monkeypatch.setattr(cmd_simulate, "trace_memory", trace)
+    out_file = tmp_path / "plan.yaml"
+    assert main(["search", "--model", "gpt-tiny", "--cluster", "8xA100-80GB", "--no-pp", "--trace-memory", "--json",
+                 "--out", str(out_file)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(traced_plans) == 2 and traced_plans[0] != traced_plans[1]
+    assert Plan.from_dict(out["plan"]) == traced_plans[1] == Plan.load(out_file)
+    assert [c["fits"] for c in out["traced_memory"]["candidates"]] == [False, True]
+
+
+def test_search_with_trace_memory_traces_the_best_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    """A real trace of the searched plan (the reference GPT on fake tensors): it fits, so it stays first."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    assert main(["search", "--model", "gpt-tiny", "--cluster", "8xA100-80GB", "--no-pp", "--backend", "native",
+                 "--trace-memory"]) == 0
+    out = capsys.readouterr().out
+    assert "traced search plan #1" in out and "fits" in out and "reserved peak" in out
