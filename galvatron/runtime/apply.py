@@ -5,7 +5,9 @@ per layer group over that group's own device mesh tensor parallelism, expert par
 recomputation, re-layout hooks, data parallelism / ZeRO; the embedding and
 the head get their own strategies; an FSDP2 root over everything when any range is ZeRO-2/3.
 With ``pp > 1`` the model is cut into this rank's chunks first (:mod:`galvatron.runtime.pipeline`)
-and the same per-group appliers run on the blocks inside them.
+and the same per-group appliers run on the blocks inside them. The model stays where the user built
+it (CPU or meta) while it is sharded; only this rank's part is put on the device afterwards
+(:func:`place_model`).
 
 Everything that can reject a plan (validation against the world size and the model, runtime
 support, tensor-parallel plans of every block) runs on every rank before the first collective,
@@ -71,8 +73,24 @@ def wrap(model: nn.Module, plan: Plan | str | Path | None = "auto", *, example_b
 
     ``backend``: ``"native"`` (this runtime), ``"deepspeed"`` or ``"megatron"``; each executes
     the plan features in its capability table (:mod:`galvatron.backends`, docs/backends.md).
+
+    Where the model is built: the whole model never has to fit on one device. A model on the CPU is
+    sharded there and only this rank's shards reach the device (tensor parallelism and FSDP2 move
+    each tensor they shard; what stays whole, e.g. replicated layers and buffers, moves at the end).
+    A model built under ``with torch.device("meta"):`` is sharded as usual and then its local
+    parameters and buffers are allocated on the device, uninitialised: load the weights afterwards
+    (``galvatron.runtime.checkpoint.load(model, path)``, either format, any plan). Its
+    non-persistent buffers (no checkpoint holds them, e.g. RoPE tables computed in ``__init__``) are
+    recomputed by the owning module's ``init_buffers()`` method (Hugging Face rotary embeddings: by
+    the model's own initialisation); without one ``wrap`` raises :class:`GalvatronError` naming the
+    buffer; real tensors assigned to such buffers before ``wrap`` are kept. With ``plan="auto"`` on
+    CPU workers a meta model is not profiled (the nominal CPU costs the plans). Meta models run on
+    the native backend only.
     """
     if backend != "native":
+        if isinstance(model, nn.Module) and _holds_meta(model):
+            raise GalvatronError(f"the model is on the meta device, which only the native runtime materialises; "
+                                 f"build it on the CPU for backend={backend!r}")
         from galvatron.backends import wrap_backend
 
         return wrap_backend(backend, model, plan, example_batch=example_batch, tp_plan=tp_plan,
@@ -83,6 +101,7 @@ def wrap(model: nn.Module, plan: Plan | str | Path | None = "auto", *, example_b
         plan = Plan.load(plan)
     if isinstance(plan, Plan):
         check_expert_tp(plan)  # before any process group starts
+    check_meta_buffers(model)
     device = init_distributed(timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
     spec = describe(model, example_batch)
@@ -92,9 +111,9 @@ def wrap(model: nn.Module, plan: Plan | str | Path | None = "auto", *, example_b
     dims = ParallelDims.build(plan, rank, device.type, timeout)
     runtime = Runtime(plan, dims, spec, device)
     if plan.pp == 1:
-        model.to(device)
         _apply_stage(model, runtime, model.get_submodule(spec.block_path), block_plans, first=True, last=True,
                      root=model)
+        place_model(model, runtime)
     else:
         _apply_pipeline(model, runtime, block_plans)
     model.__class__ = type(f"Galvatron{type(model).__name__}", (GalvatronModule, type(model)), {})
@@ -683,14 +702,97 @@ def _apply_pipeline(model: nn.Module, rt: Runtime, block_plans: dict[int, dict[s
     from galvatron.runtime.pipeline import PipelineRunner, split_stages
 
     chunks = split_stages(model, rt.spec.block_path, rt.plan, rt.dims.device_group)
-    model.to(rt.device)
     blocks = model.get_submodule(rt.spec.block_path)
     for chunk in chunks:
         _apply_stage(model, rt, blocks, block_plans, first=chunk.is_first, last=chunk.is_last, root=chunk,
                      stage_index=chunk.stage_index)
         outer = rt.embedding_layout if chunk.is_first else rt.data_layout
         chunk.register_forward_pre_hook(lambda m, a, o=outer: setattr(rt, "entry_layout", o))
+    place_model(model, rt)  # the other stages' modules are placeholders now
     rt.runner = PipelineRunner(chunks, rt.plan, rt.dims.pipeline_group(), _CurrentLoss(rt), rt.device)
+
+
+# ====================================================================== placement on the device
+INIT_BUFFERS = "init_buffers"
+"""The method :func:`wrap` calls, once a meta-device model is materialised, on each module whose
+non-persistent buffers were on the meta device (no checkpoint holds those): ``module.init_buffers()``
+recomputes them (e.g. rotary tables), in place or by assigning new tensors, on the module's device."""
+
+
+def place_model(model: nn.Module, rt: Runtime) -> None:
+    """Put this rank's part of the parallelised ``model`` on its device: meta tensors materialised
+    uninitialised (their non-persistent buffers recomputed, :data:`INIT_BUFFERS`), host tensors moved,
+    then the gradient hooks of materialised parameters registered. Runs after sharding, so only local
+    shards reach the device: tensor parallelism (DTensor) and FSDP2 each moved the tensors they
+    sharded there one at a time, and what stays whole moves now."""
+    owners = [m for m in model.modules() if _meta_buffer_names(m)]
+    _place_tensors(model, rt.device, data.host_parameters(model))
+    with torch.no_grad():
+        for owner in owners:
+            _buffer_initializer(model, owner)()
+    rt.sync.hook_materialized()
+
+
+def _place_tensors(model: nn.Module, device: torch.device, host: set[int]) -> None:
+    """Every parameter and buffer of ``model`` not on ``device`` put there (the parameters whose ids
+    are in ``host`` on the CPU), each parameter staying the same object, so ties between modules and
+    the references the gradient sync, FSDP2 and optimizers hold stay valid: a meta tensor becomes an
+    uninitialised one (``torch.utils.swap_tensors``), a host tensor moves (``.data``); a DTensor that
+    is not on the meta device is already where its sharding placed it."""
+    from torch.distributed.tensor import DTensor
+
+    done: set[int] = set()
+    for module in model.modules():
+        for _, p in module.named_parameters(recurse=False):
+            if id(p) in done:
+                continue
+            done.add(id(p))
+            target = torch.device("cpu") if id(p) in host else device
+            if p.is_meta:
+                empty = torch.empty_like(p, device=target)
+                torch.utils.swap_tensors(p, nn.Parameter(empty, requires_grad=p.requires_grad))
+            elif not isinstance(p, DTensor) and p.device != target:
+                p.data = p.data.to(target)
+        for name, b in module.named_buffers(recurse=False):
+            if b.is_meta:
+                setattr(module, name, torch.empty_like(b, device=device))
+            elif not isinstance(b, DTensor) and b.device != device:
+                setattr(module, name, b.to(device))
+
+
+def _holds_meta(model: nn.Module) -> bool:
+    return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
+def _meta_buffer_names(module: nn.Module) -> list[str]:
+    """``module``'s own non-persistent buffers on the meta device that hold values (not empty)."""
+    return [n for n, b in module.named_buffers(recurse=False)
+            if b.is_meta and b.numel() and n in module._non_persistent_buffers_set]
+
+
+def _buffer_initializer(model: nn.Module, module: nn.Module) -> Callable[[], Any] | None:
+    """What recomputes ``module``'s non-persistent buffers: its :data:`INIT_BUFFERS` method, or for a
+    Hugging Face rotary embedding the model's ``_init_weights(module)`` (where transformers computes
+    ``inv_freq`` for a model built on the meta device); None if neither."""
+    hook = getattr(module, INIT_BUFFERS, None)
+    if callable(hook):
+        return hook
+    init = getattr(model, "_init_weights", None)
+    if callable(init) and "RotaryEmbedding" in type(module).__name__ and hasattr(module, "original_inv_freq"):
+        return lambda: init(module)
+    return None
+
+
+def check_meta_buffers(model: nn.Module) -> None:
+    """Raise :class:`GalvatronError` naming the non-persistent buffers on the meta device that nothing
+    would recompute after materialisation (:func:`_buffer_initializer`): no checkpoint holds them."""
+    missing = [f"{path}.{name}" if path else name for path, module in model.named_modules()
+               for name in _meta_buffer_names(module) if _buffer_initializer(model, module) is None]
+    if missing:
+        raise GalvatronError(
+            f"non-persistent buffer(s) {', '.join(missing)} on the meta device: no checkpoint holds them, so "
+            f"they would stay uninitialised; give the module owning them an {INIT_BUFFERS}() method that "
+            "recomputes them, or assign their real values to the model before galvatron.wrap")
 
 
 class _CurrentLoss:

@@ -60,6 +60,8 @@ class Bucket:
     complete: bool = True
     """Every parameter had a local gradient when the bucket launched: then every one has a reduced
     gradient, and the ranks' counts need not be read back (a device sync per bucket)."""
+    hooked: bool = False
+    """Its parameters' gradient hooks are registered (see :meth:`GradientSync.hook_materialized`)."""
 
     @property
     def size(self) -> int:
@@ -103,13 +105,25 @@ class GradientSync:
         self._seen.update(id(p) for p in params)
         bucket = Bucket(params, group, zero1=zero1, offload=offload, divide=divide)
         self.buckets.append(bucket)
-        if not bucket.active:
+        if not any(p.is_meta for p in params):
+            self._hook(bucket)
+
+    def hook_materialized(self) -> None:
+        """Register the gradient hooks of buckets added while their parameters were on the meta
+        device: materialising a parameter swaps its tensor (``torch.utils.swap_tensors``), which
+        keeps the Python object but not the hooks registered on it."""
+        for bucket in self.buckets:
+            self._hook(bucket)
+
+    def _hook(self, bucket: Bucket) -> None:
+        if bucket.hooked or not bucket.active:
             return
+        bucket.hooked = True
         # The hooks live in the parameters' C++ side, out of the garbage collector's sight: through
         # strong references, parameter -> hook -> bucket -> parameter would keep every parameter
         # (and all this references) alive after the model is deleted.
         refs = weakref.ref(self), weakref.ref(bucket)
-        for p in params:
+        for p in bucket.params:
             p.register_post_accumulate_grad_hook(lambda _, refs=refs: _call_on_grad(*refs))
 
     def reduces(self, p: nn.Parameter) -> bool:
@@ -259,6 +273,22 @@ def apply_fsdp(modules: list[nn.Module], mesh: Any, *, reshard_after_forward: bo
     else:
         for module in modules:
             fully_shard(module, **kwargs)
+    for module in modules if offload else ():
+        setattr(module, _OFFLOADED, True)
+
+
+_OFFLOADED = "_galvatron_offloaded"
+"""Set on the modules :func:`apply_fsdp` shards with CPU offload."""
+
+
+def host_parameters(model: nn.Module) -> set[int]:
+    """Ids of ``model``'s parameters that live in host memory: those FSDP2 shards with CPU offload
+    (the DTensors of an offloaded unit; the parameters it ignores keep their own place). A meta-device
+    model materialises them there."""
+    from torch.distributed.tensor import DTensor
+
+    return {id(p) for m in model.modules() if getattr(m, _OFFLOADED, False) for p in m.parameters()
+            if isinstance(p, DTensor)}
 
 
 def _share_parameters(modules: list[nn.Module]) -> bool:
