@@ -68,12 +68,18 @@ PLAN_CASES: dict[str, dict[str, Any]] = {
                                          "sp": True, "zero": 1, "recompute": "selective"},
     "plan8b-dp8-zero3-full": {"model": "llama3-8b", "seq": 4096, "samples": 1, "dp": 8, "zero": 3,
                               "recompute": "full"},
+    # the same two built on the meta device: wrap materialises only this rank's shards
+    "plan8b-dp2-tp4sp-zero1-selective-meta": {"model": "llama3-8b", "seq": 4096, "samples": 1, "dp": 2, "tp": 4,
+                                              "sp": True, "zero": 1, "recompute": "selective", "build": "meta"},
+    "plan8b-dp8-zero3-full-meta": {"model": "llama3-8b", "seq": 4096, "samples": 1, "dp": 8, "zero": 3,
+                                   "recompute": "full", "build": "meta"},
 }
 PLAN_WORLD, PLAN_SAMPLES, PLAN_MODEL, PLAN_SEQ = 8, 2, "llama3.2-1b", 2048
 
 
 def plan_case(case: str) -> tuple[str, int, int, str, dict[str, Any]]:
-    """A ``PLAN_CASES`` entry as (model, seq, samples per data-parallel rank, recompute, plan kwargs)."""
+    """A ``PLAN_CASES`` entry as (model, seq, samples per data-parallel rank, recompute, plan kwargs and
+    ``build``)."""
     kw = dict(PLAN_CASES[case])
     return (kw.pop("model", PLAN_MODEL), kw.pop("seq", PLAN_SEQ), kw.pop("samples", PLAN_SAMPLES),
             kw.pop("recompute", "none"), kw)
@@ -161,13 +167,16 @@ def _titan_step(model: torch.nn.Module, batch: int, device: str) -> Any:
 
 # ------------------------------------------------------------------------------ galvatron.wrap
 def native_trainer(micro_batch: int, mode: str, seq: int = 2048, fake_mode: Any = None, tracer: Any = None,
-                   world: int = 1, model_name: str = "llama3.2-1b", **plan: Any) -> tuple[Any, list[torch.Tensor]]:
+                   world: int = 1, model_name: str = "llama3.2-1b", build: str = "device",
+                   **plan: Any) -> tuple[Any, list[torch.Tensor]]:
     """``model_name`` (Llama 3.2 1B) through ``galvatron.wrap`` under ``Plan.uniform(..., recompute=mode, **plan)`` as
     rank 0 of ``world`` (a fake process group when ``world > 1``), trained as ``profile_fidelity.py``
     trains it, ``micro_batch`` samples per step on this rank; with ``fake_mode`` on fake CPU tensors.
     The step, and the tensors that exist before it (parameters, buffers, the batch). A ``tracer``
     (``AllocationTracer``) logs the model's construction, which a GPU run makes at full size before
-    ``wrap`` shards it."""
+    ``wrap`` shards it; ``build="meta"``: the model is built on the meta device and ``wrap``
+    materialises this rank's shards only (a GPU run then fills them with random values; a fake run
+    counts them from the first step on, as ``memory_trace.trace_plan(build_on="meta")`` does)."""
     import torch.distributed as dist
     from galvatron.launch.cmd_profile import gpt_config
     from galvatron.profiler.model import lm_loss
@@ -183,14 +192,21 @@ def native_trainer(micro_batch: int, mode: str, seq: int = 2048, fake_mode: Any 
     cfg = gpt_config({**load_model_config(model_name), "seq_len": seq})
     device = "cpu" if fake_mode is not None else "cuda"
     torch.manual_seed(0)
-    with fake_mode or torch.device(device), tracer or nullcontext():
+    meta_on_device = build == "meta" and fake_mode is None
+    with fake_mode or torch.device("meta" if meta_on_device else device), \
+            tracer if tracer is not None and build == "device" else nullcontext():
         model = GPT(cfg)
+    with fake_mode or nullcontext(), tracer or nullcontext():
         tokens = torch.randint(0, cfg.vocab, (micro_batch, seq + 1), device=device)
     if fake_mode is not None:
         model.to = lambda *args, **kwargs: model  # already where it runs (and fake tensors cannot swap)
     dp = plan.get("dp", 1)
     layout = Plan.uniform(cfg.layers, global_batch_size=micro_batch * dp, dtype="bf16", recompute=mode, **plan)
     wrapped = galvatron.wrap(model, plan=layout)
+    if meta_on_device:  # uninitialised shards: values a step can train on
+        with torch.no_grad():
+            for p in wrapped.parameters():
+                (p.to_local() if hasattr(p, "to_local") else p).normal_(0.0, 0.02)
     opt = wrapped.optimizer(torch.optim.AdamW, lr=1e-5, fused=True)
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 

@@ -17,6 +17,7 @@ the fused kernels (cuDNN or FlashAttention: output and log-sum-exp kept, no scor
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -362,12 +363,21 @@ class TracedMemory(NamedTuple):
 
 
 def trace_plan(build: Callable[[], torch.nn.Module], plan: Any, *, world: int, seq_len: int, vocab: int,
-               steps: int = 3, attention: str = "cudnn") -> TracedMemory:
+               steps: int = 3, attention: str = "cudnn", build_on: str = "meta",
+               micro_batches: int | None = 4) -> TracedMemory:
     """The memory rank 0 of ``world`` GPUs needs to train ``build()`` (a model taking token ids)
     under ``plan`` (a :class:`galvatron.Plan` without pipeline), traced on fake tensors on this CPU:
-    the model built at full size (as ``galvatron.wrap`` receives it), wrapped on a fake process group,
-    AdamW (fused), then ``steps`` steps of rank 0's share of the global batch, replayed through the
-    caching-allocator simulator. Starts the process group; none may run in this process already."""
+    the model built, wrapped on a fake process group, AdamW (fused), then ``steps`` steps of rank 0's
+    share of the global batch, replayed through the caching-allocator simulator. ``build_on``:
+    ``"meta"`` (the model built on the meta device, or on the host: ``galvatron.wrap`` only ever puts
+    this rank's shards on the device; they are counted from the first step on, in order) or
+    ``"device"`` (built at full size where it runs, as under ``torch.device("cuda")``: the whole
+    model is allocated before ``wrap`` shards it, and its segments stay reserved). ``micro_batches``: at most this many
+    micro-batches per step are traced (the plan's micro-batch size kept; None: all of them): each
+    repeats the one before (gradients exist from the first on), so the peaks are reached by then,
+    and a step of 64 micro-batches of an 8B model would take minutes to trace. Starts the process
+    group; none may run in this process already."""
+    import dataclasses
     import time
 
     import torch.distributed as dist
@@ -377,6 +387,11 @@ def trace_plan(build: Callable[[], torch.nn.Module], plan: Any, *, world: int, s
 
     import galvatron
 
+    if build_on not in ("meta", "device"):
+        raise ValueError(f"build_on={build_on!r}: expected 'meta' or 'device'")
+    if micro_batches is not None and plan.num_micro_batches > micro_batches:
+        plan = dataclasses.replace(plan, global_batch_size=plan.micro_batch_size * micro_batches,
+                                   num_micro_batches=micro_batches)
     if plan.pp > 1:
         raise ValueError("memory tracing covers plans without pipeline parallelism (rank 0 of a pipeline "
                          "would wait on the other stages)")
@@ -387,14 +402,15 @@ def trace_plan(build: Callable[[], torch.nn.Module], plan: Any, *, world: int, s
     try:
         fake_mode = FakeTensorMode()
         tracer = AllocationTracer(fake_mode)
-        with fake_mode, tracer:
+        # built at full size on fake tensors; traced only where the device would hold all of it
+        with fake_mode, tracer if build_on == "device" else contextlib.nullcontext():
             model = build()
             tokens = torch.randint(0, vocab, (plan.global_batch_size // plan.stages[0].groups[0].strategy.dp,
                                               seq_len + 1))
         model.to = lambda *args, **kwargs: model  # already where it runs (and fake tensors cannot swap)
         wrapped = galvatron.wrap(model, plan=plan)
         opt = wrapped.optimizer(torch.optim.AdamW, lr=1e-5, fused=True)
-        x, y = tokens[:, :-1], tokens[:, 1:]
+        x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
         def step() -> None:
             wrapped.train_step((x, y), lm_loss)

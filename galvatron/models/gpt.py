@@ -208,6 +208,13 @@ class GPT(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init)
 
+    def init_buffers(self) -> None:
+        """Recompute the rotary tables on their device: they are non-persistent (no checkpoint holds
+        them), so a model built on the meta device needs them after ``galvatron.wrap`` materialises it."""
+        if self.config.position == "rope":
+            cos, sin = rope_cache(self.config.seq_len, self.config.hidden // self.config.heads)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+
     def _init(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)

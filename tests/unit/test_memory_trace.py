@@ -188,3 +188,32 @@ def test_a_functional_collectives_wait_returns_its_input() -> None:
             out = out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else out
             assert out.shape == (16, 4)
     assert [e.size for e in tracer.events if e.action == "alloc"] == [16 * 4 * 4]
+
+
+def test_a_plan_traced_as_built_on_the_meta_device_or_the_device() -> None:
+    """``trace_plan``: built where it runs, the whole model is allocated before ``wrap`` shards it; built
+    on the meta device, only the rank's shards (here ZeRO-3 over 4 ranks: a quarter of the parameters,
+    well under the whole model). Tracing 2 of a step's 8 micro-batches reaches the same peak."""
+    from galvatron.profiler.memory_trace import trace_plan
+
+    from galvatron.models import GPT, GPTConfig
+    from galvatron.plan import Plan
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    cfg = GPTConfig(layers=2, hidden=256, heads=4, vocab=4096, seq_len=16, ffn_hidden=1024)
+    plan = Plan.uniform(2, global_batch_size=32, num_micro_batches=8, dp=4, zero=3, dtype="bf16")
+    params = sum(p.numel() for p in GPT(cfg).parameters()) * 4
+
+    def trace(**kw: object) -> object:
+        return trace_plan(lambda: GPT(cfg), plan, world=4, seq_len=16, vocab=4096, steps=2, **kw)
+
+    device, meta = trace(build_on="device"), trace(build_on="meta")
+    first = next(i for i, e in enumerate(meta.events) if e.op)  # after the adopted shards
+    assert sum(e.size for e in device.events[:first] if e.action == "alloc") >= params
+    assert sum(e.size for e in meta.events[:first] if e.action == "alloc") < params / 2
+    assert device.allocated_peak >= meta.allocated_peak
+    every = trace(build_on="meta", micro_batches=None)
+    assert len(every.events) > len(meta.events)
+    assert (every.allocated_peak, every.reserved_peak) == (meta.allocated_peak, meta.reserved_peak)
+    assert not dist.is_initialized()
