@@ -85,7 +85,8 @@ def summarize(out_dir: Path) -> None:
              "`python benchmarks/fake_memory.py --out-dir benchmarks/results/fake_memory` "
              f"({time.strftime('%Y-%m-%d')}, CPU only). Predicted: the step traced on fake tensors "
              "(`galvatron.profiler.memory_trace`), replayed through `strategies.cost.allocator`. "
-             "Measured: benchmarks/results/reserved_memory (one H200, the allocator's own peaks).", "",
+             "Measured: benchmarks/results/reserved_memory (one H200; the `-meta` cases one H100; the "
+             "allocator's own peaks).", "",
              "| case | allocator | allocated GiB: predicted / measured (err) "
              "| reserved GiB: predicted / measured (err) | trace s |", "|---|---|---|---|---|"]
     errors: dict[str, list[float]] = {"allocated": [], "reserved": []}
