@@ -395,6 +395,9 @@ def trace_plan(build: Callable[[], torch.nn.Module], plan: Any, *, world: int, s
     if plan.pp > 1:
         raise ValueError("memory tracing covers plans without pipeline parallelism (rank 0 of a pipeline "
                          "would wait on the other stages)")
+    if any(g.strategy.offload for stage in plan.stages for g in stage.groups):
+        raise ValueError("memory tracing covers plans without CPU offload (on fake CPU tensors the offloaded "
+                         "parameters, gradients and optimizer states would count as device memory)")
     if dist.is_initialized():
         raise RuntimeError("memory tracing starts its own (fake) process group; one is running already")
     start = time.perf_counter()

@@ -100,6 +100,9 @@ def test_simulate_traces_a_plans_memory_on_fake_tensors(capsys: pytest.CaptureFi
     assert not dist.is_initialized()  # its fake process group is gone
     assert main(["simulate", "--model", "gpt-tiny", "--cluster", "8xA100-80GB", "--pp", "2", "--trace-memory"]) == 1
     assert "without pipeline parallelism" in capsys.readouterr().err
+    assert main(["simulate", "--model", "gpt-tiny", "--cluster", "8xA100-80GB", "--zero", "2", "--offload",
+                 "--trace-memory"]) == 1
+    assert "without CPU offload" in capsys.readouterr().err
 
 
 def test_search_with_trace_memory_reports_the_best_plan_whose_reserve_fits(
