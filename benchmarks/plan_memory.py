@@ -15,7 +15,6 @@ memory; ``--trace`` (no GPU needed) adds the trace's prediction of the same run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -27,18 +26,12 @@ GIB = 1 << 30
 STEPS = 3
 
 
-def _truncated(plan: Any, micro_batches: int) -> Any:
-    if plan.num_micro_batches <= micro_batches:
-        return plan
-    return dataclasses.replace(plan, global_batch_size=plan.micro_batch_size * micro_batches,
-                               num_micro_batches=micro_batches)
-
-
 def measure(model_name: str, plan_path: str, micro_batches: int) -> dict[str, Any]:
     """The plan's steps on this GPU as rank 0 (run in a fresh process: the peaks are the process's)."""
     import torch
     import torch.distributed as dist
     from galvatron.launch.cmd_profile import gpt_config
+    from galvatron.profiler.memory_trace import fewer_micro_batches
     from galvatron.profiler.model import lm_loss
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -47,7 +40,7 @@ def measure(model_name: str, plan_path: str, micro_batches: int) -> dict[str, An
     from galvatron.plan import Plan
     from galvatron.spec_config import load_model_config
 
-    plan = _truncated(Plan.load(plan_path), micro_batches)
+    plan = fewer_micro_batches(Plan.load(plan_path), micro_batches)
     cfg = gpt_config(load_model_config(model_name))
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=plan.world_size)
     out: dict[str, Any] = {"plan": plan_path, "device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -18,6 +18,7 @@ the fused kernels (cuDNN or FlashAttention: output and log-sum-exp kept, no scor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -362,6 +363,15 @@ class TracedMemory(NamedTuple):
     """How long tracing took."""
 
 
+def fewer_micro_batches(plan: Any, micro_batches: int | None) -> Any:
+    """``plan`` with at most ``micro_batches`` micro-batches per step, each of the plan's size (the
+    global batch shrinks); None: unchanged. What :func:`trace_plan` traces."""
+    if micro_batches is None or plan.num_micro_batches <= micro_batches:
+        return plan
+    return dataclasses.replace(plan, global_batch_size=plan.micro_batch_size * micro_batches,
+                               num_micro_batches=micro_batches)
+
+
 def trace_plan(build: Callable[[], torch.nn.Module], plan: Any, *, world: int, seq_len: int, vocab: int,
                steps: int = 3, attention: str = "cudnn", build_on: str = "meta",
                micro_batches: int | None = 4) -> TracedMemory:
@@ -377,7 +387,6 @@ def trace_plan(build: Callable[[], torch.nn.Module], plan: Any, *, world: int, s
     repeats the one before (gradients exist from the first on), so the peaks are reached by then,
     and a step of 64 micro-batches of an 8B model would take minutes to trace. Starts the process
     group; none may run in this process already."""
-    import dataclasses
     import time
 
     import torch.distributed as dist
@@ -389,9 +398,7 @@ def trace_plan(build: Callable[[], torch.nn.Module], plan: Any, *, world: int, s
 
     if build_on not in ("meta", "device"):
         raise ValueError(f"build_on={build_on!r}: expected 'meta' or 'device'")
-    if micro_batches is not None and plan.num_micro_batches > micro_batches:
-        plan = dataclasses.replace(plan, global_batch_size=plan.micro_batch_size * micro_batches,
-                                   num_micro_batches=micro_batches)
+    plan = fewer_micro_batches(plan, micro_batches)
     if plan.pp > 1:
         raise ValueError("memory tracing covers plans without pipeline parallelism (rank 0 of a pipeline "
                          "would wait on the other stages)")
