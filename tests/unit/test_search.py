@@ -143,6 +143,24 @@ def test_search_recomputes_some_blocks_of_a_single_stage() -> None:
     assert found.best.step_time_s == pytest.approx(truth[0].step_time_s, rel=1e-9)
 
 
+def test_search_prices_the_tied_gradient_sum_as_cost_plan_does() -> None:
+    """Tied embeddings on one stage add the embedding's second gradient after the backward
+    (``tied_gradient_sum``: a third of these plans peak there): at every budget the search ranks and
+    fits plans as cost_plan prices them."""
+    from galvatron.backends import capabilities
+
+    native = CostOptions(**capabilities("native").cost_options())
+    spec = ModelSpec.from_config({**TINY, "vocab": 16384, "hidden": 128, "ffn_hidden": 512, "tied_embeddings": True})
+    options = _options(zero_stages=(0, 1), cp_kinds=(), max_vpp=1, max_pp=1, capabilities=frozenset(
+        {"tp", "zero1", "recompute:full", "schedule:1f1b"}), recompute=(Recompute.NONE, Recompute.FULL))
+    every = brute_force(spec, with_memory(_perf(4), 1e9), options, world=4, cost_options=native)
+    for budget in sorted({c.peak_memory_gib for c in every}):
+        truth = [c for c in every if c.peak_memory_gib <= budget]
+        found = search(spec, with_memory(_perf(4), budget), options, native, world_size=4)
+        assert found.best.step_time_s == pytest.approx(truth[0].step_time_s, rel=1e-9)
+        assert found.best.peak_memory_gib <= budget * (1 + 1e-9)
+
+
 def test_search_matches_brute_force_on_mixed_moe_blocks() -> None:
     """Blocks that differ (a dense first block, then MoE) take the non-homogeneous path; ep is searched."""
     spec = ModelSpec.from_config(MOE)
