@@ -798,6 +798,12 @@ class ZeroTerms:
     """The same in the backward: gradient casts, FSDP2's reduce-scatter copy-in, and the adds of
     gradient accumulation over micro-batches where the weight-gradient GEMMs do not accumulate."""
 
+    def held(self, recast: bool) -> float:
+        """Bytes of parameter copies held from a micro-batch's forward to its backward, counted with the
+        activations: FSDP2's ``copies``, and autocast's ``casts`` unless the block casts again
+        (``recast``, :func:`recasts`)."""
+        return self.copies + (0.0 if recast else self.casts)
+
 
 def zero_terms(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> ZeroTerms:
     """Parameter/gradient/optimizer memory, per-step sync, per-micro-batch ZeRO-2/3 traffic and the
@@ -919,7 +925,7 @@ def apply_zero(c: LayerCost, z: ZeroTerms, options: CostOptions, recast: bool = 
     c.params += z.params
     c.grads += z.grads
     c.optim_states += z.optim_states
-    c.act += z.copies + (0.0 if recast else z.casts)
+    c.act += z.held(recast)
     c.sync += z.sync
     c.post += z.post
     c.optim += z.optim
@@ -1027,7 +1033,7 @@ def tied_copy(ctx: LayerContext, spec: ModelSpec, s: LayerStrategy, holder: bool
     if holder:
         z = zero_terms(ctx, layer, s)
         c.params, c.grads, c.optim_states, c.optim = z.params, z.grads, z.optim_states, z.optim
-        c.act = z.copies + z.casts
+        c.act = z.held(recast=False)
     grads = layer.params / s.tp * ctx.options.grad_bytes
     inter = ctx.stage_devices >= ctx.perf.gpus_per_node
     c.post = ctx.perf.collective_time(Collective.ALL_REDUCE, grads, Group(size=2, per_node=1 if inter else 2))

@@ -103,7 +103,7 @@ def _merged(ctx: LayerContext, cores: list[tuple[float, ...]], zeros: list[ZeroT
     holds no autocast casts at this recompute mode, :func:`strategies.cost.layer.recasts`)."""
     fwd, bwd, wgrad, bwdc, act, work, host_f, host_b = np.array(cores, dtype=float).reshape(-1, 8).T
     z = np.array([(t.params + t.optim_states, t.sync, t.post, t.optim, t.rs, t.ag, t.work, t.grads,
-                   t.copies + (0.0 if r else t.casts), t.param_fwd, t.param_bwd)
+                   t.held(r), t.param_fwd, t.param_bwd)
                   for t, r in zip(zeros, recast)], dtype=float).reshape(-1, 11).T
     static, sync, post, optim, rs, ag, zwork, grads, copies, param_fwd, param_bwd = z
     fwd, bwd, bwdc = fwd + param_fwd, bwd + param_bwd, bwdc + param_bwd
