@@ -129,7 +129,9 @@ def plans_8() -> list[dict]:
         measured_path = REPRODUCED / f"{case}.default.json"
         if not measured_path.exists():
             continue
-        model, seq, samples, recompute, kw = plan_case(case)
+        model, seq, samples, recompute, build, kw = plan_case(case)
+        if build != "device":
+            continue  # the same plan built on the meta device: the same steps (measured on an H100)
         spec = ModelSpec.from_config({**load_model_config(model), "seq_len": seq})
         plan = Plan.uniform(spec.num_blocks, global_batch_size=samples * kw.get("dp", 1), dtype="bf16",
                             recompute=recompute, **kw)

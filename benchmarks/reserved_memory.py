@@ -77,12 +77,12 @@ PLAN_CASES: dict[str, dict[str, Any]] = {
 PLAN_WORLD, PLAN_SAMPLES, PLAN_MODEL, PLAN_SEQ = 8, 2, "llama3.2-1b", 2048
 
 
-def plan_case(case: str) -> tuple[str, int, int, str, dict[str, Any]]:
-    """A ``PLAN_CASES`` entry as (model, seq, samples per data-parallel rank, recompute, plan kwargs and
-    ``build``)."""
+def plan_case(case: str) -> tuple[str, int, int, str, str, dict[str, Any]]:
+    """A ``PLAN_CASES`` entry as (model, seq, samples per data-parallel rank, recompute, where the model
+    is built (``native_trainer``'s ``build``), plan kwargs)."""
     kw = dict(PLAN_CASES[case])
     return (kw.pop("model", PLAN_MODEL), kw.pop("seq", PLAN_SEQ), kw.pop("samples", PLAN_SAMPLES),
-            kw.pop("recompute", "none"), kw)
+            kw.pop("recompute", "none"), kw.pop("build", "device"), kw)
 TRACE_ACTIONS = ("alloc", "free_completed", "segment_alloc", "segment_free", "segment_map", "segment_unmap")
 
 
@@ -228,9 +228,9 @@ def case_trainer(case: str, fake_mode: Any = None, tracer: Any = None) -> tuple[
                       *model.buffers()]
     if case in NATIVE_CASES:
         return native_trainer(*NATIVE_CASES[case], fake_mode=fake_mode, tracer=tracer)
-    model, seq, samples, recompute, plan = plan_case(case)
+    model, seq, samples, recompute, build, plan = plan_case(case)
     return native_trainer(samples, recompute, seq, fake_mode=fake_mode, tracer=tracer, world=PLAN_WORLD,
-                          model_name=model, **plan)
+                          model_name=model, build=build, **plan)
 
 
 # ---------------------------------------------------------------------------------- one case
