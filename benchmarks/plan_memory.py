@@ -31,8 +31,7 @@ def measure(model_name: str, plan_path: str, micro_batches: int) -> dict[str, An
     import torch
     import torch.distributed as dist
     from galvatron.launch.cmd_profile import gpt_config
-    from galvatron.profiler.memory_trace import fewer_micro_batches
-    from galvatron.profiler.model import lm_loss
+    from galvatron.profiler.memory_trace import fewer_micro_batches, lm_training_step
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     import galvatron
@@ -54,14 +53,11 @@ def measure(model_name: str, plan_path: str, micro_batches: int) -> dict[str, An
             for p in wrapped.parameters():
                 (p.to_local() if hasattr(p, "to_local") else p).normal_(0.0, 0.02)
         offload = any(g.strategy.offload for s in plan.stages for g in s.groups)
-        opt = wrapped.optimizer(torch.optim.AdamW, lr=1e-5, fused=not offload)  # fused as traced
         rows = plan.global_batch_size // plan.stages[0].groups[0].strategy.dp
         tokens = torch.randint(0, cfg.vocab, (rows, cfg.seq_len + 1), device="cuda")
-        x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        step = lm_training_step(wrapped, tokens, fused=not offload)  # fused as traced
         for _ in range(STEPS):
-            wrapped.train_step((x, y), lm_loss)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step()
         torch.cuda.synchronize()
         out["out_of_memory"] = False
     except torch.OutOfMemoryError as err:

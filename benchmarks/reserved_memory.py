@@ -179,7 +179,7 @@ def native_trainer(micro_batch: int, mode: str, seq: int = 2048, fake_mode: Any 
     counts them from the first step on, as ``memory_trace.trace_plan(build_on="meta")`` does)."""
     import torch.distributed as dist
     from galvatron.launch.cmd_profile import gpt_config
-    from galvatron.profiler.model import lm_loss
+    from galvatron.profiler.memory_trace import lm_training_step
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     import galvatron
@@ -207,15 +207,7 @@ def native_trainer(micro_batch: int, mode: str, seq: int = 2048, fake_mode: Any 
         with torch.no_grad():
             for p in wrapped.parameters():
                 (p.to_local() if hasattr(p, "to_local") else p).normal_(0.0, 0.02)
-    opt = wrapped.optimizer(torch.optim.AdamW, lr=1e-5, fused=True)
-    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-
-    def step() -> None:
-        wrapped.train_step((x, y), lm_loss)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step, [*wrapped.parameters(), *wrapped.buffers(), tokens]
+    return lm_training_step(wrapped, tokens), [*wrapped.parameters(), *wrapped.buffers(), tokens]
 
 
 def case_trainer(case: str, fake_mode: Any = None, tracer: Any = None) -> tuple[Any, list[torch.Tensor]]:

@@ -363,6 +363,23 @@ class TracedMemory(NamedTuple):
     """How long tracing took."""
 
 
+def lm_training_step(wrapped: torch.nn.Module, tokens: torch.Tensor, *, fused: bool = True) -> Callable[[], None]:
+    """One training step of a ``galvatron.wrap``ped language model on ``tokens`` (samples, seq + 1), as
+    the memory measurements train it: ``train_step`` with ``profiler.model.lm_loss`` on the shifted
+    tokens, then AdamW (``fused``) and ``zero_grad(set_to_none=True)``."""
+    from galvatron.profiler.model import lm_loss
+
+    opt = wrapped.optimizer(torch.optim.AdamW, lr=1e-5, fused=fused)
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+    def step() -> None:
+        wrapped.train_step((x, y), lm_loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def fewer_micro_batches(plan: Any, micro_batches: int | None) -> Any:
     """``plan`` with at most ``micro_batches`` micro-batches per step, each of the plan's size (the
     global batch shrinks); None: unchanged. What :func:`trace_plan` traces."""
@@ -390,7 +407,6 @@ def trace_plan(build: Callable[[], torch.nn.Module], plan: Any, *, world: int, s
     import time
 
     import torch.distributed as dist
-    from galvatron.profiler.model import lm_loss
     from galvatron.strategies.cost.allocator import memory_needs
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -419,14 +435,7 @@ def trace_plan(build: Callable[[], torch.nn.Module], plan: Any, *, world: int, s
                                               seq_len + 1))
         model.to = lambda *args, **kwargs: model  # already where it runs (and fake tensors cannot swap)
         wrapped = galvatron.wrap(model, plan=plan)
-        opt = wrapped.optimizer(torch.optim.AdamW, lr=1e-5, fused=True)
-        x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-
-        def step() -> None:
-            wrapped.train_step((x, y), lm_loss)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+        step = lm_training_step(wrapped, tokens)
         events = trace_steps(step, fake_mode, [*wrapped.parameters(), *wrapped.buffers()], steps, attention,
                              tracer=tracer)
     finally:
