@@ -6,9 +6,14 @@ as rank 0 of the plan's world on a fake process group (collectives move no data,
 the real one), built on the meta device and materialised by ``galvatron.wrap``, with at most
 ``--micro-batches`` micro-batches per step as ``memory_trace.trace_plan`` traces it (the plan's
 micro-batch size kept); 3 steps of fused AdamW. Reports the allocator's peaks, or that it ran out of
-memory; ``--trace`` (no GPU needed) adds the trace's prediction of the same run.
+memory; ``--trace`` (no GPU needed) adds the trace's prediction of the same run. ``--allocator
+expandable`` runs it as ``galvatron launch`` starts workers (``expandable_segments:True``); ``--cap-gib``
+lets the allocator hold at most that much (``torch.cuda.set_per_process_memory_fraction``), which
+tests the trace's least memory: above it the step runs, releasing cached memory as it must, below it
+runs out.
 
     python benchmarks/plan_memory.py --model llama3-8b PLAN.yaml [PLAN.yaml ...] --out FILE.json   # GPU
+    python benchmarks/plan_memory.py --model llama3-8b PLAN.yaml --allocator expandable --cap-gib 72  # GPU
     python benchmarks/plan_memory.py --model llama3-8b PLAN.yaml --trace                             # CPU
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -24,10 +30,12 @@ from typing import Any
 
 GIB = 1 << 30
 STEPS = 3
+ALLOC_CONF = {"default": "expandable_segments:False", "expandable": "expandable_segments:True"}
 
 
-def measure(model_name: str, plan_path: str, micro_batches: int) -> dict[str, Any]:
-    """The plan's steps on this GPU as rank 0 (run in a fresh process: the peaks are the process's)."""
+def measure(model_name: str, plan_path: str, micro_batches: int, cap_gib: float | None = None) -> dict[str, Any]:
+    """The plan's steps on this GPU as rank 0 (run in a fresh process: the peaks are the process's),
+    the allocator holding at most ``cap_gib`` if given."""
     import torch
     import torch.distributed as dist
     from galvatron.launch.cmd_profile import gpt_config
@@ -43,7 +51,10 @@ def measure(model_name: str, plan_path: str, micro_batches: int) -> dict[str, An
     cfg = gpt_config(load_model_config(model_name))
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=plan.world_size)
     out: dict[str, Any] = {"plan": plan_path, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                           "micro_batches": plan.num_micro_batches}
+                           "micro_batches": plan.num_micro_batches, "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF"),
+                           "cap_gib": cap_gib}
+    if cap_gib is not None:
+        torch.cuda.set_per_process_memory_fraction(cap_gib * GIB / torch.cuda.get_device_properties(0).total_memory)
     start = time.perf_counter()
     try:
         with torch.device("meta"):
@@ -83,7 +94,10 @@ def trace(model_name: str, plan_path: str, micro_batches: int) -> dict[str, Any]
     t = trace_plan(lambda: GPT(cfg), plan, world=plan.world_size, seq_len=cfg.seq_len, vocab=cfg.vocab,
                    steps=STEPS, micro_batches=micro_batches)
     return {"plan": plan_path, "traced_allocated_gib": t.allocated_peak / GIB,
-            "traced_reserved_gib": t.reserved_peak["default"] / GIB, "trace_seconds": t.seconds}
+            "traced_reserved_gib": t.reserved_peak["default"] / GIB,
+            "traced_reserved_expandable_gib": t.reserved_peak["expandable_segments"] / GIB,
+            "least_memory_gib": t.least_memory["default"] / GIB,
+            "least_memory_expandable_gib": t.least_memory["expandable_segments"] / GIB, "trace_seconds": t.seconds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,19 +106,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="model preset or YAML (the reference GPT)")
     parser.add_argument("--micro-batches", type=int, default=4, help="at most this many per step (as traced)")
     parser.add_argument("--trace", action="store_true", help="no GPU: the trace's prediction of each run")
+    parser.add_argument("--allocator", choices=sorted(ALLOC_CONF), default="default",
+                        help="the caching allocator's mode for the measured runs (expandable: as galvatron launch)")
+    parser.add_argument("--cap-gib", type=float, help="the most device memory the allocator may hold (GiB)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a single measurement, this process
     parser.add_argument("--out", type=Path, help="write the rows here (JSON)")
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(measure(args.model, args.plans[0], args.micro_batches)), flush=True)
+        print(json.dumps(measure(args.model, args.plans[0], args.micro_batches, args.cap_gib)), flush=True)
         return 0
     rows = []
     for path in args.plans:
         if args.trace:
             row = trace(args.model, path, args.micro_batches)
         else:
+            cap = ["--cap-gib", str(args.cap_gib)] if args.cap_gib is not None else []
+            env = {**os.environ, "PYTORCH_ALLOC_CONF": ALLOC_CONF[args.allocator]}
+            env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
             run = subprocess.run([sys.executable, __file__, "--one", "--model", args.model, "--micro-batches",
-                                  str(args.micro_batches), path], capture_output=True, text=True)
+                                  str(args.micro_batches), *cap, path], capture_output=True, text=True, env=env)
             lines = run.stdout.strip().splitlines()
             row = json.loads(lines[-1]) if run.returncode == 0 and lines else {
                 "plan": path, "error": run.stderr.strip().splitlines()[-1:]}

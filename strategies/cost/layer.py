@@ -764,8 +764,22 @@ def _activation(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, mode: Rec
     if stack != "fused" and up == 2:
         # eager silu(gate) * up keeps silu's output for the product's backward besides gate and up
         sharded += 2 * layer.ffn_hidden * (layer.top_k + layer.shared_experts if layer.experts else 1)
+    if stack != "fused" and mode is Recompute.NONE:
+        sharded += _expanded_kv(layer)
     inputs_div = sp_div if stack == "fused" else 1
     return scale * (norms / sp_div + inputs / inputs_div + (max(sharded, 0.0) + scores) / s.tp)
+
+
+def _expanded_kv(layer: LayerSpec) -> float:
+    """Bytes per token (16-bit) that eager GQA attention keeps beyond GQA-sized K and V: ``repeat_kv``
+    (torchtitan) or ``repeat_interleave`` (the reference GPT, Hugging Face's eager and SDPA paths
+    with a mask) copies K and V to every query head and the attention kernel saves the copies for
+    its backward, while the un-expanded K (after the rotation) and V are freed: ``2 (q - kv)`` each.
+    A fused stack's kernels take GQA as it is. Llama 3 8B at sequence 8192 keeps 3 GiB more over
+    its 32 blocks (benchmarks/results/plan_memory: the traced step's live tensors at its peak)."""
+    if not layer.kv_heads or layer.kv_heads >= layer.heads:
+        return 0.0
+    return 2 * 2 * (layer.heads - layer.kv_heads) * layer.head_dim
 
 
 # ------------------------------------------------------------------ ZeRO and optimizer
@@ -852,12 +866,16 @@ def _zero_part(ctx: LayerContext, s: LayerStrategy, acc: dict[str, float], param
         # fp32 parameters, sharded by FSDP2 from ZeRO-2 on; the copies the forward computes with live
         # until the backward: autocast's 16-bit casts (ZeRO-0/1 under a 16-bit dtype) and FSDP2's
         # unsharded ZeRO-2 parameters (16-bit or, under fp32, a second fp32 copy beside the shard)
-        acc["params"] += 4 * (params / d if z >= 2 else params)
+        # FSDP2's CPU offload keeps the fp32 shards and their gradients in host memory too (each
+        # unit's shard is copied in for its all-gather and its reduce-scattered gradient out)
+        host = s.offload and z >= 2
+        acc["params"] += 0.0 if host else 4 * (params / d if z >= 2 else params)
         acc["copies"] += pb * params if z == 2 else 0.0
         acc["casts"] += pb * params if z <= 1 and ctx.dtype is not DType.FP32 else 0.0
     else:
+        host = False
         acc["params"] += pb * (params / d if z >= 3 else params)
-    acc["grads"] += gb * (params / d if z >= 2 else params)
+    acc["grads"] += 0.0 if host else gb * (params / d if z >= 2 else params)
     acc["optim_states"] += 0.0 if s.offload else ob * shard
     grads, gathered = params * gb, params * pb
     if z == 0:
