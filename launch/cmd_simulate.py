@@ -24,7 +24,9 @@ from galvatron.plan import CPKind, Plan, Recompute, Schedule
 from galvatron.spec import ModelSpec
 
 TRACED_CANDIDATES = 5
-"""Plans a search with ``--trace-memory`` may trace before it gives up on finding one whose reserve fits."""
+"""Plans a search with ``--trace-memory`` may trace before it gives up on finding one that fits."""
+ALLOCATOR_MODES = {"expandable": "expandable_segments", "default": "default"}
+"""``--allocator`` choices and the trace's key for each."""
 _PLAN_FLAGS = ("tp", "pp", "dp", "cp", "sp", "ep", "etp", "zero", "recompute", "micro_batch", "vpp", "schedule")
 
 
@@ -67,8 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="also trace the plan's training steps under galvatron.wrap on fake tensors (CPU, seconds "
                            "to a minute): rank 0's allocated and reserved peaks under PyTorch's caching allocator "
                            "(the reference GPT of --model, no pp; compare with --backend native). Searching, the "
-                           f"best {TRACED_CANDIDATES} plans (or --top K) are traced in order until one's reserved "
-                           "peak fits the GPU, and that plan is reported first")
+                           f"best {TRACED_CANDIDATES} plans (or --top K) are traced in order until one runs in the "
+                           "GPU's usable memory under --allocator, and that plan is reported first")
+    plan.add_argument("--allocator", choices=sorted(ALLOCATOR_MODES), default="expandable",
+                      help="the CUDA caching allocator's mode the run will use, for --trace-memory's verdict "
+                           "(default: expandable, as galvatron launch starts workers)")
     space = parser.add_argument_group("search space")
     space.add_argument("--max-tp", type=int)
     space.add_argument("--max-pp", type=int)
@@ -130,11 +135,13 @@ def run(args: argparse.Namespace) -> int:
 def checked_by_trace(args: argparse.Namespace, spec: ModelSpec, cluster: Any,
                      top: list[Any]) -> tuple[list[Any], dict[str, Any] | None]:
     """``--trace-memory`` after a search: the cost model ranks plans by their allocated peak, while a
-    GPU must also hold the caching allocator's reserve. The best plans are traced in order
-    (:func:`trace_memory`) until one's reserved peak (default allocator) fits the usable memory; that
-    plan goes first, the others keep their order (``--top K`` of them). A plan that cannot be traced
-    (a pipeline, MoE routing) ends the walk: the best plan stays first. ``traced_memory`` of the
-    chosen plan gets ``candidates``: each traced plan's rank in the search, step time and reserve."""
+    GPU must also hold what the caching allocator cannot give back (blocks split in segments that
+    still hold live ones). The best plans are traced in order (:func:`trace_memory`) until one's
+    least memory under ``--allocator`` (cached memory released under pressure, as the allocator does
+    before it runs out) fits the usable memory; that plan goes first, the others keep their order
+    (``--top K`` of them). A plan that cannot be traced (a pipeline, MoE routing) ends the walk: the
+    best plan stays first. ``traced_memory`` of the chosen plan gets ``candidates``: each traced
+    plan's rank in the search, step time and least memory."""
     if not args.trace_memory:
         return top[:max(args.top, 1)], None
     chosen, found, tried = 0, None, []
@@ -144,22 +151,23 @@ def checked_by_trace(args: argparse.Namespace, spec: ModelSpec, cluster: Any,
         except ConfigError as err:
             print(f"not traced: plan #{rank + 1}: {err}", file=sys.stderr, flush=True)
             break
-        fits = traced["reserved_peak_gib_default"] <= cost.memory_limit_gib
-        tried.append({"rank": rank + 1, "step_time_s": cost.step_time_s,
-                      "reserved_peak_gib_default": traced["reserved_peak_gib_default"], "fits": fits})
+        need = traced[f"least_memory_gib_{ALLOCATOR_MODES[args.allocator]}"]
+        fits = need <= cost.memory_limit_gib
+        tried.append({"rank": rank + 1, "step_time_s": cost.step_time_s, "least_memory_gib": need,
+                      "allocator": args.allocator, "fits": fits})
         if found is None:
             found = traced
         if fits:
             chosen, found = rank, traced
             break
-        print(f"plan #{rank + 1} reserves {traced['reserved_peak_gib_default']:.1f} GiB when traced, over the "
+        print(f"plan #{rank + 1} needs {need:.1f} GiB when traced ({args.allocator} allocator), over the "
               f"{cost.memory_limit_gib:.1f} GiB usable; trying the next", file=sys.stderr, flush=True)
     if found is not None:
         found = {**found, "candidates": tried}
         if not tried[-1]["fits"]:
-            print(f"none of the {len(tried)} traced plans fits with its reserve: reporting the best plan; try "
-                  "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, a smaller micro-batch or more memory headroom",
-                  file=sys.stderr, flush=True)
+            hint = "PYTORCH_ALLOC_CONF=expandable_segments:True, " if args.allocator == "default" else ""
+            print(f"none of the {len(tried)} traced plans fits: reporting the best plan; try {hint}a smaller "
+                  "micro-batch or more memory headroom", file=sys.stderr, flush=True)
     ordered = [top[chosen], *top[:chosen], *top[chosen + 1:]]
     return ordered[:max(args.top, 1)], found
 
@@ -305,8 +313,8 @@ def emit(args: argparse.Namespace, costs: list[Any], search_time: float | None, 
         print(cost.plan.describe())
         print(_table(cost))
     for c in (traced or {}).get("candidates", []):
-        print(f"traced search plan #{c['rank']} ({c['step_time_s']:.3f} s/step): reserved peak "
-              f"{c['reserved_peak_gib_default']:.2f} GiB, {'fits' if c['fits'] else 'over the usable memory'}")
+        print(f"traced search plan #{c['rank']} ({c['step_time_s']:.3f} s/step): needs {c['least_memory_gib']:.2f} "
+              f"GiB ({c['allocator']} allocator), {'fits' if c['fits'] else 'over the usable memory'}")
     if traced is not None:
         print(f"\ntraced on fake tensors ({traced['events']} allocations, {traced['seconds']:.1f} s), rank 0: "
               f"allocated peak {traced['allocated_peak_gib']:.2f} GiB; reserved peak "

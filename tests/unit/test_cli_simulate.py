@@ -105,29 +105,35 @@ def test_simulate_traces_a_plans_memory_on_fake_tensors(capsys: pytest.CaptureFi
     assert "without CPU offload" in capsys.readouterr().err
 
 
-def test_search_with_trace_memory_reports_the_best_plan_whose_reserve_fits(
-        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """``search --trace-memory`` traces the best plans in order: one whose traced reserve is over the
-    usable memory gives way to the next that fits, which is reported first and written by ``--out``."""
+@pytest.mark.parametrize("allocator", ["expandable", "default"])
+def test_search_with_trace_memory_reports_the_best_plan_that_fits(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, allocator: str) -> None:
+    """``search --trace-memory`` traces the best plans in order: one whose least memory under the run's
+    allocator (``--allocator``) is over the usable memory gives way to the next that fits, which is
+    reported first and written by ``--out``. The other allocator's needs do not decide."""
     from galvatron.launch import cmd_simulate
 
     traced_plans: list[Plan] = []
+    other = "default" if allocator == "expandable" else "expandable_segments"
+    mode = cmd_simulate.ALLOCATOR_MODES[allocator]
 
     def trace(model: str, spec: object, plan: Plan, world: int) -> dict:
         traced_plans.append(plan)
-        reserve = 1e6 if len(traced_plans) == 1 else 1.0  # the best plan's reserve is over any GPU
-        return {"allocated_peak_gib": 0.5, "reserved_peak_gib_default": reserve, "events": 1, "seconds": 0.0,
-                **{f"{k}_{m}": reserve for k in ("reserved_peak_gib", "least_memory_gib")
-                   for m in ("default", "expandable_segments")}}
+        need = 1e6 if len(traced_plans) == 1 else 1.0  # the best plan needs more than any GPU under `allocator`
+        return {"allocated_peak_gib": 0.5, "events": 1, "seconds": 0.0,
+                **{f"reserved_peak_gib_{m}": 1e6 for m in ("default", "expandable_segments")},
+                f"least_memory_gib_{mode}": need, f"least_memory_gib_{other}": 1e6 - need}
 
     monkeypatch.setattr(cmd_simulate, "trace_memory", trace)
     out_file = tmp_path / "plan.yaml"
     assert main(["search", "--model", "gpt-tiny", "--cluster", "8xA100-80GB", "--no-pp", "--trace-memory", "--json",
-                 "--out", str(out_file)]) == 0
+                 "--allocator", allocator, "--out", str(out_file)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(traced_plans) == 2 and traced_plans[0] != traced_plans[1]
     assert Plan.from_dict(out["plan"]) == traced_plans[1] == Plan.load(out_file)
-    assert [c["fits"] for c in out["traced_memory"]["candidates"]] == [False, True]
+    candidates = out["traced_memory"]["candidates"]
+    assert [(c["fits"], c["least_memory_gib"], c["allocator"]) for c in candidates] == [
+        (False, 1e6, allocator), (True, 1.0, allocator)]
 
 
 def test_search_with_trace_memory_traces_the_best_plan(capsys: pytest.CaptureFixture[str]) -> None:
