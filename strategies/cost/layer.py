@@ -216,7 +216,8 @@ def _block(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     separate = ctx.options.elementwise != "fused"  # eager models' own q/k/v and gate/up linears
     nominal = _block_gemms(layer, s, tok, 1.0, grouped, separate)
     gemms = _block_gemms(layer, s, tok, load, grouped, separate)
-    t_mm, dgrad, wgrad = _gemm_times(ctx, gemms, mm * _gemm_flops(gemms) / (_gemm_flops(nominal) or 1.0))
+    # routing imbalance scales the routed experts' GEMMs; a spec without shapes keeps its FLOPs
+    t_mm, dgrad, wgrad = _gemm_times(ctx, gemms, mm * _gemm_flops(gemms) / _gemm_flops(nominal) if nominal else mm)
     attn_fwd, attn_bwd, attn_exposed = _attention(ctx, layer, s, tok)
     ew, ew_bwd = _elementwise_times(ctx, layer, s, tok)
     fwd_compute, bwd_compute = t_mm + attn_fwd + ew, dgrad + wgrad + attn_bwd + ew_bwd

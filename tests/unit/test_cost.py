@@ -184,6 +184,24 @@ def test_cpu_offload_moves_what_the_native_runtime_keeps_on_the_host(zero: int) 
     assert offloaded.held(False) == kept.held(False)  # the 16-bit copies the forward computes with stay
 
 
+def test_a_block_without_gemm_shapes_costs_its_flops_at_the_gemm_rate() -> None:
+    """A block whose spec lacks the FFN width (as ``ModelSpec.from_module`` describes a user's model)
+    has no GEMM shapes: its GEMMs are costed from its FLOPs, near what the shapes give, not skipped."""
+    from galvatron.backends import capabilities
+
+    ctx = LayerContext(perf=DatasheetPerf(load_cluster("8xH100")),
+                       options=CostOptions(**capabilities("native").cost_options()), dtype=DType.BF16,
+                       seq_len=4096, causal=True, micro_batch=8, stage_devices=8)
+    shaped = SPEC.blocks[0]
+    bare = dataclasses.replace(shaped, ffn_hidden=0)
+    s = LayerStrategy(dp=8, zero=3)
+    with_shapes, without = layer_cost(ctx, shaped, s), layer_cost(ctx, bare, s)
+    gemm_time = ctx.perf.matmul_time(shaped.flops_per_token * tokens_per_rank(ctx, s), "bf16", kernels=4)
+    assert without.fwd > gemm_time
+    assert without.fwd == pytest.approx(with_shapes.fwd, rel=0.15)
+    assert without.bwd == pytest.approx(with_shapes.bwd, rel=0.15)
+
+
 def test_tied_embeddings_cost_a_copy_and_an_all_reduce_under_pipelining() -> None:
     cfg = {**load_model_config("llama2-7b"), "tied_embeddings": True}
     tied, untied = ModelSpec.from_config(cfg), SPEC
