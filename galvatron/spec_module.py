@@ -202,13 +202,14 @@ def _measure(meta: nn.Module, blocks: list[nn.Module], batch: Any) -> tuple[
     for i, block in enumerate(blocks):
         handles.append(block.register_forward_pre_hook(lambda m, a, i=i: tracker.move(i)))
         handles.append(block.register_forward_hook(lambda m, a, o: tracker.move("tail")))
-    sdpa = F.scaled_dot_product_attention
+    sdpa, rms_norm = F.scaled_dot_product_attention, F.rms_norm
 
     def counted_sdpa(*args: Any, **kwargs: Any) -> torch.Tensor:
         with tracker.attention():
-            return sdpa(*args, **kwargs)
+            return _fused_attention(sdpa, *args, **kwargs)
 
     F.scaled_dot_product_attention = counted_sdpa
+    F.rms_norm = _fused_rms_norm
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter, _nonzero_all():
             _call(meta, meta_batch)
@@ -219,10 +220,46 @@ def _measure(meta: nn.Module, blocks: list[nn.Module], batch: Any) -> tuple[
             "pass an example batch the model's forward accepts"
         ) from err
     finally:
-        F.scaled_dot_product_attention = sdpa
+        F.scaled_dot_product_attention, F.rms_norm = sdpa, rms_norm
         for h in handles:
             h.remove()
     return tracker.flops, tracker.attn, tracker.saved, tokens, seq_len
+
+
+def _fused_attention(composite: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+                     scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` as a GPU runs it without a mask: a fused kernel (FlashAttention's
+    op, whose meta function gives the GPU's output layout and takes GQA's fewer K/V heads as
+    ``enable_gqa`` does) that keeps q, k, v, its output and the softmax statistics, where the meta
+    device's composite would keep the s x s scores."""
+    if attn_mask is not None:
+        return composite(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                         enable_gqa=enable_gqa)
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
+
+
+class FusedRMSNorm(torch.autograd.Function):
+    """What ``aten._fused_rms_norm`` (CUDA, input and weight of one dtype) allocates and keeps: the
+    output, the fp32 inverse RMS per row and the input; backward: the input's and the weight's
+    gradients. No values: for meta and fake tensors, whose composite ``rms_norm`` would keep its
+    temporaries instead."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, dims: int) -> torch.Tensor:
+        rstd = x.new_empty((*x.shape[:-dims], *(1,) * dims), dtype=torch.float32)
+        ctx.save_for_backward(x, rstd, weight)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+        x, _, weight = ctx.saved_tensors
+        return torch.empty_like(x), None if weight is None else torch.empty_like(weight), None
+
+
+def _fused_rms_norm(x: torch.Tensor, normalized_shape: Any, weight: torch.Tensor | None = None,
+                    eps: float | None = None) -> torch.Tensor:
+    return FusedRMSNorm.apply(x, weight, len(normalized_shape))
 
 
 @contextmanager
@@ -320,6 +357,8 @@ def _block_layer(block: nn.Module, name: str, params: int, flops: float, attn_fl
         expert_params=expert_params, norm=_norm_kind(block),
         bias=any(isinstance(m, nn.Linear) and m.bias is not None for m in block.modules()),
         rope=bool(heads) and _rope(config),
+        ffn_hidden=0 if experts else _ffn_hidden(block, hidden),
+        activations_measured=bool(flops),
         **_fused_projections(block, hidden, heads, kv_heads),
     )
 
@@ -349,6 +388,14 @@ def _fused_projections(block: nn.Module, hidden: int, heads: int, kv_heads: int)
     downs = {i for i, o in shapes if o == hidden and i != hidden}
     fused_gate_up = any(i == hidden and o % 2 == 0 and o // 2 in downs for i, o in shapes)
     return {"fused_qkv": fused_qkv, "fused_gate_up": fused_gate_up}
+
+
+def _ffn_hidden(block: nn.Module, hidden: int) -> int:
+    """A dense block's FFN width: the input width of its one down projection (the linear layer from
+    another width back to the hidden size); 0 where that is not one width (the cost model then
+    prices the block's GEMMs by their FLOPs)."""
+    downs = {i for i, o in _linear_shapes(block) if o == hidden and i != hidden} if hidden else set()
+    return downs.pop() if len(downs) == 1 else 0
 
 
 def _rope(config: Any) -> bool:

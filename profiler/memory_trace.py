@@ -36,6 +36,8 @@ from torch._subclasses.fake_tensor import (
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
+from galvatron.spec_module import FusedRMSNorm
+
 _WAIT_TENSOR = torch.ops._c10d_functional.wait_tensor.default
 _ADD = torch.ops.aten.add.Tensor
 
@@ -254,30 +256,13 @@ def _patch(owner: Any, name: str, wrap: Callable[[Any], Any]) -> Iterator[None]:
         setattr(owner, name, original)
 
 
-class _FusedRMSNorm(torch.autograd.Function):
-    """What ``aten._fused_rms_norm`` allocates and keeps (the output, the fp32 inverse RMS per row;
-    backward: the input's and the weight's gradients), on fake tensors, whose values do not exist:
-    a fake run decomposes the op itself into the composite's five temporaries."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, dims: int) -> torch.Tensor:
-        rstd = x.new_empty((*x.shape[:-dims], *(1,) * dims), dtype=torch.float32)
-        ctx.save_for_backward(x, rstd, weight)
-        return torch.empty_like(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:
-        x, _, weight = ctx.saved_tensors
-        return torch.empty_like(x), None if weight is None else torch.empty_like(weight), None
-
-
 def _rms_norm(x: torch.Tensor, normalized_shape: Any, weight: torch.Tensor | None = None,
               eps: float | None = None) -> torch.Tensor:
     if not isinstance(x, FakeTensor):
         raise TypeError("cuda_kernels() serves fake tensors only (its RMSNorm computes no values)")
     if weight is not None and weight.dtype != x.dtype:  # the GPU takes the composite path too
         return _COMPOSITE["rms_norm"](x, normalized_shape, weight, eps)
-    return _FusedRMSNorm.apply(x, weight, len(normalized_shape))
+    return FusedRMSNorm.apply(x, weight, len(normalized_shape))
 
 
 def _attention(kind: str) -> Any:
@@ -285,12 +270,12 @@ def _attention(kind: str) -> Any:
                   dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
                   enable_gqa: bool = False) -> torch.Tensor:
         dtype = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
-        if attn_mask is not None or enable_gqa or dtype == torch.float32:  # where no fused kernel serves
+        if attn_mask is not None or dtype == torch.float32:  # where no fused kernel serves
             return _COMPOSITE["scaled_dot_product_attention"](
                 q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                 enable_gqa=enable_gqa)
         q, k, v = (t.to(dtype) for t in (q, k, v))
-        if kind == "cudnn":
+        if kind == "cudnn":  # takes GQA's fewer K/V heads too (benchmarks/results/gqa_attention.json)
             return torch.ops.aten._scaled_dot_product_cudnn_attention(
                 q, k, v, None, True, dropout_p, is_causal, False, scale=scale)[0]
         return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False,

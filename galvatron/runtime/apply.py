@@ -262,17 +262,8 @@ def search_plan(spec: ModelSpec, world: int, example_batch: Any = None, options:
     except ImportError as err:
         raise GalvatronError(f"the strategy search (galvatron.strategies.search) is not available: {err}; "
                              "pass a Plan or a plan YAML") from err
-    from galvatron.backends import capabilities
-    from galvatron.strategies.cost import CostOptions
-
-    stack = CostOptions(**capabilities(backend).cost_options(torch.cuda.is_available()))  # how the backend runs a plan
     cluster = perf if perf is not None else local_cluster(world)
-    if hasattr(cluster, "measured_options"):
-        stack = cluster.measured_options(stack)
-    if torch.cuda.is_available() and backend == "native":  # the attention kernel SDPA picks on this machine
-        kernel = sdpa_kernel(torch.__version__, torch.backends.cudnn.version(), torch.cuda.get_device_capability())
-        if kernel in cluster.gpu.attention_kernels:
-            stack = dataclasses.replace(stack, attention_kernel=kernel)
+    stack = auto_cost_options(cluster, backend)
     if options is not None:
         return search(spec, cluster, options, stack, world_size=world).best.plan
     batch = first_batch_size((example_batch,), {}) if example_batch is not None else None
@@ -314,6 +305,23 @@ def _first_supported(model: nn.Module, spec: ModelSpec, top: Sequence[Any]) -> A
             first = first or err
     raise PlanError("plan", f"none of the search's {len(top)} best plans runs on this model; the fastest is refused: "
                     f"{first}; pass a plan instead") from first
+
+
+def auto_cost_options(cluster: Any, backend: str = "native") -> Any:
+    """The ``CostOptions`` :func:`search_plan` costs plans with on this machine: how ``backend`` runs a
+    plan, what a measured ``cluster`` (a ``ProfiledPerf``) measured, and the attention kernel SDPA
+    picks on this GPU."""
+    from galvatron.backends import capabilities
+    from galvatron.strategies.cost import CostOptions
+
+    stack = CostOptions(**capabilities(backend).cost_options(torch.cuda.is_available()))
+    if hasattr(cluster, "measured_options"):
+        stack = cluster.measured_options(stack)
+    if torch.cuda.is_available() and backend == "native":
+        kernel = sdpa_kernel(torch.__version__, torch.backends.cudnn.version(), torch.cuda.get_device_capability())
+        if kernel in cluster.gpu.attention_kernels:
+            stack = dataclasses.replace(stack, attention_kernel=kernel)
+    return stack
 
 
 def auto_searches(global_batch: int | None, gpu: bool) -> tuple[Any, Any]:

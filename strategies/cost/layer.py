@@ -762,11 +762,12 @@ def _activation(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, mode: Rec
             eager.input_readers(layer) - 1 if not layer.experts else 0)
         if not ctx.options.cast_inputs_once:  # else they share one 16-bit copy
             inputs += 2 * h * readers
-    if stack != "fused" and up == 2:
-        # eager silu(gate) * up keeps silu's output for the product's backward besides gate and up
-        sharded += 2 * layer.ffn_hidden * (layer.top_k + layer.shared_experts if layer.experts else 1)
-    if stack != "fused" and mode is Recompute.NONE:
-        sharded += _expanded_kv(layer)
+    if stack != "fused" and not layer.activations_measured:  # else counted on the module's ops
+        if up == 2:
+            # eager silu(gate) * up keeps silu's output for the product's backward besides gate and up
+            sharded += 2 * layer.ffn_hidden * (layer.top_k + layer.shared_experts if layer.experts else 1)
+        if mode is Recompute.NONE:
+            sharded += _expanded_kv(layer)
     inputs_div = sp_div if stack == "fused" else 1
     return scale * (norms / sp_div + inputs / inputs_div + (max(sharded, 0.0) + scores) / s.tp)
 

@@ -156,6 +156,15 @@ def test_cuda_kernels_route_attention_to_the_fused_kernel() -> None:
     ops = {e.op for e in tracer.events}
     assert "aten._scaled_dot_product_flash_attention.default" in ops
     assert not any("softmax" in op for op in ops)  # no score matrix
+    # GQA: K and V keep their two heads (cuDNN's kernel takes them so on an H100, gqa_attention.json)
+    with fake_mode:
+        kv = torch.randn(2, 2, 128, 32, dtype=torch.bfloat16, requires_grad=True)
+    with fake_mode, cuda_kernels("cudnn"), AllocationTracer(fake_mode) as tracer:
+        F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True).sum().backward()
+    ops = {e.op for e in tracer.events}
+    assert "aten._scaled_dot_product_cudnn_attention.default" in ops
+    assert not any("softmax" in op or "repeat" in op or "expand" in op for op in ops)
+    assert kv.grad is not None and kv.grad.shape == kv.shape
     with pytest.raises(TypeError, match="fake tensors"), cuda_kernels():
         F.rms_norm(torch.ones(2, 4), (4,), torch.ones(4))
 

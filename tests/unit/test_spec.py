@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -74,6 +76,34 @@ class TestFromModule:
             assert (measured.heads, measured.kv_heads, measured.experts) == (
                 formula.heads, formula.kv_heads, formula.experts)
             assert measured.activation_bytes_per_token > 0
+
+    @pytest.mark.parametrize("name", ["gelu", "swiglu-gqa-tied"])
+    def test_reference_blocks_cost_as_their_config(self, name: str) -> None:
+        """A module's blocks as the cost model sees them match its config's at a sequence where an s x s
+        score matrix would dominate: the FFN width is read off the down projection, and the saved
+        bytes are counted as a GPU keeps them (fused attention and RMSNorm, GQA's K and V copies and
+        SiLU's output counted once, on the module's ops), whatever the recomputation and parallelism."""
+        from galvatron.strategies.cost import CostOptions, DatasheetPerf, LayerContext
+        from galvatron.strategies.cost.layer import _activation
+        from galvatron.strategies.hardware import load_cluster
+
+        from galvatron.backends import capabilities
+        from galvatron.plan import DType, LayerStrategy, Recompute
+
+        cfg = dataclasses.replace(REFERENCE[name], seq_len=512)
+        with torch.device("meta"):
+            model = GPT(cfg)
+        measured = ModelSpec.from_module(model, torch.zeros(2, cfg.seq_len, dtype=torch.long)).blocks[0]
+        formula = ModelSpec.from_config(cfg.to_model_config()).blocks[0]
+        assert measured.activations_measured and not formula.activations_measured
+        assert measured.ffn_hidden == formula.ffn_hidden == cfg.ffn_hidden
+        ctx = LayerContext(perf=DatasheetPerf(load_cluster("8xH100")),
+                           options=CostOptions(**capabilities("native").cost_options(True)), dtype=DType.BF16,
+                           seq_len=cfg.seq_len, causal=True, micro_batch=2, stage_devices=8)
+        for mode in Recompute:
+            for s in (LayerStrategy(), LayerStrategy(dp=8, zero=3), LayerStrategy(tp=2, sp=True)):
+                assert _activation(ctx, measured, s, mode) == pytest.approx(
+                    _activation(ctx, formula, s, mode), rel=0.02), (mode, s)
 
     def test_hugging_face_models(self) -> None:
         transformers = pytest.importorskip("transformers")

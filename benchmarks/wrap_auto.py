@@ -1,0 +1,126 @@
+"""``galvatron.wrap(model)`` with ``plan="auto"`` on one GPU, end to end: the plan the search picks for
+the live module (described by ``ModelSpec.from_module``), its predicted step time and peak memory,
+and what the steps measure.
+
+The reference GPT of ``--model`` (built on the GPU, fp32 parameters), ``--batch`` samples of
+``--seq`` tokens per step, as ``galvatron launch`` runs workers (expandable segments); 2 warm-up steps
+of fused AdamW, then ``--steps`` measured: the median step time and the allocator's peak over them.
+``--plan FILE`` runs that plan instead of the search's. ``--cluster`` (no GPU): only the search's pick
+on that cluster's first GPU and its prediction.
+
+    python benchmarks/wrap_auto.py --model llama3.2-1b --batch 32 --out benchmarks/results/wrap_auto.json   # GPU
+    python benchmarks/wrap_auto.py --model llama3.2-1b --batch 32 --cluster 8xH100                           # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+GIB = 1 << 30
+
+
+def _model_and_batch(model_name: str, batch: int, seq: int | None, device: str) -> tuple[Any, Any]:
+    import dataclasses
+
+    import torch
+    from galvatron.launch.cmd_profile import gpt_config
+
+    from galvatron.models import GPT
+    from galvatron.spec_config import load_model_config
+
+    cfg = gpt_config(load_model_config(model_name))
+    cfg = dataclasses.replace(cfg, seq_len=seq or cfg.seq_len)
+    with torch.device(device):
+        model = GPT(cfg)
+    tokens = torch.randint(0, cfg.vocab, (batch, cfg.seq_len + 1), device="cpu" if device == "meta" else device)
+    return model, tokens
+
+
+def predict(model_name: str, batch: int, seq: int | None, cluster_name: str) -> dict[str, Any]:
+    """The search's pick for one GPU of ``cluster_name``, as ``wrap`` searches on that GPU (no CUDA here:
+    the datasheet's attention kernel)."""
+    from galvatron.strategies.hardware import load_cluster
+    from galvatron.strategies.search import search
+
+    from galvatron.runtime.apply import auto_cost_options, auto_searches, describe
+
+    model, tokens = _model_and_batch(model_name, batch, seq, "meta")
+    spec = describe(model, tokens[:, :-1], keep_seq_len=True)
+    one = load_cluster(cluster_name)
+    one = load_cluster({"gpu": one.gpu.name, "gpus_per_node": 1, "nodes": 1})
+    runnable, _ = auto_searches(batch, True)
+    cost = search(spec, one, runnable, auto_cost_options(one), world_size=1).best
+    return {"plan": cost.plan.describe(), "predicted_step_s": cost.step_time_s,
+            "predicted_peak_gib": cost.peak_memory_gib}
+
+
+def measure(model_name: str, batch: int, seq: int | None, steps: int, plan: str | None = None) -> dict[str, Any]:
+    import torch
+    from galvatron.profiler.memory_trace import lm_training_step
+    from galvatron.strategies.cost import cost_plan
+
+    import galvatron
+    from galvatron.runtime.apply import auto_cost_options, describe, local_cluster
+
+    model, tokens = _model_and_batch(model_name, batch, seq, "cuda")
+    spec = describe(model, tokens[:, :-1], keep_seq_len=True)
+    start = time.perf_counter()
+    wrapped = galvatron.wrap(model, plan=plan or "auto", example_batch=tokens[:, :-1])
+    searched = time.perf_counter() - start
+    cluster = local_cluster(1)
+    cost = cost_plan(wrapped.plan, spec, cluster, auto_cost_options(cluster))
+    out: dict[str, Any] = {"plan": wrapped.plan.describe(), "wrap_s": searched, "predicted_step_s": cost.step_time_s,
+                           "predicted_peak_gib": cost.peak_memory_gib, "device": torch.cuda.get_device_name(),
+                           "torch": torch.__version__, "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF")}
+    step = lm_training_step(wrapped, tokens)
+    try:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        out.update(out_of_memory=False, measured_step_s=sorted(times)[len(times) // 2],
+                   measured_peak_gib=torch.cuda.max_memory_allocated() / GIB,
+                   measured_reserved_gib=torch.cuda.max_memory_reserved() / GIB)
+    except torch.OutOfMemoryError as err:
+        out.update(out_of_memory=True, error=str(err).splitlines()[0])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="llama3.2-1b", help="model preset (the reference GPT)")
+    parser.add_argument("--batch", type=int, default=32, help="samples per step")
+    parser.add_argument("--seq", type=int, help="tokens per sample (default: the preset's)")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps")
+    parser.add_argument("--plan", help="run this plan YAML instead of the search's (plan='auto')")
+    parser.add_argument("--cluster", help="no GPU: the pick for one GPU of this cluster preset")
+    parser.add_argument("--out", type=Path, help="write the result here (JSON)")
+    args = parser.parse_args(argv)
+    if args.cluster:
+        row = predict(args.model, args.batch, args.seq, args.cluster)
+    else:
+        os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # as galvatron launch
+        row = measure(args.model, args.batch, args.seq, args.steps, args.plan)
+    row = {"model": args.model, "batch": args.batch, "seq": args.seq, "plan_file": args.plan, **row}
+    print(json.dumps(row), flush=True)
+    if args.out:
+        command = " ".join(["python", "benchmarks/wrap_auto.py", *(argv if argv is not None else sys.argv[1:])])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"command": command, **row}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
