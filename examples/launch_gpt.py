@@ -57,6 +57,8 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"start": start, "losses": losses, "plan": model.plan.to_dict(),
                        "world": torch.distributed.get_world_size()}, f)
+    # before the interpreter exits: a gloo group left alive can abort it there (SIGABRT)
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             meter.step(step, loss)
+    torch.distributed.destroy_process_group()  # a gloo group left alive can abort the interpreter's exit
 
 
 if __name__ == "__main__":
