@@ -37,7 +37,11 @@ CASES = {**SPEED_CASES, "gpt3-xl": Case("gpt3-xl", GPTConfig(  # configs/models/
     # (4 x 2048 tokens), 8 of its 32 blocks so one GPU holds the step
     "llama2-7b-8l": Case("llama2-7b-8l", GPTConfig(
         vocab=32000, seq_len=2048, layers=8, hidden=4096, heads=32, ffn_hidden=11008, activation="swiglu",
-        norm="rmsnorm", bias=False, position="rope"), 4)}
+        norm="rmsnorm", bias=False, position="rope"), 4),
+    # Llama 3.2 1B (configs/models/llama3.2-1b.yaml) at the batch of benchmarks/results/wrap_auto
+    "llama3.2-1b": Case("llama3.2-1b", GPTConfig(
+        vocab=128256, seq_len=2048, layers=16, hidden=2048, heads=32, kv_heads=8, ffn_hidden=8192,
+        activation="swiglu", norm="rmsnorm", bias=False, position="rope", tied_embeddings=True), 8)}
 
 CATEGORIES = (  # first match wins, on the lower-cased kernel name
     ("attention", ("sdpa", "flash", "fmha", "dot_do_o", "convert_dq")),
