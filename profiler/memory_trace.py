@@ -126,6 +126,16 @@ class AllocationTracer(TorchDispatchMode):
         self._closed = True
         return self.events
 
+    def live_bytes(self) -> int:
+        """Bytes of the logged storages not released yet."""
+        live: dict[int, int] = {}
+        for e in self.events:
+            if e.action == "alloc":
+                live[e.handle] = e.size
+            else:
+                live.pop(e.handle, None)
+        return sum(live.values())
+
     def _traced_resize(self, resize: Any) -> Any:
         def traced(storage: torch.UntypedStorage, size: int) -> Any:
             key, before = storage._cdata, storage.nbytes()

@@ -592,13 +592,7 @@ def test_eager_gqa_attention_keeps_k_and_v_expanded_to_every_query_head() -> Non
         with fake_mode, cuda_kernels("cudnn"), AllocationTracer(fake_mode) as tracer, \
                 torch.autocast("cpu", dtype=torch.bfloat16):
             model(tokens)
-        live: dict[int, int] = {}
-        for e in tracer.events:
-            if e.action == "alloc":
-                live[e.handle] = e.size
-            else:
-                live.pop(e.handle, None)
-        return sum(live.values()) / (batch * seq)
+        return tracer.live_bytes() / (batch * seq)
 
     def modelled(kv_heads: int, elementwise: str) -> float:
         spec = ModelSpec.from_config({"name": "probe", **shape, "kv_heads": kv_heads})
