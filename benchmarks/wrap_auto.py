@@ -5,7 +5,8 @@ and what the steps measure.
 The reference GPT of ``--model`` (built on the GPU, fp32 parameters), ``--batch`` samples of
 ``--seq`` tokens per step, as ``galvatron launch`` runs workers (expandable segments); 2 warm-up steps
 of fused AdamW, then ``--steps`` measured: the median step time and the allocator's peak over them.
-``--plan FILE`` runs that plan instead of the search's. ``--cluster`` (no GPU): only the search's pick
+``--plan FILE`` runs that plan instead of the search's. ``--hf``: Hugging Face's ``LlamaForCausalLM`` of the
+preset's shape (SDPA attention) instead of the reference GPT. ``--cluster`` (no GPU): only the search's pick
 on that cluster's first GPU and its prediction.
 
     python benchmarks/wrap_auto.py --model llama3.2-1b --batch 32 --out benchmarks/results/wrap_auto.json   # GPU
@@ -25,7 +26,7 @@ from typing import Any
 GIB = 1 << 30
 
 
-def _model_and_batch(model_name: str, batch: int, seq: int | None, device: str) -> tuple[Any, Any]:
+def _model_and_batch(model_name: str, batch: int, seq: int | None, device: str, hf: bool = False) -> tuple[Any, Any]:
     import dataclasses
 
     import torch
@@ -37,12 +38,24 @@ def _model_and_batch(model_name: str, batch: int, seq: int | None, device: str) 
     cfg = gpt_config(load_model_config(model_name))
     cfg = dataclasses.replace(cfg, seq_len=seq or cfg.seq_len)
     with torch.device(device):
-        model = GPT(cfg)
+        model = _hf_llama(cfg) if hf else GPT(cfg)
     tokens = torch.randint(0, cfg.vocab, (batch, cfg.seq_len + 1), device="cpu" if device == "meta" else device)
     return model, tokens
 
 
-def predict(model_name: str, batch: int, seq: int | None, cluster_name: str) -> dict[str, Any]:
+def _hf_llama(cfg: Any) -> Any:
+    """Hugging Face's Llama of the reference config's shape (RMSNorm, SwiGLU, RoPE, GQA)."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=cfg.vocab, hidden_size=cfg.hidden, intermediate_size=cfg.ffn_hidden, num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.hidden // cfg.heads,
+        max_position_embeddings=cfg.seq_len, tie_word_embeddings=cfg.tied_embeddings, rope_theta=500000.0,
+        attn_implementation="sdpa")
+    return transformers.LlamaForCausalLM(config)
+
+
+def predict(model_name: str, batch: int, seq: int | None, cluster_name: str, hf: bool = False) -> dict[str, Any]:
     """The search's pick for one GPU of ``cluster_name``, as ``wrap`` searches on that GPU (no CUDA here:
     the datasheet's attention kernel)."""
     from galvatron.strategies.hardware import load_cluster
@@ -50,17 +63,18 @@ def predict(model_name: str, batch: int, seq: int | None, cluster_name: str) -> 
 
     from galvatron.runtime.apply import auto_cost_options, auto_searches, describe
 
-    model, tokens = _model_and_batch(model_name, batch, seq, "meta")
+    model, tokens = _model_and_batch(model_name, batch, seq, "meta", hf)
     spec = describe(model, tokens[:, :-1], keep_seq_len=True)
     one = load_cluster(cluster_name)
     one = load_cluster({"gpu": one.gpu.name, "gpus_per_node": 1, "nodes": 1})
     runnable, _ = auto_searches(batch, True)
     cost = search(spec, one, runnable, auto_cost_options(one), world_size=1).best
-    return {"plan": cost.plan.describe(), "predicted_step_s": cost.step_time_s,
+    return {"plan": cost.plan.describe(), "spec_notes": list(spec.notes), "predicted_step_s": cost.step_time_s,
             "predicted_peak_gib": cost.peak_memory_gib}
 
 
-def measure(model_name: str, batch: int, seq: int | None, steps: int, plan: str | None = None) -> dict[str, Any]:
+def measure(model_name: str, batch: int, seq: int | None, steps: int, plan: str | None = None,
+            hf: bool = False) -> dict[str, Any]:
     import torch
     from galvatron.profiler.memory_trace import lm_training_step
     from galvatron.strategies.cost import cost_plan
@@ -68,14 +82,15 @@ def measure(model_name: str, batch: int, seq: int | None, steps: int, plan: str 
     import galvatron
     from galvatron.runtime.apply import auto_cost_options, describe, local_cluster
 
-    model, tokens = _model_and_batch(model_name, batch, seq, "cuda")
+    model, tokens = _model_and_batch(model_name, batch, seq, "cuda", hf)
     spec = describe(model, tokens[:, :-1], keep_seq_len=True)
     start = time.perf_counter()
     wrapped = galvatron.wrap(model, plan=plan or "auto", example_batch=tokens[:, :-1])
     searched = time.perf_counter() - start
     cluster = local_cluster(1)
     cost = cost_plan(wrapped.plan, spec, cluster, auto_cost_options(cluster))
-    out: dict[str, Any] = {"plan": wrapped.plan.describe(), "wrap_s": searched, "predicted_step_s": cost.step_time_s,
+    out: dict[str, Any] = {"plan": wrapped.plan.describe(), "spec_notes": list(spec.notes), "wrap_s": searched,
+                           "predicted_step_s": cost.step_time_s,
                            "predicted_peak_gib": cost.peak_memory_gib, "device": torch.cuda.get_device_name(),
                            "torch": torch.__version__, "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF")}
     step = lm_training_step(wrapped, tokens)
@@ -106,14 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="measured steps")
     parser.add_argument("--plan", help="run this plan YAML instead of the search's (plan='auto')")
     parser.add_argument("--cluster", help="no GPU: the pick for one GPU of this cluster preset")
+    parser.add_argument("--hf", action="store_true", help="Hugging Face's LlamaForCausalLM of the preset's shape")
     parser.add_argument("--out", type=Path, help="write the result here (JSON)")
     args = parser.parse_args(argv)
     if args.cluster:
-        row = predict(args.model, args.batch, args.seq, args.cluster)
+        row = predict(args.model, args.batch, args.seq, args.cluster, args.hf)
     else:
         os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # as galvatron launch
-        row = measure(args.model, args.batch, args.seq, args.steps, args.plan)
-    row = {"model": args.model, "batch": args.batch, "seq": args.seq, "plan_file": args.plan, **row}
+        row = measure(args.model, args.batch, args.seq, args.steps, args.plan, args.hf)
+    row = {"model": args.model, "hf": args.hf, "batch": args.batch, "seq": args.seq, "plan_file": args.plan, **row}
     print(json.dumps(row), flush=True)
     if args.out:
         command = " ".join(["python", "benchmarks/wrap_auto.py", *(argv if argv is not None else sys.argv[1:])])

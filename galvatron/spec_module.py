@@ -191,8 +191,12 @@ def _measure(meta: nn.Module, blocks: list[nn.Module], batch: Any) -> tuple[
     counter = FlopCounterMode(display=False)
     tracker = _Tracker(counter)
 
+    stand_ins: dict[int, torch.Tensor] = {}  # copies the attention runs on -> the tensors a GPU keeps
+
     def pack(t: torch.Tensor) -> torch.Tensor:
         base = t._base if t._base is not None else t
+        base = stand_ins.get(id(base), base)
+        base = base._base if base._base is not None else base
         if id(base) not in params and id(base) not in seen:
             seen.add(id(base))
             tracker.add_saved(base.numel() * (2 if base.is_floating_point() else base.element_size()))
@@ -206,7 +210,7 @@ def _measure(meta: nn.Module, blocks: list[nn.Module], batch: Any) -> tuple[
 
     def counted_sdpa(*args: Any, **kwargs: Any) -> torch.Tensor:
         with tracker.attention():
-            return _fused_attention(sdpa, *args, **kwargs)
+            return _fused_attention(sdpa, stand_ins, *args, **kwargs)
 
     F.scaled_dot_product_attention = counted_sdpa
     F.rms_norm = _fused_rms_norm
@@ -226,16 +230,28 @@ def _measure(meta: nn.Module, blocks: list[nn.Module], batch: Any) -> tuple[
     return tracker.flops, tracker.attn, tracker.saved, tokens, seq_len
 
 
-def _fused_attention(composite: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
-                     scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+def _fused_attention(composite: Any, stand_ins: dict[int, torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor, attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                     is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` as a GPU runs it without a mask: a fused kernel (FlashAttention's
-    op, whose meta function gives the GPU's output layout and takes GQA's fewer K/V heads as
-    ``enable_gqa`` does) that keeps q, k, v, its output and the softmax statistics, where the meta
-    device's composite would keep the s x s scores."""
+    op, whose meta function gives the GPU's output layout) that keeps q, k, v, its output and the
+    softmax statistics, where the meta device's composite would keep the s x s scores. GQA's fewer
+    K/V heads (``enable_gqa``), which the GPU's kernel takes as they are, run on copies for every
+    query head (the FLOP counter's formula wants equal heads; torch 2.11 asserts it), which
+    ``stand_ins`` maps back to K and V for the saved-bytes count."""
     if attn_mask is not None:
         return composite(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                          enable_gqa=enable_gqa)
+    if k.shape[-3] != q.shape[-3]:
+        groups = q.shape[-3] // k.shape[-3]
+        k_all, v_all = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
+        for copy_, kept in ((k_all, k), (v_all, v)):
+            stand_ins[id(copy_._base if copy_._base is not None else copy_)] = kept
+        try:
+            return torch.ops.aten._scaled_dot_product_flash_attention(q, k_all, v_all, dropout_p, is_causal, False,
+                                                                      scale=scale)[0]
+        finally:
+            stand_ins.clear()
     return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
 
 

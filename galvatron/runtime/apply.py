@@ -256,7 +256,13 @@ def search_plan(spec: ModelSpec, world: int, example_batch: Any = None, options:
     runtime runs, and, given the ``model``, also among one-stage uniform plans with context or
     expert parallelism (which the runtime runs without a pipeline), kept when faster and accepted
     by :func:`check_supported` for this model's attention and experts. ``perf``: a measured
-    ``ProfiledPerf`` (:func:`measured_cpu_perf`) to cost plans on instead of :func:`local_cluster`."""
+    ``ProfiledPerf`` (:func:`measured_cpu_perf`) to cost plans on instead of :func:`local_cluster`.
+    A structural description (the model could not run on the meta device: no FLOPs, no activations)
+    is refused: every plan would cost nothing."""
+    if not any(layer.flops_per_token for layer in spec.blocks):
+        why = next((n for n in spec.notes if "costs unknown" in n), "its blocks have no FLOPs")
+        raise GalvatronError(f"cannot search a plan for {spec.name}: {why}; pass example_batch= (a batch its "
+                             "forward accepts) or a plan (a Plan or a plan YAML)")
     try:
         from galvatron.strategies.search import search
     except ImportError as err:

@@ -66,3 +66,29 @@ def test_auto_takes_the_fastest_plan_the_runtime_accepts() -> None:
     assert _first_supported(net, spec, top).plan is good
     with pytest.raises(PlanError, match=r"none of the search's 1 best plans.*ties its input and output embeddings"):
         _first_supported(net, spec, top[:1])
+
+
+def test_a_model_described_by_structure_only_is_not_searched() -> None:
+    """A model whose forward cannot run on the meta device gets a structural description (no FLOPs,
+    no activations); ``wrap(plan="auto")``'s search refuses it with the reason instead of costing every
+    plan at nothing (and picking one that would not fit)."""
+    from torch import nn
+
+    from galvatron.errors import GalvatronError
+
+    class ValueDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(32, 16)
+            self.blocks = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            x = self.embed(tokens)
+            for block in self.blocks:
+                x = block(x) * float(x.abs().max())  # a value: none on the meta device
+            return x
+
+    spec = describe(ValueDependent(), torch.zeros(2, 8, dtype=torch.long))
+    assert not any(layer.flops_per_token for layer in spec.blocks)
+    with pytest.raises(GalvatronError, match="cannot search a plan for ValueDependent: structure only"):
+        search_plan(spec, WORLD)

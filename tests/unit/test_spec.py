@@ -105,6 +105,25 @@ class TestFromModule:
                 assert _activation(ctx, measured, s, mode) == pytest.approx(
                     _activation(ctx, formula, s, mode), rel=0.02), (mode, s)
 
+    def test_gqa_attention_keeps_k_and_v_at_their_own_heads(self) -> None:
+        """Attention called with ``enable_gqa`` keeps K and V with their fewer heads (the GPU's fused
+        kernels take them so): a block counts ``2 x 2 (q - kv)`` bytes per token less than one that
+        copies them to every query head first, and the same attention FLOPs."""
+        import torch.nn.functional as F
+
+        cfg = dataclasses.replace(REFERENCE["swiglu-gqa-tied"], seq_len=256)
+        with torch.device("meta"):
+            copies, native = GPT(cfg), GPT(cfg)
+        for block in native.blocks:
+            block.attn.attention_fn = lambda q, k, v, causal: F.scaled_dot_product_attention(
+                q, k, v, is_causal=causal, enable_gqa=True)
+        batch = torch.zeros(2, cfg.seq_len, dtype=torch.long)
+        a, b = (ModelSpec.from_module(m, batch).blocks[0] for m in (copies, native))
+        head_dim = cfg.hidden // cfg.heads
+        assert a.activation_bytes_per_token - b.activation_bytes_per_token == 2 * 2 * (
+            cfg.heads - cfg.kv_heads) * head_dim
+        assert a.attention_flops_per_token == b.attention_flops_per_token > 0
+
     def test_hugging_face_models(self) -> None:
         transformers = pytest.importorskip("transformers")
         models = {
