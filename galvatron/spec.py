@@ -71,6 +71,10 @@ class LayerSpec:
     rather than three: one GEMM, and under autocast one cast copy of the attention's input."""
     fused_gate_up: bool = False
     """A gated MLP's gate and up projections are one linear layer (``gate_up_proj``)."""
+    norm_composite: bool = False
+    """The block's RMSNorm runs as separate elementwise ops in fp32 (Hugging Face's ``LlamaRMSNorm``:
+    cast, ``pow``, ``mean``, ``rsqrt``, multiplies, cast back) rather than ``F.rms_norm``'s fused kernel
+    (``nn.RMSNorm``); ``from_module`` sees which the forward calls."""
     activations_measured: bool = False
     """``activation_bytes_per_token`` was counted on the module's own ops (``from_module``), so it holds
     what an eager block keeps beyond Korthikanti's count (SiLU's output, GQA's K and V copied to

@@ -31,11 +31,12 @@ def spec_from_module(module: nn.Module, example_batch: Any, *, name: str | None 
     meta = meta_copy(module)
     block_path, blocks = find_blocks(meta)
     owner = _param_owners(meta, block_path, len(blocks))
-    flops, attn_flops, saved, tokens, seq_len = _measure(meta, blocks, example_batch)
+    flops, attn_flops, saved, tokens, seq_len, fused_norms = _measure(meta, blocks, example_batch)
     config = getattr(module, "config", None)
     notes: list[str] = []
     block_layers = [_block_layer(block, f"{block_path}.{i}", owner.get(i, 0), flops.get(i, 0.0),
-                                 attn_flops.get(i, 0.0), saved.get(i, 0.0), tokens, config, notes)
+                                 attn_flops.get(i, 0.0), saved.get(i, 0.0), tokens, config, notes,
+                                 fused_norm=i in fused_norms)
                     for i, block in enumerate(blocks)]
     hidden = _first(block_layers, "hidden")
     layers = [_edge_layer(LayerKind.EMBEDDING, "embedding", owner, flops, saved, tokens, hidden), *block_layers,
@@ -180,8 +181,9 @@ class _Tracker:
 
 
 def _measure(meta: nn.Module, blocks: list[nn.Module], batch: Any) -> tuple[
-        dict[Any, float], dict[Any, float], dict[Any, float], int, int]:
-    """Forward FLOPs, attention FLOPs and saved bytes (16-bit floats) per block/edge, tokens, seq len."""
+        dict[Any, float], dict[Any, float], dict[Any, float], int, int, set[Any]]:
+    """Forward FLOPs, attention FLOPs and saved bytes (16-bit floats) per block/edge, tokens, seq len,
+    and the blocks whose norms called ``F.rms_norm`` (the fused kernel on a GPU)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     meta_batch = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, batch)
@@ -192,11 +194,14 @@ def _measure(meta: nn.Module, blocks: list[nn.Module], batch: Any) -> tuple[
     tracker = _Tracker(counter)
 
     stand_ins: dict[int, torch.Tensor] = {}  # copies the attention runs on -> the tensors a GPU keeps
+    counted: list[torch.Tensor] = []  # stand-ins nothing else keeps alive: their ids must stay unique in `seen`
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         base = t._base if t._base is not None else t
-        base = stand_ins.get(id(base), base)
-        base = base._base if base._base is not None else base
+        if id(base) in stand_ins:
+            kept = stand_ins[id(base)]
+            base = kept._base if kept._base is not None else kept
+            counted.append(base)
         if id(base) not in params and id(base) not in seen:
             seen.add(id(base))
             tracker.add_saved(base.numel() * (2 if base.is_floating_point() else base.element_size()))
@@ -212,8 +217,14 @@ def _measure(meta: nn.Module, blocks: list[nn.Module], batch: Any) -> tuple[
         with tracker.attention():
             return _fused_attention(sdpa, stand_ins, *args, **kwargs)
 
+    fused_norms: set[Any] = set()
+
+    def counted_rms_norm(*args: Any, **kwargs: Any) -> torch.Tensor:
+        fused_norms.add(tracker.where)
+        return _fused_rms_norm(*args, **kwargs)
+
     F.scaled_dot_product_attention = counted_sdpa
-    F.rms_norm = _fused_rms_norm
+    F.rms_norm = counted_rms_norm
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter, _nonzero_all():
             _call(meta, meta_batch)
@@ -227,7 +238,7 @@ def _measure(meta: nn.Module, blocks: list[nn.Module], batch: Any) -> tuple[
         F.scaled_dot_product_attention, F.rms_norm = sdpa, rms_norm
         for h in handles:
             h.remove()
-    return tracker.flops, tracker.attn, tracker.saved, tokens, seq_len
+    return tracker.flops, tracker.attn, tracker.saved, tokens, seq_len, fused_norms
 
 
 def _fused_attention(composite: Any, stand_ins: dict[int, torch.Tensor], q: torch.Tensor, k: torch.Tensor,
@@ -347,7 +358,7 @@ def _edge_layer(kind: LayerKind, key: str, owner: dict[Any, int], flops: dict[An
 
 
 def _block_layer(block: nn.Module, name: str, params: int, flops: float, attn_flops: float, saved: float,
-                 tokens: int, config: Any, notes: list[str]) -> LayerSpec:
+                 tokens: int, config: Any, notes: list[str], fused_norm: bool = True) -> LayerSpec:
     heads = _attr(block, config, _HEAD_ATTRS)
     kv_heads = _attr(block, config, _KV_HEAD_ATTRS) or heads
     experts_list = _experts(block)
@@ -371,6 +382,7 @@ def _block_layer(block: nn.Module, name: str, params: int, flops: float, attn_fl
         head_dim=hidden // heads if heads and hidden else 0,
         experts=experts, top_k=top_k,
         expert_params=expert_params, norm=_norm_kind(block),
+        norm_composite=bool(flops) and _norm_kind(block) == "rmsnorm" and not fused_norm,
         bias=any(isinstance(m, nn.Linear) and m.bias is not None for m in block.modules()),
         rope=bool(heads) and _rope(config),
         ffn_hidden=0 if experts else _ffn_hidden(block, hidden),

@@ -250,3 +250,17 @@ def test_gradient_accumulation_adds_are_charged_per_micro_batch(options: CostOpt
     assert four.param_fwd == pytest.approx(one.param_fwd)
     params = layer.params
     assert four.param_bwd - one.param_bwd == pytest.approx(perf.streaming_time(per_param * params * 3 / 4), abs=1e-12)
+
+
+def test_a_composite_rms_norm_costs_its_ops_under_autocast() -> None:
+    """Under the native runtime's autocast, an RMSNorm written out in ops (``norm_composite``: Hugging
+    Face's Llama) moves the composite's bytes, more than ``F.rms_norm``'s fused kernel the reference
+    GPT calls; a LayerNorm block is the same either way."""
+    block = LLAMA.blocks[0]
+    fused = eager.block_traffic(block, LayerStrategy(), "autocast", 2)
+    composite = eager.block_traffic(dataclasses.replace(block, norm_composite=True), LayerStrategy(), "autocast", 2)
+    norms = 2 * (eager.rms_norm(4).fwd - eager.layer_norm(4, 4).fwd) * block.hidden
+    assert composite.fwd - fused.fwd == pytest.approx(norms)
+    ln = GPT_1B.blocks[0]
+    assert eager.block_traffic(dataclasses.replace(ln, norm_composite=True), LayerStrategy(), "autocast", 2) == \
+        eager.block_traffic(ln, LayerStrategy(), "autocast", 2)

@@ -124,6 +124,19 @@ class TestFromModule:
             cfg.heads - cfg.kv_heads) * head_dim
         assert a.attention_flops_per_token == b.attention_flops_per_token > 0
 
+    def test_rms_norm_written_out_in_ops_is_seen(self) -> None:
+        """``nn.RMSNorm`` calls ``F.rms_norm`` (one fused kernel on a GPU); Hugging Face's ``LlamaRMSNorm``
+        writes the norm out in fp32 ops, which the eager cost model prices op by op."""
+        transformers = pytest.importorskip("transformers")
+        cfg = REFERENCE["swiglu-gqa-tied"]
+        with torch.device("meta"):
+            ours = GPT(cfg)
+            hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+                num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, vocab_size=96))
+        assert not ModelSpec.from_module(ours, torch.zeros(2, 16, dtype=torch.long)).blocks[0].norm_composite
+        assert ModelSpec.from_module(hf, torch.zeros(2, 16, dtype=torch.long)).blocks[0].norm_composite
+
     def test_hugging_face_models(self) -> None:
         transformers = pytest.importorskip("transformers")
         models = {
