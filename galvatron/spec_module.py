@@ -258,12 +258,11 @@ def _fused_attention(composite: Any, stand_ins: dict[int, torch.Tensor], q: torc
         k_all, v_all = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
         for copy_, kept in ((k_all, k), (v_all, v)):
             stand_ins[id(copy_._base if copy_._base is not None else copy_)] = kept
-        try:
-            return torch.ops.aten._scaled_dot_product_flash_attention(q, k_all, v_all, dropout_p, is_causal, False,
-                                                                      scale=scale)[0]
-        finally:
-            stand_ins.clear()
-    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
+        k, v = k_all, v_all
+    try:
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
+    finally:
+        stand_ins.clear()
 
 
 class FusedRMSNorm(torch.autograd.Function):
@@ -371,6 +370,7 @@ def _block_layer(block: nn.Module, name: str, params: int, flops: float, attn_fl
     expert_params = sum(p.numel() for p in experts_list.parameters()) if experts_list is not None else 0
     top_k = _attr(block, config, _TOP_K_ATTRS) if experts else 0
     flops, saved = flops / tokens, saved / tokens
+    norm = _norm_kind(block)
     if experts and experts_list is None:
         expert_params = _fused_expert_params(block)
         flops, saved = _add_fused_experts(flops, saved, expert_params // experts, top_k, hidden)
@@ -381,8 +381,8 @@ def _block_layer(block: nn.Module, name: str, params: int, flops: float, attn_fl
         hidden=hidden, heads=heads, kv_heads=kv_heads if heads else 0,
         head_dim=hidden // heads if heads and hidden else 0,
         experts=experts, top_k=top_k,
-        expert_params=expert_params, norm=_norm_kind(block),
-        norm_composite=bool(flops) and _norm_kind(block) == "rmsnorm" and not fused_norm,
+        expert_params=expert_params, norm=norm,
+        norm_composite=bool(flops) and norm == "rmsnorm" and not fused_norm,
         bias=any(isinstance(m, nn.Linear) and m.bias is not None for m in block.modules()),
         rope=bool(heads) and _rope(config),
         ffn_hidden=0 if experts else _ffn_hidden(block, hidden),
@@ -413,16 +413,20 @@ def _fused_projections(block: nn.Module, hidden: int, heads: int, kv_heads: int)
     head_dim = hidden // heads if heads else 0
     qkv = (heads + 2 * kv_heads) * head_dim
     fused_qkv = bool(heads) and any(i == hidden and o == qkv for i, o in shapes)
-    downs = {i for i, o in shapes if o == hidden and i != hidden}
+    downs = _down_widths(shapes, hidden)
     fused_gate_up = any(i == hidden and o % 2 == 0 and o // 2 in downs for i, o in shapes)
     return {"fused_qkv": fused_qkv, "fused_gate_up": fused_gate_up}
 
 
+def _down_widths(shapes: list[tuple[int, int]], hidden: int) -> set[int]:
+    """Input widths of the linear layers that map another width back to ``hidden`` (down projections)."""
+    return {i for i, o in shapes if o == hidden and i != hidden}
+
+
 def _ffn_hidden(block: nn.Module, hidden: int) -> int:
-    """A dense block's FFN width: the input width of its one down projection (the linear layer from
-    another width back to the hidden size); 0 where that is not one width (the cost model then
-    prices the block's GEMMs by their FLOPs)."""
-    downs = {i for i, o in _linear_shapes(block) if o == hidden and i != hidden} if hidden else set()
+    """A dense block's FFN width: the input width of its one down projection; 0 where that is not one
+    width (the cost model then prices the block's GEMMs by their FLOPs)."""
+    downs = _down_widths(_linear_shapes(block), hidden) if hidden else set()
     return downs.pop() if len(downs) == 1 else 0
 
 

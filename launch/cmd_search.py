@@ -24,9 +24,7 @@ def run(args: argparse.Namespace) -> int:
     cluster = cmd_simulate.load_cluster_arg(args.cluster)
     cmd_simulate.apply_backend(args, cluster)
     cmd_simulate.apply_profiles(args, spec, cluster)
-    result = cmd_simulate.run_search(args, spec, cluster)
-    costs, traced = cmd_simulate.checked_by_trace(args, spec, cluster, list(result.top))
-    cmd_simulate.emit(args, costs, result.search_time_s, result.plans_costed, spec, cluster, traced)
+    costs = cmd_simulate.search_and_emit(args, spec, cluster)
     if args.out:
         costs[0].plan.save(args.out)
         if not args.json:

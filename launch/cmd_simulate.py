@@ -126,10 +126,16 @@ def run(args: argparse.Namespace) -> int:
     apply_profiles(args, spec, cluster)
     if args.plan or any(getattr(args, f) not in (None, False) for f in _PLAN_FLAGS):
         return _simulate_one(args, spec, cluster)
+    search_and_emit(args, spec, cluster)
+    return 0
+
+
+def search_and_emit(args: argparse.Namespace, spec: ModelSpec, cluster: Any) -> list[Any]:
+    """The search, its best plans checked by ``--trace-memory``, printed; the reported plans, best first."""
     result = run_search(args, spec, cluster)
     costs, traced = checked_by_trace(args, spec, cluster, list(result.top))
     emit(args, costs, result.search_time_s, result.plans_costed, spec, cluster, traced)
-    return 0
+    return costs
 
 
 def checked_by_trace(args: argparse.Namespace, spec: ModelSpec, cluster: Any,

@@ -852,9 +852,8 @@ def _edge_casts(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, pb: int) 
     ``vocab x h`` per TP rank, held from the forward to the backward like a block's (ZeRO-0/1 over
     fp32 parameters). Llama 3.2 1B untied, one H100's step traced: the embedding's cast was 0.49
     GiB too many (+1.5-1.8%)."""
-    z = s.zero if _group(ctx, s.tp, s.dp * s.cp).size > 1 else 0
     if (layer.kind is not LayerKind.HEAD or ctx.options.master_weights != "params" or ctx.dtype is DType.FP32
-            or z >= 2):
+            or replica_zero(s) >= 2):
         return 0.0
     return pb * layer.flops_per_token / 2 / s.tp
 

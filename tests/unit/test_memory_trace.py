@@ -5,6 +5,9 @@ against real GPU runs is measured in benchmarks/results/fake_memory."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -37,12 +40,17 @@ def sizes(events: list) -> list[tuple[str, int, str]]:
     return [(e.action, e.size, e.op) for e in events]
 
 
-def test_fake_step_allocates_as_the_real_one() -> None:
-    step, tensors = mlp_step(None)
+def real_and_fake(build: Callable[[FakeTensorMode | None], tuple[Any, list[torch.Tensor]]]) -> tuple[list, list]:
+    """Two steps of ``build``'s step traced on real tensors, then on fake ones."""
+    step, tensors = build(None)
     real = trace_steps(step, None, tensors, steps=2, attention=None)
     fake_mode = FakeTensorMode()
-    step, tensors = mlp_step(fake_mode)
-    fake = trace_steps(step, fake_mode, tensors, steps=2, attention=None)
+    step, tensors = build(fake_mode)
+    return real, trace_steps(step, fake_mode, tensors, steps=2, attention=None)
+
+
+def test_fake_step_allocates_as_the_real_one() -> None:
+    real, fake = real_and_fake(mlp_step)
     assert sizes(fake) == sizes(real)
     ops = {e.op for e in fake}
     assert "aten.addmm.default" in ops and "aten.gelu_backward.default" in ops
@@ -75,11 +83,7 @@ def test_gradient_sums_reuse_an_input_as_untraced() -> None:
 
         return step, [*params, tokens]
 
-    step, tensors = tied_step(None)
-    real = trace_steps(step, None, tensors, steps=2, attention=None)
-    fake_mode = FakeTensorMode()
-    step, tensors = tied_step(fake_mode)
-    fake = trace_steps(step, fake_mode, tensors, steps=2, attention=None)
+    real, fake = real_and_fake(tied_step)
     assert sizes(fake) == sizes(real)
     adds = [e for e in fake if e.op == "aten.add.Tensor"]
     assert len(adds) == 2, "the forward's residual add of each step, no gradient sum"
