@@ -226,13 +226,15 @@ class ProfiledPerf:
 
     def measured_options(self, options: CostOptions) -> CostOptions:
         """``options`` with what the cluster profile measured in their place: the compute lost to
-        communication beside it (``overlap_interference``, from the profile's overlap test) and the
+        communication beside it and how much slower the communication runs there
+        (``overlap_interference``, ``overlap_comm_slowdown``, from the profile's overlap test) and the
         pipeline schedule's host time per action (``pipeline_action_s``, CPU workers)."""
         if self.cluster is None:
             return options
         overlap, action = self.cluster.overlap, self.cluster.pipeline_action_s
         if overlap is not None and overlap.interference is not None:
-            options = dataclasses.replace(options, overlap_interference=overlap.interference)
+            options = dataclasses.replace(options, overlap_interference=overlap.interference,
+                                          overlap_comm_slowdown=max(overlap.comm_slowdown, 1.0))
         if action is not None:
             options = dataclasses.replace(options, pipeline_action_s=action)
         return options

@@ -92,10 +92,18 @@ CPU_WORKER_MICRO_BATCHES = (1, 2, 4, 8)
 """Micro-batch sizes :func:`cpu_worker_options` profiles (the fit is linear in tokens beyond them)."""
 
 
+CPU_WORKER_TIMING = {"warmup": 3, "repeats": 15}
+"""Runs per point when profiling for CPU workers. A CPU timing's run-to-run noise is slow (windows of
+25 runs of a ``gpt-demo`` block differ by up to 8%): with the default 2 + 5 runs the demo's block
+(forward and backward, 4 x 64 tokens) came out 6.3 to 9.2 ms over twelve profiles where a long loop
+runs it in about 6.3; with these, 6.2 to 6.8 over six."""
+
+
 def cpu_worker_options(seq_len: int) -> ProfileOptions:
     """How a model is profiled for a search over CPU workers (the launcher's and ``wrap(plan="auto")``'s):
-    at the run's sequence length, micro-batches :data:`CPU_WORKER_MICRO_BATCHES`, every recompute mode."""
-    return ProfileOptions(micro_batches=CPU_WORKER_MICRO_BATCHES, seq_lens=(seq_len,))
+    at the run's sequence length, micro-batches :data:`CPU_WORKER_MICRO_BATCHES`, every recompute mode,
+    :data:`CPU_WORKER_TIMING` runs per point."""
+    return ProfileOptions(micro_batches=CPU_WORKER_MICRO_BATCHES, seq_lens=(seq_len,), **CPU_WORKER_TIMING)
 
 
 def profile_flops(spec: ModelSpec, options: ProfileOptions) -> float:

@@ -26,7 +26,7 @@ from typing import Any
 from galvatron.strategies.cost import eager
 from galvatron.strategies.cost.options import CostOptions
 from galvatron.strategies.cost.perf import AttentionShape, Collective, Group, Perf
-from galvatron.strategies.cost.step import overlapped
+from galvatron.strategies.cost.step import hidden_behind, overlapped
 
 from galvatron.plan import CPKind, DType, LayerStrategy, Recompute
 from galvatron.spec import BLOCK_KINDS, LayerKind, LayerSpec, ModelSpec
@@ -389,8 +389,7 @@ def _shared_expert_overlap(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy
     beside the combine); the hidden part still costs ``overlap_interference`` of its time."""
     shared = _shared_expert_gemms(layer, s, tok)
     fwd, dgrad, wgrad = _gemm_times(ctx, shared, _gemm_flops(shared)) if shared else (0.0, 0.0, 0.0)
-    f = ctx.options.overlap_interference
-    return overlapped(a2a, fwd, f), overlapped(a2a, dgrad + wgrad, f)
+    return hidden_behind(a2a, fwd, ctx.options), hidden_behind(a2a, dgrad + wgrad, ctx.options)
 
 
 def _gemm_times(ctx: LayerContext, gemms: list[Gemm], flops: float) -> tuple[float, float, float]:
@@ -472,8 +471,7 @@ def _ring_attention(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: 
     fwd_step = perf.attention_time(step, False, step_shape, kernel)
     bwd_step = perf.attention_time(2.5 * step, True, step_shape, kernel)
     send_bwd = perf.p2p_time(2 * kv_bytes, inter)
-    f = ctx.options.overlap_interference
-    fwd_x, bwd_x = overlapped(send, fwd_step, f), overlapped(send_bwd, bwd_step, f)
+    fwd_x, bwd_x = hidden_behind(send, fwd_step, ctx.options), hidden_behind(send_bwd, bwd_step, ctx.options)
     fwd = perf.attention_time(diag, False, diag_shape, kernel) + (r - 1) * (fwd_step + fwd_x)
     bwd = perf.attention_time(2.5 * diag, True, diag_shape, kernel) + (r - 1) * (bwd_step + bwd_x)
     return fwd, bwd, (r - 1) * (fwd_x + bwd_x)
@@ -628,14 +626,15 @@ def _tp_backward_exposed(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, 
     col = wgrad * _column_share(layer) / (2 if layer.heads else 1)
     parts = _tp_parts(layer, s)
     f = opts.overlap_interference if opts.overlap_tp_backward else 1.0
+    b = opts.overlap_comm_slowdown if opts.overlap_tp_backward else 1.0
     hide = col if opts.overlap_tp_backward else 0.0
     if s.sp:
         ag = perf.collective_time(Collective.ALL_GATHER, tensor, group)
         rs = perf.collective_time(Collective.REDUCE_SCATTER, tensor, group)
         # only Megatron's fused stack re-gathers the column input in backward (the others keep it)
-        regather = overlapped(ag, hide, f) if opts.elementwise == "fused" else 0.0
-        return parts * (ag + regather + overlapped(rs, hide, f))
-    return parts * overlapped(perf.collective_time(Collective.ALL_REDUCE, tensor, group), hide, f)
+        regather = overlapped(ag, hide, f, b) if opts.elementwise == "fused" else 0.0
+        return parts * (ag + regather + overlapped(rs, hide, f, b))
+    return parts * overlapped(perf.collective_time(Collective.ALL_REDUCE, tensor, group), hide, f, b)
 
 
 def _column_share(layer: LayerSpec) -> float:
@@ -932,8 +931,7 @@ def zero_exposed(ag: Any, rs: Any, fwd: Any, bwd_compute: Any, options: CostOpti
     on numpy arrays (the search)."""
     if not options.overlap_zero_prefetch:
         return ag, ag + rs
-    f = options.overlap_interference
-    return overlapped(ag, fwd, f), overlapped(ag + rs, bwd_compute, f)
+    return hidden_behind(ag, fwd, options), hidden_behind(ag + rs, bwd_compute, options)
 
 
 def recasts(ctx: LayerContext, layer: LayerSpec, mode: Recompute) -> bool:

@@ -78,6 +78,10 @@ class CostOptions:
     """Fraction of compute throughput a collective takes while it overlaps compute: NCCL runs one CTA
     per channel on the SMs (24 CTAs for an all-gather on an H100, 18% of its 132 SMs: NVIDIA developer
     forum thread 337991, 2025; ~22% of an A100's 108), so hidden communication is not free."""
+    overlap_comm_slowdown: float = 1.0
+    """How many times longer a collective takes beside compute than alone (the gradient sync behind
+    the backward). 1: as alone (NCCL on a GPU keeps its channels' CTAs); CPU workers sharing cores
+    measure 2-3 (``galvatron.profiler.schema.Overlap.comm_slowdown``)."""
     moe_imbalance: float | None = None
     """Tokens on the busiest expert-parallel rank over the mean. None: the expected maximum under
     uniformly random top-k routing (balls into bins, Gaussian tail: ``1 + sqrt(2 ln ep) *

@@ -47,12 +47,27 @@ def in_flight(schedule: Schedule, pp: int, v: int, m: int, group: int) -> float:
     return chunks / v
 
 
-def overlapped(comm: Any, compute: Any, interference: float) -> Any:
+def overlapped(comm: Any, compute: Any, interference: float, comm_slowdown: float = 1.0) -> Any:
     """Time a collective adds to the compute it runs beside: while it runs, its CTAs take
-    ``interference`` of the SMs, so the pair ends at ``max(comm, compute + interference * comm)``;
-    the excess over ``compute`` is returned. Floats or numpy arrays."""
-    out = np.maximum(comm - compute, interference * comm)
+    ``interference`` of the SMs (compute seconds lost per second of the collective alone), and the
+    collective itself runs ``comm_slowdown`` times slower than alone. If it ends within the compute,
+    the pair ends at ``compute + interference * comm``; if not, the compute ends after
+    ``T = compute / (1 - interference / comm_slowdown)`` (it lost ``interference`` per second of
+    collective done), and the collective's rest ``comm - T / comm_slowdown`` runs alone. The excess
+    over ``compute`` is returned (with ``comm_slowdown`` 1: ``max(comm - compute, interference *
+    comm)``). Floats or numpy arrays."""
+    hidden = interference * comm
+    if comm_slowdown <= interference:  # no progress model for compute that stalls beside it: as if alone
+        out = np.maximum(comm - compute, hidden)
+    else:
+        together = compute / (1.0 - interference / comm_slowdown)
+        out = np.maximum(together * (1.0 - 1.0 / comm_slowdown) + comm - compute, hidden)
     return float(out) if np.ndim(out) == 0 else out
+
+
+def hidden_behind(comm: Any, compute: Any, options: CostOptions) -> Any:
+    """:func:`overlapped` with ``options``' interference and collective slowdown."""
+    return overlapped(comm, compute, options.overlap_interference, options.overlap_comm_slowdown)
 
 
 def grads_persist(options: CostOptions, micro_batches: int) -> bool:
@@ -92,7 +107,7 @@ def combine(sums: Sequence[float], work: float, p2p: float, inflight: float, zer
     t = device_or_host(sums) + p2p
     b = np.maximum(t - 2 * sums[WGRAD], 0.0) if zero_bubble else t
     if options.overlap_grad_reduce:
-        exposed = overlapped(sums[SYNC], sums[BWD_COMPUTE], options.overlap_interference)
+        exposed = hidden_behind(sums[SYNC], sums[BWD_COMPUTE], options)
     else:
         exposed = sums[SYNC]
     e = exposed + sums[POST] + sums[OPTIM]

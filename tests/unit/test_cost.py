@@ -28,7 +28,7 @@ from galvatron.strategies.cost.layer import (
     tokens_per_rank,
     zero_terms,
 )
-from galvatron.strategies.cost.step import in_flight
+from galvatron.strategies.cost.step import in_flight, overlapped
 from galvatron.strategies.hardware import load_cluster
 
 from galvatron.errors import PlanError
@@ -107,6 +107,28 @@ def test_schedule_overhead_is_charged_per_chunk_pass(pp: int, v: int, m: int) ->
     plain = cost_plan(plan, SPEC, cluster, CostOptions(overlap_grad_reduce=False)).step_time_s
     charged = cost_plan(plan, SPEC, cluster, CostOptions(overlap_grad_reduce=False, pipeline_action_s=a)).step_time_s
     assert charged - plain == pytest.approx(2 * a * (m * v + pp - 1) if pp > 1 else 0.0, rel=1e-6, abs=1e-12)
+
+
+def _simulated_excess(comm: float, compute: float, interference: float, slowdown: float, dt: float = 1e-3) -> float:
+    """Time step by time step: while both run, the collective does ``1 / slowdown`` of its alone-time per
+    second and the compute loses ``interference`` per second of collective done; each then runs alone."""
+    c, m, t = compute, comm, 0.0
+    while c > 0 and m > 0:
+        m -= dt / slowdown
+        c -= dt * (1 - interference / slowdown)
+        t += dt
+    return t + max(c, 0.0) + max(m, 0.0) - compute
+
+
+@pytest.mark.parametrize(("comm", "compute"), [(50.0, 76.0), (10.0, 100.0), (200.0, 50.0), (80.0, 0.0)])
+@pytest.mark.parametrize(("interference", "slowdown"),
+                         [(0.2, 1.0), (0.67, 1.0), (0.67, 2.0), (0.73, 3.2), (0.13, 1.56)])
+def test_overlap_excess_matches_a_step_by_step_run(comm: float, compute: float, interference: float,
+                                                   slowdown: float) -> None:
+    got = overlapped(comm, compute, interference, slowdown)
+    assert got == pytest.approx(_simulated_excess(comm, compute, interference, slowdown), abs=1e-2)
+    if slowdown == 1.0:  # the collective as fast beside compute as alone
+        assert got == pytest.approx(max(comm - compute, interference * comm))
 
 
 def test_in_flight_micro_batches_per_schedule() -> None:

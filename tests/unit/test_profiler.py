@@ -353,8 +353,8 @@ class TestCalibration:
                           group_size=4, interference=0.9)
         cluster = ClusterProfile(backend="gloo", world_size=4, nodes=1, ranks_per_node=4, overlap=overlap)
         options = CostOptions()
-        assert profiled_perf(load_cluster("8xH100"), cluster_profile=cluster).measured_options(
-            options).overlap_interference == 0.9
+        measured = profiled_perf(load_cluster("8xH100"), cluster_profile=cluster).measured_options(options)
+        assert (measured.overlap_interference, measured.overlap_comm_slowdown) == (0.9, 2.0)
         old = dataclasses.replace(cluster, overlap=dataclasses.replace(overlap, interference=None))
         assert profiled_perf(load_cluster("8xH100"), cluster_profile=old).measured_options(options) == options
         timed = dataclasses.replace(old, pipeline_action_s=1.5e-3)
