@@ -375,17 +375,19 @@ def _block_layer(block: nn.Module, name: str, params: int, flops: float, attn_fl
         expert_params = _fused_expert_params(block)
         flops, saved = _add_fused_experts(flops, saved, expert_params // experts, top_k, hidden)
         notes.append(f"{name}: fused experts costed analytically (2 FLOPs per weight, SwiGLU activations)")
+    ffn_hidden, shared = (_expert_widths(block, hidden, experts_list, expert_params // experts) if experts
+                          else (_ffn_hidden(block, hidden), 0))
     return LayerSpec(
         kind=kind, name=name, params=params, flops_per_token=flops,
         attention_flops_per_token=attn_flops / tokens, activation_bytes_per_token=saved,
         hidden=hidden, heads=heads, kv_heads=kv_heads if heads else 0,
         head_dim=hidden // heads if heads and hidden else 0,
-        experts=experts, top_k=top_k,
+        experts=experts, top_k=top_k, shared_experts=shared,
         expert_params=expert_params, norm=norm,
         norm_composite=bool(flops) and norm == "rmsnorm" and not fused_norm,
         bias=any(isinstance(m, nn.Linear) and m.bias is not None for m in block.modules()),
         rope=bool(heads) and _rope(config),
-        ffn_hidden=0 if experts else _ffn_hidden(block, hidden),
+        ffn_hidden=ffn_hidden,
         activations_measured=bool(flops),
         **_fused_projections(block, hidden, heads, kv_heads),
     )
@@ -428,6 +430,32 @@ def _ffn_hidden(block: nn.Module, hidden: int) -> int:
     width (the cost model then prices the block's GEMMs by their FLOPs)."""
     downs = _down_widths(_linear_shapes(block), hidden) if hidden else set()
     return downs.pop() if len(downs) == 1 else 0
+
+
+def _expert_widths(block: nn.Module, hidden: int, experts: nn.ModuleList | None, per_expert: int) -> tuple[int, int]:
+    """A MoE block's expert FFN width and how many always-on experts of that width its shared FFNs
+    make: the width is the input of a listed expert's down projection (fused 3-D experts: a gated
+    expert's weights over ``3 * hidden``); the shared FFNs are the down projections outside the
+    experts and the attention (one wide FFN, as DeepSeek's ``shared_experts`` and Qwen's
+    ``shared_expert``, counts as its width over the experts'). (0, 0) where a width is not one number
+    or the shared width is not a multiple of it: the cost model then prices the block's GEMMs by their
+    FLOPs."""
+    if not hidden:
+        return 0, 0
+    if experts is not None:
+        widths = _down_widths(_linear_shapes(experts[0]), hidden)
+        width = widths.pop() if len(widths) == 1 else 0
+        inside = {id(m) for m in experts.modules()}
+    else:
+        width = per_expert // (3 * hidden)
+        inside = {id(m) for path, e in block.named_modules() if path.rsplit(".", 1)[-1] == "experts"
+                  for m in e.modules()}
+    inside |= {id(m) for a in block.modules() if "attention" in type(a).__name__.lower() for m in a.modules()}
+    outside = [m for m in block.modules() if id(m) not in inside and isinstance(m, nn.Linear)]
+    shared = sum(i for i, o in ((m.in_features, m.out_features) for m in outside) if o == hidden and i != hidden)
+    if not width or shared % width:
+        return 0, 0
+    return width, shared // width
 
 
 def _rope(config: Any) -> bool:

@@ -105,6 +105,46 @@ class TestFromModule:
                 assert _activation(ctx, measured, s, mode) == pytest.approx(
                     _activation(ctx, formula, s, mode), rel=0.02), (mode, s)
 
+    def test_moe_blocks_read_their_expert_width_and_cost_as_their_config(self) -> None:
+        """A MoE block's expert FFN width comes from an expert's down projection and its shared experts
+        from the down projections beside the experts, so its GEMMs are priced by shape, as the config's
+        are, under expert, tensor and data parallelism (before, by FLOPs alone)."""
+        from galvatron.strategies.cost import CostOptions, DatasheetPerf, LayerContext, layer_cost
+        from galvatron.strategies.hardware import load_cluster
+
+        from galvatron.plan import DType, LayerStrategy
+
+        cfg = dataclasses.replace(REFERENCE["moe-shared-learned"], shared_experts=2, seq_len=256)
+        with torch.device("meta"):
+            model = GPT(cfg)
+        measured = ModelSpec.from_module(model, torch.zeros(2, cfg.seq_len, dtype=torch.long)).blocks[0]
+        formula = ModelSpec.from_config(cfg.to_model_config()).blocks[0]
+        assert (measured.ffn_hidden, measured.shared_experts) == (formula.ffn_hidden, formula.shared_experts) == (
+            cfg.expert_ffn_hidden, 2)
+        ctx = LayerContext(perf=DatasheetPerf(load_cluster("8xH100")), options=CostOptions(), dtype=DType.BF16,
+                           seq_len=cfg.seq_len, causal=True, micro_batch=8, stage_devices=8)
+        for s in (LayerStrategy(dp=8), LayerStrategy(dp=8, ep=4), LayerStrategy(tp=2, dp=4, ep=2)):
+            a, b = layer_cost(ctx, measured, s), layer_cost(ctx, formula, s)
+            assert (a.fwd, a.bwd) == pytest.approx((b.fwd, b.bwd), rel=0.02), s
+
+    def test_hugging_face_moe_widths(self) -> None:
+        """Mixtral's experts are 3-D tensors (transformers 5): the width is a gated expert's weights
+        over 3 hidden; Qwen2-MoE's one shared FFN four experts wide counts as four shared experts."""
+        transformers = pytest.importorskip("transformers")
+        batch = torch.zeros(1, 16, dtype=torch.long)
+        with torch.device("meta"):
+            mixtral = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+                num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=96, num_local_experts=4, num_experts_per_tok=2, vocab_size=96))
+            qwen = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+                num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                moe_intermediate_size=48, shared_expert_intermediate_size=192, num_experts=4,
+                num_experts_per_tok=2, vocab_size=96, intermediate_size=128))
+        a = ModelSpec.from_module(mixtral, batch).blocks[0]
+        b = ModelSpec.from_module(qwen, batch).blocks[0]
+        assert (a.experts, a.ffn_hidden, a.shared_experts) == (4, 96, 0)
+        assert (b.experts, b.ffn_hidden, b.shared_experts) == (4, 48, 4)
+
     def test_gqa_attention_keeps_k_and_v_at_their_own_heads(self) -> None:
         """Attention called with ``enable_gqa`` keeps K and V with their fewer heads (the GPU's fused
         kernels take them so): a block counts ``2 x 2 (q - kv)`` bytes per token less than one that
