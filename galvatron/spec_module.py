@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -299,31 +300,39 @@ def _nonzero_all() -> Iterator[None]:
 
 
 def _expert_hooks(meta: nn.Module, tracker: _Tracker) -> list[Any]:
-    """On meta every expert sees every routed token: scale what runs inside a ModuleList of
-    experts by 1/experts (balanced routing). Fused experts (3-D weight tensors, transformers 5)
-    run through their batched implementation and count 0 here: ``_block_layer`` adds them
-    analytically."""
+    """On meta every expert sees every routed token: scale the routed loop by 1/experts (balanced
+    routing), from the first expert's call until the MoE module runs anything else or returns, so
+    what the loop does around each expert (a gather, the routing weight's product, which keeps the
+    expert's output) scales with it. Fused experts (3-D weight tensors, transformers 5) run through
+    their batched implementation and count 0 here: ``_block_layer`` adds them analytically."""
     handles = []
+    modules = dict(meta.named_modules())
     for path, m in meta.named_modules():
         if path.rsplit(".", 1)[-1] != "experts":
             continue
-        if isinstance(m, nn.ModuleList):
-            targets, factor = list(m), 1.0 / max(len(m), 1)
-        else:
-            targets, factor = [m], 0.0
-            if hasattr(getattr(m, "config", None), "_experts_implementation"):
-                m.config._experts_implementation = "batched_mm"  # the meta copy's own config
         state: dict[str, Any] = {}
 
-        def enter(mod: nn.Module, args: Any, factor: float = factor, state: dict = state) -> None:
-            state["ctx"] = tracker.scaled(factor)
-            state["ctx"].__enter__()
+        def enter(mod: nn.Module, args: Any, factor: float, state: dict = state) -> None:
+            if "ctx" not in state:
+                state["ctx"] = tracker.scaled(factor)
+                state["ctx"].__enter__()
 
-        def leave(mod: nn.Module, args: Any, out: Any, state: dict = state) -> None:
-            state.pop("ctx").__exit__(None, None, None)
+        def leave(*_: Any, state: dict = state) -> None:
+            if "ctx" in state:
+                state.pop("ctx").__exit__(None, None, None)
 
-        for target in targets:
-            handles += [target.register_forward_pre_hook(enter), target.register_forward_hook(leave)]
+        if not isinstance(m, nn.ModuleList):
+            if hasattr(getattr(m, "config", None), "_experts_implementation"):
+                m.config._experts_implementation = "batched_mm"  # the meta copy's own config
+            handles += [m.register_forward_pre_hook(partial(enter, factor=0.0)), m.register_forward_hook(leave)]
+            continue
+        factor = 1.0 / max(len(m), 1)
+        handles += [e.register_forward_pre_hook(partial(enter, factor=factor)) for e in m]
+        parent = modules[path.rpartition(".")[0]]
+        routed = {id(x) for x in m.modules()}
+        handles += [x.register_forward_pre_hook(leave) for x in parent.modules()
+                    if x is not parent and id(x) not in routed]
+        handles.append(parent.register_forward_hook(leave))
     return handles
 
 

@@ -127,6 +127,18 @@ class TestFromModule:
             a, b = layer_cost(ctx, measured, s), layer_cost(ctx, formula, s)
             assert (a.fwd, a.bwd) == pytest.approx((b.fwd, b.bwd), rel=0.02), s
 
+    def test_moe_saved_bytes_do_not_grow_with_the_expert_count(self) -> None:
+        """With balanced routing a token's saved bytes depend on top-k, not on how many experts there
+        are: on meta every expert sees every token, and what the routed loop keeps around each expert
+        (the expert output its routing weight multiplies) scales back with the experts' own work."""
+        batch = torch.zeros(2, 64, dtype=torch.long)
+        saved = []
+        for experts in (4, 8):
+            with torch.device("meta"):
+                model = GPT(dataclasses.replace(REFERENCE["moe-shared-learned"], experts=experts, seq_len=64))
+            saved.append(ModelSpec.from_module(model, batch).blocks[0].activation_bytes_per_token)
+        assert saved[1] == pytest.approx(saved[0], rel=0.01)
+
     def test_hugging_face_moe_widths(self) -> None:
         """Mixtral's experts are 3-D tensors (transformers 5): the width is a gated expert's weights
         over 3 hidden; Qwen2-MoE's one shared FFN four experts wide counts as four shared experts."""
