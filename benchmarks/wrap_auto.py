@@ -6,11 +6,16 @@ The reference GPT of ``--model`` (built on the GPU, fp32 parameters), ``--batch`
 ``--seq`` tokens per step, as ``galvatron launch`` runs workers (expandable segments); 2 warm-up steps
 of fused AdamW, then ``--steps`` measured: the median step time and the allocator's peak over them.
 ``--plan FILE`` runs that plan instead of the search's. ``--hf``: Hugging Face's ``LlamaForCausalLM`` of the
-preset's shape (SDPA attention) instead of the reference GPT. ``--cluster`` (no GPU): only the search's pick
-on that cluster's first GPU and its prediction.
+preset's shape (SDPA attention) instead of the reference GPT; ``--hf mixtral``: its ``MixtralForCausalLM``
+(experts stored as 3-D tensors, run one by one, or ``--experts grouped_mm`` as one grouped GEMM per
+projection). ``--layers N``: the preset with N blocks. ``--cluster``
+(no GPU): only the search's pick on that cluster's first GPU and its prediction. For MoE models the
+plan is also costed as ``ModelSpec.from_module`` described MoE blocks before it read their expert
+width (``predicted_step_s_by_flops``: expert GEMMs priced by FLOPs alone).
 
     python benchmarks/wrap_auto.py --model llama3.2-1b --batch 32 --out benchmarks/results/wrap_auto.json   # GPU
     python benchmarks/wrap_auto.py --model llama3.2-1b --batch 32 --cluster 8xH100                           # CPU
+    python benchmarks/wrap_auto.py --model mixtral-8x7b --layers 2 --seq 2048 --batch 2 --hf mixtral
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from typing import Any
 GIB = 1 << 30
 
 
-def _model_and_batch(model_name: str, batch: int, seq: int | None, device: str, hf: bool = False) -> tuple[Any, Any]:
+def _model_and_batch(model_name: str, batch: int, seq: int | None, device: str, hf: str | None = None,
+                     layers: int | None = None, experts: str = "eager") -> tuple[Any, Any]:
     import dataclasses
 
     import torch
@@ -36,9 +42,9 @@ def _model_and_batch(model_name: str, batch: int, seq: int | None, device: str, 
     from galvatron.spec_config import load_model_config
 
     cfg = gpt_config(load_model_config(model_name))
-    cfg = dataclasses.replace(cfg, seq_len=seq or cfg.seq_len)
+    cfg = dataclasses.replace(cfg, seq_len=seq or cfg.seq_len, layers=layers or cfg.layers)
     with torch.device(device):
-        model = _hf_llama(cfg) if hf else GPT(cfg)
+        model = _hf_mixtral(cfg, experts) if hf == "mixtral" else _hf_llama(cfg) if hf else GPT(cfg)
     tokens = torch.randint(0, cfg.vocab, (batch, cfg.seq_len + 1), device="cpu" if device == "meta" else device)
     return model, tokens
 
@@ -55,26 +61,55 @@ def _hf_llama(cfg: Any) -> Any:
     return transformers.LlamaForCausalLM(config)
 
 
-def predict(model_name: str, batch: int, seq: int | None, cluster_name: str, hf: bool = False) -> dict[str, Any]:
+def _hf_mixtral(cfg: Any, experts: str = "eager") -> Any:
+    """Hugging Face's Mixtral of the reference MoE config's shape (every block MoE, no shared experts),
+    its experts run by transformers' ``experts`` implementation."""
+    import transformers
+
+    if not cfg.experts or cfg.shared_experts:
+        raise SystemExit("--hf mixtral needs a MoE preset without shared experts (e.g. mixtral-8x7b)")
+    config = transformers.MixtralConfig(
+        vocab_size=cfg.vocab, hidden_size=cfg.hidden, intermediate_size=cfg.expert_ffn_hidden,
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.hidden // cfg.heads, num_local_experts=cfg.experts, num_experts_per_tok=cfg.top_k,
+        max_position_embeddings=cfg.seq_len, tie_word_embeddings=cfg.tied_embeddings, attn_implementation="sdpa")
+    config._experts_implementation = experts
+    return transformers.MixtralForCausalLM(config)
+
+
+def _by_flops(spec: Any) -> Any:
+    """``spec`` as ``from_module`` described MoE blocks before it read their widths (GEMMs by FLOPs)."""
+    import dataclasses
+
+    layers = tuple(dataclasses.replace(x, ffn_hidden=0, shared_experts=0) if x.experts else x for x in spec.layers)
+    return dataclasses.replace(spec, layers=layers) if layers != spec.layers else None
+
+
+def predict(model_name: str, batch: int, seq: int | None, cluster_name: str, hf: str | None = None,
+            layers: int | None = None, experts: str = "eager") -> dict[str, Any]:
     """The search's pick for one GPU of ``cluster_name``, as ``wrap`` searches on that GPU (no CUDA here:
     the datasheet's attention kernel)."""
+    from galvatron.strategies.cost import cost_plan
     from galvatron.strategies.hardware import load_cluster
     from galvatron.strategies.search import search
 
     from galvatron.runtime.apply import auto_cost_options, auto_searches, describe
 
-    model, tokens = _model_and_batch(model_name, batch, seq, "meta", hf)
+    model, tokens = _model_and_batch(model_name, batch, seq, "meta", hf, layers, experts)
     spec = describe(model, tokens[:, :-1], keep_seq_len=True)
     one = load_cluster(cluster_name)
     one = load_cluster({"gpu": one.gpu.name, "gpus_per_node": 1, "nodes": 1})
     runnable, _ = auto_searches(batch, True)
     cost = search(spec, one, runnable, auto_cost_options(one), world_size=1).best
-    return {"plan": cost.plan.describe(), "spec_notes": list(spec.notes), "predicted_step_s": cost.step_time_s,
-            "predicted_peak_gib": cost.peak_memory_gib}
+    out = {"plan": cost.plan.describe(), "spec_notes": list(spec.notes), "predicted_step_s": cost.step_time_s,
+           "predicted_peak_gib": cost.peak_memory_gib}
+    if (old := _by_flops(spec)) is not None:
+        out["predicted_step_s_by_flops"] = cost_plan(cost.plan, old, one, auto_cost_options(one)).step_time_s
+    return out
 
 
 def measure(model_name: str, batch: int, seq: int | None, steps: int, plan: str | None = None,
-            hf: bool = False) -> dict[str, Any]:
+            hf: str | None = None, layers: int | None = None, experts: str = "eager") -> dict[str, Any]:
     import torch
     from galvatron.profiler.memory_trace import lm_training_step
     from galvatron.strategies.cost import cost_plan
@@ -82,7 +117,7 @@ def measure(model_name: str, batch: int, seq: int | None, steps: int, plan: str 
     import galvatron
     from galvatron.runtime.apply import auto_cost_options, describe, local_cluster
 
-    model, tokens = _model_and_batch(model_name, batch, seq, "cuda", hf)
+    model, tokens = _model_and_batch(model_name, batch, seq, "cuda", hf, layers, experts)
     spec = describe(model, tokens[:, :-1], keep_seq_len=True)
     start = time.perf_counter()
     wrapped = galvatron.wrap(model, plan=plan or "auto", example_batch=tokens[:, :-1])
@@ -93,6 +128,8 @@ def measure(model_name: str, batch: int, seq: int | None, steps: int, plan: str 
                            "predicted_step_s": cost.step_time_s,
                            "predicted_peak_gib": cost.peak_memory_gib, "device": torch.cuda.get_device_name(),
                            "torch": torch.__version__, "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF")}
+    if (old := _by_flops(spec)) is not None:
+        out["predicted_step_s_by_flops"] = cost_plan(wrapped.plan, old, cluster, auto_cost_options(cluster)).step_time_s
     step = lm_training_step(wrapped, tokens)
     try:
         for _ in range(2):
@@ -121,15 +158,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="measured steps")
     parser.add_argument("--plan", help="run this plan YAML instead of the search's (plan='auto')")
     parser.add_argument("--cluster", help="no GPU: the pick for one GPU of this cluster preset")
-    parser.add_argument("--hf", action="store_true", help="Hugging Face's LlamaForCausalLM of the preset's shape")
+    parser.add_argument("--hf", nargs="?", const="llama", choices=("llama", "mixtral"),
+                        help="Hugging Face's LlamaForCausalLM (or MixtralForCausalLM) of the preset's shape")
+    parser.add_argument("--layers", type=int, help="blocks (default: the preset's)")
+    parser.add_argument("--experts", default="eager", choices=("eager", "grouped_mm", "batched_mm"),
+                        help="--hf mixtral: transformers' experts implementation (default eager)")
     parser.add_argument("--out", type=Path, help="write the result here (JSON)")
     args = parser.parse_args(argv)
     if args.cluster:
-        row = predict(args.model, args.batch, args.seq, args.cluster, args.hf)
+        row = predict(args.model, args.batch, args.seq, args.cluster, args.hf, args.layers, args.experts)
     else:
         os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # as galvatron launch
-        row = measure(args.model, args.batch, args.seq, args.steps, args.plan, args.hf)
-    row = {"model": args.model, "hf": args.hf, "batch": args.batch, "seq": args.seq, "plan_file": args.plan, **row}
+        row = measure(args.model, args.batch, args.seq, args.steps, args.plan, args.hf, args.layers, args.experts)
+    row = {"model": args.model, "hf": args.hf, "layers": args.layers, "batch": args.batch, "seq": args.seq,
+           "experts": args.experts if args.hf == "mixtral" else None, "plan_file": args.plan, **row}
     print(json.dumps(row), flush=True)
     if args.out:
         command = " ".join(["python", "benchmarks/wrap_auto.py", *(argv if argv is not None else sys.argv[1:])])
