@@ -16,8 +16,11 @@ Megatron's ``HyperCommGrid``).
 
 from __future__ import annotations
 
+import atexit
 import enum
+import gc
 import math
+import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -292,7 +295,19 @@ def gradient_groups(plan: Plan) -> tuple[RankGroup, ...]:
 
 # ----------------------------------------------------------------- live process groups
 _GROUPS: dict[tuple[str, RankGroup], dist.ProcessGroup | None] = {}
-_WORLD: list[object] = [None]
+_WORLD: list[weakref.ref | None] = [None]
+"""The default group the cached groups belong to, weakly: holding it would keep a destroyed gloo
+group alive into the interpreter's finalization."""
+
+
+@atexit.register
+def _release_groups() -> None:
+    """Drop the cached groups (and collect what references them in cycles, e.g. a model's FSDP
+    state) while the interpreter is still whole. A gloo group destroyed during finalization frees
+    its worker threads' pending work there, which can abort the process (pytorch/pytorch#179291)."""
+    _GROUPS.clear()
+    _WORLD[0] = None
+    gc.collect()
 _GRADIENTS = "gradients"
 """Gradient reductions get groups of their own: they launch asynchronously in an order that may
 differ between ranks relative to the model's own collectives, which share the other groups."""
@@ -302,9 +317,10 @@ def _create_groups(groups: tuple[RankGroup, ...], timeout: timedelta, purpose: s
     """Create (once per process) the process groups named; collective over the whole world."""
     import torch.distributed as dist
 
-    if _WORLD[0] is not dist.group.WORLD:  # a new default group: old groups are gone
+    world = _WORLD[0]() if _WORLD[0] is not None else None
+    if world is None or world is not dist.group.WORLD:  # a new default group: old groups are gone
         _GROUPS.clear()
-        _WORLD[0] = dist.group.WORLD
+        _WORLD[0] = weakref.ref(dist.group.WORLD)
     me = dist.get_rank()
     for ranks in groups:
         if (purpose, ranks) not in _GROUPS:

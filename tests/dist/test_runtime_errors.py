@@ -19,7 +19,7 @@ from galvatron.plan import Plan
 from galvatron.testing import run_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_runtime_harness import BATCH, LAYERS, MODELS, loss_fn, plan_dict, uniform
+from test_runtime_harness import BATCH, LAYERS, MODELS, batches, loss_fn, plan_dict, uniform
 
 pytestmark = pytest.mark.slow
 
@@ -134,3 +134,39 @@ def test_a_collective_without_its_peer_times_out() -> None:
     outcome, seconds = run_ranks(_lonely_collective, 2, timeout=60)[0]
     assert outcome != "finished"
     assert seconds < 15
+
+
+def _groups_after_exit() -> dict[str, bool]:
+    """Train a step under ZeRO-3, destroy the default group and run galvatron's exit hook: which
+    process groups are still alive (something holds them into the interpreter's finalization)."""
+    import gc
+    import weakref
+
+    import galvatron
+    from galvatron.runtime import mesh
+
+    model = galvatron.wrap(MODELS["gpt"](), uniform(2, zero=3))
+    optimizer = model.optimizer(torch.optim.AdamW, lr=1e-3)
+    model.train_step(model.shard_batch(batches()[0]), loss_fn)
+    optimizer.step()
+    world = weakref.ref(dist.group.WORLD)
+    ours = [weakref.ref(g) for g in mesh._GROUPS.values() if g is not None]
+    del model, optimizer
+    dist.destroy_process_group()
+    gc.collect()
+    before = [r() is not None for r in [world, *ours]]
+    mesh._release_groups()
+    after = [r() is not None for r in [world, *ours]]
+    return {"world before the hook": before[0], "subgroups before": sum(before[1:]),
+            "subgroups after": sum(after[1:]), "cached after": len(mesh._GROUPS)}
+
+
+def test_process_groups_are_released_before_the_interpreter_finalizes() -> None:
+    """galvatron holds the default group only weakly, so destroying it frees it, and an atexit hook
+    lets its own groups go while the interpreter is whole: a gloo group freed during finalization
+    frees its worker threads' leftover work there, which can abort the process
+    (pytorch/pytorch#179291). (torch itself keeps some subgroups alive past destroy_process_group.)"""
+    for rank in run_ranks(_groups_after_exit, 2, timeout=120):
+        assert not rank["world before the hook"]
+        assert rank["cached after"] == 0
+        assert rank["subgroups after"] < rank["subgroups before"]
