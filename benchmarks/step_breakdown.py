@@ -41,7 +41,11 @@ CASES = {**SPEED_CASES, "gpt3-xl": Case("gpt3-xl", GPTConfig(  # configs/models/
     # Llama 3.2 1B (configs/models/llama3.2-1b.yaml) at the batch of benchmarks/results/wrap_auto
     "llama3.2-1b": Case("llama3.2-1b", GPTConfig(
         vocab=128256, seq_len=2048, layers=16, hidden=2048, heads=32, kv_heads=8, ffn_hidden=8192,
-        activation="swiglu", norm="rmsnorm", bias=False, position="rope", tied_embeddings=True), 8)}
+        activation="swiglu", norm="rmsnorm", bias=False, position="rope", tied_embeddings=True), 8),
+    # Mixtral 8x7B's blocks (configs/models/mixtral-8x7b.yaml), 2 of its 32, at benchmarks/results/wrap_auto's 2 x 2048
+    "mixtral-8x7b-2l": Case("mixtral-8x7b-2l", GPTConfig(
+        vocab=32000, seq_len=2048, layers=2, hidden=4096, heads=32, kv_heads=8, ffn_hidden=14336, activation="swiglu",
+        norm="rmsnorm", bias=False, position="rope", experts=8, top_k=2), 2)}
 
 CATEGORIES = (  # first match wins, on the lower-cased kernel name
     ("attention", ("sdpa", "flash", "fmha", "dot_do_o", "convert_dq")),
