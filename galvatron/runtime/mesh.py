@@ -298,6 +298,9 @@ _GROUPS: dict[tuple[str, RankGroup], dist.ProcessGroup | None] = {}
 _WORLD: list[weakref.ref | None] = [None]
 """The default group the cached groups belong to, weakly: holding it would keep a destroyed gloo
 group alive into the interpreter's finalization."""
+_GRADIENTS = "gradients"
+"""Gradient reductions get groups of their own: they launch asynchronously in an order that may
+differ between ranks relative to the model's own collectives, which share the other groups."""
 
 
 @atexit.register
@@ -308,9 +311,6 @@ def _release_groups() -> None:
     _GROUPS.clear()
     _WORLD[0] = None
     gc.collect()
-_GRADIENTS = "gradients"
-"""Gradient reductions get groups of their own: they launch asynchronously in an order that may
-differ between ranks relative to the model's own collectives, which share the other groups."""
 
 
 def _create_groups(groups: tuple[RankGroup, ...], timeout: timedelta, purpose: str = "") -> None:

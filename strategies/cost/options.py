@@ -79,9 +79,11 @@ class CostOptions:
     per channel on the SMs (24 CTAs for an all-gather on an H100, 18% of its 132 SMs: NVIDIA developer
     forum thread 337991, 2025; ~22% of an A100's 108), so hidden communication is not free."""
     overlap_comm_slowdown: float = 1.0
-    """How many times longer a collective takes beside compute than alone (the gradient sync behind
-    the backward). 1: as alone (NCCL on a GPU keeps its channels' CTAs); CPU workers sharing cores
-    measure 2-3 (``galvatron.profiler.schema.Overlap.comm_slowdown``)."""
+    """How many times longer a collective hidden behind compute takes than alone (the gradient sync
+    behind the backward, ZeRO's prefetches, TP's backward collectives, ring and expert exchanges:
+    ``step.overlapped``). 1: as alone, without a cluster profile; a profile measures it
+    (``galvatron.profiler.schema.Overlap.comm_slowdown``): 1.5 for NCCL on two H200, 1.7-3.7 for 4 gloo
+    workers sharing 2 cores."""
     moe_imbalance: float | None = None
     """Tokens on the busiest expert-parallel rank over the mean. None: the expected maximum under
     uniformly random top-k routing (balls into bins, Gaussian tail: ``1 + sqrt(2 ln ep) *
