@@ -21,6 +21,7 @@ class TestFromConfig:
     @pytest.mark.parametrize("name, expected, tolerance", [
         ("llama2-7b", 6.74e9, 0.005), ("mixtral-8x7b", 46.7e9, 0.01), ("llama3-8b", 8.03e9, 0.005),
         ("llama3-70b", 70.6e9, 0.005), ("gpt3-175b", 175e9, 0.01), ("deepseek-moe-16b", 16.4e9, 0.01),
+        ("llama3-405b", 405.9e9, 0.005),
     ])
     def test_published_parameter_counts(self, name: str, expected: float, tolerance: float) -> None:
         spec = ModelSpec.from_config(name)
