@@ -198,6 +198,7 @@ def resolve_plan(plan: Plan | str | Path | None, model: nn.Module, spec: ModelSp
             measured = measured_cpu_perf(model, spec, gloo) if gloo is not None else None
             found = search_plan(spec, dist.get_world_size(), example_batch, search_options, backend=backend,
                                 model=model, perf=measured)
+            _announce(found, spec, measured, backend)
             outcome[0] = ("plan", found.to_dict())
         except Exception as err:  # every rank must learn of it, or the others wait in the broadcast
             outcome[0] = ("error", f"{type(err).__name__}: {err}")
@@ -208,6 +209,19 @@ def resolve_plan(plan: Plan | str | Path | None, model: nn.Module, spec: ModelSp
     if kind == "error":
         raise GalvatronError(f"plan='auto': the search on rank 0 failed: {value}")
     return Plan.from_dict(value)
+
+
+def _announce(plan: Plan, spec: ModelSpec, perf: Any, backend: str) -> None:
+    """Say on stderr (rank 0) which plan ``plan="auto"`` picked and what the cost model predicts for it,
+    as ``galvatron launch`` does."""
+    import sys
+
+    from galvatron.strategies.cost import cost_plan
+
+    cluster = perf if perf is not None else local_cluster(plan.world_size)
+    cost = cost_plan(plan, spec, cluster, auto_cost_options(cluster, backend))
+    print(f"galvatron: plan='auto' picked (predicted step {cost.step_time_s:.3f} s, "
+          f"{cost.peak_memory_gib:.2f} GiB per device):\n{plan.describe()}", file=sys.stderr, flush=True)
 
 
 def measured_cpu_perf(model: nn.Module, spec: ModelSpec, gloo: Any, max_profile_s: float = 60.0) -> Any:

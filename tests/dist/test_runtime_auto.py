@@ -1,6 +1,6 @@
 """``plan="auto"``: the example trains the reference GPT on 4 CPU processes under torchrun with
-the plan the search picks; a plan file named by ``$GALVATRON_PLAN`` wins over the search; a
-search that fails on rank 0 fails every rank."""
+the plan the search picks, which rank 0 names with its prediction; a plan file named by
+``$GALVATRON_PLAN`` wins over the search; a search that fails on rank 0 fails every rank."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ def test_the_example_trains_under_torchrun_with_the_searched_plan() -> None:
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     assert "plan: " in run.stdout and "4 devices" in run.stdout
     assert ": decreasing" in run.stdout
+    # rank 0 alone says which plan the search picked and what it predicts
+    assert run.stderr.count("galvatron: plan='auto' picked (predicted step ") == 1, run.stderr[-4000:]
 
 
 def _auto(plan_file: str) -> dict[str, Any]:
