@@ -195,12 +195,17 @@ def _input_grads(layer: LayerSpec, norm: int, act: int) -> Traffic:
     return out
 
 
-def up_projections(layer: LayerSpec) -> int:
-    """1 for a GELU MLP, 2 for a gated one (``silu(w1 x) * w3 x``), recognised by its FLOPs."""
+def ffn_macs(layer: LayerSpec) -> float:
+    """Multiply-adds per token of one FFN (one routed or shared expert): the block's GEMM FLOPs less
+    attention's projections and a MoE router's ``h x experts``, over the FFNs a token visits."""
     h, q, kv = layer.hidden, layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim
     routed = layer.top_k + layer.shared_experts if layer.experts else 1
-    mlp = layer.flops_per_token / 2 - h * (q + 2 * kv) - q * h - h * layer.experts
-    return 2 if layer.ffn_hidden and mlp > 2.5 * routed * h * layer.ffn_hidden else 1
+    return (layer.flops_per_token / 2 - h * (q + 2 * kv) - q * h - h * layer.experts) / routed
+
+
+def up_projections(layer: LayerSpec) -> int:
+    """1 for a GELU MLP, 2 for a gated one (``silu(w1 x) * w3 x``), recognised by its FLOPs."""
+    return 2 if layer.ffn_hidden and ffn_macs(layer) > 2.5 * layer.hidden * layer.ffn_hidden else 1
 
 
 BROADCAST_SLOWDOWN = 2.3

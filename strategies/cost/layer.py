@@ -367,15 +367,13 @@ def _block_gemms(layer: LayerSpec, s: LayerStrategy, tok: float, load: float = 1
 
 def _up_width(layer: LayerSpec) -> float:
     """Output width of one FFN's (or expert's) up projection: ``f``, or ``2f`` with a gated unit, from
-    the FLOPs left after attention's projections and a MoE router's ``h x experts``. A width within 1%
-    of ``f`` or ``2f`` is taken as exactly that: FLOPs outside the GEMMs (a shared expert's gate) must
-    not make an aligned width look odd, which the GEMM model prices as unaligned."""
-    h, q, kv = layer.hidden, layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim
-    if not h:
+    its multiply-adds (:func:`strategies.cost.eager.ffn_macs`). A width within 1% of ``f`` or ``2f`` is
+    taken as exactly that: FLOPs outside the GEMMs (a shared expert's gate) must not make an aligned
+    width look odd, which the GEMM model prices as unaligned."""
+    if not layer.hidden:
         return 0.0
-    routed = layer.top_k + layer.shared_experts if layer.experts else 1
     f = layer.ffn_hidden
-    up = (layer.flops_per_token / 2 - h * (q + 2 * kv) - q * h - h * layer.experts) / routed / h - f
+    up = eager.ffn_macs(layer) / layer.hidden - f
     return next((w for w in (f, 2 * f) if f and abs(up - w) <= 0.01 * w), up)
 
 
