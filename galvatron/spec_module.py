@@ -454,11 +454,10 @@ def _expert_widths(block: nn.Module, hidden: int, experts: nn.ModuleList | None,
     if experts is not None:
         widths = _down_widths(_linear_shapes(experts[0]), hidden)
         width = widths.pop() if len(widths) == 1 else 0
-        inside = {id(m) for m in experts.modules()}
     else:
-        width = per_expert // (3 * hidden)
-        inside = {id(m) for path, e in block.named_modules() if path.rsplit(".", 1)[-1] == "experts"
-                  for m in e.modules()}
+        width = _fused_width(per_expert, hidden)
+    routed = experts if experts is not None else _experts_module(block)
+    inside = {id(m) for m in routed.modules()} if routed is not None else set()
     inside |= {id(m) for a in block.modules() if "attention" in type(a).__name__.lower() for m in a.modules()}
     outside = [m for m in block.modules() if id(m) not in inside and isinstance(m, nn.Linear)]
     shared = sum(i for i, o in ((m.in_features, m.out_features) for m in outside) if o == hidden and i != hidden)
@@ -487,7 +486,7 @@ def _norm_kind(block: nn.Module) -> str:
 def _add_fused_experts(flops: float, saved: float, per_expert: int, top_k: int, hidden: int) -> tuple[float, float]:
     """Per-token FLOPs and saved bytes of ``top_k`` gated experts of ``per_expert`` weights:
     2 FLOPs per weight; input 2h, gate/up output 4f and activation output 2f bytes (16-bit)."""
-    ffn = per_expert // (3 * hidden) if hidden else 0
+    ffn = _fused_width(per_expert, hidden)
     return flops + 2.0 * per_expert * top_k, saved + top_k * (2.0 * hidden + 6.0 * ffn)
 
 
@@ -513,12 +512,20 @@ def _experts(block: nn.Module) -> nn.ModuleList | None:
     return None
 
 
+def _experts_module(block: nn.Module) -> nn.Module | None:
+    """The block's module named like experts (a ModuleList, or one holding all experts in 3-D tensors)."""
+    return next((m for path, m in block.named_modules() if path.rsplit(".", 1)[-1] == "experts"), None)
+
+
 def _fused_expert_params(block: nn.Module) -> int:
     """Parameters of an ``experts`` module that stores all experts in 3-D tensors."""
-    for path, m in block.named_modules():
-        if path.rsplit(".", 1)[-1] == "experts":
-            return sum(p.numel() for p in m.parameters())
-    return 0
+    m = _experts_module(block)
+    return sum(p.numel() for p in m.parameters()) if m is not None else 0
+
+
+def _fused_width(per_expert: int, hidden: int) -> int:
+    """The FFN width of a gated expert of ``per_expert`` weights (``3 x hidden x width``)."""
+    return per_expert // (3 * hidden) if hidden else 0
 
 
 def _hidden(block: nn.Module) -> int:
