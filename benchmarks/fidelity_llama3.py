@@ -85,6 +85,10 @@ def main() -> int:
     return 0
 
 
+def _rate(tflops: float | None) -> str:
+    return f"{tflops:.0f}" if tflops else "none fits"
+
+
 def _markdown(r: dict) -> str:
     lines = [f"# Llama 3 405B on 8K and 16K H100s: published against the cost model ({r['date']})", "",
              f"`{r['command']}`. Source: {r['source']}.", "",
@@ -106,10 +110,7 @@ def _markdown(r: dict) -> str:
         err = f"{row['error']:+.1%}" + ("" if row["scored"] else " (not scored)")
         lines.append(f"| {row['gpus']} | {row['tp']} | {row['cp']} | {row['pp']} | {row['dp']} | {row['seq']} | "
                      f"{row['global_batch']} | {row['published_tflops']} | {row['predicted_tflops']:.0f} | {err} | "
-                     f"{none:.0f} | {sel:.0f} | {row['tp_hidden_tflops']:.0f} | {shape} |" if none and sel else
-                     f"| {row['gpus']} | {row['tp']} | {row['cp']} | {row['pp']} | {row['dp']} | {row['seq']} | "
-                     f"{row['global_batch']} | {row['published_tflops']} | {row['predicted_tflops']:.0f} | {err} | "
-                     f"{none or 0:.0f} | {sel or 0:.0f} | {row['tp_hidden_tflops']:.0f} | {shape} |")
+                     f"{_rate(none)} | {_rate(sel)} | {row['tp_hidden_tflops']:.0f} | {shape} |")
     lines += ["", f"Scored rows (8K sequence): mean absolute error {r['mean_abs_error']:.1%}, mean "
               f"{r['mean_error']:+.1%}.", "",
               "Under these degrees the cost model fits a micro-batch of one 8K sequence in 80 GB only with full "

@@ -218,8 +218,8 @@ def _announce(plan: Plan, spec: ModelSpec, perf: Any, backend: str) -> None:
 
     from galvatron.strategies.cost import cost_plan
 
-    cluster = perf if perf is not None else local_cluster(plan.world_size)
-    cost = cost_plan(plan, spec, cluster, auto_cost_options(cluster, backend))
+    cluster, stack = _auto_costing(plan.world_size, perf, backend)
+    cost = cost_plan(plan, spec, cluster, stack)
     print(f"galvatron: plan='auto' picked (predicted step {cost.step_time_s:.3f} s, "
           f"{cost.peak_memory_gib:.2f} GiB per device):\n{plan.describe()}", file=sys.stderr, flush=True)
 
@@ -282,8 +282,7 @@ def search_plan(spec: ModelSpec, world: int, example_batch: Any = None, options:
     except ImportError as err:
         raise GalvatronError(f"the strategy search (galvatron.strategies.search) is not available: {err}; "
                              "pass a Plan or a plan YAML") from err
-    cluster = perf if perf is not None else local_cluster(world)
-    stack = auto_cost_options(cluster, backend)
+    cluster, stack = _auto_costing(world, perf, backend)
     if options is not None:
         return search(spec, cluster, options, stack, world_size=world).best.plan
     batch = first_batch_size((example_batch,), {}) if example_batch is not None else None
@@ -325,6 +324,13 @@ def _first_supported(model: nn.Module, spec: ModelSpec, top: Sequence[Any]) -> A
             first = first or err
     raise PlanError("plan", f"none of the search's {len(top)} best plans runs on this model; the fastest is refused: "
                     f"{first}; pass a plan instead") from first
+
+
+def _auto_costing(world: int, perf: Any, backend: str) -> tuple[Any, Any]:
+    """What :func:`search_plan` costs plans on and with: ``perf`` (measured) or :func:`local_cluster`,
+    and :func:`auto_cost_options`."""
+    cluster = perf if perf is not None else local_cluster(world)
+    return cluster, auto_cost_options(cluster, backend)
 
 
 def auto_cost_options(cluster: Any, backend: str = "native") -> Any:
