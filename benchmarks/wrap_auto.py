@@ -11,7 +11,9 @@ preset's shape (SDPA attention) instead of the reference GPT; ``--hf mixtral``: 
 projection). ``--layers N``: the preset with N blocks. ``--cluster``
 (no GPU): only the search's pick on that cluster's first GPU and its prediction. For MoE models the
 plan is also costed as ``ModelSpec.from_module`` described MoE blocks before it read their expert
-width (``predicted_step_s_by_flops``: expert GEMMs priced by FLOPs alone).
+width (``predicted_step_s_by_flops``: expert GEMMs priced by FLOPs alone). ``--kernels N``: after the
+measured steps, two more under ``torch.profiler``, and the N kernels with the most GPU time per step
+(``kernels``), with their input dtypes where the profiler records the launching op's.
 
     python benchmarks/wrap_auto.py --model llama3.2-1b --batch 32 --out benchmarks/results/wrap_auto.json   # GPU
     python benchmarks/wrap_auto.py --model llama3.2-1b --batch 32 --cluster 8xH100                           # CPU
@@ -109,7 +111,8 @@ def predict(model_name: str, batch: int, seq: int | None, cluster_name: str, hf:
 
 
 def measure(model_name: str, batch: int, seq: int | None, steps: int, plan: str | None = None,
-            hf: str | None = None, layers: int | None = None, experts: str = "eager") -> dict[str, Any]:
+            hf: str | None = None, layers: int | None = None, experts: str = "eager",
+            kernels: int = 0) -> dict[str, Any]:
     import torch
     from galvatron.profiler.memory_trace import lm_training_step
     from galvatron.strategies.cost import cost_plan
@@ -145,9 +148,41 @@ def measure(model_name: str, batch: int, seq: int | None, steps: int, plan: str 
         out.update(out_of_memory=False, measured_step_s=sorted(times)[len(times) // 2],
                    measured_peak_gib=torch.cuda.max_memory_allocated() / GIB,
                    measured_reserved_gib=torch.cuda.max_memory_reserved() / GIB)
+        if kernels:
+            try:
+                out["kernels"] = _top_kernels(step, kernels)
+            except Exception as err:  # noqa: BLE001 (the measured numbers above stand without the profile)
+                out["kernels_error"] = f"{type(err).__name__}: {err}"
     except torch.OutOfMemoryError as err:
         out.update(out_of_memory=True, error=str(err).splitlines()[0])
     return out
+
+
+def _top_kernels(step: Any, n: int, steps: int = 2) -> list[dict[str, Any]]:
+    """The ``n`` kernels with the most GPU time per step over ``steps`` profiled steps (the first row:
+    all kernels), each with the ops that launched it and their input shapes (``record_shapes``)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    rows: dict[str, dict[str, Any]] = {}
+    for event in prof.events():
+        for k in getattr(event, "kernels", []) or []:
+            row = rows.setdefault(k.name, {"kernel": k.name[:200], "ms_per_step": 0.0, "calls_per_step": 0.0,
+                                           "ops": {}})
+            row["ms_per_step"] += k.duration / 1e3 / steps
+            row["calls_per_step"] += 1 / steps
+            op = f"{event.name}{list(event.input_shapes or [])}"[:200]
+            row["ops"][op] = row["ops"].get(op, 0) + 1
+    top = sorted(rows.values(), key=lambda r: -r["ms_per_step"])[:n]
+    for r in top:
+        r["ops"] = dict(sorted(r["ops"].items(), key=lambda kv: -kv[1])[:3])
+    every = {"kernel": "(all kernels)", "ms_per_step": sum(r["ms_per_step"] for r in rows.values()),
+             "calls_per_step": sum(r["calls_per_step"] for r in rows.values())}
+    return [every, *top]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,13 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, help="blocks (default: the preset's)")
     parser.add_argument("--experts", default="eager", choices=("eager", "grouped_mm", "batched_mm"),
                         help="--hf mixtral: transformers' experts implementation (default eager)")
+    parser.add_argument("--kernels", type=int, default=0, metavar="N",
+                        help="GPU: also profile two steps and report the N kernels with the most GPU time")
     parser.add_argument("--out", type=Path, help="write the result here (JSON)")
     args = parser.parse_args(argv)
     if args.cluster:
         row = predict(args.model, args.batch, args.seq, args.cluster, args.hf, args.layers, args.experts)
     else:
         os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # as galvatron launch
-        row = measure(args.model, args.batch, args.seq, args.steps, args.plan, args.hf, args.layers, args.experts)
+        row = measure(args.model, args.batch, args.seq, args.steps, args.plan, args.hf, args.layers, args.experts,
+                      args.kernels)
     row = {"model": args.model, "hf": args.hf, "layers": args.layers, "batch": args.batch, "seq": args.seq,
            "experts": args.experts if args.hf == "mixtral" else None, "plan_file": args.plan, **row}
     print(json.dumps(row), flush=True)

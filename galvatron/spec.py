@@ -79,6 +79,18 @@ class LayerSpec:
     """``activation_bytes_per_token`` was counted on the module's own ops (``from_module``), so it holds
     what an eager block keeps beyond Korthikanti's count (SiLU's output, GQA's K and V copied to
     every query head); the cost model adds those only to counted specs."""
+    experts_outside_autocast: bool = False
+    """The routed experts' GEMMs bypass autocast and run in the parameters' dtype: a grouped GEMM
+    (``torch._grouped_mm``, not on autocast's list) on inputs cast to the weights' dtype, as Hugging
+    Face's ``grouped_mm`` experts call it. Over fp32 parameters they then run in fp32 (48 TFLOP/s on
+    one H100 against 759 in bf16: benchmarks/results/grouped_gemm_dtype.json) and their weights are
+    never cast; ``from_module`` sees the call."""
+    experts_sliced: bool = False
+    """The routed experts' weights are 3-D tensors that the block's eager loop indexes one expert at a
+    time (Hugging Face's ``eager`` experts): autograd turns each slice's gradient into a zero-filled
+    full-size tensor (``select_backward``) and adds those up, so each backward writes the whole
+    tensor once per expert and adds it ``experts - 1`` times (on one H100, Mixtral's shape: 107 of a
+    229 ms step, benchmarks/results/wrap_auto/mixtral2l_hf_eager_b2_kernels.json)."""
 
     @property
     def is_block(self) -> bool:

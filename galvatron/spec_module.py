@@ -32,12 +32,13 @@ def spec_from_module(module: nn.Module, example_batch: Any, *, name: str | None 
     meta = meta_copy(module)
     block_path, blocks = find_blocks(meta)
     owner = _param_owners(meta, block_path, len(blocks))
+    impls = {i: _experts_implementation(block) for i, block in enumerate(blocks)}  # before _measure redirects them
     flops, attn_flops, saved, tokens, seq_len, fused_norms = _measure(meta, blocks, example_batch)
     config = getattr(module, "config", None)
     notes: list[str] = []
     block_layers = [_block_layer(block, f"{block_path}.{i}", owner.get(i, 0), flops.get(i, 0.0),
                                  attn_flops.get(i, 0.0), saved.get(i, 0.0), tokens, config, notes,
-                                 fused_norm=i in fused_norms)
+                                 fused_norm=i in fused_norms, implementation=impls[i])
                     for i, block in enumerate(blocks)]
     hidden = _first(block_layers, "hidden")
     layers = [_edge_layer(LayerKind.EMBEDDING, "embedding", owner, flops, saved, tokens, hidden), *block_layers,
@@ -366,7 +367,8 @@ def _edge_layer(kind: LayerKind, key: str, owner: dict[Any, int], flops: dict[An
 
 
 def _block_layer(block: nn.Module, name: str, params: int, flops: float, attn_flops: float, saved: float,
-                 tokens: int, config: Any, notes: list[str], fused_norm: bool = True) -> LayerSpec:
+                 tokens: int, config: Any, notes: list[str], fused_norm: bool = True,
+                 implementation: str | None = None) -> LayerSpec:
     heads = _attr(block, config, _HEAD_ATTRS)
     kv_heads = _attr(block, config, _KV_HEAD_ATTRS) or heads
     experts_list = _experts(block)
@@ -398,6 +400,8 @@ def _block_layer(block: nn.Module, name: str, params: int, flops: float, attn_fl
         rope=bool(heads) and _rope(config),
         ffn_hidden=ffn_hidden,
         activations_measured=bool(flops),
+        experts_outside_autocast=bool(experts) and implementation == "grouped_mm",
+        experts_sliced=bool(experts) and implementation == "eager",
         **_fused_projections(block, hidden, heads, kv_heads),
     )
 
@@ -515,6 +519,19 @@ def _experts(block: nn.Module) -> nn.ModuleList | None:
 def _experts_module(block: nn.Module) -> nn.Module | None:
     """The block's module named like experts (a ModuleList, or one holding all experts in 3-D tensors)."""
     return next((m for path, m in block.named_modules() if path.rsplit(".", 1)[-1] == "experts"), None)
+
+
+def _experts_implementation(block: nn.Module) -> str | None:
+    """How Hugging Face runs the block's fused experts (3-D weight tensors), from their config:
+    ``grouped_mm`` (transformers' default where the GPU has grouped GEMMs) casts the routed tokens to
+    the weights' dtype and calls the grouped GEMM outside autocast
+    (``LayerSpec.experts_outside_autocast``); ``eager`` loops over the experts, indexing the weights
+    (``LayerSpec.experts_sliced``). None: no fused experts, or not Hugging Face's."""
+    m = _experts_module(block)
+    if m is None or isinstance(m, nn.ModuleList):
+        return None
+    impl = getattr(getattr(m, "config", None), "_experts_implementation", None)
+    return impl if isinstance(impl, str) else None
 
 
 def _fused_expert_params(block: nn.Module) -> int:

@@ -217,7 +217,8 @@ def _block(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     nominal = _block_gemms(layer, s, tok, 1.0, grouped, separate)
     gemms = _block_gemms(layer, s, tok, load, grouped, separate)
     # routing imbalance scales the routed experts' GEMMs; a spec without shapes keeps its FLOPs
-    t_mm, dgrad, wgrad = _gemm_times(ctx, gemms, mm * _gemm_flops(gemms) / _gemm_flops(nominal) if nominal else mm)
+    t_mm, dgrad, wgrad = _gemm_times(ctx, gemms, mm * _gemm_flops(gemms) / _gemm_flops(nominal) if nominal else mm,
+                                     _gemm_dtypes(ctx, layer, s, tok, gemms, grouped))
     attn_fwd, attn_bwd, attn_exposed = _attention(ctx, layer, s, tok)
     ew, ew_bwd = _elementwise_times(ctx, layer, s, tok)
     fwd_compute, bwd_compute = t_mm + attn_fwd + ew, dgrad + wgrad + attn_bwd + ew_bwd
@@ -357,12 +358,39 @@ def _block_gemms(layer: LayerSpec, s: LayerStrategy, tok: float, load: float = 1
         gated = separate and not layer.fused_gate_up and eager.up_projections(layer) == 2
         ups: list[Gemm] = [(tok, up / 2 / tp, h, 1)] * 2 if gated else [(tok, up / tp, h, 1)]
         return [*out, *ups, (tok, h, f / tp, 1)]
+    return out + _routed_gemms(layer, s, tok, load, grouped) + _shared_expert_gemms(layer, s, tok)
+
+
+def _routed_gemms(layer: LayerSpec, s: LayerStrategy, tok: float, load: float, grouped: bool) -> list[Gemm]:
+    """The routed experts' up and down GEMMs on one rank (see :func:`_block_gemms`)."""
+    h, f, up = layer.hidden, layer.ffn_hidden, _up_width(layer)
     local, etp = max(layer.experts // s.ep, 1), s.expert_tp
     per_expert = load * expert_share(s)[1] * tok * s.ep * layer.top_k / layer.experts
     experts = [(per_expert, up / etp, h, local), (per_expert, h, f / etp, local)]
     if not grouped:
         experts = [(m, n, k, 1) for m, n, k, _ in experts] * local
-    return out + experts + _shared_expert_gemms(layer, s, tok)
+    return experts
+
+
+def expert_gemm_dtype(ctx: LayerContext, layer: LayerSpec) -> str:
+    """The dtype the routed experts' GEMMs run in: the plan's, except where they bypass autocast
+    (``LayerSpec.experts_outside_autocast``) over fp32 parameters (``CostOptions.master_weights =
+    "params"``) in a 16-bit plan: fp32."""
+    if layer.experts_outside_autocast and ctx.options.master_weights == "params" and ctx.dtype is not DType.FP32:
+        return DType.FP32.value
+    return ctx.dtype.value
+
+
+def _gemm_dtypes(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float, gemms: list[Gemm],
+                 grouped: bool) -> list[str] | None:
+    """Per GEMM of :func:`_block_gemms`, its dtype where the routed experts run in another than the
+    plan's (:func:`expert_gemm_dtype`), else None."""
+    wide = expert_gemm_dtype(ctx, layer)
+    if not gemms or not layer.experts or wide == ctx.dtype.value:
+        return None
+    routed, shared = len(_routed_gemms(layer, s, tok, 1.0, grouped)), len(_shared_expert_gemms(layer, s, tok))
+    dt = ctx.dtype.value
+    return [dt] * (len(gemms) - routed - shared) + [wide] * routed + [dt] * shared
 
 
 def _up_width(layer: LayerSpec) -> float:
@@ -395,13 +423,15 @@ def _shared_expert_overlap(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy
     return hidden_behind(a2a, fwd, ctx.options), hidden_behind(a2a, dgrad + wgrad, ctx.options)
 
 
-def _gemm_times(ctx: LayerContext, gemms: list[Gemm], flops: float) -> tuple[float, float, float]:
+def _gemm_times(ctx: LayerContext, gemms: list[Gemm], flops: float,
+                dtypes: list[str] | None = None) -> tuple[float, float, float]:
     """Forward, input-gradient and weight-gradient time of ``gemms`` (whose forward FLOPs the spec
-    counts as ``flops``). Input gradients are (m x n) by (n x k); weight gradients (k x m) by (m x n),
-    added into the fp32 main gradient where the stack does (``CostOptions.wgrad_fp32_accumulation``,
-    Megatron's gradient-accumulation fusion) or written in 16 bits. Eager stacks run odd-sized GEMMs
-    (a vocabulary like 50257) unpadded. Without shapes, or on a Perf without ``gemm_time`` (a measured
-    profile), FLOPs at the Perf's GEMM rate for four kernels each way."""
+    counts as ``flops``), each in the plan's dtype or its own (``dtypes``). Input gradients are
+    (m x n) by (n x k); weight gradients (k x m) by (m x n), added into the fp32 main gradient where
+    the stack does (``CostOptions.wgrad_fp32_accumulation``, Megatron's gradient-accumulation fusion)
+    or written in 16 bits (in fp32 by an fp32 GEMM). Eager stacks run odd-sized GEMMs (a vocabulary
+    like 50257) unpadded. Without shapes, or on a Perf without ``gemm_time`` (a measured profile),
+    FLOPs at the Perf's GEMM rate for four kernels each way."""
     perf, dt = ctx.perf, ctx.dtype.value
     gemm = getattr(perf, "gemm_time", None)
     total = sum(2 * m * n * k * count for m, n, k, count in gemms)
@@ -412,10 +442,12 @@ def _gemm_times(ctx: LayerContext, gemms: list[Gemm], flops: float) -> tuple[flo
     fused = ctx.options.elementwise == "fused"
     acc = wgrad_accumulates(ctx)
     scale = flops / total
-    fwd = sum(gemm(m, n, k, dt, count, padded=fused) for m, n, k, count in gemms)
-    dgrad = sum(gemm(m, k, n, dt, count, padded=fused, backward=True) for m, n, k, count in gemms)
-    wgrad = sum(gemm(k, n, m, dt, count, out_bytes=_act_bytes(ctx), padded=fused, backward=True, accumulate=acc)
-                for m, n, k, count in gemms)
+    fwd = dgrad = wgrad = 0.0
+    for (m, n, k, count), d in zip(gemms, dtypes or [dt] * len(gemms), strict=True):
+        out = 4 if d == DType.FP32.value else _act_bytes(ctx)
+        fwd += gemm(m, n, k, d, count, padded=fused)
+        dgrad += gemm(m, k, n, d, count, padded=fused, backward=True)
+        wgrad += gemm(k, n, m, d, count, out_bytes=out, padded=fused, backward=True, accumulate=acc)
     return scale * fwd, scale * dgrad, scale * wgrad
 
 
@@ -775,6 +807,9 @@ def _activation(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, mode: Rec
             sharded += 2 * layer.ffn_hidden * (layer.top_k + layer.shared_experts if layer.experts else 1)
         if mode is Recompute.NONE:
             sharded += _expanded_kv(layer)
+    if layer.experts and expert_gemm_dtype(ctx, layer) != ctx.dtype.value:
+        # the fused experts' tensors (spec_module._add_fused_experts' 16-bit count) are kept in fp32
+        sharded += layer.top_k * (2 * h + 6 * layer.ffn_hidden)
     inputs_div = sp_div if stack == "fused" else 1
     return scale * (norms / sp_div + inputs / inputs_div + (max(sharded, 0.0) + scores) / s.tp)
 
@@ -838,13 +873,31 @@ def zero_terms(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> ZeroTer
     pb, gb = _param_bytes(ctx), ctx.options.grad_bytes
     ob = 8 if ctx.dtype is DType.FP32 or ctx.options.master_weights == "params" else 12
     acc = dict.fromkeys((f.name for f in fields(ZeroTerms)), 0.0)
-    for params, group in ((dense, _group(ctx, s.tp, s.dp * s.cp)), (expert, expert_groups(ctx, s)[2])):
+    uncast = expert_gemm_dtype(ctx, layer) == DType.FP32.value and ctx.dtype is not DType.FP32
+    for params, group, cast in ((dense, _group(ctx, s.tp, s.dp * s.cp), True),
+                                (expert, expert_groups(ctx, s)[2], not uncast)):
         if params:
-            _zero_part(ctx, s, acc, params, group, (pb, gb, ob))
+            _zero_part(ctx, s, acc, params, group, (pb, gb, ob), cast)
     if layer.kind in (LayerKind.EMBEDDING, LayerKind.HEAD):
         acc["casts"] = _edge_casts(ctx, layer, s, pb)
-    acc["param_fwd"], acc["param_bwd"] = _param_kernels(ctx, layer, s, dense + expert)
+    acc["param_fwd"], acc["param_bwd"] = _param_kernels(ctx, layer, s, dense + expert, dense if uncast else None)
+    if layer.experts_sliced and _measured(ctx, layer, s) is None:
+        slices, full = _sliced_expert_grads(ctx, layer, s)
+        acc["param_bwd"] += getattr(ctx.perf, "streaming_time", ctx.perf.memory_time)(slices)
+        acc["work"] = max(acc["work"], full)
     return ZeroTerms(**acc)
+
+
+def _sliced_expert_grads(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> tuple[float, float]:
+    """Bytes one backward moves, and the most it holds at once, for experts whose 3-D weights an eager
+    loop indexes (``LayerSpec.experts_sliced``): per expert, ``select_backward`` writes a zero-filled
+    tensor of the whole weight and puts the slice's gradient in, and autograd adds it to the sum of
+    the ones before (read two, write one), in the parameters' dtype. At once: the running sum and the
+    new tensor of the largest weight, a gated expert's up projection (2/3 of its weights)."""
+    local = max(layer.experts // s.ep, 1)
+    own = 4 if ctx.dtype is DType.FP32 or ctx.options.master_weights == "params" else 2
+    weights = _dense_expert_params(layer, s)[1] * own
+    return weights * (local + 3 * (local - 1)), 2 * weights * 2 / 3
 
 
 def _edge_casts(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, pb: int) -> float:
@@ -860,19 +913,21 @@ def _edge_casts(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, pb: int) 
     return pb * layer.flops_per_token / 2 / s.tp
 
 
-def _param_kernels(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, params: float) -> tuple[float, float]:
+def _param_kernels(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, params: float,
+                   cast: float | None = None) -> tuple[float, float]:
     """Forward and backward seconds of an eager stack's kernels over the rank's copy of the weights
     of a block or the head (the embedding's lookup and the norm run on their weights as they are).
     They depend on the ZeRO stage, so they belong to the ZeRO part, which the search keys by it; a
     fully recomputed block's second forward casts again, which is not charged. Which kernels a stack
     runs is :func:`strategies.cost.eager.param_traffic`'s (a fused stack: ZeRO-3's copies only), plus
     the gradient-accumulation adds of a stack whose weight-gradient GEMMs do not accumulate
-    (:func:`_accumulate_traffic`)."""
+    (:func:`_accumulate_traffic`). ``cast``: the parameters the stack's per-parameter kernels touch
+    where not all (experts that run outside autocast are never cast); the accumulation adds all."""
     if layer.kind in (LayerKind.EMBEDDING, LayerKind.NORM):
         return 0.0, 0.0
     if _measured(ctx, layer, s) is not None:
         return 0.0, 0.0  # a profile's layer time includes them
-    fwd, bwd = _traffic_times(ctx, _param_traffic(ctx, s, params))
+    fwd, bwd = _traffic_times(ctx, _param_traffic(ctx, s, params if cast is None else cast))
     zero = replica_zero(s)
     adds = _accumulate_traffic(ctx, zero, ctx.options.master_weights == "params").scaled(params)
     streaming = getattr(ctx.perf, "streaming_time", ctx.perf.memory_time)  # a measured profile has none
@@ -880,7 +935,7 @@ def _param_kernels(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, params
 
 
 def _zero_part(ctx: LayerContext, s: LayerStrategy, acc: dict[str, float], params: float, group: Group,
-               sizes: tuple[int, int, int]) -> None:
+               sizes: tuple[int, int, int], cast: bool = True) -> None:
     perf, opts = ctx.perf, ctx.options
     pb, gb, ob = sizes
     d = group.size
@@ -895,7 +950,7 @@ def _zero_part(ctx: LayerContext, s: LayerStrategy, acc: dict[str, float], param
         host = s.offload and z >= 2
         acc["params"] += 0.0 if host else 4 * (params / d if z >= 2 else params)
         acc["copies"] += pb * params if z == 2 else 0.0
-        acc["casts"] += pb * params if z <= 1 and ctx.dtype is not DType.FP32 else 0.0
+        acc["casts"] += pb * params if z <= 1 and cast and ctx.dtype is not DType.FP32 else 0.0
     else:
         host = False
         acc["params"] += pb * (params / d if z >= 3 else params)

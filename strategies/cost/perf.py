@@ -165,7 +165,8 @@ class DatasheetPerf:
             compute /= min(1.0, tiles / gpu.sms) if tiles else 1.0  # fewer tiles than SMs leave SMs idle
             if accumulate:
                 return compute + output + overhead
-            return max(compute, count * (m * k + k * n) * 2 / stream + output) + overhead
+            inputs = 4 if dtype in ("fp32", "tf32") else 2
+            return max(compute, count * (m * k + k * n) * inputs / stream + output) + overhead
         fill = tiles / (math.ceil(tiles / gpu.sms) * gpu.sms) if tiles else 1.0
         return compute / fill + output + overhead
 

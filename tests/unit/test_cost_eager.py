@@ -264,3 +264,54 @@ def test_a_composite_rms_norm_costs_its_ops_under_autocast() -> None:
     ln = GPT_1B.blocks[0]
     assert eager.block_traffic(dataclasses.replace(ln, norm_composite=True), LayerStrategy(), "autocast", 2) == \
         eager.block_traffic(ln, LayerStrategy(), "autocast", 2)
+
+
+def _hf_experts_ctx(master_weights: str) -> LayerContext:
+    return LayerContext(perf=DatasheetPerf(load_cluster("8xH100")), dtype=DType.BF16, seq_len=2048, causal=True,
+                        options=CostOptions(elementwise="autocast", master_weights=master_weights),
+                        micro_batch=2, stage_devices=1)
+
+
+def test_experts_outside_autocast_run_in_fp32_over_fp32_parameters() -> None:
+    """Hugging Face's grouped_mm experts over fp32 parameters under autocast run their GEMMs in fp32
+    (on one H100: 48 TFLOP/s against 759 in bf16) and never cast their weights: the block's time
+    grows by about the experts' FLOPs at the fp32 rate, the held casts shrink by the experts'
+    16-bit copy. Over 16-bit parameters nothing changes."""
+    from galvatron.strategies.cost.layer import core_cost, zero_terms
+
+    block = ModelSpec.from_config("mixtral-8x7b").blocks[0]
+    fp32 = dataclasses.replace(block, experts_outside_autocast=True)
+    s = LayerStrategy()
+    ctx = _hf_experts_ctx("params")
+    base, wide = core_cost(ctx, block, s), core_cost(ctx, fp32, s)
+    tok = 2 * 2048
+    expert_flops = 2 * tok * block.top_k * 3 * block.hidden * block.ffn_hidden  # forward, gated
+    eff = 0.763  # H100 SXM: measured GEMM efficiency of the datasheet peaks (fp32 66.9, bf16 989.4 TFLOP/s)
+    slower = expert_flops / (66.9e12 * eff) - expert_flops / (989.4e12 * eff)
+    assert wide.fwd - base.fwd == pytest.approx(slower, rel=0.05)
+    assert wide.bwd - base.bwd == pytest.approx(2 * slower, rel=0.05)
+    assert wide.act > base.act  # the experts' tensors kept in fp32
+    z, zf = zero_terms(ctx, block, s), zero_terms(ctx, fp32, s)
+    assert z.casts - zf.casts == pytest.approx(2 * block.expert_params)
+    assert zf.param_fwd < z.param_fwd  # the experts' weights are not cast
+    ctx16 = _hf_experts_ctx("optimizer")
+    assert layer_cost(ctx16, fp32, s).fwd == layer_cost(ctx16, block, s).fwd
+
+
+def test_sliced_experts_write_a_full_gradient_per_expert() -> None:
+    """An eager loop over 3-D expert weights (Hugging Face's eager experts) makes every expert's slice
+    gradient a zero-filled tensor of the whole weight that autograd adds up: per backward ``E`` writes
+    and ``E - 1`` adds (read two, write one) of the weights in their own dtype, and the running sum and
+    the new tensor of the up projection held at once."""
+    from galvatron.strategies.cost.layer import zero_terms
+
+    block = ModelSpec.from_config("mixtral-8x7b").blocks[0]
+    sliced = dataclasses.replace(block, experts_sliced=True)
+    s = LayerStrategy()
+    ctx = _hf_experts_ctx("params")
+    base, more = zero_terms(ctx, block, s), zero_terms(ctx, sliced, s)
+    e = block.experts
+    moved = 4 * block.expert_params * (e + 3 * (e - 1))
+    assert more.param_bwd - base.param_bwd == pytest.approx(ctx.perf.streaming_time(moved))
+    assert more.param_fwd == base.param_fwd
+    assert more.work == pytest.approx(2 * 4 * block.expert_params * 2 / 3)

@@ -158,6 +158,30 @@ class TestFromModule:
         assert (a.experts, a.ffn_hidden, a.shared_experts) == (4, 96, 0)
         assert (b.experts, b.ffn_hidden, b.shared_experts) == (4, 48, 4)
 
+    def test_hugging_face_experts_implementation(self) -> None:
+        """How transformers runs fused experts is read from their config before the meta trace
+        redirects them: ``grouped_mm`` (the default) runs outside autocast, ``eager`` indexes the
+        3-D weights one expert at a time; a ModuleList of experts is neither."""
+        transformers = pytest.importorskip("transformers")
+        batch = torch.zeros(1, 16, dtype=torch.long)
+        flags = {}
+        for impl in (None, "grouped_mm", "eager"):
+            config = transformers.MixtralConfig(
+                num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=96, num_local_experts=4, num_experts_per_tok=2, vocab_size=96)
+            if impl:
+                config._experts_implementation = impl
+            with torch.device("meta"):
+                model = transformers.MixtralForCausalLM(config)
+            block = ModelSpec.from_module(model, batch).blocks[0]
+            flags[impl] = (block.experts_outside_autocast, block.experts_sliced)
+            assert model.config._experts_implementation == (impl or "grouped_mm")  # the user's module untouched
+        assert flags == {None: (True, False), "grouped_mm": (True, False), "eager": (False, True)}
+        with torch.device("meta"):
+            ours = GPT(dataclasses.replace(REFERENCE["moe-shared-learned"], seq_len=16))
+        block = ModelSpec.from_module(ours, batch).blocks[0]
+        assert block.experts and not (block.experts_outside_autocast or block.experts_sliced)
+
     def test_gqa_attention_keeps_k_and_v_at_their_own_heads(self) -> None:
         """Attention called with ``enable_gqa`` keeps K and V with their fewer heads (the GPU's fused
         kernels take them so): a block counts ``2 x 2 (q - kv)`` bytes per token less than one that
