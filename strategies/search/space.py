@@ -67,12 +67,25 @@ class SearchOptions:
             raise ConfigError(f"cannot pin {unknown[0]!r} (pinnable: {', '.join(sorted(_FIXABLE))})")
         if self.top_k < 1:
             raise ConfigError(f"top_k must be at least 1, got {self.top_k}")
+        # the enum fields take their values' names too ("1f1b", "full", "ring", "bf16")
+        for name, kind in (("cp_kinds", CPKind), ("recompute", Recompute), ("schedules", Schedule)):
+            object.__setattr__(self, name, tuple(_member(kind, v, name) for v in getattr(self, name)))
+        object.__setattr__(self, "dtype", _member(DType, self.dtype, "dtype"))
 
     def can(self, feature: str) -> bool:
         return feature in self.capabilities
 
 
 _FIXABLE = {f.name for f in dataclasses.fields(LayerStrategy)} | {"pp", "vpp", "num_micro_batches"}
+
+
+def _member(kind: Any, value: Any, field_name: str) -> Any:
+    """``value`` as a member of the enum ``kind`` (members and their string values accepted)."""
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in kind)
+        raise ConfigError(f"SearchOptions.{field_name}: {value!r} is not one of {choices}") from None
 
 
 def default_global_batch(spec: ModelSpec, world: int) -> int:

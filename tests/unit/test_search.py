@@ -284,3 +284,19 @@ def test_tied_embeddings_share_one_weight_layout_at_both_ends(budget: str) -> No
     assert len(found.top) == 16
     for c in found.top:
         assert c.plan.embedding_strategy.weight_layout == c.plan.head_strategy.weight_layout, c.plan.describe()
+
+
+def test_options_take_enum_values_by_name() -> None:
+    """The space's enum fields accept their members' values, as YAML and the CLI spell them, and
+    search them like the members; a misspelt one is a ConfigError naming the choices."""
+    from galvatron.errors import ConfigError
+
+    named = SearchOptions(schedules=("1f1b", "interleaved-1f1b"), recompute=("none", "full"), cp_kinds=("ring",),
+                          dtype="bf16")
+    members = SearchOptions(schedules=(Schedule.ONE_F_ONE_B, Schedule.INTERLEAVED_1F1B),
+                            recompute=(Recompute.NONE, Recompute.FULL), cp_kinds=(CPKind.RING,))
+    assert named == members
+    spec, cluster = ModelSpec.from_config("llama2-7b"), load_cluster("8xA100-80GB")
+    assert search(spec, cluster, named).best.plan == search(spec, cluster, members).best.plan
+    with pytest.raises(ConfigError, match="schedules: 'interleaved' is not one of gpipe, 1f1b, interleaved-1f1b"):
+        SearchOptions(schedules=("interleaved",))
