@@ -486,35 +486,58 @@ def search(spec: ModelSpec, cluster: Cluster | Perf, options: SearchOptions | No
 
 def _no_fit_message(spec: ModelSpec, perf: Perf, s: _Search) -> str:
     """How much memory per GPU the leanest plan of the space would need, against what there is."""
-    need = _leanest_memory(s)
+    leanest = _leanest_memory(s)
     have = s.budget / 2**30
-    if need is None:
+    if leanest is None:
         return f"{spec.name}: no plan in the search space applies to this model and cluster (check the restrictions)"
-    return (f"{spec.name} does not fit on {s.world} GPUs: the leanest plan searched (full recomputation, "
-            f"ZeRO-3, deepest pipeline) needs {need:.1f} GiB per GPU, the GPUs have {have:.1f} GiB usable; "
-            f"use more or larger GPUs, a smaller global batch, or allow offload")
+    need, mode = leanest
+    how = {Recompute.FULL: "full recomputation", Recompute.SELECTIVE: "selective recomputation, full not allowed",
+           Recompute.NONE: "no recomputation, the only mode allowed"}[mode]
+    advice = "use more or larger GPUs, a smaller global batch, or allow offload"
+    if mode is not Recompute.FULL:
+        advice += " or full recomputation"
+    return (f"{spec.name} does not fit on {s.world} GPUs: the leanest plan searched ({how}; its leanest "
+            f"ZeRO stage, pipeline and schedule) needs {_gib(need)} GiB per GPU, the GPUs have {_gib(have)} GiB "
+            f"usable; {advice}")
 
 
+def _gib(x: float) -> str:
+    return f"{x:.1f}" if x >= 1 else f"{x:.3g}"
 
 
-def _leanest_memory(s: _Search) -> float | None:
-    """Smallest peak memory (GiB) over uniform fully-recomputed plans at the smallest micro-batch."""
+def _leanest_memory(s: _Search) -> tuple[float, Recompute] | None:
+    """Smallest peak memory (GiB) over uniform plans at the smallest micro-batch some strategy's
+    data parallelism divides, under the leanest recompute mode the options allow (full, else
+    selective, else none) and the fewest in-flight micro-batches of the schedules they allow (blocks
+    split evenly over the pipeline's devices); None if no plan applies."""
+    lower, allow_full = recompute_modes(s.options)
+    mode = Recompute.FULL if allow_full else Recompute.SELECTIVE if Recompute.SELECTIVE in lower else (
+        Recompute.NONE if lower else None)
+    if mode is None:
+        return None
     best = None
     for pp in pp_candidates(s.spec, s.world, s.options):
         devices = s.world // pp
-        m = max(micro_batch_counts(s.global_batch, pp, s.options))
-        mb = s.global_batch // m
-        usable = [x for x in strategies(s.spec, devices, s.perf.gpus_per_node, s.options) if mb % x.dp == 0]
-        if not usable:
+        cands = strategies(s.spec, devices, s.perf.gpus_per_node, s.options)
+        for m in sorted(micro_batch_counts(s.global_batch, pp, s.options), reverse=True):
+            mb = s.global_batch // m
+            usable = [x for x in cands if mb % x.dp == 0]
+            if usable:
+                break
+        else:
+            continue
+        schedules = list(s._schedules(pp, m))
+        if not schedules:
             continue
         table = s.table(devices, mb, usable)
         counts = even_split(s.spec.num_blocks, pp)
         bounds = [sum(counts[:i]) for i in range(pp + 1)]
         peak = np.zeros(table.size)
         for j in range(pp):
-            full = np.full(table.size, counts[j])
-            vec, work, _ = table.stage_sums(bounds[j], bounds[j + 1], Recompute.NONE, full)
-            inflight = in_flight(Schedule.ONE_F_ONE_B, pp, 1, m, j)
+            full = np.full(table.size, counts[j] if mode is Recompute.FULL else 0)
+            level = Recompute.NONE if mode is Recompute.FULL else mode
+            vec, work, _ = table.stage_sums(bounds[j], bounds[j + 1], level, full)
+            inflight = min(in_flight(schedule, pp, v, m, j) for schedule, v in schedules)
             peak = np.maximum(peak, table.memory(vec, work, inflight))
         best = float(peak.min()) if best is None else min(best, float(peak.min()))
-    return None if best is None else best / 2**30
+    return None if best is None else (best / 2**30, mode)

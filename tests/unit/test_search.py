@@ -267,6 +267,20 @@ def test_nothing_fits_says_how_much_memory() -> None:
         search(spec, with_memory(_perf(4), 1e-6), _options(), world_size=4)
 
 
+def test_nothing_fits_under_restrictions_still_says_how_much_memory() -> None:
+    """With data parallelism pinned the leanest estimate takes the smallest micro-batch some dp
+    divides (not one sample, which no strategy can split), and the leanest recompute mode the
+    options allow: the answer is a memory figure that the allowed plans really need, not 'no plan
+    applies'."""
+    spec = ModelSpec.from_config(TINY)
+    options = _options(recompute=(Recompute.NONE,), fixed={"dp": 4}, zero_stages=(0,))
+    leanest = min(c.peak_memory_gib for c in brute_force(spec, with_memory(_perf(4), 1e9), options, world=4))
+    with pytest.raises(MemoryBudgetError, match="no recomputation, the only mode allowed") as err:
+        search(spec, with_memory(_perf(4), 0.99 * leanest), options, world_size=4)
+    need = float(str(err.value).split(" needs ")[1].split(" GiB")[0])
+    assert need == pytest.approx(leanest, rel=0.01)
+
+
 @pytest.mark.parametrize("budget", ["median", "loose"])
 def test_tied_embeddings_share_one_weight_layout_at_both_ends(budget: str) -> None:
     """Tied input and output embeddings across pipeline stages: every plan the search keeps gives
