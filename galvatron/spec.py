@@ -88,9 +88,9 @@ class LayerSpec:
     experts_sliced: bool = False
     """The routed experts' weights are 3-D tensors that the block's eager loop indexes one expert at a
     time (Hugging Face's ``eager`` experts): autograd turns each slice's gradient into a zero-filled
-    full-size tensor (``select_backward``) and adds those up, so each backward writes the whole
-    tensor once per expert and adds it ``experts - 1`` times (on one H100, Mixtral's shape: 107 of a
-    229 ms step, benchmarks/results/wrap_auto/mixtral2l_hf_eager_b2_kernels.json)."""
+    full-size tensor (``select_backward``: the slice copied into zeros) and adds those up, so each
+    backward writes the whole tensor once per expert and adds it ``experts - 1`` times (on one H100,
+    Mixtral's shape: 118 of a 229 ms step, benchmarks/results/wrap_auto/mixtral2l_hf_eager_b2_kernels.json)."""
 
     @property
     def is_block(self) -> bool:

@@ -891,13 +891,14 @@ def zero_terms(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> ZeroTer
 def _sliced_expert_grads(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> tuple[float, float]:
     """Bytes one backward moves, and the most it holds at once, for experts whose 3-D weights an eager
     loop indexes (``LayerSpec.experts_sliced``): per expert, ``select_backward`` writes a zero-filled
-    tensor of the whole weight and puts the slice's gradient in, and autograd adds it to the sum of
-    the ones before (read two, write one), in the parameters' dtype. At once: the running sum and the
-    new tensor of the largest weight, a gated expert's up projection (2/3 of its weights)."""
+    tensor of the whole weight and copies the slice's gradient in (read and write the slice), and
+    autograd adds it to the sum of the ones before (read two, write one), in the parameters' dtype.
+    At once: the running sum and the new tensor of the largest weight, a gated expert's up projection
+    (2/3 of its weights)."""
     local = max(layer.experts // s.ep, 1)
     own = 4 if ctx.dtype is DType.FP32 or ctx.options.master_weights == "params" else 2
     weights = _dense_expert_params(layer, s)[1] * own
-    return weights * (local + 3 * (local - 1)), 2 * weights * 2 / 3
+    return weights * (local + 2 + 3 * (local - 1)), 2 * weights * 2 / 3
 
 
 def _edge_casts(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, pb: int) -> float:

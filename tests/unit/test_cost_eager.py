@@ -300,9 +300,10 @@ def test_experts_outside_autocast_run_in_fp32_over_fp32_parameters() -> None:
 
 def test_sliced_experts_write_a_full_gradient_per_expert() -> None:
     """An eager loop over 3-D expert weights (Hugging Face's eager experts) makes every expert's slice
-    gradient a zero-filled tensor of the whole weight that autograd adds up: per backward ``E`` writes
-    and ``E - 1`` adds (read two, write one) of the weights in their own dtype, and the running sum and
-    the new tensor of the up projection held at once."""
+    gradient a zero-filled tensor of the whole weight, the slice copied in, that autograd adds up: per
+    backward ``E`` writes, one read and write in slices and ``E - 1`` adds (read two, write one) of the
+    weights in their own dtype, and the running sum and the new tensor of the up projection held at
+    once."""
     from galvatron.strategies.cost.layer import zero_terms
 
     block = ModelSpec.from_config("mixtral-8x7b").blocks[0]
@@ -311,7 +312,7 @@ def test_sliced_experts_write_a_full_gradient_per_expert() -> None:
     ctx = _hf_experts_ctx("params")
     base, more = zero_terms(ctx, block, s), zero_terms(ctx, sliced, s)
     e = block.experts
-    moved = 4 * block.expert_params * (e + 3 * (e - 1))
+    moved = 4 * block.expert_params * (e + 2 + 3 * (e - 1))  # fills, the slices' copies, the adds
     assert more.param_bwd - base.param_bwd == pytest.approx(ctx.perf.streaming_time(moved))
     assert more.param_fwd == base.param_fwd
     assert more.work == pytest.approx(2 * 4 * block.expert_params * 2 / 3)
