@@ -94,6 +94,10 @@ class Perf(Protocol):
     def host_time(self, nbytes: float) -> float: ...
 
 
+_INPUT_BYTES = {"fp32": 4, "tf32": 4, "fp8": 1}
+"""Bytes per GEMM operand element by the GEMM's dtype (16-bit otherwise)."""
+
+
 @dataclass(frozen=True)
 class DatasheetPerf:
     """:class:`Perf` from datasheet peaks times measured achievable efficiencies (the YAML database)."""
@@ -165,7 +169,7 @@ class DatasheetPerf:
             compute /= min(1.0, tiles / gpu.sms) if tiles else 1.0  # fewer tiles than SMs leave SMs idle
             if accumulate:
                 return compute + output + overhead
-            inputs = 4 if dtype in ("fp32", "tf32") else 2
+            inputs = _INPUT_BYTES.get(dtype, 2)
             return max(compute, count * (m * k + k * n) * inputs / stream + output) + overhead
         fill = tiles / (math.ceil(tiles / gpu.sms) * gpu.sms) if tiles else 1.0
         return compute / fill + output + overhead

@@ -466,6 +466,17 @@ def test_gemm_time_follows_the_measured_kernels() -> None:
         assert statistics.mean(abs(e - offset) for e in errors[kind]) < limit
 
 
+def test_gemm_operands_are_read_in_their_own_dtype() -> None:
+    """A GEMM of few rows over a large weight is bound by reading its operands: fp8 ones take half the
+    bf16 time, fp32 ones at least twice it (here their FLOPs on few tiles take longer still;
+    persistent kernels: the bytes' time or the FLOPs', whichever is longer)."""
+    perf = DatasheetPerf(load_cluster({"gpu": "H100-SXM", "gpus_per_node": 1, "nodes": 1}))
+    gpu = perf.cluster.gpu
+    fixed = gpu.kernel_overhead_us * 1e-6 + 16 * 8192 * 2 / (gpu.hbm_gbps * 1e9 * gpu.memory_efficiency)
+    reads = {dt: perf.gemm_time(16, 8192, 8192, dt) - fixed for dt in ("fp8", "bf16", "fp32")}
+    assert reads["fp8"] == pytest.approx(reads["bf16"] / 2) and reads["fp32"] >= 2 * reads["bf16"] * (1 - 1e-9)
+
+
 def test_autocast_keeps_a_cast_input_per_linear() -> None:
     """Under autocast the attention's input is cast once for each of q, k and v and the MLP's once
     for gate and up, and each copy is kept for backward, besides the fp32 residual stream's norm
