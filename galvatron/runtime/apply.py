@@ -213,15 +213,18 @@ def resolve_plan(plan: Plan | str | Path | None, model: nn.Module, spec: ModelSp
 
 def _announce(plan: Plan, spec: ModelSpec, perf: Any, backend: str) -> None:
     """Say on stderr (rank 0) which plan ``plan="auto"`` picked and what the cost model predicts for it,
-    as ``galvatron launch`` does."""
+    as ``galvatron launch`` does, and what ``ModelSpec.from_module`` could not recognise in the model
+    (``ModelSpec.notes``: the prediction is rougher there)."""
     import sys
 
     from galvatron.strategies.cost import cost_plan
 
     cluster, stack = _auto_costing(plan.world_size, perf, backend)
     cost = cost_plan(plan, spec, cluster, stack)
+    notes = "".join(f"\n  note: {n}" for n in spec.notes)
     print(f"galvatron: plan='auto' picked (predicted step {cost.step_time_s:.3f} s, "
-          f"{cost.peak_memory_gib:.2f} GiB per device):\n{plan.describe()}", file=sys.stderr, flush=True)
+          f"{cost.peak_memory_gib:.2f} GiB per device):\n{plan.describe()}"
+          + (f"\ngalvatron: describing the model:{notes}" if notes else ""), file=sys.stderr, flush=True)
 
 
 def measured_cpu_perf(model: nn.Module, spec: ModelSpec, gloo: Any, max_profile_s: float = 60.0) -> Any:
