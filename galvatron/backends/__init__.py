@@ -79,6 +79,9 @@ class Capabilities:
     cast_inputs_once: bool = False
     """Whether it casts each attention's and MLP's input to 16 bits once under autocast
     (``CostOptions.cast_inputs_once``): the native runtime does (``runtime.tensor.autocast_input``)."""
+    cast_fused_experts: bool = False
+    """Whether it hands fused experts 16-bit copies of their weights under autocast
+    (``CostOptions.cast_fused_experts``): the native runtime does (``runtime.expert_wrap.apply_expert_casts``)."""
     overlap_param_gather: bool = True
     """Whether its ZeRO-1 parameter all-gather hides behind the next forward
     (``CostOptions.overlap_param_gather``)."""
@@ -100,7 +103,7 @@ class Capabilities:
                 "vocab_parallel_loss_bytes_per_logit": self.vocab_parallel_loss_bytes_per_logit,
                 "overlap_param_gather": self.overlap_param_gather, "bucket_copies": self.bucket_copies,
                 "sequence_parallel_copies": self.sequence_parallel_copies,
-                "cast_inputs_once": self.cast_inputs_once,
+                "cast_inputs_once": self.cast_inputs_once, "cast_fused_experts": self.cast_fused_experts,
                 "overlap_tp_backward": self.overlap_tp_backward,
                 "tensor_parallel_host_us": self.tensor_parallel_host_us if accelerator else 0.0,
                 "fsdp_host_us": self.fsdp_host_us if accelerator else (0.0, 0.0),
@@ -122,6 +125,7 @@ CAPABILITIES: dict[str, Capabilities] = {
         dtypes=frozenset({DType.FP32, DType.BF16, DType.FP16}),
         per_layer=frozenset({"dp", "tp", "sp", "zero", "recompute", "offload"}), uniform=False, gpu_only=False,
         zero1_reduce="all_reduce", overlap_param_gather=False, bucket_copies=True, cast_inputs_once=True,
+        cast_fused_experts=True,
         tensor_parallel_host_us=400.0, fsdp_host_us=(2000.0, 3000.0), overlap_tp_backward=False),
     "deepspeed": Capabilities(
         name="deepspeed",

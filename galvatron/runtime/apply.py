@@ -653,7 +653,11 @@ def apply_head(modules: list[nn.Module], s: LayerStrategy, rt: Runtime) -> None:
 def apply_layer_group(blocks: list[nn.Module], s: LayerStrategy, next_layout: Layout, rt: Runtime,
                       block_plans: dict[int, dict[str, str]]) -> None:
     """One layer group: TP (+SP), expert parallelism, recomputation, the re-layout into ``s``'s
-    layout and out to ``next_layout``, then DP / ZeRO (context parallelism: :func:`apply_context`)."""
+    layout and out to ``next_layout``, then DP / ZeRO (context parallelism: :func:`apply_context`).
+    Under autocast, fused experts compute with 16-bit copies of their weights
+    (:func:`galvatron.runtime.expert_wrap.apply_expert_casts`)."""
+    from galvatron.runtime.expert_wrap import apply_expert_casts
+
     mesh = rt.dims.mesh(s)
     for i, block in enumerate(blocks):
         if s.tp > 1:
@@ -662,6 +666,8 @@ def apply_layer_group(blocks: list[nn.Module], s: LayerStrategy, next_layout: La
         elif rt.plan.dtype in _AUTOCAST:
             tensor.apply_input_casts(block)
         apply_expert(block, s, rt)
+        if rt.plan.dtype in _AUTOCAST:
+            apply_expert_casts(block)
         apply_recompute(block, s.recompute)
     sp_group = mesh["tp"].get_group() if s.sp else None
     install_group_relayouts(blocks, rt.dims.layout(s), next_layout, sp_group=sp_group, dims=rt.dims, ctx=rt.ctx)

@@ -74,6 +74,7 @@ class ExpertParallelState:
 
 _STATE = "_galvatron_ep"
 _LOAD = "_galvatron_ep_load"
+_CAST = "_galvatron_expert_casts"
 
 
 # ------------------------------------------------------------------------------------ recognition
@@ -150,6 +151,42 @@ def apply_expert_parallel(model: nn.Module, ep_group: Group, *, aux_group: Group
         object.__setattr__(module, _STATE, state)
         module.forward = types.MethodType(_FORWARD[kind], module)
     return layers
+
+
+def apply_expert_casts(model: nn.Module) -> list[str]:
+    """Make every fused-experts module of ``model`` (3-D ``gate_up_proj`` and ``down_proj``) compute
+    with its weights in autocast's dtype while autocast is on: their implementation sees 16-bit
+    copies, whose gradients autocast's own cast backward brings to the fp32 parameters, as it does for
+    every linear. Without it, Hugging Face's ``grouped_mm`` experts cast the tokens to the weights'
+    dtype and run the grouped GEMM outside autocast, in fp32 over fp32 parameters (16x slower on an
+    H100: benchmarks/results/grouped_gemm_dtype.json), and its ``eager`` experts give every expert's
+    slice a full-size fp32 gradient. Outside autocast, or on 16-bit parameters, the module runs as it
+    is. Returns the modules' paths (a module patched before is left alone)."""
+    patched = []
+    for path, module in model.named_modules():
+        if _is_fused(module) and not hasattr(module, _CAST):
+            object.__setattr__(module, _CAST, True)
+            module.forward = types.MethodType(_forward_cast, module)
+            patched.append(path)
+    return patched
+
+
+def _forward_cast(self: nn.Module, *args: object, **kwargs: object) -> torch.Tensor:
+    forward = type(self).forward
+    device = self.gate_up_proj.device.type
+    if not torch.is_autocast_enabled(device):
+        return forward(self, *args, **kwargs)
+    low = torch.get_autocast_dtype(device)
+    casts = {name: p.to(low) for name, p in self._parameters.items()
+             if p is not None and p.is_floating_point() and p.dtype != low}
+    if not casts:
+        return forward(self, *args, **kwargs)
+    kept = {name: self._parameters[name] for name in casts}
+    self._parameters.update(casts)  # read as attributes by the implementation; restored below
+    try:
+        return forward(self, *args, **kwargs)
+    finally:
+        self._parameters.update(kept)
 
 
 def expert_parallel_state(module: nn.Module) -> ExpertParallelState | None:

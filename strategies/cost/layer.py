@@ -375,8 +375,10 @@ def _routed_gemms(layer: LayerSpec, s: LayerStrategy, tok: float, load: float, g
 def expert_gemm_dtype(ctx: LayerContext, layer: LayerSpec) -> str:
     """The dtype the routed experts' GEMMs run in: the plan's, except where they bypass autocast
     (``LayerSpec.experts_outside_autocast``) over fp32 parameters (``CostOptions.master_weights =
-    "params"``) in a 16-bit plan: fp32."""
-    if layer.experts_outside_autocast and ctx.options.master_weights == "params" and ctx.dtype is not DType.FP32:
+    "params"``) in a 16-bit plan and the stack does not cast them (``CostOptions.cast_fused_experts``): fp32."""
+    opts = ctx.options
+    if (layer.experts_outside_autocast and opts.master_weights == "params" and not opts.cast_fused_experts
+            and ctx.dtype is not DType.FP32):
         return DType.FP32.value
     return ctx.dtype.value
 
@@ -892,12 +894,13 @@ def _sliced_expert_grads(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) 
     """Bytes one backward moves, and the most it holds at once, for experts whose 3-D weights an eager
     loop indexes (``LayerSpec.experts_sliced``): per expert, ``select_backward`` writes a zero-filled
     tensor of the whole weight and copies the slice's gradient in (read and write the slice), and
-    autograd adds it to the sum of the ones before (read two, write one), in the parameters' dtype.
-    At once: the running sum and the new tensor of the largest weight, a gated expert's up projection
+    autograd adds it to the sum of the ones before (read two, write one), in the parameters' dtype (16
+    bits where the stack hands the experts 16-bit copies: ``CostOptions.cast_fused_experts``). At
+    once: the running sum and the new tensor of the largest weight, a gated expert's up projection
     (2/3 of its weights)."""
     local = max(layer.experts // s.ep, 1)
-    own = 4 if ctx.dtype is DType.FP32 or ctx.options.master_weights == "params" else 2
-    weights = _dense_expert_params(layer, s)[1] * own
+    fp32 = ctx.dtype is DType.FP32 or (ctx.options.master_weights == "params" and not ctx.options.cast_fused_experts)
+    weights = _dense_expert_params(layer, s)[1] * (4 if fp32 else 2)
     return weights * (local + 2 + 3 * (local - 1)), 2 * weights * 2 / 3
 
 

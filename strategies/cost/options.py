@@ -149,6 +149,12 @@ class CostOptions:
     activations): the linears reading it share that copy, in memory too, and add their input
     gradients in 16 bits. False: plain autocast, where each linear casts the fp32 input itself and
     keeps its own copy."""
+    cast_fused_experts: bool = False
+    """Under autocast over fp32 parameters the stack hands fused experts (3-D weights) 16-bit copies
+    of their weights (galvatron's native runtime: ``runtime.expert_wrap.apply_expert_casts``), so
+    experts that bypass autocast (``LayerSpec.experts_outside_autocast``) compute in 16 bits and an
+    eager loop's full-size slice gradients (``LayerSpec.experts_sliced``) are 16-bit. False: the
+    module runs as it is (fp32 GEMMs and gradients there)."""
     tensor_parallel_host_us: float = 0.0
     """Host microseconds tensor parallelism adds per linear layer of a ``tp > 1`` block and pass, beyond
     issuing its kernels (``host_us_per_kernel``): DTensor's Python dispatch (sharding propagation, the

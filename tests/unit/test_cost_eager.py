@@ -266,9 +266,10 @@ def test_a_composite_rms_norm_costs_its_ops_under_autocast() -> None:
         eager.block_traffic(ln, LayerStrategy(), "autocast", 2)
 
 
-def _hf_experts_ctx(master_weights: str) -> LayerContext:
+def _hf_experts_ctx(master_weights: str, cast: bool = False) -> LayerContext:
     return LayerContext(perf=DatasheetPerf(load_cluster("8xH100")), dtype=DType.BF16, seq_len=2048, causal=True,
-                        options=CostOptions(elementwise="autocast", master_weights=master_weights),
+                        options=CostOptions(elementwise="autocast", master_weights=master_weights,
+                                            cast_fused_experts=cast),
                         micro_batch=2, stage_devices=1)
 
 
@@ -294,8 +295,9 @@ def test_experts_outside_autocast_run_in_fp32_over_fp32_parameters() -> None:
     z, zf = zero_terms(ctx, block, s), zero_terms(ctx, fp32, s)
     assert z.casts - zf.casts == pytest.approx(2 * block.expert_params)
     assert zf.param_fwd < z.param_fwd  # the experts' weights are not cast
-    ctx16 = _hf_experts_ctx("optimizer")
-    assert layer_cost(ctx16, fp32, s).fwd == layer_cost(ctx16, block, s).fwd
+    for same in (_hf_experts_ctx("optimizer"), _hf_experts_ctx("params", cast=True)):  # 16-bit weights, or cast
+        assert layer_cost(same, fp32, s).fwd == layer_cost(same, block, s).fwd
+        assert zero_terms(same, fp32, s) == zero_terms(same, block, s)
 
 
 def test_sliced_experts_write_a_full_gradient_per_expert() -> None:
@@ -316,3 +318,6 @@ def test_sliced_experts_write_a_full_gradient_per_expert() -> None:
     assert more.param_bwd - base.param_bwd == pytest.approx(ctx.perf.streaming_time(moved))
     assert more.param_fwd == base.param_fwd
     assert more.work == pytest.approx(2 * 4 * block.expert_params * 2 / 3)
+    cast = _hf_experts_ctx("params", cast=True)  # the stack hands the experts 16-bit copies: 16-bit gradients
+    extra = zero_terms(cast, sliced, s).param_bwd - zero_terms(cast, block, s).param_bwd
+    assert extra == pytest.approx(cast.perf.streaming_time(moved / 2))

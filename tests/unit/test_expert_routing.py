@@ -159,3 +159,52 @@ def test_unused_experts_get_no_gradient_as_in_the_reference() -> None:
         q = wrapped.get_parameter(name)
         unused = name.startswith("experts.") and not name.startswith(tuple(used))
         assert (p.grad is None) == (q.grad is None) == unused, name
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager", "batched_mm"])
+def test_fused_experts_compute_in_autocast_dtype(impl: str) -> None:
+    """Under autocast a fused-experts module computes with 16-bit copies of its 3-D weights, whatever
+    transformers implementation runs it (``grouped_mm`` otherwise runs its GEMMs in fp32 over fp32
+    parameters): its output and its fp32 parameters' gradients equal the module run on 16-bit casts
+    of them by hand, the parameters stay the same objects, and outside autocast nothing changes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from galvatron.runtime.expert_wrap import apply_expert_casts
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MixtralConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=96, num_local_experts=4,
+                                        num_experts_per_tok=2, vocab_size=96)
+    config._experts_implementation = impl
+    torch.manual_seed(0)
+    moe = transformers.MixtralForCausalLM(config).model.layers[0].mlp
+    reference = copy.deepcopy(moe)
+    x = torch.randn(2, 16, 64)
+
+    class GemmDtypes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[torch.dtype] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in ("_grouped_mm", "bmm", "mm", "addmm"):
+                self.seen |= {a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()}
+            return func(*args, **(kwargs or {}))
+
+    assert apply_expert_casts(moe) == ["experts"] and apply_expert_casts(moe) == []
+    weights = moe.experts.gate_up_proj
+    with torch.autocast("cpu", dtype=torch.bfloat16), GemmDtypes() as gemms:
+        out = moe(x)
+    out.float().square().sum().backward()
+    assert gemms.seen == {torch.bfloat16}
+    assert moe.experts.gate_up_proj is weights and isinstance(weights, nn.Parameter)
+    assert weights.grad is not None and weights.grad.dtype == torch.float32
+
+    by_hand = {f"experts.{n}": p.to(torch.bfloat16) for n, p in reference.experts.named_parameters()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = torch.func.functional_call(reference, by_hand, (x,))
+    expected.float().square().sum().backward()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(weights.grad, reference.experts.gate_up_proj.grad, rtol=0, atol=0)
+    moe.zero_grad()
+    torch.testing.assert_close(moe(x), reference(x), rtol=0, atol=0)  # no autocast: the module as it is
