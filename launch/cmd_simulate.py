@@ -205,6 +205,11 @@ def plan_from_flags(args: argparse.Namespace, spec: ModelSpec, world: int) -> Pl
         raise ConfigError(f"tp {tp} x pp {pp} x cp {cp} does not divide the cluster's {world} GPUs")
     dp = args.dp or world // (tp * pp * cp)
     kind = args.sp if args.sp not in (None, "none", "megatron") else "ulysses"
+    if (args.vpp or 1) > 1 and pp == 1:
+        raise ConfigError(f"--vpp {args.vpp} interleaves pipeline stages: give --pp > 1")
+    if args.sp not in (None, "none", "megatron") and cp == 1:
+        raise ConfigError(f"--sp {args.sp} is a kind of context parallelism: give --cp > 1 (--sp megatron is "
+                          "TP's sequence parallelism)")
     u = args.cp_ulysses or (_hybrid_ulysses(spec, tp, cp) if kind == "hybrid" else 0)
     micro = args.micro_batch or 1
     global_batch = args.global_batch or micro * dp * (4 * pp if pp > 1 else 1)

@@ -34,6 +34,19 @@ def test_simulate_bad_degrees_is_a_clear_error(capsys: pytest.CaptureFixture[str
     assert "does not divide" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--sp", "ring"], "--sp ring is a kind of context parallelism: give --cp > 1"),
+    (["--vpp", "2"], "--vpp 2 interleaves pipeline stages: give --pp > 1"),
+])
+def test_simulate_flags_that_do_nothing_alone_are_errors(flags: list[str], message: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A context-parallel kind without --cp, or virtual stages without a pipeline, would cost a plan
+    that is not what the flags ask for (a plain dp8 plan, or 2 chunks on one device group)."""
+    assert main(["simulate", "--model", "llama2-7b", "--cluster", "8xA100-80GB", *flags]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_search_writes_a_loadable_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "plan.yaml"
     assert main(["search", "--model", "gpt-tiny", "--cluster", "8xA100-80GB", "--global-batch", "16",
