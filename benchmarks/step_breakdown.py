@@ -5,7 +5,8 @@ fused AdamW, ``F.cross_entropy(logits.float(), y)``), eager, one GPU: three step
 ``torch.profiler`` after three warm-up steps; every CUDA kernel's time summed by category (GEMM,
 attention, loss, optimizer, copies and casts, other element-wise and reductions, memsets), next to
 the wall time of a step timed without the profiler (a wall time above the summed kernel time is
-host-bound time or gaps); and the same kernels per ATen op and input shapes (``ops``), and each
+host-bound time or gaps); where the GPU idles between kernels, by the CPU op that launched the kernel
+after each gap (``gaps``); and the same kernels per ATen op and input shapes (``ops``), and each
 linear layer's three GEMMs run back to back in bf16 outside the model (``linears``: kernel time, the
 GEMM rate without the model's other kernels in between). What the cost model's terms are checked against.
 
@@ -20,6 +21,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -115,7 +117,52 @@ def linears(tokens: int, hidden: int, vocab: int, iters: int = 10) -> list[dict]
     return out
 
 
-def breakdown(case_name: str, steps: int = 3, batch: int | None = None, gemms: bool = True) -> dict:
+def idle_gaps(prof: Any, steps: int, top: int = 15) -> dict:
+    """Where the GPU idles between the first and the last kernel of the profiled steps: every gap
+    between one kernel's end and the next one's start (5 us or more), per step, attributed to the
+    innermost CPU op around the host call that launched the kernel after the gap (the runtime call of
+    the same correlation id); the ``top`` ops by idle time, and the largest single gaps."""
+    import bisect
+
+    events = prof.profiler.kineto_results.events()
+    gpu = torch.autograd.DeviceType.CUDA
+    kernels = sorted((e for e in events if e.device_type() == gpu), key=lambda e: e.start_ns())
+    runtime = {e.correlation_id(): e.start_ns() for e in events
+               if e.device_type() != gpu and e.name().startswith(("cuda", "cu"))}
+    ops = sorted((e for e in events if e.device_type() != gpu and not e.name().startswith(("cuda", "cu"))),
+                 key=lambda e: e.start_ns())
+    starts = [e.start_ns() for e in ops]
+
+    def around(t: int | None) -> str:
+        if t is None:
+            return "(launch not found)"
+        i = bisect.bisect_right(starts, t)
+        for e in reversed(ops[max(0, i - 400):i]):  # the latest-starting op still running at t
+            if e.end_ns() >= t:
+                return e.name()
+        return "(no op around the launch)"
+
+    by_op: dict[str, list[float]] = {}
+    largest = []
+    end = kernels[0].end_ns() if kernels else 0
+    for k in kernels[1:]:
+        gap = k.start_ns() - end
+        if gap >= 5000:
+            launch = runtime.get(k.linked_correlation_id()) or runtime.get(k.correlation_id())
+            op = around(launch)
+            by_op.setdefault(op, []).append(gap / 1e6)
+            largest.append((gap / 1e6, op, k.name()[:100]))
+        end = max(end, k.end_ns())
+    total = sum(sum(v) for v in by_op.values())
+    return {"idle_ms_per_step": total / steps,
+            "by_op": [{"op": op, "ms_per_step": sum(v) / steps, "gaps_per_step": len(v) / steps}
+                      for op, v in sorted(by_op.items(), key=lambda kv: -sum(kv[1]))[:top]],
+            "largest": [{"ms": g, "op": op, "next_kernel": name}
+                        for g, op, name in sorted(largest, reverse=True)[:top]]}
+
+
+def breakdown(case_name: str, steps: int = 3, batch: int | None = None, gemms: bool = True,
+              lr: float | None = None, warmup: int = 3) -> dict:
     case = CASES[case_name]
     if batch:
         case = dataclasses.replace(case, batch=batch)
@@ -123,9 +170,12 @@ def breakdown(case_name: str, steps: int = 3, batch: int | None = None, gemms: b
     device = torch.device("cuda")
     model = GPT(case.cfg).to(device)
     side = Side("hand-written", model, model, device, autocast=True, loss=loss_fn)
+    if lr is not None:  # 0: the weights (and so a MoE's routing, its GEMMs' shapes) stay as they are
+        for group in side.opt.param_groups:
+            group["lr"] = lr
     tokens = torch.randint(0, case.cfg.vocab, (case.batch, case.cfg.seq_len + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]
-    for _ in range(3):
+    for _ in range(warmup):
         side.step(x, y)
     torch.cuda.synchronize()
     walls = []
@@ -141,13 +191,15 @@ def breakdown(case_name: str, steps: int = 3, batch: int | None = None, gemms: b
     kernels, ops = profiled_kernels(prof, steps)
     cats = categories(kernels, steps)
     top = sorted(kernels, key=lambda n: -sum(kernels[n]))[:40]
-    result = {"case": case_name, "batch": case.batch, "seq": case.cfg.seq_len, "layers": case.cfg.layers,
+    result = {"case": case_name, "batch": case.batch, "lr": side.opt.param_groups[0]["lr"], "warmup": warmup,
+              "seq": case.cfg.seq_len, "layers": case.cfg.layers,
               "hidden": case.cfg.hidden, "heads": case.cfg.heads, "wall_ms": sorted(walls)[len(walls) // 2] * 1e3,
               "kernel_ms": sum(cats.values()), "categories_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
               "top_kernels": [{"name": n[:120], "category": category(n), "ms_per_step": sum(kernels[n]) / steps,
                                "calls_per_step": len(kernels[n]) / steps} for n in top],
               "ops": [{"op": k, "ms_per_step": v[0], "kernels_per_step": v[1], "calls_per_step": v[2]}
                       for k, v in sorted(ops.items(), key=lambda kv: -kv[1][0])[:80]],
+              "gaps": idle_gaps(prof, steps),
               "linears": linears(case.batch * case.cfg.seq_len, case.cfg.hidden, case.cfg.vocab) if gemms else []}
     print(f"{case_name}: wall {result['wall_ms']:.1f} ms/step, kernels {result['kernel_ms']:.1f} ms: "
           + ", ".join(f"{k} {v:.1f}" for k, v in result["categories_ms"].items()), flush=True)
@@ -162,15 +214,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", nargs="+", default=["gpt-1.4b", "gpt-2b"], choices=sorted(CASES))
     parser.add_argument("--batch", type=int, nargs="+", help="samples per step instead of the case's (one run each)")
     parser.add_argument("--no-linears", action="store_true", help="skip the back-to-back linear-layer GEMMs")
+    parser.add_argument("--warmup", type=int, nargs="+", default=[3], help="warm-up steps (one run each)")
+    parser.add_argument("--lr", type=float, nargs="+", help="optimizer learning rates (one run each; 0 keeps the "
+                        "weights, so a MoE routes alike every step)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
-    results = [breakdown(c, batch=b, gemms=not args.no_linears) for c in args.case for b in (args.batch or [None])]
+    results = [breakdown(c, batch=b, gemms=not args.no_linears, lr=lr, warmup=w) for c in args.case
+               for b in (args.batch or [None]) for lr in (args.lr or [None]) for w in args.warmup]
     args.out.write_text(json.dumps({"command": "python benchmarks/step_breakdown.py --out ... --case "
                                     + " ".join(args.case) + (" --batch " + " ".join(map(str, args.batch))
                                                              if args.batch else "")
-                                    + (" --no-linears" if args.no_linears else ""), "date": time.strftime("%Y-%m-%d"),
+                                    + (" --no-linears" if args.no_linears else "")
+                                    + (" --lr " + " ".join(map(str, args.lr)) if args.lr else "")
+                                    + " --warmup " + " ".join(map(str, args.warmup)),
+                                    "date": time.strftime("%Y-%m-%d"),
                                     "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                     "cases": results}, indent=2) + "\n")
     return 0

@@ -3,7 +3,7 @@ the live module (described by ``ModelSpec.from_module``), its predicted step tim
 and what the steps measure.
 
 The reference GPT of ``--model`` (built on the GPU, fp32 parameters), ``--batch`` samples of
-``--seq`` tokens per step, as ``galvatron launch`` runs workers (expandable segments); 2 warm-up steps
+``--seq`` tokens per step, as ``galvatron launch`` runs workers (expandable segments); ``--warmup`` (2) warm-up steps
 of fused AdamW, then ``--steps`` measured: the median step time and the allocator's peak over them.
 ``--plan FILE`` runs that plan instead of the search's. ``--hf``: Hugging Face's ``LlamaForCausalLM`` of the
 preset's shape (SDPA attention) instead of the reference GPT; ``--hf mixtral``: its ``MixtralForCausalLM``
@@ -112,7 +112,7 @@ def predict(model_name: str, batch: int, seq: int | None, cluster_name: str, hf:
 
 def measure(model_name: str, batch: int, seq: int | None, steps: int, plan: str | None = None,
             hf: str | None = None, layers: int | None = None, experts: str = "eager",
-            kernels: int = 0) -> dict[str, Any]:
+            kernels: int = 0, warmup: int = 2) -> dict[str, Any]:
     import torch
     from galvatron.profiler.memory_trace import lm_training_step
     from galvatron.strategies.cost import cost_plan
@@ -135,7 +135,7 @@ def measure(model_name: str, batch: int, seq: int | None, steps: int, plan: str 
         out["predicted_step_s_by_flops"] = cost_plan(wrapped.plan, old, cluster, auto_cost_options(cluster)).step_time_s
     step = lm_training_step(wrapped, tokens)
     try:
-        for _ in range(2):
+        for _ in range(warmup):
             step()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, help="blocks (default: the preset's)")
     parser.add_argument("--experts", default="eager", choices=("eager", "grouped_mm", "batched_mm"),
                         help="--hf mixtral: transformers' experts implementation (default eager)")
+    parser.add_argument("--warmup", type=int, default=2, help="GPU: warm-up steps before the measured ones (a MoE's "
+                        "per-expert GEMM shapes change every step and are new for a hundred or so)")
     parser.add_argument("--kernels", type=int, default=0, metavar="N",
                         help="GPU: also profile two steps and report the N kernels with the most GPU time")
     parser.add_argument("--out", type=Path, help="write the result here (JSON)")
@@ -207,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # as galvatron launch
         row = measure(args.model, args.batch, args.seq, args.steps, args.plan, args.hf, args.layers, args.experts,
-                      args.kernels)
+                      args.kernels, args.warmup)
     row = {"model": args.model, "hf": args.hf, "layers": args.layers, "batch": args.batch, "seq": args.seq,
+           "warmup": args.warmup,
            "experts": args.experts if args.hf == "mixtral" else None, "plan_file": args.plan, **row}
     print(json.dumps(row), flush=True)
     if args.out:
