@@ -875,7 +875,7 @@ def zero_terms(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> ZeroTer
     pb, gb = _param_bytes(ctx), ctx.options.grad_bytes
     ob = 8 if ctx.dtype is DType.FP32 or ctx.options.master_weights == "params" else 12
     acc = dict.fromkeys((f.name for f in fields(ZeroTerms)), 0.0)
-    uncast = expert_gemm_dtype(ctx, layer) == DType.FP32.value and ctx.dtype is not DType.FP32
+    uncast = expert_gemm_dtype(ctx, layer) != ctx.dtype.value  # experts outside autocast: never cast
     for params, group, cast in ((dense, _group(ctx, s.tp, s.dp * s.cp), True),
                                 (expert, expert_groups(ctx, s)[2], not uncast)):
         if params:
