@@ -151,8 +151,9 @@ def local_cpu_perf(spec: ModelSpec, workers: int, *, model: str | None = None, p
 
     - the model: ``model`` (a preset or model YAML, built as the reference GPT with one block of
       each kind) profiled here on one thread, fp32 (``galvatron.profiler.model.cpu_worker_options``
-      at ``spec``'s sequence length); its times stretched by ``workers / cores`` when the workers outnumber the cores
-      (they then share them). Skipped, with a message, when ``model`` is None or the profile would
+      at ``spec``'s sequence length); its times stretched by what sharing the cores stretched compute by
+      among the gloo workers below (``ClusterProfile.compute_sharing``; ``workers / cores`` without it).
+      Skipped, with a message, when ``model`` is None or the profile would
       take longer than about ``max_profile_s`` (the datasheet-style GEMM rate then stands);
     - gloo: every collective among ``workers`` processes started here (over the loopback device),
       1 KiB to 1 MiB, latency and bandwidth, and the compute that communication beside it takes
@@ -174,7 +175,7 @@ def local_cpu_perf(spec: ModelSpec, workers: int, *, model: str | None = None, p
             model_profile = _profile_cpu_model(model, spec.seq_len, progress)
     cluster_profile = _profile_gloo(workers, progress) if workers > 1 else None
     return profiled_perf(cluster, model_profile=model_profile, cluster_profile=cluster_profile, spec=spec,
-                         compute_scale=shared_cores_scale(workers))
+                         compute_scale=shared_cores_scale(workers, cluster_profile))
 
 
 def _profile_estimate_s(spec: ModelSpec, cluster: Any) -> float:

@@ -365,11 +365,16 @@ def profiled_perf(cluster: Cluster | Perf, *, model_profile: ModelProfile | None
                         compute_scale=compute_scale)
 
 
-def shared_cores_scale(workers_here: int) -> float:
+def shared_cores_scale(workers_here: int, cluster_profile: ClusterProfile | None = None) -> float:
     """``ProfiledPerf.compute_scale`` for ``workers_here`` CPU workers on this machine, each on one
-    thread, profiled alone: ``workers / cores`` when they outnumber the cores they share, else 1."""
+    thread, profiled alone: what ``cluster_profile`` measured sharing the cores stretches compute by
+    (``ClusterProfile.compute_sharing``) where it profiled that many workers here; else ``workers /
+    cores`` when they outnumber the cores they share; never below 1."""
     import os
 
+    measured = getattr(cluster_profile, "compute_sharing", None)
+    if measured and cluster_profile.ranks_per_node == workers_here:
+        return max(1.0, measured)
     return max(1.0, workers_here / len(os.sched_getaffinity(0)))
 
 

@@ -518,6 +518,12 @@ class ClusterProfile:
     """Host seconds per pipeline schedule action (one chunk's forward or backward of one micro-batch)
     besides compute and handoffs, measured on CPU workers (``CostOptions.pipeline_action_s``); None
     where not measured (GPUs, an odd number of ranks, profiles from before this field)."""
+    compute_sharing: float | None = None
+    """CPU workers: one worker's compute time while every profiled worker of the node computes at once,
+    over its time alone (one thread each): what sharing the cores stretches a model profiled alone by
+    (``ProfiledPerf.compute_scale``; about ``workers / cores`` when they outnumber the cores, more where
+    they also share caches and memory bandwidth). None where not measured (GPUs, profiles from before
+    this field)."""
     gpus: tuple[GPUInfo, ...] = ()
     topology: tuple[tuple[str, ...], ...] = ()
     """``nvidia-smi topo -m`` style matrix between the node's GPUs: ``X``, ``NV<links>``, ``PIX``,
@@ -541,7 +547,7 @@ class ClusterProfile:
             "seconds": self.seconds, "notes": list(self.notes),
             "gpus": [_plain(g) for g in self.gpus], "topology": [list(row) for row in self.topology],
             "overlap": _plain(self.overlap) if self.overlap else None,
-            "pipeline_action_s": self.pipeline_action_s,
+            "pipeline_action_s": self.pipeline_action_s, "compute_sharing": self.compute_sharing,
             "collectives": [c.to_dict() for c in self.collectives],
         }
 

@@ -259,7 +259,7 @@ def measured_cpu_perf(model: nn.Module, spec: ModelSpec, gloo: Any, max_profile_
           + f" in {gloo.seconds + time.perf_counter() - start:.1f} s{note}", file=sys.stderr, flush=True)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     return profiled_perf(local_cluster(world), model_profile=profile, cluster_profile=gloo, spec=spec,
-                         compute_scale=shared_cores_scale(local))
+                         compute_scale=shared_cores_scale(local, gloo))
 
 
 _ONE_THREAD_FLOPS = 2e10

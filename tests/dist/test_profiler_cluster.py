@@ -44,6 +44,9 @@ def test_two_gloo_ranks(profiles: list[ClusterProfile], tmp_path: Path) -> None:
     # where noise on shared cores drowns it: pipeline_action_seconds, unit-tested)
     assert first.pipeline_action_s is not None and 0 <= first.pipeline_action_s < 0.05
     assert second.pipeline_action_s == first.pipeline_action_s
+    # CPU workers: compute shared among the ranks over alone, the same number on both ranks
+    assert first.compute_sharing is not None and 0.5 < first.compute_sharing < 4
+    assert second.compute_sharing == first.compute_sharing
     assert ClusterProfile.load(first.save(tmp_path / "cluster.yaml")) == first
 
 

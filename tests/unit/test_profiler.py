@@ -503,3 +503,23 @@ def test_pipeline_action_seconds_removes_the_extra_handoffs() -> None:
     assert pipeline_action_seconds(0.03, 1e-4, 4, (1, 4)) == pytest.approx((0.03 - 48e-4) / 24)
     assert pipeline_action_seconds(0.03, 0.0, 2, (1, 3)) == pytest.approx(0.03 / 8)
     assert pipeline_action_seconds(0.004, 1e-4, 4, (1, 4)) == 0.0
+
+
+def test_shared_cores_scale_takes_the_measured_sharing(tmp_path: Path) -> None:
+    """CPU workers profiled alone are stretched by what the gloo profile measured sharing the cores
+    does to compute, where it profiled as many workers on this node; otherwise (another worker
+    count, no measurement, a profile saved before the field) by workers over cores. The field
+    survives a save and load, and a profile without it loads as None."""
+    import os
+
+    from galvatron.profiler.calibrate import shared_cores_scale
+
+    cores = len(os.sched_getaffinity(0))
+    measured = ClusterProfile(backend="gloo", world_size=4, nodes=1, ranks_per_node=4, compute_sharing=2.13)
+    assert shared_cores_scale(4, measured) == 2.13
+    assert shared_cores_scale(8, measured) == max(1.0, 8 / cores)
+    assert shared_cores_scale(4, None) == max(1.0, 4 / cores)
+    assert shared_cores_scale(4, dataclasses.replace(measured, compute_sharing=0.9)) == 1.0
+    assert ClusterProfile.load(measured.save(tmp_path / "c.yaml")) == measured
+    old = {k: v for k, v in measured.to_dict().items() if k != "compute_sharing"}
+    assert ClusterProfile.from_dict(old).compute_sharing is None
