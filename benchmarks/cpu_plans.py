@@ -82,6 +82,7 @@ def run_round(args: argparse.Namespace) -> dict[str, Any]:
     profile_s = time.perf_counter() - started
     options = native_cost_options(profiled)
     as_alone = dataclasses.replace(options, overlap_comm_slowdown=1.0)
+    cores = dataclasses.replace(profiled, compute_scale=max(1.0, args.workers / len(os.sched_getaffinity(0))))
     nominal = local_cpu_cluster(args.workers)
     search = dict(global_batch=args.global_batch, fixed=CPU_FIXED)
     found = search_runnable(spec, args.workers, cluster=profiled, top_k=args.top, **search).top
@@ -98,6 +99,7 @@ def run_round(args: argparse.Namespace) -> dict[str, Any]:
     for label, plan in plans:
         predicted = cost_plan(plan, spec, profiled, options).step_time_s
         alone = cost_plan(plan, spec, profiled, as_alone).step_time_s
+        by_cores = cost_plan(plan, spec, cores, options).step_time_s
         before = cost_plan(plan, spec, nominal, native_cost_options(nominal)).step_time_s
         print(f"{label}: {plan.describe().splitlines()[0]} ...", file=sys.stderr, flush=True)
         measured = max(run_ranks(measure, args.workers, plan.to_dict(), args.model, args.global_batch, args.steps,
@@ -105,6 +107,7 @@ def run_round(args: argparse.Namespace) -> dict[str, Any]:
         rows.append({"label": label, "plan": plan.to_dict(), "describe": plan.describe(), "measured_s": measured,
                      "predicted_s": predicted, "error": predicted / measured - 1,
                      "as_alone_predicted_s": alone, "as_alone_error": alone / measured - 1,
+                     "cores_predicted_s": by_cores, "cores_error": by_cores / measured - 1,
                      "nominal_predicted_s": before, "nominal_error": before / measured - 1})
         row = rows[-1]
         print(f"  measured {measured:.4f} s, predicted {predicted:.4f} ({row['error']:+.1%}), comm as alone "
@@ -150,6 +153,7 @@ def main() -> int:
         "model": args.model, "workers": args.workers, "global_batch": args.global_batch,
         "rounds": rounds,
         "mean_abs_error": mae("error"), "as_alone_mean_abs_error": mae("as_alone_error"),
+        "cores_mean_abs_error": mae("cores_error"),
         "nominal_mean_abs_error": mae("nominal_error"),
         "mean_error": statistics.mean(row["error"] for row in rows),
     }
@@ -167,24 +171,29 @@ def _markdown(r: dict[str, Any]) -> str:
              f"({r['machine']['cpu']}, torch {r['machine']['torch']}), global batch {r['global_batch']}, "
              f"{len(r['rounds'])} round(s), each profiling the model and gloo afresh. 'predicted': as "
              "`galvatron demo` costs it; 'comm as alone': the same profile with collectives beside compute "
-             "as fast as alone (`overlap_comm_slowdown` 1, the cost model before it was measured); 'nominal': "
+             "as fast as alone (`overlap_comm_slowdown` 1, the cost model before it was measured); 'stretch "
+             "w/c': the same profile with compute stretched by workers / cores instead of the measured "
+             "sharing (`ClusterProfile.compute_sharing`, the cost model before it was measured); 'nominal': "
              "the model the launcher used before profiling (one GEMM rate, gloo assumed at 2 GB/s and 50 us).", ""]
     for i, rd in enumerate(r["rounds"]):
         lines += [f"Round {i + 1}: profiled in {rd['profile_s']:.1f} s (model on one thread, stretched "
-                  f"x{rd['compute_scale']:.1f}; beside compute, communication costs "
+                  f"x{rd['compute_scale']:.2f}; beside compute, communication costs "
                   f"{rd['overlap_interference'] or 0:.2f} s of compute per second and runs "
                   f"{rd.get('overlap_comm_slowdown') or 1:.2f}x slower; pipeline schedule host time per chunk pass "
                   f"{(rd.get('pipeline_action_s') or 0) * 1e3:.2f} ms).", "",
-                  "| plan | measured s/step | predicted | error | comm as alone | error | nominal | error |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| plan | measured s/step | predicted | error | comm as alone | error | stretch w/c | error | "
+                  "nominal | error |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in rd["rows"]:
             shape = "; ".join(line.strip() for line in row["describe"].splitlines()[:3])
             lines.append(f"| {row['label']}: {shape} | {row['measured_s']:.4f} | {row['predicted_s']:.4f} | "
                          f"{row['error']:+.1%} | {row['as_alone_predicted_s']:.4f} | {row['as_alone_error']:+.1%} | "
+                         f"{row['cores_predicted_s']:.4f} | {row['cores_error']:+.1%} | "
                          f"{row['nominal_predicted_s']:.4f} | {row['nominal_error']:+.1%} |")
         lines.append("")
     lines += [f"Mean absolute error over every row: predicted {r['mean_abs_error']:.1%} (mean "
-              f"{r['mean_error']:+.1%}), comm as alone {r['as_alone_mean_abs_error']:.1%}, "
+              f"{r['mean_error']:+.1%}), comm as alone {r['as_alone_mean_abs_error']:.1%}, stretch w/c "
+              f"{r['cores_mean_abs_error']:.1%}, "
               f"nominal {r['nominal_mean_abs_error']:.1%}.", ""]
     return "\n".join(lines)
 

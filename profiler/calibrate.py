@@ -206,8 +206,9 @@ class ProfiledPerf:
     cluster: ClusterProfile | None = None
     compute_scale: float = 1.0
     """How many times longer the profiled compute (fitted rates, layer and optimizer times) takes in
-    the run than when it was profiled: CPU workers that share cores (``workers / cores`` when there
-    are more workers than cores; the profile ran alone on one thread)."""
+    the run than when it was profiled: CPU workers that share cores (:func:`shared_cores_scale`: the
+    stretch the gloo profile measured, else ``workers / cores`` when there are more workers than
+    cores; the profile ran alone on one thread)."""
 
     def __post_init__(self) -> None:
         if not self.compute_scale > 0:
