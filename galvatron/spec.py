@@ -84,13 +84,15 @@ class LayerSpec:
     (``torch._grouped_mm``, not on autocast's list) on inputs cast to the weights' dtype, as Hugging
     Face's ``grouped_mm`` experts call it. Over fp32 parameters they then run in fp32 (48 TFLOP/s on
     one H100 against 759 in bf16: benchmarks/results/grouped_gemm_dtype.json) and their weights are
-    never cast; ``from_module`` sees the call."""
+    never cast, unless the stack hands them 16-bit copies (``CostOptions.cast_fused_experts``, as
+    ``galvatron.wrap`` does); ``from_module`` reads the implementation from the experts' config."""
     experts_sliced: bool = False
     """The routed experts' weights are 3-D tensors that the block's eager loop indexes one expert at a
     time (Hugging Face's ``eager`` experts): autograd turns each slice's gradient into a zero-filled
     full-size tensor (``select_backward``: the slice copied into zeros) and adds those up, so each
-    backward writes the whole tensor once per expert and adds it ``experts - 1`` times (on one H100,
-    Mixtral's shape: 118 of a 229 ms step, benchmarks/results/wrap_auto/mixtral2l_hf_eager_b2_kernels.json)."""
+    backward writes the whole tensor once per expert and adds it ``experts - 1`` times, in the
+    weights' dtype (on one H100, Mixtral's shape over fp32 weights: 118 of a 229 ms step,
+    benchmarks/results/wrap_auto/mixtral2l_hf_eager_b2_kernels.json)."""
 
     @property
     def is_block(self) -> bool:
