@@ -372,13 +372,18 @@ def _routed_gemms(layer: LayerSpec, s: LayerStrategy, tok: float, load: float, g
     return experts
 
 
+def _fused_experts_see_fp32(ctx: LayerContext) -> bool:
+    """Whether fused experts' own code sees fp32 weights: an fp32 plan, or fp32 parameters
+    (``CostOptions.master_weights = "params"``) that the stack does not hand them as 16-bit copies
+    (``CostOptions.cast_fused_experts``)."""
+    opts = ctx.options
+    return ctx.dtype is DType.FP32 or (opts.master_weights == "params" and not opts.cast_fused_experts)
+
+
 def expert_gemm_dtype(ctx: LayerContext, layer: LayerSpec) -> str:
     """The dtype the routed experts' GEMMs run in: the plan's, except where they bypass autocast
-    (``LayerSpec.experts_outside_autocast``) over fp32 parameters (``CostOptions.master_weights =
-    "params"``) in a 16-bit plan and the stack does not cast them (``CostOptions.cast_fused_experts``): fp32."""
-    opts = ctx.options
-    if (layer.experts_outside_autocast and opts.master_weights == "params" and not opts.cast_fused_experts
-            and ctx.dtype is not DType.FP32):
+    (``LayerSpec.experts_outside_autocast``) and see fp32 weights (:func:`_fused_experts_see_fp32`): fp32."""
+    if layer.experts_outside_autocast and _fused_experts_see_fp32(ctx):
         return DType.FP32.value
     return ctx.dtype.value
 
@@ -899,8 +904,7 @@ def _sliced_expert_grads(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) 
     once: the running sum and the new tensor of the largest weight, a gated expert's up projection
     (2/3 of its weights)."""
     local = max(layer.experts // s.ep, 1)
-    fp32 = ctx.dtype is DType.FP32 or (ctx.options.master_weights == "params" and not ctx.options.cast_fused_experts)
-    weights = _dense_expert_params(layer, s)[1] * (4 if fp32 else 2)
+    weights = _dense_expert_params(layer, s)[1] * (4 if _fused_experts_see_fp32(ctx) else 2)
     return weights * (local + 2 + 3 * (local - 1)), 2 * weights * 2 / 3
 
 
