@@ -160,29 +160,30 @@ def measure(model_name: str, batch: int, seq: int | None, steps: int, plan: str 
 
 def _top_kernels(step: Any, n: int, steps: int = 2) -> list[dict[str, Any]]:
     """The ``n`` kernels with the most GPU time per step over ``steps`` profiled steps (the first row:
-    all kernels), each with the ops that launched it and their input shapes (``record_shapes``)."""
+    all kernels), counted as ``step_breakdown.profiled_kernels`` counts them (each kernel once, no
+    user annotations), each with the ATen ops that launched it and their input shapes."""
     import torch
+    from step_breakdown import profiled_kernels
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    rows: dict[str, dict[str, Any]] = {}
+    kernels, _ = profiled_kernels(prof, steps)
+    launched_by: dict[str, dict[str, int]] = {}
     for event in prof.events():
-        for k in getattr(event, "kernels", []) or []:
-            row = rows.setdefault(k.name, {"kernel": k.name[:200], "ms_per_step": 0.0, "calls_per_step": 0.0,
-                                           "ops": {}})
-            row["ms_per_step"] += k.duration / 1e3 / steps
-            row["calls_per_step"] += 1 / steps
-            op = f"{event.name}{list(event.input_shapes or [])}"[:200]
-            row["ops"][op] = row["ops"].get(op, 0) + 1
-    top = sorted(rows.values(), key=lambda r: -r["ms_per_step"])[:n]
-    for r in top:
-        r["ops"] = dict(sorted(r["ops"].items(), key=lambda kv: -kv[1])[:3])
-    every = {"kernel": "(all kernels)", "ms_per_step": sum(r["ms_per_step"] for r in rows.values()),
-             "calls_per_step": sum(r["calls_per_step"] for r in rows.values())}
-    return [every, *top]
+        if event.device_type == torch.autograd.DeviceType.CPU and event.name.startswith("aten::"):
+            for k in event.kernels:
+                ops = launched_by.setdefault(k.name, {})
+                op = f"{event.name}{list(event.input_shapes or [])}"[:200]
+                ops[op] = ops.get(op, 0) + 1
+    rows = [{"kernel": name[:200], "ms_per_step": sum(times) / steps, "calls_per_step": len(times) / steps,
+             "ops": dict(sorted(launched_by.get(name, {}).items(), key=lambda kv: -kv[1])[:3])}
+            for name, times in kernels.items()]
+    every = {"kernel": "(all kernels)", "ms_per_step": sum(r["ms_per_step"] for r in rows),
+             "calls_per_step": sum(r["calls_per_step"] for r in rows)}
+    return [every, *sorted(rows, key=lambda r: -r["ms_per_step"])[:n]]
 
 
 def main(argv: list[str] | None = None) -> int:
