@@ -166,17 +166,21 @@ def grid(layers: int, world: int, batch: int, dtype: str) -> dict[str, Plan]:
 
 
 def measure(cfg: GPTConfig, plan: Plan, tokens: torch.Tensor, targets: torch.Tensor, warmup: int,
-            steps: int, device: torch.device, profile: bool = False) -> dict[str, Any]:
+            steps: int, device: torch.device, profile: bool = False, meta: bool = False) -> dict[str, Any]:
     """Slowest rank's median step seconds, the largest peak memory over ranks, and the most any rank
     had allocated before the plan's model was built (what earlier plans left behind); ``profile``:
-    this rank's kernels of two more steps by category and the costliest kernels and ATen ops."""
+    this rank's kernels of two more steps by category and the costliest kernels and ATen ops;
+    ``meta``: the model is built on the meta device and its local shards drawn after ``wrap``
+    (:func:`_init_local`), so a model larger than one GPU's memory whole can run as one rank."""
     import galvatron
 
     before = _max_over_ranks(torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else 0.0, device)
     torch.manual_seed(0)
-    with torch.device(device):
+    with torch.device("meta" if meta else device):
         model = GPT(cfg)
     wrapped = galvatron.wrap(model, plan=plan)
+    if meta:
+        _init_local(wrapped)
     opt = wrapped.optimizer(torch.optim.AdamW, lr=1e-5, fused=device.type == "cuda")
     x, y = wrapped.shard_batch((tokens, targets))
     times = []
@@ -202,6 +206,21 @@ def measure(cfg: GPTConfig, plan: Plan, tokens: torch.Tensor, targets: torch.Ten
         torch.cuda.empty_cache()
     return {"measured_s": statistics.median(per_step.tolist()), "peak_memory_gib": peak,
             "allocated_before_gib": before, **kernels}
+
+
+def _init_local(wrapped: Any) -> None:
+    """Draw a meta-built model's local shards as the reference GPT initialises them: matrices N(0, 0.02),
+    norm weights 1, biases 0 (the GEMMs' speed under the power cap depends on the data: uninitialised memory
+    would not do)."""
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            local = p.to_local() if isinstance(p, DTensor) else p
+            if local.ndim == 1:
+                local.fill_(0.0 if name.endswith("bias") else 1.0)
+            else:
+                local.normal_(0.0, 0.02)
 
 
 def _profile(wrapped: Any, opt: Any, batch: tuple[torch.Tensor, torch.Tensor], steps: int) -> dict[str, Any]:
@@ -320,6 +339,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--fake-stale", action="store_true",
                         help="with --fake-world: leave the fake collectives' outputs unwritten (before 2026-11-24 "
                              "the only behaviour; tensor-parallel GEMMs then run on stale memory)")
+    parser.add_argument("--meta", action="store_true",
+                        help="build each plan's model on the meta device and draw its local shards after wrap "
+                             "(models whose whole does not fit one GPU, e.g. a few of Llama 3 405B's blocks)")
     parser.add_argument("--fake-world", type=int, metavar="N",
                         help="one GPU as rank 0 of N on a fake process group: real memory, computation-only time")
     return parser
@@ -383,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         if predicted.peak_memory_gib > 0.92 * predicted.memory_limit_gib:
             row["skipped"] = f"predicted {predicted.peak_memory_gib:.1f} GiB of {predicted.memory_limit_gib:.1f}"
         else:
-            row.update(measure(cfg, plan, x, y, args.warmup, args.steps, device, args.profile))
+            row.update(measure(cfg, plan, x, y, args.warmup, args.steps, device, args.profile, args.meta))
             row["time_error"] = row["predicted_s"] / row["measured_s"] - 1
             if row["peak_memory_gib"]:
                 row["memory_error"] = row["predicted_peak_gib"] / row["peak_memory_gib"] - 1
