@@ -173,10 +173,13 @@ def _markdown(r: dict) -> str:
                  for v in row["by_schedule_and_zero"].values()]
         lines.append(f"| {row['gpus']} | {row['seq']} | " + " | ".join(cells) + " |")
     free = [r["memory_unlimited"]["tflops_per_gpu"] for r in r["rows"] if r["scored"]]
-    lines += ["", "On the paper's stack the model's memory decides the pick. At 8K GPUs no interleaved schedule "
-              "fits without ZeRO-3, so the best is 1F1B with its (pp - 1) / m bubble; at 16K the interleaved "
-              "schedule fits with ZeRO-2, which reduce-scatters fp32 gradients every micro-batch, not with "
-              "ZeRO-1. With "
+    lines += ["", "On the paper's stack the model's memory decides the pick. An interleaved schedule holds "
+              "(pp - 1) / v micro-batches more than 1F1B, and each chunk's activations count for as long as the "
+              "schedule keeps them: with 32 micro-batches (two rounds of 16) the first group holds its first "
+              "chunks for all 32 at once, so the extra blocks of an uneven split go last. At 8K GPUs an "
+              "interleaved schedule fits only with ZeRO-2, whose fp32 reduce-scatter every micro-batch costs "
+              "more than the bubble it saves, and the best is 1F1B with ZeRO-1 and its (pp - 1) / m bubble; at "
+              "16K (16 micro-batches, a 15/16 bubble under 1F1B) the interleaved schedule with ZeRO-2 wins. With "
               "memory unlimited the same searches reach " + " and ".join(f"{x:.0f}" for x in free) + ", past "
               "the published rates. The paper ran an interleaved schedule without recomputation at 8K, on a "
               "layout a plan cannot express (one block per chunk, the embedding and the output in chunks of "

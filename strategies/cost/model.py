@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from galvatron.strategies.cost.layer import (
     LayerContext,
     LayerCost,
@@ -17,12 +18,14 @@ from galvatron.strategies.cost.layer import (
 from galvatron.strategies.cost.options import CostOptions
 from galvatron.strategies.cost.perf import DatasheetPerf, Perf
 from galvatron.strategies.cost.step import (
+    ACT,
     POST,
     VECTOR_LEN,
     GroupTotals,
+    chunk_in_flight,
     combine,
     grads_persist,
-    in_flight,
+    peak_activations,
     step_time,
 )
 from galvatron.strategies.hardware import Cluster
@@ -97,6 +100,7 @@ def cost_plan(plan: Plan, spec: ModelSpec, cluster: Cluster | Perf, options: Cos
                            micro_batch=plan.micro_batch_size, stage_devices=stage.devices, micro_batches=m)
         group = acc[j % pp]
         group.ranges.append((stage.start, stage.end))
+        held = group.sums[ACT]
         for layer, strategy in _stage_layers(plan, spec, j):
             group.add(layer_cost(ctx, layer, strategy))
         if pp > 1 and j in (0, len(plan.stages) - 1):
@@ -104,6 +108,7 @@ def cost_plan(plan: Plan, spec: ModelSpec, cluster: Cluster | Perf, options: Cos
             group.add(tied_copy(ctx, spec, edge, holder=j > 0))
         elif pp == 1:
             group.add(tied_gradient_sum(ctx, spec, plan.embedding_strategy))
+        group.chunk_act.append(group.sums[ACT] - held)
         if pp > 1:
             group.p2p += schedule_overhead(options)
         if j + 1 < len(plan.stages):
@@ -112,7 +117,7 @@ def cost_plan(plan: Plan, spec: ModelSpec, cluster: Cluster | Perf, options: Cos
             group.p2p += p2p_time(ctx, spec.hidden, plan.stages[j].groups[0].strategy)
     zb = plan.pipeline.schedule is Schedule.ZERO_BUBBLE
     persist = grads_persist(options, m)
-    totals = [a.totals(in_flight(plan.pipeline.schedule, pp, v, m, g), zb, options, persist)
+    totals = [a.totals(chunk_in_flight(plan.pipeline.schedule, pp, v, m, g), zb, options, persist)
               for g, a in enumerate(acc)]
     step = step_time(totals, m, v)
     return _report(plan, spec, perf, acc, totals, step)
@@ -160,6 +165,8 @@ class _GroupAcc:
         self.flops = 0.0
         self.parts = {"params": 0.0, "grads": 0.0, "optimizer": 0.0}
         self.ranges: list[tuple[int, int]] = []
+        self.chunk_act: list[float] = []
+        """Activation bytes per micro-batch of each of the group's chunks, in order."""
 
     def add(self, c: LayerCost) -> None:
         for i, x in enumerate(c.vector()):
@@ -172,8 +179,10 @@ class _GroupAcc:
         self.parts["grads"] += c.grads
         self.parts["optimizer"] += c.optim_states
 
-    def totals(self, inflight: float, zb: bool, options: CostOptions, persist: bool) -> GroupTotals:
-        return combine(self.sums, self.work, self.p2p, inflight, zb, options, persist)
+    def totals(self, rows: np.ndarray, zb: bool, options: CostOptions, persist: bool) -> GroupTotals:
+        """``rows``: the group's :func:`chunk_in_flight`."""
+        return combine(self.sums, self.work, self.p2p, 0.0, zb, options, persist,
+                       act=peak_activations(rows, self.chunk_act))
 
 
 def _report(plan: Plan, spec: ModelSpec, perf: Perf, acc: list[_GroupAcc], totals: list[GroupTotals],

@@ -6,6 +6,7 @@ optimises exactly what the cost model reports.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,53 @@ def in_flight(schedule: Schedule, pp: int, v: int, m: int, group: int) -> float:
         return float(min(pp - group, m))
     chunks = min(m * v, 2 * (pp - group - 1) + (v - 1) * pp + 1)
     return chunks / v
+
+
+@functools.lru_cache(maxsize=4096)
+def chunk_in_flight(schedule: Schedule, pp: int, v: int, m: int, group: int) -> np.ndarray:
+    """Micro-batches of activations each of device group ``group``'s ``v`` chunks holds at the
+    instants its activations can peak, one row per instant (shape ``(instants, v)``; read-only).
+
+    A chunk's micro-batch is held from its forward to its backward. With one chunk the row is
+    :func:`in_flight`. With virtual stages the group runs Megatron-LM's interleaved order (as
+    :func:`galvatron.report.schedule.pass_order`, which a test replays against this): forwards in
+    rounds of ``pp`` micro-batches through chunks ``0 .. v-1``, backwards through ``v-1 .. 0``,
+    ``2(pp - group - 1) + (v - 1) pp`` warm-up forwards, then one forward and one backward. The
+    candidate peaks are the states after each forward that a backward follows (after the last
+    forward if none does), each once. All hold :func:`in_flight` times ``v`` chunk micro-batches (one
+    forward in, one backward out), so none covers another, but they differ by chunk: the first local
+    chunk is held for the most micro-batches (every one of the rounds begun, while later rounds
+    start), the last for the fewest (one on the last group). Unequal chunks count by how long the
+    schedule keeps them."""
+    if v == 1:
+        out = np.array([[in_flight(schedule, pp, 1, m, group)]])
+    else:
+        rounds = [min(pp, m - first) for first in range(0, m, pp)]
+        forward = np.concatenate([np.repeat(np.arange(v), n) for n in rounds])
+        one_hot = np.eye(v, dtype=np.int64)
+        done = np.cumsum(one_hot[forward], axis=0)  # row k: forwards 0..k per chunk
+        freed = np.vstack([np.zeros((1, v), dtype=np.int64), np.cumsum(one_hot[v - 1 - forward], axis=0)])
+        total = m * v
+        warmup = min(total, 2 * (pp - group - 1) + (v - 1) * pp)
+        if warmup == total:
+            rows = done[-1:]
+        else:
+            k = np.arange(total - warmup)
+            rows = done[warmup + k] - freed[k]
+        out = np.array(sorted(set(map(tuple, rows.tolist()))), dtype=float)
+    out.flags.writeable = False
+    return out
+
+
+def peak_activations(rows: np.ndarray, chunks: Sequence[Any]) -> Any:
+    """Bytes of activations a device group holds at its peak: the largest, over :func:`chunk_in_flight`'s
+    ``rows``, of each chunk's micro-batches in flight times its activations per micro-batch
+    (``chunks[c]``: floats, or numpy arrays with one entry per candidate)."""
+    if rows.shape[1] == 1:
+        return rows[:, 0].max() * chunks[0]
+    held = np.tensordot(rows, np.asarray(np.broadcast_arrays(*chunks), dtype=float), axes=1)
+    out = held.max(axis=0)
+    return float(out) if np.ndim(out) == 0 else out
 
 
 def overlapped(comm: Any, compute: Any, interference: float, comm_slowdown: float = 1.0) -> Any:
@@ -101,9 +149,10 @@ def device_or_host(sums: Sequence[Any]) -> Any:
 
 
 def combine(sums: Sequence[float], work: float, p2p: float, inflight: float, zero_bubble: bool,
-            options: CostOptions, persist: bool = True) -> GroupTotals:
+            options: CostOptions, persist: bool = True, act: Any = None) -> GroupTotals:
     """Totals of one device group from the sums of its layers' cost vectors (floats, or numpy arrays
-    with one entry per candidate in the search)."""
+    with one entry per candidate in the search). Activations in flight: ``act`` bytes where given
+    (:func:`peak_activations`, chunk by chunk), else ``inflight`` times the group's per micro-batch."""
     t = device_or_host(sums) + p2p
     b = np.maximum(t - 2 * sums[WGRAD], 0.0) if zero_bubble else t
     if options.overlap_grad_reduce:
@@ -111,7 +160,7 @@ def combine(sums: Sequence[float], work: float, p2p: float, inflight: float, zer
     else:
         exposed = sums[SYNC]
     e = exposed + sums[POST] + sums[OPTIM]
-    act = inflight * sums[ACT]
+    act = inflight * sums[ACT] if act is None else act
     memory = memory_peak(sums[STATIC], sums[GRADS], act, work, persist, sums[GRAD_WORK])
     return GroupTotals(t=t, b=b, e=e, memory=memory, activations=act, exposed_sync=exposed)
 

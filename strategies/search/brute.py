@@ -55,12 +55,14 @@ def _plans(spec: ModelSpec, pp: int, m: int, schedule: Schedule, usable: list, l
             return
         for v in range(2, options.max_vpp + 1):
             if pp * v <= L:
-                yield from (make(st, v) for st in _uniform_stages(L, pp * v, usable, lower, allow_full))
+                counts = even_split(L, pp * v)
+                for split in [counts] + ([counts[::-1]] if counts != counts[::-1] else []):
+                    yield from (make(st, v) for st in _uniform_stages(split, usable, lower, allow_full))
         return
     if schedule is Schedule.ZERO_BUBBLE and (pp == 1 or m % pp):
         return
     if options.uniform:
-        yield from (make(st, 1) for st in _uniform_stages(L, pp, usable, lower, allow_full))
+        yield from (make(st, 1) for st in _uniform_stages(even_split(L, pp), usable, lower, allow_full))
         return
     for split in _compositions(L, pp):
         bounds = [sum(split[:i]) for i in range(pp + 1)]
@@ -71,8 +73,9 @@ def _plans(spec: ModelSpec, pp: int, m: int, schedule: Schedule, usable: list, l
             yield make([(bounds[i], bounds[i + 1], picks[i]) for i in range(pp)], 1)
 
 
-def _uniform_stages(L: int, chunks: int, usable: list, lower: list, allow_full: bool) -> Iterator[list]:
-    counts = even_split(L, chunks)
+def _uniform_stages(counts: list[int], usable: list, lower: list, allow_full: bool) -> Iterator[list]:
+    """One strategy and recompute mode on every chunk of the split ``counts``."""
+    chunks = len(counts)
     bounds = [sum(counts[:i]) for i in range(chunks + 1)]
     modes = list(lower) + ([Recompute.FULL] if allow_full else [])
     for s in usable:

@@ -33,7 +33,7 @@ from galvatron.strategies.cost.layer import LayerContext
 from galvatron.strategies.cost.model import PlanCost, as_perf, cost_plan
 from galvatron.strategies.cost.options import CostOptions
 from galvatron.strategies.cost.perf import Perf
-from galvatron.strategies.cost.step import in_flight, step_times
+from galvatron.strategies.cost.step import ACT, chunk_in_flight, in_flight, peak_activations, step_times
 from galvatron.strategies.hardware import Cluster
 from galvatron.strategies.search.space import (
     SearchOptions,
@@ -191,11 +191,18 @@ class _Search:
     # ---------------------------------------------------------------- uniform plans
     def _uniform(self, config: _Config, table: StageTable) -> None:
         """One strategy and recompute mode everywhere, blocks split evenly over ``pp * v`` chunks:
-        every strategy of the table at once."""
+        every strategy of the table at once. Virtual stages that do not divide the blocks evenly
+        try the extra blocks on the first chunks and on the last: the first chunks are the ones an
+        interleaved schedule holds longest (``chunk_in_flight``), the last group runs the head."""
+        counts = even_split(self.spec.num_blocks, config.pp * config.v)
+        self._uniform_split(config, table, counts)
+        if config.v > 1 and counts != counts[::-1]:
+            self._uniform_split(config, table, counts[::-1])
+
+    def _uniform_split(self, config: _Config, table: StageTable, counts: list[int]) -> None:
         pp, v, m = config.pp, config.v, config.m
         if self._config_floor(pp, m, table) >= self.bound():
             return
-        counts = even_split(self.spec.num_blocks, pp * v)
         bounds = [sum(counts[:i]) for i in range(len(counts) + 1)]
         zb = config.schedule is Schedule.ZERO_BUBBLE
         L = self.spec.num_blocks
@@ -206,7 +213,7 @@ class _Search:
             fits = np.ones(table.size, dtype=bool)
             chunks: dict[tuple, tuple] = {}
             for g in range(pp):
-                vec, work, p2p = 0.0, 0.0, 0.0
+                vec, work, p2p, held = 0.0, 0.0, 0.0, []
                 for j in range(g, pp * v, pp):
                     lo, hi = bounds[j], bounds[j + 1]
                     key = (hi - lo, lo == 0, hi == L) if table.homogeneous else (lo, hi)
@@ -215,7 +222,9 @@ class _Search:
                         chunks[key] = table.stage_sums(lo, hi, lower, np.full(table.size, n))
                     part, w, p = chunks[key]
                     vec, work, p2p = vec + part, np.maximum(work, w), p2p + p
-                tot = totals(table, vec, work, p2p, in_flight(config.schedule, pp, v, m, g), zb)
+                    held.append(part[:, ACT])
+                act = peak_activations(chunk_in_flight(config.schedule, pp, v, m, g), held)
+                tot = totals(table, vec, work, p2p, 0.0, zb, act)
                 t[g], b[g], e[g] = tot.t, tot.b, tot.e
                 fits &= tot.memory <= self.budget
             self.costed += table.size

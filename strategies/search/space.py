@@ -4,7 +4,8 @@ Claimed space (the search is exact over it with respect to :func:`strategies.cos
 - pipeline degree ``pp`` (a divisor of the world size), every device group of ``world / pp`` devices;
 - schedules 1F1B and zero-bubble (ZB-H1) with any contiguous split of the blocks over the ``pp``
   stages, each stage with its own strategy; interleaved 1F1B with ``v`` chunks per group, an even
-  split and one strategy for the whole model;
+  split (where the chunks do not divide the blocks, the extra blocks on the first chunks or on the
+  last) and one strategy for the whole model;
 - a stage strategy: tp, Megatron SP, cp degree and kind (Ulysses, ring, striped, hybrid with any
   Ulysses degree), ep and expert TP (MoE blocks: ``etp`` 0, i.e. the layer's tp, or 1 with SP when
   tp > 1, MoE Parallel Folding; another divisor of tp when pinned), ZeRO stage, optimizer offload;

@@ -223,7 +223,9 @@ class StageTable:
 
 
 def totals(table: StageTable, vec: np.ndarray, work: np.ndarray, p2p: np.ndarray, inflight: float,
-           zero_bubble: bool) -> GroupTotals:
-    """Device-group totals for many candidates at once (arrays in every field)."""
+           zero_bubble: bool, act: np.ndarray | None = None) -> GroupTotals:
+    """Device-group totals for many candidates at once (arrays in every field); ``act``: activation
+    bytes in flight counted chunk by chunk (``step.peak_activations``) instead of ``inflight`` times the
+    group's."""
     return combine(vec.T, work, p2p, inflight, zero_bubble, table.ctx.options,
-                   grads_persist(table.ctx.options, table.ctx.micro_batches))
+                   grads_persist(table.ctx.options, table.ctx.micro_batches), act)

@@ -149,6 +149,26 @@ def test_in_flight_micro_batches_per_schedule() -> None:
     assert in_flight(Schedule.INTERLEAVED_1F1B, 4, 2, 8, 0) == pytest.approx(4 + 3 / 2)
 
 
+def test_interleaved_chunks_count_by_how_long_the_schedule_holds_them() -> None:
+    """Interleaved 1F1B holds the first group's first chunk longest: with 5 blocks over 2 x 2 chunks,
+    the extra block on the first chunk costs that group more activation memory than on the last
+    chunk, where it costs the last group little (its last chunk is held for one micro-batch)."""
+    spec = ModelSpec.from_config({"name": "five", "layers": 5, "hidden": 64, "heads": 4, "ffn_hidden": 256,
+                                  "vocab": 128, "seq_len": 32})
+    perf = DatasheetPerf(load_cluster("8xH100"))
+
+    def acts(split: list[int]) -> list[float]:
+        plan = Plan.uniform(5, global_batch_size=32, num_micro_batches=8, pp=2, schedule="interleaved-1f1b",
+                            virtual_stages=2, layer_split=split, dp=4)
+        return [s.memory_gib["activations"] for s in cost_plan(plan, spec, perf).stages]
+
+    first, last = acts([2, 1, 1, 1]), acts([1, 1, 1, 2])
+    assert first[0] > last[0] and last[1] > first[1]
+    # group 0 peaks holding (chunk 0, chunk 1) micro-batches (3, 2) or (4, 1), group 1 (2, 1) or (3, 0):
+    # the extra block weighs 4 micro-batches on group 0's first chunk and 1 on group 1's last
+    assert (first[0] - last[0]) / (last[1] - first[1]) == pytest.approx(4.0, rel=1e-6)
+
+
 def test_striped_ring_beats_contiguous_ring_under_causal_mask() -> None:
     long = ModelSpec.from_config({**load_model_config("llama2-7b"), "seq_len": 65536})
     perf = DatasheetPerf(load_cluster("8xH100"))

@@ -79,6 +79,48 @@ def test_activations_in_flight(pp: int, m: int) -> None:
             assert peak == limit(g)
 
 
+@pytest.mark.parametrize(("schedule", "pp", "v", "m"), _cases())
+def test_chunk_in_flight_is_the_replayed_peak(schedule: Schedule, pp: int, v: int, m: int) -> None:
+    """The cost model's per-chunk in-flight rows give, for any activation size per chunk, the peak
+    of the replayed timeline: each chunk's micro-batch held from its forward's start to its
+    backward's end, walked in time order."""
+    import numpy as np
+    from galvatron.strategies.cost.step import chunk_in_flight, peak_activations
+
+    timeline = _uniform(schedule, pp, v, m)
+    gen = np.random.default_rng(pp * 100 + v * 10 + m)
+    for g in range(pp):
+        for sizes in ([1.0] * v, list(gen.uniform(0.1, 3.0, v)), [5.0] + [0.2] * (v - 1), [0.2] * (v - 1) + [5.0]):
+            live, peak = [0] * v, 0.0
+            for op in sorted(timeline.group_ops(g), key=lambda op: op.start):
+                if op.kind in (OpKind.FORWARD, OpKind.BACKWARD):
+                    live[op.stage // pp] += 1 if op.kind is OpKind.FORWARD else -1
+                    peak = max(peak, sum(n * x for n, x in zip(live, sizes, strict=True)))
+            rows = chunk_in_flight(schedule, pp, v, m, g)
+            assert peak_activations(rows, sizes) == pytest.approx(peak)
+
+
+@pytest.mark.parametrize(("pp", "v", "m"), [(2, 2, 4), (4, 2, 8), (4, 4, 16), (8, 2, 8), (4, 3, 12), (16, 7, 32)])
+def test_interleaved_order_is_the_runtimes(pp: int, v: int, m: int) -> None:
+    """The order the cost model and the timeline assume for interleaved 1F1B is the one the native
+    runtime runs: torch.distributed.pipelining's ScheduleInterleaved1F1B, rank by rank (its private
+    per-rank planner, read without building stages; skipped where a torch version lacks it)."""
+    from torch.distributed.pipelining import schedules
+
+    planner = getattr(schedules.ScheduleInterleaved1F1B, "_calculate_single_rank_operations", None)
+    if planner is None:
+        pytest.skip("this torch has no ScheduleInterleaved1F1B._calculate_single_rank_operations")
+    runtime = object.__new__(schedules.ScheduleInterleaved1F1B)
+    runtime.pp_group_size, runtime.n_local_stages, runtime._n_microbatches = pp, v, m
+    runtime.number_of_rounds = max(1, m // pp)
+    runtime.microbatches_per_round = m // runtime.number_of_rounds
+    for rank in range(pp):
+        runtime.rank = rank
+        ops = [(OpKind.FORWARD if a.computation_type == schedules._ComputationType.FORWARD else OpKind.BACKWARD,
+                a.stage_index // pp, a.microbatch_index) for a in planner(runtime, rank) if a is not None]
+        assert ops == pass_order(Schedule.INTERLEAVED_1F1B, pp, v, m, rank)
+
+
 def test_zero_bubble_beats_1f1b_and_tail_follows_last_pass() -> None:
     passes = [PassTimes(forward_s=1.0, input_grad_s=1.0, weight_grad_s=1.0, comm_share=0.25)] * 4
     zb = simulate(Schedule.ZERO_BUBBLE, 4, 1, 8, passes, tails=[(0.5, 0.2)] * 4)

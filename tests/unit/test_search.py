@@ -314,3 +314,19 @@ def test_options_take_enum_values_by_name() -> None:
     assert search(spec, cluster, named).best.plan == search(spec, cluster, members).best.plan
     with pytest.raises(ConfigError, match="schedules: 'interleaved' is not one of gpipe, 1f1b, interleaved-1f1b"):
         SearchOptions(schedules=("interleaved",))
+
+
+def test_search_matches_brute_force_over_uneven_interleaved_splits() -> None:
+    """5 blocks over 2 x 2 interleaved chunks split unevenly, the extra block first or last: the two
+    splits differ in time and in memory (the schedule holds the first chunk longest), and at every
+    budget the search's best is brute force's best."""
+    spec = ModelSpec.from_config({"name": "five", "layers": 5, "hidden": 2048, "heads": 16, "ffn_hidden": 8192,
+                                  "vocab": 1024, "seq_len": 2048, "activation": "swiglu"})
+    options = _options(global_batch=8, max_pp=2, cp_kinds=(), zero_stages=(0,), recompute=(Recompute.NONE,),
+                       schedules=(Schedule.INTERLEAVED_1F1B,))
+    every = brute_force(spec, with_memory(_perf(4), 1e9), options, world=4)
+    assert {tuple(s.end - s.start for s in c.plan.stages) for c in every} == {(2, 1, 1, 1), (1, 1, 1, 2)}
+    for budget in sorted({c.peak_memory_gib for c in every}):
+        truth = [c for c in every if c.peak_memory_gib <= budget]
+        found = search(spec, with_memory(_perf(4), budget), options, world_size=4)
+        assert found.best.step_time_s == pytest.approx(truth[0].step_time_s, rel=1e-9)
