@@ -10,9 +10,9 @@ how the stack ran, and the costing follows it (:data:`PAPER_STACK`, :func:`paper
   (``CostOptions.master_weights = "optimizer"``), ZeRO-1 or -2 (searched);
 - gradients are accumulated over micro-batches and reduce-scattered in fp32 (``grad_bytes = 4``);
 - 8K sequences trained without activation checkpointing (recompute none; searched at 128K);
-- an interleaved schedule (1F1B and interleaved 1F1B searched, up to 7 virtual stages: the paper's
+- an interleaved schedule (1F1B and interleaved 1F1B searched, up to 8 virtual stages: the paper's
   layout, one block per chunk with the embedding and the output in chunks of their own, is 8 chunks
-  per rank, which a plan cannot express).
+  per rank, among the splits the search tries).
 Left to the search: micro-batches, virtual stages, schedule, ZeRO stage. Beside it: the same search
 with memory unlimited (what the time model gives when the memory model is not the limit), and the best
 plan on galvatron's own runtime stack (fp32 parameters under autocast, everything searched: what the
@@ -65,7 +65,7 @@ def paper_search(spec: object, cluster: object, batch: int, degrees: dict,
 
     recompute = ("none",) if spec.seq_len <= 8192 else ("none", "selective", "full")
     options = SearchOptions(global_batch=batch, recompute=recompute, schedules=schedules, zero_stages=zero_stages,
-                            max_vpp=7, fixed=degrees)
+                            max_vpp=8, fixed=degrees)
     return search(spec, load_cluster(cluster, **cluster_overrides), options, CostOptions(**PAPER_STACK))
 
 
@@ -146,7 +146,7 @@ def _markdown(r: dict) -> str:
              f"`{r['command']}`. Source: {r['source']}.", "",
              "The best plan for the stack the paper's section 3.3 describes: TP, CP, PP and DP pinned to the "
              "published degrees, 16M tokens per batch, 16-bit parameters shared by the micro-batches, fp32 "
-             "gradients, no recomputation at 8K, 1F1B or interleaved 1F1B with up to 7 virtual stages; "
+             "gradients, no recomputation at 8K, 1F1B or interleaved 1F1B with up to 8 virtual stages; "
              "micro-batches, virtual stages and ZeRO stage searched. TFLOP/s per GPU counted as Megatron "
              "counts them.", "",
              "| GPUs | TP | CP | PP | DP | seq | published TFLOP/s | predicted | error | best plan | "
@@ -175,17 +175,20 @@ def _markdown(r: dict) -> str:
     free = [r["memory_unlimited"]["tflops_per_gpu"] for r in r["rows"] if r["scored"]]
     lines += ["", "On the paper's stack the model's memory decides the pick. An interleaved schedule holds "
               "(pp - 1) / v micro-batches more than 1F1B, and each chunk's activations count for as long as the "
-              "schedule keeps them: with 32 micro-batches (two rounds of 16) the first group holds its first "
-              "chunks for all 32 at once, so the extra blocks of an uneven split go last. At 8K GPUs an "
+              "schedule keeps them (Megatron's order, which torch runs: with 32 micro-batches, two rounds of 16, "
+              "a group holds its first chunks for all 32 at once). The paper's layout (8 chunks per rank, one "
+              "block each, the embedding and the output in chunks of their own) is among the splits searched: "
+              "it spares the first group, whose longest-held chunk holds no block, but not the second, whose 8 "
+              "one-block chunks hold more blocks' micro-batches than 1F1B's first stage. At 8K GPUs an "
               "interleaved schedule fits only with ZeRO-2, whose fp32 reduce-scatter every micro-batch costs "
               "more than the bubble it saves, and the best is 1F1B with ZeRO-1 and its (pp - 1) / m bubble; at "
-              "16K (16 micro-batches, a 15/16 bubble under 1F1B) the interleaved schedule with ZeRO-2 wins. With "
+              "16K (16 micro-batches, a 15/16 bubble under 1F1B) the paper's layout with ZeRO-2 wins. With "
               "memory unlimited the same searches reach " + " and ".join(f"{x:.0f}" for x in free) + ", past "
-              "the published rates. The paper ran an interleaved schedule without recomputation at 8K, on a "
-              "layout a plan cannot express (one block per chunk, the embedding and the output in chunks of "
-              "their own) and after deallocating tensors its memory profiling found held. Whether its stack "
-              "held less than the model counts (in-flight activations under its schedule, gradients) or its "
-              "schedule is not the interleaved 1F1B the model prices, the rows do not say.", ""]
+              "the published rates. The paper's schedule also lets the number of consecutive micro-batches per "
+              "chunk vary (N in its section 3.3.2), which changes how many are in flight; the model prices "
+              "Megatron's and torch's N = pp. The paper ran without recomputation at 8K after deallocating "
+              "tensors its memory profiling found held. Whether its stack held less than the model counts or "
+              "its N kept fewer micro-batches in flight, the rows do not say.", ""]
     return "\n".join(lines)
 
 

@@ -44,7 +44,7 @@ def validate_plan(plan: Plan, world_size: int | None = None, model_spec: ModelSp
 
 
 def _check_layout(plan: Plan, model_spec: ModelSpec | None) -> None:
-    expected = 0
+    expected, last = 0, len(plan.stages) - 1
     for i, stage in enumerate(plan.stages):
         if stage.devices < 1:
             raise PlanError(f"stages[{i}].devices", f"{stage.devices} is not a positive integer")
@@ -52,9 +52,13 @@ def _check_layout(plan: Plan, model_spec: ModelSpec | None) -> None:
             path = f"stages[{i}].layers[{g.start}:{g.end}]"
             if g.start != expected:
                 raise PlanError(path, f"starts at layer {g.start}, expected {expected} (ranges must be contiguous)")
-            if g.end <= g.start:
-                raise PlanError(path, "is empty: end must be greater than start")
+            if g.end < g.start or (g.end == g.start and not (last > 0 and i in (0, last) and len(stage.groups) == 1)):
+                raise PlanError(path, "is empty: end must be greater than start (only the first or the last "
+                                      "stage of a pipeline may hold no blocks: the embedding, or the norm and "
+                                      "head, alone)")
             expected = g.end
+    if expected == 0:
+        raise PlanError("stages", "no stage holds a block")
     if model_spec is not None and expected != model_spec.num_blocks:
         raise PlanError(
             f"stages[{len(plan.stages) - 1}].layers",

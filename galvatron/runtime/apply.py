@@ -624,6 +624,8 @@ def _apply_stage(model: nn.Module, rt: Runtime, blocks: nn.ModuleList, block_pla
     groups = plan.stages[stage_index].groups
     apply_context(model, blocks, rt)
     for k, g in enumerate(groups):
+        if g.start == g.end:  # a first or last stage of the embedding, or of the norm and head, alone
+            continue
         nxt = dims.layout(groups[k + 1].strategy) if k + 1 < len(groups) else rt.data_layout
         apply_layer_group([blocks[i] for i in range(g.start, g.end)], g.strategy, nxt, rt,
                           {i - g.start: block_plans[i] for i in range(g.start, g.end) if i in block_plans})

@@ -111,6 +111,36 @@ class _Inject(nn.Module):
         return self.block(*args, **kwargs)
 
 
+class _Handoff:
+    """The received hidden state of a last chunk that holds no blocks (the final norm and head
+    alone), for the first of its modules the model's forward calls (:class:`_EnterAtSuffix`)."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        self.hidden = hidden
+        self.used = False
+
+
+class _EnterAtSuffix(nn.Module):
+    """Wraps a module after the blocks (final norm, head) for one forward of a chunk without blocks:
+    the first such module called gets the received hidden state as its input instead of what the
+    (absent) blocks would have left."""
+
+    def __init__(self, module: nn.Module, handoff: _Handoff) -> None:
+        super().__init__()
+        self.module = module
+        self.handoff = handoff
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.handoff.used:
+            _hidden_argument(args, kwargs)  # fails clearly when there is none to replace
+            if args:
+                args = (self.handoff.hidden, *args[1:])
+            else:
+                kwargs = {**kwargs, "hidden_states": self.handoff.hidden}
+            self.handoff.used = True
+        return self.module(*args, **kwargs)
+
+
 class _Placeholder(nn.Module):
     """Stands in for a prefix module on chunks after the first: the right shape, no work.
 
@@ -255,6 +285,8 @@ class StageChunk(nn.Module):
             path: getattr(model.get_submodule(path), "embedding_dim", None) for path in prefix
         }
         self._suffix = list(suffix) if self.is_last else []
+        self._after = list(suffix)
+        self._ends_blocks = layer_range.stop == len(model.get_submodule(block_path))
         for path in (*self._block_paths(), *(prefix if self.is_first else ()), *self._suffix):
             _attach(self, path, model.get_submodule(path))
         self.tied_names = list(tied)
@@ -293,26 +325,37 @@ class StageChunk(nn.Module):
                     raise RuntimeError(f"the model's forward never reached block {self.layer_range.stop}: "
                                        f"does it call the blocks of {self.block_path!r} in order?")
         if inject is not None and not inject.used:
-            raise RuntimeError(
-                f"the model's forward never called block {self.layer_range.start} of {self.block_path!r}"
-            )
+            where = (f"block {self.layer_range.start} of {self.block_path!r}" if self.layer_range else
+                     f"any of {', '.join(self._suffix)} after the blocks")
+            raise RuntimeError(f"the model's forward never called {where}")
         return _logits(out) if self.is_last else out
 
     @contextmanager
-    def _narrowed(self, hidden: torch.Tensor | None) -> Iterator[_Inject | None]:
+    def _narrowed(self, hidden: torch.Tensor | None) -> Iterator[_Inject | _Handoff | None]:
         """Install this chunk's view of the model (its blocks only; placeholders for the prefix on
-        later stages; a stop after the last block) for one forward, then restore the model."""
+        later stages; a stop after the last block) for one forward, then restore the model. A last
+        chunk without blocks hands the received hidden state to the first module after the blocks
+        that runs (the final norm, or the head); the chunk before it stops there."""
         blocks: list[nn.Module] = [self.get_submodule(p) for p in self._block_paths()]
-        inject = None
+        inject: _Inject | _Handoff | None = None
         if hidden is not None:
-            inject = blocks[0] = _Inject(blocks[0], hidden)
-        if not self.is_last:
+            if blocks:
+                inject = blocks[0] = _Inject(blocks[0], hidden)
+            else:
+                inject = _Handoff(hidden)
+        views: dict[str, nn.Module] = {}
+        if not self.is_last and self._ends_blocks:
+            # the last stage holds the norm and head alone: stop where the model calls them (a stop
+            # after the last block would fall outside models that slice the blocks to their count)
+            views.update((path, _Stop()) for path in self._after)
+        elif not self.is_last:
             blocks.append(_Stop())
-        views = {self.block_path: nn.ModuleList(blocks)}
+        views[self.block_path] = nn.ModuleList(blocks)
         for path, dim in self._prefix_dims.items():
             views[path] = self.get_submodule(path) if hidden is None else _Placeholder(dim, hidden)
         for path in self._suffix:
-            views[path] = self.get_submodule(path)
+            module = self.get_submodule(path)
+            views[path] = _EnterAtSuffix(module, inject) if isinstance(inject, _Handoff) else module
         saved = {path: _swap(self._model, path, module) for path, module in views.items()}
         try:
             yield inject
@@ -363,9 +406,14 @@ def split_stages(model: nn.Module, block_path: str, plan: Plan, stage_index: int
     blocks = model.get_submodule(block_path)
     if len(blocks) != plan.num_layers:
         raise PlanError("stages", f"the plan covers {plan.num_layers} layers, {block_path} has {len(blocks)}")
+    last = len(plan.stages) - 1
     for i, stage in enumerate(plan.stages):
-        if stage.start >= stage.end:
-            raise PlanError(f"stages[{i}]", "a pipeline stage needs at least one layer")
+        if stage.start >= stage.end and (last == 0 or i not in (0, last)):
+            raise PlanError(f"stages[{i}]", "a pipeline stage needs at least one layer (only the first or the "
+                                            "last may hold the embedding, or the norm and head, alone)")
+    if plan.stages[last].start == plan.stages[last].end and not suffix:
+        raise PlanError(f"stages[{last}]", f"holds no blocks, and the model has no module with parameters after "
+                                           f"{block_path} to run there")
     tied_first, tied_last = _tied_names(model, block_path, plan, prefix, suffix)
     num_stages = len(plan.stages)
     chunks = [

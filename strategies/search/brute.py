@@ -15,6 +15,7 @@ from galvatron.strategies.search.search import _groups
 from galvatron.strategies.search.space import (
     SearchOptions,
     default_global_batch,
+    interleaved_splits,
     micro_batch_counts,
     pp_candidates,
     recompute_modes,
@@ -54,10 +55,8 @@ def _plans(spec: ModelSpec, pp: int, m: int, schedule: Schedule, usable: list, l
         if pp == 1 or m % pp:
             return
         for v in range(2, options.max_vpp + 1):
-            if pp * v <= L:
-                counts = even_split(L, pp * v)
-                for split in [counts] + ([counts[::-1]] if counts != counts[::-1] else []):
-                    yield from (make(st, v) for st in _uniform_stages(split, usable, lower, allow_full))
+            for split in interleaved_splits(L, pp * v, options.uniform):
+                yield from (make(st, v) for st in _uniform_stages(split, usable, lower, allow_full))
         return
     if schedule is Schedule.ZERO_BUBBLE and (pp == 1 or m % pp):
         return

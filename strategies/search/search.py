@@ -38,6 +38,7 @@ from galvatron.strategies.hardware import Cluster
 from galvatron.strategies.search.space import (
     SearchOptions,
     default_global_batch,
+    interleaved_splits,
     micro_batch_counts,
     pp_candidates,
     recompute_modes,
@@ -175,7 +176,7 @@ class _Search:
                 if pp == 1 or m % pp:
                     continue
                 for v in range(2, self.options.max_vpp + 1):
-                    if pp * v <= self.spec.num_blocks and fixed_v in (None, v):
+                    if interleaved_splits(self.spec.num_blocks, pp * v, self.options.uniform) and fixed_v in (None, v):
                         yield schedule, v
             elif fixed_v in (None, 1) and (schedule is not Schedule.ZERO_BUBBLE or (pp > 1 and m % pp == 0)):
                 yield schedule, 1
@@ -191,13 +192,15 @@ class _Search:
     # ---------------------------------------------------------------- uniform plans
     def _uniform(self, config: _Config, table: StageTable) -> None:
         """One strategy and recompute mode everywhere, blocks split evenly over ``pp * v`` chunks:
-        every strategy of the table at once. Virtual stages that do not divide the blocks evenly
-        try the extra blocks on the first chunks and on the last: the first chunks are the ones an
-        interleaved schedule holds longest (``chunk_in_flight``), the last group runs the head."""
-        counts = even_split(self.spec.num_blocks, config.pp * config.v)
-        self._uniform_split(config, table, counts)
-        if config.v > 1 and counts != counts[::-1]:
-            self._uniform_split(config, table, counts[::-1])
+        every strategy of the table at once. Interleaved schedules try every split of
+        :func:`interleaved_splits`: extra blocks first or last (the first chunks are the ones the
+        schedule holds longest, ``chunk_in_flight``; the last group runs the head), and the
+        embedding, and the norm and head, in chunks of their own."""
+        if config.v == 1:
+            self._uniform_split(config, table, even_split(self.spec.num_blocks, config.pp))
+            return
+        for split in interleaved_splits(self.spec.num_blocks, config.pp * config.v, self.options.uniform):
+            self._uniform_split(config, table, split)
 
     def _uniform_split(self, config: _Config, table: StageTable, counts: list[int]) -> None:
         pp, v, m = config.pp, config.v, config.m
@@ -205,7 +208,6 @@ class _Search:
             return
         bounds = [sum(counts[:i]) for i in range(len(counts) + 1)]
         zb = config.schedule is Schedule.ZERO_BUBBLE
-        L = self.spec.num_blocks
         levels, allow_full = recompute_modes(self.options, config.schedule)
         for mode in [*levels, *([Recompute.FULL] if allow_full else [])]:
             lower = Recompute.NONE if mode is Recompute.FULL else mode
@@ -216,10 +218,11 @@ class _Search:
                 vec, work, p2p, held = 0.0, 0.0, 0.0, []
                 for j in range(g, pp * v, pp):
                     lo, hi = bounds[j], bounds[j + 1]
-                    key = (hi - lo, lo == 0, hi == L) if table.homogeneous else (lo, hi)
+                    ends = (j == 0, j == pp * v - 1)  # the embedding's chunk, the head's
+                    key = (hi - lo, *ends) if table.homogeneous else (lo, hi, *ends)
                     if key not in chunks:
                         n = hi - lo if mode is Recompute.FULL else 0
-                        chunks[key] = table.stage_sums(lo, hi, lower, np.full(table.size, n))
+                        chunks[key] = table.stage_sums(lo, hi, lower, np.full(table.size, n), None, *ends)
                     part, w, p = chunks[key]
                     vec, work, p2p = vec + part, np.maximum(work, w), p2p + p
                     held.append(part[:, ACT])
@@ -460,8 +463,11 @@ def _tied_ends(spec: ModelSpec, table: StageTable) -> list[tuple[int, np.ndarray
 
 def _groups(spec: ModelSpec, a: int, b: int, choice: StageChoice) -> tuple[LayerGroup, ...]:
     """Layer groups of a stage: full recompute first, then the lower level; dense blocks of a stage
-    with ep > 1 or an expert TP of its own get ep 1, etp 0."""
+    with ep > 1 or an expert TP of its own get ep 1, etp 0. A stage without blocks (the embedding,
+    or the norm and head, alone) is one empty group, its strategy that of a dense block."""
     s = choice.strategy
+    if a == b:
+        return (LayerGroup(start=a, end=b, strategy=dataclasses.replace(s, recompute=choice.lower, ep=1, etp=0)),)
     parts = [(a, a + choice.full, Recompute.FULL), (a + choice.full, b, choice.lower)]
     out: list[LayerGroup] = []
     for start, end, mode in parts:

@@ -3,9 +3,11 @@
 Claimed space (the search is exact over it with respect to :func:`strategies.cost.cost_plan`):
 - pipeline degree ``pp`` (a divisor of the world size), every device group of ``world / pp`` devices;
 - schedules 1F1B and zero-bubble (ZB-H1) with any contiguous split of the blocks over the ``pp``
-  stages, each stage with its own strategy; interleaved 1F1B with ``v`` chunks per group, an even
-  split (where the chunks do not divide the blocks, the extra blocks on the first chunks or on the
-  last) and one strategy for the whole model;
+  stages, each stage with its own strategy; interleaved 1F1B with ``v`` chunks per group and one
+  strategy for the whole model, the blocks split evenly over the chunks (where the chunks do not
+  divide the blocks, the extra blocks on the first chunks or on the last) or over all chunks but the
+  first and the last, which hold the embedding, and the norm and head, alone (Llama 3's layout):
+  :func:`interleaved_splits`;
 - a stage strategy: tp, Megatron SP, cp degree and kind (Ulysses, ring, striped, hybrid with any
   Ulysses degree), ep and expert TP (MoE blocks: ``etp`` 0, i.e. the layer's tp, or 1 with SP when
   tp > 1, MoE Parallel Folding; another divisor of tp when pinned), ZeRO stage, optimizer offload;
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from galvatron.errors import ConfigError
-from galvatron.plan import CPKind, DType, LayerStrategy, Recompute, Schedule
+from galvatron.plan import CPKind, DType, LayerStrategy, Recompute, Schedule, even_split
 from galvatron.spec import ModelSpec
 
 ALL_CAPABILITIES = frozenset({
@@ -116,6 +118,24 @@ def micro_batch_counts(global_batch: int, pp: int, options: SearchOptions) -> li
     if options.micro_batch_counts is not None:
         allowed = [m for m in allowed if m in options.micro_batch_counts]
     return allowed
+
+
+def interleaved_splits(blocks: int, chunks: int, uniform: bool = False) -> list[list[int]]:
+    """Block counts per chunk the search tries for an interleaved schedule of ``chunks`` chunks: an
+    even split with its extra blocks first, and last, and the same over the inner chunks with the
+    first and the last chunk empty (the embedding, and the norm and head, alone); each once, those
+    that give every other chunk at least one block. ``uniform`` (``SearchOptions.uniform``, backends
+    that split evenly): the even split alone."""
+    out: list[list[int]] = []
+    for inner, edges in ((chunks, False), (chunks - 2, True))[:1 if uniform else 2]:
+        if inner < 1 or blocks < inner:
+            continue
+        counts = even_split(blocks, inner)
+        for split in (counts, counts[::-1])[:1 if uniform else 2]:
+            split = [0, *split, 0] if edges else split
+            if split not in out:
+                out.append(split)
+    return out
 
 
 def strategies(spec: ModelSpec, devices: int, gpus_per_node: int, options: SearchOptions) -> list[LayerStrategy]:

@@ -182,10 +182,13 @@ class StageTable:
 
     # ------------------------------------------------------------------ range sums
     def stage_sums(self, a: int, b: int, lower: Recompute, full: np.ndarray,
-                   rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   rows: np.ndarray | None = None, first: bool | None = None,
+                   last: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Summed vectors, transient memory and p2p time of stages ``[a, b)`` whose first ``full[i]``
         blocks are fully recomputed and the rest run at ``lower``, one per strategy ``rows[i]``
-        (every strategy when None); the embedding at the model's start, norm and head at its end."""
+        (every strategy when None); the embedding on the first stage, norm and head on the last
+        (``first`` / ``last``: by default the stages that start and end the blocks; a pipeline whose
+        first or last stage holds no blocks says which)."""
         pick = slice(None) if rows is None else rows
         split = a + full
         c = self.counts
@@ -198,13 +201,14 @@ class StageTable:
         else:
             vec = np.einsum("sg,gsf->sf", n_full, vf) + np.einsum("sg,gsf->sf", n_low, vl)
             work = np.maximum(np.where(n_full.T > 0, wf, 0.0).max(axis=0), np.where(n_low.T > 0, wl, 0.0).max(axis=0))
-        if a == 0:
+        first = a == 0 if first is None else first
+        last = b == self.num_blocks if last is None else last
+        if first:
             vec, work = vec + self.embedding[0][pick], np.maximum(work, self.embedding[1][pick])
-        last = b == self.num_blocks
         if last:
             vec, work = vec + self.tail[0][pick], np.maximum(work, self.tail[1][pick])
         p2p = np.zeros(len(vec)) if last else self.p2p[pick]
-        if a > 0 and self.ctx.options.blocking_p2p:  # as cost_plan: the receiving side pays too
+        if not first and self.ctx.options.blocking_p2p:  # as cost_plan: the receiving side pays too
             p2p = p2p + self.p2p[pick]
         return vec, work, p2p + self.overhead
 

@@ -1,7 +1,8 @@
 """Pipeline parallelism on forked gloo ranks, compared number for number with single-process training.
 
 Every case trains a tiny model (reference GPT with tied embeddings, Hugging Face GPT-2 (tied),
-Llama, Mixtral) for three AdamW steps under one schedule and one stage split; the loss of every
+Llama, Mixtral) for three AdamW steps under one schedule and one stage split (the "edges" splits put
+the embedding, and the norm and head, on stages without blocks); the loss of every
 step and every parameter afterwards must match the single-process run on the whole batch. Cases
 with ``dp = 2`` put two ranks on each stage (rank r of stage k feeds rank r of stage k+1), each on
 half the batch, with a plain gradient all-reduce over the stage's ranks; on 2 ranks that leaves a
@@ -35,10 +36,10 @@ BATCH, MICRO_BATCHES, STEPS, LR, EPS = 8, 4, 3, 1e-2, 1e-6
 SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zero-bubble", 1), ("zero-bubble", 2))
 SPLITS = {  # (world, dp, virtual stages) -> {name: layer counts per stage}
     (2, 1, 1): {"even": (4, 4), "uneven": (5, 3)},
-    (2, 1, 2): {"even": (2, 2, 2, 2), "uneven": (3, 1, 1, 3)},
+    (2, 1, 2): {"even": (2, 2, 2, 2), "uneven": (3, 1, 1, 3), "edges": (0, 4, 4, 0)},
     (2, 2, 1): {"whole": (8,)},
     (2, 2, 2): {"uneven": (3, 5)},
-    (4, 1, 1): {"even": (3, 3, 3, 3), "uneven": (5, 1, 2, 4)},
+    (4, 1, 1): {"even": (3, 3, 3, 3), "uneven": (5, 1, 2, 4), "edges": (0, 6, 6, 0)},
     (4, 1, 2): {"even": (2, 2, 2, 2, 1, 1, 1, 1), "uneven": (1, 3, 1, 1, 2, 1, 2, 1)},
     (4, 2, 1): {"uneven": (8, 4)},
     (4, 2, 2): {"uneven": (4, 2, 1, 5)},

@@ -43,6 +43,9 @@ def _cases(world: int) -> list[Case]:
         Case("gpt-zero-bubble", "gpt", pipeline(world, v=2, schedule="zero-bubble")),
         Case("gpt-tied-1f1b", "gpt-tied", pipeline(world)),
         Case("llama-1f1b", "llama", pipeline(world, recompute="full")),
+        # the embedding, and the norm and head, on chunks without blocks (Llama 3's layout)
+        Case("gpt-tied-interleaved-edges", "gpt-tied", pipeline(world, v=2, schedule="interleaved-1f1b",
+                                                                 split=[0, 2, 2, 0])),
     ]
     if world == 4:
         cases += [
@@ -61,6 +64,8 @@ def _cases(world: int) -> list[Case]:
             Case("gpt-tied-zero2-interleaved", "gpt-tied", pipeline(4, v=2, schedule="interleaved-1f1b", zero=2)),
             Case("mixtral-tp", "mixtral", pipeline(4, tp=2)),
             Case("moe-tp-interleaved", "gpt-moe", pipeline(4, v=2, schedule="interleaved-1f1b", tp=2)),
+            Case("llama-tp-sp-zero1-edges", "llama", pipeline(4, v=2, schedule="interleaved-1f1b", split=[0, 2, 2, 0],
+                                                              tp=2, sp=True, zero=1), adam=True),
         ]
     return cases
 

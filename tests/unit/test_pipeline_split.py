@@ -86,6 +86,8 @@ SPLITS = {  # (pp, virtual_stages, layer counts per stage) over 6 blocks
     "pp2-even": (2, 1, [3, 3]),
     "pp3-uneven": (3, 1, [1, 4, 1]),
     "pp2-v2-uneven": (2, 2, [2, 1, 2, 1]),
+    "pp3-edges": (3, 1, [0, 6, 0]),  # the embedding, and the norm and head, on stages of their own
+    "pp2-v2-edges": (2, 2, [0, 3, 3, 0]),
 }
 
 
@@ -243,3 +245,31 @@ def test_a_forward_that_skips_the_blocks_is_reported() -> None:
     last, = split_stages(Skipper(), "blocks", plan, 1)
     with pytest.raises(RuntimeError, match="never called block 1"):
         last(torch.zeros(1, 4, 8), tokens=torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_stages_without_blocks_only_at_the_ends() -> None:
+    """The first stage may hold the embedding alone and the last the norm and head alone; a middle
+    stage without blocks, or an empty last stage of a model with nothing after its blocks, is refused."""
+    spec = MODELS["gpt"]
+    with pytest.raises(PlanError, match="only the first or the last stage"):
+        _plan(3, 1, [3, 0, 3]).validate()
+    with pytest.raises(PlanError, match="only the first or the last"):
+        split_stages(spec.build(6), "blocks", _plan(3, 1, [3, 0, 3]), 0)
+
+    class Bare(nn.Module):  # nothing with parameters after the blocks
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(VOCAB, 8)
+            self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            x = self.embed(tokens)
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    with pytest.raises(PlanError, match="no module with parameters after blocks"):
+        split_stages(Bare(), "blocks", _plan(2, 1, [2, 0]), 1)
+    first, = split_stages(Bare(), "blocks", _plan(2, 1, [0, 2]), 0)  # the embedding alone
+    tokens = torch.zeros(1, 4, dtype=torch.long)
+    torch.testing.assert_close(first(tokens=tokens), first.get_submodule("embed")(tokens))

@@ -316,17 +316,29 @@ def test_options_take_enum_values_by_name() -> None:
         SearchOptions(schedules=("interleaved",))
 
 
-def test_search_matches_brute_force_over_uneven_interleaved_splits() -> None:
-    """5 blocks over 2 x 2 interleaved chunks split unevenly, the extra block first or last: the two
-    splits differ in time and in memory (the schedule holds the first chunk longest), and at every
-    budget the search's best is brute force's best."""
+def test_search_matches_brute_force_over_interleaved_splits() -> None:
+    """5 blocks over 2 x 2 interleaved chunks: split unevenly with the extra block first or last, or
+    over the two inner chunks with the embedding, and the norm and head, alone. The splits differ in
+    time and in memory (the schedule holds the first chunk longest), and at every budget the
+    search's best is brute force's best."""
     spec = ModelSpec.from_config({"name": "five", "layers": 5, "hidden": 2048, "heads": 16, "ffn_hidden": 8192,
-                                  "vocab": 1024, "seq_len": 2048, "activation": "swiglu"})
+                                  "vocab": 16384, "seq_len": 2048, "activation": "swiglu"})
     options = _options(global_batch=8, max_pp=2, cp_kinds=(), zero_stages=(0,), recompute=(Recompute.NONE,),
                        schedules=(Schedule.INTERLEAVED_1F1B,))
     every = brute_force(spec, with_memory(_perf(4), 1e9), options, world=4)
-    assert {tuple(s.end - s.start for s in c.plan.stages) for c in every} == {(2, 1, 1, 1), (1, 1, 1, 2)}
+    assert {tuple(s.end - s.start for s in c.plan.stages) for c in every} == {
+        (2, 1, 1, 1), (1, 1, 1, 2), (0, 3, 2, 0), (0, 2, 3, 0)}
+    winners = set()
     for budget in sorted({c.peak_memory_gib for c in every}):
         truth = [c for c in every if c.peak_memory_gib <= budget]
         found = search(spec, with_memory(_perf(4), budget), options, world_size=4)
         assert found.best.step_time_s == pytest.approx(truth[0].step_time_s, rel=1e-9)
+        winners.add(tuple(s.end - s.start for s in found.best.plan.stages))
+    assert winners == {(2, 1, 1, 1), (1, 1, 1, 2), (0, 2, 3, 0)}  # the head weighs about a block here
+    # backends that split evenly (SearchOptions.uniform): the even split alone, in both
+    uniform = dataclasses.replace(options, uniform=True)
+    even = brute_force(spec, with_memory(_perf(4), 1e9), uniform, world=4)
+    assert {tuple(s.end - s.start for s in c.plan.stages) for c in even} == {(2, 1, 1, 1)}
+    found = search(spec, with_memory(_perf(4), 1e9), uniform, world_size=4)
+    assert [s.end - s.start for s in found.best.plan.stages] == [2, 1, 1, 1]
+    assert found.best.step_time_s == pytest.approx(even[0].step_time_s, rel=1e-9)
