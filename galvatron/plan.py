@@ -422,7 +422,8 @@ class Plan:
         for i, stage in enumerate(self.stages):
             for g in stage.groups:
                 where = f"  stage {i} layers [{g.start}:{g.end}) on {stage.devices}"
-                lines.append(f"{where}: {format_strategy(g.strategy)}")
+                alone = "" if g.end > g.start else " (the embedding alone)" if i == 0 else " (the norm and head alone)"
+                lines.append(f"{where}{alone}: {format_strategy(g.strategy)}")
         return "\n".join(lines)
 
 

@@ -348,7 +348,7 @@ def _table(cost: Any) -> str:
     rows = [head]
     for s in cost.stages:
         c, m = s.comm_s, s.memory_gib
-        layers = ",".join(f"{a}-{b}" for a, b in s.layers)
+        layers = ",".join(f"{a}-{b}" if b > a else "emb" if a == 0 else "head" for a, b in s.layers)
         rows.append(f"{s.index:>5} {layers:>12} {s.compute_s:>10.3f} " + " ".join(
             f"{c[k]:>7.3f}" for k in ("tp", "cp", "ep", "zero", "pp", "dp")) + f" {s.bubble_s:>8.3f} "
             f"{m['total']:>8.1f} {m['params']:>7.1f} {m['grads']:>7.1f} {m['optimizer']:>7.1f} "

@@ -183,17 +183,18 @@ def measure(cfg: GPTConfig, plan: Plan, tokens: torch.Tensor, targets: torch.Ten
         _init_local(wrapped)
     opt = wrapped.optimizer(torch.optim.AdamW, lr=1e-5, fused=device.type == "cuda")
     x, y = wrapped.shard_batch((tokens, targets))
-    times = []
+    times, losses = [], []
     for i in range(warmup + steps):
         if i == warmup and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         _sync(device)
         start = time.perf_counter()
-        wrapped.train_step((x, y), lm_loss)
+        loss = wrapped.train_step((x, y), lm_loss)
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
         times.append(time.perf_counter() - start)
+        losses.append(float(loss))
     per_step = torch.tensor(times[warmup:], dtype=torch.float64, device=device)
     dist.all_reduce(per_step, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
     peak = _max_over_ranks(torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0, device)
@@ -205,7 +206,7 @@ def measure(cfg: GPTConfig, plan: Plan, tokens: torch.Tensor, targets: torch.Ten
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"measured_s": statistics.median(per_step.tolist()), "peak_memory_gib": peak,
-            "allocated_before_gib": before, **kernels}
+            "allocated_before_gib": before, "loss_first_last": [losses[0], losses[-1]], **kernels}
 
 
 def _init_local(wrapped: Any) -> None:
@@ -339,6 +340,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--fake-stale", action="store_true",
                         help="with --fake-world: leave the fake collectives' outputs unwritten (before 2026-11-24 "
                              "the only behaviour; tensor-parallel GEMMs then run on stale memory)")
+    parser.add_argument("--local-vocab", action="store_true",
+                        help="draw tokens from the first 1/N of the vocabulary: under --fake-world a "
+                             "vocabulary-parallel embedding then gives every token a row on rank 0 (a fake "
+                             "all-reduce leaves the other tokens' rows zero) and the vocabulary-parallel loss has "
+                             "every target on rank 0")
     parser.add_argument("--meta", action="store_true",
                         help="build each plan's model on the meta device and draw its local shards after wrap "
                              "(models whose whole does not fit one GPU, e.g. a few of Llama 3 405B's blocks)")
@@ -368,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = dataclasses.replace(ModelSpec.from_config(config), block_path="blocks")
     dtype = "bf16" if device.type == "cuda" else "fp32"
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, cfg.vocab, (args.global_batch, cfg.seq_len + 1), generator=gen)
+    high = cfg.vocab // world if args.local_vocab else cfg.vocab  # rank 0's shard of a vocabulary-parallel embedding
+    tokens = torch.randint(0, high, (args.global_batch, cfg.seq_len + 1), generator=gen)
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
     cluster = local_cluster(world)
     perf = NoCommPerf(cluster) if args.fake_world else cluster
