@@ -26,6 +26,11 @@ no communication either (``NoCommPerf``). Tensor-parallel plans' GEMMs run at a 
 than data-parallel ones (``results/multi_gpu/README.md``: not explained).
 
     python benchmarks/multi_gpu/plans.py --fake-world 8 --model llama2-7b --global-batch 8 --out plans_fake8.json
+
+``--local-vocab`` draws the tokens from rank 0's share of the vocabulary, so a vocabulary-parallel
+embedding on a fake group gives every token a row (otherwise 1 - 1/N of them enter the blocks as zeros,
+which changes the GEMMs' power draw); ``--meta`` builds the model on the meta device (a few blocks of a
+model too large for one GPU whole, e.g. Llama 3 405B's).
 """
 
 from __future__ import annotations
