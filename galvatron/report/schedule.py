@@ -193,7 +193,8 @@ def _duration(kind: OpKind, t: PassTimes, split: bool) -> float:
 
 def timeline_from_cost(cost: CostSummary) -> Timeline:
     """The timeline of a costed plan: each device group's predicted per-micro-batch time split over
-    its stages by block count and into passes by FLOPs; its tail is exposed DP sync, then optimizer."""
+    its stages by block count (a stage without blocks gets none of it) and into passes by FLOPs; its
+    tail is exposed DP sync, then optimizer."""
     plan = cost.plan
     pp, v, m = plan.pp, plan.pipeline.virtual_stages, plan.num_micro_batches
     passes, tails = [], []
@@ -220,6 +221,7 @@ def _split_passes(plan: Plan, j: int, seconds: float, comm_share: float) -> Pass
         recompute = 1.0 if g.strategy.recompute is Recompute.FULL else 0.0
         for k, u in enumerate((1.0, 1.0 + recompute, 1.0)):
             units[k] += u * g.num_layers
-    scale = seconds / sum(units)
+    total = sum(units)  # 0 for a stage without blocks (the embedding, or the norm and head, alone)
+    scale = seconds / total if total else 0.0
     return PassTimes(forward_s=units[0] * scale, input_grad_s=units[1] * scale, weight_grad_s=units[2] * scale,
                      comm_share=comm_share)

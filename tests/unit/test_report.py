@@ -110,6 +110,23 @@ def test_timeline_busy_time_is_the_cost_models() -> None:
         assert timeline.busy_s(stage.index) == pytest.approx(predicted)
 
 
+def test_stages_without_blocks_draw_and_keep_the_busy_time() -> None:
+    """The embedding, and the norm and head, on interleaved chunks of their own: the report draws them
+    (no blocks: no time of the group's split by block count) and each group's busy time stays the
+    cost model's."""
+    from galvatron.plan import even_split
+
+    plan = Plan.uniform(32, global_batch_size=8, num_micro_batches=8, pp=4, schedule="interleaved-1f1b",
+                        virtual_stages=2, layer_split=[0, *even_split(32, 6), 0], dp=2, recompute="full")
+    cost = CostSummary.from_result(fake_cost(plan))
+    timeline = timeline_from_cost(cost)
+    for stage in cost.stages:
+        assert timeline.busy_s(stage.index) == pytest.approx(cost.step_time_s - stage.bubble_s)
+    assert all(op.duration == 0 for op in timeline.ops if op.stage in (0, 7) and op.kind.value in "FBW")
+    html = render_html(Report.from_result(fake_cost(plan)))
+    assert external_references(html) == [] and ">emb<" in html and ">head<" in html
+
+
 def test_top_plans_ranked_with_the_current_one_highlighted() -> None:
     plan = Plan.load(next(p for p in PLANS if p.stem == "llama2-7b-8gpu-tp4-pp2"))
     other = Plan.uniform(32, global_batch_size=16, num_micro_batches=4, pp=2, tp=2, dp=2, zero=1)
