@@ -14,7 +14,9 @@ Plan -> Megatron: ``tp`` / ``sp`` / ``pp`` / ``virtual_stages`` / ``cp`` / ``ep`
 ``expert_tensor_parallel_size``, MoE Parallel Folding) to the parallel sizes; ``cp_kind`` per
 layer to ``cp_comm_type`` (ulysses ``a2a``, ring ``p2p``, hybrid ``a2a+p2p`` with
 ``hierarchical_context_parallel_sizes = [cp_ulysses, cp / cp_ulysses]``);
-``zero: 1`` to the distributed optimizer; ``recompute`` to ``recompute_granularity`` (all
+a first or last stage one block short of the others to ``account_for_embedding_in_pipeline_split``
+or ``account_for_loss_in_pipeline_split``; ``zero: 1`` to the distributed optimizer; ``recompute`` to
+``recompute_granularity`` (all
 ``selective``; or ``full`` on the first ``k`` layers of every stage: method ``block``, all
 layers: method ``uniform``); ``dtype`` to ``bf16`` / ``fp16`` with fp32 main parameters.
 """
@@ -54,6 +56,22 @@ class MegatronSettings:
     num_micro_batches: int
 
 
+def _pipeline_split(plan: Plan) -> dict[str, bool]:
+    """The layer split as Megatron-Core expresses it: every (virtual) stage the same block count ``k``,
+    except that the first and the last may hold ``k - 1``, the embedding and the loss then counting as
+    a block each (``account_for_embedding_in_pipeline_split``, ``account_for_loss_in_pipeline_split``;
+    with ``k = 1`` the first stage holds the embedding alone). Any other split is a :class:`PlanError`."""
+    counts = [stage.end - stage.start for stage in plan.stages]
+    k = max(counts)
+    if all(c == k for c in counts):
+        return {}
+    if len(counts) > 1 and all(c == k for c in counts[1:-1]) and {counts[0], counts[-1]} <= {k, k - 1}:
+        return {"account_for_embedding_in_pipeline_split": counts[0] == k - 1,
+                "account_for_loss_in_pipeline_split": counts[-1] == k - 1}
+    raise PlanError("stages", f"Megatron-Core splits layers evenly over (virtual) stages, the embedding and the loss "
+                              f"optionally counted as a layer each; got {counts}")
+
+
 def megatron_settings(plan: Plan, world_size: int) -> MegatronSettings:
     """Map ``plan`` (one the megatron backend accepts, checked here) on ``world_size`` GPUs to
     Megatron-Core settings; :class:`PlanError` naming the field for what Megatron cannot express."""
@@ -61,9 +79,7 @@ def megatron_settings(plan: Plan, world_size: int) -> MegatronSettings:
     check_plan(plan, "megatron")
     s = plan.embedding_strategy
     vpp = plan.pipeline.virtual_stages
-    counts = {stage.end - stage.start for stage in plan.stages}
-    if len(counts) > 1:
-        raise PlanError("stages", f"Megatron-Core splits layers evenly over (virtual) stages; got {sorted(counts)}")
+    edges = _pipeline_split(plan)
     replicas = s.dp * plan.num_micro_batches
     if plan.global_batch_size % replicas:
         raise PlanError("global_batch_size", f"{plan.global_batch_size} does not split into dp {s.dp} x "
@@ -74,7 +90,7 @@ def megatron_settings(plan: Plan, world_size: int) -> MegatronSettings:
                 "context_parallel_size": s.cp, "expert_model_parallel_size": s.ep}
     if s.etp:
         parallel["expert_tensor_parallel_size"] = s.etp
-    config: dict[str, Any] = {**parallel, "sequence_parallel": s.sp, **_context(plan), **_recompute(plan)}
+    config: dict[str, Any] = {**parallel, "sequence_parallel": s.sp, **_context(plan), **_recompute(plan), **edges}
     if s.cp > 1 and config.get("hierarchical_context_parallel_sizes"):
         parallel["hierarchical_context_parallel_sizes"] = config["hierarchical_context_parallel_sizes"]
     if low:

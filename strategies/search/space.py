@@ -6,7 +6,8 @@ Claimed space (the search is exact over it with respect to :func:`strategies.cos
   stages, each stage with its own strategy; interleaved 1F1B with ``v`` chunks per group and one
   strategy for the whole model, the blocks split evenly over the chunks (where the chunks do not
   divide the blocks, the extra blocks on the first chunks or on the last) or over all chunks but the
-  first and the last, which hold the embedding, and the norm and head, alone (Llama 3's layout):
+  first and the last, which hold the embedding, and the norm and head, alone (Llama 3's layout), or
+  with the embedding and the head counted as a block each (Megatron-Core's accounting):
   :func:`interleaved_splits`;
 - a stage strategy: tp, Megatron SP, cp degree and kind (Ulysses, ring, striped, hybrid with any
   Ulysses degree), ep and expert TP (MoE blocks: ``etp`` 0, i.e. the layer's tp, or 1 with SP when
@@ -122,10 +123,13 @@ def micro_batch_counts(global_batch: int, pp: int, options: SearchOptions) -> li
 
 def interleaved_splits(blocks: int, chunks: int, uniform: bool = False) -> list[list[int]]:
     """Block counts per chunk the search tries for an interleaved schedule of ``chunks`` chunks: an
-    even split with its extra blocks first, and last, and the same over the inner chunks with the
-    first and the last chunk empty (the embedding, and the norm and head, alone); each once, those
-    that give every other chunk at least one block. ``uniform`` (``SearchOptions.uniform``, backends
-    that split evenly): the even split alone."""
+    even split with its extra blocks first, and last; the same over the inner chunks with the first
+    and the last chunk empty (the embedding, and the norm and head, alone); and, where ``blocks + 2``
+    chunks' worth divide evenly, the embedding and the head counted as a block each (``k - 1, k, ...,
+    k, k - 1``: Megatron-Core's ``account_for_embedding_in_pipeline_split`` and
+    ``account_for_loss_in_pipeline_split``, Llama 3's one block fewer on the first and last stage).
+    Each once, those that give every other chunk at least one block. ``uniform``
+    (``SearchOptions.uniform``, backends that split evenly): the even split alone."""
     out: list[list[int]] = []
     for inner, edges in ((chunks, False), (chunks - 2, True))[:1 if uniform else 2]:
         if inner < 1 or blocks < inner:
@@ -135,6 +139,11 @@ def interleaved_splits(blocks: int, chunks: int, uniform: bool = False) -> list[
             split = [0, *split, 0] if edges else split
             if split not in out:
                 out.append(split)
+    per, rest = divmod(blocks + 2, chunks)
+    if not uniform and not rest and per >= 2 and chunks >= 2:
+        accounted = [per - 1, *[per] * (chunks - 2), per - 1]
+        if accounted not in out:
+            out.append(accounted)
     return out
 
 

@@ -118,6 +118,28 @@ def test_megatron_settings_full_mapping() -> None:
     assert (s.dp, s.micro_batch_size, s.num_micro_batches) == (2, 4, 4)
 
 
+def test_megatron_settings_count_the_embedding_and_loss_as_layers() -> None:
+    """A first or last (virtual) stage one block short of the others maps to Megatron-Core's
+    account_for_embedding / account_for_loss flags; any other uneven split is refused."""
+    from galvatron.backends.megatron import megatron_settings
+
+    def plan(split: list[int], v: int = 2) -> Plan:
+        return Plan.uniform(sum(split), global_batch_size=8, num_micro_batches=4, pp=len(split) // v,
+                            schedule="interleaved-1f1b" if v > 1 else "1f1b", virtual_stages=v, layer_split=split,
+                            dp=2)
+
+    both = megatron_settings(plan([1, 2, 2, 1]), 4).config
+    assert both["account_for_embedding_in_pipeline_split"] and both["account_for_loss_in_pipeline_split"]
+    first = megatron_settings(plan([3, 4], v=1), 4).config
+    assert first["account_for_embedding_in_pipeline_split"] and not first["account_for_loss_in_pipeline_split"]
+    alone = megatron_settings(plan([0, 1, 1, 0]), 4).config  # the embedding, and the loss, alone
+    assert alone["account_for_embedding_in_pipeline_split"] and alone["account_for_loss_in_pipeline_split"]
+    assert "account_for_embedding_in_pipeline_split" not in megatron_settings(plan([2, 2, 2, 2]), 4).config
+    for split in ([2, 1, 1, 1], [1, 2, 1, 2], [2, 2, 2, 0]):
+        with pytest.raises(PlanError, match="splits layers evenly"):
+            megatron_settings(plan(split), 4)
+
+
 def test_megatron_settings_per_layer_cp_and_recompute() -> None:
     from galvatron.backends.megatron import megatron_settings
 
