@@ -847,6 +847,9 @@ class ZeroTerms:
     optim: float = 0.0
     rs: float = 0.0
     ag: float = 0.0
+    ag_fwd: float = 0.0
+    """FSDP2's ZeRO-2 all-gather before each micro-batch's forward (its parameters are resharded after
+    each backward; ``CostOptions.master_weights = "params"``): forward only, unlike ZeRO-3's ``ag``."""
     work: float = 0.0
     copies: float = 0.0
     """FSDP2's unsharded ZeRO-2 parameters (``CostOptions.master_weights = "params"``), held from a
@@ -978,6 +981,9 @@ def _zero_part(ctx: LayerContext, s: LayerStrategy, acc: dict[str, float], param
         # the updated slices in the parameters' own dtype: fp32 where they are the master weights
         acc["post"] += perf.collective_time(Collective.ALL_GATHER, 4 * params if opts.master_weights == "params"
                                             else gathered, group)
+    elif z == 2 and opts.master_weights == "params":
+        # FSDP2 reshards after each backward and gathers again before the next micro-batch's forward
+        acc["ag_fwd"] += perf.collective_time(Collective.ALL_GATHER, gathered, group)
     elif z in (1, 2):
         # hidden behind the next forward, but not free: it takes its share of the compute beside it
         acc["post"] += opts.overlap_interference * perf.collective_time(Collective.ALL_GATHER, gathered, group)
@@ -991,13 +997,15 @@ def _zero_part(ctx: LayerContext, s: LayerStrategy, acc: dict[str, float], param
     acc["optim"] += _optimizer_time(ctx, s, shard, pb, gb)
 
 
-def zero_exposed(ag: Any, rs: Any, fwd: Any, bwd_compute: Any, options: CostOptions) -> tuple[Any, Any]:
-    """Exposed forward and backward seconds of the per-micro-batch ZeRO collectives: prefetching hides
-    them behind the pass's compute (at ``overlap_interference`` of their time). Works on floats and
-    on numpy arrays (the search)."""
+def zero_exposed(ag: Any, rs: Any, fwd: Any, bwd_compute: Any, options: CostOptions,
+                 ag_fwd: Any = 0.0) -> tuple[Any, Any]:
+    """Exposed forward and backward seconds of the per-micro-batch ZeRO collectives (``ag_fwd``: gathers
+    in the forward only, :attr:`ZeroTerms.ag_fwd`): prefetching hides them behind the pass's compute
+    (at ``overlap_interference`` of their time). Works on floats and on numpy arrays (the search)."""
     if not options.overlap_zero_prefetch:
-        return ag, ag + rs
-    return hidden_behind(ag, fwd, options), hidden_behind(ag + rs, bwd_compute, options)
+        return ag + ag_fwd, ag + rs
+    fwd_x = hidden_behind(ag + ag_fwd, fwd, options)
+    return fwd_x, hidden_behind(ag + rs, bwd_compute, options)
 
 
 def recasts(ctx: LayerContext, layer: LayerSpec, mode: Recompute) -> bool:
@@ -1019,11 +1027,11 @@ def apply_zero(c: LayerCost, z: ZeroTerms, options: CostOptions, recast: bool = 
     """Add the ZeRO/optimizer part ``z`` to a :func:`core_cost` result; ``recast``: the layer holds
     no autocast casts (:func:`recasts`)."""
     c.fwd, c.bwd, c.bwd_compute = c.fwd + z.param_fwd, c.bwd + z.param_bwd, c.bwd_compute + z.param_bwd
-    fwd_x, bwd_x = zero_exposed(z.ag, z.rs, c.fwd, c.bwd_compute, options)
+    fwd_x, bwd_x = zero_exposed(z.ag, z.rs, c.fwd, c.bwd_compute, options, z.ag_fwd)
     fwd_x, bwd_x = float(fwd_x), float(bwd_x)
     c.fwd += fwd_x
     c.bwd += bwd_x
-    if z.rs or z.ag:
+    if z.rs or z.ag or z.ag_fwd:
         c.comm["zero"] = c.comm.get("zero", 0.0) + fwd_x + bwd_x
     c.work = max(c.work, z.work)
     c.params += z.params

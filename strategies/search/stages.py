@@ -103,11 +103,11 @@ def _merged(ctx: LayerContext, cores: list[tuple[float, ...]], zeros: list[ZeroT
     holds no autocast casts at this recompute mode, :func:`strategies.cost.layer.recasts`)."""
     fwd, bwd, wgrad, bwdc, act, work, host_f, host_b = np.array(cores, dtype=float).reshape(-1, 8).T
     z = np.array([(t.params + t.optim_states, t.sync, t.post, t.optim, t.rs, t.ag, t.work, t.grads,
-                   t.held(r), t.param_fwd, t.param_bwd)
-                  for t, r in zip(zeros, recast)], dtype=float).reshape(-1, 11).T
-    static, sync, post, optim, rs, ag, zwork, grads, copies, param_fwd, param_bwd = z
+                   t.held(r), t.param_fwd, t.param_bwd, t.ag_fwd)
+                  for t, r in zip(zeros, recast)], dtype=float).reshape(-1, 12).T
+    static, sync, post, optim, rs, ag, zwork, grads, copies, param_fwd, param_bwd, ag_fwd = z
     fwd, bwd, bwdc = fwd + param_fwd, bwd + param_bwd, bwdc + param_bwd
-    fwd_x, bwd_x = zero_exposed(ag, rs, fwd, bwdc, ctx.options)
+    fwd_x, bwd_x = zero_exposed(ag, rs, fwd, bwdc, ctx.options, ag_fwd)
     vec = np.stack([(fwd + fwd_x) + (bwd + bwd_x), wgrad, bwdc, sync, post, optim, static, act + copies, grads,
                     fwd + fwd_x, host_f, host_b, np.zeros_like(fwd)], axis=1)  # grad_work: tied_gradient_sum
     return vec, np.maximum(work, zwork)
