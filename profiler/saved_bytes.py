@@ -11,6 +11,7 @@ cost model's activation terms stand for, on CPU as on GPU, without the allocator
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ class SavedBytes:
     """Bytes autograd holds for backward: ``now``, ``peak`` and ``by_chunk`` (bytes first saved while
     ``chunk`` was set, per chunk). Use as ``saved_tensors_hooks(tracker.pack, tracker.unpack)``."""
 
-    def __init__(self, skip: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+    def __init__(self, skip: Iterable[int] = ()) -> None:
         self.skip = set(skip)
         """Storage pointers not counted (parameters)."""
         self.live: dict[int, list[int]] = {}

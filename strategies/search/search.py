@@ -194,8 +194,8 @@ class _Search:
         """One strategy and recompute mode everywhere, blocks split evenly over ``pp * v`` chunks:
         every strategy of the table at once. Interleaved schedules try every split of
         :func:`interleaved_splits`: extra blocks first or last (the first chunks are the ones the
-        schedule holds longest, ``chunk_in_flight``; the last group runs the head), and the
-        embedding, and the norm and head, in chunks of their own."""
+        schedule holds longest, ``chunk_in_flight``; the last group runs the head), the embedding,
+        and the norm and head, in chunks of their own, or counted as a block each."""
         if config.v == 1:
             self._uniform_split(config, table, even_split(self.spec.num_blocks, config.pp))
             return
