@@ -342,3 +342,16 @@ def test_search_matches_brute_force_over_interleaved_splits() -> None:
     found = search(spec, with_memory(_perf(4), 1e9), uniform, world_size=4)
     assert [s.end - s.start for s in found.best.plan.stages] == [2, 1, 1, 1]
     assert found.best.step_time_s == pytest.approx(even[0].step_time_s, rel=1e-9)
+
+
+def test_interleaved_splits_list_each_layout_once() -> None:
+    """Even with the extra blocks first and last, the embedding and the head alone, and counted as a
+    block each where blocks + 2 divide evenly (Megatron-Core's accounting); the even split alone for
+    uniform backends; none where the chunks outnumber the blocks that far."""
+    from galvatron.strategies.search.space import interleaved_splits
+
+    assert interleaved_splits(6, 4) == [[2, 2, 1, 1], [1, 1, 2, 2], [0, 3, 3, 0], [1, 2, 2, 1]]
+    assert interleaved_splits(8, 4) == [[2, 2, 2, 2], [0, 4, 4, 0]]  # 8 + 2 is not a multiple of 4
+    assert interleaved_splits(126, 128) == [[0, *[1] * 126, 0]]  # Llama 3 405B's layout, 8 chunks per rank
+    assert interleaved_splits(6, 4, uniform=True) == [[2, 2, 1, 1]]
+    assert interleaved_splits(3, 8) == []
