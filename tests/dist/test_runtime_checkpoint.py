@@ -26,8 +26,11 @@ PLANS = {
     "tp-sp-zero2": uniform(2, tp=2, sp=True, zero=2),
     "mixed": plan_dict(2, [{"range": [0, 2], "tp": 2, "sp": True}, {"range": [2, 4], "zero": 3}],
                        embedding={"tp": 2}, head={"tp": 2}),
+    # an interleaved pipeline whose first and last chunks hold the embedding, and the norm and head, alone
+    "pipeline-edges": Plan.uniform(4, global_batch_size=8, num_micro_batches=4, pp=2, virtual_stages=2,
+                                   schedule="interleaved-1f1b", layer_split=[0, 2, 2, 0], dtype="fp32"),
 }
-MOVES = [("zero3", "tp-sp-zero2"), ("tp-sp-zero2", "mixed"), ("mixed", "dp")]
+MOVES = [("zero3", "tp-sp-zero2"), ("tp-sp-zero2", "mixed"), ("mixed", "dp"), ("pipeline-edges", "dp")]
 
 
 def _wrapped(plan: Plan) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
