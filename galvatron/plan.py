@@ -445,6 +445,14 @@ def format_strategy(s: LayerStrategy) -> str:
     return " ".join(parts)
 
 
+def warmup_forwards(pp: int, v: int, m: int, group: int) -> int:
+    """Forward passes device group ``group`` runs before its first backward under 1F1B (``pp - group
+    - 1``; Narayanan et al. SC'21 §2.2.1) or, with ``v`` chunks per group, interleaved 1F1B
+    (``2(pp - group - 1) + (v - 1) pp``, Megatron-LM's ``schedules.py``), at most its ``m * v``
+    passes."""
+    return min(m * v, pp - group - 1 if v == 1 else 2 * (pp - group - 1) + (v - 1) * pp)
+
+
 def even_split(n: int, parts: int) -> list[int]:
     """``n`` items over ``parts`` buckets, sizes differing by at most one, larger first."""
     base, extra = divmod(n, parts)

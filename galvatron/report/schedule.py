@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from galvatron.plan import Plan, Recompute, Schedule
+from galvatron.plan import Plan, Recompute, Schedule, warmup_forwards
 from galvatron.report.data import CostSummary
 
 
@@ -104,7 +104,7 @@ def pass_order(schedule: Schedule, pp: int, v: int, m: int, group: int) -> list[
     backwards = _chunk_order(pp, v, m, reverse=True)
     if schedule is Schedule.GPIPE:
         return [(OpKind.FORWARD, c, i) for c, i in forwards] + [(OpKind.BACKWARD, c, i) for c, i in backwards]
-    warmup = min(len(forwards), pp - group - 1 if v == 1 else 2 * (pp - group - 1) + (v - 1) * pp)
+    warmup = warmup_forwards(pp, v, m, group)
     order = [(OpKind.FORWARD, c, i) for c, i in forwards[:warmup]]
     for k, (c, i) in enumerate(forwards[warmup:]):
         order += [(OpKind.FORWARD, c, i), (OpKind.BACKWARD, *backwards[k])]

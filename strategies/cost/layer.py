@@ -1004,8 +1004,7 @@ def zero_exposed(ag: Any, rs: Any, fwd: Any, bwd_compute: Any, options: CostOpti
     (at ``overlap_interference`` of their time). Works on floats and on numpy arrays (the search)."""
     if not options.overlap_zero_prefetch:
         return ag + ag_fwd, ag + rs
-    fwd_x = hidden_behind(ag + ag_fwd, fwd, options)
-    return fwd_x, hidden_behind(ag + rs, bwd_compute, options)
+    return hidden_behind(ag + ag_fwd, fwd, options), hidden_behind(ag + rs, bwd_compute, options)
 
 
 def recasts(ctx: LayerContext, layer: LayerSpec, mode: Recompute) -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from galvatron.strategies.cost.options import CostOptions
 
-from galvatron.plan import Schedule
+from galvatron.plan import Schedule, warmup_forwards
 
 # indices into LayerCost.vector()
 FB, WGRAD, BWD_COMPUTE, SYNC, POST, OPTIM, STATIC, ACT, GRADS, FWD, HOST_FWD, HOST_BWD, GRAD_WORK = range(13)
@@ -42,10 +42,7 @@ def in_flight(schedule: Schedule, pp: int, v: int, m: int, group: int) -> float:
     ``pp + (pp-1)/v`` micro-batches on the first group (Korthikanti et al. 2022 §4.2.3)."""
     if schedule is Schedule.GPIPE:
         return float(m)
-    if v == 1:
-        return float(min(pp - group, m))
-    chunks = min(m * v, 2 * (pp - group - 1) + (v - 1) * pp + 1)
-    return chunks / v
+    return min(m * v, warmup_forwards(pp, v, m, group) + 1) / v
 
 
 @functools.lru_cache(maxsize=4096)
@@ -73,7 +70,7 @@ def chunk_in_flight(schedule: Schedule, pp: int, v: int, m: int, group: int) -> 
         done = np.cumsum(one_hot[forward], axis=0)  # row k: forwards 0..k per chunk
         freed = np.vstack([np.zeros((1, v), dtype=np.int64), np.cumsum(one_hot[v - 1 - forward], axis=0)])
         total = m * v
-        warmup = min(total, 2 * (pp - group - 1) + (v - 1) * pp)
+        warmup = warmup_forwards(pp, v, m, group)
         if warmup == total:
             rows = done[-1:]
         else:
