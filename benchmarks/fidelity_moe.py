@@ -55,13 +55,14 @@ RUNS = [
 
 
 def options(capacity: float | None) -> CostOptions:
-    """The ModelZoo stack: flash attention, no dropout, overlapped grad reduce / param gather, grouped GEMM; no
-    shared experts in Mixtral, so shared-expert overlap is moot. Router imbalance left at its default.
+    """The ModelZoo stack: flash attention, no dropout, overlapped grad reduce / param gather, TP communication
+    overlap, grouped GEMM; no shared experts in Mixtral, so shared-expert overlap is moot. Router imbalance left at
+    its default.
     Megatron-Core's distributed optimizer keeps contiguous gradient buffers (persistent_grads) and the fp32 master
     weights inside the optimizer (master_weights="optimizer"), as in benchmarks/fidelity_megatron.py."""
     return CostOptions(flash_attention=True, dropout=False, overlap_grad_reduce=True, overlap_param_gather=True,
                        moe_grouped_gemm=True, moe_capacity_factor=capacity, persistent_grads=True,
-                       master_weights="optimizer")
+                       master_weights="optimizer", tp_comm_overlap=True)
 
 
 def main() -> int:

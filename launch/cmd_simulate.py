@@ -5,7 +5,9 @@ plan; ``--plan FILE`` costs a plan file; with neither it searches and reports th
 for the K best). ``--json`` prints one JSON object. ``--backend NAME`` costs plans as that backend
 runs them (its kernels, master weights, selective recomputation: ``galvatron.backends``) and
 searches only plans it executes; without it, the cost model's default stack and every plan.
-``--attention-kernel flash2`` costs attention on that kernel instead of the GPU's default.
+``--attention-kernel flash2`` costs attention on that kernel instead of the GPU's default;
+``--tp-comm-overlap``, ``--fp8-scaling`` and ``--fp8-params`` describe a Transformer Engine stack
+(``--dtype fp8`` plans are costed as TE runs them: ``strategies.cost.fp8``).
 ``--model-profile FILE`` / ``--cluster-profile FILE`` (written by ``galvatron profile model`` /
 ``profile cluster``) put measured layer times and collectives in place of the datasheet's.
 """
@@ -43,6 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fused attention kernel to cost (a key of the GPU's attention_kernels in "
                              "configs/hardware: cudnn, flash2, flash3...); default: the GPU's, what PyTorch's "
                              "SDPA picks there today (FlashAttention-2 on Hopper before torch 2.10)")
+    parser.add_argument("--tp-comm-overlap", action="store_true",
+                        help="tensor-parallel collectives under --sp megatron overlapped with the GEMMs beside them "
+                             "(Transformer Engine's userbuffers, Megatron's --tp-comm-overlap)")
+    parser.add_argument("--fp8-scaling", choices=["delayed", "current"],
+                        help="--dtype fp8: Transformer Engine's scaling recipe (default: delayed)")
+    parser.add_argument("--fp8-params", action="store_true",
+                        help="--dtype fp8: the blocks' weights kept in FP8 (Megatron's --fp8-param-gather)")
     measured = parser.add_argument_group("measurements (in place of the datasheet)")
     measured.add_argument("--model-profile", metavar="FILE",
                           help="per-layer times from `galvatron profile model` (this model's layers, on the GPU of "
@@ -84,7 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def apply_backend(args: argparse.Namespace, cluster: Any = None) -> None:
     """``--backend``: that backend's cost options and search restrictions on ``args``;
-    ``--attention-kernel``: that kernel in the cost options (checked against ``cluster``'s GPU)."""
+    ``--attention-kernel``: that kernel in the cost options (checked against ``cluster``'s GPU);
+    ``--tp-comm-overlap``, ``--fp8-scaling``, ``--fp8-params``: those stack facts in them."""
     import dataclasses
 
     from galvatron.strategies.cost import CostOptions
@@ -93,12 +103,21 @@ def apply_backend(args: argparse.Namespace, cluster: Any = None) -> None:
         caps = capabilities(args.backend)
         args.restrict, args.uniform = {"capabilities": caps.features}, args.uniform or caps.uniform
         args.cost_options = CostOptions(**caps.cost_options())
+    stack: dict[str, Any] = {}
     kernel = getattr(args, "attention_kernel", None)
     if kernel:
         if cluster is not None:
             cluster.gpu.attention_efficiency(False, 128, kernel)  # ConfigError naming the GPU's kernels
+        stack["attention_kernel"] = kernel
+    if getattr(args, "tp_comm_overlap", False):
+        stack["tp_comm_overlap"] = True
+    if getattr(args, "fp8_scaling", None):
+        stack["fp8_scaling"] = args.fp8_scaling
+    if getattr(args, "fp8_params", False):
+        stack["fp8_params"] = True
+    if stack:
         base = getattr(args, "cost_options", None) or CostOptions()
-        args.cost_options = dataclasses.replace(base, attention_kernel=kernel)
+        args.cost_options = dataclasses.replace(base, **stack)
 
 
 def apply_profiles(args: argparse.Namespace, spec: ModelSpec, cluster: Any) -> None:

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from galvatron.strategies.cost import eager
+from galvatron.strategies.cost import eager, fp8
 from galvatron.strategies.cost.options import CostOptions
 from galvatron.strategies.cost.perf import AttentionShape, Collective, Group, Perf
 from galvatron.strategies.cost.step import hidden_behind, overlapped
@@ -215,12 +215,18 @@ def _block(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     grouped = ctx.options.moe_grouped_gemm
     separate = ctx.options.elementwise != "fused"  # eager models' own q/k/v and gate/up linears
     nominal = _block_gemms(layer, s, tok, 1.0, grouped, separate)
-    gemms = _block_gemms(layer, s, tok, load, grouped, separate)
+    linears = _block_linears(layer, s, tok, load, grouped, separate)
+    gemms = [g for g, _ in linears]
     # routing imbalance scales the routed experts' GEMMs; a spec without shapes keeps its FLOPs
-    t_mm, dgrad, wgrad = _gemm_times(ctx, gemms, mm * _gemm_flops(gemms) / _gemm_flops(nominal) if nominal else mm,
-                                     _gemm_dtypes(ctx, layer, s, tok, gemms, grouped))
+    flops = mm * _gemm_flops(gemms) / _gemm_flops(nominal) if nominal else mm
+    dtypes = _gemm_dtypes(ctx, layer, s, tok, gemms, grouped)
+    t_mm, dgrad, wgrad = _gemm_times(ctx, gemms, flops, dtypes)
+    tp_gemms = _tp_gemms(ctx, linears, flops, dtypes) if ctx.options.tp_comm_overlap and s.sp and s.tp > 1 else None
     attn_fwd, attn_bwd, attn_exposed = _attention(ctx, layer, s, tok)
     ew, ew_bwd = _elementwise_times(ctx, layer, s, tok)
+    if ctx.dtype is DType.FP8:
+        q_fwd, q_bwd = _fp8_quantize(ctx, layer, s, tok, load, grouped)
+        ew, ew_bwd = ew + q_fwd, ew_bwd + q_bwd
     fwd_compute, bwd_compute = t_mm + attn_fwd + ew, dgrad + wgrad + attn_bwd + ew_bwd
     redo = fwd_compute if s.recompute is Recompute.FULL else 0.0
     if s.recompute is Recompute.SELECTIVE:
@@ -232,7 +238,7 @@ def _block(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
         _host_times(c, measured)
         scale = measured.backward / (bwd_compute + redo)
         fwd_compute, bwd_compute, redo, wgrad = measured.forward, scale * bwd_compute, scale * redo, scale * wgrad
-    comm_fwd = _block_comm(ctx, layer, s, tok)
+    comm_fwd = _block_comm(ctx, layer, s, tok, tp_gemms)
     ep_bwd = comm_fwd["ep"]
     if ctx.options.moe_shared_expert_overlap and ep_bwd:
         comm_fwd["ep"], ep_bwd = _shared_expert_overlap(ctx, layer, s, tok, ep_bwd)
@@ -240,7 +246,7 @@ def _block(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     c.fwd = fwd_compute + fwd_comm_total
     c.wgrad = wgrad
     c.bwd_compute = bwd_compute
-    bwd_comm = {**comm_fwd, "tp": _tp_backward_exposed(ctx, layer, s, tok, wgrad), "ep": ep_bwd}
+    bwd_comm = {**comm_fwd, "tp": _tp_backward_exposed(ctx, layer, s, tok, wgrad, tp_gemms), "ep": ep_bwd}
     full = s.recompute is Recompute.FULL
     c.bwd = bwd_compute + sum(bwd_comm.values()) + redo + (fwd_comm_total if full else 0.0)
     c.flops = 3 * mm + _attention_flops(ctx, layer, s, tok) * 3.5 + _recompute_flops(ctx, layer, s, tok, mm)
@@ -345,6 +351,15 @@ def _block_gemms(layer: LayerSpec, s: LayerStrategy, tok: float, load: float = 1
     the shapes (the caller then uses FLOPs alone). ``separate``: q, k and v, and a gated unit's gate
     and up projections, are GEMMs of their own (Hugging Face and torchtitan models, run eagerly; the
     narrow k and v of GQA can fill fewer tiles than the GPU has SMs) instead of Megatron's fused ones."""
+    return [g for g, _ in _block_linears(layer, s, tok, load, grouped, separate)]
+
+
+def _block_linears(layer: LayerSpec, s: LayerStrategy, tok: float, load: float = 1.0,
+                   grouped: bool = True, separate: bool = False) -> list[tuple[Gemm, str]]:
+    """:func:`_block_gemms` with each GEMM's role (:data:`strategies.cost.fp8.NORM` ...): the
+    attention's and a dense MLP's input projections read what the norm before them wrote and are
+    column-parallel, the output and down projections row-parallel, routed experts local, shared
+    experts' up projections column-parallel on the norm's output through the router."""
     h, q, kv, f = layer.hidden, layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim, layer.ffn_hidden
     up = _up_width(layer)
     if not (h and q and f) or up <= 0:
@@ -353,12 +368,14 @@ def _block_gemms(layer: LayerSpec, s: LayerStrategy, tok: float, load: float = 1
     qkv_apart = separate and not layer.fused_qkv
     attention: list[Gemm] = [(tok, q / tp, h, 1), (tok, kv / tp, h, 1), (tok, kv / tp, h, 1)] if qkv_apart else [
         (tok, (q + 2 * kv) / tp, h, 1)]
-    out: list[Gemm] = [*attention, (tok, h, q / tp, 1)]
+    out = [(g, fp8.NORM) for g in attention] + [((tok, h, q / tp, 1), fp8.ROW)]
     if not layer.experts:
         gated = separate and not layer.fused_gate_up and eager.up_projections(layer) == 2
         ups: list[Gemm] = [(tok, up / 2 / tp, h, 1)] * 2 if gated else [(tok, up / tp, h, 1)]
-        return [*out, *ups, (tok, h, f / tp, 1)]
-    return out + _routed_gemms(layer, s, tok, load, grouped) + _shared_expert_gemms(layer, s, tok)
+        return [*out, *((g, fp8.NORM) for g in ups), ((tok, h, f / tp, 1), fp8.ROW)]
+    shared = _shared_expert_gemms(layer, s, tok)
+    return (out + [(g, fp8.LOCAL) for g in _routed_gemms(layer, s, tok, load, grouped)]
+            + [(g, fp8.COLUMN if i % 2 == 0 else fp8.ROW) for i, g in enumerate(shared)])
 
 
 def _routed_gemms(layer: LayerSpec, s: LayerStrategy, tok: float, load: float, grouped: bool) -> list[Gemm]:
@@ -430,32 +447,50 @@ def _shared_expert_overlap(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy
     return hidden_behind(a2a, fwd, ctx.options), hidden_behind(a2a, dgrad + wgrad, ctx.options)
 
 
-def _gemm_times(ctx: LayerContext, gemms: list[Gemm], flops: float,
-                dtypes: list[str] | None = None) -> tuple[float, float, float]:
+def _gemm_times(ctx: LayerContext, gemms: list[Gemm], flops: float, dtypes: list[str] | None = None,
+                dtype: str | None = None) -> tuple[float, float, float]:
     """Forward, input-gradient and weight-gradient time of ``gemms`` (whose forward FLOPs the spec
-    counts as ``flops``), each in the plan's dtype or its own (``dtypes``). Input gradients are
-    (m x n) by (n x k); weight gradients (k x m) by (m x n), added into the fp32 main gradient where
-    the stack does (``CostOptions.wgrad_fp32_accumulation``, Megatron's gradient-accumulation fusion)
-    or written in 16 bits (in fp32 by an fp32 GEMM). Eager stacks run odd-sized GEMMs (a vocabulary
-    like 50257) unpadded. Without shapes, or on a Perf without ``gemm_time`` (a measured profile),
+    counts as ``flops``), each in ``dtype`` (None: the plan's) or its own (``dtypes``): the sums of
+    :func:`_gemm_parts`. Without shapes, or on a Perf without ``gemm_time`` (a measured profile),
     FLOPs at the Perf's GEMM rate for four kernels each way."""
+    dtype = dtype or ctx.dtype.value
+    parts = _gemm_parts(ctx, gemms, flops, dtypes or [dtype] * len(gemms))
+    if parts is None:
+        t = ctx.perf.matmul_time(flops, dtype, kernels=4)
+        return t, t, t
+    return sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts)
+
+
+def _gemm_parts(ctx: LayerContext, gemms: list[Gemm], flops: float,
+                dtypes: list[str] | None = None) -> list[tuple[float, float, float]] | None:
+    """Per GEMM of ``gemms``, its forward, input-gradient and weight-gradient time, scaled so that
+    they add up to the spec's ``flops``. Input gradients are (m x n) by (n x k); weight gradients
+    (k x m) by (m x n), added into the fp32 main gradient where the stack does
+    (``CostOptions.wgrad_fp32_accumulation``, Megatron's gradient-accumulation fusion) or written in
+    16 bits (in fp32 by an fp32 GEMM). Eager stacks run odd-sized GEMMs (a vocabulary like 50257)
+    unpadded. None without shapes or on a Perf without ``gemm_time``."""
     perf, dt = ctx.perf, ctx.dtype.value
     gemm = getattr(perf, "gemm_time", None)
     total = sum(2 * m * n * k * count for m, n, k, count in gemms)
     if gemm is None or not total:
-        t = perf.matmul_time(flops, dt, kernels=4)
-        return t, t, t
+        return None
     # eager stacks write 16-bit weight gradients (cast or copied out: eager.param_traffic)
     fused = ctx.options.elementwise == "fused"
     acc = wgrad_accumulates(ctx)
     scale = flops / total
-    fwd = dgrad = wgrad = 0.0
+    parts = []
     for (m, n, k, count), d in zip(gemms, dtypes or [dt] * len(gemms), strict=True):
         out = 4 if d == DType.FP32.value else _act_bytes(ctx)
-        fwd += gemm(m, n, k, d, count, padded=fused)
-        dgrad += gemm(m, k, n, d, count, padded=fused, backward=True)
-        wgrad += gemm(k, n, m, d, count, out_bytes=out, padded=fused, backward=True, accumulate=acc)
-    return scale * fwd, scale * dgrad, scale * wgrad
+        parts.append((scale * gemm(m, n, k, d, count, padded=fused),
+                      scale * gemm(m, k, n, d, count, padded=fused, backward=True),
+                      scale * gemm(k, n, m, d, count, out_bytes=out, padded=fused, backward=True, accumulate=acc)))
+    return parts
+
+
+def _sixteen_bit(ctx: LayerContext) -> str:
+    """The dtype of what an ``fp8`` plan keeps outside its blocks' linear layers (bf16: the embedding,
+    the output layer, attention: :mod:`strategies.cost.fp8`); the plan's own dtype otherwise."""
+    return DType.BF16.value if ctx.dtype is DType.FP8 else ctx.dtype.value
 
 
 def _attention_flops(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float) -> float:
@@ -472,8 +507,8 @@ def _attention(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float
     full = layer.attention_flops_per_token * tok / s.tp
     if not ctx.options.flash_attention:
         score_bytes = (9 + (3 if ctx.options.dropout else 0)) * layer.heads / s.tp * ctx.seq_len * tok
-        fwd = perf.matmul_time(full, ctx.dtype.value, kernels=2) + perf.memory_time(score_bytes)
-        bwd = perf.matmul_time(2 * full, ctx.dtype.value, kernels=4) + perf.memory_time(2 * score_bytes)
+        fwd = perf.matmul_time(full, _sixteen_bit(ctx), kernels=2) + perf.memory_time(score_bytes)
+        bwd = perf.matmul_time(2 * full, _sixteen_bit(ctx), kernels=4) + perf.memory_time(2 * score_bytes)
         return fwd, bwd, 0.0
     ring = s.ring_degree
     if ring <= 1:
@@ -531,6 +566,16 @@ def _elementwise_times(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, to
                                   sp_copies=ctx.options.sequence_parallel_copies,
                                   cast_first=ctx.options.cast_inputs_once)
     return _traffic_times(ctx, traffic.scaled(tok))
+
+
+def _fp8_quantize(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float, load: float,
+                  grouped: bool) -> tuple[float, float]:
+    """Forward and backward seconds of Transformer Engine's FP8 casts and transposes of a block's GEMM
+    operands (``fp8`` plans; :mod:`strategies.cost.fp8`), over Megatron's fused linears."""
+    traffic = eager.Traffic()
+    for (m, n, k, count), role in _block_linears(layer, s, tok, load, grouped):
+        traffic += fp8.gemm_quantize(role, m, n, k, count, s.tp, s.sp, ctx.options.fp8_scaling)
+    return _traffic_times(ctx, traffic)
 
 
 def _param_traffic(ctx: LayerContext, s: LayerStrategy, params: float) -> eager.Traffic:
@@ -601,9 +646,12 @@ def _elementwise_bytes(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) ->
     return scale * (replicated / (s.tp if s.sp else 1) + sharded / s.tp + moe)
 
 
-def _block_comm(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float) -> dict[str, float]:
+def _block_comm(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float,
+                tp_gemms: list[tuple[GemmTimes, GemmTimes]] | None = None) -> dict[str, float]:
     """Forward communication per micro-batch by kind (tp, cp, ep: the token dispatch); backward moves
-    the same volumes."""
+    the same volumes. With ``tp_gemms`` (``CostOptions.tp_comm_overlap``: per TP part, the times of
+    its column- and row-parallel GEMMs) each all-gather hides behind the column GEMM that reads it
+    and each reduce-scatter behind the row GEMM that writes it."""
     perf, ab = ctx.perf, _act_bytes(ctx)
     out: dict[str, float] = {"tp": 0.0, "cp": 0.0, "ep": 0.0}
     if s.tp > 1:
@@ -611,11 +659,15 @@ def _block_comm(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: floa
         group = _group(ctx, 1, s.tp)
         n = _tp_parts(layer, s)
         if s.sp:
-            one = perf.collective_time(Collective.ALL_GATHER, tensor, group) + perf.collective_time(
-                Collective.REDUCE_SCATTER, tensor, group)
+            ag = perf.collective_time(Collective.ALL_GATHER, tok * layer.hidden * _gather_bytes(ctx), group)
+            rs = perf.collective_time(Collective.REDUCE_SCATTER, tensor, group)
+            if tp_gemms is not None:
+                out["tp"] = sum(hidden_behind(ag, col[0], ctx.options) + hidden_behind(rs, row[0], ctx.options)
+                                for col, row in tp_gemms)
+            else:
+                out["tp"] = n * (ag + rs)
         else:
-            one = perf.collective_time(Collective.ALL_REDUCE, tensor, group)
-        out["tp"] = n * one
+            out["tp"] = n * perf.collective_time(Collective.ALL_REDUCE, tensor, group)
     if s.ulysses_degree > 1 and layer.heads:
         q, kv = layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim
         group = _group(ctx, s.tp, s.ulysses_degree)
@@ -624,6 +676,36 @@ def _block_comm(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: floa
     if layer.experts:
         out["ep"] = _dispatch_comm(ctx, layer, s, tok)
     return out
+
+
+def _gather_bytes(ctx: LayerContext) -> int:
+    """Bytes per element of what sequence parallelism all-gathers: the activations, or in an ``fp8``
+    plan their FP8 copies (Transformer Engine quantizes before it gathers: :mod:`strategies.cost.fp8`)."""
+    return 1 if ctx.dtype is DType.FP8 else _act_bytes(ctx)
+
+
+GemmTimes = tuple[float, float, float]
+"""Forward, input-gradient and weight-gradient seconds of some GEMMs."""
+
+
+def _tp_gemms(ctx: LayerContext, linears: list[tuple[Gemm, str]], flops: float,
+              dtypes: list[str] | None) -> list[tuple[GemmTimes, GemmTimes]] | None:
+    """Per tensor-parallel part of a block (the attention, then the MLP), the summed times of its
+    column-parallel GEMMs (whose input sequence parallelism gathers) and of its row-parallel ones
+    (whose output it reduce-scatters); routed experts belong to neither. None without GEMM shapes."""
+    parts = _gemm_parts(ctx, [g for g, _ in linears], flops, dtypes or [ctx.dtype.value] * len(linears))
+    if parts is None:
+        return None
+    roles = [r for _, r in linears]
+    first_row = roles.index(fp8.ROW) + 1 if fp8.ROW in roles else len(roles)
+    out = []
+    for lo, hi in ((0, first_row), (first_row, len(roles))):
+        col = [p for p, r in zip(parts[lo:hi], roles[lo:hi], strict=True) if r in (fp8.NORM, fp8.COLUMN)]
+        row = [p for p, r in zip(parts[lo:hi], roles[lo:hi], strict=True) if r == fp8.ROW]
+        if col or row:
+            out.append((tuple(sum(t[i] for t in col) for i in range(3)),
+                        tuple(sum(t[i] for t in row) for i in range(3))))
+    return out  # type: ignore[return-value]
 
 
 def _tp_parts(layer: LayerSpec, s: LayerStrategy) -> int:
@@ -652,7 +734,8 @@ def _dispatch_comm(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: f
     return t
 
 
-def _tp_backward_exposed(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float, wgrad: float) -> float:
+def _tp_backward_exposed(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: float, wgrad: float,
+                         tp_gemms: list[tuple[GemmTimes, GemmTimes]] | None = None) -> float:
     """Backward TP collectives per attention/MLP part. Without SP, Megatron's ``f`` (identity
     forward) all-reduces the column-parallel GEMM's input gradient, overlapped with that GEMM's
     weight gradient (async grad all-reduce); ``g`` after the row-parallel GEMM is identity backward
@@ -660,6 +743,8 @@ def _tp_backward_exposed(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, 
     the output gradient (exposed), the column part re-gathers its sharded input behind the input-
     gradient GEMM and reduce-scatters the input gradient behind the weight-gradient GEMM; stacks
     other than the fused one keep the gathered input (``_activation``) and do not re-gather it.
+    With ``tp_gemms`` (``CostOptions.tp_comm_overlap``) the output gradient's all-gather hides too,
+    behind the row part's input-gradient GEMM, and each collective behind its own part's GEMMs.
     Hidden collectives still cost ``overlap_interference`` of their time."""
     if s.tp == 1:
         return 0.0
@@ -671,10 +756,14 @@ def _tp_backward_exposed(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, 
     b = opts.overlap_comm_slowdown if opts.overlap_tp_backward else 1.0
     hide = col if opts.overlap_tp_backward else 0.0
     if s.sp:
-        ag = perf.collective_time(Collective.ALL_GATHER, tensor, group)
+        ag = perf.collective_time(Collective.ALL_GATHER, tok * layer.hidden * _gather_bytes(ctx), group)
         rs = perf.collective_time(Collective.REDUCE_SCATTER, tensor, group)
+        fused = opts.elementwise == "fused"
+        if tp_gemms is not None:
+            return sum(hidden_behind(ag, row[1], opts) + (hidden_behind(ag, c[1], opts) if fused else 0.0)
+                       + hidden_behind(rs, c[2], opts) for c, row in tp_gemms)
         # only Megatron's fused stack re-gathers the column input in backward (the others keep it)
-        regather = overlapped(ag, hide, f, b) if opts.elementwise == "fused" else 0.0
+        regather = overlapped(ag, hide, f, b) if fused else 0.0
         return parts * (ag + regather + overlapped(rs, hide, f, b))
     return parts * overlapped(perf.collective_time(Collective.ALL_REDUCE, tensor, group), hide, f, b)
 
@@ -818,7 +907,12 @@ def _activation(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, mode: Rec
         # the fused experts' tensors (spec_module._add_fused_experts' 16-bit count) are kept in fp32
         sharded += layer.top_k * (2 * h + 6 * layer.ffn_hidden)
     inputs_div = sp_div if stack == "fused" else 1
-    return scale * (norms / sp_div + inputs / inputs_div + (max(sharded, 0.0) + scores) / s.tp)
+    kept = scale * (norms / sp_div + inputs / inputs_div + (max(sharded, 0.0) + scores) / s.tp)
+    if ctx.dtype is DType.FP8 and layer.heads and layer.ffn_hidden:  # TE keeps its GEMM inputs in FP8
+        routed = layer.top_k + layer.shared_experts if layer.experts else 0
+        kept += fp8.saved_bytes_delta(h, layer.heads * layer.head_dim, layer.ffn_hidden, s.tp,
+                                      s.sp and stack == "fused", 1 if layer.experts else 2, routed, routed or 1)
+    return kept
 
 
 def _expanded_kv(layer: LayerSpec) -> float:
@@ -880,7 +974,9 @@ def zero_terms(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> ZeroTer
     expert-data-parallel group of ``dp * tp * cp / (etp * ep)`` ranks ``etp * ep`` apart
     (:func:`expert_groups`; ``dp * cp / ep`` ranks ``tp * ep`` apart when ``etp`` is ``tp``)."""
     dense, expert = _dense_expert_params(layer, s)
-    pb, gb = _param_bytes(ctx), ctx.options.grad_bytes
+    opts = ctx.options
+    te_fp8 = ctx.dtype is DType.FP8 and layer.kind in BLOCK_KINDS  # Transformer Engine's FP8 linears
+    pb, gb = 1 if te_fp8 and opts.fp8_params else _param_bytes(ctx), opts.grad_bytes
     ob = 8 if ctx.dtype is DType.FP32 or ctx.options.master_weights == "params" else 12
     acc = dict.fromkeys((f.name for f in fields(ZeroTerms)), 0.0)
     uncast = expert_gemm_dtype(ctx, layer) != ctx.dtype.value  # experts outside autocast: never cast
@@ -891,6 +987,10 @@ def zero_terms(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> ZeroTer
     if layer.kind in (LayerKind.EMBEDDING, LayerKind.HEAD):
         acc["casts"] = _edge_casts(ctx, layer, s, pb)
     acc["param_fwd"], acc["param_bwd"] = _param_kernels(ctx, layer, s, dense + expert, dense if uncast else None)
+    if te_fp8:  # FP8 weight copies, made at each step's first micro-batch (strategies.cost.fp8)
+        acc["params"] += fp8.weight_copy_bytes(dense + expert, opts.fp8_params)
+        acc["post"] += ctx.perf.memory_time(fp8.weight_quantize_bytes(dense + expert, opts.fp8_scaling,
+                                                                      opts.fp8_params))
     if layer.experts_sliced and _measured(ctx, layer, s) is None:
         slices, full = _sliced_expert_grads(ctx, layer, s)
         acc["param_bwd"] += getattr(ctx.perf, "streaming_time", ctx.perf.memory_time)(slices)
@@ -1104,7 +1204,7 @@ def _head(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     mm = layer.flops_per_token * tok / s.tp
     vocab = layer.flops_per_token / (2 * layer.hidden) if layer.hidden else 0.0
     gemms: list[Gemm] = [(tok, vocab / s.tp, layer.hidden, 1)] if vocab else []
-    t_mm, dgrad, wgrad = _gemm_times(ctx, gemms, mm)
+    t_mm, dgrad, wgrad = _gemm_times(ctx, gemms, mm, dtype=_sixteen_bit(ctx))
     loss = eager.loss_traffic(ctx.options.elementwise).scaled(vocab * tok / s.tp)
     loss_fwd, loss_bwd = _traffic_times(ctx, loss)
     tp = 0.0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from galvatron.strategies.cost.fp8 import FP8_SCALINGS
+
 
 @dataclass(frozen=True, kw_only=True)
 class CostOptions:
@@ -72,6 +74,24 @@ class CostOptions:
     overlap_tp_backward: bool = True
     """Tensor-parallel input-gradient collectives overlapped with weight-gradient GEMMs (Megatron's
     asynchronous grad all-reduce, Korthikanti et al. 2022 §6.2)."""
+    tp_comm_overlap: bool = False
+    """Tensor-parallel collectives under sequence parallelism overlapped with the GEMMs beside them
+    (Transformer Engine's userbuffers, Megatron's ``--tp-comm-overlap``): each all-gather with the
+    column-parallel GEMM that reads it and each reduce-scatter with the row-parallel GEMM that writes
+    it, split into chunks that pipeline; in the backward the output gradient's all-gather with the
+    row-parallel input-gradient GEMM, the input's re-gather with the column-parallel one and the input
+    gradient's reduce-scatter with its weight-gradient GEMM. Hidden collectives still cost
+    ``overlap_interference`` of their time. False: Megatron's default, where only the backward's
+    collectives overlap (``overlap_tp_backward``)."""
+    fp8_scaling: str = "delayed"
+    """How an ``fp8`` plan picks its scaling factors (:data:`strategies.cost.fp8.FP8_SCALINGS`):
+    ``delayed`` from the maxima of earlier steps (Transformer Engine's ``DelayedScaling``, NeMo's
+    recipes of 2024), ``current`` from each tensor's own maximum, read first (``Float8CurrentScaling``,
+    Megatron-Bridge's ``tensorwise`` recipe of 2025): 2 bytes more per element quantized."""
+    fp8_params: bool = False
+    """An ``fp8`` plan keeps its blocks' weights in FP8 (Megatron's ``--fp8-param-gather``): the
+    optimizer writes them as it updates them, ZeRO's parameter all-gather moves 1 byte per parameter,
+    and the first micro-batch only transposes them (``strategies.cost.fp8``)."""
     overlap_zero_prefetch: bool = True
     """ZeRO-3 parameter all-gathers and gradient reduce-scatters prefetched behind compute."""
     overlap_interference: float = 0.2
@@ -199,6 +219,9 @@ class CostOptions:
         if self.zero1_reduce not in ZERO1_REDUCES:
             raise ValueError(f"CostOptions.zero1_reduce={self.zero1_reduce!r}: expected one of "
                              f"{', '.join(ZERO1_REDUCES)}")
+        if self.fp8_scaling not in FP8_SCALINGS:
+            raise ValueError(f"CostOptions.fp8_scaling={self.fp8_scaling!r}: expected one of "
+                             f"{', '.join(FP8_SCALINGS)}")
         if self.selective not in SELECTIVE_POLICIES:
             raise ValueError(f"CostOptions.selective={self.selective!r}: expected one of "
                              f"{', '.join(SELECTIVE_POLICIES)}")
