@@ -236,7 +236,7 @@ def _sensitivity() -> dict[str, float]:
     for label, change in variants.items():
         errors = []
         for run in RUNS:
-            name, source, cfg, gpus, gbs = run[:5]
+            _name, source, cfg, gpus, gbs = run[:5]
             if not run[13]:
                 continue
             applies = not (("24.07" in label and source != NEMO) or ("Bridge" in label and source != BRIDGE))
