@@ -81,8 +81,10 @@ def nemotron(layers: int, hidden: int, heads: int, kv: int, tp: int) -> dict:
 # contiguous gradient buffers, gradient-accumulation fusion, flash attention, fused kernels, overlapped gradient
 # reduce-scatter and parameter all-gather, Megatron's selective recomputation where a run recomputes.
 MEGATRON = {"persistent_grads": True, "master_weights": "optimizer", "selective": "megatron"}
-NEMO_2407 = {**MEGATRON, "fp8_scaling": "delayed", "attention_kernel": "flash2"}
-BRIDGE_CS = {**MEGATRON, "fp8_scaling": "current", "fp8_params": True, "grad_bytes": 2}
+# overlap_p2p: the recipes' overlap_p2p_comm, on for interleaved schedules (NeMo's YAMLs; Megatron-Bridge's
+# CommOverlapConfig when PP > 1 and VP > 1); it changes nothing without interleaving.
+NEMO_2407 = {**MEGATRON, "fp8_scaling": "delayed", "attention_kernel": "flash2", "overlap_p2p": True}
+BRIDGE_CS = {**MEGATRON, "fp8_scaling": "current", "fp8_params": True, "grad_bytes": 2, "overlap_p2p": True}
 UB = {"tp_comm_overlap": True}
 BF16_GRADS = {"grad_bytes": 2}  # grad_sync_dtype / grad_reduce_in_fp32=False: a bf16 gradient buffer
 
@@ -115,8 +117,8 @@ RUNS = [
     ("Nemotron-22B", NEMO, nemotron(40, 6144, 48, 48, 2), 64, 256, 2, 2, 4, 1, 10, 1, "none",
      {**NEMO_2407, **UB}, True, 4256, 554, f"{LAUNCHER} nemotron/nemotron_22b.yaml @3dd3561 (TP2 PP4 VP10)"),
     ("Nemotron-340B", NEMO, nemotron(96, 18432, 96, 8, 8), 128, 32, 1, 8, 8, 1, 12, 1, "selective",
-     {**NEMO_2407, **BF16_GRADS}, False, 322, 678,
-     "nemotron_340b.yaml is TP8 PP12 VP8 with fp8 off; selective recompute, no TP overlap assumed from it"),
+     {**NEMO_2407, **BF16_GRADS, "overlap_p2p": False}, False, 322, 678,
+     "nemotron_340b.yaml is TP8 PP12 VP8 with fp8 off; selective recompute, no TP or p2p overlap assumed from it"),
     ("LLAMA3-8B", NEMO, llama(32, 4096, 32, 8, 14336, 128256, 8192, 1), 8, 128, 1, 1, 1, 2, 1, 1, "none",
      {**NEMO_2407, **BF16_GRADS}, True, 12036, 697,
      f"{LAUNCHER} llama/llama3_8b.yaml @157ea78 (CP2), llama3_8b_fp8.sh (grad_sync bf16)"),
@@ -147,7 +149,7 @@ RUNS = [
      "none", {**BRIDGE_CS, **UB}, True, 311, 784, "llama31_workload_base_configs.py @0013c9a (GBS 1536)"),
 ]
 # Predicted tokens/s/GPU of the same plans at commit fbae6a1 (FP8 as its GEMM rate only; options the model then
-# had: everything above but tp_comm_overlap, fp8_scaling and fp8_params).
+# had: everything above but tp_comm_overlap, overlap_p2p, fp8_scaling and fp8_params).
 BEFORE = {"GPT3-5B": 25642, "GPT3-20B": 6131, "GPT3-175B 128": 644, "GPT3-175B 512": 750, "LLAMA2-7B": 16715,
           "LLAMA2-13B": 8895, "LLAMA2-70B": 1554, "Nemotron-8B": 14776, "Nemotron-22B": 4849, "Nemotron-340B": 306,
           "LLAMA3-8B": 12315, "LLAMA3-70B": 1408, "LLAMA3_8B 25.09": 14773, "LLAMA3_8B 25.11": 14773,
@@ -229,6 +231,7 @@ def _sensitivity() -> dict[str, float]:
     """Mean absolute error over the scored runs with one recipe fact changed for every run: what the result
     leans on."""
     variants = {"TP communication not overlapped": {"tp_comm_overlap": False},
+                "pipeline handoffs not overlapped": {"overlap_p2p": False},
                 "cuDNN attention for NeMo 24.07": {"attention_kernel": None},
                 "FlashAttention-2 for Megatron-Bridge": {"attention_kernel": "flash2"},
                 "delayed scaling for Megatron-Bridge": {"fp8_scaling": "delayed"}}

@@ -6,7 +6,8 @@ for the K best). ``--json`` prints one JSON object. ``--backend NAME`` costs pla
 runs them (its kernels, master weights, selective recomputation: ``galvatron.backends``) and
 searches only plans it executes; without it, the cost model's default stack and every plan.
 ``--attention-kernel flash2`` costs attention on that kernel instead of the GPU's default;
-``--tp-comm-overlap``, ``--fp8-scaling`` and ``--fp8-params`` describe a Transformer Engine stack
+``--tp-comm-overlap``, ``--overlap-p2p``, ``--fp8-scaling`` and ``--fp8-params`` describe a Megatron-Core
+and Transformer Engine stack
 (``--dtype fp8`` plans are costed as TE runs them: ``strategies.cost.fp8``).
 ``--model-profile FILE`` / ``--cluster-profile FILE`` (written by ``galvatron profile model`` /
 ``profile cluster``) put measured layer times and collectives in place of the datasheet's.
@@ -48,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp-comm-overlap", action="store_true",
                         help="tensor-parallel collectives under --sp megatron overlapped with the GEMMs beside them "
                              "(Transformer Engine's userbuffers, Megatron's --tp-comm-overlap)")
+    parser.add_argument("--overlap-p2p", action="store_true",
+                        help="interleaved schedules: pipeline sends and receives beside the next chunk's compute "
+                             "(Megatron-Core's overlap_p2p_comm)")
     parser.add_argument("--fp8-scaling", choices=["delayed", "current"],
                         help="--dtype fp8: Transformer Engine's scaling recipe (default: delayed)")
     parser.add_argument("--fp8-params", action="store_true",
@@ -94,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def apply_backend(args: argparse.Namespace, cluster: Any = None) -> None:
     """``--backend``: that backend's cost options and search restrictions on ``args``;
     ``--attention-kernel``: that kernel in the cost options (checked against ``cluster``'s GPU);
-    ``--tp-comm-overlap``, ``--fp8-scaling``, ``--fp8-params``: those stack facts in them."""
+    ``--tp-comm-overlap``, ``--overlap-p2p``, ``--fp8-scaling``, ``--fp8-params``: those stack facts in them."""
     import dataclasses
 
     from galvatron.strategies.cost import CostOptions
@@ -109,12 +113,11 @@ def apply_backend(args: argparse.Namespace, cluster: Any = None) -> None:
         if cluster is not None:
             cluster.gpu.attention_efficiency(False, 128, kernel)  # ConfigError naming the GPU's kernels
         stack["attention_kernel"] = kernel
-    if getattr(args, "tp_comm_overlap", False):
-        stack["tp_comm_overlap"] = True
+    for flag in ("tp_comm_overlap", "overlap_p2p", "fp8_params"):
+        if getattr(args, flag, False):
+            stack[flag] = True
     if getattr(args, "fp8_scaling", None):
         stack["fp8_scaling"] = args.fp8_scaling
-    if getattr(args, "fp8_params", False):
-        stack["fp8_params"] = True
     if stack:
         base = getattr(args, "cost_options", None) or CostOptions()
         args.cost_options = dataclasses.replace(base, **stack)

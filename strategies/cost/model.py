@@ -19,12 +19,14 @@ from galvatron.strategies.cost.options import CostOptions
 from galvatron.strategies.cost.perf import DatasheetPerf, Perf
 from galvatron.strategies.cost.step import (
     ACT,
+    FB,
     POST,
     VECTOR_LEN,
     GroupTotals,
     chunk_in_flight,
     combine,
     grads_persist,
+    hidden_behind,
     peak_activations,
     step_time,
 )
@@ -100,7 +102,7 @@ def cost_plan(plan: Plan, spec: ModelSpec, cluster: Cluster | Perf, options: Cos
                            micro_batch=plan.micro_batch_size, stage_devices=stage.devices, micro_batches=m)
         group = acc[j % pp]
         group.ranges.append((stage.start, stage.end))
-        held = group.sums[ACT]
+        held, busy = group.sums[ACT], group.sums[FB]
         for layer, strategy in _stage_layers(plan, spec, j):
             group.add(layer_cost(ctx, layer, strategy))
         if pp > 1 and j in (0, len(plan.stages) - 1):
@@ -112,7 +114,10 @@ def cost_plan(plan: Plan, spec: ModelSpec, cluster: Cluster | Perf, options: Cos
         if pp > 1:
             group.p2p += schedule_overhead(options)
         if j + 1 < len(plan.stages):
-            group.p2p += p2p_time(ctx, spec.hidden, plan.stages[j].groups[-1].strategy)
+            handoff = p2p_time(ctx, spec.hidden, plan.stages[j].groups[-1].strategy)
+            if options.overlap_p2p and v > 1:  # beside the chunk's own forward and backward
+                handoff = hidden_behind(handoff, group.sums[FB] - busy, options)
+            group.p2p += handoff
         if j > 0 and options.blocking_p2p:  # the receiving side's handoffs, at its own input's size
             group.p2p += p2p_time(ctx, spec.hidden, plan.stages[j].groups[0].strategy)
     zb = plan.pipeline.schedule is Schedule.ZERO_BUBBLE

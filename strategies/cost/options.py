@@ -48,6 +48,12 @@ class CostOptions:
     pays each handoff, not only the sender's side as with NCCL's asynchronous p2p, whose waits the
     schedule's bubbles already hold. The receiving stage's handoffs are priced at its own input's
     size (the search keeps stages independent)."""
+    overlap_p2p: bool = False
+    """An interleaved schedule's sends and receives run beside the next chunk's compute instead of
+    before it (Megatron-Core's ``overlap_p2p_comm``, on by default for interleaved schedules since
+    2023; Megatron-LM of 2022 and torch's ``ScheduleInterleaved1F1B`` wait for them): a chunk's
+    handoff then costs what :func:`strategies.cost.step.overlapped` charges beside the chunk's forward
+    and backward. Other schedules are unaffected (Megatron refuses the overlap without interleaving)."""
     pipeline_action_s: float = 0.0
     """Host seconds the pipeline schedule spends per action, one chunk's forward or backward of one
     micro-batch, besides its kernels and handoffs (``torch.distributed.pipelining``'s Python: the

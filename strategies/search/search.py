@@ -222,7 +222,8 @@ class _Search:
                     key = (hi - lo, *ends) if table.homogeneous else (lo, hi, *ends)
                     if key not in chunks:
                         n = hi - lo if mode is Recompute.FULL else 0
-                        chunks[key] = table.stage_sums(lo, hi, lower, np.full(table.size, n), None, *ends)
+                        chunks[key] = table.stage_sums(lo, hi, lower, np.full(table.size, n), None, *ends,
+                                                       interleaved=v > 1)
                     part, w, p = chunks[key]
                     vec, work, p2p = vec + part, np.maximum(work, w), p2p + p
                     held.append(part[:, ACT])

@@ -40,6 +40,7 @@ from galvatron.strategies.cost.step import (
     GroupTotals,
     combine,
     grads_persist,
+    hidden_behind,
     memory_peak,
 )
 
@@ -183,12 +184,13 @@ class StageTable:
     # ------------------------------------------------------------------ range sums
     def stage_sums(self, a: int, b: int, lower: Recompute, full: np.ndarray,
                    rows: np.ndarray | None = None, first: bool | None = None,
-                   last: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   last: bool | None = None, interleaved: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Summed vectors, transient memory and p2p time of stages ``[a, b)`` whose first ``full[i]``
         blocks are fully recomputed and the rest run at ``lower``, one per strategy ``rows[i]``
         (every strategy when None); the embedding on the first stage, norm and head on the last
         (``first`` / ``last``: by default the stages that start and end the blocks; a pipeline whose
-        first or last stage holds no blocks says which)."""
+        first or last stage holds no blocks says which). ``interleaved``: a chunk of an interleaved
+        schedule, whose handoff ``CostOptions.overlap_p2p`` runs beside its forward and backward."""
         pick = slice(None) if rows is None else rows
         split = a + full
         c = self.counts
@@ -208,6 +210,8 @@ class StageTable:
         if last:
             vec, work = vec + self.tail[0][pick], np.maximum(work, self.tail[1][pick])
         p2p = np.zeros(len(vec)) if last else self.p2p[pick]
+        if interleaved and self.ctx.options.overlap_p2p and not last:
+            p2p = hidden_behind(p2p, vec[:, FB], self.ctx.options)
         if not first and self.ctx.options.blocking_p2p:  # as cost_plan: the receiving side pays too
             p2p = p2p + self.p2p[pick]
         return vec, work, p2p + self.overhead

@@ -96,12 +96,15 @@ def test_simulate_attention_kernel(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_simulate_transformer_engine_stack_flags(capsys: pytest.CaptureFixture[str]) -> None:
-    """``--tp-comm-overlap`` hides TP collectives behind GEMMs; ``--dtype fp8`` with ``--fp8-scaling current``
+    """``--tp-comm-overlap`` hides TP collectives behind GEMMs, ``--overlap-p2p`` interleaved pipeline handoffs
+    behind chunks; ``--dtype fp8`` with ``--fp8-scaling current``
     reads each quantized tensor once more than delayed scaling; ``--fp8-params`` drops the FP8 weight copies."""
     flags = ["simulate", "--model", "llama3-8b", "--cluster", "8xH100", "--tp", "4", "--sp", "megatron",
              "--global-batch", "16", "--zero", "1", "--json"]
     out = {}
     for name, extra in (("bf16", []), ("overlap", ["--tp-comm-overlap"]), ("fp8", ["--dtype", "fp8"]),
+                        ("p2p", ["--pp", "2", "--vpp", "2", "--tp", "2"]),
+                        ("p2p overlap", ["--pp", "2", "--vpp", "2", "--tp", "2", "--overlap-p2p"]),
                         ("current", ["--dtype", "fp8", "--fp8-scaling", "current"]),
                         ("params", ["--dtype", "fp8", "--fp8-params"])):
         assert main(flags + extra) == 0
@@ -109,6 +112,7 @@ def test_simulate_transformer_engine_stack_flags(capsys: pytest.CaptureFixture[s
     assert out["overlap"]["step_time_s"] < out["bf16"]["step_time_s"]
     assert out["fp8"]["step_time_s"] < out["current"]["step_time_s"]
     assert out["params"]["peak_memory_gib"] < out["fp8"]["peak_memory_gib"]
+    assert out["p2p overlap"]["step_time_s"] < out["p2p"]["step_time_s"]
 
 
 def test_simulate_traces_a_plans_memory_on_fake_tensors(capsys: pytest.CaptureFixture[str]) -> None:

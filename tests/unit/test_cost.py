@@ -742,3 +742,20 @@ def test_only_the_fused_stack_regathers_the_sequence_parallel_input_in_backward(
     group = _group(ctx, 1, 2)
     ag = perf.collective_time(Collective.ALL_GATHER, tok * layer.hidden * 2, group)
     assert backward("fused") - backward("autocast") == pytest.approx(2 * ag)  # attention and MLP
+
+
+def test_overlap_p2p_hides_interleaved_handoffs_only() -> None:
+    """Megatron-Core's ``overlap_p2p_comm``: an interleaved chunk's send and receive run beside its forward and
+    backward and cost their interference; 1F1B still waits for them."""
+    cluster = load_cluster("64xA100-80GB")
+    hidden = CostOptions(overlap_p2p=True)
+    for v, schedule in ((2, Schedule.INTERLEAVED_1F1B), (1, Schedule.ONE_F_ONE_B)):
+        plan = Plan.uniform(SPEC.num_blocks, global_batch_size=256, num_micro_batches=16, pp=4, virtual_stages=v,
+                            schedule=schedule, dp=16)
+        plain, over = cost_plan(plan, SPEC, cluster), cost_plan(plan, SPEC, cluster, hidden)
+        waits, beside = plain.stages[0].comm_s["pp"], over.stages[0].comm_s["pp"]
+        if v == 1:
+            assert beside == waits and over.step_time_s == plain.step_time_s
+        else:
+            assert beside == pytest.approx(hidden.overlap_interference * waits)
+            assert over.step_time_s < plain.step_time_s

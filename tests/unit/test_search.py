@@ -199,11 +199,12 @@ def test_search_matches_brute_force_with_expert_tp() -> None:
 
 @pytest.mark.parametrize(("config", "fixed", "cost"), [
     (TINY, {}, CostOptions()), (MOE, {}, CostOptions()), ({**TINY, "tied_embeddings": True}, {"pp": 2}, CostOptions()),
-    (TINY, {"pp": 2}, CostOptions(pipeline_action_s=2e-4, blocking_p2p=True))])
+    (TINY, {"pp": 2}, CostOptions(pipeline_action_s=2e-4, blocking_p2p=True)),
+    (TINY, {"pp": 2, "vpp": 2}, CostOptions(overlap_p2p=True))])
 def test_search_estimate_equals_cost_plan(config: dict, fixed: dict, cost: CostOptions) -> None:
     """What the search optimises internally is what cost_plan reports, for every plan it keeps
-    (tied embeddings across pipeline stages, and CPU workers' schedule overhead and blocking
-    handoffs, included)."""
+    (tied embeddings across pipeline stages, CPU workers' schedule overhead and blocking handoffs, and
+    interleaved handoffs beside their chunks' compute, included)."""
     spec = ModelSpec.from_config(config)
     options = _options(top_k=8, fixed=fixed)
     s = _Search(spec, _perf(4), 4, options, cost)
