@@ -221,7 +221,8 @@ def _block(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     flops = mm * _gemm_flops(gemms) / _gemm_flops(nominal) if nominal else mm
     dtypes = _gemm_dtypes(ctx, layer, s, tok, gemms, grouped)
     t_mm, dgrad, wgrad = _gemm_times(ctx, gemms, flops, dtypes)
-    tp_gemms = _tp_gemms(ctx, linears, flops, dtypes) if ctx.options.tp_comm_overlap and s.sp and s.tp > 1 else None
+    overlap_tp = ctx.options.tp_comm_overlap and s.sp and s.tp > 1
+    tp_gemms = _tp_gemms(ctx, layer, s, linears, flops, dtypes) if overlap_tp else None
     attn_fwd, attn_bwd, attn_exposed = _attention(ctx, layer, s, tok)
     ew, ew_bwd = _elementwise_times(ctx, layer, s, tok)
     if ctx.dtype is DType.FP8:
@@ -688,24 +689,25 @@ GemmTimes = tuple[float, float, float]
 """Forward, input-gradient and weight-gradient seconds of some GEMMs."""
 
 
-def _tp_gemms(ctx: LayerContext, linears: list[tuple[Gemm, str]], flops: float,
+def _tp_gemms(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, linears: list[tuple[Gemm, str]], flops: float,
               dtypes: list[str] | None) -> list[tuple[GemmTimes, GemmTimes]] | None:
-    """Per tensor-parallel part of a block (the attention, then the MLP), the summed times of its
-    column-parallel GEMMs (whose input sequence parallelism gathers) and of its row-parallel ones
-    (whose output it reduce-scatters); routed experts belong to neither. None without GEMM shapes."""
+    """Per tensor-parallel part of a block (:func:`_tp_parts`: the attention, then the MLP), the summed
+    times of its column-parallel GEMMs (whose input sequence parallelism gathers) and of its row-parallel
+    ones (whose output it reduce-scatters). Routed experts belong to neither: a MoE layer's TP
+    collectives gather and scatter the tokens around its router and dispatch, with no GEMM beside them
+    but its shared experts' (zero times: exposed). None without GEMM shapes."""
     parts = _gemm_parts(ctx, [g for g, _ in linears], flops, dtypes or [ctx.dtype.value] * len(linears))
     if parts is None:
         return None
     roles = [r for _, r in linears]
-    first_row = roles.index(fp8.ROW) + 1 if fp8.ROW in roles else len(roles)
+    first_row = roles.index(fp8.ROW) + 1 if layer.heads and fp8.ROW in roles else 0
     out = []
     for lo, hi in ((0, first_row), (first_row, len(roles))):
         col = [p for p, r in zip(parts[lo:hi], roles[lo:hi], strict=True) if r in (fp8.NORM, fp8.COLUMN)]
         row = [p for p, r in zip(parts[lo:hi], roles[lo:hi], strict=True) if r == fp8.ROW]
-        if col or row:
-            out.append((tuple(sum(t[i] for t in col) for i in range(3)),
-                        tuple(sum(t[i] for t in row) for i in range(3))))
-    return out  # type: ignore[return-value]
+        if hi > lo:
+            out.append(tuple(tuple(sum(t[i] for t in side) for i in range(3)) for side in (col, row)))
+    return out[:_tp_parts(layer, s)]  # type: ignore[return-value]
 
 
 def _tp_parts(layer: LayerSpec, s: LayerStrategy) -> int:

@@ -6,7 +6,15 @@ import dataclasses
 
 import pytest
 from galvatron.strategies.cost import Collective, CostOptions, DatasheetPerf, LayerContext, fp8, layer_cost
-from galvatron.strategies.cost.layer import _activation, _block_comm, _fp8_quantize, _group, zero_terms
+from galvatron.strategies.cost.layer import (
+    _activation,
+    _block_comm,
+    _block_linears,
+    _fp8_quantize,
+    _group,
+    _tp_gemms,
+    zero_terms,
+)
 from galvatron.strategies.cost.step import hidden_behind
 from galvatron.strategies.hardware import load_cluster
 
@@ -159,3 +167,19 @@ def test_tp_comm_overlap_hides_tensor_parallel_collectives() -> None:
     # without sequence parallelism there is nothing to overlap (TE's userbuffers need it)
     s_ar = LayerStrategy(dp=2, tp=4)
     assert layer_cost(ctx, BLOCK, s_ar).comm["tp"] == layer_cost(_ctx(DType.FP8), BLOCK, s_ar).comm["tp"]
+
+
+def test_tp_comm_overlap_leaves_moe_token_collectives_exposed() -> None:
+    """A MoE layer's TP collectives gather and scatter tokens around its router and dispatch: no GEMM runs
+    beside them, so overlap hides only the attention's (and, under MoE Parallel Folding, the MLP part has
+    no TP collectives at all)."""
+    moe = ModelSpec.from_config("mixtral-8x7b").blocks[0]
+    opts = dataclasses.replace(MEGATRON, tp_comm_overlap=True)
+    ctx = _ctx(DType.BF16, opts)
+    tok = 8 / 4 * 4096
+    for etp, parts in ((0, 2), (1, 1)):
+        s = LayerStrategy(dp=4, tp=2, sp=True, ep=2, etp=etp)
+        gemms = _tp_gemms(ctx, moe, s, _block_linears(moe, s, tok), moe.flops_per_token * tok / 2, None)
+        assert len(gemms) == parts and min(gemms[0][0]) > 0 and min(gemms[0][1]) > 0
+        if parts == 2:
+            assert gemms[1] == ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0))
