@@ -664,7 +664,7 @@ def _block_comm(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, tok: floa
             rs = perf.collective_time(Collective.REDUCE_SCATTER, tensor, group)
             if tp_gemms is not None:
                 out["tp"] = sum(hidden_behind(ag, col[0], ctx.options) + hidden_behind(rs, row[0], ctx.options)
-                                for col, row in tp_gemms)
+                                if any(col) or any(row) else ag + rs for col, row in tp_gemms)
             else:
                 out["tp"] = n * (ag + rs)
         else:
@@ -695,7 +695,8 @@ def _tp_gemms(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, linears: li
     times of its column-parallel GEMMs (whose input sequence parallelism gathers) and of its row-parallel
     ones (whose output it reduce-scatters). Routed experts belong to neither: a MoE layer's TP
     collectives gather and scatter the tokens around its router and dispatch, with no GEMM beside them
-    but its shared experts' (zero times: exposed). None without GEMM shapes."""
+    but its shared experts' (zero times: the part's collectives run as without the overlap). None
+    without GEMM shapes."""
     parts = _gemm_parts(ctx, [g for g, _ in linears], flops, dtypes or [ctx.dtype.value] * len(linears))
     if parts is None:
         return None
@@ -761,12 +762,13 @@ def _tp_backward_exposed(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, 
         ag = perf.collective_time(Collective.ALL_GATHER, tok * layer.hidden * _gather_bytes(ctx), group)
         rs = perf.collective_time(Collective.REDUCE_SCATTER, tensor, group)
         fused = opts.elementwise == "fused"
-        if tp_gemms is not None:
-            return sum(hidden_behind(ag, row[1], opts) + (hidden_behind(ag, c[1], opts) if fused else 0.0)
-                       + hidden_behind(rs, c[2], opts) for c, row in tp_gemms)
         # only Megatron's fused stack re-gathers the column input in backward (the others keep it)
         regather = overlapped(ag, hide, f, b) if fused else 0.0
-        return parts * (ag + regather + overlapped(rs, hide, f, b))
+        plain = ag + regather + overlapped(rs, hide, f, b)
+        if tp_gemms is not None:  # a part without GEMMs beside its collectives (MoE) runs as without
+            return sum(hidden_behind(ag, row[1], opts) + (hidden_behind(ag, c[1], opts) if fused else 0.0)
+                       + hidden_behind(rs, c[2], opts) if any(c) or any(row) else plain for c, row in tp_gemms)
+        return parts * plain
     return parts * overlapped(perf.collective_time(Collective.ALL_REDUCE, tensor, group), hide, f, b)
 
 
