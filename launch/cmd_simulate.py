@@ -118,6 +118,10 @@ def apply_backend(args: argparse.Namespace, cluster: Any = None) -> None:
             stack[flag] = True
     if getattr(args, "fp8_scaling", None):
         stack["fp8_scaling"] = args.fp8_scaling
+    fp8_flag = "--fp8-scaling" if getattr(args, "fp8_scaling", None) else "--fp8-params" if stack.get(
+        "fp8_params") else None
+    if fp8_flag and not getattr(args, "plan", None) and getattr(args, "dtype", "bf16") != "fp8":
+        raise ConfigError(f"{fp8_flag} describes how FP8 plans run: give --dtype fp8")
     if stack:
         base = getattr(args, "cost_options", None) or CostOptions()
         args.cost_options = dataclasses.replace(base, **stack)

@@ -992,7 +992,8 @@ def zero_terms(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> ZeroTer
         acc["casts"] = _edge_casts(ctx, layer, s, pb)
     acc["param_fwd"], acc["param_bwd"] = _param_kernels(ctx, layer, s, dense + expert, dense if uncast else None)
     if te_fp8:  # FP8 weight copies, made at each step's first micro-batch (strategies.cost.fp8)
-        acc["params"] += fp8.weight_copy_bytes(dense + expert, opts.fp8_params)
+        # held all step beside the 16-bit parameters; under ZeRO-3 only beside the layer's gathered ones
+        acc["params" if replica_zero(s) < 3 else "work"] += fp8.weight_copy_bytes(dense + expert, opts.fp8_params)
         acc["post"] += ctx.perf.memory_time(fp8.weight_quantize_bytes(dense + expert, opts.fp8_scaling,
                                                                       opts.fp8_params))
     if layer.experts_sliced and _measured(ctx, layer, s) is None:

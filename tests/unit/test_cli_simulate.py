@@ -37,6 +37,7 @@ def test_simulate_bad_degrees_is_a_clear_error(capsys: pytest.CaptureFixture[str
 @pytest.mark.parametrize(("flags", "message"), [
     (["--sp", "ring"], "--sp ring is a kind of context parallelism: give --cp > 1"),
     (["--vpp", "2"], "--vpp 2 interleaves pipeline stages: give --pp > 1"),
+    (["--fp8-params"], "--fp8-params describes how FP8 plans run: give --dtype fp8"),
 ])
 def test_simulate_flags_that_do_nothing_alone_are_errors(flags: list[str], message: str,
                                                           capsys: pytest.CaptureFixture[str]) -> None:

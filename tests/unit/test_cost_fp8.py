@@ -99,6 +99,10 @@ def test_fp8_memory_weight_copies_and_saved_inputs() -> None:
     assert zero_terms(_ctx(DType.FP8), BLOCK, s).params == pytest.approx(4 * params)
     fp8_params = dataclasses.replace(MEGATRON, fp8_params=True)
     assert zero_terms(_ctx(DType.FP8, fp8_params), BLOCK, s).params == pytest.approx(params)
+    # under ZeRO-3 the copies exist beside the gathered layer only: transient, like its gathered parameters
+    z3 = LayerStrategy(dp=8, zero=3)
+    held8, held16 = zero_terms(_ctx(DType.FP8), BLOCK, z3), zero_terms(_ctx(DType.BF16), BLOCK, z3)
+    assert held8.params == pytest.approx(held16.params) and held8.work == pytest.approx(held16.work + 2 * params)
     h, q, f = 4096, 4096, 11008
     for tp, sp in ((1, False), (2, True)):
         s = LayerStrategy(dp=8 // tp, tp=tp, sp=sp)
