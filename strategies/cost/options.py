@@ -50,8 +50,10 @@ class CostOptions:
     size (the search keeps stages independent)."""
     overlap_p2p: bool = False
     """An interleaved schedule's sends and receives run beside the next chunk's compute instead of
-    before it (Megatron-Core's ``overlap_p2p_comm``, on by default for interleaved schedules since
-    2023; Megatron-LM of 2022 and torch's ``ScheduleInterleaved1F1B`` wait for them): a chunk's
+    before it (Megatron-Core's ``overlap_p2p_comm``: off in its ``ModelParallelConfig``, on in
+    Megatron-LM's training script for interleaved schedules unless ``--no-overlap-p2p-communication``,
+    and in NeMo's and Megatron-Bridge's recipes; Megatron-LM of 2022 and torch's
+    ``ScheduleInterleaved1F1B`` wait for them): a chunk's
     handoff then costs what :func:`strategies.cost.step.overlapped` charges beside the chunk's forward
     and backward. Other schedules are unaffected (Megatron refuses the overlap without interleaving)."""
     pipeline_action_s: float = 0.0
