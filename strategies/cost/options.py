@@ -86,11 +86,14 @@ class CostOptions:
     """Tensor-parallel collectives under sequence parallelism overlapped with the GEMMs beside them
     (Transformer Engine's userbuffers, Megatron's ``--tp-comm-overlap``): each all-gather with the
     column-parallel GEMM that reads it and each reduce-scatter with the row-parallel GEMM that writes
-    it, split into chunks that pipeline; in the backward the output gradient's all-gather with the
-    row-parallel input-gradient GEMM, the input's re-gather with the column-parallel one and the input
-    gradient's reduce-scatter with its weight-gradient GEMM. Hidden collectives still cost
-    ``overlap_interference`` of their time. False: Megatron's default, where only the backward's
-    collectives overlap (``overlap_tp_backward``)."""
+    it; in the backward the output gradient's all-gather with the row-parallel input-gradient GEMM,
+    the input's re-gather with the column-parallel one and the input gradient's reduce-scatter with
+    its weight-gradient GEMM. Each pair is priced by :func:`strategies.cost.step.overlapped` (hidden
+    collectives still cost ``overlap_interference`` of their time); the stack's own costs of
+    overlapping (GEMMs split into row chunks, 1.06x the whole GEMM's time at the median on an H100:
+    benchmarks/results/gemm_chunks.json; SMs held back for the collectives) are not: NVIDIA's DGX Cloud
+    recipes on H100 come out 7.5% optimistic on average with it, 0.5% without (docs/simulation.md). False:
+    Megatron's default, where only the backward's collectives overlap (``overlap_tp_backward``)."""
     fp8_scaling: str = "delayed"
     """How an ``fp8`` plan picks its scaling factors (:data:`strategies.cost.fp8.FP8_SCALINGS`):
     ``delayed`` from the maxima of earlier steps (Transformer Engine's ``DelayedScaling``, NeMo's
