@@ -216,6 +216,10 @@ def _simulate_one(args: argparse.Namespace, spec: ModelSpec, cluster: Any) -> in
 
     plan = Plan.load(args.plan) if args.plan else plan_from_flags(args, spec, cluster.world_size)
     plan.validate(cluster.world_size, spec)
+    if getattr(args, "backend", None):  # costed as that backend runs it: a plan it cannot run is an error
+        from galvatron.backends import check_plan
+
+        check_plan(plan, args.backend)
     cost = cost_plan(plan, spec, getattr(args, "perf", None) or cluster, getattr(args, "cost_options", None))
     traced = trace_memory(args.model, spec, plan, cluster.world_size) if args.trace_memory else None
     emit(args, [cost], None, 1, spec, cluster, traced)
@@ -268,6 +272,10 @@ def run_search(args: argparse.Namespace, spec: ModelSpec, cluster: Any) -> Any:
         if time.perf_counter() - start > 1.0 and not args.json:
             print(f"  ... {text}", file=sys.stderr, flush=True)
 
+    backend = getattr(args, "backend", None)
+    if backend and DType(args.dtype) not in capabilities(backend).dtypes:
+        raise ConfigError(f"--dtype {args.dtype} is not executed by the {backend} backend (it runs "
+                          f"{', '.join(sorted(d.value for d in capabilities(backend).dtypes))})")
     kinds = tuple(CPKind(k.strip()) for k in args.cp_kinds.split(",")) if args.cp_kinds else tuple(CPKind)
     options = SearchOptions(global_batch=args.global_batch, max_tp=args.max_tp, max_pp=1 if args.no_pp else args.max_pp,
                             uniform=args.uniform, cp_kinds=kinds, dtype=DType(args.dtype),

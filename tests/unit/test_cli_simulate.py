@@ -81,6 +81,21 @@ def test_simulate_costs_a_plan_as_the_backend_runs_it(capsys: pytest.CaptureFixt
     assert out["native"]["peak_memory_gib"] < out["megatron"]["peak_memory_gib"]  # keeps only GEMM outputs
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["simulate", "--backend", "megatron", "--tp", "2", "--dtype", "fp8"],
+     "fp8 is not executed by the megatron backend"),
+    (["simulate", "--backend", "deepspeed", "--tp", "2"], "is not executed by the deepspeed backend"),
+    (["search", "--backend", "deepspeed", "--dtype", "fp8", "--global-batch", "16"],
+     "--dtype fp8 is not executed by the deepspeed backend"),
+])
+def test_backend_refuses_what_it_cannot_run(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--backend X`` costs plans as X runs them: a plan X cannot execute (Megatron and DeepSpeed do not run
+    galvatron's fp8 plans; DeepSpeed has no tensor parallelism) is a clear error, not a number."""
+    assert main([*argv, "--model", "llama3-8b", "--cluster", "8xH100"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_simulate_attention_kernel(capsys: pytest.CaptureFixture[str]) -> None:
     """``--attention-kernel`` costs attention on that kernel (FlashAttention-2 runs at about half cuDNN's
     rate on an H100); a kernel the GPU's database entry lacks is a clear error."""
