@@ -4,8 +4,9 @@
 recipe in BF16 and in FP8 at 8 to 2304 H100 GPUs (weak scaling: the global batch grows with the GPUs), with
 the launch scripts that ran it. The rows here are its NeMo 1.0 tables (step time of the last of 50 steps):
 Llama 3.1 8B, 70B and 405B (containers 24.09 and 24.12; the 405B below 576 GPUs is the README's proxy with
-fewer layers), Nemotron-4 15B (24.09, 24.12) and 340B (24.09), GPT-3 175B (24.05; its 24.12 rows are listed
-but not scored: the README says 12 virtual stages and the configuration shipped with it 6).
+fewer layers), Nemotron-4 15B (24.09, 24.12) and 340B (24.09), Grok-1 314B (MoE, 24.12, its full-size runs
+from 512 GPUs), GPT-3 175B (24.05; its 24.12 rows are listed but not scored: the README says 12 virtual
+stages and the configuration shipped with it 6).
 
 Recipes: each model's ``launch.sh`` / ``configure.sh`` (overrides and environment) and the configuration it
 names, at the commits ``RECIPES`` cites: the attention backend each launch script exports
@@ -68,6 +69,13 @@ RECIPES = {
                        {**MEGATRON, **FLASH2, **DELAYED_FP8_PARAMS, **UB, **P2P, "grad_bytes": 2},
                        "nemotron/configure.sh @35a9aec (NVTE_FUSED_ATTN=0, SP, TP overlap, overlap_p2p_comm), "
                        "nemotron4-340b-synth.yaml (selective recompute, grad_sync_dtype bf16)"),
+    "grok1-314b": ({**llama(64, 6144, 48, 8, 32768, 128256, 8192, 4),
+                    "moe": {"experts": 8, "top_k": 2, "ffn_hidden": 32768}}, 4, 8, 2, 8, 1, "none",
+                   {**MEGATRON, **FLASH2, **DELAYED_FP8_PARAMS, **UB, **P2P, "grad_bytes": 2,
+                    "moe_grouped_gemm": False, "moe_capacity_factor": 1.0},
+                   "grok1/configure.sh @8f5cbb3 (NVTE_FUSED_ATTN=0, SP, TP overlap, model.fp8_params), grok1_314b.yaml "
+                   "@35a9aec (8 experts top-2, GeGLU costed as SwiGLU, no grouped GEMM, alltoall dispatcher padded to "
+                   "capacity 1.0, overlap_p2p_comm, grad_sync_dtype bf16); experts split over TP (inferred)"),
     "gpt3-175b": (gpt3(96, 12288, 96, 4), 4, 8, 1, 12, 1, "none",
                   {**MEGATRON, **FLASH2, **DELAYED_FP8_PARAMS, **UB, **P2P, "grad_bytes": 2, "dropout": True},
                   "nemo_megatron/configure.sh @143b90d (NVTE_FUSED_ATTN=0), gpt3_175b_hydra.yaml @35a9aec (VP12, "
@@ -99,6 +107,8 @@ TABLES = [
       512: (2.875, 2.12), 1024: (2.895, 2.094), 2048: (2.887, 2.12)}),
     ("nemotron4-340b", "24.09", True, lambda g: 2 * g // 8,
      {128: (4.61, 3.16), 256: (4.67, 3.21), 512: (4.7, 3.26), 1024: (4.73, 3.34), 2048: (4.84, 3.49)}),
+    ("grok1-314b", "24.12", True, lambda g: 2 * g,  # the full 64 layers from 512 GPUs (proxies below)
+     {512: (21.01, 16.90), 1024: (21.20, 17.01), 2048: (21.29, 17.30)}),
     ("gpt3-175b", "24.05", True, lambda g: 16 * g // 8,
      {128: (8.91, 5.92), 256: (8.95, 5.96), 512: (9.09, 6.44), 1024: (9.01, 6.72), 2048: (9.02, 6.24)}),
     ("gpt3-175b", "24.12", False, lambda g: 16 * g // 8,
@@ -119,9 +129,10 @@ def cost(model: str, gpus: int, batch_of: object, dtype: str, **change: object) 
         gbs = batch_of(gpus)  # type: ignore[operator]
     dp = gpus // (tp * pp * cp)
     spec = ModelSpec.from_config({"name": model, **cfg})
+    ep = 8 if "moe" in cfg else 1
     plan = Plan.uniform(cfg["layers"], global_batch_size=gbs, num_micro_batches=gbs // (mbs * dp), pp=pp,
                         virtual_stages=vp, schedule="interleaved-1f1b" if vp > 1 else "1f1b", dtype=dtype, dp=dp,
-                        tp=tp, sp=tp > 1, cp=cp, cp_kind="striped", zero=1, recompute=recompute)
+                        tp=tp, sp=tp > 1, cp=cp, cp_kind="striped", ep=ep, zero=1, recompute=recompute)
     result = cost_plan(plan, spec, load_cluster("1024xH100", nodes=gpus // 8), CostOptions(**options))
     return result.step_time_s, result
 

@@ -92,7 +92,7 @@ class CostOptions:
     collectives still cost ``overlap_interference`` of their time); the stack's own costs of
     overlapping (GEMMs split into row chunks, 1.06x the whole GEMM's time at the median on an H100:
     benchmarks/results/gemm_chunks.json; SMs held back for the collectives) are not: NVIDIA's DGX Cloud
-    recipes on H100 come out 7.5% optimistic on average with it, 0.5% without (docs/simulation.md). False:
+    recipes on H100 come out 6.7% optimistic on average with it, 0.0% without (docs/simulation.md). False:
     Megatron's default, where only the backward's collectives overlap (``overlap_tp_backward``)."""
     fp8_scaling: str = "delayed"
     """How an ``fp8`` plan picks its scaling factors (:data:`strategies.cost.fp8.FP8_SCALINGS`):
