@@ -90,7 +90,7 @@ class CostOptions:
     the input's re-gather with the column-parallel one and the input gradient's reduce-scatter with
     its weight-gradient GEMM. Each pair is priced by :func:`strategies.cost.step.overlapped` (hidden
     collectives still cost ``overlap_interference`` of their time); the stack's own costs of
-    overlapping (GEMMs split into row chunks, 1.06x the whole GEMM's time at the median on an H100:
+    overlapping (GEMMs split into row chunks, 1.07x the whole GEMM's time at the median on an H100:
     benchmarks/results/gemm_chunks.json; SMs held back for the collectives) are not: NVIDIA's DGX Cloud
     recipes on H100 come out 6.7% optimistic on average with it, 0.0% without (docs/simulation.md). False:
     Megatron's default, where only the backward's collectives overlap (``overlap_tp_backward``)."""
