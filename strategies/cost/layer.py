@@ -219,10 +219,10 @@ def _block(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy) -> LayerCost:
     gemms = [g for g, _ in linears]
     # routing imbalance scales the routed experts' GEMMs; a spec without shapes keeps its FLOPs
     flops = mm * _gemm_flops(gemms) / _gemm_flops(nominal) if nominal else mm
-    dtypes = _gemm_dtypes(ctx, layer, s, tok, gemms, grouped)
-    t_mm, dgrad, wgrad = _gemm_times(ctx, gemms, flops, dtypes)
+    parts = _gemm_parts(ctx, gemms, flops, _gemm_dtypes(ctx, layer, s, tok, gemms, grouped))
+    t_mm, dgrad, wgrad = _summed_parts(ctx, parts, flops)
     overlap_tp = ctx.options.tp_comm_overlap and s.sp and s.tp > 1
-    tp_gemms = _tp_gemms(ctx, layer, s, linears, flops, dtypes) if overlap_tp else None
+    tp_gemms = _tp_gemms(layer, s, linears, parts) if overlap_tp and parts is not None else None
     attn_fwd, attn_bwd, attn_exposed = _attention(ctx, layer, s, tok)
     ew, ew_bwd = _elementwise_times(ctx, layer, s, tok)
     if ctx.dtype is DType.FP8:
@@ -448,6 +448,10 @@ def _shared_expert_overlap(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy
     return hidden_behind(a2a, fwd, ctx.options), hidden_behind(a2a, dgrad + wgrad, ctx.options)
 
 
+GemmTimes = tuple[float, float, float]
+"""Forward, input-gradient and weight-gradient seconds of some GEMMs."""
+
+
 def _gemm_times(ctx: LayerContext, gemms: list[Gemm], flops: float, dtypes: list[str] | None = None,
                 dtype: str | None = None) -> tuple[float, float, float]:
     """Forward, input-gradient and weight-gradient time of ``gemms`` (whose forward FLOPs the spec
@@ -455,15 +459,21 @@ def _gemm_times(ctx: LayerContext, gemms: list[Gemm], flops: float, dtypes: list
     :func:`_gemm_parts`. Without shapes, or on a Perf without ``gemm_time`` (a measured profile),
     FLOPs at the Perf's GEMM rate for four kernels each way."""
     dtype = dtype or ctx.dtype.value
-    parts = _gemm_parts(ctx, gemms, flops, dtypes or [dtype] * len(gemms))
+    return _summed_parts(ctx, _gemm_parts(ctx, gemms, flops, dtypes or [dtype] * len(gemms)), flops, dtype)
+
+
+def _summed_parts(ctx: LayerContext, parts: list[GemmTimes] | None, flops: float,
+                  dtype: str | None = None) -> GemmTimes:
+    """The forward, input-gradient and weight-gradient sums of :func:`_gemm_parts`; without parts,
+    ``flops`` at the Perf's GEMM rate in ``dtype`` (None: the plan's) for four kernels each way."""
     if parts is None:
-        t = ctx.perf.matmul_time(flops, dtype, kernels=4)
+        t = ctx.perf.matmul_time(flops, dtype or ctx.dtype.value, kernels=4)
         return t, t, t
     return sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts)
 
 
 def _gemm_parts(ctx: LayerContext, gemms: list[Gemm], flops: float,
-                dtypes: list[str] | None = None) -> list[tuple[float, float, float]] | None:
+                dtypes: list[str] | None = None) -> list[GemmTimes] | None:
     """Per GEMM of ``gemms``, its forward, input-gradient and weight-gradient time, scaled so that
     they add up to the spec's ``flops``. Input gradients are (m x n) by (n x k); weight gradients
     (k x m) by (m x n), added into the fp32 main gradient where the stack does
@@ -685,21 +695,14 @@ def _gather_bytes(ctx: LayerContext) -> int:
     return 1 if ctx.dtype is DType.FP8 else _act_bytes(ctx)
 
 
-GemmTimes = tuple[float, float, float]
-"""Forward, input-gradient and weight-gradient seconds of some GEMMs."""
-
-
-def _tp_gemms(ctx: LayerContext, layer: LayerSpec, s: LayerStrategy, linears: list[tuple[Gemm, str]], flops: float,
-              dtypes: list[str] | None) -> list[tuple[GemmTimes, GemmTimes]] | None:
+def _tp_gemms(layer: LayerSpec, s: LayerStrategy, linears: list[tuple[Gemm, str]],
+              parts: list[GemmTimes]) -> list[tuple[GemmTimes, GemmTimes]]:
     """Per tensor-parallel part of a block (:func:`_tp_parts`: the attention, then the MLP), the summed
-    times of its column-parallel GEMMs (whose input sequence parallelism gathers) and of its row-parallel
-    ones (whose output it reduce-scatters). Routed experts belong to neither: a MoE layer's TP
-    collectives gather and scatter the tokens around its router and dispatch, with no GEMM beside them
-    but its shared experts' (zero times: the part's collectives run as without the overlap). None
-    without GEMM shapes."""
-    parts = _gemm_parts(ctx, [g for g, _ in linears], flops, dtypes or [ctx.dtype.value] * len(linears))
-    if parts is None:
-        return None
+    times (``parts``: :func:`_gemm_parts` of ``linears``) of its column-parallel GEMMs (whose input
+    sequence parallelism gathers) and of its row-parallel ones (whose output it reduce-scatters).
+    Routed experts belong to neither: a MoE layer's TP collectives gather and scatter the tokens
+    around its router and dispatch, with no GEMM beside them but its shared experts' (zero times: the
+    part's collectives run as without the overlap)."""
     roles = [r for _, r in linears]
     first_row = roles.index(fp8.ROW) + 1 if layer.heads and fp8.ROW in roles else 0
     out = []

@@ -11,6 +11,7 @@ from galvatron.strategies.cost.layer import (
     _block_comm,
     _block_linears,
     _fp8_quantize,
+    _gemm_parts,
     _group,
     _tp_gemms,
     zero_terms,
@@ -183,7 +184,9 @@ def test_tp_comm_overlap_leaves_moe_token_collectives_exposed() -> None:
     tok = 8 / 4 * 4096
     for etp, parts in ((0, 2), (1, 1)):
         s = LayerStrategy(dp=4, tp=2, sp=True, ep=2, etp=etp)
-        gemms = _tp_gemms(ctx, moe, s, _block_linears(moe, s, tok), moe.flops_per_token * tok / 2, None)
+        linears = _block_linears(moe, s, tok)
+        times = _gemm_parts(ctx, [g for g, _ in linears], moe.flops_per_token * tok / 2)
+        gemms = _tp_gemms(moe, s, linears, times)
         assert len(gemms) == parts and min(gemms[0][0]) > 0 and min(gemms[0][1]) > 0
         if parts == 2:
             assert gemms[1] == ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0))
