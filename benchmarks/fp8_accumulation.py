@@ -21,6 +21,8 @@ import statistics
 import sys
 import time
 
+from sustained_clocks import _time_calls  # CUDA-event time per call
+
 # (label, rows m, outputs n, inputs k): forward GEMMs of the FP8 check points at their micro-batch rows
 SHAPES = [
     ("llama2-7b qkv", 4096, 12288, 4096), ("llama2-7b out", 4096, 4096, 4096),
@@ -59,13 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.synchronize()
         for _ in range(args.blocks):
             for fast in (False, True):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(args.iters):
-                    torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16, use_fast_accum=fast)
-                end.record()
-                end.synchronize()
-                times[fast].append(start.elapsed_time(end) / 1e3 / args.iters)
+                def gemm(a=a, b=b, fast=fast):
+                    return torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16, use_fast_accum=fast)
+
+                times[fast].append(_time_calls(gemm, args.iters))
         split, fast = statistics.median(times[False]), statistics.median(times[True])
         flops = 2.0 * m * n * k
         row = {"gemm": label, "m": m, "n": n, "k": k, "split_tflops": flops / split / 1e12,
@@ -102,13 +101,7 @@ def _quantize_kernels(torch: object, dev: object, iters: int) -> list[dict]:
         for name, (fn, per_elem) in ops.items():
             for _ in range(3):
                 fn()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                fn()
-            end.record()
-            end.synchronize()
-            t = start.elapsed_time(end) / 1e3 / iters
+            t = _time_calls(fn, iters)
             row = {"op": name, "m": m, "k": k, "seconds": t, "gbps": per_elem * m * k / t / 1e9}
             out.append(row)
             print(f"{name:36} {m:6d} x {k:6d}  {t * 1e6:8.1f} us  {row['gbps']:7.0f} GB/s")

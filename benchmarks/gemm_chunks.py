@@ -19,6 +19,8 @@ import statistics
 import sys
 import time
 
+from sustained_clocks import _time_calls  # CUDA-event time per call
+
 # (label, rows m on the rank, outputs n, inputs k, tp): forward GEMMs of TP-sharded blocks
 SHAPES = [
     ("llama3-70b tp4 cp2 qkv", 4096, 2560, 8192, 4), ("llama3-70b tp4 cp2 out", 4096, 8192, 2048, 4),
@@ -66,13 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             times: dict[str, list[float]] = {key: [] for key in runs}
             for _ in range(args.blocks):
                 for key, fn in runs.items():
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    for _ in range(args.iters):
-                        fn()
-                    end.record()
-                    end.synchronize()
-                    times[key].append(start.elapsed_time(end) / 1e3 / args.iters)
+                    times[key].append(_time_calls(fn, args.iters))
             whole, chunks = statistics.median(times["whole"]), statistics.median(times["chunks"])
             row = {"gemm": label, "dtype": dtype, "m": m, "n": n, "k": k, "tp": tp, "whole_s": whole,
                    "chunks_s": chunks, "chunks_over_whole": chunks / whole,
