@@ -39,6 +39,7 @@ from pathlib import Path
 
 from galvatron.strategies.cost import CostOptions, cost_plan
 from galvatron.strategies.hardware import load_cluster
+from galvatron.strategies.search.space import accounted_split
 
 from galvatron import ModelSpec, Plan
 
@@ -161,10 +162,7 @@ def split(layers: int, chunks: int, name: str) -> list[int] | None:
     """Megatron-Bridge's 405B recipe counts the embedding and the loss as a layer each in its pipeline split
     (``account_for_embedding_in_pipeline_split``, ``account_for_loss_in_pipeline_split``): the first and last
     chunks hold one block fewer. None: an even split (every other recipe)."""
-    if "405B" not in name or chunks < 2 or (layers + 2) % chunks:
-        return None
-    per = (layers + 2) // chunks
-    return [per - 1, *[per] * (chunks - 2), per - 1]
+    return accounted_split(layers, chunks) if "405B" in name else None
 
 
 def cost_run(run: tuple, **overrides: object) -> tuple[object, dict]:

@@ -139,12 +139,21 @@ def interleaved_splits(blocks: int, chunks: int, uniform: bool = False) -> list[
             split = [0, *split, 0] if edges else split
             if split not in out:
                 out.append(split)
-    per, rest = divmod(blocks + 2, chunks)
-    if not uniform and not rest and per >= 2 and chunks >= 2:
-        accounted = [per - 1, *[per] * (chunks - 2), per - 1]
-        if accounted not in out:
-            out.append(accounted)
+    accounted = None if uniform else accounted_split(blocks, chunks)
+    if accounted is not None and accounted not in out:
+        out.append(accounted)
     return out
+
+
+def accounted_split(blocks: int, chunks: int) -> list[int] | None:
+    """Megatron-Core's split with the embedding and the head counted as a block each
+    (``account_for_embedding_in_pipeline_split``, ``account_for_loss_in_pipeline_split``): ``k - 1,
+    k, ..., k, k - 1`` blocks over ``chunks`` chunks, or None where ``blocks + 2`` does not divide
+    evenly into chunks of at least two."""
+    per, rest = divmod(blocks + 2, chunks)
+    if rest or per < 2 or chunks < 2:
+        return None
+    return [per - 1, *[per] * (chunks - 2), per - 1]
 
 
 def strategies(spec: ModelSpec, devices: int, gpus_per_node: int, options: SearchOptions) -> list[LayerStrategy]:
